@@ -1,0 +1,5 @@
+import sys
+
+from risloc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``risloc`` command: one sub-command per job, each a thin call into the library.
+
+Each sub-command lives in its own module ``risloc.cli.<name>`` that defines
+``add_parser(subparsers)`` (which registers the parser and sets ``func``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order of `risloc --help`.
+SUBCOMMANDS = ("simulate", "locate", "evaluate", "crb", "train", "overfit", "bench", "hpo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="risloc",
+        description="Near-field multi-source localisation through a reconfigurable intelligent surface.",
+    )
+    from risloc import __version__
+
+    parser.add_argument("--version", action="version", version=f"risloc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"risloc.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"risloc.cli.{name}":
+                continue  # sub-command not part of this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"risloc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"risloc {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,209 @@
+"""The physics of shared/spec/physics.md: geometry, steering vectors, BS-RIS channel, codebooks.
+
+Every function is batched over leading dimensions, differentiable with autograd, and
+runs on whatever device its tensor arguments live on. Complex results are complex64
+unless ``dtype=torch.complex128`` is asked for; real intermediate work is then done
+in float64.
+
+Symbols (physics.md):
+
+* element (i, j) at ``e = ((i - (N_H-1)/2) d_H, (j - (N_V-1)/2) d_V, 0)``, flat index
+  ``n = j N_H + i``;
+* a point ``p = r (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi))``;
+* exact steering ``a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda)``, ``d_n = |p - e_n|``;
+* BS steering ``a_BS,m(psi) = exp(j 2 pi (d_BS/lambda) (m - (M-1)/2) sin(psi))``;
+* channel ``H = sqrt(kappa/(1+kappa)) a_BS(psi) b^T + sqrt(1/(1+kappa)) W``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .scenario import Scenario
+
+Approximation = Literal["exact", "fresnel"]
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype that matches a complex one (complex64 -> float32, complex128 -> float64)."""
+    return torch.float64 if dtype in (torch.complex128, torch.float64) else torch.float32
+
+
+def complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype that matches a real one."""
+    return torch.complex128 if dtype in (torch.complex128, torch.float64) else torch.complex64
+
+
+def element_positions(scenario: Scenario, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """RIS element positions ``[N, 3]`` in metres, in the flat order ``n = j * n_h + i``."""
+    i = torch.arange(scenario.n_h, dtype=dtype, device=device)
+    j = torch.arange(scenario.n_v, dtype=dtype, device=device)
+    x = (i - (scenario.n_h - 1) / 2) * scenario.spacing_h
+    y = (j - (scenario.n_v - 1) / 2) * scenario.spacing_v
+    yy, xx = torch.meshgrid(y, x, indexing="ij")  # [n_v, n_h]: row j, column i -> flat j*n_h + i
+    return torch.stack([xx.reshape(-1), yy.reshape(-1), torch.zeros_like(xx).reshape(-1)], dim=-1)
+
+
+def direction(phi: Tensor, theta: Tensor) -> Tensor:
+    """Unit direction ``u = (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi))``, shape ``[..., 3]``."""
+    ct = torch.cos(theta)
+    return torch.stack([ct * torch.sin(phi), torch.sin(theta), ct * torch.cos(phi)], dim=-1)
+
+
+def position(phi: Tensor, theta: Tensor, r: Tensor) -> Tensor:
+    """Cartesian position ``p = r u(phi, theta)`` [m], shape ``[..., 3]``."""
+    return r.unsqueeze(-1) * direction(phi, theta)
+
+
+def angle_between(phi1: Tensor, theta1: Tensor, phi2: Tensor, theta2: Tensor) -> Tensor:
+    """Angle [rad] between the directions (phi1, theta1) and (phi2, theta2) (broadcast).
+
+    Computed as ``2 asin(|u1 - u2| / 2)``, accurate also for tiny angles.
+    """
+    chord = torch.linalg.vector_norm(direction(phi1, theta1) - direction(phi2, theta2), dim=-1)
+    return 2 * torch.asin(torch.clamp(chord / 2, max=1.0))
+
+
+def _as_tensors(phi, theta, r, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    rd = real_dtype(dtype)
+    ref = next((t for t in (phi, theta, r) if isinstance(t, Tensor)), None)
+    device = device if device is not None else (ref.device if ref is not None else None)
+    phi, theta, r = (torch.as_tensor(t, device=device) for t in (phi, theta, r))
+    phi, theta, r = torch.broadcast_tensors(phi, theta, r)
+    return phi.to(rd), theta.to(rd), r.to(rd)
+
+
+def steering(
+    phi,
+    theta,
+    r,
+    scenario: Scenario,
+    *,
+    approximation: Approximation = "exact",
+    dtype: torch.dtype = torch.complex64,
+    device=None,
+) -> Tensor:
+    """RIS-side steering vectors ``a(phi, theta, r)``, shape ``[..., N]`` (broadcast of the inputs).
+
+    ``approximation="exact"`` (the model of physics.md, the simulator's only choice)::
+
+        a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda),   d_n = |p - e_n|,
+
+    with ``d_n - r = (|e_n|^2 - 2 p.e_n) / (d_n + r)`` evaluated in that cancellation-free form.
+
+    ``approximation="fresnel"`` (for estimators only) keeps the second-order (Fresnel)
+    expansion of the path difference and unit amplitude::
+
+        d_n - r ~ -u.e_n + (|e_n|^2 - (u.e_n)^2) / (2 r).
+
+    Angles in radians, range in metres; differentiable in all three.
+    """
+    phi, theta, r = _as_tensors(phi, theta, r, dtype, device)
+    rd = phi.dtype
+    e = element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3]
+    u = direction(phi, theta)  # [..., 3]
+    ue = u @ e.T  # [..., N]
+    e2 = (e * e).sum(-1)  # [N]
+    rr = r.unsqueeze(-1)
+    k = 2 * math.pi / scenario.wavelength
+    if approximation == "exact":
+        # d_n^2 = r^2 - 2 r u.e + |e|^2
+        d = torch.sqrt(torch.clamp(rr * rr - 2 * rr * ue + e2, min=torch.finfo(rd).tiny))
+        path = (e2 - 2 * rr * ue) / (d + rr)
+        amplitude = rr / d
+    elif approximation == "fresnel":
+        path = -ue + (e2 - ue * ue) / (2 * rr)
+        amplitude = torch.ones_like(path)
+    else:
+        raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
+    return torch.polar(amplitude, -k * path)
+
+
+def far_field_steering(phi, theta, scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
+    """Plane-wave limit ``a_n = exp(j 2 pi u.e_n / lambda)`` of :func:`steering` as r -> infinity."""
+    phi, theta, _ = _as_tensors(phi, theta, 1.0, dtype, device)
+    e = element_positions(scenario, dtype=phi.dtype, device=phi.device)
+    ue = direction(phi, theta) @ e.T
+    return torch.polar(torch.ones_like(ue), 2 * math.pi / scenario.wavelength * ue)
+
+
+def bs_steering(psi: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.complex64) -> Tensor:
+    """BS array response ``a_BS,m(psi) = exp(j 2 pi (d_BS/lambda) (m - (M-1)/2) sin(psi))``, ``[..., M]``.
+
+    With the default spacing d_BS = lambda/2 this is ``exp(j pi (m - (M-1)/2) sin(psi))``.
+    """
+    rd = real_dtype(dtype)
+    psi = psi.to(rd)
+    m = torch.arange(scenario.m_bs, dtype=rd, device=psi.device) - (scenario.m_bs - 1) / 2
+    phase = 2 * math.pi * scenario.bs_spacing / scenario.wavelength * m * torch.sin(psi).unsqueeze(-1)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+def bs_ris_phase(phi_b: Tensor, theta_b: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.complex64) -> Tensor:
+    """Unit-modulus RIS response to the BS, ``b_n = exp(-j 2 pi (|p_B - e_n| - r_B) / lambda)``, ``[..., N]``."""
+    r_b = torch.full_like(phi_b, scenario.bs_range)
+    a = steering(phi_b, theta_b, r_b, scenario, dtype=dtype)
+    return a / a.abs()
+
+
+def channel(
+    psi: Tensor,
+    phi_b: Tensor,
+    theta_b: Tensor,
+    kappa: Tensor,
+    scatter: Tensor,
+    scenario: Scenario,
+) -> Tensor:
+    """BS-RIS Rician channel ``H = sqrt(kappa/(1+kappa)) a_BS(psi) b^T + sqrt(1/(1+kappa)) W``.
+
+    ``psi, phi_b, theta_b, kappa``: ``[B]``; ``scatter`` = W, ``[B, M, N]`` with CN(0, 1) entries.
+    Returns ``[B, M, N]`` in W's dtype.
+    """
+    dtype = scatter.dtype
+    los = bs_steering(psi, scenario, dtype=dtype).unsqueeze(-1) * bs_ris_phase(phi_b, theta_b, scenario, dtype=dtype).unsqueeze(-2)
+    kappa = kappa.to(real_dtype(dtype)).view(-1, 1, 1)
+    return torch.sqrt(kappa / (1 + kappa)) * los + torch.sqrt(1 / (1 + kappa)) * scatter
+
+
+def quantise_phase(phase: Tensor, bits: int) -> Tensor:
+    """Round phases [rad] to the nearest of the 2^b levels ``2 pi q / 2^b``; returns the level index q."""
+    levels = 2**bits
+    return torch.remainder(torch.round(phase * (levels / (2 * math.pi))), levels).to(torch.int64)
+
+
+def phase_codes(q: Tensor, bits: int, *, dtype: torch.dtype = torch.complex64) -> Tensor:
+    """Unit-modulus codes ``exp(j 2 pi q / 2^b)`` from level indices q."""
+    phase = q.to(real_dtype(dtype)) * (2 * math.pi / 2**bits)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+def dft_codes(scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
+    """The ``dft`` codebook ``[L, N]``: 2-D DFT beams on a regular (u, v) sub-grid, b-bit quantised.
+
+    ``c_l,n = exp(j 2 pi (u_l i / N_H + v_l j / N_V))``. The spec leaves the sub-grid open;
+    risloc factors L = L_u * L_v as close to square as possible (L_u <= L_v) and takes
+    ``u = round(a N_H / L_u)``, ``v = round(b N_V / L_v)`` for a = 0..L_u-1, b = 0..L_v-1,
+    ordered with u fastest (16 codes on 12 x 12: u, v in {0, 3, 6, 9}). The codes are the
+    same for every scene.
+    """
+    L = scenario.snapshots
+    l_u = max(d for d in range(1, int(math.isqrt(L)) + 1) if L % d == 0)
+    l_v = L // l_u
+    rd = real_dtype(dtype)
+    u = torch.round(torch.arange(l_u, dtype=rd, device=device) * scenario.n_h / l_u)
+    v = torch.round(torch.arange(l_v, dtype=rd, device=device) * scenario.n_v / l_v)
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    uu, vv = uu.reshape(-1, 1), vv.reshape(-1, 1)  # [L, 1], u fastest
+    e_i = torch.arange(scenario.n_h, dtype=rd, device=device).repeat(scenario.n_v)  # i of flat n
+    e_j = torch.arange(scenario.n_v, dtype=rd, device=device).repeat_interleave(scenario.n_h)  # j of flat n
+    phase = 2 * math.pi * (uu * e_i / scenario.n_h + vv * e_j / scenario.n_v)
+    return phase_codes(quantise_phase(phase, scenario.code_bits), scenario.code_bits, dtype=dtype)
+
+
+def measurement_matrix(H: Tensor, codes: Tensor) -> Tensor:
+    """Per-snapshot RIS-to-BS maps ``G_l = H diag(c_l)``, ``[B, L, M, N]`` from H ``[B, M, N]``, codes ``[B, L, N]``."""
+    return H.unsqueeze(-3) * codes.unsqueeze(-2)
