@@ -467,7 +467,7 @@ def _metrics(d: dict[str, np.ndarray], mask: np.ndarray, has_crb: bool) -> Metri
         m.n_crb_pairs = nc
         for c in ("phi", "theta", "r", "rel"):
             num, den = s[f"se_{c}"].sum(), s[f"sc_{c}"].sum()
-            ratio = math.sqrt(num / den) if nc and den > 0 else (float("inf") if nc and num > 0 else float("nan"))
+            ratio = math.sqrt(num / den) if den > 0 else (float("inf") if num > 0 else float("nan"))
             setattr(m, f"crb_ratio_{'rel_r' if c == 'rel' else c}", ratio)
         p = s["p_crb"]
         ok = np.isfinite(p)
@@ -669,9 +669,11 @@ def score(truth, est, *, snr_db=None, crb=None, bins_db: float = 5.0) -> Score:
             raise ValueError(f"crb has {sp.shape[1]} columns but a scene has K = {int(m.K.max())}")
         cp, ct, cr = sp[m.scene, m.truth_index], st[m.scene, m.truth_index], sr[m.scene, m.truth_index]
         crel = cr / m.r_true
-        use_c = use & np.isfinite(cp) & np.isfinite(ct) & np.isfinite(cr)
-        d["n_crb"] = per_scene_sum(ones, use_c).astype(np.int64)
+        # each ratio over the RMSE pairs whose bound of that coordinate is finite (a CRB computed
+        # for a subset of parameters is NaN elsewhere; inf = unidentifiable is left out of ratios)
+        d["n_crb"] = per_scene_sum(ones, use & np.isfinite(cp) & np.isfinite(ct) & np.isfinite(cr)).astype(np.int64)
         for c, err, bound in (("phi", m.dphi, cp), ("theta", m.dtheta, ct), ("r", m.dr, cr), ("rel", rel, crel)):
+            use_c = use & np.isfinite(bound)
             d[f"se_{c}"] = per_scene_sum(err**2, use_c)
             d[f"sc_{c}"] = per_scene_sum(bound**2, use_c)
         d["p_crb"] = crb_success_probability(truth, crb)
