@@ -1,0 +1,475 @@
+r"""Cramér–Rao bounds on the source positions (phi, theta, r), batched over scenes.
+
+Measurement model (shared/spec/physics.md)::
+
+    y_l = G_l A s(l) + n_l,   G_l = H diag(c_l) (M x N),   A = [a(phi_k, theta_k, r_k)] (N x K),
+    n_l ~ CN(0, sigma^2 I_M),  l = 1..L,   B_l = G_l A (M x K).
+
+Two signal models, as in the spec:
+
+``stochastic`` (Slepian 1954; Bangs 1971; Stoica & Nehorai 1990)
+    s(l) ~ CN(0, P), P = diag(p), so y_l ~ CN(0, C_l) with ``C_l = B_l P B_l^H + sigma^2 I``.
+    Unknowns eta = (phi_1..K, theta_1..K, r_1..K, p_1..K, sigma^2); the powers and the noise
+    variance are nuisance parameters. The covariance differs per snapshot (the RIS code
+    changes), so the Slepian–Bangs Fisher information is a sum over snapshots::
+
+        FIM_ij = sum_l tr(C_l^-1 dC_l/deta_i C_l^-1 dC_l/deta_j).
+
+    With ``Z = C_l^-1``, ``V = [B, dB/dphi, dB/dtheta, dB/dr]`` and ``Q = V^H Z V`` (blocks
+    ``Q^{ab}``, a, b in {0 (= B), phi, theta, r}), the traces reduce to (``o`` = Hadamard)::
+
+        F(a_k, b_l) = 2 p_k p_l Re[Q^{ab} o conj(Q^{00}) + Q^{a0} o conj(Q^{0b})]_kl
+        F(a_k, p_l) = 2 p_k Re[Q^{a0} o conj(Q^{00})]_kl
+        F(p_k, p_l) = |Q^{00}_kl|^2
+        F(a_k, s2)  = 2 p_k Re[(V^H Z^2 V)^{0a}_kk],  F(p_k, s2) = (B^H Z^2 B)_kk,  F(s2, s2) = tr Z^2
+
+    each summed over l.
+
+``static`` (deterministic signal; Stoica & Nehorai 1989)
+    s_k(l) = g_k for every l with g unknown and deterministic. The mean of the stacked
+    observation is ``mu = [G_l A g]_l`` and its covariance sigma^2 I is parameter-free apart
+    from sigma^2, which decouples. With eta = (positions, Re g, Im g)::
+
+        FIM = (2 / sigma^2) Re(J^H J),   J = d mu / d eta^T = sum over l of the stacked blocks
+              [dB_l/dphi diag(g), dB_l/dtheta diag(g), dB_l/dr diag(g), B_l, j B_l].
+
+    The bound depends on the realised amplitudes g, which a scene file does not store (it
+    stores p_k = E|g_k|^2). :func:`crb` takes ``gain=g`` when it is known; without it risloc
+    uses ``g_k = sqrt(p_k)`` (zero phase). The position bound depends on the *relative*
+    phases of the g_k only through the cross terms between sources, which are small for
+    sources that are resolved (see docs/crb.md for the measured size of the effect).
+
+Derivatives of the exact spherical steering vector are analytic (cancellation-free forms,
+see :func:`steering_jacobian`) and checked against autograd in the tests
+(``method="autograd"`` uses ``torch.func.jvp`` on :func:`risloc.physics.steering`).
+
+All work is done in complex128 / float64 on the device of the inputs. The Fisher matrix is
+equilibrated (unit diagonal) and inverted through a symmetric eigen-decomposition: a
+parameter with a component in the numerical null space (relative eigenvalue below
+``rcond``) is unidentifiable and its bound is ``inf`` (e.g. two identical sources, a source
+of zero power, range at a far-field distance); ``CRBResult.regular`` flags scenes whose
+FIM is full rank. NaN appears only in the padding beyond the K sources of a scene and for
+position parameters that were declared known (``params``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import physics
+from .scenario import SIGNAL_MODELS, Scenario
+
+POSITION_PARAMS = ("phi", "theta", "r")
+
+__all__ = ["CRBResult", "crb", "crb_for_scenes", "steering_jacobian", "fisher_information", "POSITION_PARAMS"]
+
+
+@dataclass
+class CRBResult:
+    """Square roots of the Cramér–Rao bounds, ``[S, K_max]`` float64 (radians, metres).
+
+    ``phi, theta, r``: sqrt(diag FIM^-1) for each source; NaN after the first K of a scene
+    and for parameters not in ``params``; ``inf`` where unidentifiable.
+    ``regular``: ``[S]`` bool, False where the Fisher matrix was singular.
+    ``position_cov``: ``[S, P*K_max, P*K_max]`` (only with ``full=True``) the position block of
+    FIM^-1 ordered parameter-major (phi_1..K_max, theta_1..K_max, r_1..K_max for the default
+    ``params``), NaN in rows/columns of padded sources.
+    """
+
+    phi: Tensor
+    theta: Tensor
+    r: Tensor
+    regular: Tensor
+    position_cov: Tensor | None = None
+    signal: str = "stochastic"
+    params: tuple[str, ...] = POSITION_PARAMS
+
+    def __len__(self) -> int:
+        return self.phi.shape[0]
+
+    def __getitem__(self, index) -> "CRBResult":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._map(lambda t: t[index])
+
+    def to(self, device=None, **kwargs) -> "CRBResult":
+        return self._map(lambda t: t.to(device, **kwargs))
+
+    def _map(self, fn) -> "CRBResult":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)})
+
+    @classmethod
+    def cat(cls, items: Sequence["CRBResult"]) -> "CRBResult":
+        items = list(items)
+        if not items:
+            raise ValueError("CRBResult.cat needs at least one item")
+        out = {}
+        for f in fields(cls):
+            v = getattr(items[0], f.name)
+            out[f.name] = torch.cat([getattr(it, f.name) for it in items]) if isinstance(v, Tensor) else v
+        return cls(**out)
+
+
+# ---------------------------------------------------------------------------------------------
+# steering derivatives
+# ---------------------------------------------------------------------------------------------
+def steering_jacobian(
+    phi: Tensor,
+    theta: Tensor,
+    r: Tensor,
+    scenario: Scenario,
+    *,
+    method: str = "analytic",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""The exact steering ``a`` and its partial derivatives, each ``[..., N]`` complex128.
+
+    Returns ``(a, da/dphi, da/dtheta, da/dr)``. With ``p = r u(phi, theta)``, ``d_n = |p - e_n|``,
+    ``a_n = (r/d_n) exp(-j k (d_n - r))``, ``k = 2 pi / lambda``::
+
+        dd/dphi = -r e.u_phi / d,   dd/dtheta = -r e.u_theta / d         (p . dp/dxi = 0)
+        da/dxi  = -a (dd/dxi) (1/d + j k)                                 xi in {phi, theta}
+        da/dr   = a [(|e|^2 - r u.e) / (r d^2) - j k ((u.e)^2 - |e|^2) / (d (r - u.e + d))]
+
+    (the last term is d(d - r)/dr written without cancellation). ``method="autograd"``
+    differentiates :func:`risloc.physics.steering` by forward-mode autograd instead.
+    """
+    dt = torch.float64
+    phi, theta, r = (torch.as_tensor(t).to(dt) for t in (phi, theta, r))
+    phi, theta, r = torch.broadcast_tensors(phi, theta, r)
+    if method == "autograd":
+        f = lambda p_, t_, r_: physics.steering(p_, t_, r_, scenario, dtype=torch.complex128)  # noqa: E731
+        ones, zeros = torch.ones_like(phi), torch.zeros_like(phi)
+        a, d_phi = torch.func.jvp(f, (phi, theta, r), (ones, zeros, zeros))
+        _, d_theta = torch.func.jvp(f, (phi, theta, r), (zeros, ones, zeros))
+        _, d_r = torch.func.jvp(f, (phi, theta, r), (zeros, zeros, ones))
+        return a, d_phi, d_theta, d_r
+    if method != "analytic":
+        raise ValueError(f"method must be 'analytic' or 'autograd', not {method!r}")
+    e = physics.element_positions(scenario, dtype=dt, device=phi.device)  # [N, 3]
+    e2 = (e * e).sum(-1)
+    ct, st, cp, sp = torch.cos(theta), torch.sin(theta), torch.cos(phi), torch.sin(phi)
+    u = torch.stack([ct * sp, st, ct * cp], -1)
+    u_phi = torch.stack([ct * cp, torch.zeros_like(ct), -ct * sp], -1)
+    u_theta = torch.stack([-st * sp, ct, -st * cp], -1)
+    ue, e_uphi, e_utheta = u @ e.T, u_phi @ e.T, u_theta @ e.T  # [..., N]
+    rr = r.unsqueeze(-1)
+    k = 2 * math.pi / scenario.wavelength
+    d = torch.sqrt(torch.clamp(rr * rr - 2 * rr * ue + e2, min=torch.finfo(dt).tiny))
+    path = (e2 - 2 * rr * ue) / (d + rr)  # d - r
+    a = torch.polar(rr / d, -k * path)
+    fac = torch.complex(1 / d, torch.full_like(d, k))  # 1/d + j k
+    d_phi = a * (rr * e_uphi / d) * fac
+    d_theta = a * (rr * e_utheta / d) * fac
+    dpath_dr = (ue * ue - e2) / (d * (rr - ue + d))
+    d_r = a * torch.complex((e2 - rr * ue) / (rr * d * d), -k * dpath_dr)
+    return a, d_phi, d_theta, d_r
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher information
+# ---------------------------------------------------------------------------------------------
+def _projected(H: Tensor, codes: Tensor, vecs: Tensor) -> Tensor:
+    """``[S, L, M, Q]``: columns ``H diag(c_l) v_q`` for RIS-domain vectors ``vecs`` ``[S, Q, N]``."""
+    x = codes.unsqueeze(2) * vecs.unsqueeze(1)  # [S, L, Q, N]
+    return (x @ H.mT.unsqueeze(1)).mT  # [S, L, M, Q]
+
+
+def _fim_stochastic(V: Tensor, p: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
+    """Slepian–Bangs FIM over (positions [P*K], powers [K], sigma^2), ``[S, (P+1)K+1, (P+1)K+1]``."""
+    S, L, M, _ = V.shape
+    B = V[..., :K]
+    C = (B * p.view(S, 1, 1, K).to(B.dtype)) @ B.mH
+    C = C + s2.view(S, 1, 1, 1) * torch.eye(M, dtype=C.dtype, device=C.device)
+    chol, info = torch.linalg.cholesky_ex(C)
+    if bool((info != 0).any()):  # cannot happen for sigma^2 > 0 unless the inputs are absurd
+        bad = int(torch.nonzero(info.view(S, L).any(1))[0])
+        raise ValueError(f"covariance C_l of scene {bad} is not positive definite (noise_var too small?)")
+    Z = torch.cholesky_inverse(chol)  # [S, L, M, M]
+    ZV = Z @ V
+    Q = V.mH @ ZV  # [S, L, (1+P)K, (1+P)K]
+    Q2 = ZV.mH @ ZV
+    Q00 = Q[..., :K, :K]
+    Qa0 = Q[..., K:, :K].reshape(S, L, P, K, K)
+    Q0b = Q[..., :K, K:].reshape(S, L, K, P, K)
+    Qab = Q[..., K:, K:].reshape(S, L, P, K, P, K)
+    c00 = Q00.conj()
+    pp = (p.unsqueeze(-1) * p.unsqueeze(-2)).view(S, 1, K, 1, K)
+    t = Qab * c00.view(S, L, 1, K, 1, K) + Qa0.unsqueeze(-2) * Q0b.conj().unsqueeze(2)
+    F_pos = 2 * pp * t.real.sum(1)  # [S, P, K, P, K]
+    F_pos_pow = 2 * p.view(S, 1, K, 1) * (Qa0 * c00.unsqueeze(2)).real.sum(1)  # [S, P, K, K]
+    F_pow = Q00.abs().square().sum(1)  # [S, K, K]
+    Q2_0a = Q2[..., :K, K:].reshape(S, L, K, P, K)
+    diag_0a = torch.diagonal(Q2_0a.transpose(2, 3), dim1=-2, dim2=-1)  # [S, L, P, K]
+    F_pos_s2 = 2 * p.view(S, 1, K) * diag_0a.real.sum(1)  # [S, P, K]
+    F_pow_s2 = torch.diagonal(Q2[..., :K, :K], dim1=-2, dim2=-1).real.sum(1)  # [S, K]
+    F_s2 = Z.abs().square().sum((1, 2, 3))  # [S]
+    n = (P + 1) * K + 1
+    F = torch.empty(S, n, n, dtype=torch.float64, device=V.device)
+    pk = P * K
+    F[:, :pk, :pk] = F_pos.reshape(S, pk, pk)
+    F[:, :pk, pk : pk + K] = F_pos_pow.reshape(S, pk, K)
+    F[:, pk : pk + K, :pk] = F_pos_pow.reshape(S, pk, K).mT
+    F[:, pk : pk + K, pk : pk + K] = F_pow
+    F[:, :pk, -1] = F_pos_s2.reshape(S, pk)
+    F[:, -1, :pk] = F_pos_s2.reshape(S, pk)
+    F[:, pk : pk + K, -1] = F_pow_s2
+    F[:, -1, pk : pk + K] = F_pow_s2
+    F[:, -1, -1] = F_s2
+    return F
+
+
+def _fim_static(V: Tensor, g: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
+    """Deterministic-signal FIM over (positions [P*K], Re g [K], Im g [K]), ``[S, (P+2)K, (P+2)K]``."""
+    S = V.shape[0]
+    Gram = (V.mH @ V).sum(1)  # [S, (1+P)K, (1+P)K] = sum_l V_l^H V_l
+    n = (P + 2) * K
+    T = torch.zeros(S, (1 + P) * K, n, dtype=V.dtype, device=V.device)
+    idx = torch.arange(K, device=V.device)
+    for a in range(P):  # position columns: dB/dxi_a diag(g)
+        T[:, (1 + a) * K + idx, a * K + idx] = g
+    T[:, idx, P * K + idx] = 1
+    T[:, idx, (P + 1) * K + idx] = 1j
+    return (2 / s2).view(S, 1, 1) * (T.mH @ Gram @ T).real
+
+
+def fisher_information(
+    H: Tensor,
+    codes: Tensor,
+    phi: Tensor,
+    theta: Tensor,
+    r: Tensor,
+    power: Tensor,
+    noise_var: Tensor,
+    scenario: Scenario,
+    *,
+    signal: str = "stochastic",
+    active: Tensor | None = None,
+    gain: Tensor | None = None,
+    params: Sequence[str] = POSITION_PARAMS,
+) -> Tensor:
+    """The full Fisher information matrix ``[S, n, n]`` float64 (no padding treatment).
+
+    Parameter order: positions parameter-major (``params[0]`` of sources 1..K_max, then
+    ``params[1]`` ...), then the nuisance block: powers p_1..K_max and sigma^2 (stochastic) or
+    Re g_1..K_max, Im g_1..K_max (static). Inputs must be finite; inactive sources (``active``
+    False) contribute nothing (their rows and columns are zero).
+    """
+    params = _check_params(params)
+    dev = H.device
+    f64 = lambda t: t.to(device=dev, dtype=torch.float64)  # noqa: E731
+    phi, theta, r, power, noise_var = map(f64, (phi, theta, r, power, noise_var))
+    S, K = phi.shape
+    if active is None:
+        active = torch.ones(S, K, dtype=torch.bool, device=dev)
+    mask = active.to(torch.float64)
+    a, *ders = steering_jacobian(phi, theta, r, scenario)
+    vecs = torch.cat([a] + [ders[POSITION_PARAMS.index(q)] for q in params], dim=1)  # [S, (1+P)K, N]
+    vecs = vecs * mask.repeat(1, 1 + len(params)).unsqueeze(-1)
+    V = _projected(H.to(torch.complex128), codes.to(device=dev, dtype=torch.complex128), vecs)
+    if signal == "stochastic":
+        return _fim_stochastic(V, power * mask, noise_var, K, len(params))
+    if signal == "static":
+        if gain is None:
+            gain = torch.sqrt(torch.clamp(power, min=0))
+        g = gain.to(device=dev, dtype=torch.complex128) * mask
+        return _fim_static(V, g, noise_var, K, len(params))
+    raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
+
+
+def _check_params(params: Sequence[str]) -> tuple[str, ...]:
+    params = tuple(params)
+    if not params or len(set(params)) != len(params) or not set(params) <= set(POSITION_PARAMS):
+        raise ValueError(f"params must be distinct names from {POSITION_PARAMS}, got {params!r}")
+    return tuple(q for q in POSITION_PARAMS if q in params)
+
+
+def _invert(F: Tensor, unused: Tensor, rcond: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of the FIM with unidentifiable directions mapped to ``inf``.
+
+    ``unused`` ``[S, n]`` marks parameters of padded sources: their rows are replaced by the
+    identity. Returns (inverse ``[S, n, n]``, per-parameter identifiable ``[S, n]``, regular ``[S]``).
+    """
+    keep = (~unused).to(F.dtype)
+    F = F * keep.unsqueeze(-1) * keep.unsqueeze(-2) + torch.diag_embed(1 - keep)
+    F = 0.5 * (F + F.mT)
+    dg = torch.diagonal(F, dim1=-2, dim2=-1)
+    zero = dg <= 0
+    scale = torch.where(zero, torch.ones_like(dg), dg.clamp(min=torch.finfo(F.dtype).tiny).rsqrt())
+    Fn = F * scale.unsqueeze(-1) * scale.unsqueeze(-2) + torch.diag_embed(zero.to(F.dtype))
+    lam, U = torch.linalg.eigh(Fn)
+    null = lam <= rcond * lam[..., -1:].clamp(min=0)
+    null_weight = (U.square() * null.unsqueeze(-2).to(F.dtype)).sum(-1)  # [S, n]
+    ident = (null_weight < 1e-6) & ~zero
+    inv_lam = torch.where(null, torch.zeros_like(lam), 1 / lam.clamp(min=torch.finfo(F.dtype).tiny))
+    inv = (U * inv_lam.unsqueeze(-2)) @ U.mT
+    inv = inv * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+    ident = ident | unused
+    regular = ident.all(-1)
+    return inv, ident, regular
+
+
+def crb(
+    H: Tensor,
+    codes: Tensor,
+    phi: Tensor,
+    theta: Tensor,
+    r: Tensor,
+    power: Tensor,
+    noise_var: Tensor,
+    scenario: Scenario,
+    *,
+    signal: str = "stochastic",
+    K: Tensor | None = None,
+    gain: Tensor | None = None,
+    params: Sequence[str] = POSITION_PARAMS,
+    full: bool = False,
+    batch: int = 512,
+    rcond: float = 1e-12,
+) -> CRBResult:
+    """Square-root Cramér–Rao bounds on (phi, theta, r) of every source of every scene.
+
+    Args:
+        H: ``[S, M, N]`` BS–RIS channel; codes: ``[S, L, N]`` RIS codes (physics.md order).
+        phi, theta, r, power: ``[S, K_max]`` true positions (rad, m) and powers p_k, NaN-padded.
+        noise_var: ``[S]`` sigma^2.
+        scenario: geometry (wavelength, element grid).
+        signal: ``"stochastic"`` (Slepian–Bangs, nuisance p and sigma^2) or ``"static"``
+            (deterministic g, nuisance Re g and Im g; sigma^2 decouples). See the module docstring.
+        K: ``[S]`` number of sources; default: the count of finite leading ``phi`` entries.
+        gain: ``[S, K_max]`` complex realised amplitudes g_k for ``signal="static"``;
+            default ``sqrt(power)`` (zero phase; documented in docs/crb.md).
+        params: which position parameters are unknown (the others are treated as known and
+            reported as NaN), e.g. ``("phi",)`` for a direction-only bound.
+        full: also return the position block of FIM^-1 (``position_cov``).
+        batch: scenes per vectorised step (bounds memory; ~0.4 MB per scene at K_max = 5).
+        rcond: relative eigenvalue threshold of the equilibrated FIM below which a direction
+            counts as unidentifiable (bound ``inf``).
+
+    Returns:
+        :class:`CRBResult` with ``[S, K_max]`` float64 standard deviations on the device of H.
+    """
+    if signal not in SIGNAL_MODELS:
+        raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
+    params = _check_params(params)
+    dev = H.device
+    f64 = lambda t, name: _as64(t, name, dev)  # noqa: E731
+    phi, theta, r, power = f64(phi, "phi"), f64(theta, "theta"), f64(r, "r"), f64(power, "power")
+    noise_var = f64(noise_var, "noise_var").reshape(-1)
+    if phi.dim() != 2:
+        raise ValueError(f"phi must be [S, K_max], got shape {tuple(phi.shape)}")
+    S, K_max = phi.shape
+    for name, t in (("theta", theta), ("r", r), ("power", power)):
+        if t.shape != phi.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, phi has {tuple(phi.shape)}")
+    if H.dim() != 3 or H.shape[0] != S or codes.dim() != 3 or codes.shape[0] != S or noise_var.shape[0] != S:
+        raise ValueError(f"H [S, M, N], codes [S, L, N], noise_var [S] must have S = {S} scenes; got "
+                         f"{tuple(H.shape)}, {tuple(codes.shape)}, {tuple(noise_var.shape)}")
+    N = scenario.n_elements
+    if H.shape[-1] != N or codes.shape[-1] != N:
+        raise ValueError(f"H and codes must have N = n_h * n_v = {N} columns; got {H.shape[-1]}, {codes.shape[-1]}")
+    idx = torch.arange(K_max, device=dev)
+    if K is None:
+        K = torch.isfinite(phi).to(torch.int64).cumprod(1).sum(1)
+    K = torch.as_tensor(K, device=dev).to(torch.int64).reshape(-1)
+    if K.shape[0] != S or bool(((K < 0) | (K > K_max)).any()):
+        raise ValueError(f"K must be [S={S}] with values in 0..K_max={K_max}")
+    active = idx.view(1, -1) < K.view(-1, 1)
+    _check_finite(active, noise_var, phi=phi, theta=theta, r=r, power=power)
+    if gain is not None:
+        gain = torch.as_tensor(gain, device=dev).to(torch.complex128)
+        if gain.shape != phi.shape:
+            raise ValueError(f"gain has shape {tuple(gain.shape)}, phi has {tuple(phi.shape)}")
+        if signal != "static":
+            raise ValueError("gain is only used with signal='static'")
+    # safe dummies for padded slots (their contribution is masked out)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    phi_s, theta_s = torch.where(active, phi, zero), torch.where(active, theta, zero)
+    r_s = torch.where(active, r, torch.ones((), dtype=torch.float64, device=dev))
+    p_s = torch.where(active, power, zero)
+    g_s = None if gain is None else torch.where(active, gain, torch.zeros((), dtype=gain.dtype, device=dev))
+
+    P = len(params)
+    outs = []
+    for a in range(0, S, max(1, int(batch))):
+        sl = slice(a, min(S, a + max(1, int(batch))))
+        Kc = int(K[sl].max()) if sl.stop > sl.start else 0
+        Kc = max(Kc, 1)  # compute with the chunk's largest K (fewer slots when all scenes are small)
+        F = fisher_information(
+            H[sl], codes[sl], phi_s[sl, :Kc], theta_s[sl, :Kc], r_s[sl, :Kc], p_s[sl, :Kc], noise_var[sl],
+            scenario, signal=signal, active=active[sl, :Kc], gain=None if g_s is None else g_s[sl, :Kc], params=params,
+        )
+        n = F.shape[-1]
+        unused = torch.zeros(F.shape[0], n, dtype=torch.bool, device=dev)
+        inact = ~active[sl, :Kc]
+        nuis = 1 if signal == "stochastic" else 2
+        for b in range(P + nuis):
+            unused[:, b * Kc : (b + 1) * Kc] = inact
+        inv, ident, regular = _invert(F, unused, rcond)
+        var = torch.diagonal(inv, dim1=-2, dim2=-1)[:, : P * Kc].reshape(-1, P, Kc)
+        sd = torch.where(ident[:, : P * Kc].reshape(-1, P, Kc), var.clamp(min=0).sqrt(), torch.full_like(var, math.inf))
+        sd = torch.where(active[sl, :Kc].unsqueeze(1), sd, torch.full_like(sd, math.nan))
+        sd_full = torch.full((sd.shape[0], P, K_max), math.nan, dtype=torch.float64, device=dev)
+        sd_full[..., :Kc] = sd
+        cov = None
+        if full:
+            blk = inv[:, : P * Kc, : P * Kc].reshape(-1, P, Kc, P, Kc)
+            okp = ident[:, : P * Kc].reshape(-1, P, Kc)
+            blk = torch.where(okp.view(-1, P, Kc, 1, 1) & okp.view(-1, 1, 1, P, Kc), blk, torch.full_like(blk, math.inf))
+            act = active[sl, :Kc]
+            blk = torch.where(act.view(-1, 1, Kc, 1, 1) & act.view(-1, 1, 1, 1, Kc), blk, torch.full_like(blk, math.nan))
+            cov = torch.full((blk.shape[0], P, K_max, P, K_max), math.nan, dtype=torch.float64, device=dev)
+            cov[:, :, :Kc, :, :Kc] = blk
+            cov = cov.reshape(-1, P * K_max, P * K_max)
+        outs.append((sd_full, regular, cov))
+
+    sd = torch.cat([o[0] for o in outs])
+    nan = torch.full((S, K_max), math.nan, dtype=torch.float64, device=dev)
+    res = {q: (sd[:, params.index(q)] if q in params else nan.clone()) for q in POSITION_PARAMS}
+    return CRBResult(
+        phi=res["phi"], theta=res["theta"], r=res["r"],
+        regular=torch.cat([o[1] for o in outs]),
+        position_cov=torch.cat([o[2] for o in outs]) if full else None,
+        signal=signal, params=params,
+    )
+
+
+def _as64(t, name: str, device) -> Tensor:
+    try:
+        return torch.as_tensor(t, device=device).to(torch.float64)
+    except (TypeError, RuntimeError) as exc:
+        raise ValueError(f"{name}: cannot read as a real tensor ({exc})") from None
+
+
+def _check_finite(active: Tensor, noise_var: Tensor, **fields_: Tensor) -> None:
+    for name, t in fields_.items():
+        bad = active & ~torch.isfinite(t)
+        if bool(bad.any()):
+            s, k = (int(v) for v in torch.nonzero(bad)[0])
+            raise ValueError(f"{name} of scene {s}, source {k} is not finite")
+    bad = active.any(1) & ~(torch.isfinite(noise_var) & (noise_var > 0))
+    if bool(bad.any()):
+        s = int(torch.nonzero(bad)[0])
+        raise ValueError(f"noise_var of scene {s} must be finite and > 0, got {float(noise_var[s])}")
+    badp = active & (fields_["power"] < 0)
+    if bool(badp.any()):
+        s, k = (int(v) for v in torch.nonzero(badp)[0])
+        raise ValueError(f"power of scene {s}, source {k} is negative")
+
+
+def crb_for_scenes(scenes, signal: str | None = None, **options) -> CRBResult:
+    """:func:`crb` of ``scenes.truth`` (signal defaults to ``scenes.scenario.signal``).
+
+    Needs the truth group (ValueError otherwise). Options are passed to :func:`crb`.
+    """
+    if scenes.truth is None:
+        raise ValueError("the CRB needs the true source positions: these scenes have no truth group")
+    t = scenes.truth
+    return crb(
+        scenes.H, scenes.codes, t.phi, t.theta, t.r, t.power, t.noise_var, scenes.scenario,
+        signal=signal or scenes.scenario.signal, K=t.K, **options,
+    )
