@@ -322,3 +322,95 @@ def test_outputs_and_scenes_input():
     assert table.count("### ") == 3 and "| all | 2 | 0.500 |" in table
     assert metrics.format_number(0.27) == "0.270" and metrics.format_number(1234.5) == "1230"
     assert metrics.format_number(math.nan) == "NaN" and metrics.format_number(7) == "7"
+
+
+# ------------------------------------------------------------------------------------------
+# `risloc evaluate`
+# ------------------------------------------------------------------------------------------
+def _write_files(tmp_path, n=4, n_est=None, truth=True):
+    """A scene file, an estimates file (perfect except scene 1: K-hat = 0) and a CRB file,
+    written with h5py straight from shared/spec/scene-file.md."""
+    import h5py
+
+    import risloc
+
+    sc = risloc.Scenario()
+    scenes = risloc.simulate(sc, n, seed=3)
+    t = scenes.truth
+    attrs = {"version": 1, "scenario": sc.to_json()}
+    sp = tmp_path / "scenes.h5"
+    with h5py.File(sp, "w") as f:
+        f.attrs["format"] = "risloc-scenes"
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f["y"] = scenes.y.numpy()
+        f["H"] = scenes.H.numpy()
+        f["codes"] = scenes.codes.numpy()
+        f["snr_db"] = scenes.snr_db.numpy().astype(np.float32)
+        if truth:
+            f["truth/K"] = t.K.numpy().astype(np.int32)
+            for name in ("phi", "theta", "r", "power", "noise_var"):
+                f[f"truth/{name}"] = getattr(t, name).numpy().astype(np.float32)
+    n_est = n if n_est is None else n_est
+    ep = tmp_path / "est.h5"
+    K = t.K.numpy()[:n_est].astype(np.int32).copy()
+    K[1] = 0
+    with h5py.File(ep, "w") as f:
+        f.attrs["format"] = "risloc-estimates"
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["method"] = "oracle"
+        f["est/K"] = K
+        for name in ("phi", "theta", "r"):
+            a = getattr(t, name).numpy()[:n_est].astype(np.float32).copy()
+            a[1] = np.nan
+            f[f"est/{name}"] = a
+    cp = tmp_path / "crb.h5"
+    with h5py.File(cp, "w") as f:
+        for name in ("phi", "theta", "r"):
+            a = np.where(np.isnan(getattr(t, name).numpy()), np.nan, 1e-3).astype(np.float32)
+            f[f"crb/{name}"] = a
+    return sp, ep, cp, scenes
+
+
+def test_read_crb_file(tmp_path):
+    from risloc.cli.evaluate import read_crb
+
+    _, _, cp, scenes = _write_files(tmp_path)
+    crb = read_crb(str(cp), len(scenes))
+    assert crb["phi"].shape == (4, 5)
+    with pytest.raises(ValueError, match="scene file has 3"):
+        read_crb(str(cp), 3)
+
+
+def test_cli_evaluate(tmp_path, capsys):
+    pytest.importorskip("risloc.io")
+    from risloc.cli import main
+
+    sp, ep, cp, scenes = _write_files(tmp_path)
+    jp = tmp_path / "score.json"
+    assert main(["evaluate", str(sp), str(ep), "--crb", str(cp), "--json", str(jp)]) == 0
+    out = capsys.readouterr().out
+    assert "### Overall" in out and "### Per SNR bin" in out and "### Per true K" in out
+    assert "success at CRB" in out
+    d = json.loads(jp.read_text())
+    assert d["overall"]["n_scenes"] == 4 and d["overall"]["success"] == 0.75
+    assert d["overall"]["success_crb"] == pytest.approx(1.0) and d["method"] == "oracle"
+
+    assert main(["evaluate", str(sp), str(ep), "--json", "-"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["overall"]["K_under"] == 0.25 and d["overall"]["success_crb"] is None
+
+
+def test_cli_evaluate_refuses_mismatch_and_missing_truth(tmp_path, capsys):
+    pytest.importorskip("risloc.io")
+    from risloc.cli import main
+
+    (tmp_path / "a").mkdir()
+    sp, ep, _, _ = _write_files(tmp_path / "a", n=4, n_est=3)
+    assert main(["evaluate", str(sp), str(ep)]) == 2
+    assert "scene counts differ" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    sp, ep, _, _ = _write_files(tmp_path / "b", truth=False)
+    assert main(["evaluate", str(sp), str(ep)]) == 2
+    assert "truth" in capsys.readouterr().err

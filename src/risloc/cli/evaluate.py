@@ -1,0 +1,98 @@
+"""`risloc evaluate SCENES EST [--crb CRBFILE] [--json PATH|-]`: score estimates against the truth.
+
+Prints the Markdown tables of :mod:`risloc.metrics` (overall, per SNR bin, per true K);
+``--json PATH`` also writes them as JSON, ``--json -`` writes only the JSON, to stdout.
+The optional CRB file holds ``crb/phi``, ``crb/theta``, ``crb/r`` (float ``[S, K_max]``,
+standard deviations in rad / m, NaN padded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score an estimates file against the truth of a scene file",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("scenes", metavar="SCENES", help="scene file (HDF5) with a truth/ group")
+    p.add_argument("est", metavar="EST", help="estimates file (HDF5) for the same scenes")
+    p.add_argument("--crb", metavar="CRBFILE", help="CRB file (crb/phi, crb/theta, crb/r) for RMSE/sqrt(CRB) ratios")
+    p.add_argument("--json", metavar="PATH|-", help="also write the scores as JSON to PATH ('-': only JSON, to stdout)")
+    p.add_argument("--bins-db", type=float, default=5.0, help="SNR bin width in dB (default 5)")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_crb(path: str, n_scenes: int) -> dict:
+    """``{"phi", "theta", "r"}`` numpy arrays ``[S, K_max]`` from a CRB file, validated."""
+    import h5py
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CRB file {path!r} not found")
+    out = {}
+    with h5py.File(path, "r") as f:
+        if "crb" not in f:
+            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
+        shape = None
+        for name in ("phi", "theta", "r"):
+            key = f"crb/{name}"
+            if key not in f:
+                raise ValueError(f"{path}: missing dataset {key}")
+            a = np.asarray(f[key][()], dtype=np.float64)
+            if a.ndim != 2:
+                raise ValueError(f"{path}: {key} must have shape [S, K_max], got {list(a.shape)}")
+            if a.shape[0] != n_scenes:
+                raise ValueError(f"{path}: {key} has {a.shape[0]} scenes but the scene file has {n_scenes}")
+            if shape is not None and a.shape != shape:
+                raise ValueError(f"{path}: {key} has shape {list(a.shape)}, crb/phi has {list(shape)}")
+            shape = a.shape
+            bad = a < 0
+            if bad.any():
+                s, k = np.argwhere(bad)[0]
+                raise ValueError(f"{path}: {key} of scene {s}, source {k} is negative ({a[s, k]})")
+            out[name] = a
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from risloc import io, metrics
+
+    scenes = io.load_scenes(args.scenes)
+    if scenes.truth is None:
+        raise ValueError(f"{args.scenes}: no truth/ group; a file without truth cannot be scored")
+    est = io.load_estimates(args.est)
+    n_s, n_e = len(scenes.truth), len(est)
+    if n_s != n_e:
+        raise ValueError(
+            f"scene counts differ: {args.scenes} has {n_s} scenes, {args.est} has {n_e}; "
+            "estimates must be for the same scenes, in the same order"
+        )
+    crb = read_crb(args.crb, n_s) if args.crb else None
+    result = metrics.score(scenes.truth, est, snr_db=scenes.snr_db, crb=crb, bins_db=args.bins_db)
+
+    if args.json == "-":
+        sys.stdout.write(_json(result, args, est) + "\n")
+        return 0
+    method = getattr(est, "method", "") or "?"
+    print(f"## {method} on {os.path.basename(args.scenes)} ({n_s} scenes)\n")
+    print(result.format_table())
+    if args.json:
+        from risloc.scenario import atomic_write_text
+
+        atomic_write_text(args.json, _json(result, args, est) + "\n")
+    return 0
+
+
+def _json(result, args, est) -> str:
+    import json
+
+    d = json.loads(result.to_json())
+    head = {"scenes": args.scenes, "estimates": args.est, "method": getattr(est, "method", ""), "crb": args.crb}
+    return json.dumps({**head, **d}, indent=2)
