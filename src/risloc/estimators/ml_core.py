@@ -1,0 +1,246 @@
+"""Building blocks of the ``ml`` estimator: steering vectors with their derivatives,
+the near-field dictionary, the per-snapshot measurement of steering vectors, and the two
+likelihoods (stochastic and static signal model) with their gradients and Fisher matrices.
+
+Symbols are those of shared/spec/physics.md: element positions e_n, direction
+u(phi, theta) = (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi)), range r, and
+
+    a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda),   d_n = |r u - e_n|.
+
+The range is parametrised by its inverse rho = 1 / r (range resolution is nearly
+uniform in 1/r: the Fresnel phase term is (|e|^2 - (u.e)^2) / (2 r)).
+All functions are batched over leading dimensions and run on the tensors' device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import physics
+from ..scenario import Scenario
+
+
+def steering_with_derivatives(phi: Tensor, theta: Tensor, rho: Tensor, scenario: Scenario, *, dtype=torch.complex64):
+    """Exact steering ``a`` and ``da/dphi``, ``da/dtheta``, ``da/drho`` (rho = 1/r), each ``[..., N]``.
+
+    With d = |r u - e| and the log-derivative  d log a = dr/r - dd/d - j k (dd - dr):
+
+    * dd/dphi = -r (u_phi . e) / d,  dd/dtheta = -r (u_theta . e) / d,  dd/dr = (r - u.e) / d,
+    * dr/drho = -r^2.
+    """
+    rd = physics.real_dtype(dtype)
+    phi, theta, rho = phi.to(rd), theta.to(rd), rho.to(rd)
+    e = physics.element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3]
+    ex, ey = e[:, 0], e[:, 1]
+    e2 = (e * e).sum(-1)
+    k = 2 * math.pi / scenario.wavelength
+    sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
+    r = (1.0 / rho).unsqueeze(-1)
+    ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e (e_z = 0)
+    up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi . e, u_phi = (ct cp, 0, -ct sp)
+    ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta . e
+    d = torch.sqrt(torch.clamp(r * r - 2 * r * ue + e2, min=torch.finfo(rd).tiny))
+    path = (e2 - 2 * r * ue) / (d + r)
+    a = torch.polar(r / d, -k * path)
+    # d log a / d phi = r (u_phi.e) / d^2 + j k r (u_phi.e) / d   (and the same for theta)
+    gp = r * up_e / d
+    gt = r * ut_e / d
+    lp = torch.complex(gp / d, k * gp)
+    lt = torch.complex(gt / d, k * gt)
+    # d log a / d r = 1/r - (r - u.e)/d^2 - j k ((r - u.e)/d - 1);  d/drho = -r^2 d/dr
+    q = (r - ue) / d
+    lr = torch.complex(-(r * r) * (1.0 / r - q / d), (r * r) * k * (q - 1.0))
+    return a, a * lp, a * lt, a * lr
+
+
+def grid(scenario: Scenario, n_phi: int, n_theta: int, n_rho: int, *, device=None, dtype=torch.float32):
+    """Dictionary grid ``(phi, theta, rho)``, each ``[Q]``, Q = n_phi * n_theta * n_rho.
+
+    Uniform in sin(phi) over [sin phi_min, sin phi_max], in sin(theta) over the elevation
+    interval and in rho = 1/r over [1/r_max, 1/r_min] (end points included).
+    """
+    sc = scenario
+    sphi = torch.linspace(math.sin(sc.phi_min), math.sin(sc.phi_max), n_phi, dtype=torch.float64)
+    sth = torch.linspace(math.sin(sc.theta_min), math.sin(sc.theta_max), n_theta, dtype=torch.float64)
+    rho = torch.linspace(1.0 / sc.r_max, 1.0 / sc.r_min, n_rho, dtype=torch.float64)
+    P, T, R = torch.meshgrid(torch.asin(sphi), torch.asin(sth), rho, indexing="ij")
+    return tuple(t.reshape(-1).to(device=device, dtype=dtype) for t in (P, T, R))
+
+
+def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
+    """``G_l v`` for every snapshot: H ``[B, M, N]``, codes ``[B, L, N]``, vectors ``[B, P, N]`` -> ``[B, L, M, P]``.
+
+    G_l = H diag(c_l); computed as H (c_l * v) with one batched matmul.
+    """
+    X = codes.unsqueeze(2) * vectors.unsqueeze(1)  # [B, L, P, N]
+    return H.unsqueeze(1) @ X.transpose(-1, -2)  # [B, L, M, P]
+
+
+def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
+    """Per-scene dictionary ``Phi_l = G_l D``: H ``[B, M, N]``, codes ``[B, L, N]``, D ``[N, Q]`` -> ``[B, L, M, Q]``."""
+    B, L, N = codes.shape
+    M = H.shape[1]
+    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B * L * M, N)  # rows of G_l stacked
+    return (G @ D).view(B, L, M, -1)
+
+
+def hermitian_solve_parts(C: Tensor):
+    """Cholesky of Hermitian positive-definite ``C`` ``[..., M, M]``: returns (C^-1, log det C)."""
+    Lc, info = torch.linalg.cholesky_ex(C)
+    logdet = 2 * torch.log(torch.diagonal(Lc, dim1=-2, dim2=-1).real.clamp_min(1e-30)).sum(-1)
+    Cinv = torch.cholesky_inverse(Lc)
+    return Cinv, logdet, info
+
+
+def stochastic_eval(
+    phi: Tensor,
+    theta: Tensor,
+    rho: Tensor,
+    logp: Tensor,
+    logs: Tensor,
+    active: Tensor,
+    y: Tensor,
+    H: Tensor,
+    codes: Tensor,
+    scenario: Scenario,
+    *,
+    derivatives: bool = True,
+):
+    """Stochastic negative log-likelihood, its gradient and Fisher matrix (batched over scenes).
+
+    Model (physics.md, stochastic signals): y_l ~ CN(0, C_l),
+
+        C_l = B_l P B_l^H + sigma^2 I,   B_l = G_l A(eta),   P = diag(p_1..p_K),
+        NLL = sum_l [ log det C_l + y_l^H C_l^-1 y_l ]   (constant L M log pi dropped).
+
+    Parameters per scene: phi, theta, rho = 1/r, log p (each ``[B, K]``) and log sigma^2 ``[B]``,
+    ordered [phi_1..K, theta_1..K, rho_1..K, logp_1..K, log sigma^2]. ``active`` ``[B, K]`` masks
+    sources out of the model (their gradient is 0 and their Fisher rows/columns identity).
+
+    Gradient  g_i = sum_l Re tr(C^-1 C_i) - Re(z^H C_i z),  z = C^-1 y,
+    Fisher    F_ij = sum_l Re tr(C^-1 C_i C^-1 C_j)          (Slepian-Bangs),
+    with C_i = dC/d eta_i: p_k (b'_k b_k^H + b_k b'_k^H) for a position parameter,
+    p_k b_k b_k^H for log p_k and sigma^2 I for log sigma^2.
+    """
+    B, K = phi.shape
+    L, M = y.shape[1], y.shape[2]
+    cd = y.dtype
+    a, da_p, da_t, da_r = steering_with_derivatives(phi, theta, rho, scenario, dtype=cd)
+    act = active.to(phi.dtype)
+    if derivatives:
+        V = measure(H, codes, torch.cat([a, da_p, da_t, da_r], dim=1))  # [B, L, M, 4K]
+        Bm = V[..., :K]
+    else:
+        Bm = measure(H, codes, a)
+    p = torch.exp(logp) * act  # [B, K]
+    s2 = torch.exp(logs)  # [B]
+    eye = torch.eye(M, dtype=cd, device=y.device)
+    C = (Bm * p.to(cd).view(B, 1, 1, K)) @ Bm.mH + s2.to(cd).view(B, 1, 1, 1) * eye
+    Cinv, logdet, info = hermitian_solve_parts(C)
+    z = (Cinv @ y.unsqueeze(-1)).squeeze(-1)  # [B, L, M]
+    quad = (y.conj() * z).real.sum(-1)  # [B, L]
+    nll = (logdet + quad).sum(-1)
+    nll = torch.where(info.ne(0).any(-1), torch.full_like(nll, float("inf")), nll)
+    if not derivatives:
+        return nll, None, None
+    # Every C_i (i < 4K) is c_i (v_x1 v_y1^H + v_x2 v_y2^H) with v's columns of V, so with
+    # W = V^H C^-1 V, U = V^H C^-2 V and w = V^H z (per snapshot):
+    #   tr(C^-1 v_x v_y^H) = W[y, x],  z^H v_x v_y^H z = conj(w_x) w_y,
+    #   tr(C^-1 v_a v_b^H C^-1 v_c v_d^H) = W[b, c] W[d, a],  tr(C^-1 I C^-1 v_x v_y^H) = U[y, x].
+    Pn = 4 * K + 1
+    CV = Cinv @ V  # [B, L, M, 4K]
+    W = V.mH @ CV  # [B, L, 4K, 4K]
+    U = CV.mH @ CV
+    w = (V.mH @ z.unsqueeze(-1)).squeeze(-1)  # [B, L, 4K]
+    ar = torch.arange(K, device=y.device)
+    X1 = torch.cat([ar + K, ar + 2 * K, ar + 3 * K, ar])  # term 1: x = b'_k (position) or b_k (log p)
+    Y1 = torch.cat([ar, ar, ar, ar])  # term 1: y = b_k
+    X2, Y2 = Y1, X1  # term 2 swaps x and y
+    coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
+    terms = ((X1, Y1), (X2, Y2))
+    gl = torch.zeros(B, L, 4 * K, dtype=cd, device=y.device)
+    Fl = torch.zeros(B, L, 4 * K, 4 * K, dtype=cd, device=y.device)
+    Fs = torch.zeros(B, L, 4 * K, dtype=cd, device=y.device)
+    for xt, yt in terms:
+        gl = gl + W[..., yt, xt] - w[..., xt].conj() * w[..., yt]
+        Fs = Fs + U[..., yt, xt]
+        for xs, ys in terms:
+            Fl = Fl + W[..., yt, :][..., :, xs] * W[..., ys, :][..., :, xt].transpose(-1, -2)
+    s2r = s2.view(B, 1)
+    trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
+    trC2 = Cinv.abs().square().sum((-1, -2))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
+    g_pos = coef * gl.real.sum(1)
+    g_s = s2 * (trC - z.abs().square().sum(-1)).sum(1)
+    grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
+    F = torch.zeros(B, Pn, Pn, dtype=phi.dtype, device=y.device)
+    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl.real.sum(1)
+    F[:, :-1, -1] = coef * s2r * Fs.real.sum(1)
+    F[:, -1, :-1] = F[:, :-1, -1]
+    F[:, -1, -1] = s2 * s2 * trC2.sum(1)
+    F = 0.5 * (F + F.transpose(-1, -2))
+    mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
+    grad = grad * mask
+    mm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    F = torch.where(mm, F, torch.zeros_like(F)) + torch.diag_embed((~mask).to(F.dtype))
+    return nll, grad, F
+
+
+def static_eval(
+    phi: Tensor,
+    theta: Tensor,
+    rho: Tensor,
+    active: Tensor,
+    y: Tensor,
+    H: Tensor,
+    codes: Tensor,
+    scenario: Scenario,
+    *,
+    derivatives: bool = True,
+    ridge: float = 1e-6,
+):
+    """Static (deterministic) model with the amplitudes and sigma^2 concentrated out.
+
+    Stacking the L snapshots, y = Psi(eta) g + n with Psi = [G_1 A; ...; G_L A] (L M x K).
+    For fixed positions the ML amplitudes are g = Psi^+ y and the residual sum of squares
+    RSS = |y - Psi g|^2; with sigma^2 = RSS / (L M) concentrated out,
+
+        NLL = L M log(RSS)   (constants dropped).
+
+    Gauss-Newton (variable projection, Kaufman's approximation): J_i = P_perp dPsi/d eta_i g,
+    gradient of RSS = -2 Re(J^H r), normal matrix 2 Re(J^H J); returned scaled to the NLL
+    (times L M / RSS). Parameters [phi_1..K, theta_1..K, rho_1..K]. Also returns g ``[B, K]``.
+    """
+    B, K = phi.shape
+    L, M = y.shape[1], y.shape[2]
+    cd = y.dtype
+    a, da_p, da_t, da_r = steering_with_derivatives(phi, theta, rho, scenario, dtype=cd)
+    act = active.to(cd).view(B, 1, K)
+    vecs = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
+    V = measure(H, codes, vecs).reshape(B, L * M, -1)  # [B, LM, 4K]
+    Psi = V[..., :K] * act
+    yv = y.reshape(B, L * M, 1)
+    Gm = Psi.mH @ Psi
+    scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean(-1).clamp_min(1e-30)  # [B]
+    inactive = (1 - act.real.view(B, K)).to(cd)
+    Gm = Gm + torch.diag_embed(inactive + (ridge * scale).to(cd).view(B, 1))
+    g = torch.linalg.solve(Gm, Psi.mH @ yv)  # [B, K, 1]
+    res = yv - Psi @ g
+    rss = res.abs().square().sum((-1, -2)).clamp_min(1e-30)
+    LM = L * M
+    nll = LM * torch.log(rss)
+    if not derivatives:
+        return nll, None, None, g.squeeze(-1)
+    gk = g.view(B, 1, K) * act
+    J = torch.cat([V[..., (j + 1) * K : (j + 2) * K] * gk for j in range(3)], dim=-1)  # [B, LM, 3K]
+    # project onto the orthogonal complement of span(Psi)
+    J = J - Psi @ torch.linalg.solve(Gm, Psi.mH @ J)
+    grad = -2 * (J.mH @ res).real.squeeze(-1) * (LM / rss).unsqueeze(-1)
+    F = 2 * (J.mH @ J).real * (LM / rss).view(B, 1, 1)
+    mask = torch.cat([active, active, active], dim=1)
+    grad = grad * mask
+    mm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    F = torch.where(mm, F, torch.zeros_like(F)) + torch.diag_embed((~mask).to(F.dtype))
+    return nll, grad, F, g.squeeze(-1)
