@@ -72,9 +72,12 @@ def _as_tensors(phi, theta, r, dtype: torch.dtype, device) -> tuple[Tensor, Tens
     rd = real_dtype(dtype)
     ref = next((t for t in (phi, theta, r) if isinstance(t, Tensor)), None)
     device = device if device is not None else (ref.device if ref is not None else None)
-    phi, theta, r = (torch.as_tensor(t, device=device) for t in (phi, theta, r))
-    phi, theta, r = torch.broadcast_tensors(phi, theta, r)
-    return phi.to(rd), theta.to(rd), r.to(rd)
+    # Python numbers become tensors of the working precision directly (not via float32).
+    phi, theta, r = (
+        t.to(device=device, dtype=rd) if isinstance(t, Tensor) else torch.as_tensor(t, dtype=rd, device=device)
+        for t in (phi, theta, r)
+    )
+    return torch.broadcast_tensors(phi, theta, r)
 
 
 def steering(
@@ -103,24 +106,26 @@ def steering(
     Angles in radians, range in metres; differentiable in all three.
     """
     phi, theta, r = _as_tensors(phi, theta, r, dtype, device)
+    if approximation not in ("exact", "fresnel"):
+        raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
+    path, amplitude = _path_difference(phi, theta, r, scenario, approximation)
+    return torch.polar(amplitude, (-2 * math.pi / scenario.wavelength) * path)
+
+
+def _path_difference(phi: Tensor, theta: Tensor, r: Tensor, scenario: Scenario, approximation: Approximation) -> tuple[Tensor, Tensor]:
+    """Path difference ``d_n - r`` [m] and amplitude ``r / d_n`` (1 for Fresnel), each ``[..., N]``."""
     rd = phi.dtype
     e = element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3]
     u = direction(phi, theta)  # [..., 3]
     ue = u @ e.T  # [..., N]
     e2 = (e * e).sum(-1)  # [N]
     rr = r.unsqueeze(-1)
-    k = 2 * math.pi / scenario.wavelength
     if approximation == "exact":
         # d_n^2 = r^2 - 2 r u.e + |e|^2
         d = torch.sqrt(torch.clamp(rr * rr - 2 * rr * ue + e2, min=torch.finfo(rd).tiny))
-        path = (e2 - 2 * rr * ue) / (d + rr)
-        amplitude = rr / d
-    elif approximation == "fresnel":
-        path = -ue + (e2 - ue * ue) / (2 * rr)
-        amplitude = torch.ones_like(path)
-    else:
-        raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
-    return torch.polar(amplitude, -k * path)
+        return (e2 - 2 * rr * ue) / (d + rr), rr / d
+    path = -ue + (e2 - ue * ue) / (2 * rr)
+    return path, torch.ones_like(path)
 
 
 def far_field_steering(phi, theta, scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
@@ -144,10 +149,14 @@ def bs_steering(psi: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.c
 
 
 def bs_ris_phase(phi_b: Tensor, theta_b: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.complex64) -> Tensor:
-    """Unit-modulus RIS response to the BS, ``b_n = exp(-j 2 pi (|p_B - e_n| - r_B) / lambda)``, ``[..., N]``."""
-    r_b = torch.full_like(phi_b, scenario.bs_range)
-    a = steering(phi_b, theta_b, r_b, scenario, dtype=dtype)
-    return a / a.abs()
+    """Unit-modulus RIS response to the BS, ``b_n = exp(-j 2 pi (|p_B - e_n| - r_B) / lambda)``, ``[..., N]``.
+
+    The phase of the exact steering vector at range ``r_B = scenario.bs_range`` (its amplitude dropped).
+    """
+    phi_b, theta_b, r_b = _as_tensors(phi_b, theta_b, scenario.bs_range, dtype, None)
+    path, _ = _path_difference(phi_b, theta_b, r_b, scenario, "exact")
+    phase = (-2 * math.pi / scenario.wavelength) * path
+    return torch.polar(torch.ones_like(phase), phase)
 
 
 def channel(

@@ -12,69 +12,126 @@ Python loop. For each scene::
 
 Reproducibility: scene i of seed s is the same whatever the batch size, chunking or
 number of workers. Randomness is drawn in fixed blocks of :data:`RNG_BLOCK` scenes,
-block b from a generator seeded by ``SeedSequence([s, b])``; a request for scenes
-[start, stop) draws the blocks it touches and keeps its rows. (The generator streams
-of CPU and CUDA differ, so a scene depends on the device it is drawn on.)
+block b from its own generator seeded by ``SeedSequence([s, b])``; a request for scenes
+[start, stop) draws the blocks it touches and keeps its rows. Within a block the draws
+come in a fixed order (see :func:`_draw_block`): uniforms, RIS-code words, then the
+normals of W, of the signals and of the noise. On CPU the blocks are drawn in parallel
+threads (one generator each, so the result does not depend on the thread count). The
+generator streams of CPU and CUDA differ, so a scene depends on the device it is drawn on.
+
+Speed notes (the hot path, per scene): 2 M N normals for W are drawn straight into the
+buffer that becomes H; the random b-bit codes come from packed integer words
+(:func:`packed_code_table`: one draw per ``g`` elements, one table look-up per word)
+rather than one float per element; the line-of-sight part is added by a rank-one
+``baddbmm_`` in place; no float64 anywhere unless complex128 is asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.functional import embedding
 
 from . import physics
 from .scenario import Scenario
 from .scenes import Scenes, Truth
 
-RNG_BLOCK = 256
+RNG_BLOCK = 1024
 """Scenes per random-number block (part of the definition of 'scene i of seed s')."""
 
 POSITION_ATTEMPTS = 8
 """Candidate source sets drawn per scene in one go for the separation rejection."""
 
+CODE_WORD_BITS = 12
+"""Random code levels are packed ``g = max(1, 12 // b)`` to a word of ``g * b`` random bits."""
+
 
 class _Layout:
-    """Where each random quantity of a scene sits in the block's uniform and normal rows."""
+    """How many random numbers of each kind a scene takes, and where its uniforms sit."""
 
     def __init__(self, sc: Scenario):
         K, L, M, N = sc.k_max, sc.snapshots, sc.m_bs, sc.n_elements
-        u = 0
         self.k, self.snr, self.kappa, self.psi, self.phi_b, self.theta_b = range(6)
         u = 6
-        self.power = slice(u, u + K); u += K
-        self.positions = slice(u, u + POSITION_ATTEMPTS * K * 3); u += POSITION_ATTEMPTS * K * 3
-        self.codes = slice(u, u + (L * N if sc.codebook == "random" else 0)); u = self.codes.stop
+        self.power = slice(u, u + K)
+        u += K
+        self.positions = slice(u, u + POSITION_ATTEMPTS * K * 3)
+        u += POSITION_ATTEMPTS * K * 3
         self.n_uniform = u
-        n = 0
-        self.scatter = slice(n, n + 2 * M * N); n += 2 * M * N
-        self.signal = slice(n, n + 2 * K * L); n += 2 * K * L
-        self.noise = slice(n, n + 2 * L * M); n += 2 * L * M
-        self.n_normal = n
+        # random codes: g levels of b bits per integer word
+        self.code_group = max(1, CODE_WORD_BITS // sc.code_bits) if sc.codebook == "random" else 0
+        self.n_words = -(-L * N // self.code_group) if self.code_group else 0
+        self.scatter_shape = (M, N, 2)  # W, real and imaginary parts last
+        self.signal_shape = (K, L, 2)
+        self.noise_shape = (L, M, 2)
 
 
 def _block_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, *keys]).generate_state(1, np.uint64)[0])
 
 
-def _draw_blocks(layout: _Layout, seed: int, start: int, stop: int, device, dtype) -> tuple[Tensor, Tensor]:
-    """Uniform ``[stop-start, n_uniform]`` and standard normal ``[stop-start, n_normal]`` rows of scenes [start, stop)."""
-    b0, b1 = start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1
-    n_blocks = b1 - b0
-    uni = torch.empty(n_blocks, RNG_BLOCK, layout.n_uniform, device=device, dtype=dtype)
-    nor = torch.empty(n_blocks, RNG_BLOCK, layout.n_normal, device=device, dtype=dtype)
-    gen = torch.Generator(device=device)
-    for k, b in enumerate(range(b0, b1)):
-        gen.manual_seed(_block_seed(seed, b))
-        torch.rand(uni[k].shape, generator=gen, device=device, dtype=dtype, out=uni[k])
-        torch.randn(nor[k].shape, generator=gen, device=device, dtype=dtype, out=nor[k])
-    off = start - b0 * RNG_BLOCK
-    uni = uni.view(-1, layout.n_uniform)[off : off + stop - start]
-    nor = nor.view(-1, layout.n_normal)[off : off + stop - start]
-    return uni, nor
+class _Draws:
+    """The random numbers of a run of whole blocks: one row per scene in each buffer.
+
+    ``scatter`` may be given: a float32 buffer ``[rows, M, N, 2]`` to draw W into (the
+    real view of the output H, so that H is built in place).
+    """
+
+    def __init__(self, lay: _Layout, rows: int, device, scatter: Tensor | None = None):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.uniform = torch.empty(rows, lay.n_uniform, **f32)
+        self.words = torch.empty(rows, lay.n_words, device=device, dtype=torch.int32)
+        self.scatter = torch.empty(rows, *lay.scatter_shape, **f32) if scatter is None else scatter
+        self.signal = torch.empty(rows, *lay.signal_shape, **f32)
+        self.noise = torch.empty(rows, *lay.noise_shape, **f32)
+
+
+def _draw_block(draws: _Draws, row: int, seed: int, block: int, word_range: int) -> None:
+    """Fill rows ``[row, row + RNG_BLOCK)`` of ``draws`` with the random numbers of block ``block``.
+
+    The block's generator draws, in this order: uniforms ``[RNG_BLOCK, n_uniform]``, code
+    words ``[RNG_BLOCK, n_words]`` (each uniform on ``[0, 2^(g b))``), standard normals for W
+    ``[RNG_BLOCK, M, N, 2]``, for the signals ``[RNG_BLOCK, K_max, L, 2]`` and for the
+    noise ``[RNG_BLOCK, L, M, 2]``.
+    """
+    gen = torch.Generator(device=draws.uniform.device)
+    gen.manual_seed(_block_seed(seed, block))
+    rows = slice(row, row + RNG_BLOCK)
+    draws.uniform[rows].uniform_(generator=gen)
+    if draws.words.shape[1]:
+        draws.words[rows].random_(0, word_range, generator=gen)
+    for buf in (draws.scatter, draws.signal, draws.noise):
+        buf[rows].normal_(generator=gen)
+
+
+def packed_code_table(bits: int, group: int, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
+    """Look-up table ``[2^(g b), 2 g]`` from a packed word to the codes of its ``g`` elements.
+
+    Word w holds the levels ``q_t = (w >> (t b)) & (2^b - 1)``, t = 0..g-1, of g consecutive
+    elements; row w of the table is ``(Re c_0, Im c_0, ..., Re c_{g-1}, Im c_{g-1})`` with
+    ``c_t = exp(j 2 pi q_t / 2^b)`` (physics.phase_codes). A word uniform on [0, 2^(g b))
+    gives g independent uniform levels.
+    """
+    words = torch.arange(2 ** (group * bits), device=device).unsqueeze(-1)
+    q = (words >> (bits * torch.arange(group, device=device))) & (2**bits - 1)  # [2^(g b), g]
+    return torch.view_as_real(physics.phase_codes(q, bits, dtype=dtype)).reshape(len(words), 2 * group)
+
+
+def _random_codes(words: Tensor, lay: _Layout, sc: Scenario, out: Tensor) -> None:
+    """Write the codes ``[B, L, N]`` of packed words ``[B, n_words]`` into ``out`` (one table look-up per word)."""
+    table = packed_code_table(sc.code_bits, lay.code_group, dtype=out.dtype, device=words.device)
+    B, LN = words.shape[0], sc.snapshots * sc.n_elements
+    if lay.n_words * lay.code_group == LN and out.is_contiguous():
+        torch.index_select(table, 0, words.view(-1), out=torch.view_as_real(out).view(-1, table.shape[1]))
+    else:
+        flat = torch.view_as_complex(table.index_select(0, words.view(-1)).view(B, -1, 2))
+        out.copy_(flat[:, :LN].view_as(out))
 
 
 def _uniform(u: Tensor, lo: float, hi: float) -> Tensor:
@@ -112,12 +169,18 @@ def _draw_sources(u_pos: Tensor, K: Tensor, sc: Scenario, seed: int, index: Tens
     generator keyed by (seed, scene index, round), so the result still depends only on
     (seed, scene index).
     """
-    phi, theta, r = _sources_from(u_pos, sc)
-    ok = _separated(phi, theta, K, sc.min_separation)  # [B, T]
-    first = torch.argmax(ok.to(torch.int8), dim=1)  # index of first valid attempt (0 if none)
-    pick = lambda t: t.gather(1, first.view(-1, 1, 1).expand(-1, 1, t.shape[-1])).squeeze(1)
+    phi, theta, r = _sources_from(u_pos, sc)  # [B, T, K_max]
+    # Most scenes accept their first candidate: test that one for all, the others only where needed.
+    first = torch.zeros(phi.shape[0], dtype=torch.int64, device=phi.device)
+    ok = _separated(phi[:, :1], theta[:, :1], K, sc.min_separation)[:, 0]  # [B]
+    retry = torch.nonzero(~ok).flatten()
+    if len(retry):
+        ok_r = _separated(phi[retry, 1:], theta[retry, 1:], K[retry], sc.min_separation)  # [R, T-1]
+        first[retry] = 1 + torch.argmax(ok_r.to(torch.int8), dim=1)  # first valid later attempt
+        ok[retry] = ok_r.any(1)
+    pick = lambda t: t.gather(1, first.view(-1, 1, 1).expand(-1, 1, t.shape[-1])).squeeze(1)  # noqa: E731
     phi, theta, r = pick(phi), pick(theta), pick(r)
-    pending = torch.nonzero(~ok.any(1)).flatten().tolist()
+    pending = torch.nonzero(~ok).flatten().tolist()
     for row in pending:  # rare: only scenes whose eight candidate sets all failed
         gen = torch.Generator(device=u_pos.device)
         for rnd in range(1, 10_000):
@@ -137,6 +200,19 @@ def _draw_sources(u_pos: Tensor, K: Tensor, sc: Scenario, seed: int, index: Tens
     return phi, theta, r
 
 
+def _channel_inplace(scatter: Tensor, psi: Tensor, phi_b: Tensor, theta_b: Tensor, kappa: Tensor, sc: Scenario) -> Tensor:
+    """:func:`physics.channel` built in the buffer of W: ``W * sqrt(1/(1+kappa)) + sqrt(kappa/(1+kappa)) a_BS b^T``.
+
+    ``scatter``: W ``[B, M, N]`` complex (overwritten and returned as H).
+    """
+    rd = physics.real_dtype(scatter.dtype)
+    kappa = kappa.to(rd)
+    torch.view_as_real(scatter).mul_(torch.rsqrt(1 + kappa).view(-1, 1, 1, 1))
+    a_bs = physics.bs_steering(psi, sc, dtype=scatter.dtype) * torch.sqrt(kappa / (1 + kappa)).unsqueeze(-1)
+    b = physics.bs_ris_phase(phi_b, theta_b, sc, dtype=scatter.dtype)
+    return scatter.baddbmm_(a_bs.unsqueeze(-1), b.unsqueeze(-2))
+
+
 def simulate(
     scenario: Scenario | None = None,
     n_scenes: int = 1,
@@ -152,20 +228,78 @@ def simulate(
     Returns a :class:`~risloc.scenes.Scenes` with inputs (y, H, codes, snr_db) and truth.
     ``with_covariance=True`` also fills ``truth.covariance`` with R = sum_k p_k a_k a_k^H
     (``[S, N, N]``; 166 kB per scene in complex64, so ask for it only on modest batches).
+    ``dtype=torch.complex128`` computes in double precision from the same (float32) draws.
+
+    Every scene is computed as a row of its whole block, so its numbers do not depend on
+    the request (bit for bit on CPU). A request smaller than a block costs a whole block
+    (about 1024 scenes); ask in chunks aligned to :data:`RNG_BLOCK` for the best speed.
     """
     sc = scenario if scenario is not None else Scenario()
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be >= 1, got {n_scenes}")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
+    if dtype not in (torch.complex64, torch.complex128):
+        raise ValueError(f"dtype must be torch.complex64 or torch.complex128, not {dtype}")
     device = torch.device(device)
-    rd = physics.real_dtype(dtype)
     lay = _Layout(sc)
+    stop = start + n_scenes
+    H = torch.empty(n_scenes, sc.m_bs, sc.n_elements, dtype=dtype, device=device)
+    codes = torch.empty(n_scenes, sc.snapshots, sc.n_elements, dtype=dtype, device=device)
+
+    # Groups of whole blocks computed together: one block at a time on CPU (so that a scene's
+    # arithmetic never depends on the request), all at once on GPU (kernel launches dominate there).
+    blocks = range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1)
+    groups = [blocks[i : i + 1] for i in range(len(blocks))] if device.type == "cpu" else [blocks]
+    runs = []
+    for group in groups:
+        g0, g1 = group.start * RNG_BLOCK, group.stop * RNG_BLOCK
+        lo, hi = max(start, g0), min(stop, g1)
+        whole = (lo, hi) == (g0, g1)
+        out = slice(lo - start, hi - start)
+        in_place = torch.view_as_real(H[out]) if whole and dtype == torch.complex64 else None
+        runs.append((group, slice(lo - g0, hi - g0), out, whole, _Draws(lay, g1 - g0, device, scatter=in_place)))
+
+    word_range = 2 ** (lay.code_group * sc.code_bits) if lay.code_group else 1
+    jobs = [(draws, (b - group.start) * RNG_BLOCK, b) for group, _, _, _, draws in runs for b in group]
+    job = lambda j: _draw_block(j[0], j[1], seed, j[2], word_range)  # noqa: E731
+    workers = min(len(jobs), torch.get_num_threads()) if device.type == "cpu" else 1
+    if workers > 1:  # torch's CPU generators are sequential: one thread per block
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(job, jobs))
+    else:
+        for j in jobs:
+            job(j)
+
+    ys, snrs, truths = [], [], []
+    for group, rows, out, whole, draws in runs:
+        part = _simulate_rows(draws, lay, sc, seed, group.start * RNG_BLOCK, dtype, with_covariance, codes[out] if whole else None)
+        if part.H.data_ptr() != H[out].data_ptr():  # not built in place (partial block or complex128)
+            H[out] = part.H[rows]
+        if part.codes.data_ptr() != codes[out].data_ptr():
+            codes[out] = part.codes[rows]
+        ys.append(part.y[rows])
+        snrs.append(part.snr_db[rows])
+        truths.append(part.truth[rows])
+    return Scenes(y=torch.cat(ys), H=H, codes=codes, scenario=sc, snr_db=torch.cat(snrs), truth=Truth.cat(truths))
+
+
+def _simulate_rows(
+    draws: _Draws,
+    lay: _Layout,
+    sc: Scenario,
+    seed: int,
+    first: int,
+    dtype: torch.dtype,
+    with_covariance: bool,
+    codes_out: Tensor | None,
+) -> Scenes:
+    """The scenes ``[first, first + rows)`` from their random numbers (H built in ``draws.scatter``)."""
+    rd = physics.real_dtype(dtype)
     K_max, L, M, N = sc.k_max, sc.snapshots, sc.m_bs, sc.n_elements
-    uni, nor = _draw_blocks(lay, seed, start, start + n_scenes, device, torch.float32)
-    uni, nor = uni.to(rd), nor.to(rd)
-    B = n_scenes
-    index = torch.arange(start, start + B, device=device)
+    B = draws.uniform.shape[0]
+    device = draws.uniform.device
+    uni = draws.uniform.to(rd)
 
     # --- sources ------------------------------------------------------------------------------
     if sc.k_fixed:
@@ -173,42 +307,48 @@ def simulate(
     else:
         K = torch.clamp((uni[:, lay.k] * K_max).to(torch.int64) + 1, 1, K_max)
     active = torch.arange(K_max, device=device).view(1, -1) < K.view(-1, 1)  # [B, K_max]
+    index = torch.arange(first, first + B, device=device)
     phi, theta, r = _draw_sources(uni[:, lay.positions], K, sc, seed, index)
     power = 10 ** (-sc.power_spread_db * uni[:, lay.power] / 10)
-    A = physics.steering(phi, theta, r, sc, dtype=dtype)  # [B, K_max, N]
+    A = torch.zeros(B, K_max, N, dtype=dtype, device=device)  # zero for inactive sources
+    A[active] = physics.steering(phi[active], theta[active], r[active], sc, dtype=dtype)
 
-    # --- signals: s [B, K_max, L], zero for inactive sources ------------------------------------
-    g = nor[:, lay.signal].view(B, K_max, L, 2)
+    # --- signals s [B, K_max, L] (zero for inactive sources) and x_l = sum_k a_k s_k(l) -------------
+    g = draws.signal.to(rd)
     if sc.signal == "static":
         g = g[:, :, :1].expand(B, K_max, L, 2)
     amp = torch.sqrt(power / 2) * active
-    s = torch.complex(g[..., 0], g[..., 1]) * amp.unsqueeze(-1).to(dtype)
+    s = torch.view_as_complex(g.contiguous()) * amp.unsqueeze(-1).to(dtype)
+    z = s.mT @ A  # [B, L, N]: row l is x_l
 
-    # --- channel and codes --------------------------------------------------------------------
-    w = nor[:, lay.scatter].view(B, M, N, 2)
-    W = torch.complex(w[..., 0], w[..., 1]) * (1 / math.sqrt(2))
-    H = physics.channel(
+    # --- codes, then z_l = diag(c_l) x_l ---------------------------------------------------------
+    codes = torch.empty(B, L, N, dtype=dtype, device=device) if codes_out is None else codes_out
+    if sc.codebook == "random":
+        _random_codes(draws.words, lay, sc, codes)
+    else:
+        codes.copy_(physics.dft_codes(sc, dtype=dtype, device=device).expand(B, L, N))
+    z.mul_(codes)
+
+    # --- channel H (built in W's buffer) ----------------------------------------------------------
+    scatter = draws.scatter if rd == torch.float32 else draws.scatter.to(rd)
+    W = torch.view_as_complex(scatter)  # [B, M, N], CN(0, 2): scaled by 1/sqrt(2) below
+    W.mul_(1 / math.sqrt(2))
+    H = _channel_inplace(
+        W,
         _uniform(uni[:, lay.psi], -sc.bs_psi_max, sc.bs_psi_max),
         _uniform(uni[:, lay.phi_b], -sc.bs_phi_max, sc.bs_phi_max),
         _uniform(uni[:, lay.theta_b], -sc.bs_theta_max, sc.bs_theta_max),
         _uniform(uni[:, lay.kappa], sc.rician_min, sc.rician_max),
-        W,
         sc,
     )
-    if sc.codebook == "random":
-        q = torch.clamp((uni[:, lay.codes] * 2**sc.code_bits).to(torch.int64), max=2**sc.code_bits - 1)
-        codes = physics.phase_codes(q.view(B, L, N), sc.code_bits, dtype=dtype)
-    else:
-        codes = physics.dft_codes(sc, dtype=dtype, device=device).expand(B, L, N).contiguous()
 
-    # --- snapshots y_l = H diag(c_l) x_l + n_l, with x_l = sum_k a_k s_k(l) -----------------------
-    x = A.transpose(1, 2) @ s  # [B, N, L]
-    clean = (H @ (x * codes.transpose(1, 2))).transpose(1, 2)  # [B, L, M]
+    # --- snapshots y_l = H z_l + n_l -----------------------------------------------------------
+    y = (H @ z.mT).mT.contiguous()  # [B, L, M], still noiseless
     snr_db = _uniform(uni[:, lay.snr], sc.snr_db_min, sc.snr_db_max)
-    P = clean.abs().square().mean(dim=(1, 2))
+    P = torch.view_as_real(y).square().sum(dim=(1, 2, 3)) / (L * M)
     noise_var = P / 10 ** (snr_db / 10)
-    n = nor[:, lay.noise].view(B, L, M, 2)
-    y = clean + torch.complex(n[..., 0], n[..., 1]) * torch.sqrt(noise_var / 2).view(B, 1, 1).to(dtype)
+    noise = torch.view_as_complex(draws.noise.to(rd))
+    y.addcmul_(noise, torch.sqrt(noise_var / 2).view(B, 1, 1).to(dtype))
 
     nan = torch.tensor(float("nan"), dtype=rd, device=device)
     truth = Truth(
@@ -220,7 +360,8 @@ def simulate(
         noise_var=noise_var,
     )
     if with_covariance:
-        truth.covariance = source_covariance(truth, sc, dtype=dtype)
+        F = A.mT * torch.sqrt(power * active).unsqueeze(-2).to(dtype)  # [B, N, K_max], R = F F^H
+        truth.covariance = F @ F.mH
     return Scenes(y=y, H=H, codes=codes, scenario=sc, snr_db=snr_db, truth=truth)
 
 
