@@ -248,3 +248,25 @@ def test_default_scenes_give_plausible_bounds():
     scenes.truth = None
     with pytest.raises(ValueError, match="truth"):
         crb_for_scenes(scenes)
+
+
+def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
+    from risloc.crb import _fim_stochastic, _fim_stochastic_direct
+
+    sc = Scenario(k_fixed=3)
+    scenes = simulate(sc, 4, seed=5)
+    t = scenes.truth
+    a, *d = steering_jacobian(t.phi[:, :3], t.theta[:, :3], t.r[:, :3], sc)
+    vecs = torch.cat([a, *d], 1)
+    G = scenes.H.to(c128).unsqueeze(1) * scenes.codes.to(c128).unsqueeze(2)
+    V = G @ vecs.mT.unsqueeze(1)  # [S, L, M, 4K]
+    p = t.power[:, :3].double()
+    for snr in (-10.0, 20.0, 60.0):
+        s2 = _at_snr(scenes, snr)
+        Fw = _fim_stochastic(V.mH @ V, p, s2, 3, 3, sc.m_bs)
+        Fd = _fim_stochastic_direct(V, p, s2, 3, 3)
+        rel = (Fw - Fd).abs().amax((1, 2)) / Fd.abs().amax((1, 2))
+        assert (rel < 1e-9).all(), (snr, rel)
+        cw = torch.linalg.inv(Fw).diagonal(dim1=1, dim2=2)[:, :9]
+        cd = torch.linalg.inv(Fd).diagonal(dim1=1, dim2=2)[:, :9]
+        assert torch.allclose(cw, cd, rtol=1e-6), snr

@@ -66,7 +66,7 @@ from .scenario import SIGNAL_MODELS, Scenario
 
 POSITION_PARAMS = ("phi", "theta", "r")
 
-__all__ = ["CRBResult", "crb", "crb_for_scenes", "steering_jacobian", "fisher_information", "POSITION_PARAMS"]
+__all__ = ["CRBResult", "crb", "crb_for_scenes", "crb_file", "load_crb", "steering_jacobian", "fisher_information", "POSITION_PARAMS"]
 
 
 @dataclass
@@ -173,26 +173,64 @@ def steering_jacobian(
 # ---------------------------------------------------------------------------------------------
 # Fisher information
 # ---------------------------------------------------------------------------------------------
-def _projected(H: Tensor, codes: Tensor, vecs: Tensor) -> Tensor:
-    """``[S, L, M, Q]``: columns ``H diag(c_l) v_q`` for RIS-domain vectors ``vecs`` ``[S, Q, N]``."""
-    x = codes.unsqueeze(2) * vecs.unsqueeze(1)  # [S, L, Q, N]
-    return (x @ H.mT.unsqueeze(1)).mT  # [S, L, M, Q]
+def _grams(H: Tensor, codes: Tensor, vecs: Tensor) -> Tensor:
+    """Per-snapshot Gram matrices ``V_l^H V_l`` ``[S, L, Q, Q]`` of the BS-side columns
+    ``V_l = H diag(c_l) [v_1, ..., v_Q]`` for RIS-domain vectors ``vecs`` ``[S, Q, N]``.
+
+    Everything the Fisher matrices need from the measurement matrices is in these Grams.
+    """
+    S, L, N = codes.shape
+    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(S, L * H.shape[1], N)  # stacked G_l
+    V = (G @ vecs.mT).reshape(S, L, H.shape[1], -1)  # [S, L, M, Q]
+    return V.mH @ V
 
 
-def _fim_stochastic(V: Tensor, p: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
-    """Slepian–Bangs FIM over (positions [P*K], powers [K], sigma^2), ``[S, (P+1)K+1, (P+1)K+1]``."""
+def _fim_stochastic(Gm: Tensor, p: Tensor, s2: Tensor, K: int, P: int, M: int) -> Tensor:
+    """Slepian–Bangs FIM over (positions [P*K], powers [K], sigma^2), ``[S, (P+1)K+1, (P+1)K+1]``.
+
+    ``Gm`` ``[S, L, Q, Q]`` are the Grams of ``V_l = [B_l, dB_l/dxi_1, ...]`` (Q = (1+P)K). The
+    whitened products come from the Woodbury identity with ``B~ = B P^(1/2)``,
+    ``G^ = B~^H B~ + sigma^2 I_K`` (K x K) and ``X = V^H B~``::
+
+        Q   = V^H C^-1 V   = (V^H V - X G^-1 X^H) / sigma^2
+        Q2  = V^H C^-2 V   = (V^H V - X G^-1 X^H - sigma^2 X G^-2 X^H) / sigma^4
+        tr C^-2            = (M - K) / sigma^4 + tr G^-2
+
+    so no M x M matrix is formed or inverted.
+    """
+    S, L = Gm.shape[:2]
+    sp = p.clamp(min=0).sqrt().to(Gm.dtype).view(S, 1, 1, K)
+    X = Gm[..., :K] * sp  # [S, L, Q, K] = V^H B~
+    s2c = s2.view(S, 1, 1, 1)
+    Ghat = X[..., :K, :] * sp.mT + s2c * torch.eye(K, dtype=Gm.dtype, device=Gm.device)
+    chol, info = torch.linalg.cholesky_ex(Ghat)
+    if bool((info != 0).any()):  # cannot happen for sigma^2 > 0 unless the inputs are absurd
+        bad = int(torch.nonzero(info.view(S, L).any(1))[0])
+        raise ValueError(f"covariance C_l of scene {bad} is not positive definite (noise_var too small?)")
+    Y = torch.cholesky_solve(X.mH, chol)  # G^-1 X^H  [S, L, K, Q]
+    XY = X @ Y
+    Q = (Gm - XY) / s2c
+    # only the first K rows of Q2 (B^H C^-2 V) enter the FIM
+    Q2 = (Q[..., :K, :] - Y[..., :K].mH @ Y) / s2c
+    Ginv = torch.cholesky_inverse(chol)
+    trZ2 = (M - K) / s2.square() * L + Ginv.abs().square().sum((1, 2, 3))
+    return _assemble_stochastic(Q, Q2, trZ2, p, K, P)
+
+
+def _fim_stochastic_direct(V: Tensor, p: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
+    """Reference implementation of :func:`_fim_stochastic` with explicit ``C_l^-1`` (``V`` ``[S, L, M, Q]``)."""
     S, L, M, _ = V.shape
     B = V[..., :K]
     C = (B * p.view(S, 1, 1, K).to(B.dtype)) @ B.mH
     C = C + s2.view(S, 1, 1, 1) * torch.eye(M, dtype=C.dtype, device=C.device)
-    chol, info = torch.linalg.cholesky_ex(C)
-    if bool((info != 0).any()):  # cannot happen for sigma^2 > 0 unless the inputs are absurd
-        bad = int(torch.nonzero(info.view(S, L).any(1))[0])
-        raise ValueError(f"covariance C_l of scene {bad} is not positive definite (noise_var too small?)")
-    Z = torch.cholesky_inverse(chol)  # [S, L, M, M]
+    Z = torch.linalg.inv(C)
     ZV = Z @ V
-    Q = V.mH @ ZV  # [S, L, (1+P)K, (1+P)K]
-    Q2 = ZV.mH @ ZV
+    return _assemble_stochastic(V.mH @ ZV, ZV[..., :K].mH @ ZV, Z.abs().square().sum((1, 2, 3)), p, K, P)
+
+
+def _assemble_stochastic(Q: Tensor, Q2: Tensor, trZ2: Tensor, p: Tensor, K: int, P: int) -> Tensor:
+    """The Slepian–Bangs FIM from ``Q = V^H C^-1 V``, ``Q2 = B^H C^-2 V`` per snapshot and ``sum_l tr C_l^-2``."""
+    S, L = Q.shape[:2]
     Q00 = Q[..., :K, :K]
     Qa0 = Q[..., K:, :K].reshape(S, L, P, K, K)
     Q0b = Q[..., :K, K:].reshape(S, L, K, P, K)
@@ -207,9 +245,8 @@ def _fim_stochastic(V: Tensor, p: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
     diag_0a = torch.diagonal(Q2_0a.transpose(2, 3), dim1=-2, dim2=-1)  # [S, L, P, K]
     F_pos_s2 = 2 * p.view(S, 1, K) * diag_0a.real.sum(1)  # [S, P, K]
     F_pow_s2 = torch.diagonal(Q2[..., :K, :K], dim1=-2, dim2=-1).real.sum(1)  # [S, K]
-    F_s2 = Z.abs().square().sum((1, 2, 3))  # [S]
     n = (P + 1) * K + 1
-    F = torch.empty(S, n, n, dtype=torch.float64, device=V.device)
+    F = torch.empty(S, n, n, dtype=torch.float64, device=Q.device)
     pk = P * K
     F[:, :pk, :pk] = F_pos.reshape(S, pk, pk)
     F[:, :pk, pk : pk + K] = F_pos_pow.reshape(S, pk, K)
@@ -219,17 +256,22 @@ def _fim_stochastic(V: Tensor, p: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
     F[:, -1, :pk] = F_pos_s2.reshape(S, pk)
     F[:, pk : pk + K, -1] = F_pow_s2
     F[:, -1, pk : pk + K] = F_pow_s2
-    F[:, -1, -1] = F_s2
+    F[:, -1, -1] = trZ2
     return F
 
 
-def _fim_static(V: Tensor, g: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
-    """Deterministic-signal FIM over (positions [P*K], Re g [K], Im g [K]), ``[S, (P+2)K, (P+2)K]``."""
-    S = V.shape[0]
-    Gram = (V.mH @ V).sum(1)  # [S, (1+P)K, (1+P)K] = sum_l V_l^H V_l
+def _fim_static(Gm: Tensor, g: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
+    """Deterministic-signal FIM over (positions [P*K], Re g [K], Im g [K]), ``[S, (P+2)K, (P+2)K]``.
+
+    ``FIM = (2/sigma^2) Re(T^H (sum_l V_l^H V_l) T)`` where T maps the real parameters to the
+    columns of ``V_l = [B_l, dB_l/dxi_1, ...]`` (``dmu_l/dxi_k = dB_l/dxi e_k g_k``, ``dmu_l/dRe g_k = b_l,k``,
+    ``dmu_l/dIm g_k = j b_l,k``).
+    """
+    S = Gm.shape[0]
+    Gram = Gm.sum(1)  # [S, (1+P)K, (1+P)K] = sum_l V_l^H V_l
     n = (P + 2) * K
-    T = torch.zeros(S, (1 + P) * K, n, dtype=V.dtype, device=V.device)
-    idx = torch.arange(K, device=V.device)
+    T = torch.zeros(S, (1 + P) * K, n, dtype=Gm.dtype, device=Gm.device)
+    idx = torch.arange(K, device=Gm.device)
     for a in range(P):  # position columns: dB/dxi_a diag(g)
         T[:, (1 + a) * K + idx, a * K + idx] = g
     T[:, idx, P * K + idx] = 1
@@ -270,14 +312,14 @@ def fisher_information(
     a, *ders = steering_jacobian(phi, theta, r, scenario)
     vecs = torch.cat([a] + [ders[POSITION_PARAMS.index(q)] for q in params], dim=1)  # [S, (1+P)K, N]
     vecs = vecs * mask.repeat(1, 1 + len(params)).unsqueeze(-1)
-    V = _projected(H.to(torch.complex128), codes.to(device=dev, dtype=torch.complex128), vecs)
+    Gm = _grams(H.to(torch.complex128), codes.to(device=dev, dtype=torch.complex128), vecs)
     if signal == "stochastic":
-        return _fim_stochastic(V, power * mask, noise_var, K, len(params))
+        return _fim_stochastic(Gm, power * mask, noise_var, K, len(params), H.shape[1])
     if signal == "static":
         if gain is None:
             gain = torch.sqrt(torch.clamp(power, min=0))
         g = gain.to(device=dev, dtype=torch.complex128) * mask
-        return _fim_static(V, g, noise_var, K, len(params))
+        return _fim_static(Gm, g, noise_var, K, len(params))
     raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
 
 
@@ -328,7 +370,7 @@ def crb(
     gain: Tensor | None = None,
     params: Sequence[str] = POSITION_PARAMS,
     full: bool = False,
-    batch: int = 512,
+    batch: int | None = None,
     rcond: float = 1e-12,
 ) -> CRBResult:
     """Square-root Cramér–Rao bounds on (phi, theta, r) of every source of every scene.
@@ -346,7 +388,8 @@ def crb(
         params: which position parameters are unknown (the others are treated as known and
             reported as NaN), e.g. ``("phi",)`` for a direction-only bound.
         full: also return the position block of FIM^-1 (``position_cov``).
-        batch: scenes per vectorised step (bounds memory; ~0.4 MB per scene at K_max = 5).
+        batch: scenes per vectorised step (bounds memory, ~1 MB per scene at K = 5); default
+            256 on CPU, 2048 on other devices.
         rcond: relative eigenvalue threshold of the equilibrated FIM below which a direction
             counts as unidentifiable (bound ``inf``).
 
@@ -393,47 +436,44 @@ def crb(
     p_s = torch.where(active, power, zero)
     g_s = None if gain is None else torch.where(active, gain, torch.zeros((), dtype=gain.dtype, device=dev))
 
+    s2_s = torch.where(active.any(1), noise_var, torch.ones((), dtype=torch.float64, device=dev))
+
+    # Scenes sorted by K so that each vectorised chunk uses (nearly) only the slots it needs.
     P = len(params)
-    outs = []
-    for a in range(0, S, max(1, int(batch))):
-        sl = slice(a, min(S, a + max(1, int(batch))))
-        Kc = int(K[sl].max()) if sl.stop > sl.start else 0
-        Kc = max(Kc, 1)  # compute with the chunk's largest K (fewer slots when all scenes are small)
+    step = max(1, int(batch if batch is not None else (256 if dev.type == "cpu" else 2048)))
+    order = torch.argsort(K, stable=True)
+    K_sorted = K[order].tolist()
+    sd = torch.full((S, P, K_max), math.nan, dtype=torch.float64, device=dev)
+    regular = torch.ones(S, dtype=torch.bool, device=dev)
+    cov = torch.full((S, P, K_max, P, K_max), math.nan, dtype=torch.float64, device=dev) if full else None
+    for a in range(0, S, step):
+        ix = order[a : a + step]
+        Kc = max(1, max(K_sorted[a : a + step]))
+        act = active[ix, :Kc]
         F = fisher_information(
-            H[sl], codes[sl], phi_s[sl, :Kc], theta_s[sl, :Kc], r_s[sl, :Kc], p_s[sl, :Kc], noise_var[sl],
-            scenario, signal=signal, active=active[sl, :Kc], gain=None if g_s is None else g_s[sl, :Kc], params=params,
+            H[ix], codes[ix], phi_s[ix, :Kc], theta_s[ix, :Kc], r_s[ix, :Kc], p_s[ix, :Kc], s2_s[ix],
+            scenario, signal=signal, active=act, gain=None if g_s is None else g_s[ix, :Kc], params=params,
         )
-        n = F.shape[-1]
-        unused = torch.zeros(F.shape[0], n, dtype=torch.bool, device=dev)
-        inact = ~active[sl, :Kc]
-        nuis = 1 if signal == "stochastic" else 2
-        for b in range(P + nuis):
-            unused[:, b * Kc : (b + 1) * Kc] = inact
-        inv, ident, regular = _invert(F, unused, rcond)
+        blocks = P + (1 if signal == "stochastic" else 2)  # per-source parameter blocks (sigma^2 last)
+        unused = torch.zeros(F.shape[0], F.shape[-1], dtype=torch.bool, device=dev)
+        unused[:, : blocks * Kc] = (~act).repeat(1, blocks)
+        inv, ident, reg = _invert(F, unused, rcond)
+        regular[ix] = reg
         var = torch.diagonal(inv, dim1=-2, dim2=-1)[:, : P * Kc].reshape(-1, P, Kc)
-        sd = torch.where(ident[:, : P * Kc].reshape(-1, P, Kc), var.clamp(min=0).sqrt(), torch.full_like(var, math.inf))
-        sd = torch.where(active[sl, :Kc].unsqueeze(1), sd, torch.full_like(sd, math.nan))
-        sd_full = torch.full((sd.shape[0], P, K_max), math.nan, dtype=torch.float64, device=dev)
-        sd_full[..., :Kc] = sd
-        cov = None
+        okp = ident[:, : P * Kc].reshape(-1, P, Kc)
+        sdc = torch.where(okp, var.clamp(min=0).sqrt(), torch.full_like(var, math.inf))
+        sd[ix, :, :Kc] = torch.where(act.unsqueeze(1), sdc, torch.full_like(sdc, math.nan))
         if full:
             blk = inv[:, : P * Kc, : P * Kc].reshape(-1, P, Kc, P, Kc)
-            okp = ident[:, : P * Kc].reshape(-1, P, Kc)
             blk = torch.where(okp.view(-1, P, Kc, 1, 1) & okp.view(-1, 1, 1, P, Kc), blk, torch.full_like(blk, math.inf))
-            act = active[sl, :Kc]
             blk = torch.where(act.view(-1, 1, Kc, 1, 1) & act.view(-1, 1, 1, 1, Kc), blk, torch.full_like(blk, math.nan))
-            cov = torch.full((blk.shape[0], P, K_max, P, K_max), math.nan, dtype=torch.float64, device=dev)
-            cov[:, :, :Kc, :, :Kc] = blk
-            cov = cov.reshape(-1, P * K_max, P * K_max)
-        outs.append((sd_full, regular, cov))
+            cov[ix, :, :Kc, :, :Kc] = blk
 
-    sd = torch.cat([o[0] for o in outs])
     nan = torch.full((S, K_max), math.nan, dtype=torch.float64, device=dev)
     res = {q: (sd[:, params.index(q)] if q in params else nan.clone()) for q in POSITION_PARAMS}
     return CRBResult(
-        phi=res["phi"], theta=res["theta"], r=res["r"],
-        regular=torch.cat([o[1] for o in outs]),
-        position_cov=torch.cat([o[2] for o in outs]) if full else None,
+        phi=res["phi"], theta=res["theta"], r=res["r"], regular=regular,
+        position_cov=cov.reshape(S, P * K_max, P * K_max) if full else None,
         signal=signal, params=params,
     )
 
@@ -473,3 +513,131 @@ def crb_for_scenes(scenes, signal: str | None = None, **options) -> CRBResult:
         scenes.H, scenes.codes, t.phi, t.theta, t.r, t.power, t.noise_var, scenes.scenario,
         signal=signal or scenes.scenario.signal, K=t.K, **options,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# CRB files
+# ---------------------------------------------------------------------------------------------
+CRB_CONTENT = "crb"
+"""Root attribute ``content`` of a CRB file (``format``/``version``/``scenario`` are the scene file's)."""
+
+
+def crb_file(
+    scenes_path,
+    out_path,
+    *,
+    signal: str | None = None,
+    device="cpu",
+    batch: int = 4096,
+    progress: bool = True,
+    **options,
+) -> int:
+    """Compute the CRB of every scene of a scene file and write a CRB file; returns the scene count.
+
+    Reads ``scenes_path`` in chunks of ``batch`` scenes through :mod:`risloc.io` (validated
+    first; the ``truth/`` group is required) and writes ``crb/phi``, ``crb/theta``, ``crb/r``
+    (float32 ``[S, K_max]``, standard deviations in rad / m, NaN padded, ``inf`` where
+    unidentifiable) and ``crb/regular`` (int8 ``[S]``, 1 where the FIM was full rank). The root
+    attributes ``format``, ``version`` and ``scenario`` are copied from the scene file, plus
+    ``content = "crb"``, ``signal`` and ``scenes`` (the scene file's name). The file is written
+    under a temporary name in the same folder and renamed when complete.
+    """
+    import os
+    from pathlib import Path
+
+    import h5py
+
+    from . import io
+
+    scenes_path, out_path = Path(scenes_path), Path(out_path)
+    io.validate_scenes_file(scenes_path)
+    with h5py.File(scenes_path, "r") as f:
+        attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
+        if "truth" not in f:
+            raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
+        for name in ("K", "phi", "theta", "r", "power", "noise_var"):
+            if f"truth/{name}" not in f:
+                raise ValueError(f"{scenes_path}: missing dataset truth/{name} (needed for the CRB)")
+        S, K_max = f["truth/phi"].shape
+    scenario = Scenario.from_json(_as_str(attrs.get("scenario", "{}")))
+    signal = signal or scenario.signal
+    if signal not in SIGNAL_MODELS:
+        raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
+    batch = max(1, int(batch))
+
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    bar = None
+    try:
+        with h5py.File(tmp, "w") as out:
+            for k, v in attrs.items():
+                out.attrs[k] = v
+            out.attrs["content"] = CRB_CONTENT
+            out.attrs["signal"] = signal
+            out.attrs["scenes"] = scenes_path.name
+            chunks = (min(S, 4096), K_max)
+            ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
+            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(min(S, 65536),))
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=S, unit="scene", desc=f"crb ({signal})")
+            start = 0
+            for scenes in io.iter_scenes(scenes_path, batch):
+                n = len(scenes)
+                res = crb_for_scenes(scenes.to(device), signal=signal, **options)
+                for q in POSITION_PARAMS:
+                    ds[q][start : start + n] = getattr(res, q).float().cpu().numpy()
+                ds_reg[start : start + n] = res.regular.to(torch.int8).cpu().numpy()
+                start += n
+                if bar is not None:
+                    bar.update(n)
+            if start != S:
+                raise ValueError(f"{scenes_path}: read {start} scenes, truth/phi has {S}")
+        os.replace(tmp, out_path)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp.exists():
+            tmp.unlink()
+    return S
+
+
+def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> CRBResult:
+    """Read a CRB file written by :func:`crb_file` (``risloc crb``) as a :class:`CRBResult`.
+
+    Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
+    has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
+    """
+    import os
+
+    import h5py
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CRB file {str(path)!r} not found")
+    with h5py.File(path, "r") as f:
+        if "crb" not in f:
+            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
+        content = _as_str(f.attrs.get("content", CRB_CONTENT))
+        if content != CRB_CONTENT:
+            raise ValueError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
+        vals = {}
+        shape = None
+        for q in POSITION_PARAMS:
+            if f"crb/{q}" not in f:
+                raise ValueError(f"{path}: missing dataset crb/{q}")
+            d = f[f"crb/{q}"]
+            if d.ndim != 2 or (shape is not None and d.shape != shape):
+                raise ValueError(f"{path}: crb/{q} has shape {list(d.shape)}, expected [S, K_max] like crb/phi")
+            shape = d.shape
+            vals[q] = torch.from_numpy(d[start:stop]).to(device)
+        n = vals["phi"].shape[0]
+        if "crb/regular" in f:
+            regular = torch.from_numpy(f["crb/regular"][start:stop]).to(device=device, dtype=torch.bool)
+        else:
+            regular = torch.ones(n, dtype=torch.bool, device=device)
+        signal = _as_str(f.attrs.get("signal", "stochastic"))
+    return CRBResult(phi=vals["phi"], theta=vals["theta"], r=vals["r"], regular=regular, signal=signal)
+
+
+def _as_str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
