@@ -378,7 +378,7 @@ def test_read_crb_file(tmp_path):
 
     _, _, cp, scenes = _write_files(tmp_path)
     crb = read_crb(str(cp), len(scenes))
-    assert crb["phi"].shape == (4, 5)
+    assert tuple(crb.phi.shape) == (4, 5)
     with pytest.raises(ValueError, match="scene file has 3"):
         read_crb(str(cp), 3)
 

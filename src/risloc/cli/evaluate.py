@@ -29,36 +29,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def read_crb(path: str, n_scenes: int) -> dict:
-    """``{"phi", "theta", "r"}`` numpy arrays ``[S, K_max]`` from a CRB file, validated."""
-    import h5py
-    import numpy as np
+def read_crb(path: str, n_scenes: int):
+    """The CRB file (as written by ``risloc crb``) through :func:`risloc.crb.load_crb`, checked
+    to hold ``n_scenes`` scenes."""
+    from risloc.crb import load_crb
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CRB file {path!r} not found")
-    out = {}
-    with h5py.File(path, "r") as f:
-        if "crb" not in f:
-            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
-        shape = None
-        for name in ("phi", "theta", "r"):
-            key = f"crb/{name}"
-            if key not in f:
-                raise ValueError(f"{path}: missing dataset {key}")
-            a = np.asarray(f[key][()], dtype=np.float64)
-            if a.ndim != 2:
-                raise ValueError(f"{path}: {key} must have shape [S, K_max], got {list(a.shape)}")
-            if a.shape[0] != n_scenes:
-                raise ValueError(f"{path}: {key} has {a.shape[0]} scenes but the scene file has {n_scenes}")
-            if shape is not None and a.shape != shape:
-                raise ValueError(f"{path}: {key} has shape {list(a.shape)}, crb/phi has {list(shape)}")
-            shape = a.shape
-            bad = a < 0
-            if bad.any():
-                s, k = np.argwhere(bad)[0]
-                raise ValueError(f"{path}: {key} of scene {s}, source {k} is negative ({a[s, k]})")
-            out[name] = a
-    return out
+    crb = load_crb(path)
+    if len(crb) != n_scenes:
+        raise ValueError(f"{path}: crb/phi has {len(crb)} scenes but the scene file has {n_scenes}")
+    return crb
 
 
 def run(args: argparse.Namespace) -> int:
