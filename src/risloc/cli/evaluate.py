@@ -1,9 +1,9 @@
 """`risloc evaluate SCENES EST [--crb CRBFILE] [--json PATH|-]`: score estimates against the truth.
 
-Prints the Markdown tables of :mod:`risloc.metrics` (overall, per SNR bin, per true K);
-``--json PATH`` also writes them as JSON, ``--json -`` writes only the JSON, to stdout.
-The optional CRB file holds ``crb/phi``, ``crb/theta``, ``crb/r`` (float ``[S, K_max]``,
-standard deviations in rad / m, NaN padded).
+Prints the Markdown tables of risloc.metrics (overall, per SNR bin, per true K);
+--json PATH also writes them as JSON, --json - writes only the JSON, to stdout.
+The optional CRB file (as written by `risloc crb`) holds crb/phi, crb/theta, crb/r
+(float [S, K_max], standard deviations in rad / m, NaN padded). Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
