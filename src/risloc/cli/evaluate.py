@@ -43,18 +43,19 @@ def read_crb(path: str, n_scenes: int):
 def run(args: argparse.Namespace) -> int:
     from risloc import io, metrics
 
-    scenes = io.load_scenes(args.scenes)
-    if scenes.truth is None:
+    info = io.scenes_file_info(args.scenes)  # header and shapes only: fail fast on the cheap checks
+    if not info.has_truth:
         raise ValueError(f"{args.scenes}: no truth/ group; a file without truth cannot be scored")
     est = io.load_estimates(args.est)
-    n_s, n_e = len(scenes.truth), len(est)
+    n_s, n_e = info.n_scenes, len(est)
     if n_s != n_e:
         raise ValueError(
             f"scene counts differ: {args.scenes} has {n_s} scenes, {args.est} has {n_e}; "
             "estimates must be for the same scenes, in the same order"
         )
+    truth, snr_db = _read_truth(io, args.scenes)
     crb = read_crb(args.crb, n_s) if args.crb else None
-    result = metrics.score(scenes.truth, est, snr_db=scenes.snr_db, crb=crb, bins_db=args.bins_db)
+    result = metrics.score(truth, est, snr_db=snr_db, crb=crb, bins_db=args.bins_db)
 
     if args.json == "-":
         sys.stdout.write(_json(result, args, est) + "\n")
@@ -67,6 +68,24 @@ def run(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.json, _json(result, args, est) + "\n")
     return 0
+
+
+def _read_truth(io, path: str):
+    """Truth and nominal SNR of a scene file, validated and streamed in chunks of 1024 scenes
+    (about 40 MB of inputs each); only the truth and the SNR are kept, so files of 10^6 scenes
+    fit in memory."""
+    import torch
+
+    from risloc.scenes import Truth
+
+    truths, snrs = [], []
+    for chunk in io.iter_scenes(path, chunk=1024):
+        truths.append(chunk.truth)
+        snrs.append(chunk.snr_db)
+    if not truths:
+        raise ValueError(f"{path}: no scenes")
+    snr = None if any(s is None for s in snrs) else torch.cat(snrs)
+    return Truth.cat(truths), snr
 
 
 def _json(result, args, est) -> str:
