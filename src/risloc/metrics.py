@@ -21,7 +21,7 @@ and errors taken as estimate minus truth (Delta phi wrapped to (-pi, pi]):
 
 Everything is reported overall, per SNR bin of ``bins_db`` (edges at multiples of ``bins_db``)
 and per true K; :meth:`Score.subset` gives any SNR range. Scoring runs on CPU in float64
-(inputs on any device are copied there); 10^5 scenes of K_max = 5 take well under a second.
+(inputs on any device are copied there); 10^5 scenes of K_max = 5 take about a second.
 
 >>> s = score(scenes.truth, est, snr_db=scenes.snr_db)      # doctest: +SKIP
 >>> print(s.format_table()); s.subset(10, 20).overall.success  # doctest: +SKIP
@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
