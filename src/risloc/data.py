@@ -1,0 +1,173 @@
+"""PyTorch datasets over scene files and over freshly simulated scenes.
+
+* :class:`SceneFileDataset` — map-style, over one scene file. ``ds[i]`` is scene i,
+  ``ds[a:b]`` or ``ds[[i, j, ...]]`` a batch, always as a :class:`~risloc.scenes.Scenes`.
+  Batches are read with one HDF5 read per dataset (a slice, or the bounding slice of the
+  sorted indices when it is at most ``4 x`` the batch, else a sorted fancy read), so let
+  the sampler produce *batches* of indices::
+
+      from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+      ds = SceneFileDataset("scenes.h5")
+      loader = DataLoader(ds, batch_size=None, num_workers=2,
+                          sampler=BatchSampler(RandomSampler(ds), batch_size=256, drop_last=False))
+      for scenes in loader: ...          # Scenes of 256 scenes each
+
+  The file is validated once when the dataset is made (streaming); each worker opens its
+  own read-only handle.
+
+* :class:`SimulatedScenes` — an endless (or bounded) ``IterableDataset`` of freshly
+  simulated batches: batch b holds scenes ``[start + b B, start + (b+1) B)`` of the
+  stream ``seed``. To resume training, make a new one with ``start`` = the number of
+  scenes already consumed (:attr:`SimulatedScenes.position` after iterating in the main
+  process). With DataLoader workers, worker w takes batches w, w + W, w + 2W, ...; use
+  ``batch_size=None`` on the DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from . import io
+from .scenario import Scenario
+from .scenes import Scenes, Truth
+from .simulate import RNG_BLOCK, simulate
+
+
+class SceneFileDataset(Dataset):
+    """Map-style dataset over a scene file; items and batches are :class:`Scenes` (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike, *, device="cpu", validate: bool = True):
+        self.path = Path(path)
+        self.info = io.validate_scenes_file(self.path) if validate else io.scenes_file_info(self.path)
+        self.device = device
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.info.scenario
+
+    def __len__(self) -> int:
+        return self.info.n_scenes
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():  # one handle per process (DataLoader workers)
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_file"] = state["_pid"] = None
+        return state
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> Scenes:
+        S = len(self)
+        if isinstance(index, slice):
+            a, b, step = index.indices(S)
+            if step != 1:
+                return self[list(range(a, b, step))]
+            return io._read(self._h5(), self.info, a, b, self.device)
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (S if index < 0 else 0)
+            if not 0 <= i < S:
+                raise IndexError(f"scene {index} out of range for {S} scenes in {self.path}")
+            return io._read(self._h5(), self.info, i, i + 1, self.device)
+        return self._gather(index)
+
+    def _gather(self, indices: Sequence[int]) -> Scenes:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        S = len(self)
+        if len(idx) == 0:
+            raise IndexError("empty index list")
+        idx = np.where(idx < 0, idx + S, idx)
+        if idx.min() < 0 or idx.max() >= S:
+            raise IndexError(f"scene index out of range for {S} scenes in {self.path}")
+        order = np.argsort(idx, kind="stable")
+        uniq, inverse = np.unique(idx[order], return_inverse=True)
+        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+        if hi - lo <= 4 * len(uniq):  # one contiguous read, then pick the rows
+            block = io._read(self._h5(), self.info, lo, hi, "cpu")
+            rows = torch.from_numpy(uniq - lo)
+        else:  # sorted fancy read
+            block = self._fancy(uniq)
+            rows = torch.arange(len(uniq))
+        back = np.empty_like(order)
+        back[order] = inverse  # position in `uniq` of each requested index, in request order
+        return block[rows[torch.from_numpy(back)]].to(self.device)
+
+    def _fancy(self, sorted_unique: np.ndarray) -> Scenes:
+        f, info = self._h5(), self.info
+        sel = sorted_unique.tolist()
+
+        def get(name, dtype):
+            return torch.from_numpy(np.ascontiguousarray(f[name][sel])).to(dtype)
+
+        truth = None
+        if info.has_truth:
+            truth = Truth(
+                K=get("truth/K", torch.int64),
+                **{q: get(f"truth/{q}", torch.float32) for q in io.TRUTH_PER_SOURCE},
+                noise_var=get("truth/noise_var", torch.float32),
+            )
+        return Scenes(
+            y=get("y", torch.complex64),
+            H=get("H", torch.complex64),
+            codes=get("codes", torch.complex64),
+            scenario=info.scenario,
+            snr_db=get("snr_db", torch.float32) if info.has_snr else None,
+            truth=truth,
+        )
+
+
+class SimulatedScenes(IterableDataset):
+    """Endless stream of simulated batches (see module doc). ``stop`` (a scene index) bounds it.
+
+    Batches aligned to :data:`~risloc.simulate.RNG_BLOCK` (a ``batch_size`` that divides or is
+    a multiple of it, with an aligned ``start``) simulate no scene twice.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario | None = None,
+        batch_size: int = RNG_BLOCK,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        stop: int | None = None,
+        device="cpu",
+        dtype: torch.dtype = torch.complex64,
+        with_covariance: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+        self.scenario = scenario if scenario is not None else Scenario()
+        self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
+        self.device, self.dtype, self.with_covariance = device, dtype, with_covariance
+        self.position = start
+        """Index of the first scene not yet yielded (main-process iteration only)."""
+
+    def __iter__(self) -> Iterator[Scenes]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = worker
+        while True:
+            a = self.start + b * self.batch_size
+            n = self.batch_size if self.stop is None else min(self.batch_size, self.stop - a)
+            if n <= 0:
+                return
+            scenes = simulate(
+                self.scenario, n, seed=self.seed, start=a, device=self.device, dtype=self.dtype, with_covariance=self.with_covariance
+            )
+            self.position = a + n
+            yield scenes
+            b += workers

@@ -1,0 +1,525 @@
+"""Scene and estimates files: HDF5 exactly per shared/spec/scene-file.md (contract v1).
+
+Layout of a scene file (S scenes; L snapshots, M BS antennas, N RIS elements, K_max)::
+
+    attrs: format = "risloc-scenes", version = 1, scenario = <JSON of every Scenario field>
+    y [S, L, M] complex64     H [S, M, N] complex64     codes [S, L, N] complex64
+    snr_db [S] float32 (optional)
+    truth/ (optional): K [S] int32; phi, theta, r, power [S, K_max] float32 (NaN after the
+                       first K); noise_var [S] float32
+
+An estimates file has ``format = "risloc-estimates"``, the same ``version`` and ``scenario``,
+a root attribute ``method`` and ``est/K`` [S] int32, ``est/phi``, ``est/theta``, ``est/r``
+[S, K_max] float32 (NaN after the first K-hat).
+
+Complex numbers are the HDF5 compound ``{r, i}`` that h5py writes for numpy complex64.
+Datasets are chunked along the scene axis and resizable, so files of 10^6 scenes are
+written and read chunk by chunk.
+
+Writers (:class:`ScenesWriter`, :func:`save_scenes`, :func:`save_estimates`) write to a
+temporary name in the destination folder and rename on success; after an exception the
+temporary file is deleted, so no truncated file ever carries the final name.
+
+Readers validate first (:func:`validate_scenes_file`, :func:`validate_estimates_file`),
+streaming through the file, and refuse with a ``ValueError`` that names the dataset and,
+where it applies, the scene index.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from .scenario import Scenario
+from .scenes import Estimates, Scenes, Truth
+
+SCENES_FORMAT = "risloc-scenes"
+ESTIMATES_FORMAT = "risloc-estimates"
+VERSION = 1
+
+INPUTS = ("y", "H", "codes")
+TRUTH_PER_SOURCE = ("phi", "theta", "r", "power")
+EST_PER_SOURCE = ("phi", "theta", "r")
+
+CHUNK_BYTES = 1 << 20
+"""Target size of one HDF5 chunk (scenes per chunk = CHUNK_BYTES / bytes per scene of the dataset)."""
+
+READ_CHUNK = 4096
+"""Scenes per read when validating or streaming."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Expected layout
+# ------------------------------------------------------------------------------------------------
+def _input_shapes(sc: Scenario) -> dict[str, tuple[int, ...]]:
+    """Per-scene shape of each input dataset."""
+    return {"y": (sc.snapshots, sc.m_bs), "H": (sc.m_bs, sc.n_elements), "codes": (sc.snapshots, sc.n_elements)}
+
+
+def _rows_per_chunk(row_shape: tuple[int, ...], itemsize: int) -> int:
+    """Scenes per HDF5 chunk: the largest power of two that keeps a chunk within CHUNK_BYTES
+    (powers of two keep writes of RNG-block-aligned chunks aligned to HDF5 chunks)."""
+    rows = max(1, CHUNK_BYTES // max(1, itemsize * math.prod(row_shape)))
+    return 1 << (rows.bit_length() - 1)
+
+
+@dataclass
+class FileInfo:
+    """What validation learnt about a file: its scenario, scene count and optional parts."""
+
+    path: Path
+    scenario: Scenario
+    n_scenes: int
+    has_snr: bool = False
+    has_truth: bool = False
+    method: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers
+# ------------------------------------------------------------------------------------------------
+class _AtomicH5:
+    """An HDF5 file opened under a temporary name in the destination folder, renamed on commit."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"folder {self.path.parent} does not exist (for {self.path})")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        try:
+            self.file = h5py.File(self.tmp, "w")
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    return t.detach().to("cpu").numpy().astype(dtype, copy=False)
+
+
+class ScenesWriter:
+    """Append :class:`~risloc.scenes.Scenes` chunks to a scene file, atomically.
+
+    >>> with ScenesWriter("scenes.h5", scenario) as w:          # doctest: +SKIP
+    ...     for chunk in simulate_chunks(scenario, 10**6, chunk=8192):
+    ...         w.write(chunk)
+
+    The file lives under a temporary name (``.<name>.<random>.tmp`` in the same folder)
+    until the ``with`` block ends normally; then it is renamed to ``path``. If the block
+    raises, the temporary file is deleted and ``path`` is left as it was. Whether
+    ``snr_db`` and ``truth/`` are written is fixed by the first chunk; later chunks must
+    agree (and have the same scenario). ``expected`` (optional) pre-sizes the datasets.
+    """
+
+    def __init__(self, path: str | os.PathLike, scenario: Scenario | None = None, *, expected: int | None = None):
+        self.path = Path(path)
+        self.scenario = scenario
+        self.expected = expected
+        self.n_scenes = 0
+        self._h5: _AtomicH5 | None = None
+        self._has_snr: bool | None = None
+        self._has_truth: bool | None = None
+
+    # --- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "ScenesWriter":
+        self._h5 = _AtomicH5(self.path)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def close(self) -> None:
+        """Finish the file and give it its final name (writes an empty file if nothing was written)."""
+        if self._h5 is None:
+            return
+        try:
+            if self._has_snr is None:  # nothing written: an empty but valid file
+                self._create(self.scenario or Scenario(), snr=False, truth=False)
+            self._resize(self.n_scenes)
+        except BaseException:
+            self.abort()
+            raise
+        self._h5.commit()
+        self._h5 = None
+
+    def abort(self) -> None:
+        """Drop the temporary file; the final name is not touched."""
+        if self._h5 is not None:
+            self._h5.abort()
+            self._h5 = None
+
+    # --- writing -------------------------------------------------------------------------------
+    def _create(self, sc: Scenario, *, snr: bool, truth: bool) -> None:
+        f = self._h5.file
+        f.attrs["format"] = SCENES_FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["scenario"] = sc.to_json()
+        size = self.expected or 0
+        specs = {name: (shape, np.complex64) for name, shape in _input_shapes(sc).items()}
+        if snr:
+            specs["snr_db"] = ((), np.float32)
+        if truth:
+            specs["truth/K"] = ((), np.int32)
+            specs.update({f"truth/{q}": ((sc.k_max,), np.float32) for q in TRUTH_PER_SOURCE})
+            specs["truth/noise_var"] = ((), np.float32)
+        for name, (shape, dtype) in specs.items():
+            rows = _rows_per_chunk(shape, np.dtype(dtype).itemsize)
+            f.create_dataset(name, shape=(size, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
+        self.scenario, self._has_snr, self._has_truth = sc, snr, truth
+
+    def _resize(self, n: int) -> None:
+        f = self._h5.file
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and obj.shape[0] != n:
+                obj.resize(n, axis=0)
+
+        f.visititems(visit)
+
+    def write(self, scenes: Scenes) -> None:
+        """Append a chunk of scenes (any device, complex64/128; stored as complex64/float32/int32)."""
+        if self._h5 is None:
+            raise ValueError("ScenesWriter.write outside its 'with' block (or after close)")
+        sc = scenes.scenario
+        if self._has_snr is None:
+            self._create(self.scenario or sc, snr=scenes.snr_db is not None, truth=scenes.truth is not None)
+        if sc != self.scenario:
+            raise ValueError(f"{self.path}: a chunk has a different scenario than the file ({sc} vs {self.scenario})")
+        if (scenes.snr_db is not None) != self._has_snr or (scenes.truth is not None) != self._has_truth:
+            raise ValueError(f"{self.path}: every chunk must have snr_db/truth if the first one has them, and only then")
+        n, a = len(scenes), self.n_scenes
+        if n == 0:
+            return
+        f = self._h5.file
+        if f["y"].shape[0] < a + n:
+            self._resize(a + n)
+        f["y"][a : a + n] = _np(scenes.y, np.complex64)
+        f["H"][a : a + n] = _np(scenes.H, np.complex64)
+        f["codes"][a : a + n] = _np(scenes.codes, np.complex64)
+        if self._has_snr:
+            f["snr_db"][a : a + n] = _np(scenes.snr_db, np.float32)
+        if self._has_truth:
+            t = scenes.truth
+            f["truth/K"][a : a + n] = _np(t.K, np.int32)
+            for q in TRUTH_PER_SOURCE:
+                f[f"truth/{q}"][a : a + n] = _np(getattr(t, q), np.float32)
+            f["truth/noise_var"][a : a + n] = _np(t.noise_var, np.float32)
+        self.n_scenes = a + n
+
+
+def save_scenes(scenes: Scenes, path: str | os.PathLike) -> None:
+    """Write ``scenes`` (inputs, optional snr_db and truth) to ``path`` atomically."""
+    with ScenesWriter(path, scenes.scenario, expected=len(scenes)) as w:
+        w.write(scenes)
+
+
+def save_estimates(est: Estimates, path: str | os.PathLike, scenario: Scenario) -> None:
+    """Write an estimates file (``est/K``, ``est/phi|theta|r``, attribute ``method``) atomically.
+
+    Position arrays narrower than ``scenario.k_max`` are NaN-padded; wider ones are accepted
+    only if the extra columns are all NaN.
+    """
+    K_max = scenario.k_max
+    K = _np(est.K, np.int32)
+    if K.ndim != 1:
+        raise ValueError(f"est/K: expected shape [S], got {list(K.shape)}")
+    S = len(K)
+    bad = np.nonzero((K < 0) | (K > K_max))[0]
+    if len(bad):
+        raise ValueError(f"est/K: scene {bad[0]} has K-hat = {K[bad[0]]}, outside 0..k_max={K_max}")
+    arrays = {}
+    for q in EST_PER_SOURCE:
+        a = _np(getattr(est, q), np.float32)
+        if a.ndim != 2 or a.shape[0] != S:
+            raise ValueError(f"est/{q}: expected shape [{S}, k], got {list(a.shape)}")
+        if a.shape[1] > K_max:
+            extra = np.nonzero(~np.isnan(a[:, K_max:]).all(1))[0]
+            if len(extra):
+                raise ValueError(f"est/{q}: scene {extra[0]} has more than k_max={K_max} positions")
+            a = a[:, :K_max]
+        elif a.shape[1] < K_max:
+            a = np.concatenate([a, np.full((S, K_max - a.shape[1]), np.nan, np.float32)], axis=1)
+        arrays[q] = np.ascontiguousarray(a)
+    h5 = _AtomicH5(path)
+    try:
+        f = h5.file
+        f.attrs["format"] = ESTIMATES_FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["scenario"] = scenario.to_json()
+        f.attrs["method"] = est.method or ""
+        rows = _rows_per_chunk((K_max,), 4)
+        f.create_dataset("est/K", data=K, maxshape=(None,), chunks=(max(1, min(S, rows * K_max)),))
+        for q, a in arrays.items():
+            f.create_dataset(f"est/{q}", data=a, maxshape=(None, K_max), chunks=(max(1, min(S, rows)), K_max))
+    except BaseException:
+        h5.abort()
+        raise
+    h5.commit()
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+def _header(f: h5py.File, path: Path, fmt: str) -> Scenario:
+    """Check the root attributes and return the scenario."""
+
+    def attr(name):
+        if name not in f.attrs:
+            raise ValueError(f"{path}: root attribute '{name}' is missing (not a {fmt} file)")
+        v = f.attrs[name]
+        v = v.item() if isinstance(v, np.generic) else v
+        return v.decode() if isinstance(v, bytes) else v
+
+    got = attr("format")
+    if got != fmt:
+        raise ValueError(f"{path}: attribute 'format' is {got!r}, expected {fmt!r}")
+    version = attr("version")
+    try:
+        ok = int(version) == VERSION and float(version) == VERSION
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path}: attribute 'version' is {version!r}; this reader knows version {VERSION}")
+    text = attr("scenario")
+    try:
+        return Scenario.from_json(str(text))
+    except ValueError as exc:  # JSONDecodeError is a ValueError too
+        raise ValueError(f"{path}: attribute 'scenario' is not a valid scenario: {exc}") from None
+
+
+def _dataset(f: h5py.File, path: Path, name: str, row_shape: tuple[int, ...], kind: str, n: int | None) -> h5py.Dataset:
+    """The dataset ``name`` with shape ``[n, *row_shape]`` and dtype kind ``kind`` ('c', 'f' or 'i')."""
+    if name not in f or not isinstance(f[name], h5py.Dataset):
+        raise ValueError(f"{path}: dataset '{name}' is missing")
+    ds = f[name]
+    want = ("S" if n is None else str(n), *map(str, row_shape))
+    if ds.ndim != len(want) or tuple(ds.shape[1:]) != row_shape or (n is not None and ds.shape[0] != n):
+        raise ValueError(f"{path}: dataset '{name}' has shape {list(ds.shape)}, expected [{', '.join(want)}] from the scenario and the other datasets")
+    kinds = {"c": "complex", "f": "floating-point", "i": "integer"}
+    if ds.dtype.kind != kind and not (kind == "f" and ds.dtype.kind in "iu") and not (kind == "i" and ds.dtype.kind == "u"):
+        raise ValueError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {kinds[kind]}")
+    return ds
+
+
+def _first(mask: np.ndarray) -> int | None:
+    idx = np.flatnonzero(mask)
+    return int(idx[0]) if len(idx) else None
+
+
+def _check_padded(path: Path, name: str, a: np.ndarray, K: np.ndarray, offset: int, what: str) -> None:
+    """Entries [0, K) finite, entries [K, K_max) NaN."""
+    cols = np.arange(a.shape[1])
+    want_finite = cols[None, :] < K[:, None]
+    bad = _first(~(np.where(want_finite, np.isfinite(a), np.isnan(a))).all(1))
+    if bad is not None:
+        raise ValueError(f"{path}: dataset '{name}', scene {offset + bad}: need finite values for the first {what} = {K[bad]} sources and NaN after, got {a[bad].tolist()}")
+
+
+def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) -> FileInfo:
+    """Check a scene file against scene-file.md, streaming ``chunk`` scenes at a time.
+
+    Refuses (``ValueError`` naming the dataset and, for value errors, the first bad scene):
+    wrong ``format``/``version``, a missing or unreadable ``scenario``, missing inputs, shapes
+    that disagree with each other or with the scenario, non-finite inputs (y, H, codes,
+    snr_db), a scene whose channel H or whose codes are all zero, and a malformed truth group
+    (K outside 0..k_max, positions not finite for the first K sources and NaN after, noise
+    variance negative or not finite). Returns a :class:`FileInfo`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        sc = _header(f, path, SCENES_FORMAT)
+        shapes = _input_shapes(sc)
+        y = _dataset(f, path, "y", shapes["y"], "c", None)
+        S = y.shape[0]
+        inputs = {name: _dataset(f, path, name, shapes[name], "c", S) for name in INPUTS}
+        if "snr_db" in f:
+            inputs["snr_db"] = _dataset(f, path, "snr_db", (), "f", S)
+        truth = None
+        if "truth" in f:
+            truth = {"K": _dataset(f, path, "truth/K", (), "i", S), "noise_var": _dataset(f, path, "truth/noise_var", (), "f", S)}
+            truth.update({q: _dataset(f, path, f"truth/{q}", (sc.k_max,), "f", S) for q in TRUTH_PER_SOURCE})
+        for a in range(0, S, chunk):
+            b = min(S, a + chunk)
+            for name, ds in inputs.items():
+                x = ds[a:b]
+                x = (x.view(x.real.dtype) if x.dtype.kind == "c" else x).reshape(b - a, -1)  # real and imaginary parts
+                bad = _first(~np.isfinite(x).all(1))
+                if bad is not None:
+                    raise ValueError(f"{path}: dataset '{name}', scene {a + bad}: non-finite values")
+                if name in ("H", "codes"):
+                    bad = _first(~x.any(1))
+                    if bad is not None:
+                        what = "channel is" if name == "H" else "RIS codes are"
+                        raise ValueError(f"{path}: dataset '{name}', scene {a + bad}: {what} all zero")
+            if truth is not None:
+                K = truth["K"][a:b]
+                bad = _first((K < 0) | (K > sc.k_max))
+                if bad is not None:
+                    raise ValueError(f"{path}: dataset 'truth/K', scene {a + bad}: K = {K[bad]} outside 0..k_max={sc.k_max}")
+                for q in TRUTH_PER_SOURCE:
+                    _check_padded(path, f"truth/{q}", truth[q][a:b], K, a, "K")
+                nv = truth["noise_var"][a:b]
+                bad = _first(~(np.isfinite(nv) & (nv >= 0)))
+                if bad is not None:
+                    raise ValueError(f"{path}: dataset 'truth/noise_var', scene {a + bad}: {nv[bad]} is not a finite variance >= 0")
+        return FileInfo(path, sc, S, has_snr="snr_db" in inputs, has_truth=truth is not None)
+
+
+def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK * 16) -> FileInfo:
+    """Check an estimates file: format/version/scenario, ``est/K`` in 0..k_max, positions
+    ``[S, K_max]`` finite for the first K-hat and NaN after (``ValueError`` naming dataset and scene)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"estimates file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        sc = _header(f, path, ESTIMATES_FORMAT)
+        K_ds = _dataset(f, path, "est/K", (), "i", None)
+        S = K_ds.shape[0]
+        pos = {q: _dataset(f, path, f"est/{q}", (sc.k_max,), "f", S) for q in EST_PER_SOURCE}
+        for a in range(0, S, chunk):
+            b = min(S, a + chunk)
+            K = K_ds[a:b]
+            bad = _first((K < 0) | (K > sc.k_max))
+            if bad is not None:
+                raise ValueError(f"{path}: dataset 'est/K', scene {a + bad}: K-hat = {K[bad]} outside 0..k_max={sc.k_max}")
+            for q, ds in pos.items():
+                _check_padded(path, f"est/{q}", ds[a:b], K, a, "K-hat")
+        method = f.attrs.get("method", f["est"].attrs.get("method", ""))
+        method = method.decode() if isinstance(method, bytes) else str(method)
+        return FileInfo(path, sc, S, method=method)
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers
+# ------------------------------------------------------------------------------------------------
+def _t(a: np.ndarray, device, dtype=None) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+def _read(f: h5py.File, info: FileInfo, a: int, b: int, device) -> Scenes:
+    """Scenes [a, b) of an open, validated scene file."""
+    snr = _t(f["snr_db"][a:b], device, torch.float32) if info.has_snr else None
+    truth = None
+    if info.has_truth:
+        g = f["truth"]
+        truth = Truth(
+            K=_t(g["K"][a:b], device, torch.int64),
+            **{q: _t(g[q][a:b], device, torch.float32) for q in TRUTH_PER_SOURCE},
+            noise_var=_t(g["noise_var"][a:b], device, torch.float32),
+        )
+    return Scenes(
+        y=_t(f["y"][a:b], device, torch.complex64),
+        H=_t(f["H"][a:b], device, torch.complex64),
+        codes=_t(f["codes"][a:b], device, torch.complex64),
+        scenario=info.scenario,
+        snr_db=snr,
+        truth=truth,
+    )
+
+
+def _range(info: FileInfo, start: int, stop: int | None) -> tuple[int, int]:
+    S = info.n_scenes
+    stop = S if stop is None else stop
+    if not (0 <= start <= stop <= S):
+        raise ValueError(f"{info.path}: scene range [{start}, {stop}) is outside [0, {S}]")
+    return start, stop
+
+
+def load_scenes(path: str | os.PathLike, start: int = 0, stop: int | None = None, *, device="cpu", validate: bool = True) -> Scenes:
+    """Scenes ``[start, stop)`` of a scene file (all by default) as one :class:`Scenes` on ``device``.
+
+    The whole file is validated first (streaming) unless ``validate=False``. In memory: y, H,
+    codes complex64; snr_db, truth floats float32; truth.K int64. For large files prefer
+    :func:`iter_scenes` or :class:`risloc.data.SceneFileDataset`.
+    """
+    info = validate_scenes_file(path) if validate else scenes_file_info(path)
+    a, b = _range(info, start, stop)
+    with h5py.File(info.path, "r") as f:
+        return _read(f, info, a, b, device)
+
+
+def iter_scenes(
+    path: str | os.PathLike, chunk: int = 8192, *, start: int = 0, stop: int | None = None, device="cpu", validate: bool = True
+) -> Iterator[Scenes]:
+    """Stream scenes ``[start, stop)`` of a scene file in chunks of ``chunk`` (validated first, before
+    the first chunk is yielded; ``validate=False`` skips that for a file already checked)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    info = validate_scenes_file(path) if validate else scenes_file_info(path)
+    a0, b0 = _range(info, start, stop)
+
+    def gen() -> Iterator[Scenes]:
+        with h5py.File(info.path, "r") as f:
+            for a in range(a0, b0, chunk):
+                yield _read(f, info, a, min(b0, a + chunk), device)
+
+    return gen()
+
+
+def scenes_file_info(path: str | os.PathLike) -> FileInfo:
+    """Header and layout of a scene file without the value scan (shapes and format still checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        sc = _header(f, path, SCENES_FORMAT)
+        shapes = _input_shapes(sc)
+        S = _dataset(f, path, "y", shapes["y"], "c", None).shape[0]
+        for name in ("H", "codes"):
+            _dataset(f, path, name, shapes[name], "c", S)
+        return FileInfo(path, sc, S, has_snr="snr_db" in f, has_truth="truth" in f)
+
+
+def load_estimates(path: str | os.PathLike, *, device="cpu") -> Estimates:
+    """An estimates file (validated) as :class:`~risloc.scenes.Estimates` (K int64, positions float32)."""
+    info = validate_estimates_file(path)
+    with h5py.File(info.path, "r") as f:
+        g = f["est"]
+        return Estimates(
+            K=_t(g["K"][:], device, torch.int64),
+            phi=_t(g["phi"][:], device, torch.float32),
+            theta=_t(g["theta"][:], device, torch.float32),
+            r=_t(g["r"][:], device, torch.float32),
+            method=info.method,
+        )
+
+
+def read_scenario(path: str | os.PathLike) -> Scenario:
+    """The scenario stored in a scene or estimates file."""
+    with h5py.File(path, "r") as f:
+        fmt = f.attrs.get("format", b"")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        return _header(f, Path(path), ESTIMATES_FORMAT if fmt == ESTIMATES_FORMAT else SCENES_FORMAT)
