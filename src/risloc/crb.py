@@ -173,6 +173,11 @@ def steering_jacobian(
 # ---------------------------------------------------------------------------------------------
 # Fisher information
 # ---------------------------------------------------------------------------------------------
+_CPU_GRAM_CHUNK = 16
+"""Scenes per step of the Gram computation on CPU: the stacked G_l of a few scenes stay in cache
+(measured: ~8x faster per scene than 512-scene steps on a 2-core Xeon)."""
+
+
 def _grams(H: Tensor, codes: Tensor, vecs: Tensor) -> Tensor:
     """Per-snapshot Gram matrices ``V_l^H V_l`` ``[S, L, Q, Q]`` of the BS-side columns
     ``V_l = H diag(c_l) [v_1, ..., v_Q]`` for RIS-domain vectors ``vecs`` ``[S, Q, N]``.
@@ -180,9 +185,15 @@ def _grams(H: Tensor, codes: Tensor, vecs: Tensor) -> Tensor:
     Everything the Fisher matrices need from the measurement matrices is in these Grams.
     """
     S, L, N = codes.shape
-    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(S, L * H.shape[1], N)  # stacked G_l
-    V = (G @ vecs.mT).reshape(S, L, H.shape[1], -1)  # [S, L, M, Q]
-    return V.mH @ V
+    M = H.shape[1]
+    step = _CPU_GRAM_CHUNK if H.device.type == "cpu" else S
+    out = []
+    for a in range(0, S, max(1, step)):
+        h, c, v = H[a : a + step], codes[a : a + step], vecs[a : a + step]
+        G = (h.unsqueeze(1) * c.unsqueeze(2)).reshape(h.shape[0], L * M, N)  # stacked G_l
+        V = (G @ v.mT).reshape(h.shape[0], L, M, -1)  # [s, L, M, Q]
+        out.append(V.mH @ V)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _fim_stochastic(Gm: Tensor, p: Tensor, s2: Tensor, K: int, P: int, M: int) -> Tensor:
@@ -389,7 +400,7 @@ def crb(
             reported as NaN), e.g. ``("phi",)`` for a direction-only bound.
         full: also return the position block of FIM^-1 (``position_cov``).
         batch: scenes per vectorised step (bounds memory, ~1 MB per scene at K = 5); default
-            256 on CPU, 2048 on other devices.
+            64 on CPU (cache-friendly; larger is slower there), 2048 on other devices.
         rcond: relative eigenvalue threshold of the equilibrated FIM below which a direction
             counts as unidentifiable (bound ``inf``).
 
@@ -440,7 +451,7 @@ def crb(
 
     # Scenes sorted by K so that each vectorised chunk uses (nearly) only the slots it needs.
     P = len(params)
-    step = max(1, int(batch if batch is not None else (256 if dev.type == "cpu" else 2048)))
+    step = max(1, int(batch if batch is not None else (64 if dev.type == "cpu" else 2048)))
     order = torch.argsort(K, stable=True)
     K_sorted = K[order].tolist()
     sd = torch.full((S, P, K_max), math.nan, dtype=torch.float64, device=dev)
