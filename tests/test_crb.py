@@ -270,3 +270,48 @@ def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
         cw = torch.linalg.inv(Fw).diagonal(dim1=1, dim2=2)[:, :9]
         cd = torch.linalg.inv(Fd).diagonal(dim1=1, dim2=2)[:, :9]
         assert torch.allclose(cw, cd, rtol=1e-6), snr
+
+
+# ---------------------------------------------------------------------------------------------
+# files and CLI
+# ---------------------------------------------------------------------------------------------
+def test_cli_writes_crb_file_and_load_crb_reads_it(tmp_path, capsys):
+    io = pytest.importorskip("risloc.io")
+    import h5py
+
+    from risloc.cli import main
+    from risloc.crb import load_crb
+
+    sc = Scenario(k_max=3)
+    scenes = simulate(sc, 21, seed=2)
+    src = tmp_path / "scenes.h5"
+    io.save_scenes(scenes, src)
+    out = tmp_path / "crb.h5"
+    assert main(["crb", str(src), "--out", str(out), "--batch", "8", "--no-progress"]) == 0
+    back = load_crb(out)
+    ref = crb_for_scenes(io.load_scenes(src))
+    for name in ("phi", "theta", "r"):
+        got = getattr(back, name)
+        assert got.dtype == torch.float32 and got.shape == (21, 3)
+        assert torch.allclose(got.double(), getattr(ref, name), rtol=1e-6, equal_nan=True)
+    assert torch.equal(back.regular, ref.regular)
+    with h5py.File(src, "r") as f_in, h5py.File(out, "r") as f_out:
+        for key in ("format", "version", "scenario"):
+            assert f_out.attrs[key] == f_in.attrs[key]
+        assert f_out.attrs["content"] == "crb" and f_out.attrs["signal"] == "stochastic"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+    # static on request; the evaluator's reader accepts the file
+    assert main(["crb", str(src), "--out", str(out), "--signal", "static", "--no-progress"]) == 0
+    assert load_crb(out).signal == "static"
+    from risloc.cli.evaluate import read_crb
+
+    assert read_crb(str(out), 21).phi.shape == (21, 3)
+
+    # no truth group: a clear error, no output file
+    bare = tmp_path / "bare.h5"
+    scenes.truth = None
+    io.save_scenes(scenes, bare)
+    out2 = tmp_path / "none.h5"
+    assert main(["crb", str(bare), "--out", str(out2), "--no-progress"]) == 2
+    assert "truth" in capsys.readouterr().err and not out2.exists()

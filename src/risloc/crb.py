@@ -561,17 +561,15 @@ def crb_file(
     from . import io
 
     scenes_path, out_path = Path(scenes_path), Path(out_path)
-    io.validate_scenes_file(scenes_path)
+    info = io.validate_scenes_file(scenes_path)  # refuses a bad file before any work
+    if not info.has_truth:
+        raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
     with h5py.File(scenes_path, "r") as f:
         attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
-        if "truth" not in f:
-            raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
-        for name in ("K", "phi", "theta", "r", "power", "noise_var"):
-            if f"truth/{name}" not in f:
-                raise ValueError(f"{scenes_path}: missing dataset truth/{name} (needed for the CRB)")
-        S, K_max = f["truth/phi"].shape
-    scenario = Scenario.from_json(_as_str(attrs.get("scenario", "{}")))
-    signal = signal or scenario.signal
+    S, K_max = info.n_scenes, info.scenario.k_max
+    signal = signal or info.scenario.signal
     if signal not in SIGNAL_MODELS:
         raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
     batch = max(1, int(batch))
@@ -585,17 +583,17 @@ def crb_file(
             out.attrs["content"] = CRB_CONTENT
             out.attrs["signal"] = signal
             out.attrs["scenes"] = scenes_path.name
-            chunks = (min(S, 4096), K_max)
+            chunks = (max(1, min(S, 4096)), K_max)
             ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
-            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(min(S, 65536),))
+            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(max(1, min(S, 65536)),))
             if progress:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=S, unit="scene", desc=f"crb ({signal})")
             start = 0
-            for scenes in io.iter_scenes(scenes_path, batch):
+            for scenes in io.iter_scenes(scenes_path, batch, device=device, validate=False):
                 n = len(scenes)
-                res = crb_for_scenes(scenes.to(device), signal=signal, **options)
+                res = crb_for_scenes(scenes, signal=signal, **options)
                 for q in POSITION_PARAMS:
                     ds[q][start : start + n] = getattr(res, q).float().cpu().numpy()
                 ds_reg[start : start + n] = res.regular.to(torch.int8).cpu().numpy()
