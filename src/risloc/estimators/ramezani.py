@@ -61,7 +61,7 @@ from .. import physics
 from ..covariance import LowRankCovariance, as_low_rank, dense_to_low_rank, normalise_trace, sample_covariance
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
-from . import register
+from . import register, search
 
 __all__ = ["estimate", "anti_diagonal", "smoothed_covariance", "angle_spectrum"]
 
@@ -218,12 +218,14 @@ def estimate(
     sub_ris: tuple[int, int] | int = (8, 8),
     order_rule: str = "mdl",
     grid: int = 128,
-    range_points: int = 96,
+    range_points: int = 32,
     steering: str = "exact",
     fov_margin: float = math.radians(2.0),
-    refine: bool = False,
-    candidates: int = 1,
-    full_rank: int | None = None,
+    variant: str = "risloc",
+    refine: bool | None = None,
+    candidates: int | None = None,
+    full_rank: int | None | str = "auto",
+    min_sources: int | None = None,
     regularisation: float = 1e-2,
     chunk: int = 256,
 ) -> Estimates:
@@ -241,7 +243,13 @@ def estimate(
       range_points: points of the 1-D range grid (uniform in 1/r on [r_min, r_max]).
       steering: 'exact' (physics.md) or 'fresnel' (the paper's approximation) for the range stage.
       fov_margin: how far outside the scenario's field of view [rad] an alias may lie and still count.
+      variant: 'risloc' (default) or 'paper'; sets the defaults of the next four options:
+        'paper' = (refine=False, candidates=1, full_rank=None, min_sources=0), the published
+        pipeline; 'risloc' = (True, 4, 8, 1), tuned for the noisy back-projected covariance.
       refine: add a local joint (φ, θ, r) refinement on the full-covariance MUSIC spectrum (not in the paper).
+      full_rank: principal eigenvectors of the full covariance used by the range stage, the
+        selection and the refinement (None: K̂, the paper's MUSIC).
+      min_sources: lower bound on K̂ (the order rule often says 0 on sample covariances).
       candidates: angle peaks examined per wanted source (1: the paper's pipeline; more: the
         K̂ best by full-covariance MUSIC value are kept, one per direction — risloc's adaptation).
       regularisation: relative Tikhonov term ε of the back-projection (risloc.covariance.sample_covariance).
@@ -257,6 +265,18 @@ def estimate(
         raise ValueError(f"sub_ris={sub_ris}: must be (D_V, D_H) within the {sc.n_v} x {sc.n_h} RIS")
     if steering not in ("exact", "fresnel"):
         raise ValueError(f"steering must be 'exact' or 'fresnel', not {steering!r}")
+    presets = {"paper": (False, 1, None, 0), "risloc": (True, 4, 8, 1)}
+    if variant not in presets:
+        raise ValueError(f"variant must be one of {sorted(presets)}, not {variant!r}")
+    d_refine, d_cand, d_rank, d_min = presets[variant]
+    refine = d_refine if refine is None else bool(refine)
+    candidates = d_cand if candidates is None else int(candidates)
+    full_rank = d_rank if full_rank == "auto" else full_rank
+    min_sources = d_min if min_sources is None else int(min_sources)
+    if full_rank is not None and not 1 <= int(full_rank) <= N:
+        raise ValueError(f"full_rank={full_rank}: must be None or in 1..{N}")
+    if not 0 <= min_sources <= sc.k_max:
+        raise ValueError(f"min_sources={min_sources}: must be in 0..{sc.k_max}")
     if candidates < 1:
         raise ValueError(f"candidates={candidates}: must be >= 1")
     if grid < 8 or range_points < 2 or chunk < 1:
@@ -288,7 +308,7 @@ def estimate(
         parts.append(
             _estimate_chunk(
                 sc, normalise_trace(R), None if n_sources is None else n_sources[a:b],
-                sub, order_rule, grid, range_points, steering, fov_margin, refine, candidates, full_rank,
+                sub, order_rule, grid, range_points, steering, fov_margin, refine, candidates, full_rank, min_sources,
             )
         )
     est = Estimates.cat(parts)
@@ -296,7 +316,7 @@ def estimate(
     return est
 
 
-def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, approx, margin, refine, candidates, full_rank):
+def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, approx, margin, refine, candidates, full_rank, min_sources):
     B = R.factor.shape[0]
     dev = R.factor.device
     k_max = sc.k_max
@@ -310,7 +330,7 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
     if n_sources is not None:
         K = n_sources.clamp(0, min(k_max, kq))
     else:
-        K = _order(lam_q, J, min(k_max, kq), order_rule)
+        K = _order(lam_q, J, min(k_max, kq), order_rule).clamp(min=min(min_sources, kq))
 
     if int(K.max()) == 0:
         return Estimates.empty(B, k_max, method="ramezani", device=dev)
@@ -364,32 +384,26 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
         vbest, best = v.max(-1, keepdim=True)
         q = cq.gather(-1, best).squeeze(-1)
         dq = dq / 4
-    score = torch.where(ok, vbest.squeeze(-1), torch.full_like(q, -1.0))
+    r = 1 / q
+    qnull = 1 - vbest.squeeze(-1)  # MUSIC null spectrum 1 - |E_sᴴ â|² at each candidate
 
     # --- selection: the K̂ best angle peaks by full-covariance MUSIC value, one per direction -------
-    if P > kc:
-        sep = max(sc.min_separation / 2, math.radians(1.0))
-        pick = []
-        for _ in range(kc):
-            i = score.argmax(-1, keepdim=True)  # [B, 1]
-            pick.append(torch.where(score.gather(-1, i) >= 0, i, torch.full_like(i, -1)))
-            near = physics.angle_between(phi, theta, phi.gather(-1, i), theta.gather(-1, i)) < sep
-            score = torch.where(near, torch.full_like(score, -2.0), score)
-        idx = torch.cat(pick, -1)  # [B, kc], -1 where nothing is left
-        found = idx >= 0
-        idx = idx.clamp(min=0)
-        phi, theta, q = phi.gather(-1, idx), theta.gather(-1, idx), q.gather(-1, idx)
-        K = torch.minimum(K, found.to(torch.int64).cumprod(-1).sum(-1))
-    else:
-        K = torch.minimum(K, ok[:, :kc].to(torch.int64).cumprod(-1).sum(-1))
+    sep = sc.min_separation / 2 if sc.min_separation > 0 else math.radians(1.0)
+    phi, theta, r, qnull, kept = search.select_peaks(phi, theta, r, qnull, ok, min_separation=sep)
+    phi, theta, r, qnull, kept = phi[:, :kc], theta[:, :kc], r[:, :kc], qnull[:, :kc], kept[:, :kc]
 
-    # --- step 6 (optional): joint local refinement ------------------------------------------------
+    # --- step 6 (optional): joint local refinement (risloc.estimators.search), then NMS again ------
     if refine:
-        phi, theta, q = _joint_refine(Es, wf, phi, theta, q, sc, approx, q_lo, q_hi)
+        spec = search.NullSpectrum.weighted(Es, wf)
+        grid3 = search.search_grid(sc, search.GridSpec(approximation=approx), device=dev, dtype=Es.dtype)
+        phi, theta, r, qnull = search.refine_peaks(spec, phi, theta, 1 / r, sc, grid3, approximation=approx)
+        phi, theta, r, qnull = phi.to(rdtype), theta.to(rdtype), r.to(rdtype), qnull.to(rdtype)
+        phi, theta, r, qnull, kept = search.select_peaks(phi, theta, r, qnull, kept, min_separation=sep)
+    K = torch.minimum(K, kept.to(torch.int64).cumprod(-1).sum(-1))
 
     active = torch.arange(kc, device=dev).view(1, -1) < K.view(-1, 1)
     pad = lambda t: torch.cat([torch.where(active, t, torch.full_like(t, float("nan"))), t.new_full((B, k_max - kc), float("nan"))], -1)
-    return Estimates(K=K.to(torch.int64), phi=pad(phi), theta=pad(theta), r=pad(1 / q), method="ramezani")
+    return Estimates(K=K.to(torch.int64), phi=pad(phi), theta=pad(theta), r=pad(r), method="ramezani")
 
 
 def _alias_candidates(fx: Tensor, fy: Tensor, sc: Scenario, margin: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -425,25 +439,3 @@ def _alias_candidates(fx: Tensor, fy: Tensor, sc: Scenario, margin: float) -> tu
     phi = phi.clamp(sc.phi_min - margin, sc.phi_max + margin)
     theta = theta.clamp(sc.theta_min - margin, sc.theta_max + margin)
     return phi, theta, valid
-
-
-def _joint_refine(Es, wf, phi, theta, q, sc, approx, q_lo, q_hi, iterations: int = 40):
-    """Adaptive pattern search on (φ, θ, 1/r), batched: evaluate the 3 x 3 x 3 neighbourhood,
-    move to its best point; halve a source's steps only when its centre is already best
-    (so it can walk along the angle-range ridge of a close source). Start steps 1.5°, 0.1 m⁻¹."""
-    off = torch.tensor([-1.0, 0.0, 1.0], device=phi.device, dtype=phi.dtype)
-    a, b, c = (t.reshape(-1) for t in torch.meshgrid(off, off, off, indexing="ij"))
-    centre = 13  # index of (0, 0, 0)
-    hp = torch.full_like(phi, math.radians(1.5))
-    hq = torch.full_like(phi, 0.1)
-    for _ in range(iterations):
-        cp = phi.unsqueeze(-1) + hp.unsqueeze(-1) * a
-        ct = theta.unsqueeze(-1) + hp.unsqueeze(-1) * b
-        cq = (q.unsqueeze(-1) + hq.unsqueeze(-1) * c).clamp(q_lo, q_hi)
-        v = _full_value(Es, wf, cp, ct, 1 / cq, sc, approx)
-        best = v.argmax(-1, keepdim=True)
-        stay = (best.squeeze(-1) == centre) | (v.gather(-1, best).squeeze(-1) <= v[..., centre])
-        phi, theta, q = cp.gather(-1, best).squeeze(-1), ct.gather(-1, best).squeeze(-1), cq.gather(-1, best).squeeze(-1)
-        hp = torch.where(stay, hp / 2, hp)
-        hq = torch.where(stay, hq / 2, hq)
-    return phi, theta, q
