@@ -1,0 +1,112 @@
+"""Model-order (number of sources) estimation from covariance eigenvalues.
+
+``estimate_order(eigenvalues, n_snapshots, rule=...)`` with eigenvalues ``[B, p]`` sorted
+descending (the p largest eigenvalues of a Hermitian covariance).
+
+MDL and AIC (M. Wax and T. Kailath, "Detection of signals by information theoretic
+criteria", IEEE Trans. ASSP 33(2), 1985). For k = 0..p-1, with the arithmetic and
+geometric means ``A_k, G_k`` of the p - k smallest of the p eigenvalues::
+
+    LL(k)  = n (p - k) log(A_k / G_k)            (>= 0: the noise eigenvalues' spread)
+    MDL(k) = LL(k) + 1/2 k (2p - k) log n
+    AIC(k) = 2 LL(k) + 2 k (2p - k)
+
+``K_hat = argmin_k`` over ``k_min <= k <= k_max`` (``k_max <= p - 1``).
+
+Few snapshots. The classical forms assume n >> p snapshots of a p-dimensional array.
+risloc's covariances are N x N (N = 144) with rank r << N (L = 16 snapshots plus a
+scaled identity from loading and shrinkage), so with ``p = N`` and ``n = L`` the N - r
+flat eigenvalues dominate the tail means and the criteria over-estimate K. The variant
+used here is the *dual* form: the r non-trivial eigenvalues of ``X X^H / L`` (X the
+N x L matrix of snapshots) are those of the L x L matrix ``X^H X / L``, which is an
+L-dimensional covariance estimated from N "observations" (the rows of X). So
+:func:`estimate_order` is applied to the top ``p = r`` eigenvalues (at least
+``k_max + 1``) with ``n = N``; this is what :func:`risloc.estimators.music.music_from_covariance`
+does by default. Any other (p, n) can be passed.
+
+Eigengap: ``K_hat = argmax_{k_min <= k <= k_max} lam_k / lam_{k+1}`` (1-based), and
+``K_hat = 0`` when that largest ratio is below ``gap_threshold`` (no eigenvalue stands
+out of the floor) and ``k_min = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+RULES = ("mdl", "aic", "eigengap")
+
+
+def information_criterion(eigenvalues: Tensor, n_snapshots: float, *, rule: str = "mdl") -> Tensor:
+    """MDL or AIC values ``[B, p]`` for k = 0..p-1 (see the module docstring)."""
+    if rule not in ("mdl", "aic"):
+        raise ValueError(f"information_criterion: rule must be 'mdl' or 'aic', not {rule!r}")
+    lam = eigenvalues.to(torch.float64)
+    B, p = lam.shape
+    tiny = torch.finfo(torch.float64).tiny
+    scale = lam[:, :1].abs().clamp(min=tiny)
+    lam = (lam / scale).clamp(min=1e-12)  # scale-free; (numerically) zero eigenvalues floored
+    # tail sums over i >= k (reverse cumulative sums)
+    s = lam.flip(-1).cumsum(-1).flip(-1)  # [B, p]: sum_{i>=k} lam_i
+    ls = lam.log().flip(-1).cumsum(-1).flip(-1)
+    m = torch.arange(p, 0, -1, device=lam.device, dtype=torch.float64)  # p - k
+    log_a = (s / m).log()
+    log_g = ls / m
+    ll = n_snapshots * m * (log_a - log_g).clamp(min=0)
+    k = torch.arange(p, device=lam.device, dtype=torch.float64)
+    free = k * (2 * p - k)
+    if rule == "mdl":
+        return ll + 0.5 * free * math.log(max(n_snapshots, 1.0))
+    return 2 * ll + 2 * free
+
+
+def estimate_order(
+    eigenvalues: Tensor,
+    n_snapshots: float | None = None,
+    *,
+    rule: str = "mdl",
+    k_max: int | None = None,
+    k_min: int = 0,
+    gap_threshold: float = 1.5,
+) -> Tensor:
+    """Number of sources ``K_hat`` ``[B]`` (int64) from eigenvalues ``[B, p]`` (descending).
+
+    Args:
+        eigenvalues: the p largest eigenvalues per scene, descending (non-negative).
+        n_snapshots: observations behind the covariance (MDL/AIC; see the module docstring
+            for the dual choice used by the estimators). Required for 'mdl' and 'aic'.
+        rule: 'mdl', 'aic' or 'eigengap'.
+        k_max: largest order considered (default p - 1; clipped to p - 1).
+        k_min: smallest order returned (0 allows "no source").
+        gap_threshold: eigengap only: below this largest ratio the answer is ``k_min``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"estimate_order: rule must be one of {RULES}, not {rule!r}")
+    if eigenvalues.dim() != 2:
+        raise ValueError(f"estimate_order: eigenvalues must be [B, p], got shape {tuple(eigenvalues.shape)}")
+    B, p = eigenvalues.shape
+    k_max = p - 1 if k_max is None else min(k_max, p - 1)
+    k_min = max(0, min(k_min, k_max))
+    if B == 0:
+        return torch.zeros(0, dtype=torch.int64, device=eigenvalues.device)
+    if not torch.isfinite(eigenvalues).all():
+        bad = int((~torch.isfinite(eigenvalues)).any(-1).nonzero()[0, 0])
+        raise ValueError(f"estimate_order: eigenvalues of scene {bad} are not finite")
+    lam = eigenvalues.to(torch.float64).clamp(min=0)
+    if rule == "eigengap":
+        tiny = 1e-300
+        ratio = lam[:, :-1] / lam[:, 1:].clamp(min=tiny)  # ratio[:, k-1] = lam_k / lam_{k+1}
+        ratio = torch.where(lam[:, :-1] > tiny, ratio, torch.ones_like(ratio))
+        lo = max(k_min, 1)
+        if k_max < lo:
+            return torch.full((B,), k_min, dtype=torch.int64, device=lam.device)
+        window = ratio[:, lo - 1 : k_max]
+        best, idx = window.max(-1)
+        k = idx + lo
+        return torch.where(best >= gap_threshold, k, torch.full_like(k, k_min))
+    if n_snapshots is None:
+        raise ValueError(f"estimate_order: rule {rule!r} needs n_snapshots")
+    crit = information_criterion(lam, float(n_snapshots), rule=rule)[:, k_min : k_max + 1]
+    return crit.argmin(-1) + k_min
