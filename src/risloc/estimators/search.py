@@ -426,6 +426,8 @@ class SearchResult:
     r: Tensor
     q: Tensor
     kept: Tensor
+    q_median: Tensor | None = None
+    """Median of q over the coarse grid ``[B]`` (the spectrum's floor; joint search only)."""
 
     @property
     def count(self) -> Tensor:
@@ -433,7 +435,9 @@ class SearchResult:
 
     @classmethod
     def cat(cls, parts: list["SearchResult"]) -> "SearchResult":
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("phi", "theta", "r", "q", "kept")))
+        fields = [torch.cat([getattr(p, f) for p in parts]) for f in ("phi", "theta", "r", "q", "kept")]
+        med = torch.cat([p.q_median for p in parts]) if all(p.q_median is not None for p in parts) else None
+        return cls(*fields, q_median=med)
 
 
 def _default_separation(scenario: Scenario, min_separation: float | None) -> float:
@@ -472,9 +476,11 @@ def subspace_search(
     parts = []
     for s in range(0, spectrum.V.shape[0], chunk):
         sp = spectrum[s : s + chunk]
-        phi, theta, rho, valid = find_peaks(sp.grid(g), g, n_candidates)
+        qg = sp.grid(g)
+        phi, theta, rho, valid = find_peaks(qg, g, n_candidates)
         phi, theta, r, q = refine_peaks(sp, phi, theta, rho, scenario, g, iterations=refine_iterations, approximation=grid.approximation)
-        parts.append(SearchResult(*select_peaks(phi, theta, r, q, valid, min_separation=sep)))
+        med = qg.reshape(qg.shape[0], -1).median(1).values.to(torch.float64)
+        parts.append(SearchResult(*select_peaks(phi, theta, r, q, valid, min_separation=sep), q_median=med))
     return SearchResult.cat(parts)
 
 
