@@ -1,0 +1,105 @@
+"""`risloc bench`: every estimator and the Cramér–Rao bound on one held-out set of scenes.
+
+Simulates --scenes scenes of the held-out seed stream (default 2000 scenes, seed 2026,
+drawn on the CPU so the set does not depend on --device), runs the CRB and every method
+of --methods on the same scenes, times each method (scenes/s on --device, first batch
+excluded as warm-up), scores them (risloc.metrics) and writes DIR/report.md,
+DIR/results.json and PNG plots. A method that is not available is reported as
+"not run: <reason>" (with a warning), an exception inside one as "failed: <message>"
+(fatal with --strict). --quick: 200 scenes in batches of 50, default options for every
+method. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from risloc.bench import DEFAULT_METHODS, HELD_OUT_SEED, QUICK_BATCH, QUICK_SCENES
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark every estimator and the CRB on held-out scenes (report.md, results.json, plots)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--scenes", type=int, default=None, metavar="S",
+                   help=f"number of held-out scenes (default 2000; {QUICK_SCENES} with --quick)")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help=f"seed of the scene stream (default {HELD_OUT_SEED}, held out from training)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2,...",
+                   help=f"comma-separated estimators (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--device", default=None, help="torch device of the estimators and the CRB (default: cuda if available, else cpu)")
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help=f"scenes per estimator call, the timing unit (default 256; {QUICK_BATCH} with --quick)")
+    p.add_argument("--out", default="bench-report", metavar="DIR", help="report folder (default bench-report)")
+    p.add_argument("--quick", action="store_true", help=f"small run: {QUICK_SCENES} scenes, batch {QUICK_BATCH}, default method options")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint of the learned methods (default: packaged weights, if any)")
+    p.add_argument("--signal", choices=("stochastic", "static"), default=None, help="signal model of the scenes (default: the scenario's)")
+    p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the spec's default scenario)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+                   help="override a scenario field (repeatable), e.g. --set k_max=3")
+    p.add_argument("--limit", action="append", default=[], metavar="METHOD=N",
+                   help="score METHOD on the first N scenes only (stated in the report; repeatable)")
+    p.add_argument("--no-crb", action="store_true", help="skip the CRB (no RMSE/√CRB ratios)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("--spectrum-scene", type=int, default=None, metavar="I", help="scene of the MUSIC-spectrum plot")
+    p.add_argument("--strict", action="store_true", help="an exception inside a method (or the CRB) is fatal")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def _limits(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--limit {item!r}: expected METHOD=N")
+        name, n = item.split("=", 1)
+        try:
+            out[name.strip()] = int(n)
+        except ValueError:
+            raise ValueError(f"--limit {item!r}: N must be an integer") from None
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from risloc.bench import QUICK_BATCH, QUICK_SCENES, BenchConfig, run_benchmark
+    from risloc.scenario import Scenario
+
+    scenario = Scenario.load(args.config) if args.config else Scenario()
+    if args.overrides:
+        scenario = scenario.with_overrides(args.overrides)
+    if args.signal:
+        scenario = scenario.replace(signal=args.signal)
+    cfg = BenchConfig(
+        scenes=args.scenes if args.scenes is not None else (QUICK_SCENES if args.quick else 2000),
+        seed=args.seed,
+        methods=args.methods,
+        device=args.device,
+        batch=args.batch if args.batch is not None else (QUICK_BATCH if args.quick else 256),
+        out=args.out,
+        scenario=scenario,
+        checkpoint=args.checkpoint,
+        limits=_limits(args.limit),
+        crb=not args.no_crb,
+        strict=args.strict,
+        quick=args.quick,
+        plots=not args.no_plots,
+        spectrum_scene=args.spectrum_scene,
+        progress=not args.no_progress,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_benchmark(cfg)
+    for w in caught:  # the report's own warnings are printed with the summary below
+        if not str(w.message).startswith("risloc bench:"):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(result.summary())
+    print(f"wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
