@@ -1,12 +1,14 @@
 """The ``ramezani`` estimator: modified (decoupled) near-field MUSIC with sub-RIS smoothing.
 
 Reference: P. Ramezani, A. Kosasih and E. Björnson, "An Efficient Modified MUSIC Algorithm
-for RIS-Assisted Near-Field Localization", arXiv:2409.14152 (2024). Only the abstract and
-introduction of the paper could be read while writing this module; the steps below follow
-the abstract (anti-diagonal decoupling of angle from range using the RIS's symmetry,
-spatial smoothing over overlapping sub-RISs, 2-D angle search then 1-D range search) and
-the classic symmetric-array two-stage near-field MUSIC, adapted to risloc's model
-(docs/estimators-ramezani.md says exactly what is the paper's and what is ours).
+for RIS-Assisted Near-Field Localization", arXiv:2409.14152 (2024). Source of the facts used
+here: only the paper's abstract and the start of its introduction could be retrieved; the
+details (anti-diagonal vector of the RIS covariance, virtual steering with doubled phases
+α = 2π d_H sinφ cosθ/λ, β = 2π d_V sinθ/λ, overlapping D_H x D_V sub-RIS smoothing, the
+least-squares back-projection of the snapshots, and a 1-D distance MUSIC after the 2-D
+angle MUSIC) were corroborated from a third-party public re-implementation that cites the
+paper's equations. Nothing was copied; this module is written from the model below
+(docs/estimators-ramezani.md says what is the paper's and what is risloc's).
 
 Model (shared/spec/physics.md). Element e_n = ((i - c_H) d_H, (j - c_V) d_V, 0), n = j N_H + i,
 c = (N - 1)/2; the RIS is centro-symmetric: the mirror n' of n (indices N_H-1-i, N_V-1-j) sits
@@ -20,34 +22,44 @@ the range term is even in e_n and cancels on the anti-diagonal of R = Σ_k p_k a
     f_x = 2 d_H u_x / λ,  f_y = 2 d_V u_y / λ,
 
 i.e. ȳ, arranged as an N_V x N_H grid, is one snapshot of a virtual far-field UPA whose
-phase steps are doubled (virtual spacing 2d). One snapshot has rank one, so
+phase steps are doubled (virtual spacing 2d). (With the exact spherical model the odd,
+third-order terms of the path difference survive and bias the angle of close sources.)
 
-1. **Sub-RIS smoothing** (paper, Sec. "spatial smoothing"): the J = (N_V-D_V+1)(N_H-D_H+1)
-   overlapping D_V x D_H sub-grids q_j of ȳ give R_q = (1/J) Σ_j q_j q_jᴴ (D = D_V D_H),
-   rank min(K, J). (ȳ is centro-Hermitian, so forward smoothing already includes the
-   backward one.)
-2. **Order** K̂ from the eigenvalues of R_q (MDL by default, see ``order_rule``).
-3. **2-D angle MUSIC** on R_q with the virtual steering b_d(f) = exp(j 2π (f_x i_d + f_y j_d)):
-   the spectrum 1/(1 - ‖E_sᴴ b(f)‖²/D) is periodic in f with period 1, so it is evaluated by
-   a zero-padded 2-D FFT of the signal eigenvectors E_s on the torus [0, 1)², the K̂ largest
-   local maxima are taken and each is refined by a shrinking local grid.
-4. **Alias resolution** (risloc's adaptation): with d = λ/2 the virtual spacing is λ, so a
-   peak f maps to several directions u_x = λ (f_x + m_x)/(2 d_H), u_y = λ (f_y + m_y)/(2 d_V)
-   (m integer). The candidates inside the scenario's field of view (plus ``fov_margin``) are
-   all passed to step 5 and the one with the highest full-covariance MUSIC value wins.
+1. **Sub-RIS smoothing** (paper): the J = (N_V-D_V+1)(N_H-D_H+1) overlapping D_V x D_H
+   sub-grids q_j of ȳ give R_q = (1/J) Σ_j q_j q_jᴴ (D = D_V D_H), rank min(K, J). (ȳ is
+   centro-Hermitian, so forward smoothing already includes the backward one.)
+2. **Order** K̂ from the eigenvalues of R_q (:func:`risloc.estimators.order.estimate_order`,
+   MDL by default, Wax & Kailath 1985, with n = J), bounded below by
+   ``min_sources``; or K given.
+3. **2-D angle MUSIC** on R_q (paper) with the virtual steering b_d(f) = exp(j 2π (f_x i_d + f_y j_d)):
+   ‖E_sᴴ b(f)‖²/D is periodic in f with period 1, so it is evaluated by a zero-padded 2-D FFT
+   of the signal eigenvectors E_s on the torus [0, 1)²; the largest local maxima (K̂ x
+   ``candidates``) are refined by a shrinking local grid.
+4. **Alias resolution** (risloc): with d = λ/2 the virtual spacing is λ, so a peak f maps to
+   several directions u_x = λ (f_x + m_x)/(2 d_H), u_y = λ (f_y + m_y)/(2 d_V), m integer. All
+   candidates inside the scenario's field of view (plus ``fov_margin``) go to step 5; the one
+   with the highest full-covariance MUSIC value wins.
 5. **1-D range MUSIC** (paper) for each angle peak on the full N x N covariance:
-   r̂ = argmax_r ‖E_sᴴ a(φ̂, θ̂, r)‖² / ‖a‖² with E_s the K̂ principal eigenvectors of R and a
-   the exact spherical steering (``steering="fresnel"`` for the paper's approximation), on a
-   grid uniform in 1/r over [r_min, r_max], then refined locally.
-6. Optional (``refine=True``, not in the paper): a local joint (φ, θ, 1/r) zoom on the same
-   full-covariance MUSIC spectrum, which removes the Fresnel bias of step 3 at short range.
+   r̂ = argmax_r ‖E_sᴴ a(φ̂, θ̂, r)‖² / ‖a‖², E_s the principal eigenvectors of R (K̂ of them in
+   the paper; ``full_rank``), a the exact spherical steering (``steering="fresnel"``: the
+   paper's approximation), on a grid uniform in 1/r over [r_min, r_max], refined locally.
+6. **Selection** (risloc, when ``candidates > 1``): the K̂ candidates with the highest
+   full-covariance MUSIC value, one per direction (NMS at half the scenario's minimum
+   separation, :func:`risloc.estimators.search.select_peaks`).
+7. **Joint refinement** (risloc, ``refine=True``): Levenberg-Marquardt on (φ, θ, 1/r) of the
+   same full-covariance MUSIC null spectrum (:func:`risloc.estimators.search.refine_peaks`);
+   it removes the Fresnel bias of step 3 at short range.
+
+``variant="paper"`` runs steps 1-5 as published (candidates=1, full_rank=K̂, no refinement,
+K̂ from MDL alone); ``variant="risloc"`` (default) adds 4 candidates per source, an 8-dim
+full-array subspace, the refinement and K̂ >= 1.
 
 The RIS-domain covariance. The receiver sees y_ℓ = H diag(c_ℓ) x_ℓ + n_ℓ, not x_ℓ. Unless a
-covariance is passed (``covariance=``, e.g. the truth for tests), R is the sample covariance
-of the regularised per-snapshot back-projections x̂_ℓ = G_ℓᴴ (G_ℓ G_ℓᴴ + ε I)⁻¹ y_ℓ,
-G_ℓ = H diag(c_ℓ), kept as the factor U = [x̂_1, ..., x̂_L]/√L (R = U Uᴴ), so the eigenvectors of
-R come from the L x L Gram matrix UᴴU. It is normalised to unit trace, which makes the
-estimator invariant to the scale of y.
+covariance is passed (``covariance=``, e.g. the truth for tests), R is
+:func:`risloc.covariance.sample_covariance`: the sample covariance of the regularised
+per-snapshot back-projections x̂_ℓ = G_ℓᴴ (G_ℓ G_ℓᴴ + ε I)⁻¹ y_ℓ, G_ℓ = H diag(c_ℓ), kept as the
+factor U (R = U Uᴴ), so ȳ costs O(N L) and the eigenvectors of R come from the L x L Gram
+matrix. It is trace-normalised, which makes the estimator invariant to the scale of y.
 """
 
 from __future__ import annotations
@@ -62,42 +74,11 @@ from ..covariance import LowRankCovariance, as_low_rank, dense_to_low_rank, norm
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register, search
+from .order import estimate_order
 
 __all__ = ["estimate", "anti_diagonal", "smoothed_covariance", "angle_spectrum"]
 
 _TINY = 1e-30
-
-
-# --------------------------------------------------------------------------------------------
-# order
-# --------------------------------------------------------------------------------------------
-def _mdl(eigenvalues: Tensor, n_snapshots: int, k_max: int) -> Tensor:
-    """Local MDL (Wax & Kailath 1985) on descending eigenvalues [B, p]; returns K̂ in 0..k_max."""
-    lam = eigenvalues.clamp(min=0)
-    B, p = lam.shape
-    lam = lam / lam[:, :1].clamp(min=_TINY)
-    lam = lam.clamp(min=1e-12)
-    ks = range(0, min(k_max, p - 1) + 1)
-    crit = []
-    for k in ks:
-        tail = lam[:, k:]
-        g = tail.log().mean(-1)
-        a = tail.mean(-1).log()
-        crit.append(-n_snapshots * (p - k) * (g - a) + 0.5 * k * (2 * p - k) * math.log(n_snapshots))
-    return torch.stack(crit, -1).argmin(-1)
-
-
-def _order(eigenvalues: Tensor, n_snapshots: int, k_max: int, rule: str) -> Tensor:
-    try:  # the shared order rules, when present
-        from .order import estimate_order  # type: ignore
-    except ImportError:
-        estimate_order = None
-    if estimate_order is not None:
-        k = estimate_order(eigenvalues, n_snapshots, rule=rule)
-        return torch.as_tensor(k, device=eigenvalues.device).to(torch.int64).clamp(0, k_max)
-    if rule != "mdl":
-        raise ValueError(f"order_rule={rule!r}: only 'mdl' is available until risloc.estimators.order exists")
-    return _mdl(eigenvalues, n_snapshots, k_max)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +219,8 @@ def estimate(
         :class:`~risloc.covariance.LowRankCovariance`.
       n_sources: known K (int or ``[S]`` tensor) instead of the order rule.
       sub_ris: sub-RIS size (D_V, D_H) of the spatial smoothing (int: square).
-      order_rule: rule for K̂ on the eigenvalues of the smoothed covariance ('mdl').
+      order_rule: risloc.estimators.order rule for K̂ on the eigenvalues of the smoothed covariance
+        ('mdl', 'aic' or 'eigengap'; n = J sub-RISs as snapshots).
       grid: FFT size per axis of the 2-D angle (virtual-frequency) spectrum.
       range_points: points of the 1-D range grid (uniform in 1/r on [r_min, r_max]).
       steering: 'exact' (physics.md) or 'fresnel' (the paper's approximation) for the range stage.
@@ -330,7 +312,7 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
     if n_sources is not None:
         K = n_sources.clamp(0, min(k_max, kq))
     else:
-        K = _order(lam_q, J, min(k_max, kq), order_rule).clamp(min=min(min_sources, kq))
+        K = estimate_order(lam_q.clamp(min=0), J, rule=order_rule, k_max=min(k_max, kq), k_min=min(min_sources, kq))
 
     if int(K.max()) == 0:
         return Estimates.empty(B, k_max, method="ramezani", device=dev)
