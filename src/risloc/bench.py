@@ -104,6 +104,8 @@ class BenchConfig:
     plots: bool = True
     spectrum_scene: int | None = None
     """Scene of the MUSIC-spectrum plot; None: the first scene with K >= 2 and 10 <= SNR <= 20 dB."""
+    spectrum_grid: tuple[int, int, int] = (97, 49, 16)
+    """(n_phi, n_theta, n_r) of the spectrum plot (angles uniform, ranges uniform in 1/r)."""
     progress: bool = True
 
     def __post_init__(self):
@@ -602,7 +604,9 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     t0 = time.perf_counter()
     scenes = simulate(cfg.scenario, cfg.scenes, seed=cfg.seed, device="cpu")
     simulate_s = time.perf_counter() - t0
+    # what a receiver is given: the estimators never see the truth (the CRB and the scoring do)
     scenes_dev = scenes.to(device)
+    inputs_dev = dataclasses.replace(scenes_dev, truth=None)
     result = BenchResult(cfg, scenes, device=device_info(device), versions=versions(), git=git_info(),
                          started=started, simulate_s=simulate_s)
 
@@ -622,7 +626,7 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
                 result.crb_status = f"{FAILED}: {type(exc).__name__}: {exc}"
                 warnings.warn(f"risloc bench: the CRB failed ({result.crb_status}); scores without CRB ratios", stacklevel=2)
             continue
-        r = _run_method(step, cfg, scenes_dev, scenes.truth, scenes.snr_db, result.crb, device)
+        r = _run_method(step, cfg, inputs_dev, scenes.truth, scenes.snr_db, result.crb, device)
         result.methods[step] = r
         if not r.ok:
             warnings.warn(f"risloc bench: {step}: {r.status_text}", stacklevel=2)
@@ -674,7 +678,7 @@ def _view_table(res: BenchResult, get, mask: np.ndarray, *, timing: bool) -> str
         label = name if not r.ok or r.n_scenes == len(res.scenes) else f"{name} ²"
         if not r.ok:
             if timing:
-                lines.append("| " + " | ".join([name, r.status_text.replace("|", "/")] + ["–"] * (len(head) - 2)) + " |")
+                lines.append("| " + " | ".join([name, f"{r.status} (see above)"] + ["–"] * (len(head) - 2)) + " |")
             continue
         m = get(r.score)
         if m is None:
@@ -835,10 +839,12 @@ def pick_spectrum_scene(scenes: Scenes) -> int:
 
 
 def _music_spectrum_db(Es: torch.Tensor, sc: Scenario, phi: np.ndarray, theta: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """10 log10 of the MUSIC pseudo-spectrum of one scene, max over the ranges ``r``, ``[n_phi, n_theta]``.
+    """10 log10 of MUSIC pseudo-spectra, each maximised over the ranges ``r`` and normalised to its
+    maximum, ``[B, n_phi, n_theta]`` for signal subspaces ``Es`` ``[B, N, k]`` (one steering
+    matrix per range, shared by the B subspaces).
 
     Uses :func:`risloc.estimators.search.music_spectrum` when present (else the same formula
-    ``P = |a|^2 / (|a|^2 - |E_s^H a|^2)`` here), one range at a time."""
+    ``P = |a|^2 / (|a|^2 - |E_s^H a|^2)`` here)."""
     try:
         from .estimators.search import music_spectrum
     except ImportError:  # pragma: no cover - search.py is part of the package
@@ -846,23 +852,24 @@ def _music_spectrum_db(Es: torch.Tensor, sc: Scenario, phi: np.ndarray, theta: n
     from . import physics
 
     P_, T_ = np.meshgrid(phi, theta, indexing="ij")
+    Pt, Tt = torch.from_numpy(P_), torch.from_numpy(T_)
     best = None
     Es = Es.to(torch.complex128)
     for rr in r:
         if music_spectrum is not None:
-            p = music_spectrum(Es, torch.from_numpy(P_), torch.from_numpy(T_), torch.tensor(float(rr), dtype=torch.float64), sc)[0]
+            p = music_spectrum(Es, Pt, Tt, torch.tensor(float(rr), dtype=torch.float64), sc)
         else:
-            a = physics.steering(torch.from_numpy(P_).reshape(-1), torch.from_numpy(T_).reshape(-1),
-                                 torch.full((P_.size,), float(rr), dtype=torch.float64), sc, dtype=torch.complex128)
+            a = physics.steering(Pt.reshape(-1), Tt.reshape(-1), torch.full((P_.size,), float(rr), dtype=torch.float64), sc,
+                                 dtype=torch.complex128)
             a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-            proj = (a.conj() @ Es[0]).abs().square().sum(-1)
-            p = (1.0 / (1.0 - proj).clamp(min=1e-300)).reshape(P_.shape)
+            proj = (a.conj().unsqueeze(0) @ Es).abs().square().sum(-1)  # [B, P]
+            p = (1.0 / (1.0 - proj).clamp(min=1e-300)).reshape(Es.shape[0], *P_.shape)
         p = p.cpu().numpy()
         best = p if best is None else np.maximum(best, p)
-    return 10 * np.log10(best / best.max())
+    return 10 * np.log10(best / best.max(axis=(1, 2), keepdims=True))
 
 
-def spectrum_data(res: BenchResult, index: int | None = None, n_phi: int = 121, n_theta: int = 61, n_r: int = 24) -> dict[str, Any]:
+def spectrum_data(res: BenchResult, index: int | None = None, n_phi: int = 97, n_theta: int = 49, n_r: int = 16) -> dict[str, Any]:
     """Panels for the spectrum plot of one scene: learned effective covariance vs sample covariance,
     or (without a usable learned model) true effective covariance vs sample covariance."""
     from . import covariance as cv
@@ -879,7 +886,6 @@ def spectrum_data(res: BenchResult, index: int | None = None, n_phi: int = 121, 
     theta = np.radians(np.linspace(math.degrees(sc.theta_min), math.degrees(sc.theta_max), n_theta))
     r = 1.0 / np.linspace(1.0 / sc.r_max, 1.0 / sc.r_min, n_r)
     opts = cv.CovarianceOptions()
-    panels = []
     learned_note = ""
     ref = None
     lr = res.methods.get("learned")
@@ -896,9 +902,10 @@ def spectrum_data(res: BenchResult, index: int | None = None, n_phi: int = 121, 
         if lr is None or not lr.ok:
             learned_note += "no learned model in this run; "
     samp = cv.scene_covariance(s, options=opts)
-    for title, R in ((ref_title, ref), ("sample covariance of the back-projected snapshots (what music/mvdr use)", samp)):
-        Es = R.signal_subspace(K)
-        panels.append({"title": title, "values_db": _music_spectrum_db(Es, sc, phi, theta, r)})
+    titles = (ref_title, "sample covariance of the back-projected snapshots (what music/mvdr use)")
+    Es = torch.cat([ref.signal_subspace(K).to(torch.complex128), samp.signal_subspace(K).to(torch.complex128)])
+    values = _music_spectrum_db(Es, sc, phi, theta, r)
+    panels = [{"title": t, "values_db": v} for t, v in zip(titles, values)]
     truth_pts = [(math.degrees(float(s.truth.phi[0, k])), math.degrees(float(s.truth.theta[0, k])), float(s.truth.r[0, k])) for k in range(K)]
     snr = float(s.snr_db[0]) if s.snr_db is not None else float("nan")
     caption = (f"scene {i} (K = {K}, SNR = {snr:.1f} dB), signal subspace of the true dimension K, "
@@ -938,7 +945,7 @@ def _make_plots(res: BenchResult, out: Path) -> list[str]:
         plots.k_confusion(conf, out / "k_confusion.png")
         made.append("k_confusion.png")
     try:
-        data = spectrum_data(res, res.config.spectrum_scene)
+        data = spectrum_data(res, res.config.spectrum_scene, *res.config.spectrum_grid)
         plots.spectra(data, out / "spectrum.png")
         res.spectrum = {k: v for k, v in data.items() if k in ("scene", "K", "snr_db", "caption")}
         res.spectrum["panels"] = [p["title"] for p in data["panels"]]

@@ -1,0 +1,179 @@
+"""risloc.bench / `risloc bench`: one small benchmark (music, a truth oracle, a method that raises,
+an unknown method), its report files and their contents; strict mode; the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import risloc
+from risloc import bench
+from risloc.estimators import register
+from risloc.scenes import Estimates
+
+N_SCENES = 16
+SEED = 7
+
+_TRUTH: dict = {}
+
+
+def _lookup(scenes):
+    """Rows of the cached truth for a batch (matched on y, since estimators never see the truth)."""
+    full = _TRUTH["scenes"]
+    key = full.y[:, 0, 0]
+    idx = [int(torch.nonzero(key == v)[0]) for v in scenes.y[:, 0, 0].cpu()]
+    return full.truth[torch.tensor(idx)]
+
+
+@register("bench-test-oracle")
+def _oracle(scenes, **_):
+    assert scenes.truth is None, "the benchmark must not hand the truth to an estimator"
+    t = _lookup(scenes)
+    return Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone(), "oracle")
+
+
+@register("bench-test-raise")
+def _raises(scenes, **_):
+    raise RuntimeError("deliberate failure for the test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: faster on the shared 2-core CI machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, one_thread):
+    _TRUTH["scenes"] = risloc.simulate(risloc.Scenario(), N_SCENES, seed=SEED)
+    out = tmp_path_factory.mktemp("bench")
+    cfg = bench.BenchConfig(
+        scenes=N_SCENES, seed=SEED, batch=8, out=out, device="cpu", progress=False, spectrum_grid=(31, 15, 4),
+        methods=("music", "bench-test-oracle", "bench-test-raise", "no-such-method"),
+    )
+    with pytest.warns(UserWarning, match="risloc bench"):
+        res = bench.run_benchmark(cfg)
+    return res, out
+
+
+def test_statuses(result):
+    res, _ = result
+    m = res.methods
+    assert list(m) == ["music", "bench-test-oracle", "bench-test-raise", "no-such-method"]
+    assert m["music"].ok and m["bench-test-oracle"].ok
+    assert m["bench-test-raise"].status == bench.FAILED
+    assert "deliberate failure" in m["bench-test-raise"].reason
+    assert m["no-such-method"].status == bench.NOT_RUN
+    assert "no-such-method" in m["no-such-method"].reason
+    assert res.crb_status == bench.OK and len(res.crb) == N_SCENES
+
+
+def test_same_scenes_and_oracle_scores(result):
+    res, _ = result
+    # the held-out scenes are the seed's stream, drawn on the CPU
+    assert torch.equal(res.scenes.y, _TRUTH["scenes"].y)
+    o = res.methods["bench-test-oracle"].score.overall
+    assert o.n_scenes == N_SCENES
+    assert o.success == 1.0 and o.K_acc == 1.0 and o.K_under == 0.0 and o.K_over == 0.0
+    assert o.rmse_phi_deg == 0.0 and o.rmse_r_m == 0.0
+    assert o.crb_ratio_phi == 0.0 and o.success_crb is not None and 0 < o.success_crb <= 1
+    mu = res.methods["music"]
+    assert len(mu.estimates) == N_SCENES and 0.0 <= mu.score.overall.success <= 1.0
+    # timing: first batch of 8 is warm-up, the second timed
+    assert mu.timing.warmup_scenes == 8 and mu.timing.scenes == 8 and mu.timing.scenes_per_s > 0
+
+
+def test_crb_reference_matches_metrics(result):
+    res, _ = result
+    ref = bench.crb_reference(res.scenes.truth, res.crb)
+    assert ref["n_sources"] == int(res.scenes.truth.K.sum())
+    assert math.isclose(ref["success_crb"], res.methods["music"].score.overall.success_crb, rel_tol=1e-12)
+    assert ref["rms_sqrt_crb_phi"] > 0
+
+
+def test_files_exist(result):
+    _, out = result
+    for name in ("report.md", "results.json", "rmse_vs_snr.png", "success_vs_snr.png", "k_confusion.png", "spectrum.png"):
+        p = out / name
+        assert p.is_file() and p.stat().st_size > 0, name
+    for p in ("rmse_vs_snr.png", "spectrum.png"):
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_report_tables(result):
+    res, out = result
+    text = (out / "report.md").read_text()
+    for heading in ("## Overall", "## SNR 10…20 dB", "## SNR -5…20 dB", "## Per SNR bin (5 dB)", "## Per true K", "## Methods"):
+        assert heading in text, heading
+    for col in ("success / CRB-eff.", "K acc", "K under", "K over", "RMSE φ (°)", "φ RMSE/√CRB", "r RMSE/√CRB", "scenes/s"):
+        assert col in text, col
+    assert "| CRB bound ¹ |" in text
+    assert "not run: no estimator registered under 'no-such-method'" in text
+    assert "failed: RuntimeError: deliberate failure for the test" in text
+    assert res.device["name"] in text
+    # one table per K present
+    for k in np.unique(res.scenes.truth.K.numpy()):
+        assert f"### K = {k}" in text
+    assert "![spectrum.png](spectrum.png)" in text
+    # the oracle's overall row: success 1, K acc 1
+    overall = text.split("## Overall", 1)[1]
+    row = next(line for line in overall.splitlines() if line.startswith("| bench-test-oracle |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1.00" and cells[3] == "1.00"
+
+
+def test_results_json(result):
+    res, out = result
+    d = json.loads((out / "results.json").read_text())
+    for key in ("seeds", "scenario", "config", "versions", "device", "git", "started", "finished", "methods", "crb", "timing_rules"):
+        assert key in d, key
+    assert d["seeds"]["scenes"] == SEED and d["n_scenes"] == N_SCENES
+    assert d["scenario"] == risloc.Scenario().to_dict()
+    assert set(d["versions"]) >= {"risloc", "torch", "numpy", "python"}
+    assert d["git"]["commit"]
+    m = d["methods"]
+    assert m["no-such-method"]["status"] == "not run"
+    assert m["bench-test-raise"]["status"] == "failed" and "deliberate" in m["bench-test-raise"]["reason"]
+    assert "RuntimeError" in m["bench-test-raise"]["traceback"]
+    music = m["music"]
+    assert music["status"] == "ok" and music["timing"]["scenes_per_s"] > 0
+    assert set(music["score"]) >= {"overall", "by_snr", "by_k"}
+    assert {r["snr_lo"] for r in music["snr_ranges"]} == {10.0, -5.0}
+    assert "order_rule" in music["defaults"]
+    assert np.array(music["k_confusion"]).sum() == N_SCENES
+    assert m["bench-test-oracle"]["score"]["overall"]["success"] == 1.0
+    assert d["crb"]["reference"]["overall"]["n_scenes"] == N_SCENES
+    assert d["finished"] >= d["started"]
+
+
+def test_strict_reraises():
+    with pytest.raises(RuntimeError, match="deliberate"):
+        bench.run_benchmark(bench.BenchConfig(scenes=4, batch=4, methods=("bench-test-raise",), out=None,
+                                              crb=False, strict=True, progress=False, device="cpu"))
+
+
+def test_cli(tmp_path, capsys):
+    from risloc.cli import main
+
+    _TRUTH["scenes"] = risloc.simulate(risloc.Scenario(signal="static"), 6, seed=SEED)
+    out = tmp_path / "rep"
+    rc = main(["bench", "--scenes", "6", "--batch", "3", "--seed", str(SEED), "--methods", "bench-test-oracle,learned",
+               "--out", str(out), "--no-plots", "--no-crb", "--no-progress", "--device", "cpu",
+               "--set", "k_max=5", "--signal", "static"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "## Overall" in text and "bench-test-oracle" in text
+    assert "WARNING: learned: not run" in text
+    d = json.loads((out / "results.json").read_text())
+    assert d["scenario"]["signal"] == "static" and d["n_scenes"] == 6
+    assert d["methods"]["learned"]["status"] == "not run"
+    assert (out / "report.md").is_file()
