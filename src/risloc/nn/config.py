@@ -143,6 +143,10 @@ class TrainConfig:
     val_file: str = ""
     """Validate on this scene file instead of simulating ``val_scenes``."""
     val_batch: int = 1024
+    val_locate: bool = True
+    """Run MUSIC and score locations at every validation (off: NMSE and K-head metrics only)."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
     lr: float = 3e-4
     min_lr: float = 1e-5
     warmup_steps: int = 500

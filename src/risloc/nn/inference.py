@@ -1,0 +1,164 @@
+"""The learned estimator ("learned"): network -> effective covariance -> MUSIC with the K head's K-hat.
+
+The path, shared verbatim by validation during training and by inference::
+
+    inputs = prepare_inputs(y, H, codes, snr_db)               sample covariance, SNR (estimated if missing)
+    pred   = model(inputs, options)                            factor F, effective covariance E(F), K logits
+    K-hat  = decide_k(logits, T, tau, order-rule fall-back)    calibrated K head (risloc.nn.calibrate)
+    est    = music_from_covariance(E(F), scenario, K=K-hat)    risloc.estimators.music
+
+``options`` are the checkpoint's CovarianceOptions (the final hybrid weight beta, loading,
+shrinkage), i.e. the same arguments as the training loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import covariance as cv
+from ..estimators import register
+from ..scenario import Scenario
+from ..scenes import Estimates, Scenes
+from .calibrate import decide_k
+from .checkpoint import file_sha256, load_checkpoint
+from .config import TrainConfig
+from .model import ModelInputs, Prediction, RisCovarianceNet, build_model, effective, prepare_inputs
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
+"""Where a packaged default checkpoint would live (none is shipped yet)."""
+
+
+@dataclass
+class Calibration:
+    """Temperature of the K logits, confidence threshold of the fall-back and its order rule."""
+
+    temperature: float = 1.0
+    threshold: float = 0.0
+    order_rule: str = "mdl"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: RisCovarianceNet
+    config: TrainConfig
+    options: cv.CovarianceOptions
+    calibration: Calibration
+    sha256: str
+    state: dict = field(repr=False, default_factory=dict)
+
+
+def load_model(checkpoint: str | Path, *, device=None) -> LoadedModel:
+    """Build the network of a checkpoint with its EMA weights (or raw weights without EMA)."""
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_toml(state["config"])
+    model = build_model(cfg.scenario, cfg.model)
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    model.eval()
+    if device is not None:
+        model.to(device)
+    cal = Calibration(**state.get("calibration", {}))
+    options = cfg.covariance_options(state.get("beta", cfg.loss.beta))
+    return LoadedModel(model, cfg, options, cal, file_sha256(checkpoint), state)
+
+
+def fallback_order(inputs: ModelInputs, options: cv.CovarianceOptions, scenario: Scenario, rule: str) -> torch.Tensor:
+    """K from the model-based order rule (risloc.estimators.order, in the dual form that MUSIC
+    uses by default) on the eigenvalues of the sample-only effective covariance."""
+    from ..estimators.music import order_from_covariance
+
+    return order_from_covariance(effective(None, inputs, options), scenario, rule=rule)
+
+
+def locate_from_prediction(
+    pred: Prediction,
+    inputs: ModelInputs,
+    options: cv.CovarianceOptions,
+    scenario: Scenario,
+    calibration: Calibration,
+    music_options: dict | None = None,
+) -> Estimates:
+    """K-hat from the calibrated K head (with fall-back) and MUSIC on the effective covariance."""
+    from ..estimators.music import music_from_covariance
+
+    fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
+    K, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
+    K = K.clamp(max=scenario.k_max)
+    R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
+    return music_from_covariance(R, scenario, K=K, **(music_options or {}))
+
+
+@torch.no_grad()
+def run_model(
+    model: RisCovarianceNet,
+    scenes: Scenes,
+    *,
+    options: cv.CovarianceOptions,
+    calibration: Calibration,
+    batch: int = 1024,
+    device=None,
+    music_options: dict | None = None,
+    use_snr: bool = True,
+) -> tuple[Estimates, torch.Tensor]:
+    """Estimates and K logits ``[S, K_max]`` for ``scenes``, in batches on ``device``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    scenario = scenes.scenario
+    ests, logits = [], []
+    for a in range(0, len(scenes), batch):
+        s = scenes[a : a + batch].to(device)
+        inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
+        pred = model(inputs, options)
+        ests.append(locate_from_prediction(pred, inputs, options, scenario, calibration, music_options))
+        logits.append(pred.k_logits.float())
+    return Estimates.cat(ests), torch.cat(logits)
+
+
+@register("learned")
+def estimate(
+    scenes: Scenes,
+    *,
+    checkpoint: str | Path | None = None,
+    device=None,
+    batch: int = 1024,
+    beta: float | None = None,
+    use_snr: bool = True,
+    music_options: dict | None = None,
+    **_ignored,
+) -> Estimates:
+    """The learned estimator: hybrid effective covariance (network + the scene's own snapshots,
+    weight ``beta``, default the checkpoint's) -> MUSIC with the calibrated K head.
+
+    ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
+    ``src/risloc/weights/default.pt``. ``device``: where to run (default: the scenes' device).
+    ``use_snr=False`` ignores the scenes' SNR labels (estimated from the data instead).
+    Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
+    """
+    if checkpoint is None:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise ValueError(
+                "learned: no checkpoint given and no packaged default weights "
+                f"({DEFAULT_WEIGHTS}); pass --checkpoint FILE (checkpoint=...) or train one with `risloc train`"
+            )
+        checkpoint = DEFAULT_WEIGHTS
+    device = torch.device(device) if device is not None else scenes.device
+    loaded = load_model(checkpoint, device=device)
+    if scenes.scenario.n_elements != loaded.config.scenario.n_elements or scenes.scenario.snapshots != loaded.config.scenario.snapshots:
+        raise ValueError(
+            f"learned: checkpoint {checkpoint} was trained for N = {loaded.config.scenario.n_elements}, "
+            f"L = {loaded.config.scenario.snapshots}; the scenes have N = {scenes.scenario.n_elements}, L = {scenes.scenario.snapshots}"
+        )
+    options = loaded.options if beta is None else dataclasses.replace(loaded.options, beta=float(beta))
+    music = dict(loaded.config.music_options)
+    music.update(music_options or {})
+    est, _ = run_model(
+        loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music, use_snr=use_snr
+    )
+    est.method = f"learned:{loaded.sha256[:12]}"
+    return est.to(scenes.device)

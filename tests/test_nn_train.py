@@ -1,0 +1,156 @@
+"""The trainer: gradient gate, resume == uninterrupted, calibration, safe checkpoints, config, overfit probe."""
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+import risloc
+from risloc.nn import calibrate
+from risloc.nn.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from risloc.nn.config import TrainConfig, apply_overrides
+from risloc.nn.train import WarmupCosine, gated_step, train
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """A run of seconds: 64-scene pool, 16-wide single-layer network, 4 x 4 element patches."""
+    base = {
+        "device": "cpu", "amp": "none", "threads": 1, "epochs": 3, "steps_per_epoch": 3, "batch": 8, "train_scenes": 64,
+        "val_scenes": 16, "val_batch": 16, "val_locate": False, "calibrate": False, "lr": 1e-3, "warmup_steps": 2,
+        "ema": 0.9, "log_every": 2, "val_primary": "loss",
+        "model.width": 16, "model.depth": 1, "model.heads": 2, "model.patch": 4, "model.k_hidden": 16,
+        "loss.beta_start": 1.0, "loss.k_start": 1.0, "loss.gap_start": 1.5, "loss.sub_start": 2.0, "loss.peak_start": 2.0,
+        "loss.snr_drop": 0.25, "loss.snr_noise_db": 1.0,
+    }
+    base.update(changes)
+    return apply_overrides(TrainConfig(), base)
+
+
+def test_nonfinite_gradient_is_skipped_and_scheduler_does_not_tick():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sched = WarmupCosine(0.1, 0.0, 0, 10)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    stepped, norm = gated_step([p], opt, sched, grad_clip=1.0)
+    assert not stepped and not math.isfinite(float(norm))
+    assert sched.step == 0 and torch.equal(p.detach(), torch.ones(3)) and p.grad is None
+    assert len(opt.state) == 0  # AdamW never saw the step
+    p.grad = torch.tensor([10.0, 0.0, 0.0])
+    stepped, norm = gated_step([p], opt, sched, grad_clip=1.0)
+    assert stepped and sched.step == 1 and float(norm) == pytest.approx(10.0)
+    assert p[0] < 1.0
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            if not _state_equal(x, y):
+                return False
+        elif torch.is_tensor(x):
+            if not torch.equal(x, y):
+                return False
+        elif isinstance(x, list):
+            if len(x) != len(y) or any(not (_state_equal({0: u}, {0: v})) for u, v in zip(x, y)):
+                return False
+        elif x != y and not (isinstance(x, float) and math.isnan(x) and math.isnan(y)):
+            return False
+    return True
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny_config()
+    quiet = lambda s: None  # noqa: E731
+    train(cfg, tmp_path / "full", log=quiet)
+    train(cfg, tmp_path / "cut", log=quiet, stop_after_epoch=0)  # "killed" after epoch 0
+    train(cfg, tmp_path / "cut", log=quiet, resume=True)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for key in ("model", "ema", "objective", "optimizer", "scheduler", "progress", "metrics"):
+        assert _state_equal(a[key], b[key]), key
+    la = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lb] == [0, 1, 2]
+    assert [x["val_nmse"] for x in la] == [x["val_nmse"] for x in lb]
+
+
+def test_calibration_lowers_nll_on_held_out_data():
+    g = torch.Generator().manual_seed(0)
+    n, k = 4000, 5
+    K = torch.randint(1, k + 1, (n,), generator=g)
+    # an over-confident head: right 60 % of the time, logits scaled far too high
+    guess = torch.where(torch.rand(n, generator=g) < 0.6, K, torch.randint(1, k + 1, (n,), generator=g))
+    logits = 8.0 * torch.nn.functional.one_hot(guess - 1, k).float() + torch.randn(n, k, generator=g)
+    fit, held = slice(0, n // 2), slice(n // 2, n)
+    T = calibrate.fit_temperature(logits[fit], K[fit])
+    assert T > 1.5
+    assert calibrate.nll(logits[held], K[held], T) < calibrate.nll(logits[held], K[held], 1.0) - 0.5
+    # the fall-back threshold only helps: perfect fall-back K -> some threshold > 0
+    tau = calibrate.tune_threshold(logits[fit], K[fit], T, K[fit])
+    assert tau > 0
+    Kh, _ = calibrate.decide_k(logits[held], T, tau, K[held])
+    assert (Kh == K[held]).float().mean() > ((logits[held].argmax(-1) + 1) == K[held]).float().mean()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "version": VERSION, "payload": _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    with pytest.raises(ValueError, match="refused to load"):
+        load_checkpoint(path)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"format": FORMAT, "version": VERSION, "x": torch.ones(2), "cfg": "a = 1", "n": [1, 2.5]})
+    assert load_checkpoint(good)["n"] == [1, 2.5]
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temporary file
+
+
+def test_config_toml_round_trip_and_flags():
+    cfg = tiny_config(**{"model.width": 24, "loss.k_weight": 0.3, "scenario.k_max": 3, "betas": "0.8,0.95"})
+    back = TrainConfig.from_toml(cfg.to_toml())
+    assert back == cfg and back.scenario.k_max == 3 and back.betas == (0.8, 0.95)
+    from risloc.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "x", "--lr", "0.01", "--model.width", "8", "--set", "loss.beta=0.2"])
+    from risloc.nn.config import config_from_args
+
+    got = config_from_args(args)
+    assert got.lr == 0.01 and got.model.width == 8 and got.loss.beta == 0.2
+    with pytest.raises(ValueError, match="unknown option"):
+        apply_overrides(cfg, {"model.nope": 1})
+
+
+def test_learned_estimator_and_missing_default(tmp_path):
+    from risloc.estimators import get
+
+    cfg = tiny_config(epochs=1, steps_per_epoch=2)
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    scenes = risloc.simulate(risloc.Scenario(), 6, seed=3)
+    est = get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt", music_options={"refine_iterations": 2})
+    assert est.method.startswith("learned:") and len(est.method) == len("learned:") + 12
+    assert est.K.shape == (6,) and (est.K >= 0).all()
+    no_snr = get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt", use_snr=False, music_options={"refine_iterations": 2})
+    assert no_snr.K.shape == (6,)
+    with pytest.raises(ValueError, match="--checkpoint"):
+        get("learned")(scenes)
+
+
+def test_small_overfit_run_under_a_minute(capsys):
+    from risloc.cli import main
+
+    rc = main(["overfit", "--train-scenes", "32", "--val-scenes", "32", "--batch", "32", "--steps-per-epoch", "4",
+               "--target", "0.6", "--budget", "45", "--model.width", "32", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "[SELFTEST] nmse(R,R)=0 nmse(0,R)=1" in out
+    for tag in ("[LR]", "[GRAD]", "[STEP] step", "dparam=", "[VAL]"):
+        assert tag in out
+    assert rc == 0, out[-2000:]
