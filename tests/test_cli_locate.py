@@ -1,0 +1,55 @@
+"""`risloc locate`: file in, estimates file out, option routing, refusals."""
+
+import h5py
+import numpy as np
+import pytest
+
+import risloc
+from risloc import io
+from risloc.cli import main
+from risloc.cli.locate import estimator_options
+from risloc.estimators import get
+
+
+@pytest.fixture(scope="module")
+def scene_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("locate") / "scenes.h5"
+    io.save_scenes(risloc.simulate(risloc.Scenario(), 5, seed=9), path)
+    return path
+
+
+def test_locate_writes_estimates(scene_file, tmp_path):
+    out = tmp_path / "est.h5"
+    rc = main(["locate", str(scene_file), "--out", str(out), "--method", "mvdr", "--batch", "2", "--no-progress", "--no-snr"])
+    assert rc == 0
+    est = io.load_estimates(out)
+    assert len(est) == 5 and est.method == "mvdr"
+    K = est.K.numpy()
+    phi = est.phi.numpy()
+    assert ((K >= 1) & (K <= 5)).all()
+    for k, row in zip(K, phi):
+        assert np.isfinite(row[:k]).all() and np.isnan(row[k:]).all()
+    with h5py.File(out) as f:
+        assert f.attrs["format"] == "risloc-estimates"
+    assert not [p for p in tmp_path.iterdir() if p.name != "est.h5"]  # no temporary left behind
+
+
+def test_option_routing():
+    music, mvdr = get("music"), get("mvdr")
+    assert estimator_options(music, order_rule="aic", no_snr=True, batch=8) == {"order_rule": "aic", "use_snr": False, "batch": 8}
+    with pytest.raises(ValueError, match="checkpoint"):
+        estimator_options(music, checkpoint="x.pt")
+    with pytest.raises(ValueError, match="order"):
+        estimator_options(mvdr, order_rule="mdl")
+
+
+def test_refusals(scene_file, tmp_path, capsys):
+    out = tmp_path / "est.h5"
+    assert main(["locate", str(scene_file), "--out", str(out), "--method", "nope"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["locate", str(scene_file), "--out", str(out), "--checkpoint", "c.pt", "--no-progress"]) == 2
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f.attrs["format"] = "something-else"
+    assert main(["locate", str(bad), "--out", str(out), "--no-progress"]) == 2
+    assert not out.exists()

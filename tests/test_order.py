@@ -1,0 +1,63 @@
+"""Model-order rules on synthetic eigenvalue profiles and on true-covariance scenes."""
+
+import pytest
+import torch
+
+import risloc
+from risloc import covariance as cv
+from risloc.estimators.music import order_from_covariance
+from risloc.estimators.order import estimate_order, information_criterion
+
+
+def profile(K, p=16, floor=1.0, signal=(50.0, 30.0, 20.0, 10.0, 6.0)):
+    lam = torch.full((p,), floor, dtype=torch.float64)
+    lam[:K] += torch.tensor(signal[:K], dtype=torch.float64)
+    return lam
+
+
+@pytest.mark.parametrize("rule", ["mdl", "aic", "eigengap"])
+def test_flat_floor_profiles(rule):
+    lam = torch.stack([profile(K) for K in range(0, 6)])
+    K = estimate_order(lam, 144, rule=rule, k_max=5)
+    assert K.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("rule", ["mdl", "aic"])
+def test_noisy_floor_and_scale_invariance(rule):
+    g = torch.Generator().manual_seed(0)
+    lam = torch.stack([profile(K) for K in range(1, 6)])
+    lam = lam * (1 + 0.01 * torch.rand(lam.shape, generator=g, dtype=torch.float64))
+    lam = lam.sort(-1, descending=True).values
+    K1 = estimate_order(lam, 144, rule=rule, k_max=5)
+    K2 = estimate_order(lam * 1e7, 144, rule=rule, k_max=5)
+    assert K1.tolist() == [1, 2, 3, 4, 5] and torch.equal(K1, K2)
+
+
+def test_mdl_needs_snapshots_and_k_limits():
+    lam = profile(3).unsqueeze(0)
+    with pytest.raises(ValueError, match="n_snapshots"):
+        estimate_order(lam, rule="mdl")
+    with pytest.raises(ValueError, match="rule"):
+        estimate_order(lam, 10, rule="bic")
+    assert estimate_order(lam, 144, k_max=2).item() == 2
+    assert estimate_order(profile(0).unsqueeze(0), 144, k_min=1).item() == 1
+    assert estimate_order(profile(0).unsqueeze(0), rule="eigengap", k_min=0).item() == 0
+    crit = information_criterion(lam, 144)
+    assert crit.shape == (1, 16) and crit.argmin().item() == 3
+
+
+def test_zero_and_rank_deficient_profiles():
+    lam = torch.tensor([[5.0, 2.0] + [0.0] * 8, [0.0] * 10], dtype=torch.float64)
+    for rule in ("mdl", "aic", "eigengap"):
+        K = estimate_order(lam, 100, rule=rule, k_max=5)
+        assert (K >= 0).all() and (K <= 5).all()
+
+
+@pytest.mark.parametrize("rule", ["mdl", "aic", "eigengap"])
+def test_true_covariance_scenes_with_noise_floor(rule):
+    sc = risloc.Scenario()
+    scenes = risloc.simulate(sc, 64, seed=8)
+    F = risloc.source_factor(scenes.truth, sc)
+    R = cv.effective_covariance(F, options=cv.CovarianceOptions(loading=1e-2, shrinkage=0.0))
+    K = order_from_covariance(R, sc, rule=rule, gap_threshold=1.5)
+    assert torch.equal(K, scenes.truth.K)
