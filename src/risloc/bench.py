@@ -104,6 +104,8 @@ class BenchConfig:
     plots: bool = True
     spectrum_scene: int | None = None
     """Scene of the MUSIC-spectrum plot; None: the first scene with K >= 2 and 10 <= SNR <= 20 dB."""
+    threads: int | None = None
+    """torch intra-op CPU threads during the run (``torch.set_num_threads``, restored after); None: unchanged."""
     spectrum_grid: tuple[int, int, int] = (97, 49, 16)
     """(n_phi, n_theta, n_r) of the spectrum plot (angles uniform, ranges uniform in 1/r)."""
     progress: bool = True
@@ -118,6 +120,8 @@ class BenchConfig:
         self.methods = tuple(dict.fromkeys(self.methods))  # unique, in order
         if not self.methods:
             raise ValueError("BenchConfig.methods: name at least one method")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"BenchConfig.threads = {self.threads}: must be >= 1")
         for name, n in self.limits.items():
             if int(n) < 1:
                 raise ValueError(f"BenchConfig.limits[{name!r}] = {n}: must be >= 1")
@@ -592,12 +596,22 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     :class:`BenchResult`; with ``config.out`` set, ``report.md``, ``results.json`` and the
     PNG plots are written there (each file atomically).
     """
-    from .crb import CRBResult, crb_for_scenes
-    from .simulate import simulate
-
     cfg = dataclasses.replace(config, **changes) if config is not None else BenchConfig(**changes)
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_benchmark(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(cfg: BenchConfig) -> BenchResult:
+    from .crb import CRBResult, crb_for_scenes
+    from .simulate import simulate
+
     device = cfg.resolved_device()
     started, t_start = _now(), time.perf_counter()
 

@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-crb", action="store_true", help="skip the CRB (no RMSE/√CRB ratios)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--spectrum-scene", type=int, default=None, metavar="I", help="scene of the MUSIC-spectrum plot")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for the run (default: torch's default; 1 is faster on a shared, oversubscribed CPU)")
     p.add_argument("--strict", action="store_true", help="an exception inside a method (or the CRB) is fatal")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         plots=not args.no_plots,
         spectrum_scene=args.spectrum_scene,
+        threads=args.threads,
         progress=not args.no_progress,
     )
     t0 = time.perf_counter()
