@@ -117,7 +117,7 @@ def test_report_tables(result):
     for col in ("success / CRB-eff.", "K acc", "K under", "K over", "RMSE φ (°)", "φ RMSE/√CRB", "r RMSE/√CRB", "scenes/s"):
         assert col in text, col
     assert "| CRB bound ¹ |" in text
-    assert "not run: no estimator registered under 'no-such-method'" in text
+    assert "not run: unknown method 'no-such-method'" in text
     assert "failed: RuntimeError: deliberate failure for the test" in text
     assert res.device["name"] in text
     # one table per K present

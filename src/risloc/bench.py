@@ -67,6 +67,10 @@ QUICK_SCENES = 200
 QUICK_BATCH = 50
 """Batch of ``--quick`` (the first batch is the timing warm-up)."""
 
+QUICK_CPU_THREADS = 1
+"""torch threads of ``--quick`` on the CPU: on a shared 2-core machine with other jobs, two
+threads made the ml estimator ~15x slower (OpenMP threads waiting on each other) than one."""
+
 SNR_RANGES = ((10.0, 20.0), (-5.0, 20.0))
 """SNR ranges reported besides the 5 dB bins (both ends included)."""
 
@@ -129,9 +133,12 @@ class BenchConfig:
     @classmethod
     def quick_preset(cls, **changes) -> "BenchConfig":
         """The ``--quick`` configuration: :data:`QUICK_SCENES` scenes, batch :data:`QUICK_BATCH`,
-        every method with its default options (no cheaper settings), same scenes for all."""
-        base = dict(scenes=QUICK_SCENES, batch=QUICK_BATCH, quick=True)
+        every method with its default options (no cheaper settings), same scenes for all; on
+        the CPU one torch thread (:data:`QUICK_CPU_THREADS`) unless ``threads`` is given."""
+        base: dict[str, Any] = dict(scenes=QUICK_SCENES, batch=QUICK_BATCH, quick=True)
         base.update(changes)
+        if base.get("threads") is None and cls(**{**base, "threads": None}).resolved_device().type == "cpu":
+            base["threads"] = QUICK_CPU_THREADS
         return cls(**base)
 
     def resolved_device(self) -> torch.device:
@@ -476,7 +483,10 @@ def resolve_method(name: str, checkpoint) -> tuple[Callable | None, dict[str, An
     try:
         fn = estimators.get(name)
     except ValueError:
-        return None, {}, f"no estimator registered under {name!r} in this installation (available: {', '.join(estimators.available()) or 'none'})"
+        module = getattr(estimators, "_MODULES", {}).get(name)
+        if module is not None:
+            return None, {}, f"not registered in this installation (module {module} is missing or does not register {name!r})"
+        return None, {}, f"unknown method {name!r} (known names: {', '.join(estimators.available()) or 'none'})"
     except ImportError as exc:
         return None, {}, f"its module could not be imported ({type(exc).__name__}: {exc})"
     params = _signature(fn)
@@ -906,7 +916,7 @@ def spectrum_data(res: BenchResult, index: int | None = None, n_phi: int = 97, n
     if lr is not None and lr.ok:
         try:
             ref = _learned_covariance(s, lr.options.get("checkpoint"))
-            ref_title = "learned effective covariance"
+            ref_title = f"learned effective covariance ({lr.label})"
         except Exception as exc:  # noqa: BLE001 - plotted honestly instead
             learned_note = f"learned covariance unavailable ({type(exc).__name__}: {exc}); "
     if ref is None:

@@ -7,7 +7,7 @@ excluded as warm-up), scores them (risloc.metrics) and writes DIR/report.md,
 DIR/results.json and PNG plots. A method that is not available is reported as
 "not run: <reason>" (with a warning), an exception inside one as "failed: <message>"
 (fatal with --strict). --quick: 200 scenes in batches of 50, default options for every
-method. See docs/bench.md.
+method, one torch thread on the CPU (--threads to change). See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help=f"scenes per estimator call, the timing unit (default 256; {QUICK_BATCH} with --quick)")
     p.add_argument("--out", default="bench-report", metavar="DIR", help="report folder (default bench-report)")
-    p.add_argument("--quick", action="store_true", help=f"small run: {QUICK_SCENES} scenes, batch {QUICK_BATCH}, default method options")
+    p.add_argument("--quick", action="store_true", help=f"small run: {QUICK_SCENES} scenes, batch {QUICK_BATCH}, default method options, 1 CPU thread")
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint of the learned methods (default: packaged weights, if any)")
     p.add_argument("--signal", choices=("stochastic", "static"), default=None, help="signal model of the scenes (default: the scenario's)")
     p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the spec's default scenario)")
@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--spectrum-scene", type=int, default=None, metavar="I", help="scene of the MUSIC-spectrum plot")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads for the run (default: torch's default; 1 is faster on a shared, oversubscribed CPU)")
+                   help="torch CPU threads for the run (default: torch's default, 1 with --quick on the CPU)")
     p.add_argument("--strict", action="store_true", help="an exception inside a method (or the CRB) is fatal")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         scenario = scenario.with_overrides(args.overrides)
     if args.signal:
         scenario = scenario.replace(signal=args.signal)
-    cfg = BenchConfig(
+    make = BenchConfig.quick_preset if args.quick else BenchConfig
+    cfg = make(
         scenes=args.scenes if args.scenes is not None else (QUICK_SCENES if args.quick else 2000),
         seed=args.seed,
         methods=args.methods,
