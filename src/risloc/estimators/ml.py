@@ -63,6 +63,8 @@ DEFAULTS = dict(
     power_margin_db=4.0,  # extra margin on the scenario's power spread for the order rule
     greedy_iterations=12,  # refinement steps after each greedy addition
     final_iterations=25,  # refinement steps of the selected model
+    backward=True,
+    top=32,  # atoms scored exactly after the proxy screening (stochastic greedy step)  # backward pruning pass after the forward greedy pass
 )
 
 _DICT_CACHE: dict = {}
@@ -144,7 +146,7 @@ def _refine(state: _State, data, static: bool, iterations: int, box) -> tuple[_S
         if static:
             xt = pos
         else:
-            xt = torch.cat([pos, xt[:, 3 * K : 4 * K].clamp(*logp_lim), xt[:, 4 * K :].clamp(-25.0, 5.0)], dim=1)
+            xt = torch.cat([pos, xt[:, 3 * K : 4 * K].clamp(*logp_lim), xt[:, 4 * K :].clamp(_LOGS_MIN, 5.0)], dim=1)
         trial = _State.from_vector(xt, K, state, static)
         nll_t, g_t, F_t, amp_t = _evaluate(trial, data, static)
         ok = torch.isfinite(nll_t) & (nll_t < nll)
@@ -163,6 +165,7 @@ def _refine(state: _State, data, static: bool, iterations: int, box) -> tuple[_S
 # greedy additions
 # ------------------------------------------------------------------------------------------
 
+_LOGS_MIN = math.log(1e-5)  # sigma^2 floor relative to the mean power of y (float32-safe Cholesky)
 _P_GRID = torch.linspace(-1.5, 3.0, 8).tolist()  # log10 of p * mean_l(alpha_l): whitened per-snapshot SNR of the new source
 
 
@@ -199,51 +202,86 @@ def _stochastic_gain(alpha: Tensor, beta: Tensor):
     return best, torch.pow(10.0, lx + lscale)
 
 
-def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Tensor | None):
-    """Add the best dictionary atom as source slot k (stochastic likelihood)."""
+def _proxy_gain(alpha: Tensor, beta: Tensor):
+    """f(p) at the moment estimate p = (mean beta - mean alpha) / mean(alpha)^2 (cheap screening)."""
+    am = alpha.mean(1).clamp_min(1e-30)
+    p = ((beta.mean(1) - am) / am**2).clamp_min(1e-2 / am).unsqueeze(1)
+    t = 1 + p * alpha
+    return torch.clamp((torch.log(t) - p * beta / t).sum(1), max=0.0)
+
+
+def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Tensor | None, n2: Tensor, c: Tensor, top: int):
+    """Add the best dictionary atom as source slot k (stochastic likelihood).
+
+    alpha_l = phi_l^H C_l^-1 phi_l and phi_l^H C_l^-1 y_l come from the Woodbury form
+    C^-1 = (I - B S^-1 B^H) / sigma^2, S = sigma^2 P^-1 + B^H B (K x K), so the cost per atom
+    is O(L M K). All atoms are screened with a one-point proxy of the gain; the ``top``
+    best are scored exactly (grid + parabola in log p). For the first source sigma^2 is
+    searched on ``s2_grid`` too.
+    n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``.
+    """
     y, H, codes, sc = data
     B, L, M, Q = Phi.shape
     gp, gt, gr = atoms
+    ar = torch.arange(B, device=y.device)
     if k == 0:
-        # C = sigma^2 I: alpha = |phi|^2 / s2, beta = |phi^H y|^2 / s2^2; also search sigma^2.
-        n2 = Phi.abs().square().sum(2)  # [B, L, Q]
-        c2 = (Phi.conj() * y.unsqueeze(-1)).sum(2).abs().square()  # [B, L, Q]
+        c2 = torch.view_as_real(c).square().sum(-1)
         yy = y.abs().square().sum((1, 2))  # [B]
-        best = torch.full((B, Q), float("inf"), dtype=n2.dtype, device=n2.device)
-        best_p = torch.zeros_like(best)
-        best_s = torch.zeros_like(best)
-        for j in range(s2_grid.shape[1]):
+        J = s2_grid.shape[1]
+        prox = []
+        for j in range(J):
             s2 = s2_grid[:, j].view(B, 1, 1)
-            gain, p = _stochastic_gain(n2 / s2, c2 / s2**2)
             base = (L * M * torch.log(s2_grid[:, j]) + yy / s2_grid[:, j]).unsqueeze(-1)
+            prox.append(base + _proxy_gain(n2 / s2, c2 / s2**2))
+        prox = torch.stack(prox, -1).min(-1).values  # [B, Q]
+        idx = torch.topk(-prox, min(top, Q), dim=1).indices  # [B, T]
+        g = lambda t: t.gather(2, idx.unsqueeze(1).expand(B, L, -1))
+        n2t, c2t = g(n2), g(c2)
+        best = None
+        for j in range(J):
+            s2 = s2_grid[:, j].view(B, 1, 1)
+            base = (L * M * torch.log(s2_grid[:, j]) + yy / s2_grid[:, j]).unsqueeze(-1)
+            gain, p = _stochastic_gain(n2t / s2, c2t / s2**2)
             val = base + gain
-            better = val < best
-            best = torch.where(better, val, best)
-            best_p = torch.where(better, p, best_p)
-            best_s = torch.where(better, s2_grid[:, j].unsqueeze(-1).expand_as(best), best_s)
-        q = torch.argmin(best, dim=1)
-        s2 = best_s.gather(1, q.unsqueeze(1)).squeeze(1)
-        state.logs = torch.log(s2)
+            if best is None:
+                best, best_p, best_s = val, p, s2_grid[:, j : j + 1].expand_as(val)
+            else:
+                better = val < best
+                best = torch.where(better, val, best)
+                best_p = torch.where(better, p, best_p)
+                best_s = torch.where(better, s2_grid[:, j : j + 1].expand_as(val), best_s)
+        t = torch.argmin(best, dim=1)
+        q = idx[ar, t]
+        state.logs = torch.log(best_s[ar, t])
+        pk = best_p[ar, t]
     else:
         cd = Phi.dtype
-        p = torch.exp(state.logp) * state.active
+        act = state.active
+        s2 = torch.exp(state.logs)
         A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
-        Bm = measure(H, codes, A)  # [B, L, M, K]
-        eye = torch.eye(M, dtype=cd, device=y.device)
-        C = (Bm * p.to(cd).view(B, 1, 1, -1)) @ Bm.mH + torch.exp(state.logs).to(cd).view(B, 1, 1, 1) * eye
-        Cinv = torch.linalg.inv(C)  # [B, L, M, M]
-        T = Cinv @ Phi  # [B, L, M, Q]
-        alpha = (Phi.conj() * T).sum(2).real
-        z = (Cinv @ y.unsqueeze(-1)).squeeze(-1)
-        beta = (Phi.conj() * z.unsqueeze(-1)).sum(2).abs().square()
-        del T
-        gain, best_p = _stochastic_gain(alpha, beta)
-        q = torch.argmin(gain, dim=1)
-    pk = best_p.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min(1e-12)
+        Bm = measure(H, codes, A) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, K]
+        pinv = torch.where(act, s2.view(B, 1) / torch.exp(state.logp), torch.ones_like(state.logp))
+        S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, K, K]
+        Si = torch.linalg.inv(S)
+        E = Bm.mH @ Phi  # [B, L, K, Q]
+        SE = Si @ E
+        u = Si @ (Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
+        s2v = s2.view(B, 1, 1)
+        quad = (torch.view_as_real(E) * torch.view_as_real(SE)).sum((2, 4))  # Re sum_k conj(E) S^-1 E
+        alpha = ((n2 - quad) / s2v).clamp_min(1e-12 * n2 / s2v)
+        beta = torch.view_as_real(c - (u.mH @ E).squeeze(2).conj()).square().sum(-1) / s2v**2
+        del E, SE
+        prox = _proxy_gain(alpha, beta)
+        idx = torch.topk(-prox, min(top, Q), dim=1).indices
+        g = lambda t: t.gather(2, idx.unsqueeze(1).expand(B, L, -1))
+        gain, best_p = _stochastic_gain(g(alpha), g(beta))
+        t = torch.argmin(gain, dim=1)
+        q = idx[ar, t]
+        pk = best_p[ar, t]
     state.phi[:, k] = gp[q]
     state.theta[:, k] = gt[q]
     state.rho[:, k] = gr[q]
-    state.logp[:, k] = torch.log(pk)
+    state.logp[:, k] = torch.log(pk.clamp_min(1e-12))
     state.active[:, k] = True
     return state
 
@@ -355,50 +393,111 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         st, _, _ = _refine(st, data, static, opts["final_iterations"], box)
         return _output(st, kin, empty, K, method)
 
-    # --- greedy stage ---------------------------------------------------------------------
+    states, nll = _path(data, K, static, snr_db, box, opts)
+    khat = _select(states, nll, static, sc, opts)
+    st = _gather(states, khat)
+    if opts["final_iterations"] > 0:
+        st, _, _ = _refine(st, data, static, opts["final_iterations"], box)
+    return _output(st, khat, empty, K, method)
+
+
+def _remove(st: _State, j: Tensor, k: int) -> _State:
+    """Drop source slot j ``[B]`` of a k-source model (the remaining ones move to slots 0..k-2)."""
+    B, K = st.phi.shape
+    idx = torch.arange(K, device=j.device).view(1, -1).expand(B, K)
+    perm = idx + (idx >= j.view(-1, 1)).to(idx.dtype)  # skip slot j
+    perm = torch.where(idx >= k - 1, idx, perm).clamp(max=K - 1)
+    g = lambda t: t.gather(1, perm)
+    act = idx < (k - 1)
+    return _State(g(st.phi), g(st.theta), g(st.rho), g(st.logp), st.logs.clone(), act)
+
+
+def _path(data, K: int, static: bool, snr_db, box, opts):
+    """Candidate models for K = 0..K_max: a forward greedy pass, then a backward pruning pass.
+
+    Forward: add the best dictionary atom, refine all sources. Backward (from K_max down):
+    drop the source whose removal costs least likelihood, refine, and keep the result as
+    the (K-1)-source candidate when its NLL beats the forward one. Returns the list of
+    states and the NLLs ``[B, K_max + 1]``.
+    """
+    y, H, codes, sc = data
+    B, L, M = y.shape
+    device = y.device
+    cd = y.dtype
+    rd = physics.real_dtype(cd)
+    lo, hi = box
+    z = torch.zeros(B, K, dtype=rd, device=device)
     gp, gt, gr, D = _dictionary(sc, opts["grid_shape"], device, cd)
     Phi = measure_dictionary(H, codes, D)  # [B, L, M, Q]
-    st = _State(z.clone(), z.clone(), z.clone() + mid[2], torch.full_like(z, -30.0), torch.zeros(B, dtype=rd, device=device),
-                torch.zeros(B, K, dtype=torch.bool, device=device))
+    n2 = torch.view_as_real(Phi).square().sum((2, 4))  # |phi_l|^2, [B, L, Q]
+    c = (y.unsqueeze(2).conj() @ Phi).squeeze(2).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
+    st = _State(z.clone(), z.clone(), z.clone() + (lo[2] + hi[2]) / 2, torch.full_like(z, -30.0),
+                torch.zeros(B, dtype=rd, device=device), torch.zeros(B, K, dtype=torch.bool, device=device))
     if snr_db is not None:
         snr = torch.as_tensor(snr_db, dtype=rd, device=device).expand(B)
         s2_grid = (1.0 / (1.0 + 10 ** (snr / 10))).view(B, 1)
     else:
         s2_grid = torch.tensor([0.7, 0.3, 0.1, 0.03, 0.01], dtype=rd, device=device).expand(B, -1)
-    nll0 = torch.full((B,), float(L * M), dtype=rd, device=device) if not static else L * M * torch.log(
-        torch.full((B,), float(L * M), dtype=rd, device=device))
+    LM = float(L * M)
+    nll0 = torch.full((B,), LM, dtype=rd, device=device)  # sigma^2 = mean |y|^2 = 1
+    if static:
+        nll0 = LM * torch.log(torch.full((B,), LM, dtype=rd, device=device))
     nlls = [nll0]
     states = [st.clone()]
     for k in range(K):
         if static:
             st = _add_static(st, k, Phi, data, (gp, gt, gr))
         else:
-            st = _add_stochastic(st, k, Phi, data, (gp, gt, gr), s2_grid)
+            st = _add_stochastic(st, k, Phi, data, (gp, gt, gr), s2_grid, n2, c, opts["top"])
         st, nll, _ = _refine(st, data, static, opts["greedy_iterations"], box)
-        nlls.append(nll)
+        nlls.append(torch.nan_to_num(nll, nan=float("inf")))
         states.append(st.clone())
     del Phi
-    # --- order selection --------------------------------------------------------------------
-    nll = torch.stack(nlls, dim=1)  # [B, K+1]
-    nll = torch.nan_to_num(nll, nan=float("inf"))
+    if opts["backward"]:
+        cur = states[K]
+        for k in range(K, 1, -1):
+            cands = [_remove(cur, torch.full((B,), j, dtype=torch.int64, device=device), k) for j in range(k)]
+            vals = torch.stack([_evaluate(c, data, static, derivatives=False)[0] for c in cands], dim=1)
+            j = torch.argmin(torch.nan_to_num(vals, nan=float("inf")), dim=1)
+            cand = _remove(cur, j, k)
+            cand, nll, _ = _refine(cand, data, static, opts["greedy_iterations"], box)
+            nll = torch.nan_to_num(nll, nan=float("inf"))
+            better = nll < nlls[k - 1]
+            states[k - 1] = _where(better, cand, states[k - 1])
+            nlls[k - 1] = torch.where(better, nll, nlls[k - 1])
+            cur = states[k - 1]
+    return states, torch.stack(nlls, dim=1)
+
+
+def _where(cond: Tensor, a: _State, b: _State) -> _State:
+    w = lambda x, y: torch.where(cond.view(-1, *([1] * (x.ndim - 1))), x, y)
+    return _State(*(w(x, y) for x, y in zip(
+        (a.phi, a.theta, a.rho, a.logp, a.logs, a.active), (b.phi, b.theta, b.rho, b.logp, b.logs, b.active))))
+
+
+def _select(states, nll: Tensor, static: bool, sc, opts) -> Tensor:
+    """K-hat = argmin_K NLL_K + tau K over the orders allowed by the power rule."""
+    B, K1 = nll.shape
+    K = K1 - 1
     tau = opts["penalty_static"] if static else opts["penalty_stochastic"]
-    crit = nll + tau * torch.arange(K + 1, dtype=rd, device=device)
+    crit = nll + tau * torch.arange(K1, dtype=nll.dtype, device=nll.device)
     if not static and opts["power_margin_db"] is not None:
         # drop candidate orders whose weakest source is beyond the power spread (plus margin)
         spread = sc.power_spread_db + opts["power_margin_db"]
-        ok = [torch.ones(B, dtype=torch.bool, device=device)]
+        ok = [torch.ones(B, dtype=torch.bool, device=nll.device)]
         for k in range(1, K + 1):
             lp = states[k].logp[:, :k]
             ok.append((lp.max(1).values - lp.min(1).values) * (10 / math.log(10)) <= spread)
         crit = torch.where(torch.stack(ok, dim=1), crit, torch.full_like(crit, float("inf")))
-    khat = torch.argmin(crit, dim=1)  # [B]
-    # gather the chosen model and polish it
-    sel = lambda name: torch.stack([getattr(s, name) for s in states], dim=1)[torch.arange(B, device=device), khat]
-    idx = torch.arange(K, device=device)
-    st = _State(sel("phi"), sel("theta"), sel("rho"), sel("logp"), sel("logs"), idx.view(1, -1) < khat.view(-1, 1))
-    if opts["final_iterations"] > 0:
-        st, _, _ = _refine(st, data, static, opts["final_iterations"], box)
-    return _output(st, khat, empty, K, method)
+    return torch.argmin(crit, dim=1)
+
+
+def _gather(states, khat: Tensor) -> _State:
+    B, K = states[0].phi.shape
+    ar = torch.arange(B, device=khat.device)
+    sel = lambda name: torch.stack([getattr(s, name) for s in states], dim=1)[ar, khat]
+    idx = torch.arange(K, device=khat.device)
+    return _State(sel("phi"), sel("theta"), sel("rho"), sel("logp"), sel("logs"), idx.view(1, -1) < khat.view(-1, 1))
 
 
 def _output(st: _State, khat: Tensor, empty: Tensor, K: int, method: str) -> Estimates:

@@ -75,8 +75,10 @@ def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
 
     G_l = H diag(c_l); computed as H (c_l * v) with one batched matmul.
     """
-    X = codes.unsqueeze(2) * vectors.unsqueeze(1)  # [B, L, P, N]
-    return H.unsqueeze(1) @ X.transpose(-1, -2)  # [B, L, M, P]
+    B, L, N = codes.shape
+    P = vectors.shape[1]
+    X = (codes.unsqueeze(2) * vectors.unsqueeze(1)).reshape(B, L * P, N)  # [B, L P, N]
+    return (H @ X.transpose(-1, -2)).view(B, -1, L, P).transpose(1, 2)  # [B, L, M, P]
 
 
 def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
@@ -90,6 +92,8 @@ def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
 def hermitian_solve_parts(C: Tensor):
     """Cholesky of Hermitian positive-definite ``C`` ``[..., M, M]``: returns (C^-1, log det C)."""
     Lc, info = torch.linalg.cholesky_ex(C)
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    Lc = torch.where(info.ne(0).view(*info.shape, 1, 1), eye, Lc)  # failed factorisations: NLL set to inf by the caller
     logdet = 2 * torch.log(torch.diagonal(Lc, dim1=-2, dim2=-1).real.clamp_min(1e-30)).sum(-1)
     Cinv = torch.cholesky_inverse(Lc)
     return Cinv, logdet, info
@@ -152,32 +156,34 @@ def stochastic_eval(
     #   tr(C^-1 v_a v_b^H C^-1 v_c v_d^H) = W[b, c] W[d, a],  tr(C^-1 I C^-1 v_x v_y^H) = U[y, x].
     Pn = 4 * K + 1
     CV = Cinv @ V  # [B, L, M, 4K]
-    W = V.mH @ CV  # [B, L, 4K, 4K]
-    U = CV.mH @ CV
-    w = (V.mH @ z.unsqueeze(-1)).squeeze(-1)  # [B, L, 4K]
-    ar = torch.arange(K, device=y.device)
-    X1 = torch.cat([ar + K, ar + 2 * K, ar + 3 * K, ar])  # term 1: x = b'_k (position) or b_k (log p)
-    Y1 = torch.cat([ar, ar, ar, ar])  # term 1: y = b_k
-    X2, Y2 = Y1, X1  # term 2 swaps x and y
+    Wr = (V.mH @ CV).view(B, L, 4, K, 4, K)  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
+    Ur = (CV.mH @ CV).view(B, L, 4, K, 4, K)
+    wr = (V.mH @ z.unsqueeze(-1)).view(B, L, 4, K)
+    # Param (i, a): C_i = c_ia (v_ia b_a^H + b_a v_ia^H) with v_0a = b_a (log p, c = p/2), v_ia = b'_ia.
+    A0 = Wr[:, :, 0]  # [B, L, a, J, c]
+    B0 = Wr[:, :, :, :, 0]  # [B, L, i, a, c]
+    Wbb = A0[:, :, :, 0]  # [B, L, a, c]
+    Fl = (
+        A0.view(B, L, 1, K, 4, K) * A0.permute(0, 1, 3, 4, 2).reshape(B, L, 4, K, 1, K)
+        + Wbb.view(B, L, 1, K, 1, K) * Wr.permute(0, 1, 4, 5, 2, 3)
+        + Wr * Wbb.transpose(-1, -2).reshape(B, L, 1, K, 1, K)
+        + B0.reshape(B, L, 4, K, 1, K) * B0.permute(0, 1, 4, 2, 3).reshape(B, L, 1, K, 4, K)
+    ).real.sum(1)  # [B, i, a, J, c]
+    gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1).real - (wr.conj() * wr[:, :, :1]).real).sum(1)  # [B, i, a]
+    Fs = 2 * torch.diagonal(Ur[:, :, 0], dim1=-3, dim2=-1).real.sum(1)  # [B, i, a]
+    order = [1, 2, 3, 0]  # parameter order phi, theta, rho, log p
+    Fl = Fl[:, order][:, :, :, order].reshape(B, 4 * K, 4 * K)
+    gl, Fs = gl[:, order].reshape(B, 4 * K), Fs[:, order].reshape(B, 4 * K)
     coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
-    terms = ((X1, Y1), (X2, Y2))
-    gl = torch.zeros(B, L, 4 * K, dtype=cd, device=y.device)
-    Fl = torch.zeros(B, L, 4 * K, 4 * K, dtype=cd, device=y.device)
-    Fs = torch.zeros(B, L, 4 * K, dtype=cd, device=y.device)
-    for xt, yt in terms:
-        gl = gl + W[..., yt, xt] - w[..., xt].conj() * w[..., yt]
-        Fs = Fs + U[..., yt, xt]
-        for xs, ys in terms:
-            Fl = Fl + W[..., yt, :][..., :, xs] * W[..., ys, :][..., :, xt].transpose(-1, -2)
     s2r = s2.view(B, 1)
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
     trC2 = Cinv.abs().square().sum((-1, -2))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
-    g_pos = coef * gl.real.sum(1)
+    g_pos = coef * gl
     g_s = s2 * (trC - z.abs().square().sum(-1)).sum(1)
     grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
     F = torch.zeros(B, Pn, Pn, dtype=phi.dtype, device=y.device)
-    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl.real.sum(1)
-    F[:, :-1, -1] = coef * s2r * Fs.real.sum(1)
+    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl
+    F[:, :-1, -1] = coef * s2r * Fs
     F[:, -1, :-1] = F[:, :-1, -1]
     F[:, -1, -1] = s2 * s2 * trC2.sum(1)
     F = 0.5 * (F + F.transpose(-1, -2))
