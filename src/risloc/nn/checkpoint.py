@@ -79,7 +79,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def git_commit() -> str:
     """The git commit of the risloc source tree (with '+dirty' when it has local changes), or 'unknown'."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the risloc package
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
