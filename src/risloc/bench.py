@@ -20,9 +20,9 @@ already sit on the device; the wall time of each call is taken with ``time.perf_
 between two ``torch.cuda.synchronize`` (on CUDA). The first batch is a warm-up (caches,
 kernels, lazy imports, model loading) and is excluded; if there is only one batch it is run
 twice and the second run is timed. Simulation, moving results back to the CPU, scoring,
-plots and file writing are outside the timed region. The learned estimator loads its
-checkpoint inside every call; during the benchmark its loader is memoised (per file,
-modification time and device) so the file is read once, in the warm-up batch.
+plots and file writing are outside the timed region. The learned estimator keeps its
+loaded checkpoint between calls (``risloc.nn.inference``), so the file is read once, in the
+warm-up batch.
 
 Not-run and failed methods are kept: a method that is not registered, or that needs a
 checkpoint that is not there, is reported as ``not run: <reason>``; an exception inside a
@@ -31,7 +31,6 @@ method is reported as ``failed: <message>`` (``strict=True`` re-raises it).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import inspect
@@ -501,36 +500,6 @@ def resolve_method(name: str, checkpoint) -> tuple[Callable | None, dict[str, An
     return fn, options, ""
 
 
-@contextlib.contextmanager
-def _memoised_model_loading():
-    """Read each checkpoint once during the benchmark (the learned estimator loads it per call).
-
-    Wraps ``risloc.nn.inference.load_model`` (if present) with a cache keyed by the file, its
-    modification time and the device; restored on exit."""
-    mod = sys.modules.get("risloc.nn.inference")
-    orig = getattr(mod, "load_model", None) if mod is not None else None
-    if orig is None:
-        yield
-        return
-    cache: dict = {}
-
-    def load_model(checkpoint, *args, **kwargs):
-        p = Path(checkpoint)
-        try:
-            key = (str(p.resolve()), p.stat().st_mtime_ns, repr(args), repr(sorted(kwargs.items())))
-        except OSError:
-            return orig(checkpoint, *args, **kwargs)
-        if key not in cache:
-            cache[key] = orig(checkpoint, *args, **kwargs)
-        return cache[key]
-
-    mod.load_model = load_model
-    try:
-        yield
-    finally:
-        mod.load_model = orig
-
-
 def timed_batches(fn: Callable, scenes: Scenes, batch: int, device: torch.device, *, desc: str = "",
                   progress: bool = True, cat: Callable | None = None):
     """Run ``fn`` on consecutive batches of ``scenes`` (already on ``device``); returns
@@ -583,8 +552,7 @@ def _run_method(name: str, cfg: BenchConfig, scenes_dev: Scenes, truth_cpu, snr_
     try:
         torch.manual_seed(cfg.seed)
         sub = scenes_dev if n == len(scenes_dev) else scenes_dev[:n]
-        with _memoised_model_loading():
-            est, timing = timed_batches(lambda s: fn(s, **options), sub, cfg.batch, device, desc=name, progress=cfg.progress)
+        est, timing = timed_batches(lambda s: fn(s, **options), sub, cfg.batch, device, desc=name, progress=cfg.progress)
         t = truth_cpu if n == len(truth_cpu) else truth_cpu[:n]
         snr = None if snr_cpu is None else snr_cpu[:n]
         crb = None if crb_cpu is None else (crb_cpu if n == len(crb_cpu) else crb_cpu[:n])
