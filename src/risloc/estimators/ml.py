@@ -58,12 +58,16 @@ from .ml_core import grid, measure, measure_dictionary, physics, static_eval, st
 # Defaults calibrated on simulated validation scenes (docs/estimators-ml.md).
 DEFAULTS = dict(
     grid_shape=(25, 13, 14),  # atoms in sin(phi), sin(theta), 1/r
-    penalty_stochastic=14.0,  # nats per source
+    penalty_stochastic=10.0,  # nats per source
     penalty_static=14.0,
     power_margin_db=4.0,  # extra margin on the scenario's power spread for the order rule
     greedy_iterations=12,  # refinement steps after each greedy addition
     final_iterations=25,  # refinement steps of the selected model
     backward=True,
+    relax_cycles=1,  # RELAX re-search cycles on the selected model
+    range_decision="hit",  # "hit": Bayes hit-optimal range under r ~ U[r_min, r_max]; "ml": the ML range
+    range_grid=512,
+    range_var_scale=2.0,  # inflation of the Fisher variance of rho used by the range decision
     top=32,  # atoms scored exactly after the proxy screening (stochastic greedy step)  # backward pruning pass after the forward greedy pass
 )
 
@@ -119,7 +123,7 @@ def _evaluate(state: _State, data, static: bool, derivatives: bool = True):
     return nll, g, F, None
 
 
-def _refine(state: _State, data, static: bool, iterations: int, box) -> tuple[_State, Tensor, Tensor | None]:
+def _refine(state: _State, data, static: bool, iterations: int, box):
     """Levenberg-Marquardt-damped Fisher scoring / Gauss-Newton, projected on the prior box.
 
     Step: (F + lambda diag(F)) delta = -grad; a step is kept (per scene) only when it lowers
@@ -158,7 +162,7 @@ def _refine(state: _State, data, static: bool, iterations: int, box) -> tuple[_S
             amp = torch.where(ok.unsqueeze(-1), amp_t, amp)
         lam = torch.where(ok, lam / 3, lam * 5).clamp(1e-7, 1e7)
         state = _State.from_vector(x, K, state, static)
-    return state, nll, amp
+    return state, nll, amp, F
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Te
     B, L, M, Q = Phi.shape
     gp, gt, gr = atoms
     ar = torch.arange(B, device=y.device)
-    if k == 0:
+    if isinstance(k, int) and k == 0:
         c2 = torch.view_as_real(c).square().sum(-1)
         yy = y.abs().square().sum((1, 2))  # [B]
         J = s2_grid.shape[1]
@@ -252,7 +256,7 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Te
                 best_s = torch.where(better, s2_grid[:, j : j + 1].expand_as(val), best_s)
         t = torch.argmin(best, dim=1)
         q = idx[ar, t]
-        state.logs = torch.log(best_s[ar, t])
+        logs_new = torch.log(best_s[ar, t])
         pk = best_p[ar, t]
     else:
         cd = Phi.dtype
@@ -278,40 +282,52 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Te
         t = torch.argmin(gain, dim=1)
         q = idx[ar, t]
         pk = best_p[ar, t]
-    state.phi[:, k] = gp[q]
-    state.theta[:, k] = gt[q]
-    state.rho[:, k] = gr[q]
-    state.logp[:, k] = torch.log(pk.clamp_min(1e-12))
-    state.active[:, k] = True
-    return state
+    out = _set_slot(state, k, gp[q], gt[q], gr[q], torch.log(pk.clamp_min(1e-12)))
+    if isinstance(k, int) and k == 0:
+        out.logs = logs_new
+    return out
 
 
-def _add_static(state: _State, k: int, Phi: Tensor, data, atoms):
-    """Add the atom with the largest RSS reduction (orthogonal least squares)."""
+def _add_static(state: _State, k, Phi: Tensor, data, atoms):
+    """Add the atom with the largest RSS reduction (orthogonal least squares) as slot k (int or ``[B]``).
+
+    With Psi the current (active) columns and E = Psi^H Phi: residual r = y - Psi G^-1 Psi^H y,
+    G = Psi^H Psi, and score_q = |phi_q^H r|^2 / (|phi_q|^2 - Re e_q^H G^-1 e_q).
+    """
     y, H, codes, sc = data
     B, L, M, Q = Phi.shape
     gp, gt, gr = atoms
     cd = Phi.dtype
+    K = state.phi.shape[1]
     Pv = Phi.reshape(B, L * M, Q)
     yv = y.reshape(B, L * M, 1)
-    n2 = Pv.abs().square().sum(1)  # [B, Q]
-    if k == 0:
-        res = yv
-        proj2 = torch.zeros_like(n2)
-    else:
-        A = physics.steering(state.phi[:, :k], state.theta[:, :k], 1.0 / state.rho[:, :k], sc, dtype=cd)
-        Psi = measure(H, codes, A).reshape(B, L * M, k)
-        Qo, _ = torch.linalg.qr(Psi)  # [B, LM, k]
-        res = yv - Qo @ (Qo.mH @ yv)
-        proj2 = (Qo.mH @ Pv).abs().square().sum(1)
-    num = (Pv.conj() * res).sum(1).abs().square()
+    n2 = torch.view_as_real(Pv).square().sum((1, 3))  # [B, Q]
+    act = state.active.to(cd).view(B, 1, K)
+    A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
+    Psi = measure(H, codes, A).reshape(B, L * M, K) * act
+    Gm = Psi.mH @ Psi
+    scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean(-1).clamp_min(1e-30)
+    Gm = Gm + torch.diag_embed((1 - act.view(B, K)) + (1e-6 * scale).to(cd).view(B, 1))
+    Gi = torch.linalg.inv(Gm)
+    res = yv - Psi @ (Gi @ (Psi.mH @ yv))
+    E = Psi.mH @ Pv  # [B, K, Q]
+    proj2 = (torch.view_as_real(E) * torch.view_as_real(Gi @ E)).sum((1, 3))
+    num = torch.view_as_real((res.mH @ Pv).squeeze(1)).square().sum(-1)
     score = num / (n2 - proj2).clamp_min(1e-6 * n2)
     q = torch.argmax(score, dim=1)
-    state.phi[:, k] = gp[q]
-    state.theta[:, k] = gt[q]
-    state.rho[:, k] = gr[q]
-    state.active[:, k] = True
-    return state
+    return _set_slot(state, k, gp[q], gt[q], gr[q], None)
+
+
+def _set_slot(state: _State, k, phi, theta, rho, logp) -> _State:
+    """Write one source per scene into slot k (int or ``[B]`` tensor) and mark it active."""
+    B = state.phi.shape[0]
+    kk = torch.as_tensor(k, device=state.phi.device).expand(B).reshape(B, 1)
+    put = lambda t, v: t.scatter(1, kk, v.to(t.dtype).view(B, 1))
+    return _State(
+        put(state.phi, phi), put(state.theta, theta), put(state.rho, rho),
+        state.logp if logp is None else put(state.logp, logp), state.logs.clone(),
+        put(state.active, torch.ones(B, dtype=torch.bool, device=state.phi.device)),
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,21 +406,27 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         )
         if not static:
             st.logp, st.logs = _ls_powers(st, data)
-        st, _, _ = _refine(st, data, static, opts["final_iterations"], box)
+        st, _, _, F = _refine(st, data, static, opts["final_iterations"], box)
+        st = _decide_range(st, F, static, sc, opts)
         return _output(st, kin, empty, K, method)
 
-    states, nll = _path(data, K, static, snr_db, box, opts)
+    states, nll, dico = _path(data, K, static, snr_db, box, opts)
     khat = _select(states, nll, static, sc, opts)
     st = _gather(states, khat)
-    if opts["final_iterations"] > 0:
-        st, _, _ = _refine(st, data, static, opts["final_iterations"], box)
+    del states
+    for _ in range(int(opts["relax_cycles"])):
+        st = _relax(st, khat, data, dico, static, box, opts)
+    del dico
+    st, _, _, F = _refine(st, data, static, opts["final_iterations"], box)
+    st = _decide_range(st, F, static, sc, opts)
     return _output(st, khat, empty, K, method)
 
 
-def _remove(st: _State, j: Tensor, k: int) -> _State:
-    """Drop source slot j ``[B]`` of a k-source model (the remaining ones move to slots 0..k-2)."""
+def _remove(st: _State, j: Tensor, k) -> _State:
+    """Drop source slot j ``[B]`` of a k-source model (k int or ``[B]``; the others move to slots 0..k-2)."""
     B, K = st.phi.shape
     idx = torch.arange(K, device=j.device).view(1, -1).expand(B, K)
+    k = torch.as_tensor(k, device=j.device).expand(B).view(B, 1)
     perm = idx + (idx >= j.view(-1, 1)).to(idx.dtype)  # skip slot j
     perm = torch.where(idx >= k - 1, idx, perm).clamp(max=K - 1)
     g = lambda t: t.gather(1, perm)
@@ -449,10 +471,9 @@ def _path(data, K: int, static: bool, snr_db, box, opts):
             st = _add_static(st, k, Phi, data, (gp, gt, gr))
         else:
             st = _add_stochastic(st, k, Phi, data, (gp, gt, gr), s2_grid, n2, c, opts["top"])
-        st, nll, _ = _refine(st, data, static, opts["greedy_iterations"], box)
+        st, nll, _, _ = _refine(st, data, static, opts["greedy_iterations"], box)
         nlls.append(torch.nan_to_num(nll, nan=float("inf")))
         states.append(st.clone())
-    del Phi
     if opts["backward"]:
         cur = states[K]
         for k in range(K, 1, -1):
@@ -460,13 +481,39 @@ def _path(data, K: int, static: bool, snr_db, box, opts):
             vals = torch.stack([_evaluate(c, data, static, derivatives=False)[0] for c in cands], dim=1)
             j = torch.argmin(torch.nan_to_num(vals, nan=float("inf")), dim=1)
             cand = _remove(cur, j, k)
-            cand, nll, _ = _refine(cand, data, static, opts["greedy_iterations"], box)
+            cand, nll, _, _ = _refine(cand, data, static, opts["greedy_iterations"], box)
             nll = torch.nan_to_num(nll, nan=float("inf"))
             better = nll < nlls[k - 1]
             states[k - 1] = _where(better, cand, states[k - 1])
             nlls[k - 1] = torch.where(better, nll, nlls[k - 1])
             cur = states[k - 1]
-    return states, torch.stack(nlls, dim=1)
+    return states, torch.stack(nlls, dim=1), (Phi, n2, c, (gp, gt, gr))
+
+
+def _relax(st: _State, khat: Tensor, data, dico, static: bool, box, opts) -> _State:
+    """One cycle of RELAX-style re-search (Li & Stoica 1996) on the selected model.
+
+    For each source j in turn: remove it, add the best dictionary atom given the other
+    sources (same greedy rule), refine all, and keep the new model if its NLL is lower.
+    """
+    Phi, n2, c, atoms = dico
+    B, K = st.phi.shape
+    nll = _evaluate(st, data, static, derivatives=False)[0]
+    nll = torch.nan_to_num(nll, nan=float("inf"))
+    slot = (khat - 1).clamp_min(0)
+    for j in range(K):
+        valid = j < khat
+        cand = _remove(st, torch.full((B,), j, dtype=torch.int64, device=khat.device), khat)
+        if static:
+            cand = _add_static(cand, slot, Phi, data, atoms)
+        else:
+            cand = _add_stochastic(cand, slot, Phi, data, atoms, None, n2, c, opts["top"])
+        cand.active = st.active.clone()
+        cand, nll_c, _, _ = _refine(cand, data, static, opts["greedy_iterations"], box)
+        better = valid & torch.isfinite(nll_c) & (nll_c < nll - 1e-3)
+        st = _where(better, cand, st)
+        nll = torch.where(better, nll_c, nll)
+    return st
 
 
 def _where(cond: Tensor, a: _State, b: _State) -> _State:
@@ -498,6 +545,55 @@ def _gather(states, khat: Tensor) -> _State:
     sel = lambda name: torch.stack([getattr(s, name) for s in states], dim=1)[ar, khat]
     idx = torch.arange(K, device=khat.device)
     return _State(sel("phi"), sel("theta"), sel("rho"), sel("logp"), sel("logs"), idx.view(1, -1) < khat.view(-1, 1))
+
+
+def _decide_range(st: _State, F: Tensor, static: bool, sc, opts) -> _State:
+    """Hit-optimal range decision under the scenario's prior r ~ U[r_min, r_max] (``range_decision="hit"``).
+
+    The likelihood of rho = 1/r is approximated by N(rho-hat, [F^-1]_rho,rho) (F: Fisher matrix
+    at the ML estimate, marginal over the other parameters). With the uniform prior in r the
+    posterior density in r is proportional to exp(-(1/r - rho-hat)^2 / (2 var)) on [r_min, r_max];
+    the reported range maximises the posterior probability of a hit, P(|r-hat - r| <= 0.1 r),
+    i.e. of r in [r-hat/1.1, r-hat/0.9]. (A Bayes decision for the scoring rule of physics.md;
+    ``range_decision="ml"`` keeps the ML range.)
+    """
+    if opts["range_decision"] != "hit":
+        return st
+    B, K = st.phi.shape
+    rd = st.phi.dtype
+    P = F.shape[-1]
+    eye = torch.eye(P, dtype=F.dtype, device=F.device)
+    scale = torch.diagonal(F, dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
+    Fn = F / (scale.unsqueeze(-1) * scale.unsqueeze(-2)) + 1e-6 * eye
+    cov_diag = torch.diagonal(torch.linalg.inv(Fn), dim1=-2, dim2=-1) / scale**2
+    var = cov_diag[:, 2 * K : 3 * K].clamp_min(1e-12) * float(opts["range_var_scale"])  # [B, K]
+    G = int(opts["range_grid"])
+    lr0, lr1 = math.log(sc.r_min), math.log(sc.r_max)
+    h = (lr1 - lr0) / (G - 1)
+    r = torch.exp(torch.linspace(lr0, lr1, G, dtype=rd, device=st.phi.device))  # geometric grid [G]
+    # posterior mass per log-r cell: likelihood(1/r) x prior density in r (uniform) x dr/dlog r = r
+    logd = -0.5 * (1.0 / r - st.rho.unsqueeze(-1)) ** 2 / var.unsqueeze(-1) + torch.log(r)
+    dens = torch.exp(logd - logd.max(-1, keepdim=True).values)  # [B, K, G]
+    cdf = torch.cumsum(dens, -1)
+    cdf = cdf / cdf[..., -1:].clamp_min(1e-30)
+
+    def cdf_at(x):  # linear interpolation (in log r) of the cdf at ranges x [G]
+        pos = ((torch.log(x) - lr0) / h).clamp(0, G - 1)
+        i0 = pos.floor().long().clamp(max=G - 2)
+        w = (pos - i0).to(rd)
+        c0 = cdf.gather(-1, i0.expand_as(cdf))
+        c1 = cdf.gather(-1, (i0 + 1).expand_as(cdf))
+        val = c0 + w * (c1 - c0)
+        return torch.where(x <= sc.r_min, torch.zeros_like(val), val)
+
+    hit = cdf_at(r / 0.9) - cdf_at(r / 1.1)  # [B, K, G]
+    # among (near-)maximal hit probabilities take the range closest to the ML one
+    near = hit >= hit.max(-1, keepdim=True).values - 1e-3
+    dist = (torch.log(r) + torch.log(st.rho).unsqueeze(-1)).abs()
+    best = r[torch.argmin(torch.where(near, dist, torch.full_like(dist, float("inf"))), dim=-1)]  # [B, K]
+    ok = st.active & torch.isfinite(var)
+    rho = torch.where(ok, 1.0 / best, st.rho)
+    return _State(st.phi, st.theta, rho, st.logp, st.logs, st.active)
 
 
 def _output(st: _State, khat: Tensor, empty: Tensor, K: int, method: str) -> Estimates:
