@@ -1,0 +1,183 @@
+"""Tests of the ``ml`` estimator (risloc.estimators.ml) and its likelihood core."""
+
+from __future__ import annotations
+
+import cmath
+import math
+
+import pytest
+import torch
+
+import risloc
+from risloc import Estimates, Scenario, simulate
+from risloc.estimators import get
+from risloc.estimators.ml_core import stochastic_eval, static_eval, steering_with_derivatives
+
+DEG = math.pi / 180
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the CI box has 2 shared cores; one thread is much faster than two for these small batched ops
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _hits(truth, est, s):
+    """Per-scene success (K-hat = K and every source a hit), with a greedy nearest matching."""
+    K = int(truth.K[s])
+    if int(est.K[s]) != K:
+        return False
+    used = set()
+    for k in range(K):
+        best, bj = None, None
+        for j in range(K):
+            if j in used:
+                continue
+            dp = abs(float(truth.phi[s, k] - est.phi[s, j]))
+            dt = abs(float(truth.theta[s, k] - est.theta[s, j]))
+            dr = abs(float(truth.r[s, k] - est.r[s, j])) / float(truth.r[s, k])
+            cost = (dp / (2 * DEG)) ** 2 + (dt / (2 * DEG)) ** 2 + (dr / 0.1) ** 2
+            if best is None or cost < best:
+                best, bj, ok = cost, j, dp <= 2 * DEG and dt <= 2 * DEG and dr <= 0.1
+        used.add(bj)
+        if not ok:
+            return False
+    return True
+
+
+def _check_output(est: Estimates, n: int, k_max: int):
+    assert est.K.shape == (n,) and est.phi.shape == (n, k_max)
+    assert est.phi.dtype == torch.float32 and est.r.dtype == torch.float32
+    for s in range(n):
+        k = int(est.K[s])
+        assert 0 <= k <= k_max
+        for t in (est.phi, est.theta, est.r):
+            assert torch.isfinite(t[s, :k]).all()
+            assert torch.isnan(t[s, k:]).all()
+
+
+def test_registered():
+    from risloc.estimators import ml
+
+    assert get("ml") is ml.estimate
+
+
+def test_steering_derivatives_match_physics():
+    sc = Scenario()
+    g = torch.Generator().manual_seed(0)
+    phi = (torch.rand(4, 3, generator=g, dtype=torch.float64) - 0.5) * 2
+    theta = (torch.rand(4, 3, generator=g, dtype=torch.float64) - 0.5)
+    rho = torch.rand(4, 3, generator=g, dtype=torch.float64) * 1.9 + 0.1
+    a, dp, dt, dr = steering_with_derivatives(phi, theta, rho, sc, dtype=torch.complex128)
+    ref = risloc.physics.steering(phi, theta, 1 / rho, sc, dtype=torch.complex128)
+    assert torch.allclose(a, ref, atol=1e-12)
+    h = 1e-7
+    for x, d in ((0, dp), (1, dt), (2, dr)):
+        args = [phi, theta, rho]
+        up = [t + h if i == x else t for i, t in enumerate(args)]
+        dn = [t - h if i == x else t for i, t in enumerate(args)]
+        fd = (risloc.physics.steering(up[0], up[1], 1 / up[2], sc, dtype=torch.complex128)
+              - risloc.physics.steering(dn[0], dn[1], 1 / dn[2], sc, dtype=torch.complex128)) / (2 * h)
+        assert torch.allclose(fd, d, rtol=1e-5, atol=1e-5 * d.abs().max())
+
+
+def test_likelihood_gradients_match_autograd():
+    sc = Scenario(k_fixed=3, snr_db_min=10, snr_db_max=10)
+    s = simulate(sc, 3, seed=1)
+    y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
+    t = s.truth
+    act = torch.isfinite(t.phi)
+    act[0, 1] = False  # a masked slot
+    x = [torch.nan_to_num(v.double(), 0.3) for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
+    ls = t.noise_var.double().log()
+    params = torch.cat(x + [ls[:, None]], 1)
+    K = 5
+    split = lambda p: (p[:, :K], p[:, K:2 * K], p[:, 2 * K:3 * K], p[:, 3 * K:4 * K], p[:, 4 * K])
+    nll, grad, F = stochastic_eval(*split(params), act, y, H, c, sc)
+    p = params.clone().requires_grad_(True)
+    ref = torch.autograd.grad(stochastic_eval(*split(p), act, y, H, c, sc, derivatives=False)[0].sum(), p)[0]
+    assert torch.allclose(grad, ref, atol=1e-8 * ref.abs().max())
+    assert torch.allclose(F, F.mT) and (torch.linalg.eigvalsh(F) > 0).all()
+    # static: variable-projection gradient
+    pos = params[:, :3 * K].clone().requires_grad_(True)
+    n0 = static_eval(pos[:, :K], pos[:, K:2 * K], pos[:, 2 * K:], act, y, H, c, sc, derivatives=False)[0]
+    ref = torch.autograd.grad(n0.sum(), pos)[0]
+    _, g, _, _ = static_eval(params[:, :K], params[:, K:2 * K], params[:, 2 * K:3 * K], act, y, H, c, sc, ridge=0.0)
+    assert torch.allclose(g, ref, rtol=1e-6, atol=1e-6 * ref.abs().max())
+
+
+@pytest.mark.parametrize("signal", ["stochastic", "static"])
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_high_snr_finds_sources(signal, K):
+    sc = Scenario(k_fixed=K, snr_db_min=30, snr_db_max=30, signal=signal)
+    s = simulate(sc, 4, seed=100 + K)
+    est = get("ml")(s)
+    _check_output(est, 4, sc.k_max)
+    ok = [_hits(s.truth, est, i) for i in range(4)]
+    assert all(ok), f"{signal} K={K}: scene successes {ok}, K-hat {est.K.tolist()}"
+
+
+def test_scale_invariance():
+    sc = Scenario(k_fixed=2, snr_db_min=15, snr_db_max=15)
+    s = simulate(sc, 4, seed=3)
+    a = get("ml")(s)
+    s2 = risloc.Scenes(s.y * (7e3 * cmath.exp(0.3j)), s.H, s.codes, s.scenario)
+    b = get("ml")(s2)
+    assert torch.equal(a.K, b.K)
+    for x, y in ((a.phi, b.phi), (a.theta, b.theta)):
+        assert torch.allclose(x, y, atol=2e-3 * DEG, equal_nan=True)
+    assert torch.allclose(a.r, b.r, rtol=1e-3, equal_nan=True)
+
+
+def test_init_refines_perturbed_truth():
+    sc = Scenario(k_fixed=3, snr_db_min=30, snr_db_max=30)
+    s = simulate(sc, 6, seed=7)
+    t = s.truth
+    g = torch.Generator().manual_seed(1)
+    sign = lambda: torch.randint(0, 2, t.phi.shape, generator=g) * 2 - 1
+    init = Estimates(
+        t.K.clone(),
+        t.phi + sign() * 1.5 * DEG,
+        t.theta + sign() * 1.5 * DEG,
+        t.r * (1 + 0.08 * sign()),
+    )
+    est = get("ml")(s, init=init)
+    _check_output(est, 6, sc.k_max)
+    assert torch.equal(est.K, t.K)
+    assert all(_hits(t, est, i) for i in range(6))
+    # the refinement moved the perturbed positions much closer
+    err0 = (init.phi - t.phi).abs().nanmean()
+    err1 = (est.phi - t.phi).abs().nanmean()
+    assert err1 < 0.2 * err0
+
+
+def test_degenerate_inputs():
+    sc = Scenario(k_fixed=2, snr_db_min=10, snr_db_max=10)
+    s = simulate(sc, 3, seed=5)
+    # all-zero snapshots: nothing to find
+    zero = risloc.Scenes(torch.zeros_like(s.y), s.H, s.codes, s.scenario)
+    est = get("ml")(zero)
+    _check_output(est, 3, sc.k_max)
+    assert (est.K == 0).all()
+    # pure noise: whatever is found is finite
+    g = torch.Generator().manual_seed(0)
+    noise = torch.complex(torch.randn(s.y.shape, generator=g), torch.randn(s.y.shape, generator=g))
+    est = get("ml")(risloc.Scenes(noise, s.H, s.codes, s.scenario))
+    _check_output(est, 3, sc.k_max)
+    assert (est.K <= 2).all()
+    # init with K-hat = 0 and k_max smaller than the scenario's
+    est = get("ml")(s, init=Estimates.empty(3, sc.k_max))
+    _check_output(est, 3, sc.k_max)
+    assert (est.K == 0).all()
+    est = get("ml")(s, k_max=1)
+    _check_output(est, 3, 1)
+    # bad input is refused with the field and the scene
+    bad = s.y.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="y of scene 1"):
+        get("ml")(risloc.Scenes(bad, s.H, s.codes, s.scenario))
+    with pytest.raises(ValueError, match="model"):
+        get("ml")(s, model="nope")
