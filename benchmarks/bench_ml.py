@@ -1,0 +1,151 @@
+"""Accuracy and speed of the ``ml`` estimator on simulated default scenes.
+
+    python benchmarks/bench_ml.py --device cuda --scenes 2000 --batch 256
+    python benchmarks/bench_ml.py --device cpu --scenes 200 --threads 1
+
+Prints success / K_acc / RMSE (and RMSE / sqrt(CRB) when risloc.crb is present) per SNR
+range, and the throughput in scenes per second (estimation only; the first batch is a
+warm-up that is not timed). Scoring uses risloc.metrics.score when it is installed and a
+small Hungarian scorer of the same rules otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+import risloc
+from risloc.estimators import get
+
+RANGES = [(-5, 0), (0, 5), (5, 10), (10, 15), (15, 20), (10, 20), (-5, 20)]
+
+
+def _own_score(truth, est):
+    """Per-scene success, K correctness and matched errors (spec rules; Hungarian matching)."""
+    from scipy.optimize import linear_sum_assignment
+
+    tol = math.radians(2)
+    S = len(truth.K)
+    succ = np.zeros(S, bool)
+    kok = np.zeros(S, bool)
+    errs = [[] for _ in range(S)]
+    for s in range(S):
+        K, Kh = int(truth.K[s]), int(est.K[s])
+        kok[s] = K == Kh
+        if K == 0 or Kh == 0:
+            succ[s] = K == Kh
+            continue
+        tp, tt, tr = (getattr(truth, n)[s, :K].double().cpu().numpy() for n in ("phi", "theta", "r"))
+        ep, et, er = (getattr(est, n)[s, :Kh].double().cpu().numpy() for n in ("phi", "theta", "r"))
+        dp = np.angle(np.exp(1j * (tp[:, None] - ep[None])))
+        dt, dr = tt[:, None] - et[None], tr[:, None] - er[None]
+        i, j = linear_sum_assignment((dp / tol) ** 2 + (dt / tol) ** 2 + (dr / (0.1 * tr[:, None])) ** 2)
+        hit = (np.abs(dp[i, j]) <= tol) & (np.abs(dt[i, j]) <= tol) & (np.abs(dr[i, j]) <= 0.1 * tr[i])
+        succ[s] = K == Kh and bool(hit.all())
+        if K == Kh:
+            errs[s] = [(dp[a, b], dt[a, b], dr[a, b]) for a, b in zip(i, j)]
+    return succ, kok, errs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scenes", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--batch", type=int, default=None, help="scenes per estimator chunk (default: estimator's)")
+    ap.add_argument("--signal", default="stochastic", choices=["stochastic", "static"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a shared 2-core box)")
+    ap.add_argument("--no-crb", action="store_true", help="skip the CRB ratios")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="estimator options, e.g. relax_cycles=0")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    opts = {}
+    for item in args.set:
+        k, v = item.split("=", 1)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+
+    sc = risloc.Scenario(signal=args.signal)
+    scenes = risloc.simulate(sc, args.scenes, seed=args.seed, device=device)
+    ml = get("ml")
+    warm = min(len(scenes), args.batch or 16)
+    ml(scenes[:warm], batch=args.batch, **opts)  # warm-up (dictionary cache, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    est = ml(scenes, batch=args.batch, **opts)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    est = est.to("cpu")
+    scenes_cpu = scenes.to("cpu")
+    snr = scenes_cpu.snr_db.numpy()
+    thread_note = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
+    print(f"ml on {args.scenes} default scenes ({args.signal}), seed {args.seed}, device {device}{thread_note}")
+    print(f"time {dt:.1f} s -> {args.scenes / dt:.2f} scenes/s")
+
+    crb = None
+    if not args.no_crb:
+        try:
+            from risloc.crb import crb as crb_fn
+
+            t = scenes_cpu.truth
+            crb = crb_fn(scenes_cpu.H, scenes_cpu.codes, t.phi, t.theta, t.r, t.power, t.noise_var, sc,
+                         signal=args.signal, K=t.K)
+        except ImportError:
+            crb = None
+
+    rows = []
+    try:
+        from risloc.metrics import score
+
+        sco = score(scenes_cpu, est, crb=crb)
+        for lo, hi in RANGES:
+            mask = (snr >= lo) & (snr < hi if hi < 20 else snr <= hi)
+            if not mask.any():
+                continue
+            m = sco.select(mask).overall
+            rows.append(dict(snr=f"[{lo},{hi})", n=int(mask.sum()), success=m.success, K_acc=m.K_acc,
+                             K_under=m.K_under, K_over=m.K_over, rmse_phi_deg=m.rmse_phi_deg,
+                             rmse_theta_deg=m.rmse_theta_deg, rmse_r_m=m.rmse_r_m, rmse_rel_r=m.rmse_rel_r,
+                             crb_ratio_phi=m.crb_ratio_phi, crb_ratio_theta=m.crb_ratio_theta,
+                             crb_ratio_r=m.crb_ratio_r, success_crb=m.success_crb))
+        scorer = "risloc.metrics.score"
+    except ImportError:
+        succ, kok, errs = _own_score(scenes_cpu.truth, est)
+        for lo, hi in RANGES:
+            mask = (snr >= lo) & (snr < hi if hi < 20 else snr <= hi)
+            if not mask.any():
+                continue
+            e = np.array([x for s in np.nonzero(mask)[0] for x in errs[s]]).reshape(-1, 3)
+            rm = np.sqrt((e**2).mean(0)) if len(e) else np.full(3, np.nan)
+            rows.append(dict(snr=f"[{lo},{hi})", n=int(mask.sum()), success=float(succ[mask].mean()),
+                             K_acc=float(kok[mask].mean()), rmse_phi_deg=math.degrees(rm[0]),
+                             rmse_theta_deg=math.degrees(rm[1]), rmse_r_m=float(rm[2])))
+        scorer = "bench_ml's own scorer"
+    print(f"scored by {scorer}")
+    hdr = f"{'SNR dB':>10} {'n':>5} {'success':>8} {'K_acc':>6} {'phi°':>6} {'th°':>6} {'r m':>6} {'Δr/r':>6} {'φ/√CRB':>7} {'θ/√CRB':>7} {'succ_CRB':>8}"
+    print(hdr)
+    f = lambda x, w=6, p=3: f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) and x is not None and np.isfinite(x) else f"{'-':>{w}}"
+    for r in rows:
+        print(f"{r['snr']:>10} {r['n']:>5} {f(r['success'], 8)} {f(r['K_acc'])} {f(r['rmse_phi_deg'])} "
+              f"{f(r['rmse_theta_deg'])} {f(r['rmse_r_m'])} {f(r.get('rmse_rel_r'))} {f(r.get('crb_ratio_phi'), 7, 2)} "
+              f"{f(r.get('crb_ratio_theta'), 7, 2)} {f(r.get('success_crb'), 8)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=str(device), scenes=args.scenes, seed=args.seed, signal=args.signal,
+                           seconds=dt, scenes_per_s=args.scenes / dt, rows=rows, options=opts), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
