@@ -69,6 +69,20 @@ def load_model(checkpoint: str | Path, *, device=None) -> LoadedModel:
     return LoadedModel(model, cfg, options, cal, file_sha256(checkpoint), state)
 
 
+_CACHE: dict = {}
+
+
+def _cached_model(checkpoint, device) -> LoadedModel:
+    """:func:`load_model`, remembered for the last checkpoint file (same path, size, mtime, device):
+    ``risloc locate`` calls the estimator once per chunk."""
+    st = Path(checkpoint).stat()
+    key = (str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, str(device))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load_model(checkpoint, device=device)
+    return _CACHE[key]
+
+
 def fallback_order(inputs: ModelInputs, options: cv.CovarianceOptions, scenario: Scenario, rule: str) -> torch.Tensor:
     """K from the model-based order rule (risloc.estimators.order, in the dual form that MUSIC
     uses by default) on the eigenvalues of the sample-only effective covariance."""
@@ -130,7 +144,6 @@ def estimate(
     beta: float | None = None,
     use_snr: bool = True,
     music_options: dict | None = None,
-    **_ignored,
 ) -> Estimates:
     """The learned estimator: hybrid effective covariance (network + the scene's own snapshots,
     weight ``beta``, default the checkpoint's) -> MUSIC with the calibrated K head.
@@ -148,7 +161,7 @@ def estimate(
             )
         checkpoint = DEFAULT_WEIGHTS
     device = torch.device(device) if device is not None else scenes.device
-    loaded = load_model(checkpoint, device=device)
+    loaded = _cached_model(checkpoint, device)
     if scenes.scenario.n_elements != loaded.config.scenario.n_elements or scenes.scenario.snapshots != loaded.config.scenario.snapshots:
         raise ValueError(
             f"learned: checkpoint {checkpoint} was trained for N = {loaded.config.scenario.n_elements}, "

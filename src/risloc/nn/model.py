@@ -138,7 +138,9 @@ class RisCovarianceNet(nn.Module):
         self.p, self.t_h, self.t_v = p, scenario.n_h // p, scenario.n_v // p
         n_feat = p * p * (2 * K + 2)  # F0 rows and SNR features of the patch's elements
         # row n of R_s enters through a complex N x d map: Re(R_s[n, :] W) = Re(U[n, :] (U^H W))
-        self.embed_rows = nn.Parameter(torch.randn(p * p, N, d, dtype=torch.complex64) * (0.5 / N**0.5))
+        # stored as real [p*p, N, d, 2] (fused optimisers and GradScaler want real parameters)
+        self.embed_rows = nn.Parameter(torch.view_as_real(torch.randn(p * p, N, d, dtype=torch.complex64) * (0.5 / N**0.5)))
+        self._register_load_state_dict_pre_hook(_complex_to_real_hook)
         self.embed = nn.Linear(n_feat, d)
         self.pos_h = nn.Parameter(torch.zeros(self.t_h, d))
         self.pos_v = nn.Parameter(torch.zeros(self.t_v, d))
@@ -171,7 +173,8 @@ class RisCovarianceNet(nn.Module):
             elem = torch.cat([_real(F0), snr_feat.unsqueeze(1).expand(B, N, 2)], -1)  # [B, N, 2K+2]
         U = sample.factor  # [B, N, L], R_s = U U^H (trace N)
         # token (a, b) holds elements (i, j) = (a p + u, b p + v); sub-position s = v p + u
-        UW = torch.einsum("bnl,snd->bsld", U.conj(), self.embed_rows)  # [B, p*p, L, d] = U^H W_s
+        W = torch.view_as_complex(self.embed_rows)  # [p*p, N, d]
+        UW = torch.einsum("bnl,snd->bsld", U.conj(), W)  # [B, p*p, L, d] = U^H W_s
         Ut = _to_tokens(U, p, th, tv)  # [B, T, p*p, L]
         h_rows = torch.einsum("btsl,bsld->btd", Ut, UW).real
         h = h_rows + self.embed(_to_tokens(elem, p, th, tv).flatten(-2))
@@ -189,6 +192,13 @@ class RisCovarianceNet(nn.Module):
         k_in = torch.cat([h.mean(1).float(), snr_feat, spec, spec_s], -1)
         logits = self.k_head(k_in).float()
         return Prediction(F, R, logits)
+
+
+def _complex_to_real_hook(state_dict, prefix, *args) -> None:
+    """Accept checkpoints that stored ``embed_rows`` as a complex tensor."""
+    key = prefix + "embed_rows"
+    if key in state_dict and state_dict[key].is_complex():
+        state_dict[key] = torch.view_as_real(state_dict[key])
 
 
 def _log_spectrum(R: cv.LowRankCovariance, n_values: int) -> Tensor:

@@ -377,6 +377,7 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
         n_sum, skipped = 0, 0
         steps = range(cfg.steps_per_epoch)
         if progress:
@@ -411,12 +412,13 @@ def train(
                 ema_update(ema, model, cfg.ema, scheduler.step)
             for t, v in parts.items():
                 sums[t] = sums.get(t, 0) + v.detach()
+                counts[t] = counts.get(t, 0) + 1
             n_sum += 1
             if log_now:
                 after = list(model.parameters())
                 dp = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a.detach() - b) for a, b in zip(after, before)]))
                 pn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in before]))
-                terms = " ".join(f"{t}={float(v) / n_sum:.4g}" for t, v in sums.items())
+                terms = " ".join(f"{t}={float(v) / counts[t]:.4g}" for t, v in sums.items())
                 log(f"[LR] step {g} lr={lr:.3e} beta={options.beta:.3f}")
                 log(f"[GRAD] step {g} norm={float(norm):.4g} clip={cfg.grad_clip:g}")
                 log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}")
@@ -425,7 +427,7 @@ def train(
         beta_now = objective.beta((epoch + 1) * 1.0)
         options = cfg.covariance_options(beta_now)
         metrics, _, _ = validate(ema if ema is not None else model, val_scenes, cfg, options, calibration, with_locations=cfg.val_locate)
-        train_terms = {f"train_{t}": float(v) / max(n_sum, 1) for t, v in sums.items()}
+        train_terms = {f"train_{t}": float(v) / counts[t] for t, v in sums.items()}
         metrics.update(train_terms)
         primary = _primary(metrics, cfg)
         improved = primary > best
