@@ -38,6 +38,12 @@ def complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype in (torch.complex128, torch.float64) else torch.complex64
 
 
+def unit_phasor(phase: Tensor) -> Tensor:
+    """``exp(j phase)`` as a complex tensor of the matching precision (``torch.complex(cos, sin)``,
+    several times faster on CPU than ``torch.polar``)."""
+    return torch.complex(torch.cos(phase), torch.sin(phase))
+
+
 def element_positions(scenario: Scenario, *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
     """RIS element positions ``[N, 3]`` in metres, in the flat order ``n = j * n_h + i``."""
     i = torch.arange(scenario.n_h, dtype=dtype, device=device)
@@ -109,7 +115,8 @@ def steering(
     if approximation not in ("exact", "fresnel"):
         raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
     path, amplitude = _path_difference(phi, theta, r, scenario, approximation)
-    return torch.polar(amplitude, (-2 * math.pi / scenario.wavelength) * path)
+    phase = (-2 * math.pi / scenario.wavelength) * path
+    return torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
 
 
 def _path_difference(phi: Tensor, theta: Tensor, r: Tensor, scenario: Scenario, approximation: Approximation) -> tuple[Tensor, Tensor]:
@@ -133,7 +140,7 @@ def far_field_steering(phi, theta, scenario: Scenario, *, dtype: torch.dtype = t
     phi, theta, _ = _as_tensors(phi, theta, 1.0, dtype, device)
     e = element_positions(scenario, dtype=phi.dtype, device=phi.device)
     ue = direction(phi, theta) @ e.T
-    return torch.polar(torch.ones_like(ue), 2 * math.pi / scenario.wavelength * ue)
+    return unit_phasor(2 * math.pi / scenario.wavelength * ue)
 
 
 def bs_steering(psi: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.complex64) -> Tensor:
@@ -145,7 +152,7 @@ def bs_steering(psi: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.c
     psi = psi.to(rd)
     m = torch.arange(scenario.m_bs, dtype=rd, device=psi.device) - (scenario.m_bs - 1) / 2
     phase = 2 * math.pi * scenario.bs_spacing / scenario.wavelength * m * torch.sin(psi).unsqueeze(-1)
-    return torch.polar(torch.ones_like(phase), phase)
+    return unit_phasor(phase)
 
 
 def bs_ris_phase(phi_b: Tensor, theta_b: Tensor, scenario: Scenario, *, dtype: torch.dtype = torch.complex64) -> Tensor:
@@ -156,7 +163,7 @@ def bs_ris_phase(phi_b: Tensor, theta_b: Tensor, scenario: Scenario, *, dtype: t
     phi_b, theta_b, r_b = _as_tensors(phi_b, theta_b, scenario.bs_range, dtype, None)
     path, _ = _path_difference(phi_b, theta_b, r_b, scenario, "exact")
     phase = (-2 * math.pi / scenario.wavelength) * path
-    return torch.polar(torch.ones_like(phase), phase)
+    return unit_phasor(phase)
 
 
 def channel(
@@ -187,7 +194,7 @@ def quantise_phase(phase: Tensor, bits: int) -> Tensor:
 def phase_codes(q: Tensor, bits: int, *, dtype: torch.dtype = torch.complex64) -> Tensor:
     """Unit-modulus codes ``exp(j 2 pi q / 2^b)`` from level indices q."""
     phase = q.to(real_dtype(dtype)) * (2 * math.pi / 2**bits)
-    return torch.polar(torch.ones_like(phase), phase)
+    return unit_phasor(phase)
 
 
 def dft_codes(scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:

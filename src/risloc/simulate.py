@@ -28,7 +28,7 @@ rather than one float per element; the line-of-sight part is added by a rank-one
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -110,6 +110,7 @@ def _draw_block(draws: _Draws, row: int, seed: int, block: int, word_range: int)
         buf[rows].normal_(generator=gen)
 
 
+@functools.lru_cache(maxsize=16)
 def packed_code_table(bits: int, group: int, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
     """Look-up table ``[2^(g b), 2 g]`` from a packed word to the codes of its ``g`` elements.
 
@@ -125,7 +126,7 @@ def packed_code_table(bits: int, group: int, *, dtype: torch.dtype = torch.compl
 
 def _random_codes(words: Tensor, lay: _Layout, sc: Scenario, out: Tensor) -> None:
     """Write the codes ``[B, L, N]`` of packed words ``[B, n_words]`` into ``out`` (one table look-up per word)."""
-    table = packed_code_table(sc.code_bits, lay.code_group, dtype=out.dtype, device=words.device)
+    table = packed_code_table(sc.code_bits, lay.code_group, dtype=out.dtype, device=words.device)  # cached
     B, LN = words.shape[0], sc.snapshots * sc.n_elements
     if lay.n_words * lay.code_group == LN and out.is_contiguous():
         torch.index_select(table, 0, words.view(-1), out=torch.view_as_real(out).view(-1, table.shape[1]))
@@ -200,14 +201,17 @@ def _draw_sources(u_pos: Tensor, K: Tensor, sc: Scenario, seed: int, index: Tens
     return phi, theta, r
 
 
-def _channel_inplace(scatter: Tensor, psi: Tensor, phi_b: Tensor, theta_b: Tensor, kappa: Tensor, sc: Scenario) -> Tensor:
-    """:func:`physics.channel` built in the buffer of W: ``W * sqrt(1/(1+kappa)) + sqrt(kappa/(1+kappa)) a_BS b^T``.
+def _channel_inplace(
+    scatter: Tensor, psi: Tensor, phi_b: Tensor, theta_b: Tensor, kappa: Tensor, sc: Scenario, w_scale: float = 1.0
+) -> Tensor:
+    """:func:`physics.channel` built in the buffer of W: ``H = sqrt(1/(1+kappa)) W + sqrt(kappa/(1+kappa)) a_BS b^T``.
 
-    ``scatter``: W ``[B, M, N]`` complex (overwritten and returned as H).
+    ``scatter``: ``W / w_scale`` ``[B, M, N]`` complex (overwritten and returned as H): one pass
+    over the buffer scales it, a rank-one ``baddbmm_`` adds the line-of-sight part.
     """
     rd = physics.real_dtype(scatter.dtype)
     kappa = kappa.to(rd)
-    torch.view_as_real(scatter).mul_(torch.rsqrt(1 + kappa).view(-1, 1, 1, 1))
+    torch.view_as_real(scatter).mul_(torch.rsqrt(1 + kappa).view(-1, 1, 1, 1) * w_scale)
     a_bs = physics.bs_steering(psi, sc, dtype=scatter.dtype) * torch.sqrt(kappa / (1 + kappa)).unsqueeze(-1)
     b = physics.bs_ris_phase(phi_b, theta_b, sc, dtype=scatter.dtype)
     return scatter.baddbmm_(a_bs.unsqueeze(-1), b.unsqueeze(-2))
@@ -247,41 +251,64 @@ def simulate(
     H = torch.empty(n_scenes, sc.m_bs, sc.n_elements, dtype=dtype, device=device)
     codes = torch.empty(n_scenes, sc.snapshots, sc.n_elements, dtype=dtype, device=device)
 
-    # Groups of whole blocks computed together: one block at a time on CPU (so that a scene's
-    # arithmetic never depends on the request), all at once on GPU (kernel launches dominate there).
+    # Runs of whole blocks computed together: one block per run on CPU, all blocks in one run on GPU
+    # (where kernel launches dominate). A scene is always computed as a row of its whole block.
     blocks = range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1)
-    groups = [blocks[i : i + 1] for i in range(len(blocks))] if device.type == "cpu" else [blocks]
-    runs = []
-    for group in groups:
+    runs = [blocks[i : i + 1] for i in range(len(blocks))] if device.type == "cpu" else [blocks]
+    word_range = 2 ** (lay.code_group * sc.code_bits) if lay.code_group else 1
+
+    def run(group: range) -> tuple[slice, Scenes]:
+        """Draw and compute the blocks of ``group``; fill their rows of H and codes; return the rest."""
         g0, g1 = group.start * RNG_BLOCK, group.stop * RNG_BLOCK
         lo, hi = max(start, g0), min(stop, g1)
         whole = (lo, hi) == (g0, g1)
-        out = slice(lo - start, hi - start)
+        out, rows = slice(lo - start, hi - start), slice(lo - g0, hi - g0)
         in_place = torch.view_as_real(H[out]) if whole and dtype == torch.complex64 else None
-        runs.append((group, slice(lo - g0, hi - g0), out, whole, _Draws(lay, g1 - g0, device, scatter=in_place)))
-
-    word_range = 2 ** (lay.code_group * sc.code_bits) if lay.code_group else 1
-    jobs = [(draws, (b - group.start) * RNG_BLOCK, b) for group, _, _, _, draws in runs for b in group]
-    job = lambda j: _draw_block(j[0], j[1], seed, j[2], word_range)  # noqa: E731
-    workers = min(len(jobs), torch.get_num_threads()) if device.type == "cpu" else 1
-    if workers > 1:  # torch's CPU generators are sequential: one thread per block
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(job, jobs))
-    else:
-        for j in jobs:
-            job(j)
-
-    ys, snrs, truths = [], [], []
-    for group, rows, out, whole, draws in runs:
-        part = _simulate_rows(draws, lay, sc, seed, group.start * RNG_BLOCK, dtype, with_covariance, codes[out] if whole else None)
+        draws = _Draws(lay, g1 - g0, device, scatter=in_place)
+        for b in group:
+            _draw_block(draws, (b - group.start) * RNG_BLOCK, seed, b, word_range)
+        part = _simulate_rows(draws, lay, sc, seed, g0, dtype, with_covariance, codes[out] if whole else None)
         if part.H.data_ptr() != H[out].data_ptr():  # not built in place (partial block or complex128)
             H[out] = part.H[rows]
         if part.codes.data_ptr() != codes[out].data_ptr():
             codes[out] = part.codes[rows]
-        ys.append(part.y[rows])
-        snrs.append(part.snr_db[rows])
-        truths.append(part.truth[rows])
-    return Scenes(y=torch.cat(ys), H=H, codes=codes, scenario=sc, snr_db=torch.cat(snrs), truth=Truth.cat(truths))
+        return rows, part
+
+    if device.type == "cpu":
+        # One block per worker thread, each single-threaded inside: torch's CPU generators are
+        # sequential anyway, the cores are used without intra-op synchronisation, and a block's
+        # arithmetic never depends on the thread count or on the request.
+        threads = torch.get_num_threads()
+        single = lambda g: _single_threaded(run, g, restore=threads)  # noqa: E731
+        if len(runs) > 1 and threads > 1:
+            with ThreadPoolExecutor(min(len(runs), threads)) as pool:
+                results = list(pool.map(single, runs))
+        else:
+            results = [single(g) for g in runs]
+    else:
+        results = [run(g) for g in runs]
+    parts = [part[rows] for rows, part in results]
+    return Scenes(
+        y=torch.cat([p.y for p in parts]),
+        H=H,
+        codes=codes,
+        scenario=sc,
+        snr_db=torch.cat([p.snr_db for p in parts]),
+        truth=Truth.cat([p.truth for p in parts]),
+    )
+
+
+def _single_threaded(fn, *args, restore: int):
+    """Call ``fn(*args)`` with one intra-op thread in the calling thread, then set ``restore`` threads.
+
+    (With OpenMP, torch's thread count is a per-thread setting; ``restore`` is the caller's count
+    so that the process-wide default is left as the caller had it.)
+    """
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(restore)
 
 
 def _simulate_rows(
@@ -331,21 +358,20 @@ def _simulate_rows(
 
     # --- channel H (built in W's buffer) ----------------------------------------------------------
     scatter = draws.scatter if rd == torch.float32 else draws.scatter.to(rd)
-    W = torch.view_as_complex(scatter)  # [B, M, N], CN(0, 2): scaled by 1/sqrt(2) below
-    W.mul_(1 / math.sqrt(2))
     H = _channel_inplace(
-        W,
+        torch.view_as_complex(scatter),  # sqrt(2) W: real and imaginary parts standard normal
         _uniform(uni[:, lay.psi], -sc.bs_psi_max, sc.bs_psi_max),
         _uniform(uni[:, lay.phi_b], -sc.bs_phi_max, sc.bs_phi_max),
         _uniform(uni[:, lay.theta_b], -sc.bs_theta_max, sc.bs_theta_max),
         _uniform(uni[:, lay.kappa], sc.rician_min, sc.rician_max),
         sc,
+        w_scale=1 / math.sqrt(2),
     )
 
     # --- snapshots y_l = H z_l + n_l -----------------------------------------------------------
     y = (H @ z.mT).mT.contiguous()  # [B, L, M], still noiseless
     snr_db = _uniform(uni[:, lay.snr], sc.snr_db_min, sc.snr_db_max)
-    P = torch.view_as_real(y).square().sum(dim=(1, 2, 3)) / (L * M)
+    P = torch.linalg.vector_norm(torch.view_as_real(y).flatten(1), dim=1).square() / (L * M)
     noise_var = P / 10 ** (snr_db / 10)
     noise = torch.view_as_complex(draws.noise.to(rd))
     y.addcmul_(noise, torch.sqrt(noise_var / 2).view(B, 1, 1).to(dtype))
