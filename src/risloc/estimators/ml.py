@@ -19,29 +19,38 @@ Likelihoods (``model``):
 Stages (all batched over scenes; scenes with different K are handled by masks):
 
 1. Normalise y per scene to unit mean power (scale invariance), and H to unit mean power.
-2. Greedy search: for k = 1..k_max, every atom of a dictionary uniform in (sin phi, sin theta,
-   1/r) is scored by the exact likelihood gain of adding it to the current model.
-   Stochastic: with alpha_l = phi_l^H C_l^-1 phi_l and beta_l = |phi_l^H C_l^-1 y_l|^2
-   (phi_l = G_l d_q) the NLL change is  sum_l [log(1 + p alpha_l) - p beta_l / (1 + p alpha_l)]
-   (matrix inversion and determinant lemmas), minimised over a grid of p (and of sigma^2
-   for the first source). Static: orthogonal least squares, the RSS reduction
-   |phi^H r|^2 / |P_perp phi|^2.
-3. After each addition all positions (and powers, sigma^2) are refined jointly by
+2. Forward greedy pass: for k = 1..k_max, every atom of a dictionary uniform in
+   (sin phi, sin theta, 1/r) is scored by the exact likelihood gain of adding it to the
+   current model. Stochastic: with alpha_l = phi_l^H C_l^-1 phi_l and
+   beta_l = |phi_l^H C_l^-1 y_l|^2 (phi_l = G_l d_q) the NLL change is
+   sum_l [log(1 + p alpha_l) - p beta_l / (1 + p alpha_l)] (inversion and determinant
+   lemmas), minimised over p (and over sigma^2 for the first source). Static: orthogonal
+   least squares, the RSS reduction |phi^H r|^2 / |P_perp phi|^2.
+   After each addition all positions (and powers, sigma^2) are refined jointly by
    Levenberg-Marquardt-damped Fisher scoring (stochastic) or variable-projection
-   Gauss-Newton (static), projected onto the priors' box.
-4. Order selection: K-hat = argmin_K NLL_K + tau * K (a per-source penalty, calibrated on
-   simulated validation scenes, see docs/estimators-ml.md), and sources whose estimated
-   power is far below the strongest one (beyond the scenario's power spread) are dropped
-   from the candidate orders.
+   Gauss-Newton (static), projected onto the priors' box. At k = k_max one RELAX cycle
+   (Li & Stoica 1996: remove each source in turn, re-search it given the others, keep if
+   the NLL drops) un-merges sources the greedy pass fused.
+3. Backward pass: from k_max down, drop the source whose removal costs least, refine,
+   and keep that (k-1)-source model if it beats the forward one.
+4. Order selection: K-hat = argmin_K NLL_K + tau K (tau per source, calibrated on
+   simulated validation scenes, docs/estimators-ml.md); orders whose estimated powers
+   spread more than the scenario's power spread + a margin are excluded (stochastic).
+5. One RELAX cycle and a final refinement of the selected model.
+6. Range decision: the reported range maximises the posterior hit probability
+   P(|r-hat - r| <= 0.1 r) under the scenario's uniform range prior, with the likelihood
+   of 1/r approximated by a Gaussian of the (inflated) Fisher variance (``range_decision``).
 
 Priors used (all read from ``scenes.scenario``): the field of view phi in [phi_min, phi_max],
 theta in [theta_min, theta_max], range r in [r_min, r_max] (positions are kept inside this
-box), k_max, the power spread (``power_spread_db``) for the order rule, and the signal
-model (``scenario.signal``) to pick the likelihood unless ``model=`` says otherwise.
+box), the uniform distribution of r on that interval (range decision), k_max, the power
+spread (``power_spread_db``) for the order rule, and the signal model (``scenario.signal``)
+to pick the likelihood unless ``model=`` says otherwise.
 
 ``init``: an :class:`~risloc.scenes.Estimates` (K-hat and positions, e.g. from a network)
-skips stages 2 and 4: its sources are refined by the same likelihood (powers and sigma^2
-initialised by least squares) and K-hat is kept.
+skips stages 2-5: its K-hat sources are refined by the same likelihood (powers and sigma^2
+initialised by least squares; positions clipped into the prior box) and K-hat is kept;
+the range decision (stage 6) is applied as usual.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ DEFAULTS = dict(
     final_iterations=25,  # refinement steps of the selected model
     backward=True,
     relax_cycles=1,  # RELAX re-search cycles on the selected model
+    relax_at="last",  # forward-pass orders followed by a RELAX cycle: "last" (= k_max) or a tuple of orders
     range_decision="hit",  # "hit": Bayes hit-optimal range under r ~ U[r_min, r_max]; "ml": the ML range
     range_grid=512,
     range_var_scale=2.0,  # inflation of the Fisher variance of rho used by the range decision
@@ -415,7 +425,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     st = _gather(states, khat)
     del states
     for _ in range(int(opts["relax_cycles"])):
-        st = _relax(st, khat, data, dico, static, box, opts)
+        st, _ = _relax(st, khat, data, dico, static, box, opts)
     del dico
     st, _, _, F = _refine(st, data, static, opts["final_iterations"], box)
     st = _decide_range(st, F, static, sc, opts)
@@ -472,6 +482,10 @@ def _path(data, K: int, static: bool, snr_db, box, opts):
         else:
             st = _add_stochastic(st, k, Phi, data, (gp, gt, gr), s2_grid, n2, c, opts["top"])
         st, nll, _, _ = _refine(st, data, static, opts["greedy_iterations"], box)
+        relax_at = (K,) if opts["relax_at"] == "last" else tuple(opts["relax_at"])
+        if k + 1 in relax_at:
+            kk = torch.full((B,), k + 1, dtype=torch.int64, device=device)
+            st, nll = _relax(st, kk, data, (Phi, n2, c, (gp, gt, gr)), static, box, opts)
         nlls.append(torch.nan_to_num(nll, nan=float("inf")))
         states.append(st.clone())
     if opts["backward"]:
@@ -513,7 +527,7 @@ def _relax(st: _State, khat: Tensor, data, dico, static: bool, box, opts) -> _St
         better = valid & torch.isfinite(nll_c) & (nll_c < nll - 1e-3)
         st = _where(better, cand, st)
         nll = torch.where(better, nll_c, nll)
-    return st
+    return st, nll
 
 
 def _where(cond: Tensor, a: _State, b: _State) -> _State:
@@ -627,12 +641,15 @@ def estimate(
         init: optional :class:`Estimates`; skips the grid/greedy stage and the order rule and
             refines its K-hat sources with the same likelihood.
         iterations: refinement steps of the final model (default 25).
-        batch: scenes per chunk (memory ~ 8 kB x grid atoms per scene; default 64 on CUDA, 16 on CPU).
+        batch: scenes per chunk (memory ~ 12 kB x grid atoms per scene, ~55 MB with the default grid;
+            default 128 on CUDA, 16 on CPU).
         progress: show a tqdm bar over chunks.
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         **options: ``grid_shape`` (n_phi, n_theta, n_rho), ``penalty_stochastic``, ``penalty_static``
             (nats per source), ``power_margin_db`` (None disables the power rule),
-            ``greedy_iterations``, ``dtype`` (complex64 default).
+            ``greedy_iterations``, ``backward``, ``relax_cycles``, ``relax_at``, ``top``,
+            ``range_decision`` ("hit" or "ml"), ``range_var_scale``, ``range_grid``,
+            ``dtype`` (complex64 default). See ``DEFAULTS``.
 
     Returns:
         :class:`Estimates` with K-hat ``[S]`` and NaN-padded phi, theta [rad], r [m] ``[S, k_max]``.
@@ -656,7 +673,7 @@ def estimate(
     if snr_db is True:
         snr_db = scenes.snr_db
     if batch is None:
-        batch = 64 if scenes.device.type == "cuda" else 16
+        batch = 128 if scenes.device.type == "cuda" else 16
     chunks = range(0, S, batch)
     if progress:
         from tqdm import tqdm
