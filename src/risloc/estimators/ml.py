@@ -641,7 +641,7 @@ def estimate(
         init: optional :class:`Estimates`; skips the grid/greedy stage and the order rule and
             refines its K-hat sources with the same likelihood.
         iterations: refinement steps of the final model (default 25).
-        batch: scenes per chunk (memory ~ 12 kB x grid atoms per scene, ~55 MB with the default grid;
+        batch: scenes per chunk (memory ~ 4-5 kB x grid atoms per scene, ~20 MB with the default grid;
             default 128 on CUDA, 16 on CPU).
         progress: show a tqdm bar over chunks.
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
