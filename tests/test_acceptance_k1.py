@@ -94,6 +94,7 @@ def test_independent_locator_on_risloc_simulate(tmp_path):
     assert (scenes.truth.K == 1).all()
     dphi, dtheta, dr_rel = angle_errors(scenes)
     assert dphi.max() < TOLERANCE and dtheta.max() < TOLERANCE, (np.degrees(dphi), np.degrees(dtheta))
+    assert np.median(dphi) < 0.05 * DEG and np.median(dtheta) < 0.05 * DEG  # "a few hundredths of a degree"
     assert np.median(dr_rel) < 0.05
 
 
@@ -102,4 +103,5 @@ def test_independent_locator_on_reference_file():
     scenes = io.load_scenes(REF_K1)
     dphi, dtheta, dr_rel = angle_errors(scenes)
     assert dphi.max() < TOLERANCE and dtheta.max() < TOLERANCE, (np.degrees(dphi), np.degrees(dtheta))
+    assert np.median(dphi) < 0.05 * DEG and np.median(dtheta) < 0.05 * DEG  # "a few hundredths of a degree"
     assert np.median(dr_rel) < 0.05
