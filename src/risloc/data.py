@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import io
 from .scenario import Scenario
-from .scenes import Scenes, Truth
+from .scenes import Scenes
 from .simulate import RNG_BLOCK, simulate
 
 
@@ -74,12 +74,12 @@ class SceneFileDataset(Dataset):
             a, b, step = index.indices(S)
             if step != 1:
                 return self[list(range(a, b, step))]
-            return io._read(self._h5(), self.info, a, b, self.device)
+            return io._read(self._h5(), self.info, slice(a, b), self.device)
         if isinstance(index, (int, np.integer)):
             i = int(index) + (S if index < 0 else 0)
             if not 0 <= i < S:
                 raise IndexError(f"scene {index} out of range for {S} scenes in {self.path}")
-            return io._read(self._h5(), self.info, i, i + 1, self.device)
+            return io._read(self._h5(), self.info, slice(i, i + 1), self.device)
         return self._gather(index)
 
     def _gather(self, indices: Sequence[int]) -> Scenes:
@@ -94,37 +94,14 @@ class SceneFileDataset(Dataset):
         uniq, inverse = np.unique(idx[order], return_inverse=True)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo <= 4 * len(uniq):  # one contiguous read, then pick the rows
-            block = io._read(self._h5(), self.info, lo, hi, "cpu")
+            block = io._read(self._h5(), self.info, slice(lo, hi), "cpu")
             rows = torch.from_numpy(uniq - lo)
         else:  # sorted fancy read
-            block = self._fancy(uniq)
+            block = io._read(self._h5(), self.info, uniq.tolist(), "cpu")
             rows = torch.arange(len(uniq))
         back = np.empty_like(order)
         back[order] = inverse  # position in `uniq` of each requested index, in request order
         return block[rows[torch.from_numpy(back)]].to(self.device)
-
-    def _fancy(self, sorted_unique: np.ndarray) -> Scenes:
-        f, info = self._h5(), self.info
-        sel = sorted_unique.tolist()
-
-        def get(name, dtype):
-            return torch.from_numpy(np.ascontiguousarray(f[name][sel])).to(dtype)
-
-        truth = None
-        if info.has_truth:
-            truth = Truth(
-                K=get("truth/K", torch.int64),
-                **{q: get(f"truth/{q}", torch.float32) for q in io.TRUTH_PER_SOURCE},
-                noise_var=get("truth/noise_var", torch.float32),
-            )
-        return Scenes(
-            y=get("y", torch.complex64),
-            H=get("H", torch.complex64),
-            codes=get("codes", torch.complex64),
-            scenario=info.scenario,
-            snr_db=get("snr_db", torch.float32) if info.has_snr else None,
-            truth=truth,
-        )
 
 
 class SimulatedScenes(IterableDataset):

@@ -429,23 +429,25 @@ def _t(a: np.ndarray, device, dtype=None) -> torch.Tensor:
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
-def _read(f: h5py.File, info: FileInfo, a: int, b: int, device) -> Scenes:
-    """Scenes [a, b) of an open, validated scene file."""
-    snr = _t(f["snr_db"][a:b], device, torch.float32) if info.has_snr else None
+def _read(f: h5py.File, info: FileInfo, sel: slice | list[int], device) -> Scenes:
+    """The scenes ``sel`` (a slice, or a sorted list of distinct indices) of an open, validated scene file."""
+
+    def get(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return _t(f[name][sel], device, dtype)
+
     truth = None
     if info.has_truth:
-        g = f["truth"]
         truth = Truth(
-            K=_t(g["K"][a:b], device, torch.int64),
-            **{q: _t(g[q][a:b], device, torch.float32) for q in TRUTH_PER_SOURCE},
-            noise_var=_t(g["noise_var"][a:b], device, torch.float32),
+            K=get("truth/K", torch.int64),
+            **{q: get(f"truth/{q}", torch.float32) for q in TRUTH_PER_SOURCE},
+            noise_var=get("truth/noise_var", torch.float32),
         )
     return Scenes(
-        y=_t(f["y"][a:b], device, torch.complex64),
-        H=_t(f["H"][a:b], device, torch.complex64),
-        codes=_t(f["codes"][a:b], device, torch.complex64),
+        y=get("y", torch.complex64),
+        H=get("H", torch.complex64),
+        codes=get("codes", torch.complex64),
         scenario=info.scenario,
-        snr_db=snr,
+        snr_db=get("snr_db", torch.float32) if info.has_snr else None,
         truth=truth,
     )
 
@@ -468,7 +470,7 @@ def load_scenes(path: str | os.PathLike, start: int = 0, stop: int | None = None
     info = validate_scenes_file(path) if validate else scenes_file_info(path)
     a, b = _range(info, start, stop)
     with h5py.File(info.path, "r") as f:
-        return _read(f, info, a, b, device)
+        return _read(f, info, slice(a, b), device)
 
 
 def iter_scenes(
@@ -484,7 +486,7 @@ def iter_scenes(
     def gen() -> Iterator[Scenes]:
         with h5py.File(info.path, "r") as f:
             for a in range(a0, b0, chunk):
-                yield _read(f, info, a, min(b0, a + chunk), device)
+                yield _read(f, info, slice(a, min(b0, a + chunk)), device)
 
     return gen()
 
@@ -515,11 +517,3 @@ def load_estimates(path: str | os.PathLike, *, device="cpu") -> Estimates:
             r=_t(g["r"][:], device, torch.float32),
             method=info.method,
         )
-
-
-def read_scenario(path: str | os.PathLike) -> Scenario:
-    """The scenario stored in a scene or estimates file."""
-    with h5py.File(path, "r") as f:
-        fmt = f.attrs.get("format", b"")
-        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-        return _header(f, Path(path), ESTIMATES_FORMAT if fmt == ESTIMATES_FORMAT else SCENES_FORMAT)

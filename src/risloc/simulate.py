@@ -13,11 +13,12 @@ Python loop. For each scene::
 Reproducibility: scene i of seed s is the same whatever the batch size, chunking or
 number of workers. Randomness is drawn in fixed blocks of :data:`RNG_BLOCK` scenes,
 block b from its own generator seeded by ``SeedSequence([s, b])``; a request for scenes
-[start, stop) draws the blocks it touches and keeps its rows. Within a block the draws
+[start, stop) draws and computes the whole blocks it touches and keeps its rows, so a
+scene's numbers never depend on the request (bit for bit on CPU). Within a block the draws
 come in a fixed order (see :func:`_draw_block`): uniforms, RIS-code words, then the
-normals of W, of the signals and of the noise. On CPU the blocks are drawn in parallel
-threads (one generator each, so the result does not depend on the thread count). The
-generator streams of CPU and CUDA differ, so a scene depends on the device it is drawn on.
+normals of W, of the signals and of the noise. On CPU the blocks run in parallel worker
+threads, each single-threaded, so the result does not depend on the thread count either.
+The generator streams of CPU and CUDA differ, so a scene depends on the device it is drawn on.
 
 Speed notes (the hot path, per scene): 2 M N normals for W are drawn straight into the
 buffer that becomes H; the random b-bit codes come from packed integer words
@@ -36,7 +37,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.functional import embedding
 
 from . import physics
 from .scenario import Scenario
@@ -386,8 +386,7 @@ def _simulate_rows(
         noise_var=noise_var,
     )
     if with_covariance:
-        F = A.mT * torch.sqrt(power * active).unsqueeze(-2).to(dtype)  # [B, N, K_max], R = F F^H
-        truth.covariance = F @ F.mH
+        truth.covariance = source_covariance(truth, sc, dtype=dtype)
     return Scenes(y=y, H=H, codes=codes, scenario=sc, snr_db=snr_db, truth=truth)
 
 
