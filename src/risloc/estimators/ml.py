@@ -642,7 +642,7 @@ def estimate(
             refines its K-hat sources with the same likelihood.
         iterations: refinement steps of the final model (default 25).
         batch: scenes per chunk (memory ~ 4-5 kB x grid atoms per scene, ~20 MB with the default grid;
-            default 128 on CUDA, 16 on CPU).
+            default 1024 on CUDA (539 scenes/s on one H100 vs 197 at 128), 16 on CPU).
         progress: show a tqdm bar over chunks.
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         **options: ``grid_shape`` (n_phi, n_theta, n_rho), ``penalty_stochastic``, ``penalty_static``
@@ -673,7 +673,7 @@ def estimate(
     if snr_db is True:
         snr_db = scenes.snr_db
     if batch is None:
-        batch = 128 if scenes.device.type == "cuda" else 16
+        batch = 1024 if scenes.device.type == "cuda" else 16
     chunks = range(0, S, batch)
     if progress:
         from tqdm import tqdm
