@@ -642,7 +642,7 @@ def estimate(
             refines its K-hat sources with the same likelihood.
         iterations: refinement steps of the final model (default 25).
         batch: scenes per chunk (memory ~ 4-5 kB x grid atoms per scene, ~20 MB with the default grid;
-            default 1024 on CUDA (539 scenes/s on one H100 vs 197 at 128), 16 on CPU).
+            default 1024 on CUDA (539 scenes/s on one H100 vs 197 at batch 256), 16 on CPU).
         progress: show a tqdm bar over chunks.
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         **options: ``grid_shape`` (n_phi, n_theta, n_rho), ``penalty_stochastic``, ``penalty_static``
