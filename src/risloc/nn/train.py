@@ -99,6 +99,13 @@ class TrainData:
             out["F"].append(source_factor(s.truth, cfg.scenario))
         return {k: torch.cat(v) for k, v in out.items()}
 
+    def _permutation(self, epoch: int) -> Tensor:
+        """The pool's order in pass ``epoch`` (a function of (seed, epoch) only; cached)."""
+        if getattr(self, "_perm_epoch", None) != epoch:
+            gen = torch.Generator().manual_seed(hash((self.cfg.seed, 104729, epoch)) & 0x7FFFFFFFFFFFFFFF)
+            self._perm, self._perm_epoch = torch.randperm(len(self.pool), generator=gen), epoch
+        return self._perm
+
     def batch(self, step: int) -> Batch:
         cfg, B = self.cfg, self.cfg.batch
         gen = torch.Generator(device=self.device)
@@ -116,9 +123,7 @@ class TrainData:
         else:
             n = len(self.pool)
             epoch, within = divmod(step * B, n)
-            perm_gen = torch.Generator().manual_seed(hash((cfg.seed, 104729, epoch)) & 0x7FFFFFFFFFFFFFFF)
-            perm = torch.randperm(n, generator=perm_gen)
-            idx = perm[(within + torch.arange(B)) % n].to(self.device)
+            idx = self._permutation(epoch)[(within + torch.arange(B)) % n].to(self.device)
             p = self._prepared
             S = cv.LowRankCovariance(p["factor"][idx], torch.zeros(B, device=self.device))
             snr, est, F = p["snr"][idx], p["est"][idx], p["F"][idx]
