@@ -301,6 +301,13 @@ def train(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume:  # the checkpoint's configuration wins (other flags given with --resume are ignored)
+        state = load_checkpoint(out / "last.pt")
+        saved = TrainConfig.from_toml(state["config"])
+        if saved.to_dict() != cfg.to_dict():
+            log("[RESUME] note: the configuration differs from the checkpoint's; using the checkpoint's")
+            cfg = saved
     device = resolve_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -324,11 +331,6 @@ def train(
     metrics_path = out / "metrics.jsonl"
 
     if resume:
-        state = load_checkpoint(out / "last.pt", map_location=device)
-        saved = TrainConfig.from_toml(state["config"])
-        if saved.to_dict() != cfg.to_dict():
-            log("[RESUME] note: the configuration differs from the checkpoint's; using the checkpoint's")
-            cfg = saved
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
