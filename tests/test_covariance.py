@@ -11,7 +11,7 @@ from risloc import covariance as cv
 
 @pytest.fixture(scope="module")
 def scenes():
-    return risloc.simulate(risloc.Scenario(), 64, seed=11, with_covariance=True)
+    return risloc.simulate(risloc.Scenario(), 16, seed=11, with_covariance=True)
 
 
 def test_low_rank_eigh_matches_dense(scenes):
