@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from . import estimators, metrics
-from .scenario import Scenario, atomic_write_text
+from ._files import atomic_write_text, nan_to_none
+from .scenario import Scenario
 from .scenes import Estimates, Scenes
 
 HELD_OUT_SEED = 2026
@@ -438,17 +439,6 @@ def _jsonable(v):
     return repr(v)
 
 
-def _clean(o):
-    """NaN/inf -> None recursively (strict JSON)."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_clean(v) for v in o]
-    return o
-
-
 # ----------------------------------------------------------------------------------------------
 # running the methods
 # ----------------------------------------------------------------------------------------------
@@ -760,19 +750,9 @@ def render_report(res: BenchResult, plots: list[str]) -> str:
     return "\n".join(L)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(res: BenchResult, out: Path) -> Path:
     path = out / "results.json"
-    text = json.dumps(_clean(_jsonable(res.to_dict())), indent=2, allow_nan=False)
+    text = json.dumps(nan_to_none(_jsonable(res.to_dict())), indent=2, allow_nan=False)
     atomic_write_text(path, text + "\n")
     return path
 

@@ -555,12 +555,12 @@ def crb_file(
     ``content = "crb"``, ``signal`` and ``scenes`` (the scene file's name). The file is written
     under a temporary name in the same folder and renamed when complete.
     """
-    import os
     from pathlib import Path
 
     import h5py
 
     from . import io
+    from ._files import atomic_path
 
     scenes_path, out_path = Path(scenes_path), Path(out_path)
     info = io.validate_scenes_file(scenes_path)  # refuses a bad file before any work
@@ -576,10 +576,9 @@ def crb_file(
         raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
     batch = max(1, int(batch))
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     bar = None
     try:
-        with h5py.File(tmp, "w") as out:
+        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
             for k, v in attrs.items():
                 out.attrs[k] = v
             out.attrs["content"] = CRB_CONTENT
@@ -604,12 +603,9 @@ def crb_file(
                     bar.update(n)
             if start != S:
                 raise ValueError(f"{scenes_path}: read {start} scenes, truth/phi has {S}")
-        os.replace(tmp, out_path)
     finally:
         if bar is not None:
             bar.close()
-        if tmp.exists():
-            tmp.unlink()
     return S
 
 

@@ -40,6 +40,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import erf
 
+from ._files import nan_to_none
+
 ANGLE_TOL = math.radians(2.0)
 """Hit tolerance on |Delta phi| and |Delta theta| [rad] (2 degrees), also the angle scale of the matching cost."""
 
@@ -545,17 +547,7 @@ class Score:
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` as strict JSON (NaN and inf written as null)."""
-
-        def clean(o):
-            if isinstance(o, float) and not math.isfinite(o):
-                return None
-            if isinstance(o, dict):
-                return {k: clean(v) for k, v in o.items()}
-            if isinstance(o, list):
-                return [clean(v) for v in o]
-            return o
-
-        return json.dumps(clean(self.to_dict()), indent=indent, allow_nan=False)
+        return json.dumps(nan_to_none(self.to_dict()), indent=indent, allow_nan=False)
 
     def format_table(self) -> str:
         """Markdown tables (overall, per SNR bin, per true K); angles in degrees, 3 significant digits."""

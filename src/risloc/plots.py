@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ._files import atomic_path  # noqa: E402
+
 __all__ = ["rmse_vs_snr", "success_vs_snr", "k_confusion", "spectra", "save"]
 
 _MARKERS = "osD^v<>ph*"
@@ -26,14 +28,11 @@ _MARKERS = "osD^v<>ph*"
 def save(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """``fig.savefig`` to a temporary name in the destination folder, then rename; closes ``fig``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -15,8 +15,9 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
+
+from ._files import atomic_write_text  # noqa: F401  (re-exported: risloc.scenario.atomic_write_text)
 
 SIGNAL_MODELS = ("stochastic", "static")
 CODEBOOKS = ("random", "dft")
@@ -229,15 +230,3 @@ def toml_dumps(tables: dict[str, dict[str, Any]]) -> str:
         out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
         out.append("")
     return "\n".join(out)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
