@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -345,6 +346,20 @@ def _check_padded(path: Path, name: str, a: np.ndarray, K: np.ndarray, offset: i
         raise ValueError(f"{path}: dataset '{name}', scene {offset + bad}: need finite values for the first {what} = {K[bad]} sources and NaN after, got {a[bad].tolist()}")
 
 
+@contextmanager
+def _open_scenes_file(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path, Scenario, dict[str, h5py.Dataset]]]:
+    """Open a scene file for reading: ``(file, path, scenario, {y, H, codes datasets})`` with the
+    root attributes checked and the input shapes checked against the scenario and each other."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        sc = _header(f, path, SCENES_FORMAT)
+        shapes = _input_shapes(sc)
+        S = _dataset(f, path, "y", shapes["y"], "c", None).shape[0]
+        yield f, path, sc, {name: _dataset(f, path, name, shapes[name], "c", S) for name in INPUTS}
+
+
 def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) -> FileInfo:
     """Check a scene file against scene-file.md, streaming ``chunk`` scenes at a time.
 
@@ -355,15 +370,8 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
     (K outside 0..k_max, positions not finite for the first K sources and NaN after, noise
     variance negative or not finite). Returns a :class:`FileInfo`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scene file {path} does not exist")
-    with h5py.File(path, "r") as f:
-        sc = _header(f, path, SCENES_FORMAT)
-        shapes = _input_shapes(sc)
-        y = _dataset(f, path, "y", shapes["y"], "c", None)
-        S = y.shape[0]
-        inputs = {name: _dataset(f, path, name, shapes[name], "c", S) for name in INPUTS}
+    with _open_scenes_file(path) as (f, path, sc, inputs):
+        S = inputs["y"].shape[0]
         if "snr_db" in f:
             inputs["snr_db"] = _dataset(f, path, "snr_db", (), "f", S)
         truth = None
@@ -493,16 +501,8 @@ def iter_scenes(
 
 def scenes_file_info(path: str | os.PathLike) -> FileInfo:
     """Header and layout of a scene file without the value scan (shapes and format still checked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scene file {path} does not exist")
-    with h5py.File(path, "r") as f:
-        sc = _header(f, path, SCENES_FORMAT)
-        shapes = _input_shapes(sc)
-        S = _dataset(f, path, "y", shapes["y"], "c", None).shape[0]
-        for name in ("H", "codes"):
-            _dataset(f, path, name, shapes[name], "c", S)
-        return FileInfo(path, sc, S, has_snr="snr_db" in f, has_truth="truth" in f)
+    with _open_scenes_file(path) as (f, path, sc, inputs):
+        return FileInfo(path, sc, inputs["y"].shape[0], has_snr="snr_db" in f, has_truth="truth" in f)
 
 
 def load_estimates(path: str | os.PathLike, *, device="cpu") -> Estimates:
