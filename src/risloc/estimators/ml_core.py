@@ -99,6 +99,15 @@ def hermitian_solve_parts(C: Tensor):
     return Cinv, logdet, info
 
 
+def _mask_parameters(grad: Tensor, F: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Take the parameters where ``mask`` ``[B, P]`` is False out of the model: gradient 0,
+    Fisher rows and columns those of the identity."""
+    grad = grad * mask
+    mm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    F = torch.where(mm, F, torch.zeros_like(F)) + torch.diag_embed((~mask).to(F.dtype))
+    return grad, F
+
+
 def stochastic_eval(
     phi: Tensor,
     theta: Tensor,
@@ -188,9 +197,7 @@ def stochastic_eval(
     F[:, -1, -1] = s2 * s2 * trC2.sum(1)
     F = 0.5 * (F + F.transpose(-1, -2))
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
-    grad = grad * mask
-    mm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
-    F = torch.where(mm, F, torch.zeros_like(F)) + torch.diag_embed((~mask).to(F.dtype))
+    grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F
 
 
@@ -246,7 +253,5 @@ def static_eval(
     grad = -2 * (J.mH @ res).real.squeeze(-1) * (LM / rss).unsqueeze(-1)
     F = 2 * (J.mH @ J).real * (LM / rss).view(B, 1, 1)
     mask = torch.cat([active, active, active], dim=1)
-    grad = grad * mask
-    mm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
-    F = torch.where(mm, F, torch.zeros_like(F)) + torch.diag_embed((~mask).to(F.dtype))
+    grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F, g.squeeze(-1)
