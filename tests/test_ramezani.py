@@ -19,6 +19,13 @@ def _matched_errors(scenes, est):
     return m, torch.as_tensor(m.dphi).abs() / DEG, torch.as_tensor(m.dtheta).abs() / DEG, torch.as_tensor(m.rel_r).abs()
 
 
+def _oracle(sc, n_scenes, seed, **options):
+    """The estimator on the exact source covariance of ``n_scenes`` simulated scenes, with the matched errors."""
+    s = risloc.simulate(sc, n_scenes, seed=seed)
+    est = rz.estimate(s, covariance=risloc.source_factor(s.truth, sc), **options)
+    return (est, *_matched_errors(s, est))
+
+
 def test_anti_diagonal_cancels_range_under_fresnel():
     """For a Fresnel-model source, ȳ_n = R[n, n'] = p exp(j 2π (f_x i + f_y j)) up to a constant: no range term."""
     sc = risloc.Scenario()
@@ -39,9 +46,7 @@ def test_registered():
 
 def test_oracle_single_source_accurate():
     sc = risloc.Scenario(k_fixed=1)
-    s = risloc.simulate(sc, 12, seed=11)
-    est = rz.estimate(s, covariance=risloc.source_factor(s.truth, sc), n_sources=1)
-    m, dphi, dtheta, rel = _matched_errors(s, est)
+    est, m, dphi, dtheta, rel = _oracle(sc, 12, 11, n_sources=1)
     assert (est.K == 1).all() and len(m) == 12
     print(f"oracle K=1 (r in [0.5, 10] m): max |dphi| {dphi.max():.4f} deg, |dtheta| {dtheta.max():.4f} deg, |dr/r| {rel.max():.4f}")
     assert dphi.max() < 0.5 and dtheta.max() < 0.5 and rel.max() < 0.1
@@ -51,18 +56,14 @@ def test_oracle_paper_variant_fresnel_limited():
     """The published pipeline (no joint refinement): the Fresnel-based decoupling biases the angle of
     close sources, so its accuracy is asserted from 3 m on, with 1 deg (documented in the doc)."""
     sc = risloc.Scenario(k_fixed=1, r_min=3.0, r_max=10.0)
-    s = risloc.simulate(sc, 16, seed=12)
-    est = rz.estimate(s, covariance=risloc.source_factor(s.truth, sc), n_sources=1, variant="paper")
-    m, dphi, dtheta, rel = _matched_errors(s, est)
+    est, m, dphi, dtheta, rel = _oracle(sc, 16, 12, n_sources=1, variant="paper")
     print(f"oracle, paper variant, r in [3, 10] m: max |dphi| {dphi.max():.3f}, |dtheta| {dtheta.max():.3f} deg, |dr/r| {rel.max():.3f}")
     assert len(m) == 16 and dphi.max() < 1.0 and dtheta.max() < 1.0 and rel.max() < 0.1
 
 
 def test_oracle_two_separated_sources():
     sc = risloc.Scenario(k_fixed=2, min_separation=20 * DEG)
-    s = risloc.simulate(sc, 12, seed=13)
-    est = rz.estimate(s, covariance=risloc.source_factor(s.truth, sc), n_sources=2)
-    m, dphi, dtheta, rel = _matched_errors(s, est)
+    est, m, dphi, dtheta, rel = _oracle(sc, 12, 13, n_sources=2)
     assert (est.K == 2).all() and len(m) == 24
     print(f"oracle K=2: max |dphi| {dphi.max():.4f} deg, |dtheta| {dtheta.max():.4f} deg, |dr/r| {rel.max():.4f}")
     assert dphi.max() < 0.5 and dtheta.max() < 0.5 and rel.max() < 0.1
