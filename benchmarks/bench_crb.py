@@ -20,12 +20,8 @@ import time
 import torch
 
 import risloc
+from risloc.bench import sync_device
 from risloc.crb import crb_for_scenes
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -57,10 +53,10 @@ def main() -> None:
         crb_for_scenes(scenes[: min(256, args.scenes)], signal=signal, batch=args.batch)  # warm-up
         best = best_cpu = math.inf
         for _ in range(args.repeat):
-            _sync(device)
+            sync_device(device)
             t0, c0 = time.perf_counter(), time.process_time()
             res = crb_for_scenes(scenes, signal=signal, batch=args.batch)
-            _sync(device)
+            sync_device(device)
             best = min(best, time.perf_counter() - t0)
             best_cpu = min(best_cpu, time.process_time() - c0)
         active = torch.isfinite(res.phi)

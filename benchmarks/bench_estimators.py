@@ -23,22 +23,18 @@ import torch
 
 import risloc
 from risloc import metrics
+from risloc.bench import sync_device
 from risloc.estimators import get
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_method(name: str, scenes, *, batch: int, device, options: dict) -> tuple[risloc.Estimates, float]:
     fn = get(name)
     inputs = risloc.Scenes(scenes.y, scenes.H, scenes.codes, scenes.scenario, scenes.snr_db)  # no truth for the estimator
     fn(inputs[: min(len(inputs), batch)], **options)  # warm-up (grid cache, kernels)
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     parts = [fn(inputs[s : s + batch], **options) for s in range(0, len(inputs), batch)]
-    _sync(device)
+    sync_device(device)
     dt = time.perf_counter() - t0
     return risloc.Estimates.cat(parts), dt
 
@@ -98,10 +94,10 @@ def main(argv=None) -> int:
         sc1 = sc.replace(k_fixed=1, snr_db_min=20.0, snr_db_max=20.0)
         s1 = risloc.Scenes.cat(list(risloc.simulate_chunks(sc1, args.single, seed=args.seed + 1, chunk=4096, device=device)))
         music = get("music")
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         est = risloc.Estimates.cat([music(s1[a : a + args.batch], K=s1.truth.K[a : a + args.batch]) for a in range(0, len(s1), args.batch)])
-        _sync(device)
+        sync_device(device)
         dt = time.perf_counter() - t0
         o = metrics.score(s1.truth, est.to("cpu"), snr_db=s1.snr_db.cpu()).overall
         results["music_single_20db"] = {"scenes": args.single, "success": o.success, "rmse_phi_deg": o.rmse_phi_deg, "rmse_rel_r": o.rmse_rel_r, "scenes_per_s": args.single / dt}

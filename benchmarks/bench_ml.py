@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import risloc
+from risloc.bench import sync_device
 from risloc.estimators import get
 
 RANGES = [(-5, 0), (0, 5), (5, 10), (10, 15), (15, 20), (10, 20), (-5, 20)]
@@ -80,12 +81,10 @@ def main() -> None:
     ml = get("ml")
     warm = min(len(scenes), args.batch or 16)
     ml(scenes[:warm], batch=args.batch, **opts)  # warm-up (dictionary cache, kernels)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(device)
     t0 = time.perf_counter()
     est = ml(scenes, batch=args.batch, **opts)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(device)
     dt = time.perf_counter() - t0
     est = est.to("cpu")
     scenes_cpu = scenes.to("cpu")

@@ -24,19 +24,14 @@ import time
 import torch
 
 from risloc import Scenario, __version__
+from risloc.bench import device_info, sync_device
 from risloc.io import ScenesWriter
 from risloc.simulate import simulate, simulate_chunks
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": device_info("cpu")["cpu_model"],
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -49,25 +44,20 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_simulate(sc: Scenario, n: int, chunk: int, device: torch.device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) to simulate n scenes in chunks, results left on the device."""
-    sync(device)
+    sync_device(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for scenes in simulate_chunks(sc, n, seed=1, chunk=chunk, device=device):
         del scenes
-    sync(device)
+    sync_device(device)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
 def time_simulate_write(sc: Scenario, n: int, chunk: int, device: torch.device, folder: str) -> tuple[float, float, int]:
     """(wall s, CPU s, file bytes) to simulate n scenes and write them to an HDF5 scene file."""
     path = os.path.join(folder, "bench.h5")
-    sync(device)
+    sync_device(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with ScenesWriter(path, sc, expected=n) as writer:
         for scenes in simulate_chunks(sc, n, seed=1, chunk=chunk, device=device):
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = Scenario()
 
     simulate(sc, min(chunk, n), seed=0, device=device)  # warm-up (allocator, kernels, thread pools)
-    sync(device)
+    sync_device(device)
 
     rows = []
     best = min((time_simulate(sc, n, chunk, device) for _ in range(args.repeat)), key=lambda t: t[0])

@@ -345,7 +345,10 @@ def _truth_n(scenes: Scenes, n: int):
     return scenes.truth if n >= len(scenes) else scenes.truth[:n]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device) -> None:
+    """Wait for the work queued on ``device`` (``torch.cuda.synchronize`` on CUDA; nothing on
+    the CPU): call it on both sides of a timed region."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -504,18 +507,18 @@ def timed_batches(fn: Callable, scenes: Scenes, batch: int, device: torch.device
     bar = tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress)
     for i, a in enumerate(bar):
         part = scenes[a : a + batch]
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         res = fn(part)
-        _sync(device)
+        sync_device(device)
         dt = time.perf_counter() - t0
         if i == 0:
             timing.warmup_scenes, timing.warmup_seconds = len(part), dt
             if len(starts) == 1:
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
                 res = fn(part)
-                _sync(device)
+                sync_device(device)
                 timing.seconds += time.perf_counter() - t0
                 timing.scenes += len(part)
                 timing.batches += 1
@@ -932,6 +935,6 @@ def _make_plots(res: BenchResult, out: Path) -> list[str]:
 
 __all__ = [
     "BenchConfig", "BenchResult", "MethodResult", "Timing", "run_benchmark", "write_report", "render_report",
-    "crb_reference", "device_info", "git_info", "versions", "resolve_method", "timed_batches", "spectrum_data",
+    "crb_reference", "device_info", "sync_device", "git_info", "versions", "resolve_method", "timed_batches", "spectrum_data",
     "HELD_OUT_SEED", "DEFAULT_METHODS", "QUICK_SCENES", "QUICK_BATCH", "SNR_RANGES",
 ]
