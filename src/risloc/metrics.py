@@ -430,14 +430,6 @@ def _rms(ss, n) -> float:
     return math.sqrt(ss / n) if n else float("nan")
 
 
-_PER_SCENE = (
-    "K", "K_hat", "hits", "success", "n_pairs", "n_nonfinite", "ss_phi", "ss_theta", "ss_r", "ss_rel",
-)
-_PER_SCENE_CRB = (
-    "n_crb", "se_phi", "se_theta", "se_r", "se_rel", "sc_phi", "sc_theta", "sc_r", "sc_rel", "p_crb",
-)
-
-
 def _metrics(d: dict[str, np.ndarray], mask: np.ndarray, has_crb: bool) -> Metrics:
     """Aggregate per-scene sums over the scenes selected by ``mask``."""
     s = {k: v[mask] for k, v in d.items() if k != "snr"}
