@@ -437,6 +437,7 @@ def train(
         train_terms = {f"train_{t}": float(v) / counts[t] for t, v in sums.items()}
         metrics.update(train_terms)
         primary = _primary(metrics, cfg)
+        primary_name = cfg.val_primary if "k_loc" in metrics else "loss"  # k_loc needs located scenes
         improved = primary > best
         if improved:
             best, bad_epochs = primary, 0
@@ -444,13 +445,13 @@ def train(
             bad_epochs += 1
         record = {"epoch": epoch, "step": (epoch + 1) * cfg.steps_per_epoch, "opt_steps": scheduler.step, "skipped": skipped,
                   "beta": beta_now, "lr": scheduler.lr(), "time_s": round(time.time() - t0, 3), "seed": cfg.seed, "git": commit,
-                  **metrics, "val_primary": cfg.val_primary, "primary": primary, "best": best}
+                  **metrics, "val_primary": primary_name, "primary": primary, "best": best}
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         loc = (f" K_acc={metrics['K_acc']:.3f} K_under={metrics['K_under']:.3f} K_over={metrics['K_over']:.3f} success={metrics['success']:.3f}"
                f" rmse_phi={metrics['rmse_phi_deg']:.3g}deg rmse_theta={metrics['rmse_theta_deg']:.3g}deg rmse_r={metrics['rmse_r_m']:.3g}m"
                if "success" in metrics else "")
-        log(f"[VAL] epoch {epoch} nmse={metrics['val_nmse']:.4f} k_nll={metrics['val_k_nll']:.3f}{loc} {cfg.val_primary}={primary:.4f}"
+        log(f"[VAL] epoch {epoch} nmse={metrics['val_nmse']:.4f} k_nll={metrics['val_k_nll']:.3f}{loc} {primary_name}={primary:.4f}"
             f"{' *best*' if improved else ''} ({record['time_s']:.1f} s)")
         summary = record
         save(out / "last.pt", epoch + 1, metrics, beta_now)
