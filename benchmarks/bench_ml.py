@@ -5,15 +5,13 @@
 
 Prints success / K_acc / RMSE (and RMSE / sqrt(CRB) when risloc.crb is present) per SNR
 range, and the throughput in scenes per second (estimation only; the first batch is a
-warm-up that is not timed). Scoring uses risloc.metrics.score when it is installed and a
-small Hungarian scorer of the same rules otherwise.
+warm-up that is not timed). Scoring is risloc.metrics.score.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -22,35 +20,10 @@ import torch
 import risloc
 from risloc.bench import sync_device
 from risloc.estimators import get
+from risloc.crb import crb as crb_fn
+from risloc.metrics import score
 
 RANGES = [(-5, 0), (0, 5), (5, 10), (10, 15), (15, 20), (10, 20), (-5, 20)]
-
-
-def _own_score(truth, est):
-    """Per-scene success, K correctness and matched errors (spec rules; Hungarian matching)."""
-    from scipy.optimize import linear_sum_assignment
-
-    tol = math.radians(2)
-    S = len(truth.K)
-    succ = np.zeros(S, bool)
-    kok = np.zeros(S, bool)
-    errs = [[] for _ in range(S)]
-    for s in range(S):
-        K, Kh = int(truth.K[s]), int(est.K[s])
-        kok[s] = K == Kh
-        if K == 0 or Kh == 0:
-            succ[s] = K == Kh
-            continue
-        tp, tt, tr = (getattr(truth, n)[s, :K].double().cpu().numpy() for n in ("phi", "theta", "r"))
-        ep, et, er = (getattr(est, n)[s, :Kh].double().cpu().numpy() for n in ("phi", "theta", "r"))
-        dp = np.angle(np.exp(1j * (tp[:, None] - ep[None])))
-        dt, dr = tt[:, None] - et[None], tr[:, None] - er[None]
-        i, j = linear_sum_assignment((dp / tol) ** 2 + (dt / tol) ** 2 + (dr / (0.1 * tr[:, None])) ** 2)
-        hit = (np.abs(dp[i, j]) <= tol) & (np.abs(dt[i, j]) <= tol) & (np.abs(dr[i, j]) <= 0.1 * tr[i])
-        succ[s] = K == Kh and bool(hit.all())
-        if K == Kh:
-            errs[s] = [(dp[a, b], dt[a, b], dr[a, b]) for a, b in zip(i, j)]
-    return succ, kok, errs
 
 
 def main() -> None:
@@ -95,44 +68,22 @@ def main() -> None:
 
     crb = None
     if not args.no_crb:
-        try:
-            from risloc.crb import crb as crb_fn
-
-            t = scenes_cpu.truth
-            crb = crb_fn(scenes_cpu.H, scenes_cpu.codes, t.phi, t.theta, t.r, t.power, t.noise_var, sc,
-                         signal=args.signal, K=t.K)
-        except ImportError:
-            crb = None
+        t = scenes_cpu.truth
+        crb = crb_fn(scenes_cpu.H, scenes_cpu.codes, t.phi, t.theta, t.r, t.power, t.noise_var, sc,
+                     signal=args.signal, K=t.K)
 
     rows = []
-    try:
-        from risloc.metrics import score
-
-        sco = score(scenes_cpu, est, crb=crb)
-        for lo, hi in RANGES:
-            mask = (snr >= lo) & (snr < hi if hi < 20 else snr <= hi)
-            if not mask.any():
-                continue
-            m = sco.select(mask).overall
-            rows.append(dict(snr=f"[{lo},{hi})", n=int(mask.sum()), success=m.success, K_acc=m.K_acc,
-                             K_under=m.K_under, K_over=m.K_over, rmse_phi_deg=m.rmse_phi_deg,
-                             rmse_theta_deg=m.rmse_theta_deg, rmse_r_m=m.rmse_r_m, rmse_rel_r=m.rmse_rel_r,
-                             crb_ratio_phi=m.crb_ratio_phi, crb_ratio_theta=m.crb_ratio_theta,
-                             crb_ratio_r=m.crb_ratio_r, success_crb=m.success_crb))
-        scorer = "risloc.metrics.score"
-    except ImportError:
-        succ, kok, errs = _own_score(scenes_cpu.truth, est)
-        for lo, hi in RANGES:
-            mask = (snr >= lo) & (snr < hi if hi < 20 else snr <= hi)
-            if not mask.any():
-                continue
-            e = np.array([x for s in np.nonzero(mask)[0] for x in errs[s]]).reshape(-1, 3)
-            rm = np.sqrt((e**2).mean(0)) if len(e) else np.full(3, np.nan)
-            rows.append(dict(snr=f"[{lo},{hi})", n=int(mask.sum()), success=float(succ[mask].mean()),
-                             K_acc=float(kok[mask].mean()), rmse_phi_deg=math.degrees(rm[0]),
-                             rmse_theta_deg=math.degrees(rm[1]), rmse_r_m=float(rm[2])))
-        scorer = "bench_ml's own scorer"
-    print(f"scored by {scorer}")
+    sco = score(scenes_cpu, est, crb=crb)
+    for lo, hi in RANGES:
+        mask = (snr >= lo) & (snr < hi if hi < 20 else snr <= hi)
+        if not mask.any():
+            continue
+        m = sco.select(mask).overall
+        rows.append(dict(snr=f"[{lo},{hi})", n=int(mask.sum()), success=m.success, K_acc=m.K_acc,
+                         K_under=m.K_under, K_over=m.K_over, rmse_phi_deg=m.rmse_phi_deg,
+                         rmse_theta_deg=m.rmse_theta_deg, rmse_r_m=m.rmse_r_m, rmse_rel_r=m.rmse_rel_r,
+                         crb_ratio_phi=m.crb_ratio_phi, crb_ratio_theta=m.crb_ratio_theta,
+                         crb_ratio_r=m.crb_ratio_r, success_crb=m.success_crb))
     hdr = f"{'SNR dB':>10} {'n':>5} {'success':>8} {'K_acc':>6} {'phi°':>6} {'th°':>6} {'r m':>6} {'Δr/r':>6} {'φ/√CRB':>7} {'θ/√CRB':>7} {'succ_CRB':>8}"
     print(hdr)
     f = lambda x, w=6, p=3: f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) and x is not None and np.isfinite(x) else f"{'-':>{w}}"
