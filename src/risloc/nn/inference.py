@@ -175,3 +175,34 @@ def estimate(
     )
     est.method = f"learned:{loaded.sha256[:12]}"
     return est.to(scenes.device)
+
+
+@register("learned+ml")
+def estimate_learned_ml(
+    scenes: Scenes,
+    *,
+    checkpoint: str | Path | None = None,
+    device=None,
+    batch: int = 1024,
+    beta: float | None = None,
+    use_snr: bool = True,
+    music_options: dict | None = None,
+    ml_options: dict | None = None,
+) -> Estimates:
+    """``learned`` then ``ml``'s likelihood refinement started from its K-hat and positions.
+
+    No grid search and no order selection in the second stage: ``ml`` keeps the learned
+    K-hat and refines all positions, powers and sigma^2 jointly on the exact likelihood of the
+    measurements (see :func:`risloc.estimators.ml.estimate`, argument ``init``). The first
+    stage's options are those of :func:`estimate`; ``ml_options`` go to ``ml`` (e.g.
+    ``iterations``, ``batch``). Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
+    """
+    from ..estimators import get
+
+    first = estimate(scenes, checkpoint=checkpoint, device=device, batch=batch, beta=beta, use_snr=use_snr, music_options=music_options)
+    work = scenes.to(device) if device is not None else scenes
+    if not use_snr:
+        work = dataclasses.replace(work, snr_db=None)
+    refined = get("ml")(work, init=first.to(work.device), **(ml_options or {}))
+    refined.method = first.method.replace("learned:", "learned+ml:", 1)
+    return refined.to(scenes.device)

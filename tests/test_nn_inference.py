@@ -1,0 +1,34 @@
+"""learned+ml: the learned estimate refined by ml's likelihood, with the learned K-hat kept."""
+
+import torch
+
+import risloc
+from risloc.estimators import get
+from risloc.nn.config import TrainConfig, apply_overrides
+from risloc.nn.train import train
+
+
+def test_learned_ml_is_ml_started_from_learned(tmp_path):
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "device": "cpu", "amp": "none", "threads": 1, "epochs": 1, "steps_per_epoch": 2, "batch": 8, "train_scenes": 16,
+            "val_scenes": 8, "val_batch": 8, "val_locate": False, "calibrate": False, "val_primary": "loss",
+            "model.width": 16, "model.depth": 1, "model.heads": 2, "model.patch": 4, "model.k_hidden": 16,
+        },
+    )
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    ckpt = tmp_path / "run" / "best.pt"
+    scenes = risloc.simulate(risloc.Scenario(), 4, seed=5)
+    music = {"refine_iterations": 2}
+    first = get("learned")(scenes, checkpoint=ckpt, music_options=music)
+    both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3})
+    again = get("ml")(scenes, init=first, iterations=3)
+    assert both.method.startswith("learned+ml:") and both.method[len("learned+ml:"):] == first.method[len("learned:"):]
+    assert torch.equal(both.K, first.K)
+    for name in ("phi", "theta", "r"):
+        assert torch.allclose(getattr(both, name), getattr(again, name), equal_nan=True)
+        got = getattr(both, name)
+        for s in range(4):
+            assert torch.isfinite(got[s, : int(both.K[s])]).all()
+    assert "learned+ml" in risloc.estimators.available()
