@@ -3,6 +3,11 @@
     risloc train --config configs/cpu-quick.toml --out runs/quick
     risloc train --config configs/default.toml --out runs/gpu --model.width 192 --set loss.k_weight=0.2
     risloc train --out runs/quick --resume          # continue a killed run (same result)
+    torchrun --nproc_per_node=4 -m risloc train --config configs/default.toml --out runs/ddp   # 4 GPUs
+
+Under ``torchrun`` the run is data-parallel (DistributedDataParallel; nccl on CUDA, gloo on
+CPU): --batch is the GLOBAL batch, split evenly over the ranks; rank 0 validates, logs and
+writes the checkpoints (docs/training-at-scale.md).
 
 Every configuration field is also a flag (``--lr``, ``--model.width``, ``--loss.beta``,
 ``--scenario.k_max``, or ``--set KEY=VALUE``); flags override the --config file. The device
@@ -14,6 +19,7 @@ and ``summary.json``.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..nn.config import TrainConfig, add_config_flags, config_from_args
 
@@ -26,20 +32,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="S",
+                   help="under torchrun: seconds a rank waits for the others (rank 0's validation included) before failing"
+                        " (default 1800)")
     add_config_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..nn.distributed import DEFAULT_TIMEOUT_S
     from ..nn.train import train
 
     cfg = config_from_args(args)
     if args.print_config:
         print(cfg.to_toml())
         return 0
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, log=lambda s: print(s, flush=True))
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, log=lambda s: print(s, flush=True),
+                    dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S)
     best = summary.get("calibration", {})
-    if best:
+    if best and os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; rank 0 prints
         print(f"[DONE] best.pt calibrated: success={best.get('calibrated_success', float('nan')):.3f} "
               f"K_acc={best.get('calibrated_K_acc', float('nan')):.3f} T={best['temperature']:.3f} tau={best['threshold']:.3f}")
     return 0

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,7 @@ from ..simulate import simulate, source_factor
 from . import calibrate
 from .checkpoint import FORMAT, VERSION, git_commit, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
 from .inference import Calibration, fallback_order, locate_from_prediction
 from .loss import Objective, covariance_nmse, format_selftest, selftest, zero_prediction
 from .model import ModelInputs, build_model, effective, prepare_inputs
@@ -66,10 +68,20 @@ def _batch_from_scenes(s: Scenes, cfg: TrainConfig) -> Batch:
 
 
 class TrainData:
-    """Training batches by global step: an endless simulated stream, a fixed simulated pool or a file."""
+    """Training batches by global step: an endless simulated stream, a fixed simulated pool or a file.
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, log: Callable[[str], None]):
+    ``cfg.batch`` B is the GLOBAL batch. With ``world`` W data-parallel ranks, rank r gets the
+    slice [r b, (r+1) b) (b = B / W) of the global batch of step g, i.e. scenes
+    [g B + r b, g B + (r+1) b) of the stream, and the same slice of everything drawn per global
+    batch (SNR-label noise, the dropped labels, the pool order); so the union over ranks of a
+    step is exactly the single-process batch. W = 1 is the single-process trainer.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, log: Callable[[str], None], *, rank: int = 0, world: int = 1):
+        if cfg.batch % world:
+            raise ValueError(f"TrainConfig.batch = {cfg.batch} (the global batch) is not divisible by the {world} ranks")
         self.cfg, self.device = cfg, device
+        self.rank, self.world, self.local_batch = rank, world, cfg.batch // world
         self.pool: Scenes | None = None
         if cfg.train_file:
             from ..io import load_scenes
@@ -107,29 +119,32 @@ class TrainData:
         return self._perm
 
     def batch(self, step: int) -> Batch:
-        cfg, B = self.cfg, self.cfg.batch
+        """This rank's share (``local_batch`` scenes) of the global batch of step ``step``."""
+        cfg, B, b = self.cfg, self.cfg.batch, self.local_batch
+        lo = self.rank * b  # this rank's slice [lo, lo + b) of the global batch
         gen = torch.Generator(device=self.device)
         gen.manual_seed(hash((cfg.seed, 7919, step)) & 0x7FFFFFFFFFFFFFFF)
         if self.pool is None:
-            s = simulate(cfg.scenario, B, seed=cfg.seed, start=step * B, device=self.device)
+            s = simulate(cfg.scenario, b, seed=cfg.seed, start=step * B + lo, device=self.device)
             S = cv.sample_covariance(s.y, s.H, s.codes, regularisation=cfg.loss.regularisation)
             snr = s.snr_db.float()
-            n_drop = int(round(cfg.loss.snr_drop * B))  # the first n_drop scenes of the batch (scenes are i.i.d.)
+            n_drop = int(round(cfg.loss.snr_drop * B))  # the first n_drop scenes of the global batch (scenes are i.i.d.)
+            n_loc = min(max(n_drop - lo, 0), b)  # ... of which this many are in this rank's slice
             est = snr.clone()
-            if n_drop > 0:
-                est[:n_drop] = cv.estimate_snr_db(s.y[:n_drop], s.H[:n_drop], s.codes[:n_drop], regularisation=cfg.loss.regularisation).float()
+            if n_loc > 0:
+                est[:n_loc] = cv.estimate_snr_db(s.y[:n_loc], s.H[:n_loc], s.codes[:n_loc], regularisation=cfg.loss.regularisation).float()
             truth, F = s.truth, source_factor(s.truth, cfg.scenario)
-            drop = torch.arange(B, device=self.device) < n_drop
+            drop = lo + torch.arange(b, device=self.device) < n_drop
         else:
             n = len(self.pool)
             epoch, within = divmod(step * B, n)
-            idx = self._permutation(epoch)[(within + torch.arange(B)) % n].to(self.device)
+            idx = self._permutation(epoch)[(within + lo + torch.arange(b)) % n].to(self.device)
             p = self._prepared
-            S = cv.LowRankCovariance(p["factor"][idx], torch.zeros(B, device=self.device))
+            S = cv.LowRankCovariance(p["factor"][idx], torch.zeros(b, device=self.device))
             snr, est, F = p["snr"][idx], p["est"][idx], p["F"][idx]
             truth = self.pool.truth[idx]
-            drop = torch.rand(B, generator=gen, device=self.device) < cfg.loss.snr_drop
-        noise = torch.randn(B, generator=gen, device=self.device) * cfg.loss.snr_noise_db
+            drop = torch.rand(B, generator=gen, device=self.device)[lo : lo + b] < cfg.loss.snr_drop
+        noise = torch.randn(B, generator=gen, device=self.device)[lo : lo + b] * cfg.loss.snr_noise_db
         label_ok = torch.isfinite(snr) & ~drop
         snr_used = torch.where(label_ok, snr + noise, est)
         inputs = ModelInputs(S, snr_used, label_ok.float())
@@ -185,14 +200,19 @@ def make_optimizer(model: torch.nn.Module, objective: torch.nn.Module, cfg: Trai
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
-def gated_step(params: list[Tensor], optimizer, scheduler: WarmupCosine, grad_clip: float, scaler=None) -> tuple[bool, Tensor]:
+def gated_step(params: list[Tensor], optimizer, scheduler: WarmupCosine, grad_clip: float, scaler=None,
+               all_finite: Callable[[Tensor], bool] | None = None) -> tuple[bool, Tensor]:
     """THE gradient gate: total norm of all gradients; non-finite -> skip (zero grads, no tick),
-    else clip to ``grad_clip``, step, tick. Returns (stepped, norm before clipping)."""
+    else clip to ``grad_clip``, step, tick. Returns (stepped, norm before clipping).
+
+    ``all_finite(norm)`` makes the decision (default: ``torch.isfinite``); data-parallel training
+    passes :meth:`risloc.nn.distributed.Dist.all_finite`, a MIN over ranks, so every rank skips
+    or steps together."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads])) if grads else torch.zeros(())
-    finite = bool(torch.isfinite(norm))  # the one sync per step
+    finite = all_finite(norm) if all_finite is not None else bool(torch.isfinite(norm))  # the one sync per step
     if not finite:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -282,6 +302,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _Step(torch.nn.Module):
+    """One forward of the training step, network (under AMP) + objective, as a module so that
+    DistributedDataParallel can wrap both (the objective's uncertainty weights are parameters too)."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, device_type: str, amp_dtype):
+        super().__init__()
+        self.model, self.objective, self.device_type, self.amp_dtype = model, objective, device_type, amp_dtype
+
+    def forward(self, inputs: ModelInputs, options: cv.CovarianceOptions, truth: Truth, true_factor: Tensor, epoch: float):
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = self.model(inputs, options)
+        return self.objective(pred, inputs, options, truth, true_factor, epoch)
+
+
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike,
@@ -292,23 +326,46 @@ def train(
     stop_after_epoch: int | None = None,
     val_scenes: Scenes | None = None,
     stop_when: Callable[[dict], bool] | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict:
     """Train, validate, checkpoint and calibrate; returns the final summary (also in RUN/summary.json).
 
     ``stop_after_epoch`` ends the run after that epoch as if killed (for resume tests);
     ``val_scenes`` replaces the simulated validation set (the overfit probe); ``stop_when(metrics)``
-    returning True ends training after that epoch (then calibration as usual).
+    returning True ends training after that epoch (then calibration as usual);
+    ``on_epoch(epoch, record)`` is called after each epoch's validation and checkpoints with that
+    epoch's metrics.jsonl record (validation metrics, ``primary``, ``best``, ...); an exception it
+    raises (e.g. ``optuna.TrialPruned``) ends the run and propagates.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel
+    (:mod:`risloc.nn.distributed`, docs/training-at-scale.md): ``cfg.batch`` is the global batch,
+    split evenly over the ranks; rank 0 validates, writes checkpoints and logs, calls
+    ``on_epoch`` and calibrates; every rank returns the same summary. ``dist_timeout_s`` bounds
+    every wait for another rank.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = None
+    state, note = None, None
     if resume:  # the checkpoint's configuration wins (other flags given with --resume are ignored)
         state = load_checkpoint(out / "last.pt")
         saved = TrainConfig.from_toml(state["config"])
         if saved.to_dict() != cfg.to_dict():
-            log("[RESUME] note: the configuration differs from the checkpoint's; using the checkpoint's")
+            note = "[RESUME] note: the configuration differs from the checkpoint's; using the checkpoint's"
             cfg = saved
-    device = resolve_device(cfg.device)
+    with session(cfg.device, timeout_s=dist_timeout_s) as (dist, device):
+        if not dist.is_main:
+            log, progress = (lambda s: None), False
+        if note:
+            log(note)
+        return _train(cfg, out, state, dist, device, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
+                      val_scenes=val_scenes, stop_when=stop_when, on_epoch=on_epoch)
+
+
+def _train(cfg: TrainConfig, out: Path, state: dict | None, dist: Dist, device: torch.device, *, log, progress, stop_after_epoch,
+           val_scenes, stop_when, on_epoch) -> dict:
+    resume = state is not None
+    main = dist.is_main
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
@@ -340,34 +397,50 @@ def train(
         torch.set_rng_state(state["rng"]["torch"].cpu())
         start_epoch = int(state["progress"]["epoch"])
         best, bad_epochs = float(state["progress"]["best"]), int(state["progress"]["bad_epochs"])
-        if metrics_path.exists():  # drop log lines of epochs after the checkpoint
+        if main and metrics_path.exists():  # drop log lines of epochs after the checkpoint
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
             metrics_path.write_text("".join(ln + "\n" for ln in lines))
         log(f"[RESUME] from {out / 'last.pt'} at epoch {start_epoch} (optimiser step {scheduler.step})")
-    else:
+    elif main:
         metrics_path.write_text("")
-    (out / "config.toml").write_text(cfg.to_toml())
+    if main:
+        (out / "config.toml").write_text(cfg.to_toml())
+
+    # --- the step module; data-parallel under torchrun ---------------------------------------------
+    stepper: torch.nn.Module = _Step(model, objective, device.type, amp_dtype)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: the K head gets no gradient before its loss term switches on;
+        # broadcast_buffers off: the objective's running magnitudes are averaged after each step instead.
+        # (device_ids=None: the batch is already on this rank's device, DDP moves nothing.)
+        with warnings.catch_warnings():  # torch >= 2.13 renames broadcast_buffers; the old name works on 2.x
+            warnings.simplefilter("ignore", FutureWarning)
+            stepper = DistributedDataParallel(stepper, device_ids=None, broadcast_buffers=False, find_unused_parameters=True)
+    running = [b for b in objective.buffers() if b.is_floating_point()]
 
     # --- data -------------------------------------------------------------------------------------
-    data = TrainData(cfg, device, log)
-    if val_scenes is None:
-        if cfg.val_file:
-            from ..io import load_scenes
+    data = TrainData(cfg, device, log, rank=dist.rank, world=dist.world)
+    if main:
+        if val_scenes is None:
+            if cfg.val_file:
+                from ..io import load_scenes
 
-            val_scenes = load_scenes(cfg.val_file)
-        else:
-            val_scenes = simulate(cfg.scenario, cfg.val_scenes, seed=cfg.val_seed, device=device)
-    val_scenes = val_scenes.to(device)
+                val_scenes = load_scenes(cfg.val_file)
+            else:
+                val_scenes = simulate(cfg.scenario, cfg.val_scenes, seed=cfg.val_seed, device=device)
+        val_scenes = val_scenes.to(device)
 
-    # --- self-test of the loss on the first validation batch ----------------------------------------
-    vb = _batch_from_scenes(val_scenes[: min(256, len(val_scenes))], cfg)
-    for b in sorted({0.0, cfg.loss.beta}):
-        log(format_selftest(selftest(vb.inputs, vb.true_factor, cfg.covariance_options(b))) + f" beta={b:g}")
+        # --- self-test of the loss on the first validation batch ------------------------------------
+        vb = _batch_from_scenes(val_scenes[: min(256, len(val_scenes))], cfg)
+        for b in sorted({0.0, cfg.loss.beta}):
+            log(format_selftest(selftest(vb.inputs, vb.true_factor, cfg.covariance_options(b))) + f" beta={b:g}")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[RUN] device={device} amp={amp} params={n_params} seed={cfg.seed} git={commit} out={out}")
+    log(f"[RUN] device={device} amp={amp} params={n_params} seed={cfg.seed} git={commit} out={out}"
+        + (f" world={dist.world} backend={dist.backend} batch={cfg.batch} ({data.local_batch} per rank)" if dist.enabled else ""))
 
-    def save(path: Path, epoch_next: int, metrics: dict, beta: float) -> None:
-        save_checkpoint(path, {
+    def save(path: Path, epoch_next: int, metrics: dict, beta: float, digests: dict | None) -> None:
+        ckpt = {
             "format": FORMAT, "version": VERSION,
             "config": cfg.to_toml(), "scenario": cfg.scenario.to_toml(),
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -375,7 +448,10 @@ def train(
             "rng": {"torch": torch.get_rng_state()},
             "progress": {"epoch": epoch_next, "step": epoch_next * cfg.steps_per_epoch, "best": best, "bad_epochs": bad_epochs},
             "metrics": metrics, "calibration": calibration.to_dict(), "beta": beta, "seed": cfg.seed, "git": commit,
-        })
+        }
+        if digests is not None:
+            ckpt["distributed"] = digests
+        save_checkpoint(path, ckpt)
 
     # --- the loop ---------------------------------------------------------------------------------
     model.train()
@@ -402,14 +478,13 @@ def train(
                 mult = cfg.loss.backbone_lr_mult if (group["role"] == "backbone" and k_on) else 1.0
                 group["lr"] = lr * mult
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = model(batch.inputs, options)
-            loss, parts = objective(pred, batch.inputs, options, batch.truth, batch.true_factor, e)
+            loss, parts = stepper(batch.inputs, options, batch.truth, batch.true_factor, e)
             (scaler.scale(loss) if scaler is not None else loss).backward()
+            dist.average_(running)  # the running term magnitudes: the same on every rank
 
             log_now = (i + 1) % cfg.log_every == 0 or i == cfg.steps_per_epoch - 1
             before = [p.detach().clone() for p in model.parameters()] if log_now else None
-            stepped, norm = gated_step(params, optimizer, scheduler, cfg.grad_clip, scaler)
+            stepped, norm = gated_step(params, optimizer, scheduler, cfg.grad_clip, scaler, all_finite=dist.all_finite)
             if not stepped:
                 skipped += 1
                 log(f"[SKIP] step {g}: non-finite gradient norm ({float(norm)}); no update, scheduler not ticked"
@@ -428,50 +503,85 @@ def train(
                 terms = " ".join(f"{t}={float(v) / counts[t]:.4g}" for t, v in sums.items())
                 log(f"[LR] step {g} lr={lr:.3e} beta={options.beta:.3f}")
                 log(f"[GRAD] step {g} norm={float(norm):.4g} clip={cfg.grad_clip:g}")
-                log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}")
+                log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}"
+                    + (" (rank 0's share)" if dist.enabled else ""))
 
-        # --- validation through the inference path ------------------------------------------------
-        beta_now = objective.beta((epoch + 1) * 1.0)
-        options = cfg.covariance_options(beta_now)
-        metrics, _, _ = validate(ema if ema is not None else model, val_scenes, cfg, options, calibration, with_locations=cfg.val_locate)
-        train_terms = {f"train_{t}": float(v) / counts[t] for t, v in sums.items()}
-        metrics.update(train_terms)
-        primary = _primary(metrics, cfg)
-        primary_name = cfg.val_primary if "k_loc" in metrics else "loss"  # k_loc needs located scenes
-        improved = primary > best
-        if improved:
-            best, bad_epochs = primary, 0
-        else:
-            bad_epochs += 1
-        record = {"epoch": epoch, "step": (epoch + 1) * cfg.steps_per_epoch, "opt_steps": scheduler.step, "skipped": skipped,
-                  "beta": beta_now, "lr": scheduler.lr(), "time_s": round(time.time() - t0, 3), "seed": cfg.seed, "git": commit,
-                  **metrics, "val_primary": primary_name, "primary": primary, "best": best}
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        loc = (f" K_acc={metrics['K_acc']:.3f} K_under={metrics['K_under']:.3f} K_over={metrics['K_over']:.3f} success={metrics['success']:.3f}"
-               f" rmse_phi={metrics['rmse_phi_deg']:.3g}deg rmse_theta={metrics['rmse_theta_deg']:.3g}deg rmse_r={metrics['rmse_r_m']:.3g}m"
-               if "success" in metrics else "")
-        log(f"[VAL] epoch {epoch} nmse={metrics['val_nmse']:.4f} k_nll={metrics['val_k_nll']:.3f}{loc} {primary_name}={primary:.4f}"
-            f"{' *best*' if improved else ''} ({record['time_s']:.1f} s)")
-        summary = record
-        save(out / "last.pt", epoch + 1, metrics, beta_now)
-        if improved:
-            save(out / "best.pt", epoch + 1, metrics, beta_now)
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            log(f"[STOP] stopping after epoch {epoch} as asked")
+        # --- every rank: epoch means over the whole global batch, parameter digests -------------------
+        digests = None
+        if dist.enabled:
+            keys = sorted(sums)
+            vals = [sums[t].reshape(1).clone() for t in keys]
+            dist.average_(vals)
+            sums = {t: v.reshape(()) for t, v in zip(keys, vals)}
+            digests = {"world": dist.world, "local_batch": data.local_batch,
+                       "param_digests": dist.gather(parameter_digest(model)),
+                       "ema_digests": dist.gather(parameter_digest(ema)) if ema is not None else []}
+            if len(set(digests["param_digests"])) > 1 or len(set(digests["ema_digests"])) > 1:
+                log(f"[DDP] WARNING: the ranks' parameters differ after epoch {epoch}: {digests}")
+
+        # --- rank 0: validation through the inference path, checkpoints, callback ----------------------
+        action, error = "next", None
+        if main:
+            beta_now = objective.beta((epoch + 1) * 1.0)
+            options = cfg.covariance_options(beta_now)
+            metrics, _, _ = validate(ema if ema is not None else model, val_scenes, cfg, options, calibration, with_locations=cfg.val_locate)
+            train_terms = {f"train_{t}": float(v) / counts[t] for t, v in sums.items()}
+            metrics.update(train_terms)
+            primary = _primary(metrics, cfg)
+            primary_name = cfg.val_primary if "k_loc" in metrics else "loss"  # k_loc needs located scenes
+            improved = primary > best
+            if improved:
+                best, bad_epochs = primary, 0
+            else:
+                bad_epochs += 1
+            record = {"epoch": epoch, "step": (epoch + 1) * cfg.steps_per_epoch, "opt_steps": scheduler.step, "skipped": skipped,
+                      "beta": beta_now, "lr": scheduler.lr(), "time_s": round(time.time() - t0, 3), "seed": cfg.seed, "git": commit,
+                      **metrics, "val_primary": primary_name, "primary": primary, "best": best}
+            if dist.enabled:
+                record["world"] = dist.world
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            loc = (f" K_acc={metrics['K_acc']:.3f} K_under={metrics['K_under']:.3f} K_over={metrics['K_over']:.3f} success={metrics['success']:.3f}"
+                   f" rmse_phi={metrics['rmse_phi_deg']:.3g}deg rmse_theta={metrics['rmse_theta_deg']:.3g}deg rmse_r={metrics['rmse_r_m']:.3g}m"
+                   if "success" in metrics else "")
+            log(f"[VAL] epoch {epoch} nmse={metrics['val_nmse']:.4f} k_nll={metrics['val_k_nll']:.3f}{loc} {primary_name}={primary:.4f}"
+                f"{' *best*' if improved else ''} ({record['time_s']:.1f} s)")
+            summary = record
+            save(out / "last.pt", epoch + 1, metrics, beta_now, digests)
+            if improved:
+                save(out / "best.pt", epoch + 1, metrics, beta_now, digests)
+            try:
+                if on_epoch is not None:
+                    on_epoch(epoch, dict(record))
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+                action, error = "error", exc
+            if action == "next":
+                if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                    log(f"[STOP] stopping after epoch {epoch} as asked")
+                    action = "return"
+                elif stop_when is not None and stop_when(metrics):
+                    log(f"[STOP] target reached after epoch {epoch}")
+                    action = "stop"
+                elif cfg.patience > 0 and bad_epochs >= cfg.patience:
+                    log(f"[STOP] no better {cfg.val_primary} for {bad_epochs} epochs; early stop")
+                    action = "stop"
+        # ranks 1.. wait here for rank 0's validation; everyone takes rank 0's decision
+        action, summary, what = dist.broadcast((action, summary, repr(error) if error is not None else ""))
+        if action == "error":
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank {dist.rank}: stopping, rank 0 raised {what} after epoch {epoch}")
+        if action == "return":
             return summary
-        if stop_when is not None and stop_when(metrics):
-            log(f"[STOP] target reached after epoch {epoch}")
-            break
-        if cfg.patience > 0 and bad_epochs >= cfg.patience:
-            log(f"[STOP] no better {cfg.val_primary} for {bad_epochs} epochs; early stop")
+        if action == "stop":
             break
 
     # --- calibration of the K head on validation data, stored in best.pt ---------------------------------
-    if cfg.calibrate and (out / "best.pt").exists():
-        summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    if main:
+        if cfg.calibrate and (out / "best.pt").exists():
+            summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return dist.broadcast(summary)
 
 
 def calibrate_checkpoint(path: Path, scenes: Scenes, *, log: Callable[[str], None] = print) -> dict:
