@@ -48,6 +48,18 @@ class ModelConfig:
     """Hidden width of the K head."""
     residual: bool = True
     """Predict F = F0 + dF with F0 the K_max dominant eigenpairs of the sample covariance (dF starts at 0)."""
+    kind: str = "covariance"
+    """'covariance' (the transformer above, docs/learned.md) or 'subspacenet' (the SubspaceNet-style
+    convolutional peer, risloc.nn.subspacenet, docs/learned-peer.md; uses width, k_hidden, residual,
+    rank_extra)."""
+    rank_extra: int = 0
+    """subspacenet only: columns of the surrogate factor Z beyond K_max (r = K_max + rank_extra)."""
+
+    def __post_init__(self):
+        if self.kind not in ("covariance", "subspacenet"):
+            raise ValueError(f"ModelConfig.kind = {self.kind!r}: must be 'covariance' or 'subspacenet'")
+        if self.rank_extra < 0:
+            raise ValueError(f"ModelConfig.rank_extra = {self.rank_extra}: must be >= 0")
 
 
 @dataclass
@@ -103,12 +115,20 @@ class LossConfig:
     """Margin (in log units of the Capon spectrum) of the peak-contrast hinge."""
     backbone_lr_mult: float = 1.0
     """LR multiplier of everything but the K head once the K loss is on (0 freezes the backbone)."""
+    main: str = "cov"
+    """The main term: 'cov' (covariance NMSE against the true R) or 'music' (the normalised MUSIC
+    null spectrum at the true positions, no covariance target: the SubspaceNet-style peer,
+    risloc.nn.loss.music_null_loss, docs/learned-peer.md)."""
 
     # --- SNR-label robustness ----------------------------------------------------------------
     snr_noise_db: float = 1.5
     """Std of Gaussian noise added to the SNR label during training (dB)."""
     snr_drop: float = 0.1
     """Probability that a training scene's SNR label is replaced by the data-only estimate."""
+
+    def __post_init__(self):
+        if self.main not in ("cov", "music"):
+            raise ValueError(f"LossConfig.main = {self.main!r}: must be 'cov' or 'music'")
 
     def covariance_options(self, beta: float | None = None) -> CovarianceOptions:
         """The :class:`CovarianceOptions` of the effective covariance at blend weight ``beta``."""

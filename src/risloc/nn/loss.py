@@ -37,6 +37,11 @@ Auxiliary terms (each switchable, each with its own ramp, see :class:`~risloc.nn
   averaged over the true sources and 6 neighbours at +-2 deg in phi, theta and +-10 % in r;
 * ``orth`` orthogonality of the factor's columns: |offdiag(G)|_F^2 / |G|_F^2, G = F-hat_n^H F-hat_n.
 
+Alternative main term (``LossConfig.main = "music"``, the SubspaceNet-style peer,
+docs/learned-peer.md): :func:`music_null_loss`, the normalised MUSIC null spectrum of E(F-hat) at
+the true positions with the true K — no covariance target. It takes the slot (and the running
+magnitude) of ``cov`` and is logged as ``music``.
+
 Weights. With ``balance`` on, term t enters as  w_t ramp_t(epoch) * EMA(main) / EMA(t) * L_t,
 so ``w_t`` is its share of the main term (defaults 0.05-0.1); the running magnitudes are
 buffers (saved with the checkpoint). Optional homoscedastic-uncertainty weighting
@@ -171,6 +176,43 @@ def capon_inverse_quadratic(R: cv.LowRankCovariance, A: Tensor) -> Tensor:
     return (a2 - quad).clamp(min=1e-12) / c.unsqueeze(-1)
 
 
+def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario) -> Tensor:
+    """Normalised MUSIC null spectrum at the true sources, averaged over them, ``[B]``::
+
+        q_k = |P_noise a(p_k)|^2 / |a(p_k)|^2 = 1 - |E_s^H a_hat(p_k)|^2,   a_hat = a / |a|,
+
+    with E_s the K (TRUE K) dominant eigenvectors of R = U U^H + c I, obtained exactly as
+    :func:`risloc.estimators.music.music_from_covariance` obtains them (the Gram route of
+    :meth:`LowRankCovariance.eigh`: U^H U = V diag(lam) V^H, E_s = U V_K lam_K^{-1/2}), but in
+    float64 and differentiable. q_k = 0 iff a(p_k) lies in the estimated signal subspace, i.e.
+    the MUSIC pseudo-spectrum 1/q has an infinite peak at the true position.
+    Gradient: through ``torch.linalg.eigh`` of the r x r Gram (terms 1/(lam_i - lam_j)); the loss
+    depends only on the projector E_s E_s^H, so it is smooth while lam_K > lam_{K+1}; exactly
+    degenerate spectra (e.g. a zero prediction) can give non-finite gradients, which the trainer's
+    gradient gate skips. Used by the SubspaceNet-style peer (Shmuel et al., IEEE TVT 2025, train a
+    surrogate covariance end-to-end through a differentiable subspace method; here MUSIC's null
+    spectrum at the true near-field positions, cf. Gast, Le Magoarou & Shlezinger 2025).
+    """
+    U = R.factor.to(torch.complex128)
+    G = U.mH @ U
+    lam, V = torch.linalg.eigh(G)  # ascending
+    lam, V = lam.flip(-1), V.flip(-1)
+    r = lam.shape[-1]
+    K = truth.K.to(U.device).clamp(min=1, max=r).unsqueeze(-1)
+    keep = (torch.arange(r, device=U.device) < K) & (lam > lam[..., :1].clamp(min=1e-300) * 1e-10)
+    w = torch.where(keep, lam.clamp(min=1e-300).rsqrt(), torch.zeros_like(lam))
+    Es = U @ (V * w.unsqueeze(-2).to(V.dtype))  # [B, N, r], columns beyond K are zero
+    active = torch.isfinite(truth.phi)
+    phi = torch.where(active, truth.phi, torch.zeros_like(truth.phi))
+    theta = torch.where(active, truth.theta, torch.zeros_like(truth.theta))
+    rr = torch.where(active, truth.r, torch.ones_like(truth.r))
+    a = steering(phi, theta, rr, scenario, dtype=torch.complex128).to(U.device)  # [B, K_max, N]
+    a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    q = (1 - (a.conj() @ Es).abs().square().sum(-1)).clamp(min=0)  # [B, K_max]
+    wa = active.to(q.dtype)
+    return (q * wa).sum(-1) / wa.sum(-1).clamp(min=1)
+
+
 _NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 
 
@@ -246,9 +288,14 @@ class Objective(nn.Module):
         w = self.weights(epoch)
         F = pred.factor
         parts: dict[str, Tensor] = {}
-        R_true = effective(true_factor, inputs, options)
-        R_zero = effective(zero_prediction(F), inputs, options)
-        parts["cov"] = covariance_nmse(pred.covariance, R_true, R_zero).mean()
+        main = "music" if self.cfg.main == "music" else "cov"
+        w[main] = w.pop("cov")
+        if main == "music":
+            parts["music"] = music_null_loss(pred.covariance, truth, self.scenario).mean()
+        else:
+            R_true = effective(true_factor, inputs, options)
+            R_zero = effective(zero_prediction(F), inputs, options)
+            parts["cov"] = covariance_nmse(pred.covariance, R_true, R_zero).mean()
         if w["raw"] > 0:
             parts["raw"] = raw_nmse(F, true_factor).mean()
         if w["k"] > 0:
@@ -264,6 +311,7 @@ class Objective(nn.Module):
             parts["orth"] = orthogonality_loss(F).mean()
 
         idx = {t: i for i, t in enumerate(TERMS)}
+        idx["music"] = 0  # the alternative main term shares the main term's slot
         if update_stats and self.training:
             with torch.no_grad():
                 m = self.cfg.balance_momentum
@@ -275,7 +323,7 @@ class Objective(nn.Module):
         total = torch.zeros((), dtype=torch.float64, device=F.device)
         for t, v in parts.items():
             scale = torch.as_tensor(w[t], dtype=torch.float64, device=F.device)
-            if t != "cov" and self.cfg.balance:
+            if t != main and self.cfg.balance:
                 scale = scale * (self._running("cov") / self._running(t).clamp(min=1e-12)).detach()
             term = scale * v.to(torch.float64)
             if self.log_var is not None and w[t] > 0:

@@ -208,5 +208,12 @@ def _log_spectrum(R: cv.LowRankCovariance, n_values: int) -> Tensor:
     return torch.log(lam.clamp(min=1e-9) / mean.clamp(min=1e-9))
 
 
-def build_model(scenario: Scenario, cfg: ModelConfig) -> RisCovarianceNet:
+def build_model(scenario: Scenario, cfg: ModelConfig) -> nn.Module:
+    """The network of ``cfg.kind``: 'covariance' (:class:`RisCovarianceNet`) or 'subspacenet'
+    (:class:`risloc.nn.subspacenet.SubspaceNet`, the SubspaceNet-style peer); both map
+    ``(inputs, options) -> Prediction``."""
+    if cfg.kind == "subspacenet":
+        from .subspacenet import SubspaceNet
+
+        return SubspaceNet(scenario, cfg)
     return RisCovarianceNet(scenario, cfg)
