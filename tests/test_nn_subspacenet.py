@@ -37,6 +37,9 @@ def test_music_null_loss_is_zero_at_the_truth_and_larger_when_perturbed(batch):
     assert bool((worse > 1e-3).all()) and bool((worse <= 1).all())
     # the sample covariance's principal subspace (what MUSIC uses) is far from the truth
     assert float(music_null_loss(effective(None, inputs, opts), s.truth, sc).mean()) > 0.3
+    # with hard negatives: still ~0 at the truth, larger than without them for the perturbed one
+    assert float(music_null_loss(effective(F, inputs, opts), s.truth, sc, negatives=4).max()) < 1e-4
+    assert bool((music_null_loss(effective(F + 0.3 * noise, inputs, opts), s.truth, sc, negatives=4) > worse).all())
 
 
 def test_subspacenet_gradients_are_finite(batch):
@@ -48,7 +51,7 @@ def test_subspacenet_gradients_are_finite(batch):
     opts = cfg.covariance_options(0.0)
     pred = model(inputs, opts)
     assert pred.factor.shape == (8, sc.n_elements, sc.k_max) and pred.k_logits.shape == (8, sc.k_max)
-    loss = music_null_loss(pred.covariance, s.truth, sc).mean()
+    loss = music_null_loss(pred.covariance, s.truth, sc, negatives=4).mean()
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)

@@ -119,6 +119,11 @@ class LossConfig:
     """The main term: 'cov' (covariance NMSE against the true R) or 'music' (the normalised MUSIC
     null spectrum at the true positions, no covariance target: the SubspaceNet-style peer,
     risloc.nn.loss.music_null_loss, docs/learned-peer.md)."""
+    music_negatives: int = 0
+    """main = 'music' only: hard negatives per scene (deepest coarse-grid nulls > 6 deg from every
+    source) whose null must exceed the truth's by ``peak_margin`` in log units; 0: off."""
+    music_negative_weight: float = 1.0
+    """main = 'music' only: weight of the hard-negative hinge inside the main term."""
 
     # --- SNR-label robustness ----------------------------------------------------------------
     snr_noise_db: float = 1.5

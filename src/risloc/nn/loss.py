@@ -176,7 +176,8 @@ def capon_inverse_quadratic(R: cv.LowRankCovariance, A: Tensor) -> Tensor:
     return (a2 - quad).clamp(min=1e-12) / c.unsqueeze(-1)
 
 
-def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario) -> Tensor:
+def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario, *, negatives: int = 0,
+                    negative_weight: float = 1.0, margin: float = 0.5) -> Tensor:
     """Normalised MUSIC null spectrum at the true sources, averaged over them, ``[B]``::
 
         q_k = |P_noise a(p_k)|^2 / |a(p_k)|^2 = 1 - |E_s^H a_hat(p_k)|^2,   a_hat = a / |a|,
@@ -192,6 +193,13 @@ def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario) -
     gradient gate skips. Used by the SubspaceNet-style peer (Shmuel et al., IEEE TVT 2025, train a
     surrogate covariance end-to-end through a differentiable subspace method; here MUSIC's null
     spectrum at the true near-field positions, cf. Gast, Le Magoarou & Shlezinger 2025).
+
+    Hard negatives (``negatives`` = n > 0): the null at the truth says nothing about spurious
+    nulls elsewhere, which is what RAP-MUSIC then picks. So the spectrum is also scanned (no
+    gradient) on a coarse 25 x 13 x 10 grid (:func:`risloc.estimators.search.search_grid`), points
+    within 6 deg of a true source are excluded, the n deepest remaining points p_j are taken, and
+    ``negative_weight * mean_{k,j} softplus(log q_k - log q(p_j) + margin)`` is added (q(p_j)
+    differentiable, at the fixed points).
     """
     U = R.factor.to(torch.complex128)
     G = U.mH @ U
@@ -210,7 +218,27 @@ def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario) -
     a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     q = (1 - (a.conj() @ Es).abs().square().sum(-1)).clamp(min=0)  # [B, K_max]
     wa = active.to(q.dtype)
-    return (q * wa).sum(-1) / wa.sum(-1).clamp(min=1)
+    loss = (q * wa).sum(-1) / wa.sum(-1).clamp(min=1)
+    if negatives <= 0:
+        return loss
+    from ..estimators.search import GridSpec, NullSpectrum, search_grid
+    from ..physics import angle_between
+
+    grid = search_grid(scenario, GridSpec(n_phi=25, n_theta=13, n_r=10), device=U.device, dtype=torch.complex64)
+    with torch.no_grad():
+        qg = NullSpectrum.subspace(Es.detach().to(torch.complex64)).grid(grid).reshape(len(q), -1)  # [B, G]
+        P, T = torch.meshgrid(grid.phi, grid.theta, indexing="ij")
+        P = P.unsqueeze(-1).expand(*grid.shape).reshape(-1).to(phi.dtype)
+        T = T.unsqueeze(-1).expand(*grid.shape).reshape(-1).to(phi.dtype)
+        near = angle_between(P.view(1, 1, -1), T.view(1, 1, -1), phi.unsqueeze(-1), theta.unsqueeze(-1)) < math.radians(6.0)
+        near = (near & active.unsqueeze(-1)).any(1)  # [B, G]
+        idx = torch.where(near, torch.full_like(qg, math.inf), qg).topk(negatives, -1, largest=False).indices  # [B, n]
+    a_neg = grid.steering.to(torch.complex128)[idx]  # [B, n, N], unit norm
+    q_neg = (1 - (a_neg.conj() @ Es).abs().square().sum(-1)).clamp(min=0)  # [B, n]
+    lq = q.clamp(min=1e-6).log().unsqueeze(-1)  # [B, K_max, 1]
+    hinge = nn.functional.softplus(lq - q_neg.clamp(min=1e-6).log().unsqueeze(-2) + margin)  # [B, K_max, n]
+    hinge = (hinge.mean(-1) * wa).sum(-1) / wa.sum(-1).clamp(min=1)
+    return loss + negative_weight * hinge
 
 
 _NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
@@ -291,7 +319,9 @@ class Objective(nn.Module):
         main = "music" if self.cfg.main == "music" else "cov"
         w[main] = w.pop("cov")
         if main == "music":
-            parts["music"] = music_null_loss(pred.covariance, truth, self.scenario).mean()
+            c = self.cfg
+            parts["music"] = music_null_loss(pred.covariance, truth, self.scenario, negatives=c.music_negatives,
+                                             negative_weight=c.music_negative_weight, margin=c.peak_margin).mean()
         else:
             R_true = effective(true_factor, inputs, options)
             R_zero = effective(zero_prediction(F), inputs, options)
