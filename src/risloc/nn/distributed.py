@@ -26,6 +26,7 @@ See docs/training-at-scale.md.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from contextlib import contextmanager
@@ -150,9 +151,17 @@ def session(device_name: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterat
         yield Dist(rank, world, local, torch_dist.get_backend()), device
         return
     torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    finished = False
     try:
         yield Dist(rank, world, local, backend), device
+        finished = True
     finally:
+        # DDP wrappers sit in reference cycles: free their reducers while the group still exists
+        # (destroyed later, at interpreter exit, a gloo reducer can abort the process with
+        # "terminate called without an active exception").
+        gc.collect()
+        if finished:
+            torch_dist.barrier()  # no rank tears down while another still talks to it
         torch_dist.destroy_process_group()
 
 
