@@ -176,3 +176,29 @@ def test_cli(tmp_path, capsys):
     assert d["scenario"]["signal"] == "static" and d["n_scenes"] == 6
     assert d["methods"]["learned"]["status"] == "not run"
     assert (out / "report.md").is_file()
+
+
+@register("bench-test-needs-checkpoint")
+def _needs_checkpoint(scenes, *, checkpoint=None, **_):
+    """A learned method without packaged weights: returns K-hat = 0, remembers its checkpoint."""
+    _SEEN_CHECKPOINTS.append(checkpoint)
+    return Estimates.empty(len(scenes), scenes.scenario.k_max, method="needs-checkpoint")
+
+
+_SEEN_CHECKPOINTS: list = []
+
+
+def test_method_checkpoints(tmp_path):
+    base = dict(scenes=4, batch=4, methods=("bench-test-needs-checkpoint",), out=None, crb=False, progress=False, device="cpu")
+    with pytest.warns(UserWarning, match="risloc bench"):
+        res = bench.run_benchmark(bench.BenchConfig(**base))
+    m = res.methods["bench-test-needs-checkpoint"]
+    assert m.status == bench.NOT_RUN and "--method-checkpoint bench-test-needs-checkpoint=CKPT" in m.reason
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"not read by the fake estimator")
+    _SEEN_CHECKPOINTS.clear()
+    res = bench.run_benchmark(bench.BenchConfig(**base, method_checkpoints={"bench-test-needs-checkpoint": str(ckpt)}))
+    assert res.methods["bench-test-needs-checkpoint"].status == bench.OK
+    assert _SEEN_CHECKPOINTS and set(_SEEN_CHECKPOINTS) == {str(ckpt)}
+    with pytest.raises(FileNotFoundError, match="--method-checkpoint"):
+        bench.run_benchmark(bench.BenchConfig(**base, method_checkpoints={"bench-test-needs-checkpoint": str(tmp_path / "missing.pt")}))

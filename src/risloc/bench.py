@@ -58,6 +58,8 @@ from .scenes import Estimates, Scenes
 HELD_OUT_SEED = 2026
 """Seed of the benchmark's scene stream (distinct from training's 0 and validation's 1_000_003)."""
 
+LEARNED_PIPELINE = ("learned", "learned+ml")
+"""Methods that read the learned pipeline's checkpoint (``--checkpoint``)."""
 DEFAULT_METHODS = ("learned", "learned+ml", "ml", "music", "mvdr", "ramezani", "subspacenet")
 """Methods run when none are named (those missing are reported as not run)."""
 
@@ -95,7 +97,9 @@ class BenchConfig:
     """Report folder; None: compute only, write nothing."""
     scenario: Scenario = field(default_factory=Scenario)
     checkpoint: str | os.PathLike | None = None
-    """Checkpoint for methods that take one (learned, learned+ml); None: their packaged default."""
+    """Checkpoint of the learned pipeline (methods learned, learned+ml); None: the packaged default."""
+    method_checkpoints: dict[str, str] = field(default_factory=dict)
+    """Checkpoints of other learned methods by name, e.g. ``{"subspacenet": "runs/ssn/best.pt"}``."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Extra keyword options per method, e.g. ``{"ml": {"batch": 32}}`` (recorded in results.json)."""
     limits: dict[str, int] = field(default_factory=dict)
@@ -152,8 +156,15 @@ class BenchConfig:
         d["device"] = str(self.resolved_device())
         d["out"] = None if self.out is None else str(self.out)
         d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
+        d["method_checkpoints"] = {k: str(v) for k, v in self.method_checkpoints.items()}
         d["methods"] = list(self.methods)
         return d
+
+    def checkpoint_for(self, name: str) -> str | os.PathLike | None:
+        """The checkpoint given for method ``name`` (``checkpoint`` serves the learned pipeline's methods)."""
+        if name in self.method_checkpoints:
+            return self.method_checkpoints[name]
+        return self.checkpoint if name in LEARNED_PIPELINE else None
 
 
 @dataclass
@@ -488,8 +499,11 @@ def resolve_method(name: str, checkpoint) -> tuple[Callable | None, dict[str, An
             options["checkpoint"] = str(checkpoint)
         else:
             default = _default_weights(fn)
-            if default is not None and not default.is_file():
-                return None, {}, f"no checkpoint (pass --checkpoint CKPT; there is no packaged default at {default})"
+            flag = "--checkpoint CKPT" if name in LEARNED_PIPELINE else f"--method-checkpoint {name}=CKPT"
+            if default is None:
+                return None, {}, f"no checkpoint (pass {flag}; no packaged weights for this method)"
+            if not default.is_file():
+                return None, {}, f"no checkpoint (pass {flag}; there is no packaged default at {default})"
     return fn, options, ""
 
 
@@ -536,7 +550,7 @@ def timed_batches(fn: Callable, scenes: Scenes, batch: int, device: torch.device
 
 
 def _run_method(name: str, cfg: BenchConfig, scenes_dev: Scenes, truth_cpu, snr_cpu, crb_cpu, device) -> MethodResult:
-    fn, options, reason = resolve_method(name, cfg.checkpoint)
+    fn, options, reason = resolve_method(name, cfg.checkpoint_for(name))
     options.update(cfg.method_options.get(name, {}))
     if fn is None:
         return MethodResult(name, NOT_RUN, reason, options=_jsonable(options))
@@ -570,6 +584,9 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     cfg = dataclasses.replace(config, **changes) if config is not None else BenchConfig(**changes)
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
+    for name, path in cfg.method_checkpoints.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--method-checkpoint {name}={path}: no such file")
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -36,7 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"scenes per estimator call, the timing unit (default 256; {QUICK_BATCH} with --quick)")
     p.add_argument("--out", default="bench-report", metavar="DIR", help="report folder (default bench-report)")
     p.add_argument("--quick", action="store_true", help=f"small run: {QUICK_SCENES} scenes, batch {QUICK_BATCH}, default method options, 1 CPU thread")
-    p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint of the learned methods (default: packaged weights, if any)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint of the learned pipeline: learned, learned+ml (default: packaged weights, if any)")
+    p.add_argument("--method-checkpoint", action="append", default=[], metavar="NAME=CKPT",
+                   help="checkpoint of another learned method, e.g. subspacenet=runs/ssn/best.pt (repeatable)")
     p.add_argument("--signal", choices=("stochastic", "static"), default=None, help="signal model of the scenes (default: the scenario's)")
     p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the spec's default scenario)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         scenario=scenario,
         checkpoint=args.checkpoint,
+        method_checkpoints=_method_checkpoints(args.method_checkpoint),
         limits=_limits(args.limit),
         crb=not args.no_crb,
         strict=args.strict,
@@ -107,3 +110,13 @@ def run(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _method_checkpoints(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--method-checkpoint {item!r}: expected NAME=CKPT")
+        out[name.strip()] = path.strip()
+    return out
