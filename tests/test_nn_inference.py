@@ -32,3 +32,20 @@ def test_learned_ml_is_ml_started_from_learned(tmp_path):
         for s in range(4):
             assert torch.isfinite(got[s, : int(both.K[s])]).all()
     assert "learned+ml" in risloc.estimators.available()
+
+
+def test_learned_refuses_a_checkpoint_of_another_kind(tmp_path):
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "device": "cpu", "amp": "none", "threads": 1, "epochs": 1, "steps_per_epoch": 1, "batch": 4, "train_scenes": 8,
+            "val_scenes": 4, "val_batch": 4, "val_locate": False, "calibrate": False, "val_primary": "loss",
+            "model.kind": "subspacenet", "model.width": 8, "model.k_hidden": 8, "loss.main": "music",
+        },
+    )
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    scenes = risloc.simulate(risloc.Scenario(), 2, seed=5)
+    import pytest
+
+    with pytest.raises(ValueError, match="model.kind = 'subspacenet'"):
+        get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt")

@@ -134,6 +134,29 @@ def run_model(
     return Estimates.cat(ests), torch.cat(logits)
 
 
+def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, device, beta, music_options):
+    """The shared start of a learned estimator: ``(loaded model, device, covariance options, MUSIC options)``.
+
+    Refuses a checkpoint of another network kind (``model.kind``) or one trained for another
+    N or L than the scenes; ``beta`` overrides the checkpoint's blend weight and
+    ``music_options`` update the checkpoint's MUSIC options.
+    """
+    device = torch.device(device) if device is not None else scenes.device
+    loaded = _cached_model(checkpoint, device)
+    cfg = loaded.config
+    if cfg.model.kind != kind:
+        raise ValueError(f"{method}: checkpoint {checkpoint} holds a model.kind = {cfg.model.kind!r} network, not {kind!r}")
+    if scenes.scenario.n_elements != cfg.scenario.n_elements or scenes.scenario.snapshots != cfg.scenario.snapshots:
+        raise ValueError(
+            f"{method}: checkpoint {checkpoint} was trained for N = {cfg.scenario.n_elements}, L = {cfg.scenario.snapshots}; "
+            f"the scenes have N = {scenes.scenario.n_elements}, L = {scenes.scenario.snapshots}"
+        )
+    options = loaded.options if beta is None else dataclasses.replace(loaded.options, beta=float(beta))
+    music = dict(cfg.music_options)
+    music.update(music_options or {})
+    return loaded, device, options, music
+
+
 @register("learned")
 def estimate(
     scenes: Scenes,
@@ -160,16 +183,7 @@ def estimate(
                 f"({DEFAULT_WEIGHTS}); pass --checkpoint FILE (checkpoint=...) or train one with `risloc train`"
             )
         checkpoint = DEFAULT_WEIGHTS
-    device = torch.device(device) if device is not None else scenes.device
-    loaded = _cached_model(checkpoint, device)
-    if scenes.scenario.n_elements != loaded.config.scenario.n_elements or scenes.scenario.snapshots != loaded.config.scenario.snapshots:
-        raise ValueError(
-            f"learned: checkpoint {checkpoint} was trained for N = {loaded.config.scenario.n_elements}, "
-            f"L = {loaded.config.scenario.snapshots}; the scenes have N = {scenes.scenario.n_elements}, L = {scenes.scenario.snapshots}"
-        )
-    options = loaded.options if beta is None else dataclasses.replace(loaded.options, beta=float(beta))
-    music = dict(loaded.config.music_options)
-    music.update(music_options or {})
+    loaded, device, options, music = prepare_checkpoint("learned", "covariance", checkpoint, scenes, device, beta, music_options)
     est, _ = run_model(
         loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music, use_snr=use_snr
     )

@@ -37,7 +37,6 @@ Adapted to the RIS measurement model:
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -138,26 +137,14 @@ def estimate(
     ``method = "subspacenet:<first 12 hex of the checkpoint's SHA-256>"``.
     """
     from ..estimators.music import music_from_covariance, order_from_covariance
-    from .inference import _cached_model, run_model
+    from .inference import prepare_checkpoint, run_model
 
     if checkpoint is None:
         raise ValueError("subspacenet: no checkpoint given and no packaged weights; pass --checkpoint FILE (checkpoint=...) "
                          "or train one with `risloc train --config configs/subspacenet-cpu-quick.toml`")
     if k_rule not in ("head", "mdl", "aic", "eigengap"):
         raise ValueError(f"subspacenet: k_rule = {k_rule!r}: must be 'head', 'mdl', 'aic' or 'eigengap'")
-    device = torch.device(device) if device is not None else scenes.device
-    loaded = _cached_model(checkpoint, device)
-    cfg = loaded.config
-    if cfg.model.kind != "subspacenet":
-        raise ValueError(f"subspacenet: checkpoint {checkpoint} holds a model.kind = {cfg.model.kind!r} network; use method 'learned' for it")
-    if scenes.scenario.n_elements != cfg.scenario.n_elements or scenes.scenario.snapshots != cfg.scenario.snapshots:
-        raise ValueError(
-            f"subspacenet: checkpoint {checkpoint} was trained for N = {cfg.scenario.n_elements}, L = {cfg.scenario.snapshots}; "
-            f"the scenes have N = {scenes.scenario.n_elements}, L = {scenes.scenario.snapshots}"
-        )
-    options = loaded.options if beta is None else dataclasses.replace(loaded.options, beta=float(beta))
-    music = dict(cfg.music_options)
-    music.update(music_options or {})
+    loaded, device, options, music = prepare_checkpoint("subspacenet", "subspacenet", checkpoint, scenes, device, beta, music_options)
     if k_rule == "head":
         est, _ = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device,
                            music_options=music, use_snr=use_snr)
