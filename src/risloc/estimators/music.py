@@ -29,7 +29,7 @@ from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
 from .order import estimate_order
-from .search import GridSpec, NullSpectrum, SearchResult, mask_columns, rap_search, subspace_search
+from .search import GridSpec, NullSpectrum, SearchResult, mask_columns, rap_search, refine_peaks, search_grid, subspace_search
 
 __all__ = ["music_from_covariance", "estimate", "order_from_covariance", "estimates_from_search"]
 
@@ -91,6 +91,7 @@ def music_from_covariance(
     min_separation: float | None = None,
     chunk: int = 1024,
     method: str = "music",
+    init: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Estimates:
     """MUSIC estimates from a batch of covariances.
 
@@ -103,11 +104,14 @@ def music_from_covariance(
         order_rule: 'mdl', 'aic' or 'eigengap' (used only when ``K is None``).
         n_snapshots: for MDL/AIC; default N (see :mod:`risloc.estimators.order`).
         k_min: smallest K the order rule returns (1: the scenario always has a source).
-        search: 'rap' (one source at a time, default) or 'joint' (one scan, K deepest peaks).
+        search: 'rap' (one source at a time, default), 'joint' (one scan, K deepest peaks) or
+            'local' (no scan: the MUSIC null spectrum is refined from ``init``, K sources per scene).
         grid, n_candidates, refine_iterations, min_separation, chunk: search options
             (:mod:`risloc.estimators.search`); ``n_candidates`` defaults to 2 per RAP pass,
             ``k_max + 3`` for the joint search.
         method: the ``Estimates.method`` string.
+        init: ``(phi, theta, r)`` ``[B, >= K]`` start points of ``search = 'local'`` (e.g. the
+            learned detector's positions, strongest first); the first K of each scene are refined.
 
     Returns :class:`~risloc.scenes.Estimates` on R's device: ``K_hat`` (<= K when fewer
     distinct peaks exist; never NaN) and NaN-padded ``[B, k_max]`` phi, theta, r.
@@ -118,8 +122,10 @@ def music_from_covariance(
     dev = R.factor.device
     if R.n != scenario.n_elements:
         raise ValueError(f"music_from_covariance: R is {R.n} x {R.n}, the scenario has {scenario.n_elements} elements")
-    if search not in ("rap", "joint"):
-        raise ValueError(f"music_from_covariance: search must be 'rap' or 'joint', not {search!r}")
+    if search not in ("rap", "joint", "local"):
+        raise ValueError(f"music_from_covariance: search must be 'rap', 'joint' or 'local', not {search!r}")
+    if (search == "local") != (init is not None):
+        raise ValueError("music_from_covariance: init= is the start of search='local' and only of it")
     if B == 0:
         return Estimates.empty(0, k_max, method=method, device=dev)
     values, vectors = R.eigh()  # [B, r], [B, N, r]
@@ -135,7 +141,9 @@ def music_from_covariance(
     Es = mask_columns(vectors[..., :kk], K)
     if int(K.max()) == 0:
         return Estimates.empty(B, k_max, method=method, device=dev)
-    if search == "rap":
+    if search == "local":
+        res = _local_search(Es, K, init, scenario, grid, refine_iterations, kk)
+    elif search == "rap":
         res = rap_search(
             Es, K, scenario, n_candidates=n_candidates or 2, grid=grid, refine_iterations=refine_iterations, min_separation=min_separation, chunk=chunk
         )
@@ -145,6 +153,23 @@ def music_from_covariance(
             refine_iterations=refine_iterations, min_separation=min_separation, chunk=chunk,
         )
     return estimates_from_search(res, K, k_max, method)
+
+
+def _local_search(Es: Tensor, K: Tensor, init, scenario: Scenario, grid: GridSpec, iterations: int, width: int) -> SearchResult:
+    """Refine the MUSIC null spectrum of ``Es`` from ``init`` (no grid scan, no NMS): the first
+    ``K[b]`` start points of scene b are kept, in their given order."""
+    phi0, theta0, r0 = (torch.as_tensor(t, device=Es.device, dtype=torch.float64)[:, :width] for t in init)
+    if phi0.shape[0] != Es.shape[0]:
+        raise ValueError(f"music_from_covariance: init has {phi0.shape[0]} scenes, R has {Es.shape[0]}")
+    if phi0.shape[1] < int(K.max()):
+        raise ValueError(f"music_from_covariance: init has {phi0.shape[1]} points per scene, K-hat reaches {int(K.max())}")
+    kept = torch.arange(phi0.shape[1], device=Es.device).view(1, -1) < K.view(-1, 1)
+    kept = kept & torch.isfinite(phi0) & torch.isfinite(theta0) & torch.isfinite(r0)
+    phi0, theta0, r0 = (torch.nan_to_num(t, nan=1.0) for t in (phi0, theta0, r0))
+    g = search_grid(scenario, grid, device=Es.device, dtype=torch.complex128 if Es.dtype == torch.complex128 else torch.complex64)
+    phi, theta, r, q = refine_peaks(NullSpectrum.subspace(Es), phi0, theta0, 1.0 / r0, scenario, g, iterations=iterations,
+                                    approximation=grid.approximation)
+    return SearchResult(phi, theta, r, q, kept)
 
 
 def _batches(n: int, batch: int, progress: bool, desc: str):

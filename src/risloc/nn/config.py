@@ -49,15 +49,24 @@ class ModelConfig:
     residual: bool = True
     """Predict F = F0 + dF with F0 the K_max dominant eigenpairs of the sample covariance (dF starts at 0)."""
     kind: str = "covariance"
-    """'covariance' (the transformer above, docs/learned.md) or 'subspacenet' (the SubspaceNet-style
-    convolutional peer, risloc.nn.subspacenet, docs/learned-peer.md; uses width, k_hidden, residual,
-    rank_extra)."""
+    """'spectrum' (the 3-D detector on matched-filter spectra, risloc.nn.spectrum, the shipped
+    default; uses width, depth, k_hidden and the grid_* fields), 'covariance' (the transformer
+    above, docs/learned.md) or 'subspacenet' (the SubspaceNet-style convolutional peer,
+    risloc.nn.subspacenet, docs/learned-peer.md; uses width, k_hidden, residual, rank_extra)."""
     rank_extra: int = 0
     """subspacenet only: columns of the surrogate factor Z beyond K_max (r = K_max + rank_extra)."""
+    grid_phi: int = 24
+    """spectrum only: grid points in sin(phi) over the field of view (a multiple of 4)."""
+    grid_theta: int = 12
+    """spectrum only: grid points in sin(theta) (a multiple of 4)."""
+    grid_rho: int = 12
+    """spectrum only: grid points in 1/r over [1/r_max, 1/r_min] (a multiple of 4)."""
+    snapshot_channels: bool = True
+    """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean)."""
 
     def __post_init__(self):
-        if self.kind not in ("covariance", "subspacenet"):
-            raise ValueError(f"ModelConfig.kind = {self.kind!r}: must be 'covariance' or 'subspacenet'")
+        if self.kind not in ("covariance", "subspacenet", "spectrum"):
+            raise ValueError(f"ModelConfig.kind = {self.kind!r}: must be 'spectrum', 'covariance' or 'subspacenet'")
         if self.rank_extra < 0:
             raise ValueError(f"ModelConfig.rank_extra = {self.rank_extra}: must be >= 0")
 
@@ -116,14 +125,21 @@ class LossConfig:
     backbone_lr_mult: float = 1.0
     """LR multiplier of everything but the K head once the K loss is on (0 freezes the backbone)."""
     main: str = "cov"
-    """The main term: 'cov' (covariance NMSE against the true R) or 'music' (the normalised MUSIC
+    """The main term: 'cov' (covariance NMSE against the true R), 'music' (the normalised MUSIC
     null spectrum at the true positions, no covariance target: the SubspaceNet-style peer,
-    risloc.nn.loss.music_null_loss, docs/learned-peer.md)."""
+    risloc.nn.loss.music_null_loss, docs/learned-peer.md) or 'detect' (the spectrum network's
+    detection loss, risloc.nn.spectrum.detection_loss)."""
     music_negatives: int = 0
     """main = 'music' only: hard negatives per scene (deepest coarse-grid nulls > 6 deg from every
     source) whose null must exceed the truth's by ``peak_margin`` in log units; 0: off."""
     music_negative_weight: float = 1.0
     """main = 'music' only: weight of the hard-negative hinge inside the main term."""
+    detect_sigma: float = 1.0
+    """main = 'detect' only: std (grid cells) of the Gaussian heat-map targets."""
+    detect_offset_weight: float = 1.0
+    """main = 'detect' only: weight of the position (hit-unit Huber) loss."""
+    detect_power_weight: float = 0.1
+    """main = 'detect' only: weight of the log-power loss."""
 
     # --- SNR-label robustness ----------------------------------------------------------------
     snr_noise_db: float = 1.5
@@ -132,8 +148,8 @@ class LossConfig:
     """Probability that a training scene's SNR label is replaced by the data-only estimate."""
 
     def __post_init__(self):
-        if self.main not in ("cov", "music"):
-            raise ValueError(f"LossConfig.main = {self.main!r}: must be 'cov' or 'music'")
+        if self.main not in ("cov", "music", "detect"):
+            raise ValueError(f"LossConfig.main = {self.main!r}: must be 'cov', 'music' or 'detect'")
 
     def covariance_options(self, beta: float | None = None) -> CovarianceOptions:
         """The :class:`CovarianceOptions` of the effective covariance at blend weight ``beta``."""

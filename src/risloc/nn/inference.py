@@ -105,8 +105,19 @@ def locate_from_prediction(
     fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
     K, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
     K = K.clamp(max=scenario.k_max)
+    opts = dict(music_options or {})
+    if pred.detections is not None:  # the spectrum network: keep its K-hat strongest detections
+        from .model import effective
+        from .spectrum import detection_factor
+
+        det = pred.detections
+        R = effective(detection_factor(det, scenario, K).detach(), inputs, options)
+        R = cv.LowRankCovariance(R.factor.detach(), R.diag.detach())
+        if opts.setdefault("search", "local") == "local":
+            opts["init"] = (det.phi.detach(), det.theta.detach(), det.r.detach())
+        return music_from_covariance(R, scenario, K=K, **opts)
     R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
-    return music_from_covariance(R, scenario, K=K, **(music_options or {}))
+    return music_from_covariance(R, scenario, K=K, **opts)
 
 
 @torch.no_grad()
@@ -137,15 +148,16 @@ def run_model(
 def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, device, beta, music_options):
     """The shared start of a learned estimator: ``(loaded model, device, covariance options, MUSIC options)``.
 
-    Refuses a checkpoint of another network kind (``model.kind``) or one trained for another
+    Refuses a checkpoint of another network kind (``model.kind``; ``kind`` is one name or a tuple) or one trained for another
     N or L than the scenes; ``beta`` overrides the checkpoint's blend weight and
     ``music_options`` update the checkpoint's MUSIC options.
     """
     device = torch.device(device) if device is not None else scenes.device
     loaded = _cached_model(checkpoint, device)
     cfg = loaded.config
-    if cfg.model.kind != kind:
-        raise ValueError(f"{method}: checkpoint {checkpoint} holds a model.kind = {cfg.model.kind!r} network, not {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if cfg.model.kind not in kinds:
+        raise ValueError(f"{method}: checkpoint {checkpoint} holds a model.kind = {cfg.model.kind!r} network, not {' or '.join(map(repr, kinds))}")
     if scenes.scenario.n_elements != cfg.scenario.n_elements or scenes.scenario.snapshots != cfg.scenario.snapshots:
         raise ValueError(
             f"{method}: checkpoint {checkpoint} was trained for N = {cfg.scenario.n_elements}, L = {cfg.scenario.snapshots}; "
@@ -183,7 +195,7 @@ def estimate(
                 f"({DEFAULT_WEIGHTS}); pass --checkpoint FILE (checkpoint=...) or train one with `risloc train`"
             )
         checkpoint = DEFAULT_WEIGHTS
-    loaded, device, options, music = prepare_checkpoint("learned", "covariance", checkpoint, scenes, device, beta, music_options)
+    loaded, device, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, device, beta, music_options)
     est, _ = run_model(
         loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music, use_snr=use_snr
     )

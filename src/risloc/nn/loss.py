@@ -316,9 +316,18 @@ class Objective(nn.Module):
         w = self.weights(epoch)
         F = pred.factor
         parts: dict[str, Tensor] = {}
-        main = "music" if self.cfg.main == "music" else "cov"
+        main = self.cfg.main
         w[main] = w.pop("cov")
-        if main == "music":
+        if main == "detect":
+            from .spectrum import detection_loss, spectrum_grid
+
+            if pred.detections is None:
+                raise ValueError("LossConfig.main = 'detect' needs the spectrum network (ModelConfig.kind = 'spectrum')")
+            c = self.cfg
+            grid = spectrum_grid(self.scenario, pred.detections.grid_shape, device=F.device)
+            parts["detect"] = detection_loss(pred.detections, truth, self.scenario, grid, sigma=c.detect_sigma,
+                                             offset_weight=c.detect_offset_weight, power_weight=c.detect_power_weight).mean()
+        elif main == "music":
             c = self.cfg
             parts["music"] = music_null_loss(pred.covariance, truth, self.scenario, negatives=c.music_negatives,
                                              negative_weight=c.music_negative_weight, margin=c.peak_margin).mean()
@@ -341,7 +350,7 @@ class Objective(nn.Module):
             parts["orth"] = orthogonality_loss(F).mean()
 
         idx = {t: i for i, t in enumerate(TERMS)}
-        idx["music"] = 0  # the alternative main term shares the main term's slot
+        idx["music"] = idx["detect"] = 0  # the alternative main terms share the main term's slot
         if update_stats and self.training:
             with torch.no_grad():
                 m = self.cfg.balance_momentum

@@ -27,6 +27,7 @@ with the scene's sample covariance and SNR; the loss, validation and inference a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,12 @@ class ModelInputs:
     """SNR [dB] ``[B]`` used for the network input and the shrinkage (label, or estimate when missing)."""
     snr_known: Tensor
     """``[B]`` float: 1 where ``snr_db`` is the scene's label, 0 where it was estimated from the data."""
+    y: Tensor | None = None
+    """The snapshots ``[B, L, M]`` (the ``spectrum`` network reads them; the others need only R_s)."""
+    H: Tensor | None = None
+    """The BS-RIS channels ``[B, M, N]``."""
+    codes: Tensor | None = None
+    """The RIS codes ``[B, L, N]``."""
 
     def __len__(self) -> int:
         return self.snr_db.shape[0]
@@ -65,7 +72,7 @@ def prepare_inputs(y: Tensor, H: Tensor, codes: Tensor, snr_db: Tensor | None, *
         snr = snr_db
         if not bool(known.all()):
             snr = torch.where(known > 0, snr_db, cv.estimate_snr_db(y, H, codes, regularisation=regularisation).to(rd))
-    return ModelInputs(sample, snr, known)
+    return ModelInputs(sample, snr, known, y, H, codes)
 
 
 def effective(prediction, inputs: ModelInputs, options: cv.CovarianceOptions) -> cv.LowRankCovariance:
@@ -120,6 +127,8 @@ class Prediction:
     """Its effective covariance ``effective(F, inputs, options)`` (differentiable)."""
     k_logits: Tensor
     """``[B, K_max]`` logits of K = 1..K_max (untempered)."""
+    detections: Any = None
+    """``spectrum`` network only: its :class:`risloc.nn.spectrum.Detections` (positions, scores, head outputs)."""
 
 
 class RisCovarianceNet(nn.Module):
@@ -209,9 +218,14 @@ def _log_spectrum(R: cv.LowRankCovariance, n_values: int) -> Tensor:
 
 
 def build_model(scenario: Scenario, cfg: ModelConfig) -> nn.Module:
-    """The network of ``cfg.kind``: 'covariance' (:class:`RisCovarianceNet`) or 'subspacenet'
-    (:class:`risloc.nn.subspacenet.SubspaceNet`, the SubspaceNet-style peer); both map
+    """The network of ``cfg.kind``: 'spectrum' (:class:`risloc.nn.spectrum.SpectrumNet`, the
+    default), 'covariance' (:class:`RisCovarianceNet`) or 'subspacenet'
+    (:class:`risloc.nn.subspacenet.SubspaceNet`, the SubspaceNet-style peer); all map
     ``(inputs, options) -> Prediction``."""
+    if cfg.kind == "spectrum":
+        from .spectrum import SpectrumNet
+
+        return SpectrumNet(scenario, cfg)
     if cfg.kind == "subspacenet":
         from .subspacenet import SubspaceNet
 

@@ -135,6 +135,7 @@ class TrainData:
                 est[:n_loc] = cv.estimate_snr_db(s.y[:n_loc], s.H[:n_loc], s.codes[:n_loc], regularisation=cfg.loss.regularisation).float()
             truth, F = s.truth, source_factor(s.truth, cfg.scenario)
             drop = lo + torch.arange(b, device=self.device) < n_drop
+            y, H, codes = s.y, s.H, s.codes
         else:
             n = len(self.pool)
             epoch, within = divmod(step * B, n)
@@ -143,11 +144,12 @@ class TrainData:
             S = cv.LowRankCovariance(p["factor"][idx], torch.zeros(b, device=self.device))
             snr, est, F = p["snr"][idx], p["est"][idx], p["F"][idx]
             truth = self.pool.truth[idx]
+            y, H, codes = self.pool.y[idx], self.pool.H[idx], self.pool.codes[idx]
             drop = torch.rand(B, generator=gen, device=self.device)[lo : lo + b] < cfg.loss.snr_drop
         noise = torch.randn(B, generator=gen, device=self.device)[lo : lo + b] * cfg.loss.snr_noise_db
         label_ok = torch.isfinite(snr) & ~drop
         snr_used = torch.where(label_ok, snr + noise, est)
-        inputs = ModelInputs(S, snr_used, label_ok.float())
+        inputs = ModelInputs(S, snr_used, label_ok.float(), y, H, codes)
         return Batch(inputs, truth, F)
 
 

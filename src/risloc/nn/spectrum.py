@@ -1,0 +1,380 @@
+"""The default network of the learned pipeline (``ModelConfig.kind = "spectrum"``): per-snapshot
+matched-filter spectra on a near-field grid -> a 3-D detector -> source positions -> the
+covariance factor through the steering model.
+
+Why this input. Every snapshot is seen through its own 16 x 144 map G_l = H diag(c_l), so the
+back-projected sample covariance R_s (the input of the ``covariance`` network and of MUSIC)
+throws away most of what the measurements say (docs/learned.md, "Diagnosis"). ``ml`` reaches
+the bound by testing near-field atoms d_q = a(phi_q, theta_q, r_q) against each snapshot
+through its own map. The network sees the same first step of the likelihood: with
+phi_lq = G_l d_q (:func:`risloc.estimators.ml_core.measure_dictionary`),
+
+    c_lq = |phi_lq^H y_l|^2 / (|phi_lq|^2 |y_l|^2)       in [0, 1] (per snapshot),
+    S_q  = sum_l |phi_lq^H y_l|^2 / |phi_lq|^2 / sum_l |y_l|^2,
+
+i.e. the normalised matched filter of each snapshot and their power-weighted mean (for one
+source and no noise S_q = 1 at the source; for noise alone E S_q = 1/M). Both are invariant to
+a global gain on y. The grid ("dictionary") is uniform in (sin phi, sin theta, 1/r) like
+``ml``'s. Input channels, on a ``[n_phi, n_theta, n_rho]`` volume: M S, log(M S), the L values
+M c_l (the per-snapshot profile, which tells a source from a sidelobe of another source), the
+SNR features (SNR/10 dB, "label known") and the three grid coordinates.
+
+Network: a 3-D U-Net (pre-activation residual blocks, GroupNorm, GELU; two stride-2 levels, a
+global-context bottleneck) with a per-cell head (CenterNet-style detection, Zhou et al. 2019):
+
+* ``heat``: logit that a source's nearest grid cell is this cell;
+* ``offset``: the source's position relative to the cell, in cell units of (sin phi, sin theta, 1/r);
+* ``log_power``: log of the source power relative to the scene's total;
+
+and a K head (MLP on the pooled bottleneck, the sorted heat logits of the strongest local
+maxima and the SNR features). Decoding: local maxima of ``heat`` (3 x 3 x 3), the ``K_max``
+strongest in order, each moved by its offset. The factor is built through the steering model,
+
+    F = [sqrt(p_1 s_1) a(phi_1, theta_1, r_1), ..., sqrt(p_K s_K) a(phi_K, theta_K, r_K)],
+
+(s_k the detection confidence) and goes through THE builder
+(:func:`risloc.nn.model.effective`) like every other prediction. At inference
+(:func:`risloc.nn.inference.locate_from_prediction`) the K head's K-hat keeps the K-hat
+strongest detections, and MUSIC on their effective covariance is refined locally from the
+detections (``search = "local"``).
+
+Loss (``LossConfig.main = "detect"``, :func:`detection_loss`): the CenterNet focal loss on the
+heat map against Gaussian bumps (std ``detect_sigma`` cells) at the true positions, plus a
+Huber loss on the position errors in *hit units* of physics.md (delta phi / 2 deg,
+delta theta / 2 deg, delta r / (0.1 r)) of the cells around each source, plus an L1 loss on
+the log powers; the K head's cross-entropy is the objective's ``k`` term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as Fn
+
+from .. import physics
+from ..estimators.ml_core import grid as dictionary_grid
+from ..estimators.ml_core import measure_dictionary
+from ..scenario import Scenario
+from ..scenes import Truth
+from .config import ModelConfig
+
+HIT_PHI = math.radians(2.0)
+HIT_THETA = math.radians(2.0)
+HIT_RANGE = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# the near-field grid and the matched-filter front end (no learned parameters)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SpectrumGrid:
+    """Grid uniform in (u, v, rho) = (sin phi, sin theta, 1/r): ``lo``/``step`` per axis,
+    ``shape`` (n_phi, n_theta, n_rho) and the dictionary ``D`` ``[N, Q]`` (phi slowest, rho fastest)."""
+
+    shape: tuple[int, int, int]
+    lo: Tensor
+    step: Tensor
+    D: Tensor
+    coords: Tensor
+    """``[3, n_phi, n_theta, n_rho]`` grid coordinates scaled to [-1, 1] (network input)."""
+
+    def positions(self, index: Tensor) -> Tensor:
+        """Cell centres ``[..., 3]`` (u, v, rho) of flat cell indices."""
+        n_t, n_r = self.shape[1], self.shape[2]
+        ijk = torch.stack([index // (n_t * n_r), (index // n_r) % n_t, index % n_r], -1)
+        return ijk.to(self.lo.dtype)
+
+
+_GRID_CACHE: dict = {}
+
+
+def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=None) -> SpectrumGrid:
+    """The (cached) grid of ``scenario`` with ``shape`` = (n_phi, n_theta, n_rho) >= 2 each."""
+    shape = tuple(int(s) for s in shape)
+    if min(shape) < 2:
+        raise ValueError(f"spectrum grid shape {shape}: every axis needs >= 2 points")
+    key = (scenario.to_json(), shape, str(device))
+    if key not in _GRID_CACHE:
+        sc = scenario
+        gp, gt, gr = dictionary_grid(sc, *shape, device=device, dtype=torch.float64)
+        D = physics.steering(gp, gt, 1.0 / gr, sc, dtype=torch.complex64, device=device).T.contiguous()  # [N, Q]
+        lo = torch.tensor([math.sin(sc.phi_min), math.sin(sc.theta_min), 1.0 / sc.r_max], dtype=torch.float32, device=device)
+        hi = torch.tensor([math.sin(sc.phi_max), math.sin(sc.theta_max), 1.0 / sc.r_min], dtype=torch.float32, device=device)
+        n = torch.tensor(shape, dtype=torch.float32, device=device)
+        step = (hi - lo) / (n - 1)
+        axes = [torch.linspace(-1.0, 1.0, s, device=device) for s in shape]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+        if len(_GRID_CACHE) > 8:
+            _GRID_CACHE.clear()
+        _GRID_CACHE[key] = SpectrumGrid(shape, lo, step, D, coords)
+    return _GRID_CACHE[key]
+
+
+@torch.no_grad()
+def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """``(S, c)``: the power-weighted normalised matched filter ``S`` ``[B, Q]`` and the
+    per-snapshot one ``c`` ``[B, L, Q]`` (module docstring), computed in chunks of scenes."""
+    B, L, M = y.shape
+    S_out = torch.empty(B, grid.D.shape[1], dtype=torch.float32, device=y.device)
+    c_out = torch.empty(B, L, grid.D.shape[1], dtype=torch.float32, device=y.device)
+    D = grid.D.to(y.device)
+    for a in range(0, B, chunk):
+        yb = y[a : a + chunk].to(torch.complex64)
+        Phi = measure_dictionary(H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64), D)  # [b, L, M, Q]
+        num = torch.einsum("blmq,blm->blq", Phi.conj(), yb).abs().square()
+        den = Phi.real.square().sum(2) + Phi.imag.square().sum(2)  # [b, L, Q]
+        ynorm = yb.abs().square().sum(-1)  # [b, L]
+        mf = num / den.clamp(min=1e-30)
+        c_out[a : a + chunk] = mf / ynorm.unsqueeze(-1).clamp(min=1e-30)
+        S_out[a : a + chunk] = mf.sum(1) / ynorm.sum(1, keepdim=True).clamp(min=1e-30)
+    return S_out, c_out
+
+
+# ----------------------------------------------------------------------------------------------
+# the network
+# ----------------------------------------------------------------------------------------------
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, ch), ch)
+
+
+class _ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(gelu(norm(conv(gelu(norm(x))))))."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.n1, self.c1 = _norm(ch), nn.Conv3d(ch, ch, 3, padding=1)
+        self.n2, self.c2 = _norm(ch), nn.Conv3d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c1(Fn.gelu(self.n1(x)))
+        return x + self.c2(Fn.gelu(self.n2(h)))
+
+
+@dataclass
+class Detections:
+    """Decoded detections, strongest first: ``phi, theta, r`` ``[B, n]`` (rad, m), ``score``
+    (heat logit), ``log_power`` ``[B, n]``; and the dense head outputs for the loss."""
+
+    phi: Tensor
+    theta: Tensor
+    r: Tensor
+    score: Tensor
+    log_power: Tensor
+    heat: Tensor
+    """``[B, Q]`` heat logits (flat cell order, phi slowest)."""
+    offset: Tensor
+    """``[B, Q, 3]`` offsets in cell units of (u, v, rho)."""
+    cell_log_power: Tensor
+    """``[B, Q]``."""
+    grid_shape: tuple[int, int, int]
+    """(n_phi, n_theta, n_rho) of the grid the cells index."""
+
+
+class SpectrumNet(nn.Module):
+    """3-D U-Net detector on matched-filter spectra; see the module docstring."""
+
+    def __init__(self, scenario: Scenario, cfg: ModelConfig):
+        super().__init__()
+        self.scenario, self.cfg = scenario, cfg
+        self.k_max, self.n = scenario.k_max, scenario.n_elements
+        self.shape = (cfg.grid_phi, cfg.grid_theta, cfg.grid_rho)
+        for name, s in zip(("grid_phi", "grid_theta", "grid_rho"), self.shape):
+            if s % 4:
+                raise ValueError(f"ModelConfig.{name} = {s}: the spectrum network needs a multiple of 4 (two stride-2 levels)")
+        w = cfg.width
+        L = scenario.snapshots
+        self.c_in = 2 + (L if cfg.snapshot_channels else 0) + 2 + 3
+        self.stem = nn.Conv3d(self.c_in, w, 3, padding=1)
+        self.enc0 = _ResBlock(w)
+        self.down1 = nn.Conv3d(w, 2 * w, 3, stride=2, padding=1)
+        self.enc1 = _ResBlock(2 * w)
+        self.down2 = nn.Conv3d(2 * w, 4 * w, 3, stride=2, padding=1)
+        self.mid = nn.ModuleList([_ResBlock(4 * w) for _ in range(max(1, cfg.depth))])
+        self.context = nn.Sequential(nn.Linear(4 * w + 2, 4 * w), nn.GELU(), nn.Linear(4 * w, 4 * w))
+        self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
+        self.merge1 = nn.Conv3d(4 * w, 2 * w, 3, padding=1)
+        self.dec1 = _ResBlock(2 * w)
+        self.up1 = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
+        self.merge0 = nn.Conv3d(2 * w, w, 3, padding=1)
+        self.dec0 = _ResBlock(w)
+        self.out_norm = _norm(w)
+        self.head = nn.Conv3d(w, 5, 1)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[0] = -6.0  # heat prior ~ K / Q
+        self.n_top = 2 * self.k_max
+        n_k = 8 * w + self.n_top + 2
+        self.k_head = nn.Sequential(nn.LayerNorm(n_k), nn.Linear(n_k, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, cfg.k_hidden), nn.GELU(),
+                                    nn.Linear(cfg.k_hidden, self.k_max))
+
+    def k_head_parameters(self):
+        return list(self.k_head.parameters())
+
+    def grid(self, device) -> SpectrumGrid:
+        return spectrum_grid(self.scenario, self.shape, device=device)
+
+    def features(self, inputs, grid: SpectrumGrid) -> tuple[Tensor, Tensor]:
+        """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the SNR features ``[B, 2]``."""
+        if inputs.y is None:
+            raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.model.prepare_inputs)")
+        B, M = len(inputs), inputs.y.shape[-1]
+        with torch.autocast(inputs.y.device.type, enabled=False):
+            S, c = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid)
+        snr = torch.stack([inputs.snr_db.float() / 10.0, inputs.snr_known.float()], -1)  # [B, 2]
+        parts = [M * S.unsqueeze(1), torch.log(M * S.clamp(min=1e-6)).unsqueeze(1)]
+        if self.cfg.snapshot_channels:
+            parts.append(M * c)
+        x = torch.cat(parts, 1).view(B, -1, *self.shape)
+        x = torch.cat([x, snr.view(B, 2, 1, 1, 1).expand(B, 2, *self.shape), grid.coords.unsqueeze(0).expand(B, -1, -1, -1, -1)], 1)
+        return x, snr
+
+    def forward(self, inputs, options):
+        from .model import Prediction, effective
+
+        grid = self.grid(inputs.y.device if inputs.y is not None else None)
+        x, snr = self.features(inputs, grid)
+        B = x.shape[0]
+        h0 = self.enc0(self.stem(x))
+        h1 = self.enc1(self.down1(Fn.gelu(h0)))
+        h2 = self.down2(Fn.gelu(h1))
+        for blk in self.mid:
+            h2 = blk(h2)
+        g = torch.cat([h2.mean((2, 3, 4)), snr.to(h2.dtype)], -1)
+        h2 = h2 + self.context(g).view(B, -1, 1, 1, 1)
+        u1 = self.dec1(self.merge1(torch.cat([self.up2(h2), h1], 1)))
+        u0 = self.dec0(self.merge0(torch.cat([self.up1(u1), h0], 1)))
+        out = self.head(Fn.gelu(self.out_norm(u0))).float().flatten(2)  # [B, 5, Q]
+        heat, offset, cell_logp = out[:, 0], out[:, 1:4].transpose(1, 2), out[:, 4]
+
+        det = decode(heat, offset, cell_logp, grid, self.scenario, self.k_max)
+        top = _top_local_maxima(heat.detach(), self.shape, self.n_top)
+        pooled = torch.cat([h2.float().mean((2, 3, 4)), h2.float().amax((2, 3, 4))], -1)
+        logits = self.k_head(torch.cat([pooled, top, snr], -1)).float()
+
+        F = detection_factor(det, self.scenario)
+        R = effective(F, inputs, options)
+        return Prediction(F, R, logits, detections=det)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding and the factor
+# ----------------------------------------------------------------------------------------------
+def _local_max_scores(heat: Tensor, shape) -> Tensor:
+    """``heat`` ``[B, Q]`` where the cell is a 3x3x3 local maximum, -inf elsewhere."""
+    B = heat.shape[0]
+    v = heat.view(B, 1, *shape)
+    pooled = Fn.max_pool3d(v, 3, stride=1, padding=1)
+    return torch.where(v >= pooled, v, torch.full_like(v, -math.inf)).view(B, -1)
+
+
+def _top_local_maxima(heat: Tensor, shape, n: int) -> Tensor:
+    """The ``n`` largest local-maximum heat logits ``[B, n]`` (padded with -20)."""
+    val = torch.topk(_local_max_scores(heat, shape), n, dim=1).values
+    return torch.where(torch.isfinite(val), val, torch.full_like(val, -20.0))
+
+
+def cell_positions(offset: Tensor, index: Tensor, grid: SpectrumGrid, scenario: Scenario) -> tuple[Tensor, Tensor, Tensor]:
+    """``phi, theta, r`` of cells ``index`` moved by ``offset`` ``[..., 3]`` (cell units), clamped into the prior box."""
+    x = grid.positions(index) + offset.float()
+    uvr = grid.lo + x * grid.step
+    sc = scenario
+    u = uvr[..., 0].clamp(math.sin(sc.phi_min), math.sin(sc.phi_max))
+    v = uvr[..., 1].clamp(math.sin(sc.theta_min), math.sin(sc.theta_max))
+    rho = uvr[..., 2].clamp(1.0 / sc.r_max, 1.0 / sc.r_min)
+    return torch.asin(u), torch.asin(v), 1.0 / rho
+
+
+def decode(heat: Tensor, offset: Tensor, cell_logp: Tensor, grid: SpectrumGrid, scenario: Scenario, n: int) -> Detections:
+    """The ``n`` strongest local maxima of ``heat``, strongest first (fewer maxima than ``n``:
+    the remaining slots take the strongest other cells)."""
+    shape = grid.shape
+    with torch.no_grad():
+        s = _local_max_scores(heat.detach().float(), shape)
+        s = torch.where(torch.isfinite(s), s + 1e4, heat.detach().float())  # local maxima first
+        idx = torch.topk(s, n, dim=1).indices  # [B, n]
+    off = torch.gather(offset, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
+    phi, theta, r = cell_positions(off, idx, grid, scenario)
+    score = torch.gather(heat, 1, idx)
+    logp = torch.gather(cell_logp, 1, idx)
+    return Detections(phi, theta, r, score, logp, heat, offset, cell_logp, tuple(shape))
+
+
+def detection_factor(det: Detections, scenario: Scenario, K: Tensor | None = None) -> Tensor:
+    """F ``[B, N, n]``: column k = sqrt(p_k s_k) a(phi_k, theta_k, r_k) with s_k = sigmoid(score_k);
+    with ``K`` ``[B]`` the columns k >= K[b] are zero and s_k = 1 (a hard decision)."""
+    a = physics.steering(det.phi.float(), det.theta.float(), det.r.float(), scenario, dtype=torch.complex64)  # [B, n, N]
+    p = torch.exp(det.log_power.float().clamp(-20, 5))
+    if K is None:
+        w = p * torch.sigmoid(det.score.float())
+    else:
+        keep = torch.arange(det.phi.shape[1], device=p.device).view(1, -1) < K.view(-1, 1).to(p.device)
+        w = p * keep
+    return (a * w.sqrt().unsqueeze(-1).to(a.dtype)).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss
+# ----------------------------------------------------------------------------------------------
+def _true_cells(truth: Truth, grid: SpectrumGrid, device) -> tuple[Tensor, Tensor]:
+    """Continuous cell coordinates ``[B, K, 3]`` of the true sources and their mask ``[B, K]``."""
+    K = truth.phi.shape[1]
+    active = torch.arange(K, device=device).view(1, -1) < truth.K.to(device).view(-1, 1)
+    phi = torch.nan_to_num(truth.phi.to(device).float())
+    theta = torch.nan_to_num(truth.theta.to(device).float())
+    r = torch.nan_to_num(truth.r.to(device).float(), nan=1.0)
+    uvr = torch.stack([torch.sin(phi), torch.sin(theta), 1.0 / r.clamp(min=1e-3)], -1)
+    return (uvr - grid.lo) / grid.step, active
+
+
+def detection_loss(det: Detections, truth: Truth, scenario: Scenario, grid: SpectrumGrid, *, sigma: float = 1.0,
+                   offset_weight: float = 1.0, power_weight: float = 0.1, radius: float = 1.5) -> Tensor:
+    """Per-scene detection loss ``[B]`` (module docstring).
+
+    * heat: focal loss (alpha = 2, beta = 4) against t_c = max_k exp(-|c - x_k|^2 / (2 sigma^2)),
+      positives the nearest cells of the sources, normalised by K;
+    * position: Huber (delta = 1) of the hit-unit errors of every cell within ``radius`` cells of a
+      source (assigned to its nearest source), weighted by t_c;
+    * power: |log p_hat - log(p_k / sum p)| on the same cells.
+    """
+    device = det.heat.device
+    B, Q = det.heat.shape
+    x, active = _true_cells(truth, grid, device)  # [B, K, 3]
+    cells = grid.positions(torch.arange(Q, device=device))  # [Q, 3]
+    d2 = (cells.view(1, Q, 1, 3) - x.view(B, 1, -1, 3)).square().sum(-1)  # [B, Q, K]
+    d2 = torch.where(active.unsqueeze(1), d2, torch.full_like(d2, math.inf))
+    d2min, nearest = d2.min(-1)  # [B, Q]
+    target = torch.exp(-d2min / (2 * sigma * sigma))
+    n_src = active.sum(1).clamp(min=1).float()
+    # positives: the nearest cell of each source
+    shape = torch.tensor(grid.shape, device=device)
+    ijk = torch.round(x).clamp(min=torch.zeros_like(shape), max=shape - 1).long()
+    pos_idx = (ijk[..., 0] * grid.shape[1] + ijk[..., 1]) * grid.shape[2] + ijk[..., 2]  # [B, K]
+    pos = torch.zeros(B, Q, device=device)
+    pos.scatter_(1, torch.where(active, pos_idx, torch.zeros_like(pos_idx)), active.float())
+    logit = det.heat.float()
+    p = torch.sigmoid(logit)
+    log_p, log_1mp = Fn.logsigmoid(logit), Fn.logsigmoid(-logit)
+    pos_loss = -((1 - p) ** 2) * log_p * pos
+    neg_loss = -((1 - target) ** 4) * p.square() * log_1mp * (1 - pos)
+    heat_loss = (pos_loss + neg_loss).sum(1) / n_src
+
+    # positions of every cell near a source
+    w = torch.where(d2min <= radius * radius, target, torch.zeros_like(target))  # [B, Q]
+    phi, theta, r = cell_positions(det.offset, torch.arange(Q, device=device).expand(B, Q), grid, scenario)
+    t_phi = torch.gather(torch.nan_to_num(truth.phi.to(device).float()), 1, nearest)
+    t_theta = torch.gather(torch.nan_to_num(truth.theta.to(device).float()), 1, nearest)
+    t_r = torch.gather(torch.nan_to_num(truth.r.to(device).float(), nan=1.0), 1, nearest)
+    err = torch.stack([(phi - t_phi) / HIT_PHI, (theta - t_theta) / HIT_THETA, (r - t_r) / (HIT_RANGE * t_r)], -1)
+    pos_err = Fn.huber_loss(err, torch.zeros_like(err), reduction="none", delta=1.0).sum(-1)
+    wsum = w.sum(1).clamp(min=1e-6)
+    loc_loss = (pos_err * w).sum(1) / wsum
+
+    powers = torch.nan_to_num(truth.power.to(device).float()) * active
+    rel = torch.log((powers / powers.sum(1, keepdim=True).clamp(min=1e-30)).clamp(min=1e-12))
+    t_logp = torch.gather(rel, 1, nearest)
+    pow_loss = ((det.cell_log_power.float() - t_logp).abs() * w).sum(1) / wsum
+    return heat_loss + offset_weight * loc_loss + power_weight * pow_loss
