@@ -45,6 +45,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--train-batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--channels-last", action="store_true", help="channels-last-3d convolutions")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (e.g. model.width=48)")
     args = ap.parse_args(argv)
     from risloc.nn.config import apply_overrides
@@ -54,13 +55,16 @@ def main(argv=None):
     device = torch.device(args.device)
     sc = cfg.scenario
     model = build_model(sc, cfg.model).to(device)
+    if args.channels_last:
+        model.channels_last = True
     options = cfg.covariance_options(0.0)
     amp = torch.bfloat16 if device.type == "cuda" else None
     s = risloc.simulate(sc, args.batch, seed=5, device=device)
     inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=options.regularisation)
     grid = model.grid(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "batch": args.batch, "params": sum(p.numel() for p in model.parameters()), "model": cfg.model.__dict__}
+           "batch": args.batch, "params": sum(p.numel() for p in model.parameters()), "model": cfg.model.__dict__,
+           "channels_last": args.channels_last}
 
     t = _timed(lambda: prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=options.regularisation), device, args.repeats)
     out["inputs_scenes_per_s"] = args.batch / t

@@ -78,7 +78,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def git_commit() -> str:
-    """The git commit of the risloc source tree (with '+dirty' when it has local changes), or 'unknown'."""
+    """The git commit of the risloc source tree (with '+dirty' when it has local changes), or 'unknown'.
+
+    ``RISLOC_GIT_COMMIT`` in the environment wins (for copies of the tree without ``.git``,
+    e.g. a training machine that received a checkout of a known commit)."""
+    if os.environ.get("RISLOC_GIT_COMMIT"):
+        return os.environ["RISLOC_GIT_COMMIT"]
     here = Path(__file__).resolve().parent.parent  # the risloc package
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
@@ -86,3 +91,20 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+INFERENCE_KEYS = ("format", "version", "config", "scenario", "metrics", "calibration", "beta", "seed", "git", "progress", "distributed")
+
+
+def export_weights(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
+    """Write the inference-only part of checkpoint ``src`` to ``dst`` (atomically): the EMA
+    weights (or the raw ones without EMA) as ``model``, the configuration, calibration, metrics,
+    seed and commit; no optimiser, objective or RNG state. This is the shipped file's form
+    (``src/risloc/weights/default.pt``); it loads like any checkpoint. Returns the written dict."""
+    state = load_checkpoint(src)
+    out = {k: state[k] for k in INFERENCE_KEYS if k in state}
+    out["model"] = state["ema"] if state.get("ema") is not None else state["model"]
+    out["ema"] = None
+    out["exported_from"] = {"file": Path(src).name, "sha256": file_sha256(src)}
+    save_checkpoint(dst, out)
+    return out

@@ -63,6 +63,8 @@ class ModelConfig:
     """spectrum only: grid points in 1/r over [1/r_max, 1/r_min] (a multiple of 4)."""
     snapshot_channels: bool = True
     """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean)."""
+    channels_last: bool = False
+    """spectrum only: run the 3-D convolutions in channels-last layout on CUDA (speed only; same weights)."""
 
     def __post_init__(self):
         if self.kind not in ("covariance", "subspacenet", "spectrum"):

@@ -44,7 +44,7 @@ from .. import covariance as cv
 from ..scenes import Scenes, Truth
 from ..simulate import simulate, source_factor
 from . import calibrate
-from .checkpoint import FORMAT, VERSION, git_commit, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, VERSION, export_weights, git_commit, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
 from .inference import Calibration, fallback_order, locate_from_prediction
@@ -374,6 +374,8 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, dist: Dist, device: 
     if amp != "none" and device.type != "cuda":
         raise ValueError(f"TrainConfig.amp = {amp!r}: mixed precision is for CUDA only (device {device})")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     commit = git_commit()
 
     # --- model, EMA, objective, optimiser, scheduler -----------------------------------------------
@@ -582,6 +584,9 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, dist: Dist, device: 
     if main:
         if cfg.calibrate and (out / "best.pt").exists():
             summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
+        if (out / "best.pt").exists():
+            export_weights(out / "best.pt", out / "weights.pt")
+            log(f"[EXPORT] {out / 'weights.pt'}: inference-only weights of best.pt ({(out / 'weights.pt').stat().st_size / 2**20:.1f} MiB)")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return dist.broadcast(summary)
 
