@@ -68,7 +68,7 @@ def main(argv=None):
 
     t = _timed(lambda: prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=options.regularisation), device, args.repeats)
     out["inputs_scenes_per_s"] = args.batch / t
-    t = _timed(lambda: matched_filter_spectra(s.y, s.H, s.codes, grid), device, args.repeats)
+    t = _timed(lambda: matched_filter_spectra(s.y, s.H, s.codes, grid, picks=cfg.model.pursuit), device, args.repeats)
     out["front_end_scenes_per_s"] = args.batch / t
     model.eval()
 

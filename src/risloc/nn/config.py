@@ -63,12 +63,17 @@ class ModelConfig:
     """spectrum only: grid points in 1/r over [1/r_max, 1/r_min] (a multiple of 4)."""
     snapshot_channels: bool = True
     """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean)."""
+    pursuit: int = 0
+    """spectrum only: orthogonal-matching-pursuit picks of the front end (0: the matched filter
+    alone); the network sees S_0..S_{pursuit-1} and the residual power after 1..pursuit picks."""
     channels_last: bool = False
     """spectrum only: run the 3-D convolutions in channels-last layout on CUDA (speed only; same weights)."""
 
     def __post_init__(self):
         if self.kind not in ("covariance", "subspacenet", "spectrum"):
             raise ValueError(f"ModelConfig.kind = {self.kind!r}: must be 'spectrum', 'covariance' or 'subspacenet'")
+        if self.pursuit < 0:
+            raise ValueError(f"ModelConfig.pursuit = {self.pursuit}: must be >= 0")
         if self.rank_extra < 0:
             raise ValueError(f"ModelConfig.rank_extra = {self.rank_extra}: must be >= 0")
 

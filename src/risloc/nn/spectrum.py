@@ -124,48 +124,92 @@ def _real_dictionary(grid: SpectrumGrid, dtype: torch.dtype, device) -> Tensor:
     return cache[key]
 
 
-@torch.no_grad()
-def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, chunk: int = 256,
-                           half: bool | None = None) -> tuple[Tensor, Tensor]:
-    """``(S, c)``: the power-weighted normalised matched filter ``S`` ``[B, Q]`` and the
-    per-snapshot one ``c`` ``[B, L, Q]`` (module docstring), computed in chunks of scenes.
+@dataclass
+class Spectra:
+    """The front end's output for a batch (module docstring)."""
 
-    The dominant cost is Phi = G D (L M N Q complex multiply-adds per scene). With ``half``
-    (default: on CUDA) it runs as one real float16 product on the tensor cores (inputs scaled to
-    unit mean power first; the entries of Phi are O(10), far inside float16's range), the
-    rest in float32: relative errors ~1e-3 on ``c``, immaterial for a network input.
+    S: Tensor
+    """``[B, 1 + J, Q]``: S_0 (the matched filter) and S_j after cancelling j greedy picks."""
+    c: Tensor
+    """``[B, L, Q]``: the per-snapshot normalised matched filter of S_0."""
+    residual: Tensor
+    """``[B, 1 + J']``: fraction of the total power left after j = 0..J' cancellations (J' = picks)."""
+
+
+def _measured_dictionary(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, half: bool) -> Tensor:
+    """Phi_l = G_l D ``[b, L, M, Q]`` (complex64); with ``half`` one real float16 product (H
+    scaled to unit mean power first: the entries of Phi are O(10), far inside float16's range)."""
+    b, L, M = y.shape
+    N, Q = grid.D.shape
+    if not half:
+        return measure_dictionary(H, codes, grid.D.to(y.device))
+    Dr = _real_dictionary(grid, torch.float16, y.device)
+    H = H * torch.rsqrt(H.abs().square().mean((-1, -2), keepdim=True).clamp(min=1e-30))
+    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(b * L * M, N)
+    P = (torch.cat([G.real, G.imag], 1).to(Dr.dtype) @ Dr).float().view(b, L, M, 2, Q)
+    return torch.complex(P[:, :, :, 0], P[:, :, :, 1])
+
+
+@torch.no_grad()
+def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int = 128,
+                           half: bool | None = None) -> Spectra:
+    """The matched-filter spectra of the module docstring, and ``picks`` steps of orthogonal
+    matching pursuit on them (Pati, Rezaiifar & Krishnaprasad 1993), all per snapshot:
+
+    step j picks the atom q_j = argmax_q S_{j-1}(q), appends its measured vectors
+    b_l = G_l d_{q_j} (Gram-Schmidt, per snapshot) to an orthonormal basis E_l, and cancels it:
+
+        S_j(q) = sum_l |phi_lq^H P_l y_l|^2 / |P_l phi_lq|^2 / sum_l |y_l|^2,   P_l = I - E_l E_l^H,
+
+    i.e. the spectrum of what the picks do not explain (weak sources hidden by the sidelobes of
+    strong ones appear), with t = phi^H P y and n = |P phi|^2 updated in O(L M Q) per pick from
+    the once-computed Phi. ``residual[:, j]`` = sum_l |P_l y_l|^2 / sum_l |y_l|^2 after j picks.
+    Atoms already (nearly) explained (|P phi|^2 < 1e-3 |phi|^2) score 0.
+
+    The dominant cost is Phi (L M N Q complex multiply-adds per scene); with ``half`` (default:
+    on CUDA) it is one real float16 product on the tensor cores, the rest float32: relative
+    errors ~1e-3 on the spectra, immaterial for a network input.
     """
     B, L, M = y.shape
-    N, Q = grid.D.shape
+    Q = grid.D.shape[1]
     half = (y.device.type == "cuda") if half is None else half
-    S_out = torch.empty(B, Q, dtype=torch.float32, device=y.device)
+    n_s = picks if picks > 0 else 1
+    S_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device)
     c_out = torch.empty(B, L, Q, dtype=torch.float32, device=y.device)
-    if half:
-        Dr = _real_dictionary(grid, torch.float16, y.device)
-    else:
-        D = grid.D.to(y.device)
+    res_out = torch.ones(B, picks + 1, dtype=torch.float32, device=y.device)
     for a in range(0, B, chunk):
         yb = y[a : a + chunk].to(torch.complex64)
-        Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
+        Phi = _measured_dictionary(yb, H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64), grid, half)
         b = yb.shape[0]
-        if half:
-            Hb = Hb * torch.rsqrt(Hb.abs().square().mean((-1, -2), keepdim=True).clamp(min=1e-30))
-            G = (Hb.unsqueeze(1) * cb.unsqueeze(2)).reshape(b * L * M, N)
-            P = (torch.cat([G.real, G.imag], 1).to(Dr.dtype) @ Dr).float().view(b, L, M, 2, Q)
-            Pr, Pi = P[:, :, :, 0], P[:, :, :, 1]
-            yr, yi = yb.real.unsqueeze(-1), yb.imag.unsqueeze(-1)
-            # Phi^H y = sum_m (Pr - j Pi)(yr + j yi)
-            num = (Pr * yr + Pi * yi).sum(2).square() + (Pr * yi - Pi * yr).sum(2).square()
-            den = (Pr.square() + Pi.square()).sum(2)
-        else:
-            Phi = measure_dictionary(Hb, cb, D)  # [b, L, M, Q]
-            num = torch.einsum("blmq,blm->blq", Phi.conj(), yb).abs().square()
-            den = Phi.real.square().sum(2) + Phi.imag.square().sum(2)  # [b, L, Q]
+        t = torch.einsum("blmq,blm->blq", Phi.conj(), yb)  # phi^H y
+        n0 = Phi.real.square().sum(2) + Phi.imag.square().sum(2)  # |phi|^2, [b, L, Q]
+        n = n0.clone()
         ynorm = yb.abs().square().sum(-1)  # [b, L]
-        mf = num / den.clamp(min=1e-30)
+        total = ynorm.sum(1, keepdim=True).clamp(min=1e-30)  # [b, 1]
+        mf = t.abs().square() / n0.clamp(min=1e-30)
         c_out[a : a + chunk] = mf / ynorm.unsqueeze(-1).clamp(min=1e-30)
-        S_out[a : a + chunk] = mf.sum(1) / ynorm.sum(1, keepdim=True).clamp(min=1e-30)
-    return S_out, c_out
+        S = mf.sum(1) / total
+        S_out[a : a + chunk, 0] = S
+        basis: list[Tensor] = []
+        left = ynorm.clone()
+        for j in range(picks):
+            q = S.argmax(1)  # [b]
+            bvec = torch.gather(Phi, 3, q.view(b, 1, 1, 1).expand(b, L, M, 1)).squeeze(-1)  # [b, L, M]
+            for e in basis:  # Gram-Schmidt against the earlier picks
+                bvec = bvec - e * (e.conj() * bvec).sum(-1, keepdim=True)
+            e = bvec / torch.linalg.vector_norm(bvec, dim=-1, keepdim=True).clamp(min=1e-30)
+            basis.append(e)
+            z = torch.einsum("blm,blmq->blq", e.conj(), Phi)  # e^H phi
+            ey = (e.conj() * yb).sum(-1)  # e^H y, [b, L]
+            t = t - z.conj() * ey.unsqueeze(-1)
+            n = (n - z.abs().square()).clamp(min=0)
+            left = (left - ey.abs().square()).clamp(min=0)
+            res_out[a : a + chunk, j + 1] = left.sum(1) / total.squeeze(1)
+            ok = n > 1e-3 * n0
+            S = (torch.where(ok, t.abs().square() / n.clamp(min=1e-30), torch.zeros_like(n))).sum(1) / total
+            if j + 1 < n_s:
+                S_out[a : a + chunk, j + 1] = S
+    return Spectra(S_out, c_out, res_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +265,16 @@ class SpectrumNet(nn.Module):
                 raise ValueError(f"ModelConfig.{name} = {s}: the spectrum network needs a multiple of 4 (two stride-2 levels)")
         w = cfg.width
         L = scenario.snapshots
-        self.c_in = 2 + (L if cfg.snapshot_channels else 0) + 2 + 3
+        self.n_spectra = max(1, cfg.pursuit)  # S_0 .. S_{pursuit - 1}
+        self.c_in = 2 * self.n_spectra + (L if cfg.snapshot_channels else 0) + 2 + 3
+        n_scene = 2 + cfg.pursuit  # SNR features + log residual fractions after 1..pursuit picks
         self.stem = nn.Conv3d(self.c_in, w, 3, padding=1)
         self.enc0 = _ResBlock(w)
         self.down1 = nn.Conv3d(w, 2 * w, 3, stride=2, padding=1)
         self.enc1 = _ResBlock(2 * w)
         self.down2 = nn.Conv3d(2 * w, 4 * w, 3, stride=2, padding=1)
         self.mid = nn.ModuleList([_ResBlock(4 * w) for _ in range(max(1, cfg.depth))])
-        self.context = nn.Sequential(nn.Linear(4 * w + 2, 4 * w), nn.GELU(), nn.Linear(4 * w, 4 * w))
+        self.context = nn.Sequential(nn.Linear(4 * w + n_scene, 4 * w), nn.GELU(), nn.Linear(4 * w, 4 * w))
         self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
         self.merge1 = nn.Conv3d(4 * w, 2 * w, 3, padding=1)
         self.dec1 = _ResBlock(2 * w)
@@ -243,7 +289,7 @@ class SpectrumNet(nn.Module):
             self.head.bias[0] = -6.0  # heat prior ~ K / Q
         self.channels_last = cfg.channels_last
         self.n_top = 2 * self.k_max
-        n_k = 8 * w + self.n_top + 2
+        n_k = 8 * w + self.n_top + n_scene
         self.k_head = nn.Sequential(nn.LayerNorm(n_k), nn.Linear(n_k, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, cfg.k_hidden), nn.GELU(),
                                     nn.Linear(cfg.k_hidden, self.k_max))
 
@@ -254,25 +300,28 @@ class SpectrumNet(nn.Module):
         return spectrum_grid(self.scenario, self.shape, device=device)
 
     def features(self, inputs, grid: SpectrumGrid) -> tuple[Tensor, Tensor]:
-        """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the SNR features ``[B, 2]``."""
+        """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + picks + 1]``
+        (SNR/10 dB, label known, log residual power fractions of the pursuit)."""
         if inputs.y is None:
             raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.model.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
         with torch.autocast(inputs.y.device.type, enabled=False):
-            S, c = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid)
+            sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit)
         snr = torch.stack([inputs.snr_db.float() / 10.0, inputs.snr_known.float()], -1)  # [B, 2]
-        parts = [M * S.unsqueeze(1), torch.log(M * S.clamp(min=1e-6)).unsqueeze(1)]
+        MS = M * sp.S[:, : self.n_spectra]
+        parts = [MS, torch.log(MS.clamp(min=1e-6))]
         if self.cfg.snapshot_channels:
-            parts.append(M * c)
+            parts.append(M * sp.c)
         x = torch.cat(parts, 1).view(B, -1, *self.shape)
         x = torch.cat([x, snr.view(B, 2, 1, 1, 1).expand(B, 2, *self.shape), grid.coords.unsqueeze(0).expand(B, -1, -1, -1, -1)], 1)
-        return x, snr
+        scene = torch.cat([snr, torch.log(sp.residual[:, 1:].clamp(min=1e-6))], -1)
+        return x, scene
 
     def forward(self, inputs, options):
         from .model import Prediction, effective
 
         grid = self.grid(inputs.y.device if inputs.y is not None else None)
-        x, snr = self.features(inputs, grid)
+        x, scene = self.features(inputs, grid)
         if self.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         B = x.shape[0]
@@ -281,7 +330,7 @@ class SpectrumNet(nn.Module):
         h2 = self.down2(Fn.gelu(h1))
         for blk in self.mid:
             h2 = blk(h2)
-        g = torch.cat([h2.mean((2, 3, 4)), snr.to(h2.dtype)], -1)
+        g = torch.cat([h2.mean((2, 3, 4)), scene.to(h2.dtype)], -1)
         h2 = h2 + self.context(g).view(B, -1, 1, 1, 1)
         u1 = self.dec1(self.merge1(torch.cat([self.up2(h2), h1], 1)))
         u0 = self.dec0(self.merge0(torch.cat([self.up1(u1), h0], 1)))
@@ -291,7 +340,7 @@ class SpectrumNet(nn.Module):
         det = decode(heat, offset, cell_logp, grid, self.scenario, self.k_max)
         top = _top_local_maxima(heat.detach(), self.shape, self.n_top)
         pooled = torch.cat([h2.float().mean((2, 3, 4)), h2.float().amax((2, 3, 4))], -1)
-        logits = self.k_head(torch.cat([pooled, top, snr], -1)).float()
+        logits = self.k_head(torch.cat([pooled, top, scene], -1)).float()
 
         F = detection_factor(det, self.scenario)
         R = effective(F, inputs, options)
