@@ -50,6 +50,10 @@ from .config import ModelConfig
 from .model import ModelInputs, Prediction, _log_spectrum, _real, effective, principal_factor, prepare_inputs
 
 
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "subspacenet.pt"
+"""The packaged weights of the peer (trained on the default model's budget, docs/learned-peer.md)."""
+
+
 class SubspaceNet(nn.Module):
     """Convolutional encoder-decoder over the RIS element grid -> surrogate factor Z, K logits."""
 
@@ -140,8 +144,10 @@ def estimate(
     from .inference import prepare_checkpoint, run_model
 
     if checkpoint is None:
-        raise ValueError("subspacenet: no checkpoint given and no packaged weights; pass --checkpoint FILE (checkpoint=...) "
-                         "or train one with `risloc train --config configs/subspacenet-cpu-quick.toml`")
+        if not DEFAULT_WEIGHTS.is_file():
+            raise ValueError(f"subspacenet: no checkpoint given and no packaged weights ({DEFAULT_WEIGHTS}); pass --checkpoint FILE "
+                             "(checkpoint=...) or train one with `risloc train --config configs/subspacenet-cpu-quick.toml`")
+        checkpoint = DEFAULT_WEIGHTS
     if k_rule not in ("head", "mdl", "aic", "eigengap"):
         raise ValueError(f"subspacenet: k_rule = {k_rule!r}: must be 'head', 'mdl', 'aic' or 'eigengap'")
     loaded, device, options, music = prepare_checkpoint("subspacenet", "subspacenet", checkpoint, scenes, device, beta, music_options)
