@@ -424,7 +424,10 @@ def versions() -> dict[str, str]:
 
 
 def git_info() -> dict[str, Any]:
-    """``git rev-parse HEAD`` of the source tree (``"unknown"`` outside a checkout) and whether it is dirty."""
+    """``git rev-parse HEAD`` of the source tree (``"unknown"`` outside a checkout) and whether it is dirty.
+    ``RISLOC_GIT_COMMIT`` in the environment wins (a copy of a known commit without ``.git``)."""
+    if os.environ.get("RISLOC_GIT_COMMIT"):
+        return {"commit": os.environ["RISLOC_GIT_COMMIT"], "dirty": None, "source": "RISLOC_GIT_COMMIT"}
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
