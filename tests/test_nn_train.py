@@ -140,8 +140,15 @@ def test_learned_estimator_and_missing_default(tmp_path):
     assert est.K.shape == (6,) and (est.K >= 0).all()
     no_snr = get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt", use_snr=False, music_options={"refine_iterations": 2})
     assert no_snr.K.shape == (6,)
-    with pytest.raises(ValueError, match="--checkpoint"):
-        get("learned")(scenes)
+    import risloc.nn.inference as inference
+
+    real = inference.DEFAULT_WEIGHTS
+    inference.DEFAULT_WEIGHTS = tmp_path / "no-such-file.pt"  # as if the package shipped no weights
+    try:
+        with pytest.raises(ValueError, match="--checkpoint"):
+            get("learned")(scenes)
+    finally:
+        inference.DEFAULT_WEIGHTS = real
 
 
 def test_small_overfit_run_under_a_minute(capsys):

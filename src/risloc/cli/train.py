@@ -12,8 +12,9 @@ writes the checkpoints (docs/training-at-scale.md).
 Every configuration field is also a flag (``--lr``, ``--model.width``, ``--loss.beta``,
 ``--scenario.k_max``, or ``--set KEY=VALUE``); flags override the --config file. The device
 is chosen automatically (cuda if available) unless --device is given. The run folder gets
-``config.toml``, ``metrics.jsonl`` (one line per epoch), ``last.pt``, ``best.pt`` (calibrated)
-and ``summary.json``.
+``config.toml``, ``metrics.jsonl`` (one line per epoch), ``last.pt``, ``best.pt`` (calibrated),
+``weights.pt`` (best.pt without optimiser state: the form of the packaged default weights) and
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder (created; checkpoints, metrics.jsonl, config.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--stop-after-epoch", type=int, default=None, metavar="E",
+                   help="end the run after epoch E (0-based) of the configured schedule, as if stopped there: no"
+                        " calibration; best.pt is still exported to weights.pt (how the shipped default was made)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="S",
                    help="under torchrun: seconds a rank waits for the others (rank 0's validation included) before failing"
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_toml())
         return 0
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, log=lambda s: print(s, flush=True),
+                    stop_after_epoch=args.stop_after_epoch,
                     dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S)
     best = summary.get("calibration", {})
     if best and os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; rank 0 prints

@@ -576,6 +576,8 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, dist: Dist, device: 
                 raise error
             raise RuntimeError(f"rank {dist.rank}: stopping, rank 0 raised {what} after epoch {epoch}")
         if action == "return":
+            if main:
+                _export(out, log)
             return summary
         if action == "stop":
             break
@@ -584,11 +586,16 @@ def _train(cfg: TrainConfig, out: Path, state: dict | None, dist: Dist, device: 
     if main:
         if cfg.calibrate and (out / "best.pt").exists():
             summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
-        if (out / "best.pt").exists():
-            export_weights(out / "best.pt", out / "weights.pt")
-            log(f"[EXPORT] {out / 'weights.pt'}: inference-only weights of best.pt ({(out / 'weights.pt').stat().st_size / 2**20:.1f} MiB)")
+        _export(out, log)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return dist.broadcast(summary)
+
+
+def _export(out: Path, log: Callable[[str], None]) -> None:
+    """RUN/weights.pt: the inference-only form of RUN/best.pt (what the package ships)."""
+    if (out / "best.pt").exists():
+        export_weights(out / "best.pt", out / "weights.pt")
+        log(f"[EXPORT] {out / 'weights.pt'}: inference-only weights of best.pt ({(out / 'weights.pt').stat().st_size / 2**20:.1f} MiB)")
 
 
 def calibrate_checkpoint(path: Path, scenes: Scenes, *, log: Callable[[str], None] = print) -> dict:

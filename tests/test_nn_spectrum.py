@@ -1,0 +1,218 @@
+"""The spectrum network (the shipped default): matched-filter front end and pursuit against
+direct formulas, invariances, decoding, the detection loss, local MUSIC, the packaged weights."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import risloc
+from risloc import covariance as cv
+from risloc.estimators import get
+from risloc.estimators.music import music_from_covariance
+from risloc.nn.checkpoint import export_weights, load_checkpoint
+from risloc.nn.config import TrainConfig, apply_overrides
+from risloc.nn.model import build_model, prepare_inputs
+from risloc.nn.spectrum import (
+    Detections,
+    decode,
+    detection_loss,
+    matched_filter_spectra,
+    spectrum_grid,
+)
+
+SC = risloc.Scenario()
+SHAPE = (8, 4, 4)
+
+
+def _grid():
+    return spectrum_grid(SC, SHAPE)
+
+
+def test_front_end_matches_the_per_snapshot_formula():
+    s = risloc.simulate(SC, 2, seed=11)
+    g = _grid()
+    sp = matched_filter_spectra(s.y, s.H, s.codes, g, half=False)
+    y, H, C = s.y.numpy().astype(np.complex128), s.H.numpy().astype(np.complex128), s.codes.numpy().astype(np.complex128)
+    D = g.D.numpy().astype(np.complex128)
+    for b in range(2):
+        num_sum, tot = np.zeros(D.shape[1]), 0.0
+        for l in range(SC.snapshots):
+            Phi = H[b] @ (C[b, l][:, None] * D)  # G_l D, [M, Q]
+            mf = np.abs(Phi.conj().T @ y[b, l]) ** 2 / np.sum(np.abs(Phi) ** 2, 0)
+            yn = np.sum(np.abs(y[b, l]) ** 2)
+            np.testing.assert_allclose(sp.c[b, l].numpy(), mf / yn, rtol=2e-4, atol=1e-6)
+            num_sum += mf
+            tot += yn
+        np.testing.assert_allclose(sp.S[b, 0].numpy(), num_sum / tot, rtol=2e-4, atol=1e-6)
+    assert (sp.c >= 0).all() and (sp.c <= 1 + 1e-5).all()  # Cauchy-Schwarz
+
+
+def test_float16_front_end_is_close_to_complex64():
+    s = risloc.simulate(SC, 3, seed=12)
+    g = _grid()
+    a = matched_filter_spectra(s.y, s.H, s.codes, g, picks=3, half=False)
+    b = matched_filter_spectra(s.y, s.H, s.codes, g, picks=3, half=True)
+    assert (a.S[:, 0] - b.S[:, 0]).abs().max() < 5e-3 * a.S[:, 0].abs().max()
+    assert (a.c - b.c).abs().max() < 5e-3
+    assert (a.residual - b.residual).abs().max() < 5e-3
+
+
+def test_spectra_ignore_a_global_gain():
+    s = risloc.simulate(SC, 2, seed=13)
+    g = _grid()
+    a = matched_filter_spectra(s.y, s.H, s.codes, g, picks=2, half=False)
+    b = matched_filter_spectra(s.y * (3 - 2j), s.H, s.codes, g, picks=2, half=False)
+    torch.testing.assert_close(a.S, b.S, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.residual, b.residual, rtol=1e-4, atol=1e-6)
+
+
+def test_pursuit_explains_a_noise_free_source_on_an_atom():
+    """y_l = G_l d_q s_l with no noise: S_0 peaks at q with value 1, one pick leaves no power,
+    and the picked atom scores 0 afterwards."""
+    s = risloc.simulate(SC, 2, seed=14)
+    g = _grid()
+    q = torch.tensor([17, 70])
+    gen = torch.Generator().manual_seed(0)
+    amp = torch.complex(torch.randn(2, SC.snapshots, generator=gen), torch.randn(2, SC.snapshots, generator=gen))
+    x = g.D.T[q].unsqueeze(1) * amp.unsqueeze(-1)  # [2, L, N]
+    y = torch.einsum("bmn,bln->blm", s.H, s.codes * x)
+    sp = matched_filter_spectra(y, s.H, s.codes, g, picks=2, half=False)
+    assert torch.equal(sp.S[:, 0].argmax(1), q)
+    torch.testing.assert_close(sp.S[torch.arange(2), 0, q], torch.ones(2), rtol=1e-4, atol=1e-4)
+    assert (sp.residual[:, 1] < 1e-4).all()
+    assert (sp.S[torch.arange(2), 1, q] == 0).all()
+
+
+def test_residual_power_never_grows():
+    s = risloc.simulate(SC, 4, seed=15)
+    sp = matched_filter_spectra(s.y, s.H, s.codes, _grid(), picks=5, half=False)
+    assert sp.S.shape == (4, 5, math.prod(SHAPE)) and sp.residual.shape == (4, 6)
+    assert torch.equal(sp.residual[:, 0], torch.ones(4))
+    assert (sp.residual[:, 1:] <= sp.residual[:, :-1] + 1e-6).all() and (sp.residual >= 0).all()
+
+
+def _detections(heat, offset, logp=None):
+    Q = heat.shape[1]
+    logp = torch.zeros(heat.shape[0], Q) if logp is None else logp
+    return decode(heat, offset, logp, _grid(), SC, 3)
+
+
+def test_decode_takes_local_maxima_strongest_first():
+    g = _grid()
+    Q = math.prod(SHAPE)
+    heat = torch.full((1, Q), -5.0)
+    heat[0, 5], heat[0, 70], heat[0, 71] = 2.0, 4.0, 3.0  # 71 is next to 70: not a local maximum
+    offset = torch.zeros(1, Q, 3)
+    offset[0, 70] = torch.tensor([0.25, -0.5, 0.0])
+    det = _detections(heat, offset)
+    idx = torch.tensor([70, 5])
+    u = g.lo + (g.positions(idx) + offset[0, idx]) * g.step
+    torch.testing.assert_close(det.phi[0, :2], torch.asin(u[:, 0]))
+    torch.testing.assert_close(det.theta[0, :2], torch.asin(u[:, 1]))
+    torch.testing.assert_close(det.r[0, :2], 1.0 / u[:, 2])
+    assert det.score[0, 0] == 4.0 and det.score[0, 1] == 2.0
+    assert det.score[0, 2] == -5.0  # cell 71 (3.0) is not a local maximum; a cell of the flat background is
+
+
+def test_detection_loss_is_lowest_at_the_truth():
+    s = risloc.simulate(SC.replace(k_fixed=1), 3, seed=16)
+    g = _grid()
+    Q = math.prod(SHAPE)
+    t = s.truth
+    x = torch.stack([torch.sin(t.phi[:, 0]), torch.sin(t.theta[:, 0]), 1.0 / t.r[:, 0]], -1)
+    x = (x - g.lo) / g.step  # continuous cell coordinates [3, 3]
+    cells = g.positions(torch.arange(Q))
+    exact = x.view(3, 1, 3) - cells.view(1, Q, 3)  # every cell points at the source
+    nearest = ((cells.view(1, Q, 3) - x.view(3, 1, 3)).square().sum(-1)).argmin(1)
+    heat_good = torch.full((3, Q), -8.0)
+    heat_good[torch.arange(3), nearest] = 8.0
+    logp = torch.zeros(3, Q)  # K = 1: the source has all the power, log(1) = 0
+    good = detection_loss(_detections(heat_good, exact, logp), t, SC, g)
+    assert (good < 0.05).all(), good
+    worse_pos = detection_loss(_detections(heat_good, exact + 0.4, logp), t, SC, g)
+    worse_heat = detection_loss(_detections(torch.zeros(3, Q), exact, logp), t, SC, g)
+    assert (worse_pos > good).all() and (worse_heat > good).all()
+
+
+def test_local_music_converges_from_nearby_starts():
+    scenes = risloc.simulate(SC.replace(k_fixed=3), 4, seed=17)
+    F = risloc.source_factor(scenes.truth, SC)
+    R = cv.effective_covariance(F, options=cv.CovarianceOptions(loading=0.0, shrinkage=0.0))
+    t = scenes.truth
+    init = (t.phi + math.radians(0.8), t.theta - math.radians(0.6), t.r * 1.04)
+    est = music_from_covariance(R, SC, K=t.K, search="local", init=init, refine_iterations=20)
+    assert torch.equal(est.K, t.K)
+    on = torch.isfinite(t.phi)
+    assert torch.equal(torch.isfinite(est.phi), on)
+    assert (est.phi - t.phi)[on].abs().max().rad2deg() < 1e-3
+    assert (est.theta - t.theta)[on].abs().max().rad2deg() < 1e-3
+    assert ((est.r - t.r) / t.r)[on].abs().max() < 1e-3
+    with pytest.raises(ValueError, match="init"):
+        music_from_covariance(R, SC, K=t.K, search="rap", init=init)
+
+
+def _tiny(**changes) -> TrainConfig:
+    base = {
+        "device": "cpu", "amp": "none", "threads": 1, "epochs": 1, "steps_per_epoch": 2, "batch": 4, "train_scenes": 16,
+        "val_scenes": 8, "val_batch": 8, "calibrate": False, "lr": 1e-3, "warmup_steps": 1, "ema": 0.9, "log_every": 1,
+        "model.kind": "spectrum", "model.width": 4, "model.depth": 1, "model.k_hidden": 8, "model.grid_phi": 8,
+        "model.grid_theta": 4, "model.grid_rho": 4, "model.pursuit": 2, "loss.main": "detect", "loss.beta": 0.0,
+        "loss.k_start": 0.0, "loss.gap_weight": 0.0, "loss.sub_weight": 0.0, "loss.peak_weight": 0.0, "loss.balance": False,
+    }
+    base.update(changes)
+    return apply_overrides(TrainConfig(), base)
+
+
+def test_network_forward_backward_and_factor():
+    cfg = _tiny()
+    torch.manual_seed(0)
+    model = build_model(SC, cfg.model)
+    s = risloc.simulate(SC, 3, seed=18)
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=1e-2)
+    pred = model(inputs, cfg.covariance_options(0.0))
+    assert pred.factor.shape == (3, SC.n_elements, SC.k_max) and pred.k_logits.shape == (3, SC.k_max)
+    # the factor's columns are (scaled) steering vectors at the decoded detections
+    a = risloc.physics.steering(pred.detections.phi[0, 0].detach(), pred.detections.theta[0, 0].detach(), pred.detections.r[0, 0].detach(), SC)
+    col = pred.factor[0, :, 0].detach()
+    assert abs(torch.vdot(a, col)).item() == pytest.approx((a.norm() * col.norm()).item(), rel=1e-4)
+    from risloc.nn.loss import Objective
+
+    loss, parts = Objective(cfg.loss, SC)(pred, inputs, cfg.covariance_options(0.0), s.truth, risloc.source_factor(s.truth, SC), 1.0)
+    assert set(parts) == {"detect", "k"} and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="y/H/codes"):
+        model(type(inputs)(inputs.sample, inputs.snr_db, inputs.snr_known), cfg.covariance_options(0.0))
+
+
+def test_train_exports_weights_that_locate_like_best(tmp_path):
+    from risloc.nn.train import train
+
+    train(_tiny(), tmp_path / "run", log=lambda s: None)
+    w = load_checkpoint(tmp_path / "run" / "weights.pt")
+    assert "optimizer" not in w and w["ema"] is None and w["exported_from"]["file"] == "best.pt"
+    scenes = risloc.simulate(SC, 5, seed=19)
+    a = get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt")
+    b = get("learned")(scenes, checkpoint=tmp_path / "run" / "weights.pt")
+    assert torch.equal(a.K, b.K) and torch.allclose(a.phi, b.phi, equal_nan=True)
+    export_weights(tmp_path / "run" / "best.pt", tmp_path / "again.pt")
+    assert (tmp_path / "again.pt").stat().st_size < (tmp_path / "run" / "best.pt").stat().st_size
+
+
+def test_packaged_default_weights():
+    from risloc.nn.inference import DEFAULT_WEIGHTS
+    from risloc.nn.subspacenet import DEFAULT_WEIGHTS as PEER_WEIGHTS
+
+    for path in (DEFAULT_WEIGHTS, PEER_WEIGHTS):
+        assert path.is_file() and path.stat().st_size <= 20 * 2**20, path
+        state = load_checkpoint(path)
+        assert state["git"] not in ("", "unknown") and "success" in state["metrics"]
+    assert TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"]).model.kind == "spectrum"
+    scenes = risloc.simulate(SC, 4, seed=20)
+    est = get("learned")(scenes)  # no checkpoint: the packaged default
+    assert est.method.startswith("learned:") and est.K.shape == (4,) and ((est.K >= 1) & (est.K <= SC.k_max)).all()
+    k = est.K
+    assert torch.isfinite(est.phi[torch.arange(SC.k_max).view(1, -1) < k.view(-1, 1)]).all()
+    assert get("subspacenet")(scenes).K.shape == (4,)
