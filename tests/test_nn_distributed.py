@@ -125,3 +125,18 @@ def test_balanced_loss_keeps_ranks_identical(tmp_path):
     d = load_checkpoint(tmp_path / "ddp" / "last.pt")["distributed"]
     assert len(d["param_digests"]) == 2 and len(set(d["param_digests"])) == 1 and len(set(d["ema_digests"])) == 1
     assert (tmp_path / "ddp" / "summary.json").exists()
+
+
+def test_spectrum_network_two_ranks_equal_one_process(tmp_path):
+    """The default network (detection loss, K head from step 0) under 2 gloo ranks = one process."""
+    from test_nn_spectrum import _tiny
+
+    cfg = _tiny(epochs=1, steps_per_epoch=2, batch=8, train_scenes=0, val_scenes=8)
+    train(cfg, tmp_path / "single", log=QUIET)
+    res = _torchrun(cfg, tmp_path / "ddp")
+    assert "world=2 backend=gloo batch=8 (4 per rank)" in res.stdout
+    ddp, single = load_checkpoint(tmp_path / "ddp" / "last.pt"), load_checkpoint(tmp_path / "single" / "last.pt")
+    assert len(set(ddp["distributed"]["param_digests"])) == 1
+    for key in ("model", "ema"):
+        _assert_close_states(single[key], ddp[key], key)
+    assert (tmp_path / "ddp" / "weights.pt").exists()

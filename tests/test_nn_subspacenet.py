@@ -87,5 +87,13 @@ def test_two_step_training_then_estimator(tmp_path):
         for k in range(6):
             kk = int(est.K[k])
             assert not math.isnan(float(est.phi[k, :kk].sum())) and not math.isnan(float(est.r[k, :kk].sum()))
-    with pytest.raises(ValueError, match="checkpoint"):
-        get("subspacenet")(scenes)
+    import risloc.nn.subspacenet as peer
+
+    assert get("subspacenet")(scenes).method.startswith("subspacenet:")  # the packaged weights
+    real = peer.DEFAULT_WEIGHTS
+    peer.DEFAULT_WEIGHTS = tmp_path / "no-such-file.pt"  # as if the package shipped none
+    try:
+        with pytest.raises(ValueError, match="checkpoint"):
+            get("subspacenet")(scenes)
+    finally:
+        peer.DEFAULT_WEIGHTS = real
