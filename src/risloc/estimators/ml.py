@@ -78,7 +78,8 @@ DEFAULTS = dict(
     range_decision="hit",  # "hit": Bayes hit-optimal range under r ~ U[r_min, r_max]; "ml": the ML range
     range_grid=512,
     range_var_scale=2.0,  # inflation of the Fisher variance of rho used by the range decision
-    top=32,  # atoms scored exactly after the proxy screening (stochastic greedy step)  # backward pruning pass after the forward greedy pass
+    top=32,  # atoms scored exactly after the proxy screening (stochastic greedy step)
+    init_prune=0,  # init path only: backward pruning passes on the given K-hat (penalised NLL + power rule)
 )
 
 _DICT_CACHE: dict = {}
@@ -416,7 +417,9 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         )
         if not static:
             st.logp, st.logs = _ls_powers(st, data)
-        st, _, _, F = _refine(st, data, static, opts["final_iterations"], box)
+        st, nll, _, F = _refine(st, data, static, opts["final_iterations"], box)
+        for _ in range(int(opts["init_prune"])):
+            st, nll, F, kin = _prune(st, nll, F, kin, data, static, box, sc, opts)
         st = _decide_range(st, F, static, sc, opts)
         return _output(st, kin, empty, K, method)
 
@@ -430,6 +433,38 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     st, _, _, F = _refine(st, data, static, opts["final_iterations"], box)
     st = _decide_range(st, F, static, sc, opts)
     return _output(st, khat, empty, K, method)
+
+
+def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, data, static: bool, box, sc, opts):
+    """One backward pruning pass on models of per-scene order ``k`` ``[B]`` (the ``init`` path).
+
+    The source whose removal costs least likelihood is dropped and the (k-1)-source model is
+    refined (``final_iterations``); it replaces the k-source model when its penalised NLL
+    (NLL + tau K, the order rule of stage 4) is lower, or (stochastic) when the k-source model's
+    powers spread more than the scenario's power spread + ``power_margin_db``. Returns the
+    updated (state, NLL, Fisher matrix, k)."""
+    B, K = st.phi.shape
+    dev = k.device
+    nll = torch.nan_to_num(nll, nan=float("inf"))
+    vals = []
+    for j in range(K):
+        cand = _remove(st, torch.full((B,), j, dtype=torch.int64, device=dev), k)
+        v = torch.nan_to_num(_evaluate(cand, data, static, derivatives=False)[0], nan=float("inf"))
+        vals.append(torch.where(j < k, v, torch.full_like(v, float("inf"))))
+    j = torch.argmin(torch.stack(vals, dim=1), dim=1)
+    cand, nll_c, _, F_c = _refine(_remove(st, j, k), data, static, opts["final_iterations"], box)
+    nll_c = torch.nan_to_num(nll_c, nan=float("inf"))
+    tau = opts["penalty_static"] if static else opts["penalty_stochastic"]
+    better = nll_c + tau * (k - 1) < nll + tau * k
+    if not static and opts["power_margin_db"] is not None:
+        lp_max = torch.where(st.active, st.logp, torch.full_like(st.logp, -math.inf)).max(1).values
+        lp_min = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf)).min(1).values
+        better = better | ((lp_max - lp_min) * (10 / math.log(10)) > sc.power_spread_db + opts["power_margin_db"])
+    take = better & (k >= 2)
+    st = _where(take, cand, st)
+    nll = torch.where(take, nll_c, nll)
+    F = torch.where(take.view(-1, 1, 1), F_c, F)
+    return st, nll, F, k - take.to(k.dtype)
 
 
 def _remove(st: _State, j: Tensor, k) -> _State:
@@ -647,7 +682,8 @@ def estimate(
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         **options: ``grid_shape`` (n_phi, n_theta, n_rho), ``penalty_stochastic``, ``penalty_static``
             (nats per source), ``power_margin_db`` (None disables the power rule),
-            ``greedy_iterations``, ``backward``, ``relax_cycles``, ``relax_at``, ``top``,
+            ``greedy_iterations``, ``backward``, ``relax_cycles``, ``relax_at``, ``top``, ``init_prune``
+            (backward pruning passes of the ``init`` path, default 0),
             ``range_decision`` ("hit" or "ml"), ``range_var_scale``, ``range_grid``,
             ``dtype`` (complex64 default). See ``DEFAULTS``.
 

@@ -1,0 +1,72 @@
+"""Variants of ``learned+ml``'s second stage on the same held-out scenes: refinement steps, pruning.
+
+    PYTHONPATH=src python3 benchmarks/bench_learned_ml.py --scenes 1000 --device cpu --threads 2 --json out.json
+    PYTHONPATH=src python3 benchmarks/bench_learned_ml.py --scenes 4000 --device cuda
+
+Runs the packaged ``learned`` model once (``--checkpoint`` for another), then ``ml`` started from
+its K-hat and positions (``init=``) with every option set of ``--variants`` (JSON list of dicts of
+``ml`` options; default: final_iterations 25 / 12 / 8, each with init_prune 0 and 1), and prints
+success (overall and 10-20 dB), K_acc and the second stage's scenes/s. The scenes are the first
+``--scenes`` of ``risloc bench``'s held-out stream (seed 2026, drawn on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import risloc
+from risloc.bench import sync_device
+from risloc.estimators import get
+from risloc.metrics import score
+
+DEFAULT_VARIANTS = [{"iterations": it, "init_prune": p} for it in (25, 12, 8) for p in (0, 1)]
+
+
+def _row(scenes, est, seconds) -> dict:
+    sc = score(scenes.truth, est, snr_db=scenes.snr_db)
+    hi = sc.subset(10.0, 20.0).overall
+    return {"success": sc.overall.success, "success_10_20": hi.success, "K_acc": sc.overall.K_acc, "K_acc_10_20": hi.K_acc,
+            "K_over": sc.overall.K_over, "K_under": sc.overall.K_under,
+            "seconds": round(seconds, 3), "scenes_per_s": round(len(scenes) / max(seconds, 1e-9), 1)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--variants", default=None, help="JSON list of ml option dicts")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    scenes = risloc.simulate(risloc.Scenario(), args.scenes, seed=args.seed).to(device)
+    variants = json.loads(args.variants) if args.variants else DEFAULT_VARIANTS
+    sync_device(device)
+    t = time.perf_counter()
+    first = get("learned")(scenes, checkpoint=args.checkpoint)
+    sync_device(device)
+    rows = [{"stage": "learned", **_row(scenes, first, time.perf_counter() - t)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for v in variants:
+        get("ml")(scenes[:64], init=first[:64], **v)  # warm-up
+        sync_device(device)
+        t = time.perf_counter()
+        est = get("ml")(scenes, init=first, **v)
+        sync_device(device)
+        rows.append({"stage": "ml from learned", "options": v, **_row(scenes, est, time.perf_counter() - t)})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"scenes": args.scenes, "seed": args.seed, "device": str(device), "torch": torch.__version__, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
