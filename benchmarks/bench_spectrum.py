@@ -45,11 +45,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--train-batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--front-chunk", type=int, default=None, help="scenes per chunk of the front end (default: the module's)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last-3d convolutions")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (e.g. model.width=48)")
     args = ap.parse_args(argv)
     from risloc.nn.config import apply_overrides
 
+    if args.front_chunk:
+        import risloc.nn.spectrum as spectrum
+
+        spectrum.FRONT_END_CHUNK = args.front_chunk
     cfg = TrainConfig.load(args.config)
     cfg = apply_overrides(cfg, dict(kv.split("=", 1) for kv in args.set))
     device = torch.device(args.device)
@@ -64,7 +69,7 @@ def main(argv=None):
     grid = model.grid(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "batch": args.batch, "params": sum(p.numel() for p in model.parameters()), "model": cfg.model.__dict__,
-           "channels_last": args.channels_last}
+           "channels_last": args.channels_last, "front_chunk": args.front_chunk}
 
     t = _timed(lambda: prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=options.regularisation), device, args.repeats)
     out["inputs_scenes_per_s"] = args.batch / t

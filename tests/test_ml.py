@@ -154,6 +154,24 @@ def test_init_refines_perturbed_truth():
     assert err1 < 0.2 * err0
 
 
+def test_init_prune_drops_a_spurious_source_and_keeps_true_ones():
+    sc = Scenario(k_fixed=2, snr_db_min=25, snr_db_max=25)
+    s = simulate(sc, 6, seed=8)
+    t = s.truth
+    nan = torch.full((6, sc.k_max - 3), math.nan)
+    # the truth plus a third, spurious source far from both (phi = -50 deg or +50 deg, theta = 25 deg, 3 m)
+    far = torch.where(t.phi[:, :1] > 0, -50.0, 50.0) * DEG
+    init = Estimates(t.K + 1, torch.cat([t.phi[:, :2], far, nan], 1), torch.cat([t.theta[:, :2], torch.full((6, 1), 25 * DEG), nan], 1),
+                     torch.cat([t.r[:, :2], torch.full((6, 1), 3.0), nan], 1))
+    pruned = get("ml")(s, init=init, init_prune=1)
+    assert torch.equal(pruned.K, t.K)
+    assert all(_hits(t, pruned, i) for i in range(6))
+    kept = get("ml")(s, init=init)  # init_prune = 0: K-hat is the init's
+    assert torch.equal(kept.K, t.K + 1)
+    truth_init = Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone())
+    assert torch.equal(get("ml")(s, init=truth_init, init_prune=2).K, t.K)  # true sources are never pruned here
+
+
 def test_degenerate_inputs():
     sc = Scenario(k_fixed=2, snr_db_min=10, snr_db_max=10)
     s = simulate(sc, 3, seed=5)

@@ -23,9 +23,11 @@ def test_learned_ml_is_ml_started_from_learned(tmp_path):
     music = {"refine_iterations": 2}
     first = get("learned")(scenes, checkpoint=ckpt, music_options=music)
     both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3})
-    again = get("ml")(scenes, init=first, iterations=3)
+    again = get("ml")(scenes, init=first, iterations=3, init_prune=1)
     assert both.method.startswith("learned+ml:") and both.method[len("learned+ml:"):] == first.method[len("learned:"):]
-    assert torch.equal(both.K, first.K)
+    assert torch.equal(both.K, again.K) and bool(((both.K == first.K) | (both.K == first.K - 1)).all())  # at most one pruned
+    kept = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3, "init_prune": 0})
+    assert torch.equal(kept.K, first.K)
     for name in ("phi", "theta", "r"):
         assert torch.allclose(getattr(both, name), getattr(again, name), equal_nan=True)
         got = getattr(both, name)

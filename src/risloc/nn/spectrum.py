@@ -124,6 +124,10 @@ def _real_dictionary(grid: SpectrumGrid, dtype: torch.dtype, device) -> Tensor:
     return cache[key]
 
 
+FRONT_END_CHUNK = 128
+"""Scenes per chunk of the front end (memory ~ 30 MB per scene for the default grid)."""
+
+
 @dataclass
 class Spectra:
     """The front end's output for a batch (module docstring)."""
@@ -151,7 +155,7 @@ def _measured_dictionary(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid
 
 
 @torch.no_grad()
-def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int = 128,
+def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int | None = None,
                            half: bool | None = None) -> Spectra:
     """The matched-filter spectra of the module docstring, and ``picks`` steps of orthogonal
     matching pursuit on them (Pati, Rezaiifar & Krishnaprasad 1993), all per snapshot:
@@ -173,6 +177,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     B, L, M = y.shape
     Q = grid.D.shape[1]
     half = (y.device.type == "cuda") if half is None else half
+    chunk = chunk or FRONT_END_CHUNK
     n_s = picks if picks > 0 else 1
     S_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device)
     c_out = torch.empty(B, L, Q, dtype=torch.float32, device=y.device)
