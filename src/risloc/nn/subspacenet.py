@@ -133,8 +133,8 @@ def estimate(
 ) -> Estimates:
     """The SubspaceNet-style peer: surrogate E(Z) -> MUSIC.
 
-    ``checkpoint`` (required; no packaged weights): a file written by ``risloc train`` with
-    ``model.kind = "subspacenet"``. ``k_rule``: 'head' (the calibrated K head, as in validation)
+    ``checkpoint``: a file written by ``risloc train`` with ``model.kind = "subspacenet"``;
+    ``None`` uses the packaged ``src/risloc/weights/subspacenet.pt`` (docs/learned-peer.md). ``k_rule``: 'head' (the calibrated K head, as in validation)
     or an order rule ('mdl', 'aic', 'eigengap') on E(Z)'s eigenvalues
     (:func:`risloc.estimators.music.order_from_covariance`). ``beta`` overrides the checkpoint's
     blend weight; ``use_snr=False`` ignores the SNR labels. Returns Estimates with
