@@ -216,3 +216,19 @@ def test_packaged_default_weights():
     k = est.K
     assert torch.isfinite(est.phi[torch.arange(SC.k_max).view(1, -1) < k.view(-1, 1)]).all()
     assert get("subspacenet")(scenes).K.shape == (4,)
+
+
+def test_shipped_configs_reproduce_the_packaged_model():
+    """configs/default.toml is exactly the packaged model's training configuration, and the
+    default network's search space parses against it."""
+    from pathlib import Path
+
+    from risloc.nn.hpo import load_space
+    from risloc.nn.inference import DEFAULT_WEIGHTS
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = TrainConfig.load(root / "configs" / "default.toml")
+    shipped = TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"])
+    assert shipped.to_dict() == cfg.to_dict()
+    assert cfg.model.kind == "spectrum" and cfg.loss.main == "detect"
+    load_space(root / "configs" / "hpo-spectrum.toml", cfg)
