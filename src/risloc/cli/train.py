@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ..nn.distributed import DEFAULT_TIMEOUT_S
     from ..nn.train import train
 
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 0:
+        raise SystemExit(f"risloc train: --stop-after-epoch {args.stop_after_epoch}: must be >= 0 (0 = after the first epoch)")
     cfg = config_from_args(args)
     if args.print_config:
         print(cfg.to_toml())

@@ -704,6 +704,8 @@ def estimate(
     opts.update(options)
     if iterations is not None:
         opts["final_iterations"] = int(iterations)
+    if int(opts["init_prune"]) < 0:
+        raise ValueError(f"ml: init_prune = {opts['init_prune']}: must be >= 0")
     _check(scenes)
     S = len(scenes)
     if snr_db is True:

@@ -113,7 +113,6 @@ def locate_from_prediction(
 
         det = pred.detections
         R = effective(detection_factor(det, scenario, K).detach(), inputs, options)
-        R = cv.LowRankCovariance(R.factor.detach(), R.diag.detach())
         if opts.setdefault("search", "local") == "local":
             opts["init"] = (det.phi.detach(), det.theta.detach(), det.r.detach())
         return music_from_covariance(R, scenario, K=K, **opts)

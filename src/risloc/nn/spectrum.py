@@ -48,7 +48,7 @@ the log powers; the K head's cross-entropy is the objective's ``k`` term.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,8 @@ class SpectrumGrid:
     D: Tensor
     coords: Tensor
     """``[3, n_phi, n_theta, n_rho]`` grid coordinates scaled to [-1, 1] (network input)."""
+    real: dict = field(default_factory=dict, repr=False)
+    """Cache of :func:`_real_dictionary` per (dtype, device)."""
 
     def positions(self, index: Tensor) -> Tensor:
         """Cell centres ``[..., 3]`` (u, v, rho) of flat cell indices."""
@@ -117,11 +119,10 @@ def _real_dictionary(grid: SpectrumGrid, dtype: torch.dtype, device) -> Tensor:
     """``[[Re D, Im D], [-Im D, Re D]]`` ``[2N, 2Q]`` (cached on the grid): a complex product
     G D as one real product [Re G, Im G] @ it = [Re(G D), Im(G D)]."""
     key = (dtype, str(device))
-    cache = grid.__dict__.setdefault("_real", {})
-    if key not in cache:
+    if key not in grid.real:
         D = grid.D.to(device)
-        cache[key] = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(dtype).contiguous()
-    return cache[key]
+        grid.real[key] = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(dtype).contiguous()
+    return grid.real[key]
 
 
 FRONT_END_CHUNK = 128
@@ -305,8 +306,8 @@ class SpectrumNet(nn.Module):
         return spectrum_grid(self.scenario, self.shape, device=device)
 
     def features(self, inputs, grid: SpectrumGrid) -> tuple[Tensor, Tensor]:
-        """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + picks + 1]``
-        (SNR/10 dB, label known, log residual power fractions of the pursuit)."""
+        """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + pursuit]``
+        (SNR/10 dB, label known, log residual power fractions after 1..pursuit picks)."""
         if inputs.y is None:
             raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.model.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
