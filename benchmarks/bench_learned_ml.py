@@ -5,7 +5,8 @@
 
 Runs the packaged ``learned`` model once (``--checkpoint`` for another), then ``ml`` started from
 its K-hat and positions (``init=``) with every option set of ``--variants`` (JSON list of dicts of
-``ml`` options; default: final_iterations 25 / 12 / 8, each with init_prune 0 and 1), and prints
+``ml`` options, plus ``"grow": true`` for learned+ml's grow start, K-hat + 1 sources with the
+next detection; default: final_iterations 25 / 12 / 8, each with init_prune 0 and 1), and prints
 success (overall and 10-20 dB), K_acc and the second stage's scenes/s. The scenes are the first
 ``--scenes`` of ``risloc bench``'s held-out stream (seed 2026, drawn on the CPU).
 """
@@ -22,6 +23,7 @@ import risloc
 from risloc.bench import sync_device
 from risloc.estimators import get
 from risloc.metrics import score
+from risloc.nn.inference import _learned, grow_init
 
 DEFAULT_VARIANTS = [{"iterations": it, "init_prune": p} for it in (25, 12, 8) for p in (0, 1)]
 
@@ -51,15 +53,17 @@ def main(argv=None):
     variants = json.loads(args.variants) if args.variants else DEFAULT_VARIANTS
     sync_device(device)
     t = time.perf_counter()
-    first = get("learned")(scenes, checkpoint=args.checkpoint)
+    first, cand = _learned(scenes, args.checkpoint, None, 1024, None, True, None, candidates=[])
     sync_device(device)
     rows = [{"stage": "learned", **_row(scenes, first, time.perf_counter() - t)}]
     print(json.dumps(rows[-1]), flush=True)
     for v in variants:
-        get("ml")(scenes[:64], init=first[:64], **v)  # warm-up
+        opts = {k: x for k, x in v.items() if k != "grow"}
+        init = grow_init(first, cand) if v.get("grow") else first
+        get("ml")(scenes[:64], init=init[:64], **opts)  # warm-up
         sync_device(device)
         t = time.perf_counter()
-        est = get("ml")(scenes, init=first, **v)
+        est = get("ml")(scenes, init=init, **opts)
         sync_device(device)
         rows.append({"stage": "ml from learned", "options": v, **_row(scenes, est, time.perf_counter() - t)})
         print(json.dumps(rows[-1]), flush=True)

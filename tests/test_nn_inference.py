@@ -51,3 +51,19 @@ def test_learned_refuses_a_checkpoint_of_another_kind(tmp_path):
 
     with pytest.raises(ValueError, match="model.kind = 'subspacenet'"):
         get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt")
+
+
+def test_grow_init_adds_the_next_detection():
+    from risloc.nn.inference import grow_init
+
+    nan = float("nan")
+    first = risloc.Estimates(torch.tensor([1, 3, 0]), torch.tensor([[0.1, nan, nan], [0.1, 0.2, 0.3], [nan, nan, nan]]),
+                             torch.tensor([[0.0, nan, nan], [0.0, 0.0, 0.0], [nan, nan, nan]]),
+                             torch.tensor([[1.0, nan, nan], [1.0, 2.0, 3.0], [nan, nan, nan]]))
+    cand = risloc.Estimates(torch.tensor([3, 3, 3]), torch.tensor([[0.11, 0.5, 0.6], [0.1, 0.2, 0.3], [0.7, 0.8, 0.9]]),
+                            torch.full((3, 3), 0.05), torch.full((3, 3), 4.0))
+    g = grow_init(first, cand)
+    assert g.K.tolist() == [2, 3, 1]  # the full scene (K-hat = K_max) is unchanged
+    assert torch.equal(g.phi[0, :2], torch.tensor([0.1, 0.5])) and g.theta[0, 1] == cand.theta[0, 1] and g.r[0, 1] == 4.0
+    assert torch.equal(g.phi[1], first.phi[1])
+    assert g.phi[2, 0] == cand.phi[2, 0] and torch.isnan(g.phi[2, 1:]).all()

@@ -131,8 +131,12 @@ def run_model(
     device=None,
     music_options: dict | None = None,
     use_snr: bool = True,
+    candidates: list | None = None,
 ) -> tuple[Estimates, torch.Tensor]:
-    """Estimates and K logits ``[S, K_max]`` for ``scenes``, in batches on ``device``."""
+    """Estimates and K logits ``[S, K_max]`` for ``scenes``, in batches on ``device``.
+
+    ``candidates``: a list that receives, for a ``spectrum`` network, every decoded detection
+    (an Estimates with K = K_max, strongest first, before K-hat is applied), one per batch."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     scenario = scenes.scenario
     ests, logits = [], []
@@ -142,6 +146,10 @@ def run_model(
         pred = model(inputs, options)
         ests.append(locate_from_prediction(pred, inputs, options, scenario, calibration, music_options))
         logits.append(pred.k_logits.float())
+        if candidates is not None and pred.detections is not None:
+            d = pred.detections
+            full = torch.full((len(s),), d.phi.shape[1], dtype=torch.int64, device=d.phi.device)
+            candidates.append(Estimates(full, d.phi.float(), d.theta.float(), d.r.float(), method="candidates"))
     return Estimates.cat(ests), torch.cat(logits)
 
 
@@ -188,6 +196,12 @@ def estimate(
     ``use_snr=False`` ignores the scenes' SNR labels (estimated from the data instead).
     Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
+    est, _ = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options)
+    return est.to(scenes.device)
+
+
+def _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, *, candidates: list | None = None):
+    """The body of :func:`estimate`: ``(estimates, candidates or None)`` on the run's device."""
     if checkpoint is None:
         if not DEFAULT_WEIGHTS.is_file():
             raise ValueError(
@@ -197,10 +211,24 @@ def estimate(
         checkpoint = DEFAULT_WEIGHTS
     loaded, device, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, device, beta, music_options)
     est, _ = run_model(
-        loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music, use_snr=use_snr
+        loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music,
+        use_snr=use_snr, candidates=candidates,
     )
     est.method = f"learned:{loaded.sha256[:12]}"
-    return est.to(scenes.device)
+    return est, (Estimates.cat(candidates) if candidates else None)
+
+
+def grow_init(first: Estimates, candidates: Estimates) -> Estimates:
+    """``first`` with one more source per scene (where K-hat < K_max): slot K-hat takes the
+    candidate of rank K-hat (the strongest detection ``first`` did not use)."""
+    K = first.K.to(torch.int64)
+    n = first.phi.shape[1]
+    more = K < min(n, candidates.phi.shape[1])
+    slot = torch.arange(n, device=K.device).view(1, -1) == K.view(-1, 1)
+    put = slot & more.view(-1, 1)
+    pick = lambda a, c: torch.where(put, torch.gather(c, 1, K.clamp(max=c.shape[1] - 1).view(-1, 1)).expand_as(a), a)
+    return Estimates(K + more.to(K.dtype), pick(first.phi, candidates.phi), pick(first.theta, candidates.theta),
+                     pick(first.r, candidates.r), method=first.method)
 
 
 LEARNED_ML_DEFAULTS = {"iterations": 8, "init_prune": 1}
@@ -220,6 +248,7 @@ def estimate_learned_ml(
     use_snr: bool = True,
     music_options: dict | None = None,
     ml_options: dict | None = None,
+    grow: bool = False,
 ) -> Estimates:
     """``learned`` then ``ml``'s likelihood refinement started from its K-hat and positions.
 
@@ -229,14 +258,26 @@ def estimate_learned_ml(
     may drop one source when ``ml``'s penalised likelihood (or its power rule) prefers K-hat - 1
     (``init_prune``). The first stage's options are those of :func:`estimate`; ``ml_options``
     go to ``ml`` on top of :data:`LEARNED_ML_DEFAULTS` (e.g. ``{"init_prune": 0}`` for the
-    faster refinement-only variant, ``iterations``, ``batch``). Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
+    faster refinement-only variant, ``iterations``, ``batch``).
+
+    ``grow`` (``spectrum`` networks): start ``ml`` from K-hat + 1 sources instead, the extra one
+    at the network's next-strongest detection, with two pruning passes (unless ``ml_options``
+    sets ``init_prune``), so that the penalised likelihood chooses among K-hat + 1, K-hat and
+    K-hat - 1 (no search either: the candidates are the network's). Returns
+    ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
     """
     from ..estimators import get
 
-    first = estimate(scenes, checkpoint=checkpoint, device=device, batch=batch, beta=beta, use_snr=use_snr, music_options=music_options)
+    first, cand = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, candidates=[] if grow else None)
     work = scenes.to(device) if device is not None else scenes
     if not use_snr:
         work = dataclasses.replace(work, snr_db=None)
-    refined = get("ml")(work, init=first.to(work.device), **{**LEARNED_ML_DEFAULTS, **(ml_options or {})})
+    opts = {**LEARNED_ML_DEFAULTS, **({"init_prune": 2} if grow else {}), **(ml_options or {})}
+    init = first.to(work.device)
+    if grow:
+        if cand is None:
+            raise ValueError("learned+ml: grow=True needs a 'spectrum' network (its detections are the extra candidates)")
+        init = grow_init(init, cand.to(work.device))
+    refined = get("ml")(work, init=init, **opts)
     refined.method = first.method.replace("learned:", "learned+ml:", 1)
     return refined.to(scenes.device)
