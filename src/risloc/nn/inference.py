@@ -153,6 +153,17 @@ def run_model(
     return Estimates.cat(ests), torch.cat(logits)
 
 
+def packaged_or_given(method: str, checkpoint, default: Path, hint: str):
+    """``checkpoint``, or the packaged weights ``default`` when it is None (an error naming
+    ``--checkpoint`` and ``hint`` when the package has none)."""
+    if checkpoint is not None:
+        return checkpoint
+    if not default.is_file():
+        raise ValueError(f"{method}: no checkpoint given and no packaged weights ({default}); "
+                         f"pass --checkpoint FILE (checkpoint=...) or {hint}")
+    return default
+
+
 def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, device, beta, music_options):
     """The shared start of a learned estimator: ``(loaded model, device, covariance options, MUSIC options)``.
 
@@ -202,13 +213,7 @@ def estimate(
 
 def _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, *, candidates: list | None = None):
     """The body of :func:`estimate`: ``(estimates, candidates or None)`` on the run's device."""
-    if checkpoint is None:
-        if not DEFAULT_WEIGHTS.is_file():
-            raise ValueError(
-                "learned: no checkpoint given and no packaged default weights "
-                f"({DEFAULT_WEIGHTS}); pass --checkpoint FILE (checkpoint=...) or train one with `risloc train`"
-            )
-        checkpoint = DEFAULT_WEIGHTS
+    checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, device, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, device, beta, music_options)
     est, _ = run_model(
         loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music,

@@ -343,8 +343,10 @@ class SpectrumNet(nn.Module):
         out = self.head(Fn.gelu(self.out_norm(u0))).float().flatten(2)  # [B, 5, Q]
         heat, offset, cell_logp = out[:, 0], out[:, 1:4].transpose(1, 2), out[:, 4]
 
-        det = decode(heat, offset, cell_logp, grid, self.scenario, self.k_max)
-        top = _top_local_maxima(heat.detach(), self.shape, self.n_top)
+        peaks = _local_max_scores(heat.detach(), self.shape)  # once, for the decoder and the K head
+        det = decode(heat, offset, cell_logp, grid, self.scenario, self.k_max, peaks=peaks)
+        top = torch.topk(peaks, self.n_top, dim=1).values
+        top = torch.where(torch.isfinite(top), top, torch.full_like(top, -20.0))  # fewer maxima: pad
         pooled = torch.cat([h2.float().mean((2, 3, 4)), h2.float().amax((2, 3, 4))], -1)
         logits = self.k_head(torch.cat([pooled, top, scene], -1)).float()
 
@@ -364,12 +366,6 @@ def _local_max_scores(heat: Tensor, shape) -> Tensor:
     return torch.where(v >= pooled, v, torch.full_like(v, -math.inf)).view(B, -1)
 
 
-def _top_local_maxima(heat: Tensor, shape, n: int) -> Tensor:
-    """The ``n`` largest local-maximum heat logits ``[B, n]`` (padded with -20)."""
-    val = torch.topk(_local_max_scores(heat, shape), n, dim=1).values
-    return torch.where(torch.isfinite(val), val, torch.full_like(val, -20.0))
-
-
 def cell_positions(offset: Tensor, index: Tensor, grid: SpectrumGrid, scenario: Scenario) -> tuple[Tensor, Tensor, Tensor]:
     """``phi, theta, r`` of cells ``index`` moved by ``offset`` ``[..., 3]`` (cell units), clamped into the prior box."""
     x = grid.positions(index) + offset.float()
@@ -381,12 +377,14 @@ def cell_positions(offset: Tensor, index: Tensor, grid: SpectrumGrid, scenario: 
     return torch.asin(u), torch.asin(v), 1.0 / rho
 
 
-def decode(heat: Tensor, offset: Tensor, cell_logp: Tensor, grid: SpectrumGrid, scenario: Scenario, n: int) -> Detections:
+def decode(heat: Tensor, offset: Tensor, cell_logp: Tensor, grid: SpectrumGrid, scenario: Scenario, n: int,
+           *, peaks: Tensor | None = None) -> Detections:
     """The ``n`` strongest local maxima of ``heat``, strongest first (fewer maxima than ``n``:
-    the remaining slots take the strongest other cells)."""
+    the remaining slots take the strongest other cells). ``peaks``: ``_local_max_scores(heat)``
+    when the caller already has it."""
     shape = grid.shape
     with torch.no_grad():
-        s = _local_max_scores(heat.detach().float(), shape)
+        s = _local_max_scores(heat.detach(), shape) if peaks is None else peaks
         s = torch.where(torch.isfinite(s), s + 1e4, heat.detach().float())  # local maxima first
         idx = torch.topk(s, n, dim=1).indices  # [B, n]
     off = torch.gather(offset, 1, idx.unsqueeze(-1).expand(-1, -1, 3))

@@ -141,13 +141,10 @@ def estimate(
     ``method = "subspacenet:<first 12 hex of the checkpoint's SHA-256>"``.
     """
     from ..estimators.music import music_from_covariance, order_from_covariance
-    from .inference import prepare_checkpoint, run_model
+    from .inference import packaged_or_given, prepare_checkpoint, run_model
 
-    if checkpoint is None:
-        if not DEFAULT_WEIGHTS.is_file():
-            raise ValueError(f"subspacenet: no checkpoint given and no packaged weights ({DEFAULT_WEIGHTS}); pass --checkpoint FILE "
-                             "(checkpoint=...) or train one with `risloc train --config configs/subspacenet-cpu-quick.toml`")
-        checkpoint = DEFAULT_WEIGHTS
+    checkpoint = packaged_or_given("subspacenet", checkpoint, DEFAULT_WEIGHTS,
+                                   "train one with `risloc train --config configs/subspacenet-cpu-quick.toml`")
     if k_rule not in ("head", "mdl", "aic", "eigengap"):
         raise ValueError(f"subspacenet: k_rule = {k_rule!r}: must be 'head', 'mdl', 'aic' or 'eigengap'")
     loaded, device, options, music = prepare_checkpoint("subspacenet", "subspacenet", checkpoint, scenes, device, beta, music_options)
