@@ -1,42 +1,244 @@
 """Estimators by name: ``get("music")(scenes, **options) -> Estimates``.
 
-Every estimator is a callable ``estimate(scenes: Scenes, **options) -> Estimates`` that is
-batched over scenes, runs on the scenes' device, and returns K-hat and NaN-padded
-(phi, theta, r) in radians and metres. Modules register themselves with
-:func:`register`; :func:`get` imports the module that owns a name on first use.
+Every estimator is registered under a name with its metadata (:class:`EstimatorInfo`): the
+scenes per call, whether it accepts a known K and under which keyword, whether it is learned
+and which packaged weights it reads, and which options are per-scene (sliced with the
+scenes). The registered function handles ONE batch: ``fn(batch_of_scenes, **options) ->
+Estimates`` on the scenes' device, K-hat and NaN-padded (phi, theta, r) in radians and metres.
+The registry does the rest once for every estimator (:meth:`Estimator.__call__`):
+
+* chunks the scenes into batches of ``batch`` scenes (default :attr:`EstimatorInfo.batch`,
+  or :attr:`EstimatorInfo.batch_cuda` on CUDA), slices the per-scene options with them, shows
+  one tqdm bar over the batches when ``progress`` and concatenates the results;
+* routes a known ``K`` (an int, or a per-scene integer tensor ``[S]``, each in
+  ``0..scenario.k_max``) to the estimator's K keyword, refuses it for an estimator that does
+  not accept it, and checks that the answer has ``K_hat == K`` in every scene (an estimate
+  with a given K never returns another K: a violation raises ``RuntimeError``).
+
+Modules register their function with :func:`register`; :func:`get` imports the module that
+owns a name on first use, so optional pieces (the networks) cost nothing until asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
-from typing import Callable, Protocol
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor
 
 from ..scenes import Estimates, Scenes
 
+__all__ = ["EstimatorInfo", "Estimator", "BatchEstimator", "register", "get", "info", "available", "locate", "known_k"]
 
-class Estimator(Protocol):
+
+class BatchEstimator(Protocol):
+    """The function a module registers: one batch of scenes in, its estimates out."""
+
     def __call__(self, scenes: Scenes, **options) -> Estimates: ...
 
 
-# name -> module that registers it (imported lazily, so optional pieces cost nothing).
-_MODULES = {
-    "music": "risloc.estimators.music",
-    "mvdr": "risloc.estimators.mvdr",
-    "ramezani": "risloc.estimators.ramezani",
-    "ml": "risloc.estimators.ml",
-    "learned": "risloc.nn.inference",
-    "learned+ml": "risloc.nn.inference",
-    "subspacenet": "risloc.nn.subspacenet",
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """What the registry knows about an estimator before running it.
+
+    Attributes:
+        name: the registered name (``risloc locate --method NAME``).
+        module: the module that registers it (imported on first use).
+        batch: scenes per call on the CPU (bounds memory; also the bench's default unit).
+        batch_cuda: scenes per call on CUDA.
+        k_option: the estimator's keyword for a known K (``"K"``; ``"n_sources"`` for ramezani);
+            None: the estimator does not accept a known K.
+        learned: whether it runs a trained network (reads a checkpoint, option ``checkpoint``).
+        default_weights: its packaged checkpoint, relative to the ``risloc`` package folder
+            (learned estimators only); None: no packaged weights.
+        per_scene: options holding one entry per scene (sliced with the scenes' batches).
+        summary: one line for listings.
+    """
+
+    name: str
+    module: str
+    batch: int = 1024
+    batch_cuda: int = 1024
+    k_option: str | None = None
+    learned: bool = False
+    default_weights: str | None = None
+    per_scene: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def accepts_k(self) -> bool:
+        """Whether a known K can be given (``K=`` in Python, ``--k`` / ``--oracle-k`` on the command line)."""
+        return self.k_option is not None
+
+    def default_weights_path(self) -> Path | None:
+        """The packaged checkpoint's path (it may be absent from an installation), or None."""
+        if self.default_weights is None:
+            return None
+        return Path(__file__).resolve().parent.parent / self.default_weights
+
+    def batch_for(self, device: torch.device | str) -> int:
+        """Scenes per call on ``device``."""
+        return self.batch_cuda if torch.device(device).type == "cuda" else self.batch
+
+
+# The estimators of this package, by name. The learned ones and `ml` do not take a known K yet.
+_INFO: dict[str, EstimatorInfo] = {
+    i.name: i
+    for i in (
+        EstimatorInfo("music", "risloc.estimators.music", k_option="K", per_scene=("init",),
+                      summary="MUSIC on the effective covariance, RAP peak search (K from an order rule)"),
+        EstimatorInfo("mvdr", "risloc.estimators.mvdr", k_option="K",
+                      summary="MVDR / Capon spectrum, peaks over its floor (or the K strongest)"),
+        EstimatorInfo("ramezani", "risloc.estimators.ramezani", batch=256, batch_cuda=256, k_option="n_sources",
+                      per_scene=("covariance",), summary="modified MUSIC with sub-RIS smoothing (Ramezani et al.)"),
+        EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, per_scene=("init", "snr_db"),
+                      summary="maximum likelihood: greedy grid start, joint refinement, penalised K"),
+        EstimatorInfo("learned", "risloc.nn.inference", learned=True, default_weights="weights/default.pt",
+                      summary="the learned pipeline: network -> effective covariance -> MUSIC with the K head"),
+        EstimatorInfo("learned+ml", "risloc.nn.inference", learned=True, default_weights="weights/default.pt",
+                      summary="learned, then ml's likelihood refinement from its estimates"),
+        EstimatorInfo("subspacenet", "risloc.nn.subspacenet", learned=True, default_weights="weights/subspacenet.pt",
+                      summary="SubspaceNet-style surrogate covariance -> MUSIC"),
+    )
 }
-_REGISTRY: dict[str, Estimator] = {}
+_REGISTRY: dict[str, "Estimator"] = {}
 
 
-def register(name: str) -> Callable[[Estimator], Estimator]:
-    """Decorator: make ``fn`` available as ``get(name)``."""
+def _keyword_defaults(fn: Callable) -> dict[str, Any]:
+    """The keyword options of ``fn`` with their defaults (read once, at registration)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p.default for p in list(params)[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
-    def deco(fn: Estimator) -> Estimator:
-        _REGISTRY[name] = fn
+
+def known_k(K: int | Tensor, n_scenes: int, k_max: int, *, device=None) -> Tensor:
+    """A known K as a per-scene int64 tensor ``[S]`` (an int is broadcast); ValueError naming the
+    first scene whose K is outside ``0..k_max`` or a tensor of the wrong shape."""
+    if isinstance(K, bool) or not (isinstance(K, int) or torch.is_tensor(K)):
+        raise ValueError(f"K: expected an int or an integer tensor [S], not {type(K).__name__}")
+    t = torch.as_tensor(K, device=device)
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"K: expected integers, got dtype {t.dtype}")
+    t = t.to(torch.int64)
+    if t.ndim == 0:
+        t = t.expand(n_scenes)
+    if t.shape != (n_scenes,):
+        raise ValueError(f"K: expected an int or a tensor of shape [{n_scenes}], got shape {list(t.shape)}")
+    bad = (t < 0) | (t > k_max)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"K: scene {i} has K = {int(t[i])}, outside 0..{k_max} (the scenario's k_max)")
+    return t
+
+
+def _slice(v: Any, a: int, b: int) -> Any:
+    """Scenes ``[a, b)`` of a per-scene option (a tensor, Estimates, a covariance; scalars pass)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if torch.is_tensor(v):
+        return v if v.ndim == 0 else v[a:b]
+    if dataclasses.is_dataclass(v) and hasattr(v, "factor") and hasattr(v, "diag"):  # LowRankCovariance
+        return dataclasses.replace(v, factor=v.factor[a:b], diag=v.diag[a:b])
+    return v[a:b]
+
+
+class Estimator:
+    """A registered estimator: its metadata (:attr:`info`), its keyword defaults
+    (:attr:`options`) and the batch function (:attr:`fn`); calling it runs any number of scenes."""
+
+    def __init__(self, info: EstimatorInfo, fn: BatchEstimator):
+        self.info = info
+        self.fn = fn
+        self.options: Mapping[str, Any] = _keyword_defaults(fn)
+        self.__doc__ = fn.__doc__
+        self.__module__ = getattr(fn, "__module__", __name__)
+        self.__name__ = getattr(fn, "__name__", info.name)
+
+    def __repr__(self) -> str:
+        return f"<estimator {self.info.name!r} ({self.info.module})>"
+
+    def accepts(self, option: str) -> bool:
+        """Whether the estimator takes the keyword ``option``."""
+        return option in self.options
+
+    def __call__(self, scenes: Scenes, *, K: int | Tensor | None = None, batch: int | None = None,
+                 progress: bool = False, device=None, **options) -> Estimates:
+        """Estimates of all ``scenes``: batches of ``batch`` scenes through :attr:`fn`, concatenated.
+
+        ``K``: known source counts (int or ``[S]``); ``device``: where to run (default: the
+        scenes' device; the estimates come back on it). Other keywords go to the estimator.
+        """
+        info = self.info
+        device = torch.device(device) if device is not None else scenes.device
+        batch = info.batch_for(device) if batch is None else int(batch)
+        if batch < 1:
+            raise ValueError(f"{info.name}: batch = {batch}: must be >= 1")
+        unknown = [k for k in options if k not in self.options and not self._takes_var_keywords()]
+        if unknown:
+            raise ValueError(f"{info.name}: unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}")
+        S = len(scenes)
+        Ks = None
+        if K is not None:
+            if not info.accepts_k:
+                raise ValueError(f"{info.name}: this estimator does not accept a known K")
+            Ks = known_k(K, S, scenes.scenario.k_max, device=device)
+        if "batch" in self.options:  # estimators that still chunk inside get the same batch
+            options.setdefault("batch", batch)
+        starts = range(0, S, batch)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=info.name, unit="batch")
+        parts = []
+        for a in starts:
+            b = min(a + batch, S)
+            sub = scenes[a:b].to(device)
+            opts = {k: (_slice(v, a, b) if k in info.per_scene else v) for k, v in options.items()}
+            if Ks is not None:
+                opts[info.k_option] = Ks[a:b]
+            est = self.fn(sub, **opts)
+            if len(est) != b - a:
+                raise RuntimeError(f"{info.name}: returned {len(est)} estimates for a batch of {b - a} scenes")
+            if Ks is not None:
+                bad = est.K.to(device=Ks.device, dtype=torch.int64) != Ks[a:b]
+                if bool(bad.any()):
+                    i = int(torch.nonzero(bad)[0])
+                    raise RuntimeError(f"{info.name}: given K = {int(Ks[a + i])} for scene {a + i}, "
+                                       f"it returned K_hat = {int(est.K[i])}")
+            parts.append(est)
+        if not parts:
+            return Estimates.empty(0, scenes.scenario.k_max, method=info.name, device=scenes.device)
+        out = Estimates.cat(parts) if len(parts) > 1 else parts[0]
+        out.method = parts[0].method or info.name
+        return out.to(scenes.device)
+
+    def _takes_var_keywords(self) -> bool:
+        try:
+            return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.fn).parameters.values())
+        except (TypeError, ValueError):
+            return True
+
+
+def register(name: str, **meta) -> Callable[[BatchEstimator], BatchEstimator]:
+    """Decorator: make the batch function ``fn`` available as ``get(name)``.
+
+    The metadata of the package's own names is in this module's table; another name takes
+    ``EstimatorInfo`` fields as keywords (``batch=``, ``k_option=``, ...)."""
+
+    def deco(fn: BatchEstimator) -> BatchEstimator:
+        base = _INFO.get(name) or EstimatorInfo(name, getattr(fn, "__module__", ""))
+        info_ = dataclasses.replace(base, **meta) if meta else base
+        _INFO[name] = info_
+        _REGISTRY[name] = Estimator(info_, fn)
         return fn
 
     return deco
@@ -44,26 +246,32 @@ def register(name: str) -> Callable[[Estimator], Estimator]:
 
 def get(name: str) -> Estimator:
     """The estimator registered under ``name`` (ValueError listing the known names otherwise)."""
-    if name not in _REGISTRY and name in _MODULES:
+    if name not in _REGISTRY and name in _INFO:
+        module = _INFO[name].module
         try:
-            importlib.import_module(_MODULES[name])
+            importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != _MODULES[name]:
+            if exc.name != module:
                 raise
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {available()}")
     return _REGISTRY[name]
 
 
+def info(name: str) -> EstimatorInfo:
+    """The metadata of ``name`` without importing its module (ValueError for an unknown name)."""
+    if name not in _INFO:
+        raise ValueError(f"unknown method {name!r}; available: {available()}")
+    return _INFO[name]
+
+
 def available() -> list[str]:
     """Names of the estimators present in this installation."""
-    names = []
-    for name, module in _MODULES.items():
-        if name in _REGISTRY or importlib.util.find_spec(module) is not None:
-            names.append(name)
+    names = [n for n, i in _INFO.items() if n in _REGISTRY or importlib.util.find_spec(i.module) is not None]
     return names + sorted(set(_REGISTRY) - set(names))
 
 
-def locate(scenes: Scenes, method: str = "music", **options) -> Estimates:
-    """Run the estimator ``method`` on ``scenes``."""
-    return get(method)(scenes, **options)
+def locate(scenes: Scenes, method: str = "music", *, K: int | Tensor | None = None, batch: int | None = None,
+           progress: bool = False, device=None, **options) -> Estimates:
+    """Run the estimator ``method`` on ``scenes`` (see :meth:`Estimator.__call__`)."""
+    return get(method)(scenes, K=K, batch=batch, progress=progress, device=device, **options)

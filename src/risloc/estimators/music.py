@@ -57,16 +57,30 @@ def order_from_covariance(
     return estimate_order(lam, n, rule=rule, k_max=k_max, k_min=k_min, gap_threshold=gap_threshold)
 
 
-def estimates_from_search(res: SearchResult, K: Tensor, k_max: int, method: str) -> Estimates:
-    """Estimates with ``K_hat = min(K, peaks found)`` and NaN padding to ``k_max`` (float32)."""
+def estimates_from_search(res: SearchResult, K: Tensor, k_max: int, method: str, *, exact: bool = False) -> Estimates:
+    """Estimates with ``K_hat = min(K, peaks found)`` and NaN padding to ``k_max`` (float32).
+
+    ``exact`` (a known K): ``K_hat = K`` in every scene; when fewer than K peaks survived the
+    non-maximum suppression, the remaining sources are the next refined candidates in their
+    order (suppressed peaks, close to a kept one), so the answer never has another K."""
     dev = res.phi.device
     B = res.phi.shape[0]
     width = res.phi.shape[1]
-    found = res.count.to(dev)
-    Kh = torch.minimum(K.to(dev).to(torch.int64), found.to(torch.int64)).clamp(min=0, max=k_max)
     cols = min(width, k_max)
     idx = torch.arange(cols, device=dev).view(1, -1)
-    take = (idx < Kh.view(-1, 1)) & res.kept[:, :cols]
+    if exact:
+        Kh = K.to(dev).to(torch.int64).clamp(min=0, max=k_max)
+        if B and int(Kh.max()) > cols:
+            raise ValueError(f"{method}: K reaches {int(Kh.max())} but the search returned {cols} candidates per scene")
+        finite = torch.isfinite(res.phi) & torch.isfinite(res.theta) & torch.isfinite(res.r)
+        # kept peaks first, then the suppressed ones, each in the search's order (stable sort)
+        order = torch.argsort((~res.kept).to(torch.int8) + 2 * (~finite).to(torch.int8), dim=1, stable=True)
+        res = SearchResult(*(t.gather(1, order) for t in (res.phi, res.theta, res.r, res.q)), kept=torch.ones_like(res.kept))
+        take = idx < Kh.view(-1, 1)
+    else:
+        found = res.count.to(dev)
+        Kh = torch.minimum(K.to(dev).to(torch.int64), found.to(torch.int64)).clamp(min=0, max=k_max)
+        take = (idx < Kh.view(-1, 1)) & res.kept[:, :cols]
     out = []
     for t in (res.phi, res.theta, res.r):
         v = torch.full((B, k_max), math.nan, dtype=torch.float32, device=dev)
@@ -99,8 +113,9 @@ def music_from_covariance(
         R: ``LowRankCovariance`` (e.g. from :func:`risloc.covariance.effective_covariance`) or a
             factor ``[B, N, r]`` (R = F F^H).
         scenario: geometry, field of view and range interval (the search prior).
-        K: sources per scene ``[B]`` (e.g. the learned K head); ``None``: the order rule.
-        k_max: largest K (default ``scenario.k_max``); K is clipped to it and to rank(U).
+        K: sources per scene ``[B]`` (e.g. the learned K head); ``None``: the order rule. A
+            given K is the answer's K in every scene (clipped to ``k_max`` only).
+        k_max: largest K (default ``scenario.k_max``); the order rule's K is clipped to it and to rank(U).
         order_rule: 'mdl', 'aic' or 'eigengap' (used only when ``K is None``).
         n_snapshots: for MDL/AIC; default N (see :mod:`risloc.estimators.order`).
         k_min: smallest K the order rule returns (1: the scenario always has a source).
@@ -130,13 +145,16 @@ def music_from_covariance(
         return Estimates.empty(0, k_max, method=method, device=dev)
     values, vectors = R.eigh()  # [B, r], [B, N, r]
     rank = (vectors.abs().sum(-2) > 0).sum(-1)  # non-trivial eigenvectors per scene
-    if K is None:
+    given = K is not None
+    if not given:
         K = order_from_covariance(R, scenario, rule=order_rule, k_max=k_max, k_min=k_min, n_snapshots=n_snapshots)
     else:
         K = torch.as_tensor(K, device=dev).reshape(-1).to(torch.int64)
         if K.shape[0] != B:
             raise ValueError(f"music_from_covariance: K has {K.shape[0]} entries for {B} scenes")
-    K = torch.minimum(K.to(dev).clamp(0, k_max), rank)
+    K = K.to(dev).clamp(0, k_max)
+    if not given:  # an order rule's K is at most the rank; a given K is kept as it is
+        K = torch.minimum(K, rank)
     kk = min(k_max, vectors.shape[-1])
     Es = mask_columns(vectors[..., :kk], K)
     if int(K.max()) == 0:
@@ -152,7 +170,7 @@ def music_from_covariance(
             NullSpectrum.subspace(Es), scenario, n_candidates=n_candidates or (k_max + 3), grid=grid,
             refine_iterations=refine_iterations, min_separation=min_separation, chunk=chunk,
         )
-    return estimates_from_search(res, K, k_max, method)
+    return estimates_from_search(res, K, k_max, method, exact=given)
 
 
 def _local_search(Es: Tensor, K: Tensor, init, scenario: Scenario, grid: GridSpec, iterations: int, width: int) -> SearchResult:
@@ -172,15 +190,6 @@ def _local_search(Es: Tensor, K: Tensor, init, scenario: Scenario, grid: GridSpe
     return SearchResult(phi, theta, r, q, kept)
 
 
-def _batches(n: int, batch: int, progress: bool, desc: str):
-    starts = range(0, n, batch)
-    if progress:
-        from tqdm.auto import tqdm
-
-        return tqdm(starts, desc=desc, unit="batch", total=len(starts))
-    return starts
-
-
 @register("music")
 def estimate(
     scenes: Scenes,
@@ -188,22 +197,13 @@ def estimate(
     order_rule: str = "mdl",
     use_snr: bool = True,
     options: CovarianceOptions = CovarianceOptions(),
-    batch: int = 1024,
-    progress: bool = False,
     K: Tensor | None = None,
     **kw,
 ) -> Estimates:
     """MUSIC on :func:`risloc.covariance.scene_covariance` (the effective covariance of the
     scenes' sample covariance, SNR-aware shrinkage with the SNR label when ``use_snr`` and
-    present, else estimated). ``K`` (``[S]``) overrides the order rule (oracle/learned K);
-    other keywords go to :func:`music_from_covariance`. Processed in batches of ``batch``
-    scenes (tqdm bar when ``progress``)."""
-    parts = []
-    for s in _batches(len(scenes), batch, progress, "music"):
-        sub = scenes[s : s + batch]
-        R = scene_covariance(sub, options=options, use_snr=use_snr)
-        Ks = None if K is None else torch.as_tensor(K)[s : s + batch]
-        parts.append(music_from_covariance(R, sub.scenario, K=Ks, order_rule=order_rule, **kw))
-    if not parts:
-        return Estimates.empty(0, scenes.scenario.k_max, method="music", device=scenes.device)
-    return Estimates.cat(parts)
+    present, else estimated) for one batch of scenes (the registry chunks: ``risloc.locate``).
+    ``K`` (``[S]``) replaces the order rule (oracle or learned K): the answer then has exactly
+    ``K`` sources per scene. Other keywords go to :func:`music_from_covariance`."""
+    R = scene_covariance(scenes, options=options, use_snr=use_snr)
+    return music_from_covariance(R, scenes.scenario, K=K, order_rule=order_rule, **kw)

@@ -43,7 +43,7 @@ from ..covariance import CovarianceOptions, LowRankCovariance, as_low_rank, scen
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .music import _batches, estimates_from_search
+from .music import estimates_from_search
 from .search import GridSpec, NullSpectrum, SearchResult, subspace_search
 
 __all__ = ["mvdr_peaks", "detect", "mvdr_from_covariance", "estimate", "tune_thresholds", "FLOOR_THRESHOLD", "REL_THRESHOLD"]
@@ -119,15 +119,22 @@ def mvdr_from_covariance(
     rel_threshold: float = REL_THRESHOLD,
     k_max: int | None = None,
     k_min: int = 1,
+    K: Tensor | None = None,
     method: str = "mvdr",
     **search_options,
 ) -> Estimates:
-    """MVDR estimates from covariances: :func:`mvdr_peaks` then :func:`detect`."""
+    """MVDR estimates from covariances: :func:`mvdr_peaks` then :func:`detect`, or, with a
+    known ``K`` ``[B]``, the K strongest refined Capon peaks of each scene (exactly K)."""
     k_max = scenario.k_max if k_max is None else k_max
     R = as_low_rank(R)
     if R.factor.shape[0] == 0:
         return Estimates.empty(0, k_max, method=method, device=R.factor.device)
     res = mvdr_peaks(R, scenario, k_max=k_max, **search_options)
+    if K is not None:
+        K = torch.as_tensor(K, device=res.phi.device).reshape(-1).to(torch.int64)
+        if K.shape[0] != R.factor.shape[0]:
+            raise ValueError(f"mvdr_from_covariance: K has {K.shape[0]} entries for {R.factor.shape[0]} scenes")
+        return estimates_from_search(res, K, k_max, method, exact=True)
     K = detect(res, floor_threshold=floor_threshold, rel_threshold=rel_threshold, k_max=k_max, k_min=k_min)
     return estimates_from_search(res, K, k_max, method)
 
@@ -138,20 +145,16 @@ def estimate(
     *,
     use_snr: bool = True,
     options: CovarianceOptions = CovarianceOptions(),
-    batch: int = 1024,
-    progress: bool = False,
+    K: Tensor | None = None,
     **kw,
 ) -> Estimates:
-    """MVDR on :func:`risloc.covariance.scene_covariance` (as MUSIC); keywords go to
-    :func:`mvdr_from_covariance`. ``order_rule`` is accepted and ignored (K-free)."""
+    """MVDR on :func:`risloc.covariance.scene_covariance` (as MUSIC) for one batch of scenes
+    (the registry chunks: ``risloc.locate``); ``K`` ``[S]``: the K strongest Capon peaks
+    instead of the detection rule. Keywords go to :func:`mvdr_from_covariance`.
+    ``order_rule`` is accepted and ignored (K-free)."""
     kw.pop("order_rule", None)
-    parts = []
-    for s in _batches(len(scenes), batch, progress, "mvdr"):
-        sub = scenes[s : s + batch]
-        parts.append(mvdr_from_covariance(scene_covariance(sub, options=options, use_snr=use_snr), sub.scenario, **kw))
-    if not parts:
-        return Estimates.empty(0, scenes.scenario.k_max, method="mvdr", device=scenes.device)
-    return Estimates.cat(parts)
+    R = scene_covariance(scenes, options=options, use_snr=use_snr)
+    return mvdr_from_covariance(R, scenes.scenario, K=K, **kw)
 
 
 def tune_thresholds(

@@ -208,7 +208,6 @@ def estimate(
     full_rank: int | None | str = "auto",
     min_sources: int | None = None,
     regularisation: float = 1e-2,
-    chunk: int = 256,
 ) -> Estimates:
     """Ramezani–Kosasih–Björnson modified MUSIC (arXiv:2409.14152), batched over scenes.
 
@@ -217,7 +216,8 @@ def estimate(
         back-projected snapshots: a dense ``[S, N, N]`` matrix, a factor F ``[S, N, r]``
         (R = F Fᴴ, e.g. ``risloc.source_factor(truth, scenario)``) or a
         :class:`~risloc.covariance.LowRankCovariance`.
-      n_sources: known K (int or ``[S]`` tensor) instead of the order rule.
+      n_sources: known K (int or ``[S]`` tensor) instead of the order rule; the answer then has
+        exactly that many sources per scene (``risloc.locate(..., K=...)`` routes K here).
       sub_ris: sub-RIS size (D_V, D_H) of the spatial smoothing (int: square).
       order_rule: risloc.estimators.order rule for K̂ on the eigenvalues of the smoothed covariance
         ('mdl', 'aic' or 'eigengap'; n = J sub-RISs as snapshots).
@@ -235,7 +235,8 @@ def estimate(
       candidates: angle peaks examined per wanted source (1: the paper's pipeline; more: the
         K̂ best by full-covariance MUSIC value are kept, one per direction — risloc's adaptation).
       regularisation: relative Tikhonov term ε of the back-projection (risloc.covariance.sample_covariance).
-      chunk: scenes per batch (bounds memory).
+
+    One batch of scenes (the registry chunks them, 256 per call by default: ``risloc.locate``).
 
     Returns :class:`~risloc.scenes.Estimates` (K̂ ≤ k_max; NaN only after K̂).
     """
@@ -261,8 +262,8 @@ def estimate(
         raise ValueError(f"min_sources={min_sources}: must be in 0..{sc.k_max}")
     if candidates < 1:
         raise ValueError(f"candidates={candidates}: must be >= 1")
-    if grid < 8 or range_points < 2 or chunk < 1:
-        raise ValueError(f"grid={grid} (>= 8), range_points={range_points} (>= 2), chunk={chunk} (>= 1)")
+    if grid < 8 or range_points < 2:
+        raise ValueError(f"grid={grid} (>= 8), range_points={range_points} (>= 2)")
     if scenes.y.ndim != 3 or scenes.H.shape[-1] != N or scenes.codes.shape[-1] != N:
         raise ValueError(f"scenes: expected y [S, L, M], H [S, M, {N}], codes [S, L, {N}]")
     R_all = None
@@ -279,21 +280,13 @@ def estimate(
             raise ValueError(f"y: non-finite values in scene {int(torch.nonzero(bad)[0])}")
     if n_sources is not None:
         n_sources = torch.as_tensor(n_sources, device=scenes.device).to(torch.int64).expand(S)
-    parts = []
-    for a in range(0, S, chunk):
-        b = min(a + chunk, S)
-        if R_all is None:
-            part = scenes[a:b]
-            R = sample_covariance(part.y, part.H, part.codes, regularisation=regularisation)
-        else:
-            R = LowRankCovariance(R_all.factor[a:b], R_all.diag[a:b])
-        parts.append(
-            _estimate_chunk(
-                sc, normalise_trace(R), None if n_sources is None else n_sources[a:b],
-                sub, order_rule, grid, range_points, steering, fov_margin, refine, candidates, full_rank, min_sources,
-            )
-        )
-    est = Estimates.cat(parts)
+    if S == 0:
+        return Estimates.empty(0, sc.k_max, method="ramezani", device=scenes.device)
+    R = R_all if R_all is not None else sample_covariance(scenes.y, scenes.H, scenes.codes, regularisation=regularisation)
+    est = _estimate_chunk(
+        sc, normalise_trace(R), n_sources, sub, order_rule, grid, range_points, steering, fov_margin, refine, candidates,
+        full_rank, min_sources,
+    )
     est.method = "ramezani"
     return est
 
@@ -309,8 +302,8 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
     Q, J = smoothed_covariance(ybar, sub)
     lam_q, Eq = _signal_subspace_from_rows(Q, k_max)
     kq = Eq.shape[-1]
-    if n_sources is not None:
-        K = n_sources.clamp(0, min(k_max, kq))
+    if n_sources is not None:  # a known K is the answer's K (at most k_max)
+        K = n_sources.clamp(0, k_max)
     else:
         K = estimate_order(lam_q.clamp(min=0), J, rule=order_rule, k_max=min(k_max, kq), k_min=min(min_sources, kq))
 
@@ -381,7 +374,8 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
         phi, theta, r, qnull = search.refine_peaks(spec, phi, theta, 1 / r, sc, grid3, approximation=approx)
         phi, theta, r, qnull = phi.to(rdtype), theta.to(rdtype), r.to(rdtype), qnull.to(rdtype)
         phi, theta, r, qnull, kept = search.select_peaks(phi, theta, r, qnull, kept, min_separation=sep)
-    K = torch.minimum(K, kept.to(torch.int64).cumprod(-1).sum(-1))
+    if n_sources is None:  # the order rule's K: only the peaks that survived the suppression
+        K = torch.minimum(K, kept.to(torch.int64).cumprod(-1).sum(-1))
 
     active = torch.arange(kc, device=dev).view(1, -1) < K.view(-1, 1)
     pad = lambda t: torch.cat([torch.where(active, t, torch.full_like(t, float("nan"))), t.new_full((B, k_max - kc), float("nan"))], -1)
