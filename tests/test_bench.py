@@ -177,7 +177,7 @@ def test_cli(tmp_path, capsys):
     assert (out / "report.md").is_file()
 
 
-@register("bench-test-needs-checkpoint")
+@register("bench-test-needs-checkpoint", learned=True)
 def _needs_checkpoint(scenes, *, checkpoint=None, **_):
     """A learned method without packaged weights: returns K-hat = 0, remembers its checkpoint."""
     _SEEN_CHECKPOINTS.append(checkpoint)

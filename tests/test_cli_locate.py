@@ -36,7 +36,7 @@ def test_locate_writes_estimates(scene_file, tmp_path):
 
 def test_option_routing():
     music, mvdr = get("music"), get("mvdr")
-    assert estimator_options(music, order_rule="aic", no_snr=True, batch=8) == {"order_rule": "aic", "use_snr": False, "batch": 8}
+    assert estimator_options(music, order_rule="aic", no_snr=True) == {"order_rule": "aic", "use_snr": False}
     with pytest.raises(ValueError, match="checkpoint"):
         estimator_options(music, checkpoint="x.pt")
     with pytest.raises(ValueError, match="order"):
@@ -53,3 +53,13 @@ def test_refusals(scene_file, tmp_path, capsys):
         f.attrs["format"] = "something-else"
     assert main(["locate", str(bad), "--out", str(out), "--no-progress"]) == 2
     assert not out.exists()
+
+
+def test_known_k(scene_file, tmp_path):
+    out = tmp_path / "est.h5"
+    assert main(["locate", str(scene_file), "--out", str(out), "--method", "music", "--k", "2", "--batch", "3", "--no-progress"]) == 0
+    est = io.load_estimates(out)
+    assert len(est) == 5 and (est.K.numpy() == 2).all()
+    assert np.isfinite(est.phi.numpy()[:, :2]).all() and np.isnan(est.phi.numpy()[:, 2:]).all()
+    assert main(["locate", str(scene_file), "--out", str(tmp_path / "e2.h5"), "--method", "music", "--k", "9", "--no-progress"]) == 2
+    assert not (tmp_path / "e2.h5").exists()

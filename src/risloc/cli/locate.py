@@ -1,21 +1,21 @@
 """`risloc locate SCENES --out EST [--method NAME] ...`: run an estimator on a scene file.
 
 The scene file is validated first (format, shapes, finite inputs, non-zero channels and
-codes; see shared/spec/scene-file.md), then streamed in chunks of --batch scenes through
-the estimator; the estimates file is written atomically at the end (temporary name, then
-rename), with the attribute `method` = what the estimator reports (its name, plus the
-checkpoint hash for a learned method).
+codes; see docs/scene-files.md), then streamed in chunks of --batch scenes (default: the
+estimator's own batch size) through the estimator; the estimates file is written
+atomically at the end (temporary name, then rename), with the attribute `method` = what
+the estimator reports (its name, plus the checkpoint hash for a learned method).
 
-Options reach an estimator only when it takes them: --checkpoint goes to methods with a
-`checkpoint` argument, --order-rule to methods with an `order_rule` argument (music),
---no-snr hides the files' SNR label from every method (and passes use_snr=False where
-accepted, so the SNR is estimated from the data).
+Options reach an estimator only when it takes them (the estimator registry knows its
+options): --checkpoint goes to learned methods, --order-rule to methods with an order rule
+(music), --k N gives every scene N sources to methods that accept a known K (the answer
+then has exactly N), --no-snr hides the files' SNR label from every method (and passes
+use_snr=False where accepted, so the SNR is estimated from the data).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 
@@ -31,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", metavar="EST", required=True, help="estimates file to write (HDF5, risloc-estimates)")
     p.add_argument("--method", "-m", default="music", help="estimator name (default music; see --list)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--batch", type=int, default=4096, help="scenes per chunk (default 4096)")
+    p.add_argument("--batch", type=int, default=None, help="scenes per chunk (default: the estimator's batch size)")
+    p.add_argument("--k", type=int, default=None, metavar="N", dest="k",
+                   help="known number of sources of every scene (methods that accept a known K)")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for learned methods")
     p.add_argument("--order-rule", choices=("mdl", "aic", "eigengap"), help="model-order rule for methods that estimate K from eigenvalues")
     p.add_argument("--no-snr", action="store_true", help="ignore the files' SNR label (estimate it from the data)")
@@ -40,29 +42,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params and params[name].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-def estimator_options(fn, *, checkpoint=None, order_rule=None, no_snr=False, batch=None) -> dict:
-    """The keyword options of ``fn`` that the command line sets (only those it accepts)."""
+def estimator_options(estimator, *, checkpoint=None, order_rule=None, no_snr=False) -> dict:
+    """The keyword options of a registered ``estimator`` that the command line sets (only
+    those it takes, from the registry's record of its options)."""
     opts: dict = {}
     if checkpoint is not None:
-        if not _accepts(fn, "checkpoint"):
+        if not estimator.info.learned:
             raise ValueError("--checkpoint: this method does not take a checkpoint")
         opts["checkpoint"] = checkpoint
     if order_rule is not None:
-        if not _accepts(fn, "order_rule"):
+        if not estimator.accepts("order_rule"):
             raise ValueError("--order-rule: this method does not estimate K with an order rule")
         opts["order_rule"] = order_rule
-    if no_snr and _accepts(fn, "use_snr"):
+    if no_snr and estimator.accepts("use_snr"):
         opts["use_snr"] = False
-    if batch is not None and _accepts(fn, "batch"):
-        opts["batch"] = batch
     return opts
 
 
@@ -72,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
     from risloc import estimators, io
     from risloc.scenes import Estimates
 
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    fn = estimators.get(args.method)  # unknown names fail before any I/O
-    opts = estimator_options(fn, checkpoint=args.checkpoint, order_rule=args.order_rule, no_snr=args.no_snr, batch=args.batch)
+    estimator = estimators.get(args.method)  # unknown names fail before any I/O
+    opts = estimator_options(estimator, checkpoint=args.checkpoint, order_rule=args.order_rule, no_snr=args.no_snr)
+    if args.k is not None and not estimator.info.accepts_k:
+        raise ValueError(f"--k: {args.method} does not accept a known number of sources")
     device = torch.device(args.device)
+    batch = args.batch if args.batch is not None else estimator.info.batch_for(device)
 
     info = io.validate_scenes_file(args.scenes)  # refuses bad files before any work
     progress = None
@@ -87,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     parts = []
     method = args.method
     t0 = time.perf_counter()
-    for chunk in io.iter_scenes(args.scenes, args.batch, device=device, validate=False):
+    for chunk in io.iter_scenes(args.scenes, batch, device=device, validate=False):
         if args.no_snr:
             chunk.snr_db = None
-        est = fn(chunk, **opts)
+        est = estimator(chunk, K=args.k, batch=batch, **opts)
         method = est.method or method
         parts.append(est.to("cpu"))
         if progress is not None:
