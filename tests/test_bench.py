@@ -29,8 +29,8 @@ def _lookup(scenes):
     return full.truth[torch.tensor(idx)]
 
 
-@register("bench-test-oracle")
-def _oracle(scenes, **_):
+@register("bench-test-oracle", k_option="K")
+def _oracle(scenes, K=None, **_):
     assert scenes.truth is None, "the benchmark must not hand the truth to an estimator"
     t = _lookup(scenes)
     return Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone(), "oracle")
@@ -56,7 +56,7 @@ def result(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("bench")
     cfg = bench.BenchConfig(
         scenes=N_SCENES, seed=SEED, batch=8, out=out, device="cpu", progress=False, spectrum_grid=(31, 15, 4),
-        methods=("music", "bench-test-oracle", "bench-test-raise", "no-such-method"),
+        methods=("music", "bench-test-oracle", "bench-test-raise", "no-such-method"), oracle_k=True,
     )
     with pytest.warns(UserWarning, match="risloc bench"):
         res = bench.run_benchmark(cfg)
@@ -66,7 +66,8 @@ def result(tmp_path_factory, one_thread):
 def test_statuses(result):
     res, _ = result
     m = res.methods
-    assert list(m) == ["music", "bench-test-oracle", "bench-test-raise", "no-such-method"]
+    assert list(m) == ["music", "bench-test-oracle", "bench-test-raise", "no-such-method", "music (K known)",
+                       "bench-test-oracle (K known)"]  # known-K rows for the methods that accept K
     assert m["music"].ok and m["bench-test-oracle"].ok
     assert m["bench-test-raise"].status == bench.FAILED
     assert "deliberate failure" in m["bench-test-raise"].reason
@@ -123,6 +124,10 @@ def test_report_tables(result):
     for k in np.unique(res.scenes.truth.K.numpy()):
         assert f"### K = {k}" in text
     assert "![spectrum.png](spectrum.png)" in text
+    for heading in ("## Per range of the farthest source", "## Per closest-pair separation", "## Missed sources vs wrong positions",
+                    "## Success / K accuracy per SNR bin and true K", "| music (K known) |"):
+        assert heading in text, heading
+    assert f"seed {SEED}, not the held-out seed" in text
     # the oracle's overall row: success 1, K acc 1
     overall = text.split("## Overall", 1)[1]
     row = next(line for line in overall.splitlines() if line.startswith("| bench-test-oracle |"))
@@ -151,6 +156,22 @@ def test_results_json(result):
     assert np.array(music["k_confusion"]).sum() == N_SCENES
     assert m["bench-test-oracle"]["score"]["overall"]["success"] == 1.0
     assert d["crb"]["reference"]["overall"]["n_scenes"] == N_SCENES
+    # known K: the answer's K is the truth's
+    mk = m["music (K known)"]
+    assert mk["known_k"] and mk["method"] == "music" and mk["score"]["overall"]["K_acc"] == 1.0
+    # range and separation buckets partition the scenes; the oracle hits every source
+    b = {x["key"]: x for x in m["bench-test-oracle"]["buckets"]}
+    assert sum(b[k]["n_scenes"] for k in b if k.startswith("range_")) == N_SCENES
+    assert sum(b[k]["n_scenes"] for k in b if k.startswith("sep_")) == N_SCENES
+    assert all(x["success"] == 1.0 for x in b.values() if x["n_scenes"])
+    hits = m["bench-test-oracle"]["source_hits_by_range"]
+    assert sum(h["n_sources"] for h in hits) == int(res.scenes.truth.K.sum()) and all(h["hits"] == h["n_sources"] for h in hits)
+    mis = m["music"]["misses"]
+    assert math.isclose(mis["K_acc"] + mis["K_under"] + mis["K_over"], 1.0)
+    assert mis["success"] <= mis["K_acc"] + 1e-12
+    cells = m["music"]["by_snr_k"]
+    assert sum(c["n_scenes"] for c in cells) == N_SCENES
+    assert d["seeds"]["role"] == "other" and d["seeds"]["held_out"] is False
     assert d["finished"] >= d["started"]
 
 
@@ -201,3 +222,34 @@ def test_method_checkpoints(tmp_path):
     assert _SEEN_CHECKPOINTS and set(_SEEN_CHECKPOINTS) == {str(ckpt)}
     with pytest.raises(FileNotFoundError, match="--method-checkpoint"):
         bench.run_benchmark(bench.BenchConfig(**base, method_checkpoints={"bench-test-needs-checkpoint": str(tmp_path / "missing.pt")}))
+
+
+def test_bucket_geometry():
+    """Closest-pair separation and farthest range on hand-made truths; the beamwidth formula."""
+    from types import SimpleNamespace as Truth
+
+    from risloc.bench import report
+
+    nan = math.nan
+    d = math.radians
+    truth = Truth(
+        K=torch.tensor([1, 3, 2]),
+        phi=torch.tensor([[0.1, nan, nan], [0.0, d(30), d(4)], [d(-20), d(20), nan]], dtype=torch.float64),
+        theta=torch.tensor([[0.0, nan, nan], [0.0, 0.0, 0.0], [0.0, 0.0, nan]], dtype=torch.float64),
+        r=torch.tensor([[3.0, nan, nan], [1.0, 5.0, 0.7], [2.0, 2.5, nan]], dtype=torch.float64),
+    )
+    sep = report.closest_pair_separation(truth)
+    assert math.isnan(sep[0]) and math.isclose(sep[1], d(4), rel_tol=1e-9) and math.isclose(sep[2], d(40), rel_tol=1e-9)
+    assert report.farthest_range(truth).tolist() == [3.0, 5.0, 2.5]
+    assert math.isclose(math.degrees(report.beamwidth(risloc.Scenario())), 8.46, abs_tol=0.01)
+
+
+def test_seeds_are_distinct_and_match_training():
+    from risloc import seeds
+    from risloc.nn.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.seed, cfg.val_seed) == (seeds.TRAINING_SEED, seeds.TRAINING_VALIDATION_SEED)
+    everything = [seeds.HELD_OUT_SEED, seeds.TRAINING_SEED, seeds.TRAINING_VALIDATION_SEED, *seeds.VALIDATION_SEEDS]
+    assert len(set(everything)) == len(everything)
+    assert bench.BenchConfig().seed == seeds.HELD_OUT_SEED and seeds.role(seeds.HELD_OUT_SEED) == "held-out"

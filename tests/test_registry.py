@@ -1,0 +1,103 @@
+"""The estimator registry: metadata, chunking once, per-scene options, known K routed and checked."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import risloc
+from risloc import estimators
+from risloc.estimators import EstimatorInfo, known_k, register
+from risloc.scenes import Estimates
+
+SC = risloc.Scenario()
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return risloc.simulate(SC, 7, seed=21)
+
+
+_CALLS: list = []
+
+
+@register("registry-test-echo", k_option="K", per_scene=("tag",), batch=3)
+def _echo(scenes, *, K=None, tag=None, answer_k: int | None = None):
+    """Returns K-hat = K (or ``answer_k``, to break the contract), remembers each batch."""
+    _CALLS.append((len(scenes), None if tag is None else tag.tolist()))
+    n = len(scenes)
+    Kh = torch.full((n,), 1, dtype=torch.int64) if K is None else K.clone()
+    if answer_k is not None:
+        Kh = torch.full((n,), answer_k, dtype=torch.int64)
+    nan = torch.full((n, SC.k_max), math.nan)
+    return Estimates(Kh, nan.clone(), nan.clone(), nan.clone(), method="echo")
+
+
+def test_metadata_of_every_estimator():
+    for name in ("music", "mvdr", "ramezani", "ml", "learned", "learned+ml", "subspacenet"):
+        info = estimators.info(name)
+        assert isinstance(info, EstimatorInfo) and info.batch >= 1 and info.batch_cuda >= 1
+        assert info.learned == (info.default_weights is not None)
+        if info.learned:
+            assert info.default_weights_path().is_file(), name  # the packaged weights ship
+    assert estimators.info("music").accepts_k and estimators.info("mvdr").accepts_k
+    assert estimators.info("ramezani").k_option == "n_sources"
+    assert estimators.info("ml").batch_for("cpu") == 16 and estimators.info("ml").batch_for("cuda") == 1024
+    music = estimators.get("music")
+    assert music.accepts("order_rule") and not music.accepts("checkpoint") and music.options["order_rule"] == "mdl"
+    with pytest.raises(ValueError, match="unknown method"):
+        estimators.info("nope")
+
+
+def test_chunking_and_per_scene_options(scenes):
+    _CALLS.clear()
+    tag = torch.arange(len(scenes))
+    est = risloc.locate(scenes, "registry-test-echo", tag=tag)
+    assert len(est) == 7 and est.method == "echo"
+    assert _CALLS == [(3, [0, 1, 2]), (3, [3, 4, 5]), (1, [6])]  # the registered batch, sliced options
+    _CALLS.clear()
+    risloc.locate(scenes, "registry-test-echo", batch=5, tag=tag)
+    assert [c[0] for c in _CALLS] == [5, 2]
+    assert len(risloc.locate(scenes[:0], "registry-test-echo")) == 0
+    with pytest.raises(ValueError, match="batch"):
+        risloc.locate(scenes, "registry-test-echo", batch=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        risloc.locate(scenes, "registry-test-echo", nonsense=1)
+
+
+def test_known_k_checked(scenes):
+    est = risloc.locate(scenes, "registry-test-echo", K=torch.tensor([1, 2, 3, 4, 5, 1, 2]))
+    assert est.K.tolist() == [1, 2, 3, 4, 5, 1, 2]
+    with pytest.raises(RuntimeError, match="given K = 2 for scene 0"):
+        risloc.locate(scenes, "registry-test-echo", K=2, answer_k=3)
+    with pytest.raises(ValueError, match="scene 4 has K = 6"):
+        known_k(torch.tensor([1, 1, 1, 1, 6, 1, 1]), 7, SC.k_max)
+    with pytest.raises(ValueError, match=r"shape \[7\]"):
+        known_k(torch.tensor([1, 2]), 7, SC.k_max)
+    with pytest.raises(ValueError, match="integers"):
+        known_k(torch.tensor([1.0] * 7), 7, SC.k_max)
+    with pytest.raises(ValueError, match="does not accept a known K"):
+        risloc.locate(scenes, "ml", K=1)
+
+
+@pytest.mark.parametrize("method", ["music", "mvdr", "ramezani"])
+def test_known_k_honoured(method, scenes):
+    """K-hat == K in every scene, int and per-scene tensor forms, sources finite, padding NaN."""
+    truth_k = scenes.truth.K
+    for K in (2, truth_k, torch.tensor([5, 1, 3, 2, 4, 1, 5])):
+        est = risloc.locate(scenes, method, K=K, batch=4)
+        want = torch.as_tensor(K).expand(len(scenes))
+        assert torch.equal(est.K, want), (method, K)
+        active = torch.arange(SC.k_max).view(1, -1) < want.view(-1, 1)
+        assert torch.isfinite(est.phi[active]).all() and torch.isfinite(est.r[active]).all()
+        assert torch.isnan(est.phi[~active]).all()
+
+
+def test_chunking_does_not_change_music(scenes):
+    a = risloc.locate(scenes, "music", batch=3)
+    b = risloc.locate(scenes, "music", batch=64)
+    assert torch.equal(a.K, b.K)
+    torch.testing.assert_close(a.phi, b.phi, equal_nan=True, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.r, b.r, equal_nan=True, rtol=0, atol=1e-5)
