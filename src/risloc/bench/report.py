@@ -387,6 +387,17 @@ def _miss_table(res: BenchResult) -> str:
                             "a hit (wrong positions); *K under*: scenes with missed sources."])
 
 
+def _source_range_table(res: BenchResult) -> str:
+    f = metrics.format_number
+    heads = [f"[{lo:g}, {hi:g}{']' if i == len(RANGE_BUCKETS_M) - 1 else ')'} m" for i, (lo, hi) in enumerate(RANGE_BUCKETS_M)]
+    L = ["| method | " + " | ".join(heads) + " |", "| --- | " + " | ".join(["---:"] * len(heads)) + " |"]
+    for name, r in res.methods.items():
+        if r.ok:
+            rows = source_hits_by_range(_truth_n(res.scenes, r.n_scenes), r.estimates)
+            L.append(f"| {name} | " + " | ".join(f"{f(d['hit_rate'])} ({d['n_sources']})" for d in rows) + " |")
+    return "\n".join(L + ["", "Fraction of the true sources in each range bucket that an estimate hits (true sources in brackets)."])
+
+
 def _snr_k_tables(res: BenchResult) -> list[str]:
     f = metrics.format_number
     out = []
@@ -451,6 +462,7 @@ def render_report(res: BenchResult, plots: list[str]) -> str:
         level = "##" if group is None else "###"
         L += ["", f"{level} {title}", "", _view_table(res, get, mask, timing=key == "overall")]
     L += ["", "## Missed sources vs wrong positions", "", _miss_table(res)]
+    L += ["", "## Source hit rate by the source's own range", "", _source_range_table(res)]
     L += ["", "## Success / K accuracy per SNR bin and true K", ""] + _snr_k_tables(res)
     notes = _notes(res)
     if notes:
