@@ -20,6 +20,7 @@ import time
 import torch
 
 import risloc
+from risloc._provenance import stamp
 from risloc.bench import sync_device
 from risloc.crb import crb_for_scenes
 
@@ -48,6 +49,7 @@ def main() -> None:
         "scenes": args.scenes,
         "batch": args.batch,
         "torch": torch.__version__,
+        "provenance": stamp(seed=args.seed, device=device, config=vars(args)),
     }
     for signal in signals:
         crb_for_scenes(scenes[: min(256, args.scenes)], signal=signal, batch=args.batch)  # warm-up

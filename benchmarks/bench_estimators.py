@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 import risloc
+from risloc._files import atomic_write_text
+from risloc._provenance import stamp
 from risloc import metrics
 from risloc.bench import sync_device
 from risloc.estimators import get
@@ -30,10 +32,10 @@ from risloc.estimators import get
 def run_method(name: str, scenes, *, batch: int, device, options: dict) -> tuple[risloc.Estimates, float]:
     fn = get(name)
     inputs = risloc.Scenes(scenes.y, scenes.H, scenes.codes, scenes.scenario, scenes.snr_db)  # no truth for the estimator
-    fn(inputs[: min(len(inputs), batch)], **options)  # warm-up (grid cache, kernels)
+    fn(inputs[: min(len(inputs), batch)], batch=batch, **options)  # warm-up (grid cache, kernels)
     sync_device(device)
     t0 = time.perf_counter()
-    parts = [fn(inputs[s : s + batch], **options) for s in range(0, len(inputs), batch)]
+    parts = [fn(inputs[s : s + batch], batch=batch, **options) for s in range(0, len(inputs), batch)]
     sync_device(device)
     dt = time.perf_counter() - t0
     return risloc.Estimates.cat(parts), dt
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_estimators.md").write_text("\n".join(md) + "\n")
-    (out / "bench_estimators.json").write_text(json.dumps(results, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+    results["provenance"] = stamp(seed=args.seed, device=device, config=vars(args))
+    atomic_write_text(out / "bench_estimators.json", json.dumps(results, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)) + "\n")
     for name, r in results["methods"].items():
         print(f"{name}: {r['scenes_per_s']:.1f} scenes/s, success {r['summary'][0]['success']:.3f}, K_acc {r['summary'][0]['K_acc']:.3f}")
     return 0

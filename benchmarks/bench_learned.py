@@ -21,6 +21,7 @@ import time
 import torch
 
 import risloc
+from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
 
@@ -84,7 +85,8 @@ def main(argv=None):
         rows.append(_row(name, dataclasses.replace(s, snr_db=scenes.snr_db), est, time.time() - t))
 
     result = {"machine": f"{platform.processor() or platform.machine()} threads={torch.get_num_threads()} device={args.device}",
-              "scenes": args.scenes, "seed": args.seed, "checkpoint": args.checkpoint, "rows": rows}
+              "scenes": args.scenes, "seed": args.seed, "checkpoint": args.checkpoint, "rows": rows,
+              "provenance": stamp(seed=args.seed, device=args.device, config=vars(args))}
     if args.train_speed:
         result["train_scenes_per_s"] = train_speed(args.checkpoint, args.device)
 

@@ -20,6 +20,7 @@ import time
 import torch
 
 import risloc
+from risloc._provenance import stamp
 from risloc.bench import sync_device
 from risloc.estimators import get
 from risloc.metrics import score
@@ -69,7 +70,8 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"scenes": args.scenes, "seed": args.seed, "device": str(device), "torch": torch.__version__, "rows": rows}, fh, indent=1)
+            json.dump({"scenes": args.scenes, "seed": args.seed, "device": str(device), "torch": torch.__version__, "rows": rows,
+                       "provenance": stamp(seed=args.seed, device=device, config=vars(args))}, fh, indent=1)
 
 
 if __name__ == "__main__":

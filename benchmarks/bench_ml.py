@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import risloc
+from risloc._provenance import stamp
 from risloc.bench import sync_device
 from risloc.estimators import get
 from risloc.crb import crb as crb_fn
@@ -94,7 +95,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=str(device), scenes=args.scenes, seed=args.seed, signal=args.signal,
-                           seconds=dt, scenes_per_s=args.scenes / dt, rows=rows, options=opts), fh, indent=1)
+                           seconds=dt, scenes_per_s=args.scenes / dt, rows=rows, options=opts,
+                           provenance=stamp(seed=args.seed, device=device, config=vars(args))), fh, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from risloc._provenance import stamp
 from risloc import Scenario, __version__
 from risloc.bench import device_info, sync_device
 from risloc.io import ScenesWriter
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nscene file: {rows[1]['bytes_per_scene'] / 1024:.1f} KiB per scene")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": info, "device": args.device, "results": rows}, fh, indent=2)
+            json.dump({"machine": info, "device": args.device, "results": rows,
+                       "provenance": stamp(seed=1, device=device, config=vars(args))}, fh, indent=2)
     return 0
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 import risloc
+from risloc._provenance import stamp
 from risloc.nn.config import TrainConfig
 from risloc.nn.inference import Calibration, locate_from_prediction
 from risloc.nn.loss import Objective
@@ -69,7 +70,8 @@ def main(argv=None):
     grid = model.grid(device)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "batch": args.batch, "params": sum(p.numel() for p in model.parameters()), "model": cfg.model.__dict__,
-           "channels_last": args.channels_last, "front_chunk": args.front_chunk}
+           "channels_last": args.channels_last, "front_chunk": args.front_chunk,
+           "provenance": stamp(seed=5, device=device, config=vars(args))}
 
     t = _timed(lambda: prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=options.regularisation), device, args.repeats)
     out["inputs_scenes_per_s"] = args.batch / t

@@ -1,28 +1,46 @@
 """File-writing helpers shared by the modules that write results: atomic replacement of a
 file and strict-JSON cleaning.
 
-Atomic writes go through a temporary name ``.<name>.tmp<pid>`` in the destination folder
-that is renamed onto the destination (``os.replace``) only when the write completed, and
-removed in every case, so a reader never sees a half-written file.
+Atomic writes go through a temporary file ``.<name>.<random>.tmp`` in the destination
+folder (:func:`temporary_sibling`) that is renamed onto the destination (``os.replace``)
+only when the write completed, and removed in every case, so a reader never sees a
+half-written file. Every writer of results, reports, figures, scene files and checkpoints
+goes through it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A new, empty, uniquely named file ``.<name>.<random>.tmp`` in ``path``'s folder, with the
+    permissions a new file gets (``0666 & ~umask``; ``mkstemp`` alone would make it 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on normal exit it replaces ``path``.
-
-    Whatever happens, the temporary file does not survive the block.
+    """Yield a temporary path next to ``path`` (:func:`temporary_sibling`); on normal exit it
+    replaces ``path``. Whatever happens, the temporary file does not survive the block.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from ._files import temporary_sibling
 from .scenario import Scenario
 from .scenes import Estimates, Scenes, Truth
 
@@ -94,10 +94,7 @@ class _AtomicH5:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"folder {self.path.parent} does not exist (for {self.path})")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        self.tmp = temporary_sibling(self.path)
         try:
             self.file = h5py.File(self.tmp, "w")
         except BaseException:
@@ -113,12 +110,6 @@ class _AtomicH5:
             self.file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:

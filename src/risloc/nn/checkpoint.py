@@ -21,26 +21,22 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import subprocess
 from pathlib import Path
 
 import torch
+
+from .._files import atomic_path
 
 FORMAT = "risloc-learned"
 VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (temporary name in the same folder, then ``os.replace``)."""
+    """Write ``state`` to ``path`` atomically (:func:`risloc._files.atomic_path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
@@ -75,22 +71,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def git_commit() -> str:
-    """The git commit of the risloc source tree (with '+dirty' when it has local changes), or 'unknown'.
-
-    ``RISLOC_GIT_COMMIT`` in the environment wins (for copies of the tree without ``.git``,
-    e.g. a training machine that received a checkout of a known commit)."""
-    if os.environ.get("RISLOC_GIT_COMMIT"):
-        return os.environ["RISLOC_GIT_COMMIT"]
-    here = Path(__file__).resolve().parent.parent  # the risloc package
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 INFERENCE_KEYS = ("format", "version", "config", "scenario", "metrics", "calibration", "beta", "seed", "git", "progress", "distributed")

@@ -44,7 +44,8 @@ from .. import covariance as cv
 from ..scenes import Scenes, Truth
 from ..simulate import simulate, source_factor
 from . import calibrate
-from .checkpoint import FORMAT, VERSION, export_weights, git_commit, load_checkpoint, save_checkpoint
+from .._provenance import git_commit
+from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
 from .inference import Calibration, fallback_order, locate_from_prediction
