@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._files import atomic_write_text  # noqa: F401  (re-exported: risloc.scenario.atomic_write_text)
+from ._toml import coerce, toml_value
+from ._toml import dumps as toml_dumps  # noqa: F401  (re-exported: risloc.scenario.toml_dumps)
 
 SIGNAL_MODELS = ("stochastic", "static")
 CODEBOOKS = ("random", "dft")
@@ -144,7 +146,7 @@ class Scenario:
         unknown = sorted(set(data) - set(known))
         if unknown and strict:
             raise ValueError(f"unknown Scenario field(s) {unknown}; known: {sorted(known)}")
-        kwargs = {k: _coerce(known[k], v) for k, v in data.items() if k in known}
+        kwargs = {k: coerce(known[k], v) for k, v in data.items() if k in known}
         return cls(**kwargs)
 
     def to_json(self) -> str:
@@ -159,7 +161,7 @@ class Scenario:
     def to_toml(self) -> str:
         lines = ["# risloc scenario (units: metres, radians, linear power unless *_db)"]
         for f in fields(self):
-            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
@@ -188,45 +190,5 @@ class Scenario:
             name = name.strip().replace("-", "_")
             if name not in known:
                 raise ValueError(f"unknown Scenario field {name!r}; known: {sorted(known)}")
-            changes[name] = _coerce(known[name], value.strip())
+            changes[name] = coerce(known[name], value.strip())
         return self.replace(**changes)
-
-
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    typ = f.type if isinstance(f.type, type) else {"float": float, "int": int, "str": str, "bool": bool}.get(str(f.type), str)
-    try:
-        if typ is bool and isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if typ is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if typ is int and isinstance(value, str):
-            return int(float(value)) if float(value).is_integer() else int(value)
-        return typ(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"field {f.name!r}: cannot read {value!r} as {typ.__name__}") from None
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def toml_dumps(tables: dict[str, dict[str, Any]]) -> str:
-    """Write a mapping of flat tables (``{"section": {"key": value}}``) as TOML."""
-    out: list[str] = []
-    for section, table in tables.items():
-        out.append(f"[{section}]")
-        out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-        out.append("")
-    return "\n".join(out)

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..covariance import CovarianceOptions
-from ..scenario import Scenario, toml_dumps
+from .._toml import coerce
+from .._toml import dumps as toml_dumps
+from ..scenario import Scenario
 
 
 @dataclass
@@ -286,38 +288,7 @@ def _field_map(obj) -> dict[str, dataclasses.Field]:
 
 
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    typ = f.type if isinstance(f.type, type) else str(f.type)
-    try:
-        if typ in (bool, "bool"):
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if typ in (int, "int"):
-            if isinstance(value, str):
-                value = float(value)
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if typ in (float, "float"):
-            return float(value)
-        if typ in (str, "str"):
-            return str(value)
-        if str(typ).startswith("tuple"):
-            if isinstance(value, str):
-                value = [float(v) for v in value.strip("()[] ").split(",")]
-            return tuple(float(v) for v in value)
-        if str(typ).startswith("dict"):
-            if isinstance(value, str):
-                return tomllib.loads(f"x = {value}")["x"]
-            return dict(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"configuration field {where!r}: cannot read {value!r} as {typ}") from None
-    return value
+    return coerce(f, value, f"configuration field {where!r}")
 
 
 def apply_overrides(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:

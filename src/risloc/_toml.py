@@ -1,0 +1,85 @@
+"""One TOML home: writing flat tables and reading values into typed dataclass fields.
+
+risloc writes TOML for scenarios (:meth:`risloc.Scenario.to_toml`) and training
+configurations (:meth:`risloc.nn.config.TrainConfig.to_toml`), and reads values from TOML
+files and ``--set field=value`` strings into dataclass fields. Both directions live here:
+
+* :func:`toml_value` / :func:`dumps`: booleans, numbers (``repr``, so floats round-trip),
+  strings (JSON-quoted, a subset of TOML's basic strings), lists and tuples, in flat tables;
+* :func:`coerce`: a value (from TOML or a command-line string) to a field's declared type
+  (``bool``: true/false/yes/no/on/off/1/0; ``int``: integral floats accepted; ``float``;
+  ``str``; ``tuple[float, ...]``: a list or "a, b, c"; ``dict``: a TOML inline table),
+  ValueError naming the field otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from typing import Any
+
+__all__ = ["toml_value", "dumps", "coerce"]
+
+_TYPES = {"float": float, "int": int, "str": str, "bool": bool}
+
+
+def toml_value(value: Any) -> str:
+    """One value as TOML (bool, int, float, str, list/tuple of those)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps(tables: dict[str, dict[str, Any]]) -> str:
+    """Write a mapping of flat tables (``{"section": {"key": value}}``) as TOML (None values are left out)."""
+    out: list[str] = []
+    for section, table in tables.items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None)
+        out.append("")
+    return "\n".join(out)
+
+
+def coerce(f: dataclasses.Field, value: Any, label: str | None = None) -> Any:
+    """``value`` read as the declared type of field ``f`` (see the module docstring); ValueError
+    "<label>: cannot read <value> as <type>" (label: ``field 'name'`` unless given)."""
+    typ = f.type if isinstance(f.type, type) else _TYPES.get(str(f.type), str(f.type))
+    name = getattr(typ, "__name__", str(typ))
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            if isinstance(value, str):
+                value = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+        if str(typ).startswith("tuple"):
+            if isinstance(value, str):
+                value = [float(v) for v in value.strip("()[] ").split(",")]
+            return tuple(float(v) for v in value)
+        if str(typ).startswith("dict"):
+            if isinstance(value, str):
+                return tomllib.loads(f"x = {value}")["x"]
+            return dict(value)
+    except (TypeError, ValueError, tomllib.TOMLDecodeError):
+        raise ValueError(f"{label or f'field {f.name!r}'}: cannot read {value!r} as {name}") from None
+    return value
