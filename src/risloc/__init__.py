@@ -20,11 +20,15 @@ from .simulate import simulate, simulate_chunks, source_covariance, source_facto
 __version__ = "0.1.0"
 
 
-def locate(scenes: Scenes, method: str = "music", **options) -> Estimates:
-    """Run the estimator registered as ``method`` (see :func:`risloc.estimators.available`)."""
+def locate(scenes: Scenes, method: str = "music", *, K=None, batch: int | None = None, progress: bool = False,
+           device=None, **options) -> Estimates:
+    """Run the estimator registered as ``method`` (see :func:`risloc.estimators.available`) in
+    batches of ``batch`` scenes (default: the estimator's own). ``K``: known source counts (an
+    int or a per-scene integer tensor) for estimators that accept them; the answer then has
+    exactly K sources per scene. Other keywords are the estimator's options."""
     from .estimators import locate as _locate
 
-    return _locate(scenes, method, **options)
+    return _locate(scenes, method, K=K, batch=batch, progress=progress, device=device, **options)
 
 
 def evaluate(scenes: Scenes, est: Estimates, *, crb=None):

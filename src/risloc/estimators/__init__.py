@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -111,13 +112,19 @@ _REGISTRY: dict[str, "Estimator"] = {}
 
 
 def _keyword_defaults(fn: Callable) -> dict[str, Any]:
-    """The keyword options of ``fn`` with their defaults (read once, at registration)."""
+    """The options of ``fn`` with their defaults, read once at registration: its keyword
+    arguments, plus its module's documented ``DEFAULTS`` dict when it has one (options that
+    the function takes through ``**options``, e.g. ``ml``'s)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return {}
+        params = []
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name: p.default for p in list(params)[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    out = {p.name: p.default for p in list(params)[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    extra = getattr(sys.modules.get(getattr(fn, "__module__", ""), None), "DEFAULTS", None)
+    if isinstance(extra, dict):
+        out.update(extra)
+    return out
 
 
 def known_k(K: int | Tensor, n_scenes: int, k_max: int, *, device=None) -> Tensor:
