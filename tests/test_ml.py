@@ -62,7 +62,7 @@ def _check_output(est: Estimates, n: int, k_max: int):
 def test_registered():
     from risloc.estimators import ml
 
-    assert get("ml") is ml.estimate
+    assert get("ml").fn is ml.estimate
 
 
 def test_steering_derivatives_match_physics():

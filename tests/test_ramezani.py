@@ -41,7 +41,7 @@ def test_anti_diagonal_cancels_range_under_fresnel():
 
 
 def test_registered():
-    assert get("ramezani") is rz.estimate
+    assert get("ramezani").fn is rz.estimate
 
 
 def test_oracle_single_source_accurate():
