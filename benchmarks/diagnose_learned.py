@@ -28,10 +28,12 @@ import torch
 
 import risloc
 from risloc import metrics, physics
+from risloc.bench.report import RANGE_BUCKETS_M, SEPARATION_BUCKETS, beamwidth
 
-RANGE_EDGES = (0.5, 1.0, 2.0, 4.0, 10.0)
-BEAMWIDTH = math.radians(8.5)
-SEPARATION_EDGES = (0.0, 1.0, 2.0, 4.0, math.inf)
+# the bucket edges of risloc bench's report (one home: risloc.bench.report)
+RANGE_EDGES = tuple(lo for lo, _ in RANGE_BUCKETS_M) + (RANGE_BUCKETS_M[-1][1],)
+BEAMWIDTH = beamwidth(risloc.Scenario())  # 0.886 lambda / D = 8.46 deg
+SEPARATION_EDGES = tuple(lo for lo, _ in SEPARATION_BUCKETS) + (SEPARATION_BUCKETS[-1][1],)
 
 
 def _closest(truth) -> np.ndarray:
