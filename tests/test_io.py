@@ -293,7 +293,7 @@ def test_reference_k1_static_explained_by_truth():
     ratio = resid / s.truth.noise_var.double() / ((L * M - 1) / (L * M))
     assert (ratio > 0.6).all() and (ratio < 1.4).all(), ratio  # chi^2 with 510 dof: sd ~ 6%
     assert abs(ratio.mean().item() - 1) < 0.08
-    # spec SNR definition: sigma^2 = P / 10^(SNR/10), P = mean |clean|^2 (fit error ~ 1e-3 at 30 dB)
+    # SNR definition of docs/model.md: sigma^2 = P / 10^(SNR/10), P = mean |clean|^2 (fit error ~ 1e-3 at 30 dB)
     P = fitted.abs().square().mean(dim=(1, 2))
     assert torch.allclose(P / 10 ** (s.snr_db.double() / 10), s.truth.noise_var.double(), rtol=0.01)
 
