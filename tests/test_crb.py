@@ -214,7 +214,7 @@ def test_bad_input_is_refused_with_scene_and_field():
 def _at_snr(scenes, snr_db):
     """Same scenes with sigma^2 set from the realised clean power at the given SNR."""
     t = scenes.truth
-    # P = sigma^2_old * 10^(snr_old/10) is the realised clean power of each scene (physics.md)
+    # P = sigma^2_old * 10^(snr_old/10) is the realised clean power of each scene (docs/model.md)
     P = t.noise_var.double() * 10 ** (scenes.snr_db.double() / 10)
     return P / 10 ** (snr_db / 10)
 

@@ -1,6 +1,6 @@
 r"""Cramér–Rao bounds on the source positions (phi, theta, r), batched over scenes.
 
-Measurement model (shared/spec/physics.md)::
+Measurement model (docs/model.md)::
 
     y_l = G_l A s(l) + n_l,   G_l = H diag(c_l) (M x N),   A = [a(phi_k, theta_k, r_k)] (N x K),
     n_l ~ CN(0, sigma^2 I_M),  l = 1..L,   B_l = G_l A (M x K).
@@ -389,7 +389,7 @@ def crb(
     """Square-root Cramér–Rao bounds on (phi, theta, r) of every source of every scene.
 
     Args:
-        H: ``[S, M, N]`` BS–RIS channel; codes: ``[S, L, N]`` RIS codes (physics.md order).
+        H: ``[S, M, N]`` BS–RIS channel; codes: ``[S, L, N]`` RIS codes (element order of docs/model.md).
         phi, theta, r, power: ``[S, K_max]`` true positions (rad, m) and powers p_k, NaN-padded.
         noise_var: ``[S]`` sigma^2.
         scenario: geometry (wavelength, element grid).

@@ -1,4 +1,4 @@
-"""Scene and estimates files: HDF5 exactly per shared/spec/scene-file.md (contract v1).
+"""Scene and estimates files: HDF5 exactly per docs/scene-files.md (format version 1).
 
 Layout of a scene file (S scenes; L snapshots, M BS antennas, N RIS elements, K_max)::
 
@@ -352,7 +352,7 @@ def _open_scenes_file(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path
 
 
 def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) -> FileInfo:
-    """Check a scene file against scene-file.md, streaming ``chunk`` scenes at a time.
+    """Check a scene file against docs/scene-files.md, streaming ``chunk`` scenes at a time.
 
     Refuses (``ValueError`` naming the dataset and, for value errors, the first bad scene):
     wrong ``format``/``version``, a missing or unreadable ``scenario``, missing inputs, shapes

@@ -1,11 +1,11 @@
-"""The physics of shared/spec/physics.md: geometry, steering vectors, BS-RIS channel, codebooks.
+"""The physics of docs/model.md: geometry, steering vectors, BS-RIS channel, codebooks.
 
 Every function is batched over leading dimensions, differentiable with autograd, and
 runs on whatever device its tensor arguments live on. Complex results are complex64
 unless ``dtype=torch.complex128`` is asked for; real intermediate work is then done
 in float64.
 
-Symbols (physics.md):
+Symbols (docs/model.md):
 
 * element (i, j) at ``e = ((i - (N_H-1)/2) d_H, (j - (N_V-1)/2) d_V, 0)``, flat index
   ``n = j N_H + i``;
@@ -98,7 +98,7 @@ def steering(
 ) -> Tensor:
     """RIS-side steering vectors ``a(phi, theta, r)``, shape ``[..., N]`` (broadcast of the inputs).
 
-    ``approximation="exact"`` (the model of physics.md, the simulator's only choice)::
+    ``approximation="exact"`` (the model of docs/model.md, the simulator's only choice)::
 
         a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda),   d_n = |p - e_n|,
 
@@ -200,7 +200,7 @@ def phase_codes(q: Tensor, bits: int, *, dtype: torch.dtype = torch.complex64) -
 def dft_codes(scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
     """The ``dft`` codebook ``[L, N]``: 2-D DFT beams on a regular (u, v) sub-grid, b-bit quantised.
 
-    ``c_l,n = exp(j 2 pi (u_l i / N_H + v_l j / N_V))``. The spec leaves the sub-grid open;
+    ``c_l,n = exp(j 2 pi (u_l i / N_H + v_l j / N_V))``. The sub-grid (docs/model.md):
     risloc factors L = L_u * L_v as close to square as possible (L_u <= L_v) and takes
     ``u = round(a N_H / L_u)``, ``v = round(b N_V / L_v)`` for a = 0..L_u-1, b = 0..L_v-1,
     ordered with u fastest (16 codes on 12 x 12: u, v in {0, 3, 6, 9}). The codes are the

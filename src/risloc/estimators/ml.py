@@ -1,7 +1,7 @@
 """Maximum-likelihood localisation (``ml``): greedy likelihood search on a near-field
 dictionary, joint Fisher-scoring refinement, likelihood-penalty order selection.
 
-Measurement model (shared/spec/physics.md): for snapshot l = 1..L,
+Measurement model (docs/model.md): for snapshot l = 1..L,
 
     y_l = G_l A(eta) s(l) + n_l,   G_l = H diag(c_l),   n_l ~ CN(0, sigma^2 I_M),
 
@@ -603,7 +603,7 @@ def _decide_range(st: _State, F: Tensor, static: bool, sc, opts) -> _State:
     at the ML estimate, marginal over the other parameters). With the uniform prior in r the
     posterior density in r is proportional to exp(-(1/r - rho-hat)^2 / (2 var)) on [r_min, r_max];
     the reported range maximises the posterior probability of a hit, P(|r-hat - r| <= 0.1 r),
-    i.e. of r in [r-hat/1.1, r-hat/0.9]. (A Bayes decision for the scoring rule of physics.md;
+    i.e. of r in [r-hat/1.1, r-hat/0.9]. (A Bayes decision for the scoring rule of docs/metrics.md;
     ``range_decision="ml"`` keeps the ML range.)
     """
     if opts["range_decision"] != "hit":

@@ -2,7 +2,7 @@
 the near-field dictionary, the per-snapshot measurement of steering vectors, and the two
 likelihoods (stochastic and static signal model) with their gradients and Fisher matrices.
 
-Symbols are those of shared/spec/physics.md: element positions e_n, direction
+Symbols are those of docs/model.md: element positions e_n, direction
 u(phi, theta) = (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi)), range r, and
 
     a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda),   d_n = |r u - e_n|.
@@ -124,7 +124,7 @@ def stochastic_eval(
 ):
     """Stochastic negative log-likelihood, its gradient and Fisher matrix (batched over scenes).
 
-    Model (physics.md, stochastic signals): y_l ~ CN(0, C_l),
+    Model (docs/model.md, stochastic signals): y_l ~ CN(0, C_l),
 
         C_l = B_l P B_l^H + sigma^2 I,   B_l = G_l A(eta),   P = diag(p_1..p_K),
         NLL = sum_l [ log det C_l + y_l^H C_l^-1 y_l ]   (constant L M log pi dropped).

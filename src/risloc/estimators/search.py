@@ -4,7 +4,7 @@ Everything here works on a *weighted subspace* ``W`` ``[B, N, k]`` and the null 
 
     q(phi, theta, r) = 1 - |W^H a_hat|^2,        a_hat = a / |a|,                       (1)
 
-with ``a = a(phi, theta, r)`` the exact steering vector of physics.md (or its Fresnel
+with ``a = a(phi, theta, r)`` the exact steering vector of docs/model.md (or its Fresnel
 approximation). The pseudo-spectrum is ``P = 1 / q``.
 
 * MUSIC (Schmidt 1986): ``W = E_s`` (the K dominant orthonormal eigenvectors), so ``q`` is
@@ -97,7 +97,7 @@ class GridSpec:
     spacing: str = "sin"
     """'sin': angles uniform in sin(angle); 'angle': uniform in angle."""
     approximation: str = "exact"
-    """Steering model of the search: 'exact' (physics.md) or 'fresnel'."""
+    """Steering model of the search: 'exact' (docs/model.md) or 'fresnel'."""
 
     def __post_init__(self):
         for name in ("n_phi", "n_theta", "n_r"):
@@ -466,7 +466,7 @@ def subspace_search(
     """Joint search: grid -> ``n_candidates`` deepest local minima -> refinement -> NMS.
 
     ``min_separation`` [rad] of the NMS defaults to half the scenario's
-    ``min_separation`` (2.5 deg for physics.md), or 1 deg when that is zero. Works in
+    ``min_separation`` (2.5 deg for the default scenario), or 1 deg when that is zero. Works in
     chunks of ``chunk`` scenes (bounded memory). Returns ``[B, n_candidates]`` results.
     """
     _check_subspace(spectrum.V, scenario, "subspace_search")

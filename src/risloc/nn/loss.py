@@ -3,7 +3,7 @@
 Notation: E(F) = :func:`risloc.nn.model.effective` (F, inputs, options) — THE effective covariance
 of a factor F with the scene's sample covariance R_s and SNR (trace-normalised, hybrid-blended
 with beta, loaded with delta, shrunk with alpha = gamma / (1 + snr)); F* = source_factor(truth)
-(R = F* F*^H, physics.md 'The learning target'); F-hat the network's factor.
+(R = F* F*^H, the learning target of docs/model.md); F-hat the network's factor.
 
 Main term (covariance NMSE, the same builder and arguments for prediction and truth)::
 

@@ -40,7 +40,7 @@ detections (``search = "local"``).
 
 Loss (``LossConfig.main = "detect"``, :func:`detection_loss`): the CenterNet focal loss on the
 heat map against Gaussian bumps (std ``detect_sigma`` cells) at the true positions, plus a
-Huber loss on the position errors in *hit units* of physics.md (delta phi / 2 deg,
+Huber loss on the position errors in *hit units* of docs/metrics.md (delta phi / 2 deg,
 delta theta / 2 deg, delta r / (0.1 r)) of the cells around each source, plus an L1 loss on
 the log powers; the K head's cross-entropy is the objective's ``k`` term.
 """
