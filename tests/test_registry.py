@@ -82,7 +82,15 @@ def test_known_k_checked(scenes):
         risloc.locate(scenes, "ml", K=1)
 
 
-@pytest.mark.parametrize("method", ["music", "mvdr", "ramezani"])
+_PACKAGE = ("music", "mvdr", "ramezani", "ml", "learned", "learned+ml", "subspacenet")
+ACCEPTS_K = [n for n in _PACKAGE if estimators.info(n).accepts_k]
+
+
+def test_classical_estimators_accept_k():
+    assert {"music", "mvdr", "ramezani"} <= set(ACCEPTS_K)
+
+
+@pytest.mark.parametrize("method", ACCEPTS_K)
 def test_known_k_honoured(method, scenes):
     """K-hat == K in every scene, int and per-scene tensor forms, sources finite, padding NaN."""
     truth_k = scenes.truth.K
