@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from risloc import Scenario, physics, simulate
-from risloc.crb import crb, crb_for_scenes, fisher_information, steering_jacobian
+from risloc.crb import crb, crb_for_scenes, fisher_information
 
 f64, c128 = torch.float64, torch.complex128
 
@@ -99,19 +99,6 @@ def _small():
     phi, theta = _t([0.3, -0.4], [0.1, 0.5]), _t([0.2, -0.1], [0.0, 0.3])
     r, p, s2 = _t([1.0, 2.5], [0.7, 3.0]), _t([1.0, 0.5], [0.3, 0.8]), torch.tensor([0.2, 0.05], dtype=f64)
     return sc, H, codes, phi, theta, r, p, s2
-
-
-def test_steering_jacobian_matches_autograd_and_physics():
-    sc = Scenario()
-    g = torch.Generator().manual_seed(1)
-    phi = (torch.rand(7, 3, generator=g, dtype=f64) - 0.5) * 2.0
-    theta = (torch.rand(7, 3, generator=g, dtype=f64) - 0.5) * 1.0
-    r = 0.5 + 20 * torch.rand(7, 3, generator=g, dtype=f64)
-    an = steering_jacobian(phi, theta, r, sc)
-    ag = steering_jacobian(phi, theta, r, sc, method="autograd")
-    assert torch.allclose(an[0], physics.steering(phi, theta, r, sc, dtype=c128), rtol=0, atol=1e-12)
-    for x, y in zip(an[1:], ag[1:]):
-        assert ((x - y).abs().max() / y.abs().max()).item() < 1e-12
 
 
 def test_stochastic_fim_matches_brute_force_slepian_bangs():
@@ -265,7 +252,7 @@ def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
     sc = Scenario(k_fixed=3)
     scenes = simulate(sc, 4, seed=5)
     t = scenes.truth
-    a, *d = steering_jacobian(t.phi[:, :3], t.theta[:, :3], t.r[:, :3], sc)
+    a, *d = physics.steering_with_derivatives(t.phi[:, :3], t.theta[:, :3], t.r[:, :3], sc, dtype=c128)
     vecs = torch.cat([a, *d], 1)
     G = scenes.H.to(c128).unsqueeze(1) * scenes.codes.to(c128).unsqueeze(2)
     V = G @ vecs.mT.unsqueeze(1)  # [S, L, M, 4K]

@@ -11,7 +11,7 @@ import torch
 import risloc
 from risloc import Estimates, Scenario, simulate
 from risloc.estimators import get
-from risloc.estimators.ml_core import stochastic_eval, static_eval, steering_with_derivatives
+from risloc.estimators.ml_core import stochastic_eval, static_eval
 
 DEG = math.pi / 180
 
@@ -63,25 +63,6 @@ def test_registered():
     from risloc.estimators import ml
 
     assert get("ml") is ml.estimate
-
-
-def test_steering_derivatives_match_physics():
-    sc = Scenario()
-    g = torch.Generator().manual_seed(0)
-    phi = (torch.rand(4, 3, generator=g, dtype=torch.float64) - 0.5) * 2
-    theta = (torch.rand(4, 3, generator=g, dtype=torch.float64) - 0.5)
-    rho = torch.rand(4, 3, generator=g, dtype=torch.float64) * 1.9 + 0.1
-    a, dp, dt, dr = steering_with_derivatives(phi, theta, rho, sc, dtype=torch.complex128)
-    ref = risloc.physics.steering(phi, theta, 1 / rho, sc, dtype=torch.complex128)
-    assert torch.allclose(a, ref, atol=1e-12)
-    h = 1e-7
-    for x, d in ((0, dp), (1, dt), (2, dr)):
-        args = [phi, theta, rho]
-        up = [t + h if i == x else t for i, t in enumerate(args)]
-        dn = [t - h if i == x else t for i, t in enumerate(args)]
-        fd = (risloc.physics.steering(up[0], up[1], 1 / up[2], sc, dtype=torch.complex128)
-              - risloc.physics.steering(dn[0], dn[1], 1 / dn[2], sc, dtype=torch.complex128)) / (2 * h)
-        assert torch.allclose(fd, d, rtol=1e-5, atol=1e-5 * d.abs().max())
 
 
 def test_likelihood_gradients_match_autograd():

@@ -41,9 +41,9 @@ Two signal models, as in the spec:
     scenes at 20 dB, random phases change sqrt(CRB(phi)) by a factor 0.91..1.08 (10-90 %),
     0.65..1.30 (1-99 %) (docs/crb.md).
 
-Derivatives of the exact spherical steering vector are analytic (cancellation-free forms,
-see :func:`steering_jacobian`) and checked against autograd in the tests
-(``method="autograd"`` uses ``torch.func.jvp`` on :func:`risloc.physics.steering`).
+Derivatives of the exact spherical steering vector with respect to (phi, theta, r) are the
+analytic, cancellation-free forms of :func:`risloc.physics.steering_with_derivatives`
+(checked against finite differences and autograd in the tests).
 
 All work is done in complex128 / float64 on the device of the inputs. The Fisher matrix is
 equilibrated (unit diagonal) and inverted through a symmetric eigen-decomposition: a
@@ -68,7 +68,7 @@ from .scenario import SIGNAL_MODELS, Scenario
 
 POSITION_PARAMS = ("phi", "theta", "r")
 
-__all__ = ["CRBResult", "crb", "crb_for_scenes", "crb_file", "load_crb", "steering_jacobian", "fisher_information", "POSITION_PARAMS"]
+__all__ = ["CRBResult", "crb", "crb_for_scenes", "crb_file", "load_crb", "fisher_information", "POSITION_PARAMS"]
 
 
 @dataclass
@@ -115,61 +115,6 @@ class CRBResult:
             v = getattr(items[0], f.name)
             out[f.name] = torch.cat([getattr(it, f.name) for it in items]) if isinstance(v, Tensor) else v
         return cls(**out)
-
-
-# ---------------------------------------------------------------------------------------------
-# steering derivatives
-# ---------------------------------------------------------------------------------------------
-def steering_jacobian(
-    phi: Tensor,
-    theta: Tensor,
-    r: Tensor,
-    scenario: Scenario,
-    *,
-    method: str = "analytic",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""The exact steering ``a`` and its partial derivatives, each ``[..., N]`` complex128.
-
-    Returns ``(a, da/dphi, da/dtheta, da/dr)``. With ``p = r u(phi, theta)``, ``d_n = |p - e_n|``,
-    ``a_n = (r/d_n) exp(-j k (d_n - r))``, ``k = 2 pi / lambda``::
-
-        dd/dphi = -r e.u_phi / d,   dd/dtheta = -r e.u_theta / d         (p . dp/dxi = 0)
-        da/dxi  = -a (dd/dxi) (1/d + j k)                                 xi in {phi, theta}
-        da/dr   = a [(|e|^2 - r u.e) / (r d^2) - j k ((u.e)^2 - |e|^2) / (d (r - u.e + d))]
-
-    (the last term is d(d - r)/dr written without cancellation). ``method="autograd"``
-    differentiates :func:`risloc.physics.steering` by forward-mode autograd instead.
-    """
-    dt = torch.float64
-    phi, theta, r = (torch.as_tensor(t).to(dt) for t in (phi, theta, r))
-    phi, theta, r = torch.broadcast_tensors(phi, theta, r)
-    if method == "autograd":
-        f = lambda p_, t_, r_: physics.steering(p_, t_, r_, scenario, dtype=torch.complex128)  # noqa: E731
-        ones, zeros = torch.ones_like(phi), torch.zeros_like(phi)
-        a, d_phi = torch.func.jvp(f, (phi, theta, r), (ones, zeros, zeros))
-        _, d_theta = torch.func.jvp(f, (phi, theta, r), (zeros, ones, zeros))
-        _, d_r = torch.func.jvp(f, (phi, theta, r), (zeros, zeros, ones))
-        return a, d_phi, d_theta, d_r
-    if method != "analytic":
-        raise ValueError(f"method must be 'analytic' or 'autograd', not {method!r}")
-    e = physics.element_positions(scenario, dtype=dt, device=phi.device)  # [N, 3]
-    e2 = (e * e).sum(-1)
-    ct, st, cp, sp = torch.cos(theta), torch.sin(theta), torch.cos(phi), torch.sin(phi)
-    u = torch.stack([ct * sp, st, ct * cp], -1)
-    u_phi = torch.stack([ct * cp, torch.zeros_like(ct), -ct * sp], -1)
-    u_theta = torch.stack([-st * sp, ct, -st * cp], -1)
-    ue, e_uphi, e_utheta = u @ e.T, u_phi @ e.T, u_theta @ e.T  # [..., N]
-    rr = r.unsqueeze(-1)
-    k = 2 * math.pi / scenario.wavelength
-    d = torch.sqrt(torch.clamp(rr * rr - 2 * rr * ue + e2, min=torch.finfo(dt).tiny))
-    path = (e2 - 2 * rr * ue) / (d + rr)  # d - r
-    a = torch.polar(rr / d, -k * path)
-    fac = torch.complex(1 / d, torch.full_like(d, k))  # 1/d + j k
-    d_phi = a * (rr * e_uphi / d) * fac
-    d_theta = a * (rr * e_utheta / d) * fac
-    dpath_dr = (ue * ue - e2) / (d * (rr - ue + d))
-    d_r = a * torch.complex((e2 - rr * ue) / (rr * d * d), -k * dpath_dr)
-    return a, d_phi, d_theta, d_r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +267,7 @@ def fisher_information(
     if active is None:
         active = torch.ones(S, K, dtype=torch.bool, device=dev)
     mask = active.to(torch.float64)
-    a, *ders = steering_jacobian(phi, theta, r, scenario)
+    a, *ders = physics.steering_with_derivatives(phi, theta, r, scenario, dtype=torch.complex128)
     vecs = torch.cat([a] + [ders[POSITION_PARAMS.index(q)] for q in params], dim=1)  # [S, (1+P)K, N]
     vecs = vecs * mask.repeat(1, 1 + len(params)).unsqueeze(-1)
     Gm = _grams(H.to(torch.complex128), codes.to(device=dev, dtype=torch.complex128), vecs)

@@ -1,6 +1,5 @@
-"""Building blocks of the ``ml`` estimator: steering vectors with their derivatives,
-the near-field dictionary, the per-snapshot measurement of steering vectors, and the two
-likelihoods (stochastic and static signal model) with their gradients and Fisher matrices.
+"""Building blocks of the ``ml`` estimator: the per-snapshot measurement of steering vectors
+and the two likelihoods (stochastic and static signal model) with their gradients and Fisher matrices.
 
 Symbols are those of shared/spec/physics.md: element positions e_n, direction
 u(phi, theta) = (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi)), range r, and
@@ -9,6 +8,8 @@ u(phi, theta) = (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi)), range r,
 
 The range is parametrised by its inverse rho = 1 / r (range resolution is nearly
 uniform in 1/r: the Fresnel phase term is (|e|^2 - (u.e)^2) / (2 r)).
+Steering vectors and their derivatives in (phi, theta, rho) come from
+:func:`risloc.physics.steering_with_derivatives` (``range_param="rho"``).
 All functions are batched over leading dimensions and run on the tensors' device.
 """
 
@@ -21,39 +22,6 @@ from torch import Tensor
 
 from .. import physics
 from ..scenario import Scenario
-
-
-def steering_with_derivatives(phi: Tensor, theta: Tensor, rho: Tensor, scenario: Scenario, *, dtype=torch.complex64):
-    """Exact steering ``a`` and ``da/dphi``, ``da/dtheta``, ``da/drho`` (rho = 1/r), each ``[..., N]``.
-
-    With d = |r u - e| and the log-derivative  d log a = dr/r - dd/d - j k (dd - dr):
-
-    * dd/dphi = -r (u_phi . e) / d,  dd/dtheta = -r (u_theta . e) / d,  dd/dr = (r - u.e) / d,
-    * dr/drho = -r^2.
-    """
-    rd = physics.real_dtype(dtype)
-    phi, theta, rho = phi.to(rd), theta.to(rd), rho.to(rd)
-    e = physics.element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3]
-    ex, ey = e[:, 0], e[:, 1]
-    e2 = (e * e).sum(-1)
-    k = 2 * math.pi / scenario.wavelength
-    sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
-    r = (1.0 / rho).unsqueeze(-1)
-    ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e (e_z = 0)
-    up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi . e, u_phi = (ct cp, 0, -ct sp)
-    ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta . e
-    d = torch.sqrt(torch.clamp(r * r - 2 * r * ue + e2, min=torch.finfo(rd).tiny))
-    path = (e2 - 2 * r * ue) / (d + r)
-    a = torch.polar(r / d, -k * path)
-    # d log a / d phi = r (u_phi.e) / d^2 + j k r (u_phi.e) / d   (and the same for theta)
-    gp = r * up_e / d
-    gt = r * ut_e / d
-    lp = torch.complex(gp / d, k * gp)
-    lt = torch.complex(gt / d, k * gt)
-    # d log a / d r = 1/r - (r - u.e)/d^2 - j k ((r - u.e)/d - 1);  d/drho = -r^2 d/dr
-    q = (r - ue) / d
-    lr = torch.complex(-(r * r) * (1.0 / r - q / d), (r * r) * k * (q - 1.0))
-    return a, a * lp, a * lt, a * lr
 
 
 def grid(scenario: Scenario, n_phi: int, n_theta: int, n_rho: int, *, device=None, dtype=torch.float32):
@@ -141,7 +109,7 @@ def stochastic_eval(
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
     cd = y.dtype
-    a, da_p, da_t, da_r = steering_with_derivatives(phi, theta, rho, scenario, dtype=cd)
+    a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(phi.dtype)
     if derivatives:
         V = measure(H, codes, torch.cat([a, da_p, da_t, da_r], dim=1))  # [B, L, M, 4K]
@@ -229,7 +197,7 @@ def static_eval(
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
     cd = y.dtype
-    a, da_p, da_t, da_r = steering_with_derivatives(phi, theta, rho, scenario, dtype=cd)
+    a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(cd).view(B, 1, K)
     vecs = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
     V = measure(H, codes, vecs).reshape(B, L * M, -1)  # [B, LM, 4K]
