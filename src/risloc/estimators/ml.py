@@ -62,7 +62,8 @@ from torch import Tensor
 
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import grid, measure, measure_dictionary, physics, static_eval, stochastic_eval
+from .. import grids, physics
+from .ml_core import measure, static_eval, stochastic_eval
 
 # Defaults calibrated on simulated validation scenes (docs/estimators-ml.md).
 DEFAULTS = dict(
@@ -81,20 +82,6 @@ DEFAULTS = dict(
     top=32,  # atoms scored exactly after the proxy screening (stochastic greedy step)
     init_prune=0,  # init path only: backward pruning passes on the given K-hat (penalised NLL + power rule)
 )
-
-_DICT_CACHE: dict = {}
-
-
-def _dictionary(scenario, shape, device, dtype):
-    key = (scenario.to_json(), tuple(shape), str(device), dtype)
-    if key not in _DICT_CACHE:
-        gp, gt, gr = grid(scenario, *shape, device=device, dtype=physics.real_dtype(dtype))
-        D = physics.steering(gp, gt, 1.0 / gr, scenario, dtype=dtype, device=device).T.contiguous()  # [N, Q]
-        if len(_DICT_CACHE) > 4:
-            _DICT_CACHE.clear()
-        _DICT_CACHE[key] = (gp, gt, gr, D)
-    return _DICT_CACHE[key]
-
 
 def _box(scenario, dtype, device):
     sc = scenario
@@ -494,8 +481,9 @@ def _path(data, K: int, static: bool, snr_db, box, opts):
     rd = physics.real_dtype(cd)
     lo, hi = box
     z = torch.zeros(B, K, dtype=rd, device=device)
-    gp, gt, gr, D = _dictionary(sc, opts["grid_shape"], device, cd)
-    Phi = measure_dictionary(H, codes, D)  # [B, L, M, Q]
+    dico = grids.dictionary(sc, opts["grid_shape"], device=device, dtype=cd)
+    gp, gt, gr = dico.phi, dico.theta, dico.rho
+    Phi = grids.measure_dictionary(H, codes, dico.D)  # [B, L, M, Q]
     n2 = torch.view_as_real(Phi).square().sum((2, 4))  # |phi_l|^2, [B, L, Q]
     c = (y.unsqueeze(2).conj() @ Phi).squeeze(2).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
     st = _State(z.clone(), z.clone(), z.clone() + (lo[2] + hi[2]) / 2, torch.full_like(z, -30.0),

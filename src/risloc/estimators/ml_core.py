@@ -15,27 +15,11 @@ All functions are batched over leading dimensions and run on the tensors' device
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import physics
 from ..scenario import Scenario
-
-
-def grid(scenario: Scenario, n_phi: int, n_theta: int, n_rho: int, *, device=None, dtype=torch.float32):
-    """Dictionary grid ``(phi, theta, rho)``, each ``[Q]``, Q = n_phi * n_theta * n_rho.
-
-    Uniform in sin(phi) over [sin phi_min, sin phi_max], in sin(theta) over the elevation
-    interval and in rho = 1/r over [1/r_max, 1/r_min] (end points included).
-    """
-    sc = scenario
-    sphi = torch.linspace(math.sin(sc.phi_min), math.sin(sc.phi_max), n_phi, dtype=torch.float64)
-    sth = torch.linspace(math.sin(sc.theta_min), math.sin(sc.theta_max), n_theta, dtype=torch.float64)
-    rho = torch.linspace(1.0 / sc.r_max, 1.0 / sc.r_min, n_rho, dtype=torch.float64)
-    P, T, R = torch.meshgrid(torch.asin(sphi), torch.asin(sth), rho, indexing="ij")
-    return tuple(t.reshape(-1).to(device=device, dtype=dtype) for t in (P, T, R))
 
 
 def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
@@ -47,14 +31,6 @@ def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
     P = vectors.shape[1]
     X = (codes.unsqueeze(2) * vectors.unsqueeze(1)).reshape(B, L * P, N)  # [B, L P, N]
     return (H @ X.transpose(-1, -2)).view(B, -1, L, P).transpose(1, 2)  # [B, L, M, P]
-
-
-def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
-    """Per-scene dictionary ``Phi_l = G_l D``: H ``[B, M, N]``, codes ``[B, L, N]``, D ``[N, Q]`` -> ``[B, L, M, Q]``."""
-    B, L, N = codes.shape
-    M = H.shape[1]
-    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B * L * M, N)  # rows of G_l stacked
-    return (G @ D).view(B, L, M, -1)
 
 
 def hermitian_solve_parts(C: Tensor):
