@@ -63,6 +63,7 @@ from torch import Tensor
 from ..scenes import Estimates, Scenes
 from . import register
 from .. import grids, physics
+from ..metrics import RANGE_TOL_REL
 from .ml_core import measure, static_eval, stochastic_eval
 
 # Defaults calibrated on simulated validation scenes (docs/estimators-ml.md).
@@ -623,7 +624,7 @@ def _decide_range(st: _State, F: Tensor, static: bool, sc, opts) -> _State:
         val = c0 + w * (c1 - c0)
         return torch.where(x <= sc.r_min, torch.zeros_like(val), val)
 
-    hit = cdf_at(r / 0.9) - cdf_at(r / 1.1)  # [B, K, G]
+    hit = cdf_at(r / (1 - RANGE_TOL_REL)) - cdf_at(r / (1 + RANGE_TOL_REL))  # [B, K, G]
     # among (near-)maximal hit probabilities take the range closest to the ML one
     near = hit >= hit.max(-1, keepdim=True).values - 1e-3
     dist = (torch.log(r) + torch.log(st.rho).unsqueeze(-1)).abs()
