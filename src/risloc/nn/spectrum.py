@@ -56,13 +56,10 @@ from torch.nn import functional as Fn
 
 from .. import physics
 from ..grids import GridSpec, grid_points, measure_dictionary
+from ..metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ..scenario import Scenario
 from ..scenes import Truth
 from .config import ModelConfig
-
-HIT_PHI = math.radians(2.0)
-HIT_THETA = math.radians(2.0)
-HIT_RANGE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
