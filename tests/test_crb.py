@@ -276,7 +276,7 @@ def test_cli_writes_crb_file_and_load_crb_reads_it(tmp_path, capsys):
     import h5py
 
     from risloc.cli import main
-    from risloc.crb import load_crb
+    from risloc.io import load_crb
 
     sc = Scenario(k_max=3)
     scenes = simulate(sc, 21, seed=2)

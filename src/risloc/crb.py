@@ -52,6 +52,9 @@ parameter with a component in the numerical null space (relative eigenvalue belo
 of zero power, range at a far-field distance); ``CRBResult.regular`` flags scenes whose
 FIM is full rank. NaN appears only in the padding beyond the K sources of a scene and for
 position parameters that were declared known (``params``).
+
+CRB files (``risloc crb``) are written and read by :func:`risloc.io.crb_file` and
+:func:`risloc.io.load_crb`.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from .scenario import SIGNAL_MODELS, Scenario
 
 POSITION_PARAMS = ("phi", "theta", "r")
 
-__all__ = ["CRBResult", "crb", "crb_for_scenes", "crb_file", "load_crb", "fisher_information", "POSITION_PARAMS"]
+__all__ = ["CRBResult", "crb", "crb_for_scenes", "fisher_information", "POSITION_PARAMS"]
 
 
 @dataclass
@@ -471,125 +474,3 @@ def crb_for_scenes(scenes, signal: str | None = None, **options) -> CRBResult:
         scenes.H, scenes.codes, t.phi, t.theta, t.r, t.power, t.noise_var, scenes.scenario,
         signal=signal or scenes.scenario.signal, K=t.K, **options,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# CRB files
-# ---------------------------------------------------------------------------------------------
-CRB_CONTENT = "crb"
-"""Root attribute ``content`` of a CRB file (``format``/``version``/``scenario`` are the scene file's)."""
-
-
-def crb_file(
-    scenes_path,
-    out_path,
-    *,
-    signal: str | None = None,
-    device="cpu",
-    batch: int = 4096,
-    progress: bool = True,
-    **options,
-) -> int:
-    """Compute the CRB of every scene of a scene file and write a CRB file; returns the scene count.
-
-    Reads ``scenes_path`` in chunks of ``batch`` scenes through :mod:`risloc.io` (validated
-    first; the ``truth/`` group is required) and writes ``crb/phi``, ``crb/theta``, ``crb/r``
-    (float32 ``[S, K_max]``, standard deviations in rad / m, NaN padded, ``inf`` where
-    unidentifiable) and ``crb/regular`` (int8 ``[S]``, 1 where the FIM was full rank). The root
-    attributes ``format``, ``version`` and ``scenario`` are copied from the scene file, plus
-    ``content = "crb"``, ``signal`` and ``scenes`` (the scene file's name). The file is written
-    under a temporary name in the same folder and renamed when complete.
-    """
-    from pathlib import Path
-
-    import h5py
-
-    from . import io
-    from ._files import atomic_path
-
-    scenes_path, out_path = Path(scenes_path), Path(out_path)
-    info = io.validate_scenes_file(scenes_path)  # refuses a bad file before any work
-    if not info.has_truth:
-        raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
-    with h5py.File(scenes_path, "r") as f:
-        attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
-    S, K_max = info.n_scenes, info.scenario.k_max
-    signal = signal or info.scenario.signal
-    if signal not in SIGNAL_MODELS:
-        raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
-    batch = max(1, int(batch))
-
-    bar = None
-    try:
-        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
-            for k, v in attrs.items():
-                out.attrs[k] = v
-            out.attrs["content"] = CRB_CONTENT
-            out.attrs["signal"] = signal
-            out.attrs["scenes"] = scenes_path.name
-            chunks = (max(1, min(S, 4096)), K_max)
-            ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
-            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(max(1, min(S, 65536)),))
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=S, unit="scene", desc=f"crb ({signal})")
-            start = 0
-            for scenes in io.iter_scenes(scenes_path, batch, device=device, validate=False):
-                n = len(scenes)
-                res = crb_for_scenes(scenes, signal=signal, **options)
-                for q in POSITION_PARAMS:
-                    ds[q][start : start + n] = getattr(res, q).float().cpu().numpy()
-                ds_reg[start : start + n] = res.regular.to(torch.int8).cpu().numpy()
-                start += n
-                if bar is not None:
-                    bar.update(n)
-            if start != S:
-                raise ValueError(f"{scenes_path}: read {start} scenes, truth/phi has {S}")
-    finally:
-        if bar is not None:
-            bar.close()
-    return S
-
-
-def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> CRBResult:
-    """Read a CRB file written by :func:`crb_file` (``risloc crb``) as a :class:`CRBResult`.
-
-    Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
-    has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
-    """
-    import os
-
-    import h5py
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CRB file {str(path)!r} not found")
-    with h5py.File(path, "r") as f:
-        if "crb" not in f:
-            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
-        content = _as_str(f.attrs.get("content", CRB_CONTENT))
-        if content != CRB_CONTENT:
-            raise ValueError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
-        vals = {}
-        shape = None
-        for q in POSITION_PARAMS:
-            if f"crb/{q}" not in f:
-                raise ValueError(f"{path}: missing dataset crb/{q}")
-            d = f[f"crb/{q}"]
-            if d.ndim != 2 or (shape is not None and d.shape != shape):
-                raise ValueError(f"{path}: crb/{q} has shape {list(d.shape)}, expected [S, K_max] like crb/phi")
-            shape = d.shape
-            vals[q] = torch.from_numpy(d[start:stop]).to(device)
-        n = vals["phi"].shape[0]
-        if "crb/regular" in f:
-            regular = torch.from_numpy(f["crb/regular"][start:stop]).to(device=device, dtype=torch.bool)
-        else:
-            regular = torch.ones(n, dtype=torch.bool, device=device)
-        signal = _as_str(f.attrs.get("signal", "stochastic"))
-    return CRBResult(phi=vals["phi"], theta=vals["theta"], r=vals["r"], regular=regular, signal=signal)
-
-
-def _as_str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
