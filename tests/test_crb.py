@@ -311,3 +311,32 @@ def test_cli_writes_crb_file_and_load_crb_reads_it(tmp_path, capsys):
     out2 = tmp_path / "none.h5"
     assert main(["crb", str(bare), "--out", str(out2), "--no-progress"]) == 2
     assert "truth" in capsys.readouterr().err and not out2.exists()
+
+
+def test_crb_and_ml_stochastic_fisher_information_agree():
+    """The Fisher matrix of the bound (phi, theta, r, p, sigma^2) and the one ml's scoring uses
+    (phi, theta, rho = 1/r, log p, log sigma^2) are one matrix in two parametrisations:
+    F_ml = T F_crb T with T = diag(1, 1, dr/drho = -r^2, p, sigma^2), on random scenes in float64."""
+    from risloc.estimators.ml_core import stochastic_eval
+
+    sc = Scenario(k_fixed=3)
+    scenes = simulate(sc, 6, seed=11)
+    t = scenes.truth
+    K = 3
+    phi, theta, r, p = (v[:, :K].double() for v in (t.phi, t.theta, t.r, t.power))
+    active = torch.ones(6, K, dtype=torch.bool)
+    active[1, 2] = False  # a scene with two sources in a three-slot model
+    for snr in (-5.0, 20.0, 50.0):
+        s2 = _at_snr(scenes, snr)
+        F_crb = fisher_information(scenes.H, scenes.codes, phi, theta, r, p, s2, sc, active=active)
+        y = scenes.y.to(c128)  # the Fisher matrix does not depend on y
+        _, _, F_ml = stochastic_eval(phi, theta, 1 / r, p.log(), s2.log(), active, y, scenes.H.to(c128), scenes.codes.to(c128), sc)
+        T = torch.cat([torch.ones(6, 2 * K, dtype=f64), -r * r, p, s2.view(-1, 1)], 1)
+        F_t = T.unsqueeze(-1) * F_crb * T.unsqueeze(-2)
+        keep = torch.cat([active.repeat(1, 4), torch.ones(6, 1, dtype=torch.bool)], 1)  # masked slots: identity in ml
+        for s in range(6):
+            k = keep[s]
+            a, b = F_t[s][k][:, k], F_ml[s][k][:, k]
+            d = torch.diagonal(b).abs().sqrt()
+            rel = ((a - b) / (d.unsqueeze(-1) * d.unsqueeze(-2))).abs().max().item()
+            assert rel < 1e-9, (snr, s, rel)
