@@ -247,7 +247,7 @@ def test_default_scenes_give_plausible_bounds():
 
 
 def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
-    from risloc.crb import _fim_stochastic, _fim_stochastic_direct
+    from risloc.crb import _whitened_products, stochastic_fisher
 
     sc = Scenario(k_fixed=3)
     scenes = simulate(sc, 4, seed=5)
@@ -257,10 +257,16 @@ def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
     G = scenes.H.to(c128).unsqueeze(1) * scenes.codes.to(c128).unsqueeze(2)
     V = G @ vecs.mT.unsqueeze(1)  # [S, L, M, 4K]
     p = t.power[:, :3].double()
+    M = sc.m_bs
     for snr in (-10.0, 20.0, 60.0):
         s2 = _at_snr(scenes, snr)
-        Fw = _fim_stochastic(V.mH @ V, p, s2, 3, 3, sc.m_bs)
-        Fd = _fim_stochastic_direct(V, p, s2, 3, 3)
+        Fw = stochastic_fisher(*_whitened_products(V.mH @ V, p, s2, 3, M), p, s2, 3)
+        # reference: explicit C_l^-1
+        B = V[..., :3]
+        C = (B * p.view(4, 1, 1, 3).to(c128)) @ B.mH + s2.view(4, 1, 1, 1) * torch.eye(M, dtype=c128)
+        Z = torch.linalg.inv(C)
+        ZV = Z @ V
+        Fd = stochastic_fisher(V.mH @ ZV, ZV.mH @ ZV, Z.abs().square().sum((1, 2, 3)), p, s2, 3)
         rel = (Fw - Fd).abs().amax((1, 2)) / Fd.abs().amax((1, 2))
         assert (rel < 1e-9).all(), (snr, rel)
         cw = torch.linalg.inv(Fw).diagonal(dim1=1, dim2=2)[:, :9]

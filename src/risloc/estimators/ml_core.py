@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import physics
+from ..crb import stochastic_fisher
 from ..scenario import Scenario
 
 
@@ -107,39 +108,21 @@ def stochastic_eval(
     # W = V^H C^-1 V, U = V^H C^-2 V and w = V^H z (per snapshot):
     #   tr(C^-1 v_x v_y^H) = W[y, x],  z^H v_x v_y^H z = conj(w_x) w_y,
     #   tr(C^-1 v_a v_b^H C^-1 v_c v_d^H) = W[b, c] W[d, a],  tr(C^-1 I C^-1 v_x v_y^H) = U[y, x].
-    Pn = 4 * K + 1
     CV = Cinv @ V  # [B, L, M, 4K]
-    Wr = (V.mH @ CV).view(B, L, 4, K, 4, K)  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
-    Ur = (CV.mH @ CV).view(B, L, 4, K, 4, K)
+    W = V.mH @ CV  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
+    A0 = W.view(B, L, 4, K, 4, K)[:, :, 0]  # [B, L, a, J, c]
     wr = (V.mH @ z.unsqueeze(-1)).view(B, L, 4, K)
-    # Param (i, a): C_i = c_ia (v_ia b_a^H + b_a v_ia^H) with v_0a = b_a (log p, c = p/2), v_ia = b'_ia.
-    A0 = Wr[:, :, 0]  # [B, L, a, J, c]
-    B0 = Wr[:, :, :, :, 0]  # [B, L, i, a, c]
-    Wbb = A0[:, :, :, 0]  # [B, L, a, c]
-    Fl = (
-        A0.view(B, L, 1, K, 4, K) * A0.permute(0, 1, 3, 4, 2).reshape(B, L, 4, K, 1, K)
-        + Wbb.view(B, L, 1, K, 1, K) * Wr.permute(0, 1, 4, 5, 2, 3)
-        + Wr * Wbb.transpose(-1, -2).reshape(B, L, 1, K, 1, K)
-        + B0.reshape(B, L, 4, K, 1, K) * B0.permute(0, 1, 4, 2, 3).reshape(B, L, 1, K, 4, K)
-    ).real.sum(1)  # [B, i, a, J, c]
+    # gradient: C_i = c_i (v_i b_a^H + b_a v_i^H), tr(C^-1 v_x v_y^H) = W[y, x], z^H v_x v_y^H z = conj(w_x) w_y
     gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1).real - (wr.conj() * wr[:, :, :1]).real).sum(1)  # [B, i, a]
-    Fs = 2 * torch.diagonal(Ur[:, :, 0], dim1=-3, dim2=-1).real.sum(1)  # [B, i, a]
     order = [1, 2, 3, 0]  # parameter order phi, theta, rho, log p
-    Fl = Fl[:, order][:, :, :, order].reshape(B, 4 * K, 4 * K)
-    gl, Fs = gl[:, order].reshape(B, 4 * K), Fs[:, order].reshape(B, 4 * K)
+    gl = gl[:, order].reshape(B, 4 * K)
     coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
-    s2r = s2.view(B, 1)
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
     trC2 = Cinv.abs().square().sum((-1, -2))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
     g_pos = coef * gl
     g_s = s2 * (trC - z.abs().square().sum(-1)).sum(1)
     grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
-    F = torch.zeros(B, Pn, Pn, dtype=phi.dtype, device=y.device)
-    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl
-    F[:, :-1, -1] = coef * s2r * Fs
-    F[:, -1, :-1] = F[:, :-1, -1]
-    F[:, -1, -1] = s2 * s2 * trC2.sum(1)
-    F = 0.5 * (F + F.transpose(-1, -2))
+    F = stochastic_fisher(W, CV.mH @ CV, trC2.sum(1), p, s2, 3, log_params=True)
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
     grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F
