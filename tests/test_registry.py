@@ -35,6 +35,11 @@ def _echo(scenes, *, K=None, tag=None, answer_k: int | None = None):
     return Estimates(Kh, nan.clone(), nan.clone(), nan.clone(), method="echo")
 
 
+@register("registry-test-nok")
+def _no_k(scenes):
+    return Estimates.empty(len(scenes), SC.k_max)
+
+
 def test_metadata_of_every_estimator():
     for name in ("music", "mvdr", "ramezani", "ml", "learned", "learned+ml", "subspacenet"):
         info = estimators.info(name)
@@ -79,7 +84,7 @@ def test_known_k_checked(scenes):
     with pytest.raises(ValueError, match="integers"):
         known_k(torch.tensor([1.0] * 7), 7, SC.k_max)
     with pytest.raises(ValueError, match="does not accept a known K"):
-        risloc.locate(scenes, "ml", K=1)
+        risloc.locate(scenes, "registry-test-nok", K=1)
 
 
 _PACKAGE = ("music", "mvdr", "ramezani", "ml", "learned", "learned+ml", "subspacenet")
@@ -87,7 +92,7 @@ ACCEPTS_K = [n for n in _PACKAGE if estimators.info(n).accepts_k]
 
 
 def test_classical_estimators_accept_k():
-    assert {"music", "mvdr", "ramezani"} <= set(ACCEPTS_K)
+    assert {"music", "mvdr", "ramezani", "ml"} <= set(ACCEPTS_K)
 
 
 @pytest.mark.parametrize("method", ACCEPTS_K)

@@ -88,7 +88,7 @@ class EstimatorInfo:
         return self.batch_cuda if torch.device(device).type == "cuda" else self.batch
 
 
-# The estimators of this package, by name. The learned ones and `ml` do not take a known K yet.
+# The estimators of this package, by name. The learned ones do not take a known K yet.
 _INFO: dict[str, EstimatorInfo] = {
     i.name: i
     for i in (
@@ -98,7 +98,7 @@ _INFO: dict[str, EstimatorInfo] = {
                       summary="MVDR / Capon spectrum, peaks over its floor (or the K strongest)"),
         EstimatorInfo("ramezani", "risloc.estimators.ramezani", batch=256, batch_cuda=256, k_option="n_sources",
                       per_scene=("covariance",), summary="modified MUSIC with sub-RIS smoothing (Ramezani et al.)"),
-        EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, per_scene=("init", "snr_db"),
+        EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, k_option="K", per_scene=("init", "snr_db"),
                       summary="maximum likelihood: greedy grid start, joint refinement, penalised K"),
         EstimatorInfo("learned", "risloc.nn.inference", learned=True, default_weights="weights/default.pt",
                       summary="the learned pipeline: network -> effective covariance -> MUSIC with the K head"),

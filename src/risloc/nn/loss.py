@@ -221,7 +221,8 @@ def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario, *
     loss = (q * wa).sum(-1) / wa.sum(-1).clamp(min=1)
     if negatives <= 0:
         return loss
-    from ..estimators.search import GridSpec, NullSpectrum, search_grid
+    from ..estimators.search import NullSpectrum
+    from ..grids import GridSpec, search_grid
     from ..physics import angle_between
 
     grid = search_grid(scenario, GridSpec(n_phi=25, n_theta=13, n_r=10), device=U.device, dtype=torch.complex64)
