@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,23 +129,26 @@ def _keyword_defaults(fn: Callable) -> dict[str, Any]:
 
 
 def known_k(K: int | Tensor, n_scenes: int, k_max: int, *, device=None) -> Tensor:
-    """A known K as a per-scene int64 tensor ``[S]`` (an int is broadcast); ValueError naming the
-    first scene whose K is outside ``0..k_max`` or a tensor of the wrong shape."""
-    if isinstance(K, bool) or not (isinstance(K, int) or torch.is_tensor(K)):
+    """A known K as a per-scene int64 tensor ``[S]`` (an int is broadcast), the one validation of
+    a known K: ValueError naming the first scene whose K is outside ``0..k_max``, a tensor of the
+    wrong length, or a value that is not an integer."""
+    if isinstance(K, bool) or not (isinstance(K, numbers.Integral) or torch.is_tensor(K)):
         raise ValueError(f"K: expected an int or an integer tensor [S], not {type(K).__name__}")
     t = torch.as_tensor(K, device=device)
-    if t.is_floating_point() or t.is_complex():
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"K: expected integers, got dtype {t.dtype}")
     t = t.to(torch.int64)
     if t.ndim == 0:
         t = t.expand(n_scenes)
-    if t.shape != (n_scenes,):
+    if t.ndim != 1:
         raise ValueError(f"K: expected an int or a tensor of shape [{n_scenes}], got shape {list(t.shape)}")
+    if t.shape[0] != n_scenes:
+        raise ValueError(f"K: {t.shape[0]} values for {n_scenes} scenes (expected an int or one value per scene)")
     bad = (t < 0) | (t > k_max)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"K: scene {i} has K = {int(t[i])}, outside 0..{k_max} (the scenario's k_max)")
-    return t
+        raise ValueError(f"K: scene {i} has K = {int(t[i])}, outside 0..{k_max} (k_max)")
+    return t.contiguous()
 
 
 def _slice(v: Any, a: int, b: int) -> Any:

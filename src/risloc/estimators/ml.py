@@ -835,23 +835,12 @@ def estimate(
 
 
 def _known_K(K, S: int, k_max: int, init, device) -> Tensor | None:
-    """``K`` (int or ``[S]`` integer tensor) as a ``[S]`` int64 tensor on ``device``, validated."""
+    """``K`` (int or ``[S]`` integer tensor) as a ``[S]`` int64 tensor on ``device``, validated
+    (:func:`risloc.estimators.known_k`)."""
     if K is None:
         return None
     if init is not None:
         raise ValueError("ml: K and init cannot both be given (init carries its own K-hat)")
-    if isinstance(K, Tensor):
-        if K.is_floating_point() or K.is_complex() or K.dtype == torch.bool:
-            raise ValueError(f"ml: K must be an int or an integer tensor, got dtype {K.dtype}")
-        known = K.to(device=device, dtype=torch.int64).reshape(-1) if K.ndim else K.to(device, torch.int64).expand(S)
-        if known.shape[0] != S:
-            raise ValueError(f"ml: K has {known.shape[0]} values, the batch has {S} scenes")
-    elif isinstance(K, int) and not isinstance(K, bool):
-        known = torch.full((S,), K, dtype=torch.int64, device=device)
-    else:
-        raise ValueError(f"ml: K must be an int or an integer tensor [S], not {type(K).__name__}")
-    bad = torch.nonzero((known < 0) | (known > k_max)).flatten()
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(f"ml: K of scene {i} is {int(known[i])}, outside 0..k_max={k_max}")
-    return known.contiguous()
+    from . import known_k
+
+    return known_k(K, S, k_max, device=device)
