@@ -615,26 +615,25 @@ def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> C
     Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
     has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
     """
-    import os
-
     import h5py
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CRB file {str(path)!r} not found")
-    with h5py.File(path, "r") as f:
+    from ._files import InputError
+    from .io import open_h5
+
+    with open_h5(path, "CRB file") as f:
         if "crb" not in f:
-            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
+            raise InputError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
         content = _as_str(f.attrs.get("content", CRB_CONTENT))
         if content != CRB_CONTENT:
-            raise ValueError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
+            raise InputError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
         vals = {}
         shape = None
         for q in POSITION_PARAMS:
-            if f"crb/{q}" not in f:
-                raise ValueError(f"{path}: missing dataset crb/{q}")
+            if f"crb/{q}" not in f or not isinstance(f[f"crb/{q}"], h5py.Dataset):
+                raise InputError(f"{path}: missing dataset crb/{q}")
             d = f[f"crb/{q}"]
-            if d.ndim != 2 or (shape is not None and d.shape != shape):
-                raise ValueError(f"{path}: crb/{q} has shape {list(d.shape)}, expected [S, K_max] like crb/phi")
+            if d.ndim != 2 or (shape is not None and d.shape != shape) or d.dtype.kind != "f":
+                raise InputError(f"{path}: crb/{q} has shape {list(d.shape)} and dtype {d.dtype}, expected floats [S, K_max] like crb/phi")
             shape = d.shape
             vals[q] = torch.from_numpy(d[start:stop]).to(device)
         n = vals["phi"].shape[0]
