@@ -285,7 +285,7 @@ def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
 # files and CLI
 # ---------------------------------------------------------------------------------------------
 def test_cli_writes_crb_file_and_load_crb_reads_it(tmp_path, capsys):
-    io = pytest.importorskip("risloc.io")
+    from risloc import io
     import h5py
 
     from risloc.cli import main
