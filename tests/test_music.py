@@ -7,6 +7,7 @@ import torch
 
 import risloc
 from risloc import covariance as cv
+from helpers import assert_same_positions
 from risloc.estimators import get
 from risloc.estimators.music import music_from_covariance
 from risloc.estimators.search import GridSpec, music_spectrum, search_grid
@@ -87,10 +88,8 @@ def test_scale_invariance_of_y():
     scaled = risloc.Scenes(scenes.y * (5e3 * complex(math.cos(0.7), math.sin(0.7))), scenes.H, scenes.codes, SC, scenes.snr_db)
     music = get("music")
     a, b = music(scenes), music(scaled)
-    assert torch.equal(a.K, b.K)
-    assert torch.allclose(a.phi, b.phi, atol=1e-4, equal_nan=True)
-    assert torch.allclose(a.theta, b.theta, atol=1e-4, equal_nan=True)
-    assert torch.allclose(a.r, b.r, rtol=1e-3, equal_nan=True)
+    # a tenth of sqrt(CRB): above float32 rounding, which differs between CPUs
+    assert_same_positions(a, b, scenes, 0.1)
 
 
 def _no_nan_inside(est):
