@@ -1,5 +1,6 @@
-"""File-writing helpers shared by the modules that write results: atomic replacement of a
-file and strict-JSON cleaning.
+"""File helpers shared by the modules that read inputs and write results: the error an input
+file raises when risloc refuses it, atomic replacement of a file and strict-JSON cleaning
+(TOML lives in :mod:`risloc._toml`).
 
 Atomic writes go through a temporary file ``.<name>.<random>.tmp`` in the destination
 folder (:func:`temporary_sibling`) that is renamed onto the destination (``os.replace``)
@@ -32,6 +33,14 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
+class InputError(ValueError):
+    """An input that risloc refuses: a file that is not what it should be (not HDF5, truncated,
+    a dataset missing, a foreign checkpoint, malformed TOML) or an option out of range.
+
+    The message is one line that names the file (or the option) and what is wrong; the
+    ``risloc`` command prints it and exits with status 2. A ``ValueError``, so code that
+    catches those keeps working.
+    """
 
 
 @contextmanager

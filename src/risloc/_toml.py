@@ -1,9 +1,10 @@
-"""One TOML home: writing flat tables and reading values into typed dataclass fields.
+"""One TOML home: reading files, writing flat tables and reading values into typed dataclass fields.
 
 risloc writes TOML for scenarios (:meth:`risloc.Scenario.to_toml`) and training
 configurations (:meth:`risloc.nn.config.TrainConfig.to_toml`), and reads values from TOML
 files and ``--set field=value`` strings into dataclass fields. Both directions live here:
 
+* :func:`read_toml`: a file's table, or :class:`~risloc._files.InputError` naming the file;
 * :func:`toml_value` / :func:`dumps`: booleans, numbers (``repr``, so floats round-trip),
   strings (JSON-quoted, a subset of TOML's basic strings), lists and tuples, in flat tables;
 * :func:`coerce`: a value (from TOML or a command-line string) to a field's declared type
@@ -16,12 +17,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
+from pathlib import Path
 from typing import Any
 
-__all__ = ["toml_value", "dumps", "coerce"]
+from ._files import InputError
+
+__all__ = ["read_toml", "toml_value", "dumps", "coerce"]
 
 _TYPES = {"float": float, "int": int, "str": str, "bool": bool}
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """The table of a TOML file; :class:`InputError` naming the file and the line if it is not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TOML file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
 
 
 def toml_value(value: Any) -> str:

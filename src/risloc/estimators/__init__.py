@@ -173,6 +173,7 @@ class Estimator:
         self.__doc__ = fn.__doc__
         self.__module__ = getattr(fn, "__module__", __name__)
         self.__name__ = getattr(fn, "__name__", info.name)
+        self.__wrapped__ = fn  # inspect.unwrap(get(name)) is the registered function
 
     def __repr__(self) -> str:
         return f"<estimator {self.info.name!r} ({self.info.module})>"
@@ -226,7 +227,7 @@ class Estimator:
                     raise RuntimeError(f"{info.name}: given K = {int(Ks[a + i])} for scene {a + i}, "
                                        f"it returned K_hat = {int(est.K[i])}")
             parts.append(est)
-        if not parts:
+        if not parts:  # an empty batch is answered here, so no estimator needs a case for it
             return Estimates.empty(0, scenes.scenario.k_max, method=info.name, device=scenes.device)
         out = Estimates.cat(parts) if len(parts) > 1 else parts[0]
         out.method = parts[0].method or info.name
