@@ -340,10 +340,14 @@ class Progress:
         self.sums, self.counts, self.skipped, self.epoch_time = {}, {}, torch.zeros((), device=device), 0.0
 
     def to_dict(self, steps_per_epoch: int) -> dict:
-        return {"epoch": self.step // steps_per_epoch, "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs,
-                "epoch_sums": {t: v.detach().cpu() for t, v in self.sums.items()},
-                "epoch_counts": {t: v.detach().cpu() for t, v in self.counts.items()},
-                "epoch_skipped": self.skipped.detach().cpu(), "epoch_time": self.epoch_time}
+        """``epoch`` (the next one), ``step`` (the next one), ``best``, ``bad_epochs`` and, inside an
+        epoch, its running sums (``epoch_sums``, ``epoch_counts``, ``epoch_skipped``, ``epoch_time``)."""
+        d = {"epoch": self.step // steps_per_epoch, "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs}
+        if self.step % steps_per_epoch:
+            d.update(epoch_sums={t: v.detach().cpu() for t, v in self.sums.items()},
+                     epoch_counts={t: v.detach().cpu() for t, v in self.counts.items()},
+                     epoch_skipped=self.skipped.detach().cpu(), epoch_time=self.epoch_time)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, steps_per_epoch: int, device) -> "Progress":
@@ -449,7 +453,7 @@ def train(
         stepper = _data_parallel(_Step(model, objective, device.type, amp_dtype), objective, dist)
         data = TrainData(cfg, device, log, rank=dist.rank, world=dist.world)
         val_scenes = _validation_scenes(cfg, val_scenes, device, log) if dist.is_main else None
-        running = [b for b in objective.buffers() if b.is_floating_point()] if cfg.loss.balance else []
+        running = [b for b in objective.buffers() if b.is_floating_point()]
         commit = git_commit()
         log(f"[RUN] device={device} amp={amp} kind={kind.name} params={sum(p.numel() for p in model.parameters())} seed={cfg.seed}"
             f" git={commit} out={out}" + (f" world={dist.world} backend={dist.backend} batch={cfg.batch} ({data.local_batch} per rank)"
@@ -471,7 +475,7 @@ def train(
             lr = _set_lr(optimizer, schedule.lr(), objective.weights(e)["k"] > 0, cfg)
             loss, parts = stepper(batch.inputs, options, batch.truth, batch.true_factor, e)  # 3. forward + loss
             (scaler.scale(loss) if scaler is not None else loss).backward()         # 4. backward
-            dist.average_(running)  # the balancer's running term magnitudes: the same on every rank
+            dist.average_(running)  # the running term magnitudes: the same on every rank (an all-reduce, no host sync)
             log_now = (g + 1) % cfg.log_every == 0 or (g + 1) % spe == 0
             before = [p.detach().clone() for p in model.parameters()] if log_now else None
             finite, norm = gated_step(params, optimizer, cfg.grad_clip, scaler)     # 5. gate + 6. AdamW step
