@@ -121,3 +121,22 @@ def test_time_budget_segments_resume_exactly(tmp_path):
         assert x["val_nmse"] == y["val_nmse"] and x["train_detect"] == y["train_detect"]
     with pytest.raises(SystemExit, match="time-budget"):
         main(["train", "--out", str(tmp_path / "x"), "--time-budget", "0"])
+
+
+def test_train_scaling_benchmark_writes_its_record(tmp_path):
+    """benchmarks/bench_train_scaling.py (one process on the CPU, a tiny network): the JSON record."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train_scaling.py"
+    spec = importlib.util.spec_from_file_location("bench_train_scaling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "w1.json"
+    tiny = ["model.width=4", "model.depth=1", "model.k_hidden=8", "model.grid_phi=8", "model.grid_theta=4", "model.grid_rho=4",
+            "model.pursuit=1", "threads=1"]
+    assert bench.main(["--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-per-rank", "4", "--out", str(out),
+                       *[a for kv in tiny for a in ("--set", kv)]]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["world_size"] == 1 and rec["batch_per_rank"] == 4 and rec["timed_steps"] == 2 and rec["kind"] == "spectrum"
+    assert rec["scenes_per_s"] > 0 and rec["devices"] == ["cpu"] and rec["commit"]

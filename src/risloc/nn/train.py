@@ -215,7 +215,7 @@ def gated_step(params: list[Tensor], optimizer: torch.optim.Optimizer, grad_clip
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.ones((), dtype=torch.bool), torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads]))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
     finite = torch.isfinite(norm)
     if grad_clip > 0:
         coef = torch.where(finite, (grad_clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
@@ -394,6 +394,7 @@ def train(
     dist_timeout_s: float = DEFAULT_TIMEOUT_S,
     time_budget_s: float | None = None,
     checkpoint_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train, validate, checkpoint and calibrate; returns the final summary (also in RUN/summary.json).
 
@@ -406,7 +407,9 @@ def train(
     ``time_budget_s``: wall-clock seconds this call may take (from its start); before they run
     out it writes ``RUN/last.pt`` at the current step and returns ``{"stopped": "time_budget",
     "step": ...}``; ``resume=True`` continues exactly there. ``checkpoint_every``: also write
-    ``last.pt`` every that many steps (0: at epoch ends only).
+    ``last.pt`` every that many steps (0: at epoch ends only). ``on_step(step)`` is called after
+every optimiser step with the number of steps done (benchmarks/bench_train_scaling.py times the
+loop with it).
 
     Started by ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel
     (:mod:`risloc.nn.distributed`, docs/training-at-scale.md): ``cfg.batch`` is the global batch,
@@ -483,6 +486,8 @@ def train(
                 ema_update(ema, model, cfg.ema, g + 1, finite)                      # 7. EMA
             _accumulate(prog, parts, finite)
             prog.step = g + 1
+            if on_step is not None:
+                on_step(prog.step)
             if log_now:
                 _log_step(log, g, lr, options.beta, norm, finite, loss, before, model, prog, cfg, dist, scaler)
             if bar is not None:
@@ -586,7 +591,8 @@ def _data_parallel(stepper: torch.nn.Module, objective: Objective, dist: Dist) -
     unused = objective.weights(0.0)["k"] <= 0
     with warnings.catch_warnings():  # torch >= 2.13 renames broadcast_buffers; the old name works on 2.x
         warnings.simplefilter("ignore", FutureWarning)
-        return DistributedDataParallel(stepper, device_ids=None, broadcast_buffers=False, find_unused_parameters=unused)
+        return DistributedDataParallel(stepper, device_ids=None, broadcast_buffers=False, find_unused_parameters=unused,
+                                       gradient_as_bucket_view=True)
 
 
 def _validation_scenes(cfg: TrainConfig, scenes: Scenes | None, device, log) -> Scenes:
