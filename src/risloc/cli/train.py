@@ -38,8 +38,9 @@ def add_parser(subparsers) -> None:
                    help="end the run after epoch E (0-based) of the configured schedule, as if stopped there: no"
                         " calibration; best.pt is still exported to weights.pt (how the shipped default was made)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="wall-clock seconds this command may take: before they run out, write a resumable last.pt at"
-                        " the current step and exit 0; --resume continues exactly there (same weights as one long run)")
+                   help="wall-clock seconds this command may take, counted from the start of training (interpreter start-up,"
+                        " a few seconds, comes on top): before they run out, write a resumable last.pt at the current step"
+                        " and exit 0; --resume continues exactly there (same weights as one long run)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also write last.pt every N steps (default: at epoch ends only)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")

@@ -516,7 +516,8 @@ loop with it).
                 t_save = time.monotonic()
                 save(out / "last.pt", objective.beta(prog.step / spe))
                 budget.slowest_save = max(budget.slowest_save, time.monotonic() - t_save)
-            if prog.step < total and prog.step % budget.every == 0 and _agree(dist, budget.exhausted((prog.step + 1) % spe == 0)):
+            if (budget.seconds is not None and prog.step < total and prog.step % budget.every == 0
+                    and dist.any_(budget.exhausted((prog.step + 1) % spe == 0))):
                 if dist.is_main:
                     save(out / "last.pt", objective.beta(prog.step / spe))
                 log(f"[BUDGET] {time.monotonic() - t_start:.0f} s of {time_budget_s:g} s used: saved {out / 'last.pt'} at step"
@@ -648,17 +649,6 @@ def _log_step(log, g, lr, beta, norm, finite, loss, before, model, prog, cfg, di
     log(f"[LR] step {g} lr={lr:.3e} beta={beta:.3f}")
     log(f"[GRAD] step {g} norm={float(norm):.4g} clip={cfg.grad_clip:g} skipped_this_epoch={int(prog.skipped)}")
     log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}" + (" (rank 0's share)" if dist.enabled else ""))
-
-
-def _agree(dist: Dist, flag: bool) -> bool:
-    """``flag`` of any rank (one MAX all-reduce under torchrun)."""
-    if not dist.enabled:
-        return flag
-    import torch.distributed as torch_dist
-
-    t = torch.tensor([int(flag)], device="cuda" if dist.backend == "nccl" else "cpu")
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _save(path: Path, cfg, model, ema, objective, optimizer, schedule, scaler, prog: Progress, calibration, beta: float, commit: str,
