@@ -329,7 +329,7 @@ def test_outputs_and_scenes_input():
 # ------------------------------------------------------------------------------------------
 def _write_files(tmp_path, n=4, n_est=None, truth=True):
     """A scene file, an estimates file (perfect except scene 1: K-hat = 0) and a CRB file,
-    written with h5py straight from shared/spec/scene-file.md."""
+    written with h5py straight from docs/scene-files.md."""
     import h5py
 
     import risloc

@@ -1,4 +1,4 @@
-"""Scene and estimates files: HDF5 exactly per shared/spec/scene-file.md (contract v1).
+"""Scene and estimates files: HDF5 exactly per docs/scene-files.md (format version 1).
 
 Layout of a scene file (S scenes; L snapshots, M BS antennas, N RIS elements, K_max)::
 
@@ -15,6 +15,11 @@ a root attribute ``method`` and ``est/K`` [S] int32, ``est/phi``, ``est/theta``,
 Complex numbers are the HDF5 compound ``{r, i}`` that h5py writes for numpy complex64.
 Datasets are chunked along the scene axis and resizable, so files of 10^6 scenes are
 written and read chunk by chunk.
+
+A CRB file (``risloc crb``, :func:`crb_file`, :func:`load_crb`) carries the scene file's
+``format``, ``version`` and ``scenario`` attributes plus ``content = "crb"``, ``signal`` and
+``scenes``, and ``crb/phi``, ``crb/theta``, ``crb/r`` [S, K_max] float32 (sqrt(CRB) in rad / m,
+NaN padded, inf where unidentifiable) and ``crb/regular`` [S] int8.
 
 Writers (:class:`ScenesWriter`, :func:`save_scenes`, :func:`save_estimates`) write to a
 temporary name in the destination folder and rename on success; after an exception the
@@ -39,7 +44,9 @@ import h5py
 import numpy as np
 import torch
 
-from .scenario import Scenario
+from ._files import atomic_path
+from .crb import POSITION_PARAMS, CRBResult, crb_for_scenes
+from .scenario import SIGNAL_MODELS, Scenario
 from .scenes import Estimates, Scenes, Truth
 
 SCENES_FORMAT = "risloc-scenes"
@@ -361,7 +368,7 @@ def _open_scenes_file(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path
 
 
 def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) -> FileInfo:
-    """Check a scene file against scene-file.md, streaming ``chunk`` scenes at a time.
+    """Check a scene file against docs/scene-files.md, streaming ``chunk`` scenes at a time.
 
     Refuses (``ValueError`` naming the dataset and, for value errors, the first bad scene):
     wrong ``format``/``version``, a missing or unreadable ``scenario``, missing inputs, shapes
@@ -425,7 +432,7 @@ def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK 
             for q, ds in pos.items():
                 _check_padded(path, f"est/{q}", ds[a:b], K, a, "K-hat")
         method = f.attrs.get("method", f["est"].attrs.get("method", ""))
-        method = method.decode() if isinstance(method, bytes) else str(method)
+        method = _attr_str(method)
         return FileInfo(path, sc, S, method=method)
 
 
@@ -517,3 +524,116 @@ def load_estimates(path: str | os.PathLike, *, device="cpu") -> Estimates:
             r=_t(g["r"][:], device, torch.float32),
             method=info.method,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# CRB files (risloc crb)
+# ---------------------------------------------------------------------------------------------
+CRB_CONTENT = "crb"
+"""Root attribute ``content`` of a CRB file (``format``/``version``/``scenario`` are the scene file's)."""
+
+
+def crb_file(
+    scenes_path,
+    out_path,
+    *,
+    signal: str | None = None,
+    device="cpu",
+    batch: int = 4096,
+    progress: bool = True,
+    **options,
+) -> int:
+    """Compute the CRB of every scene of a scene file and write a CRB file; returns the scene count.
+
+    Reads ``scenes_path`` in chunks of ``batch`` scenes with :func:`iter_scenes` (validated
+    first; the ``truth/`` group is required) and writes ``crb/phi``, ``crb/theta``, ``crb/r``
+    (float32 ``[S, K_max]``, standard deviations in rad / m, NaN padded, ``inf`` where
+    unidentifiable) and ``crb/regular`` (int8 ``[S]``, 1 where the FIM was full rank). The root
+    attributes ``format``, ``version`` and ``scenario`` are copied from the scene file, plus
+    ``content = "crb"``, ``signal`` and ``scenes`` (the scene file's name). The file is written
+    under a temporary name in the same folder and renamed when complete
+    (:func:`risloc._files.atomic_path`). Options are passed to :func:`risloc.crb.crb`.
+    """
+    scenes_path, out_path = Path(scenes_path), Path(out_path)
+    info = validate_scenes_file(scenes_path)  # refuses a bad file before any work
+    if not info.has_truth:
+        raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
+    with h5py.File(scenes_path, "r") as f:
+        attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
+    S, K_max = info.n_scenes, info.scenario.k_max
+    signal = signal or info.scenario.signal
+    if signal not in SIGNAL_MODELS:
+        raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
+    batch = max(1, int(batch))
+
+    bar = None
+    try:
+        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
+            for k, v in attrs.items():
+                out.attrs[k] = v
+            out.attrs["content"] = CRB_CONTENT
+            out.attrs["signal"] = signal
+            out.attrs["scenes"] = scenes_path.name
+            chunks = (max(1, min(S, 4096)), K_max)
+            ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
+            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(max(1, min(S, 65536)),))
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=S, unit="scene", desc=f"crb ({signal})")
+            start = 0
+            for scenes in iter_scenes(scenes_path, batch, device=device, validate=False):
+                n = len(scenes)
+                res = crb_for_scenes(scenes, signal=signal, **options)
+                for q in POSITION_PARAMS:
+                    ds[q][start : start + n] = getattr(res, q).float().cpu().numpy()
+                ds_reg[start : start + n] = res.regular.to(torch.int8).cpu().numpy()
+                start += n
+                if bar is not None:
+                    bar.update(n)
+            if start != S:
+                raise ValueError(f"{scenes_path}: read {start} scenes, truth/phi has {S}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return S
+
+
+def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> CRBResult:
+    """Read a CRB file written by :func:`crb_file` (``risloc crb``) as a :class:`CRBResult`.
+
+    Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
+    has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CRB file {str(path)!r} not found")
+    with h5py.File(path, "r") as f:
+        if "crb" not in f:
+            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
+        content = _attr_str(f.attrs.get("content", CRB_CONTENT))
+        if content != CRB_CONTENT:
+            raise ValueError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
+        vals = {}
+        shape = None
+        for q in POSITION_PARAMS:
+            if f"crb/{q}" not in f:
+                raise ValueError(f"{path}: missing dataset crb/{q}")
+            d = f[f"crb/{q}"]
+            if d.ndim != 2 or (shape is not None and d.shape != shape):
+                raise ValueError(f"{path}: crb/{q} has shape {list(d.shape)}, expected [S, K_max] like crb/phi")
+            shape = d.shape
+            vals[q] = torch.from_numpy(d[start:stop]).to(device)
+        n = vals["phi"].shape[0]
+        if "crb/regular" in f:
+            regular = torch.from_numpy(f["crb/regular"][start:stop]).to(device=device, dtype=torch.bool)
+        else:
+            regular = torch.ones(n, dtype=torch.bool, device=device)
+        signal = _attr_str(f.attrs.get("signal", "stochastic"))
+    return CRBResult(phi=vals["phi"], theta=vals["theta"], r=vals["r"], regular=regular, signal=signal)
+
+
+def _attr_str(v) -> str:
+    """A string HDF5 attribute (h5py returns bytes or str)."""
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,4 +1,4 @@
-"""The `Scenario`: every number of the physical model (shared/spec/physics.md).
+"""The `Scenario`: every number of the physical model (docs/model.md).
 
 Angles are stored in radians and lengths in metres, as everywhere inside risloc;
 powers are linear unless a field name ends in ``_db``. A scenario is saved and
@@ -27,7 +27,7 @@ _DEG = math.pi / 180.0
 
 @dataclass
 class Scenario:
-    """The measurement model and the distribution of scenes (defaults = physics.md).
+    """The measurement model and the distribution of scenes (defaults = docs/model.md).
 
     Geometry: a uniform planar RIS of ``n_h`` x ``n_v`` elements in the x-y plane,
     boresight +z; element (i, j) has flat index ``n = j * n_h + i``.

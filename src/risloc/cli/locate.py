@@ -1,7 +1,7 @@
 """`risloc locate SCENES --out EST [--method NAME] ...`: run an estimator on a scene file.
 
 The scene file is validated first (format, shapes, finite inputs, non-zero channels and
-codes; see shared/spec/scene-file.md), then streamed in chunks of --batch scenes through
+codes; see docs/scene-files.md), then streamed in chunks of --batch scenes through
 the estimator; the estimates file is written atomically at the end (temporary name, then
 rename), with the attribute `method` = what the estimator reports (its name, plus the
 checkpoint hash for a learned method).
