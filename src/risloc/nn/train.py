@@ -362,6 +362,27 @@ class Progress:
 
 
 @dataclass
+class _Run:
+    """The pieces of a training run that the helpers of the loop share."""
+
+    cfg: TrainConfig
+    out: Path
+    dist: Dist
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: object
+    prog: Progress
+    calibration: Calibration
+    data: "TrainData"
+    val_scenes: Scenes | None
+    commit: str
+    log: Callable[[str], None]
+
+
+@dataclass
 class _Budget:
     """The wall-clock budget of this command: stop (with a resumable checkpoint) while the
     slowest step, save and validation seen so far still fit."""
@@ -461,8 +482,7 @@ loop with it).
         log(f"[RUN] device={device} amp={amp} kind={kind.name} params={sum(p.numel() for p in model.parameters())} seed={cfg.seed}"
             f" git={commit} out={out}" + (f" world={dist.world} backend={dist.backend} batch={cfg.batch} ({data.local_batch} per rank)"
                                           if dist.enabled else ""))
-        save = lambda path, beta: _save(path, cfg, model, ema, objective, optimizer, schedule, scaler, prog, calibration, beta,
-                                        commit, digests=None)
+        run = _Run(cfg, out, dist, model, ema, objective, optimizer, schedule, scaler, prog, calibration, data, val_scenes, commit, log)
 
         # --- the loop -----------------------------------------------------------------------------------
         model.train()
@@ -489,7 +509,7 @@ loop with it).
             if on_step is not None:
                 on_step(prog.step)
             if log_now:
-                _log_step(log, g, lr, options.beta, norm, finite, loss, before, model, prog, cfg, dist, scaler)
+                _log_step(run, g, lr, options.beta, norm, finite, loss, before)
             if bar is not None:
                 bar.update(1)
             budget.slowest_step = max(budget.slowest_step, time.monotonic() - t_step)
@@ -498,8 +518,7 @@ loop with it).
             if prog.step % spe == 0:                                                 # 8. validate, select, save
                 epoch = prog.step // spe - 1
                 t_val = time.monotonic()
-                action, summary, error = _end_epoch(epoch, cfg, out, dist, model, ema, objective, optimizer, schedule, scaler, prog,
-                                                    calibration, data, val_scenes, commit, log, stop_after_epoch, stop_when, on_epoch)
+                action, summary, error = _end_epoch(run, epoch, stop_after_epoch, stop_when, on_epoch)
                 budget.slowest_val = max(budget.slowest_val, time.monotonic() - t_val)
                 if action == "error":
                     if error is not None:
@@ -514,12 +533,12 @@ loop with it).
                 prog.reset_epoch(device)
             elif checkpoint_every > 0 and prog.step % checkpoint_every == 0 and dist.is_main:  # 9. periodic save
                 t_save = time.monotonic()
-                save(out / "last.pt", objective.beta(prog.step / spe))
+                _save(run, out / "last.pt", objective.beta(prog.step / spe))
                 budget.slowest_save = max(budget.slowest_save, time.monotonic() - t_save)
             if (budget.seconds is not None and prog.step < total and prog.step % budget.every == 0
                     and dist.any_(budget.exhausted((prog.step + 1) % spe == 0))):
                 if dist.is_main:
-                    save(out / "last.pt", objective.beta(prog.step / spe))
+                    _save(run, out / "last.pt", objective.beta(prog.step / spe))
                 log(f"[BUDGET] {time.monotonic() - t_start:.0f} s of {time_budget_s:g} s used: saved {out / 'last.pt'} at step"
                     f" {prog.step}; continue with --resume")
                 return {**summary, "stopped": "time_budget", "step": prog.step}
@@ -637,8 +656,9 @@ def _accumulate(prog: Progress, parts: dict[str, Tensor], finite: Tensor) -> Non
     prog.skipped = prog.skipped + (~finite).to(prog.skipped.dtype)
 
 
-def _log_step(log, g, lr, beta, norm, finite, loss, before, model, prog, cfg, dist, scaler) -> None:
+def _log_step(run: _Run, g: int, lr: float, beta: float, norm: Tensor, finite: Tensor, loss: Tensor, before: list[Tensor]) -> None:
     """The [LR], [GRAD], [STEP] lines (host syncs: only here, every ``log_every`` steps), [SKIP] if the step was skipped."""
+    log, model, prog, cfg, dist, scaler = run.log, run.model, run.prog, run.cfg, run.dist, run.scaler
     if not bool(finite):
         log(f"[SKIP] step {g}: non-finite gradient norm ({float(norm)}); no update"
             + (f", fp16 scale -> {scaler.get_scale():g}" if scaler is not None else ""))
@@ -651,9 +671,9 @@ def _log_step(log, g, lr, beta, norm, finite, loss, before, model, prog, cfg, di
     log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}" + (" (rank 0's share)" if dist.enabled else ""))
 
 
-def _save(path: Path, cfg, model, ema, objective, optimizer, schedule, scaler, prog: Progress, calibration, beta: float, commit: str,
-          *, digests: dict | None) -> None:
+def _save(run: _Run, path: Path, beta: float, digests: dict | None = None) -> None:
     """A resumable checkpoint (risloc.nn.checkpoint documents the fields)."""
+    cfg, model, ema, scaler, prog = run.cfg, run.model, run.ema, run.scaler, run.prog
     rng = {"torch": torch.get_rng_state()}
     dev = next(model.parameters()).device
     if dev.type == "cuda":
@@ -662,20 +682,20 @@ def _save(path: Path, cfg, model, ema, objective, optimizer, schedule, scaler, p
         "format": FORMAT, "version": VERSION,
         "config": cfg.to_toml(), "scenario": cfg.scenario.to_toml(),
         "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-        "objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": {"step": prog.step},
+        "objective": run.objective.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": {"step": prog.step},
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng, "progress": prog.to_dict(cfg.steps_per_epoch),
-        "metrics": prog.last_metrics or {}, "calibration": calibration.to_dict(), "beta": beta, "seed": cfg.seed, "git": commit,
+        "metrics": prog.last_metrics or {}, "calibration": run.calibration.to_dict(), "beta": beta, "seed": cfg.seed, "git": run.commit,
     }
     if digests is not None:
         ckpt["distributed"] = digests
     save_checkpoint(path, ckpt)
 
 
-def _end_epoch(epoch, cfg, out, dist, model, ema, objective, optimizer, schedule, scaler, prog, calibration, data, val_scenes, commit,
-               log, stop_after_epoch, stop_when, on_epoch):
+def _end_epoch(run: _Run, epoch: int, stop_after_epoch, stop_when, on_epoch):
     """Epoch means over all ranks, rank 0's validation, checkpoint selection and saves, and the
     continue/stop decision every rank takes: ``(action, summary, error)``."""
+    cfg, out, dist, model, ema, prog, log = run.cfg, run.out, run.dist, run.model, run.ema, run.prog, run.log
     sums = dict(prog.sums)
     digests = None
     if dist.enabled:
@@ -683,16 +703,16 @@ def _end_epoch(epoch, cfg, out, dist, model, ema, objective, optimizer, schedule
         vals = [sums[t].reshape(1).clone() for t in keys]
         dist.average_(vals)
         sums = {t: v.reshape(()) for t, v in zip(keys, vals)}
-        digests = {"world": dist.world, "local_batch": data.local_batch, "param_digests": dist.gather(parameter_digest(model)),
+        digests = {"world": dist.world, "local_batch": run.data.local_batch, "param_digests": dist.gather(parameter_digest(model)),
                    "ema_digests": dist.gather(parameter_digest(ema)) if ema is not None else []}
         if len(set(digests["param_digests"])) > 1 or len(set(digests["ema_digests"])) > 1:
             log(f"[DDP] WARNING: the ranks' parameters differ after epoch {epoch}: {digests}")
     action, error, summary = "next", None, {}
     if dist.is_main:
-        beta_now = objective.beta((epoch + 1) * 1.0)
+        beta_now = run.objective.beta((epoch + 1) * 1.0)
         t0 = time.monotonic()
-        metrics, _, _ = validate(ema if ema is not None else model, val_scenes, cfg, cfg.covariance_options(beta_now), calibration,
-                                 with_locations=cfg.val_locate)
+        metrics, _, _ = validate(ema if ema is not None else model, run.val_scenes, cfg, cfg.covariance_options(beta_now),
+                                 run.calibration, with_locations=cfg.val_locate)
         metrics.update({f"train_{t}": float(v) / max(float(prog.counts[t]), 1.0) for t, v in sums.items()})
         primary = _primary(metrics, cfg)
         primary_name = cfg.val_primary if "k_loc" in metrics else "loss"  # k_loc needs located scenes
@@ -703,10 +723,10 @@ def _end_epoch(epoch, cfg, out, dist, model, ema, objective, optimizer, schedule
             prog.bad_epochs += 1
         prog.last_metrics = metrics
         skipped = int(prog.skipped)
-        schedule.step = prog.step
+        run.schedule.step = prog.step
         record = {"epoch": epoch, "step": prog.step, "opt_steps": prog.step - skipped, "skipped": skipped, "beta": beta_now,
-                  "lr": schedule.lr(),
-                  "time_s": round(prog.epoch_time + time.monotonic() - t0, 3), "seed": cfg.seed, "git": commit,
+                  "lr": run.schedule.lr(),
+                  "time_s": round(prog.epoch_time + time.monotonic() - t0, 3), "seed": cfg.seed, "git": run.commit,
                   **metrics, "val_primary": primary_name, "primary": primary, "best": prog.best}
         if dist.enabled:
             record["world"] = dist.world
@@ -719,7 +739,7 @@ def _end_epoch(epoch, cfg, out, dist, model, ema, objective, optimizer, schedule
             f"{' *best*' if improved else ''} ({record['time_s']:.1f} s)")
         summary = record
         for name in ("last.pt",) + (("best.pt",) if improved else ()):
-            _save(out / name, cfg, model, ema, objective, optimizer, schedule, scaler, prog, calibration, beta_now, commit, digests=digests)
+            _save(run, out / name, beta_now, digests)
         try:
             if on_epoch is not None:
                 on_epoch(epoch, dict(record))
