@@ -108,7 +108,7 @@ def launched_by_torchrun() -> bool:
 
 
 def device_for(name: str, dist: Dist) -> torch.device:
-    """The training device of this rank: ``name`` as :func:`risloc.nn.train.resolve_device` reads it,
+    """The training device of this rank: ``name`` ('auto' = cuda if available, else cpu),
     with the CUDA index replaced by ``LOCAL_RANK`` under ``torchrun`` (one GPU per process)."""
     if name == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"

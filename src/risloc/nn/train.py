@@ -165,7 +165,7 @@ class TrainData:
 # ----------------------------------------------------------------------------------------------
 class WarmupCosine:
     """lr(step) = lr * (step + 1) / warmup during warm-up, then cosine decay to ``min_lr`` at
-    ``total``; ``step`` is the global training step (``tick`` advances it)."""
+    ``total``; ``step`` is the global training step."""
 
     def __init__(self, lr: float, min_lr: float, warmup: int, total: int):
         self.base, self.min, self.warmup, self.total, self.step = lr, min_lr, warmup, max(total, 1), 0
@@ -176,9 +176,6 @@ class WarmupCosine:
             return self.base * (s + 1) / self.warmup
         t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
         return self.min + 0.5 * (self.base - self.min) * (1 + math.cos(math.pi * t))
-
-    def tick(self) -> None:
-        self.step += 1
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -302,12 +299,6 @@ def _primary(m: dict, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class _Step(torch.nn.Module):
     """One forward of the training step, network (under AMP) + objective, as a module so that
     DistributedDataParallel can wrap both (the objective's uncertainty weights are parameters too)."""

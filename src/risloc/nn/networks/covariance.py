@@ -89,9 +89,6 @@ class RisCovarianceNet(nn.Module):
             nn.LayerNorm(n_k_in), nn.Linear(n_k_in, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, K)
         )
 
-    def k_head_parameters(self):
-        return list(self.k_head.parameters())
-
     def forward(self, inputs: ModelInputs, options: cv.CovarianceOptions) -> Prediction:
         sample = cv.normalise_trace(inputs.sample)
         B, N, K = len(inputs), self.n, self.k_max

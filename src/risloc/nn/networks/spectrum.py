@@ -298,9 +298,6 @@ class SpectrumNet(nn.Module):
         self.k_head = nn.Sequential(nn.LayerNorm(n_k), nn.Linear(n_k, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, cfg.k_hidden), nn.GELU(),
                                     nn.Linear(cfg.k_hidden, self.k_max))
 
-    def k_head_parameters(self):
-        return list(self.k_head.parameters())
-
     def grid(self, device) -> SpectrumGrid:
         return spectrum_grid(self.scenario, self.shape, device=device)
 

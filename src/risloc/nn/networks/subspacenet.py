@@ -76,9 +76,6 @@ class SubspaceNet(nn.Module):
         n_k_in = 4 * c + 2 + self.n_spec + self.n_spec_sample
         self.k_head = nn.Sequential(nn.LayerNorm(n_k_in), nn.Linear(n_k_in, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, K))
 
-    def k_head_parameters(self):
-        return list(self.k_head.parameters())
-
     def _grid(self, x: Tensor) -> Tensor:
         """``[B, N, f]`` (n = j N_H + i) -> image ``[B, f, N_V, N_H]``."""
         B, _, f = x.shape
