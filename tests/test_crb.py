@@ -226,10 +226,20 @@ def test_scaling_with_snr_and_snapshots():
         assert (b < a).all() and torch.allclose(c, b / math.sqrt(2), rtol=1e-9)
 
 
+# median sqrt(CRB) at 20 dB of the 64 default scenes of seed 0 (phi [deg], theta [deg], r/r),
+# computed in float64, so the same on any machine to far better than the 10 % band of the test;
+# a factor 2 in the Fisher information (a lost conjugate term, a snapshot count) moves them by 41 %
+MEDIAN_SQRT_CRB_20DB = {"stochastic": (0.157, 0.125, 0.0304), "static": (0.086, 0.065, 0.0175)}
+
+
 def test_default_scenes_give_plausible_bounds():
+    """The bounds of the default scenes at 20 dB: finite exactly on the sources, medians pinned
+    within 10 %, and the deterministic (static) model, whose amplitudes are not nuisance
+    parameters, bounds tighter than the stochastic one."""
     sc = Scenario()
     scenes = simulate(sc, 64, seed=0)
     scenes.truth.noise_var = _at_snr(scenes, 20.0).float()
+    medians = {}
     for signal in ("stochastic", "static"):
         res = crb_for_scenes(scenes, signal=signal)
         K = scenes.truth.K
@@ -239,7 +249,10 @@ def test_default_scenes_give_plausible_bounds():
         med_theta = math.degrees(res.theta[active].median().item())
         med_rel_r = (res.r / scenes.truth.r.double())[active].median().item()
         print(f"{signal}: median sqrt CRB at 20 dB: phi {med_phi:.3f} deg, theta {med_theta:.3f} deg, r/r {med_rel_r:.4f}")
-        assert 1e-3 < med_phi < 1.0 and 1e-3 < med_theta < 1.0 and 1e-4 < med_rel_r < 0.2
+        medians[signal] = (med_phi, med_theta, med_rel_r)
+        for got, want in zip(medians[signal], MEDIAN_SQRT_CRB_20DB[signal]):
+            assert abs(got / want - 1) < 0.1, (signal, medians[signal])
+    assert all(a > b for a, b in zip(medians["stochastic"], medians["static"]))
     assert crb_for_scenes(scenes).signal == "stochastic"
     scenes.truth = None
     with pytest.raises(ValueError, match="truth"):
@@ -278,7 +291,7 @@ def test_woodbury_fim_matches_explicit_inverse_at_high_and_low_snr():
 # files and CLI
 # ---------------------------------------------------------------------------------------------
 def test_cli_writes_crb_file_and_load_crb_reads_it(tmp_path, capsys):
-    io = pytest.importorskip("risloc.io")
+    from risloc import io
     import h5py
 
     from risloc.cli import main

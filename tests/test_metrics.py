@@ -384,7 +384,6 @@ def test_read_crb_file(tmp_path):
 
 
 def test_cli_evaluate(tmp_path, capsys):
-    pytest.importorskip("risloc.io")
     from risloc.cli import main
 
     sp, ep, cp, scenes = _write_files(tmp_path)
@@ -403,7 +402,6 @@ def test_cli_evaluate(tmp_path, capsys):
 
 
 def test_cli_evaluate_refuses_mismatch_and_missing_truth(tmp_path, capsys):
-    pytest.importorskip("risloc.io")
     from risloc.cli import main
 
     (tmp_path / "a").mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cmath
+import inspect
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import risloc
 from risloc import Estimates, Scenario, simulate
 from risloc.estimators import get
+from helpers import assert_same_positions
 from risloc.estimators.ml_core import stochastic_eval, static_eval
 
 DEG = math.pi / 180
@@ -62,7 +64,7 @@ def _check_output(est: Estimates, n: int, k_max: int):
 def test_registered():
     from risloc.estimators import ml
 
-    assert get("ml") is ml.estimate
+    assert inspect.unwrap(get("ml")) is ml.estimate  # the registry wraps it (empty batches)
 
 
 def test_likelihood_gradients_match_autograd():
@@ -102,15 +104,16 @@ def test_high_snr_finds_sources(signal, K):
 
 
 def test_scale_invariance():
+    """A complex gain on y changes nothing that matters: the same K-hat, and positions that
+    agree within a tenth of sqrt(CRB) (float32 rounding differs between CPUs: measured up to
+    0.015 sqrt(CRB) on one x86-64 CPU and 0.03 on another; a gain-dependent decision moves
+    an estimate by far more than the bound)."""
     sc = Scenario(k_fixed=2, snr_db_min=15, snr_db_max=15)
     s = simulate(sc, 4, seed=3)
     a = get("ml")(s)
     s2 = risloc.Scenes(s.y * (7e3 * cmath.exp(0.3j)), s.H, s.codes, s.scenario)
     b = get("ml")(s2)
-    assert torch.equal(a.K, b.K)
-    for x, y in ((a.phi, b.phi), (a.theta, b.theta)):
-        assert torch.allclose(x, y, atol=2e-3 * DEG, equal_nan=True)
-    assert torch.allclose(a.r, b.r, rtol=1e-3, equal_nan=True)
+    assert_same_positions(a, b, s, 0.1)
 
 
 def test_init_refines_perturbed_truth():

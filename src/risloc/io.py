@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 import torch
 
-from ._files import atomic_path
+from ._files import InputError, atomic_path
 from .crb import POSITION_PARAMS, CRBResult, crb_for_scenes
 from .scenario import SIGNAL_MODELS, Scenario
 from .scenes import Estimates, Scenes, Truth
@@ -298,44 +298,60 @@ def save_estimates(est: Estimates, path: str | os.PathLike, scenario: Scenario) 
 # ------------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------------
+def open_h5(path: str | os.PathLike, what: str) -> h5py.File:
+    """Open the HDF5 file ``path`` (a ``what``, e.g. "scene file") for reading.
+
+    ``FileNotFoundError`` if there is no such file, :class:`InputError` naming the file if it
+    is not HDF5 or is truncated (h5py's reason in parentheses)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        text = str(exc)
+        reason = text[text.find("(") + 1 : text.rfind(")")] if "(" in text and text.endswith(")") else text
+        raise InputError(f"{path}: not a readable {what} (not HDF5, or damaged: {reason})") from None
+
+
 def _header(f: h5py.File, path: Path, fmt: str) -> Scenario:
     """Check the root attributes and return the scenario."""
 
     def attr(name):
         if name not in f.attrs:
-            raise ValueError(f"{path}: root attribute '{name}' is missing (not a {fmt} file)")
+            raise InputError(f"{path}: root attribute '{name}' is missing (not a {fmt} file)")
         v = f.attrs[name]
         v = v.item() if isinstance(v, np.generic) else v
         return v.decode() if isinstance(v, bytes) else v
 
     got = attr("format")
     if got != fmt:
-        raise ValueError(f"{path}: attribute 'format' is {got!r}, expected {fmt!r}")
+        raise InputError(f"{path}: attribute 'format' is {got!r}, expected {fmt!r}")
     version = attr("version")
     try:
         ok = int(version) == VERSION and float(version) == VERSION
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{path}: attribute 'version' is {version!r}; this reader knows version {VERSION}")
+        raise InputError(f"{path}: attribute 'version' is {version!r}; this reader knows version {VERSION}")
     text = attr("scenario")
     try:
         return Scenario.from_json(str(text))
     except ValueError as exc:  # JSONDecodeError is a ValueError too
-        raise ValueError(f"{path}: attribute 'scenario' is not a valid scenario: {exc}") from None
+        raise InputError(f"{path}: attribute 'scenario' is not a valid scenario: {exc}") from None
 
 
 def _dataset(f: h5py.File, path: Path, name: str, row_shape: tuple[int, ...], kind: str, n: int | None) -> h5py.Dataset:
     """The dataset ``name`` with shape ``[n, *row_shape]`` and dtype kind ``kind`` ('c', 'f' or 'i')."""
     if name not in f or not isinstance(f[name], h5py.Dataset):
-        raise ValueError(f"{path}: dataset '{name}' is missing")
+        raise InputError(f"{path}: dataset '{name}' is missing")
     ds = f[name]
     want = ("S" if n is None else str(n), *map(str, row_shape))
     if ds.ndim != len(want) or tuple(ds.shape[1:]) != row_shape or (n is not None and ds.shape[0] != n):
-        raise ValueError(f"{path}: dataset '{name}' has shape {list(ds.shape)}, expected [{', '.join(want)}] from the scenario and the other datasets")
+        raise InputError(f"{path}: dataset '{name}' has shape {list(ds.shape)}, expected [{', '.join(want)}] from the scenario and the other datasets")
     kinds = {"c": "complex", "f": "floating-point", "i": "integer"}
     if ds.dtype.kind != kind and not (kind == "f" and ds.dtype.kind in "iu") and not (kind == "i" and ds.dtype.kind == "u"):
-        raise ValueError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {kinds[kind]}")
+        raise InputError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {kinds[kind]}")
     return ds
 
 
@@ -350,7 +366,7 @@ def _check_padded(path: Path, name: str, a: np.ndarray, K: np.ndarray, offset: i
     want_finite = cols[None, :] < K[:, None]
     bad = _first(~(np.where(want_finite, np.isfinite(a), np.isnan(a))).all(1))
     if bad is not None:
-        raise ValueError(f"{path}: dataset '{name}', scene {offset + bad}: need finite values for the first {what} = {K[bad]} sources and NaN after, got {a[bad].tolist()}")
+        raise InputError(f"{path}: dataset '{name}', scene {offset + bad}: need finite values for the first {what} = {K[bad]} sources and NaN after, got {a[bad].tolist()}")
 
 
 @contextmanager
@@ -358,9 +374,7 @@ def _open_scenes_file(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path
     """Open a scene file for reading: ``(file, path, scenario, {y, H, codes datasets})`` with the
     root attributes checked and the input shapes checked against the scenario and each other."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scene file {path} does not exist")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "scene file") as f:
         sc = _header(f, path, SCENES_FORMAT)
         shapes = _input_shapes(sc)
         S = _dataset(f, path, "y", shapes["y"], "c", None).shape[0]
@@ -392,23 +406,23 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
                 x = (x.view(x.real.dtype) if x.dtype.kind == "c" else x).reshape(b - a, -1)  # real and imaginary parts
                 bad = _first(~np.isfinite(x).all(1))
                 if bad is not None:
-                    raise ValueError(f"{path}: dataset '{name}', scene {a + bad}: non-finite values")
+                    raise InputError(f"{path}: dataset '{name}', scene {a + bad}: non-finite values")
                 if name in ("H", "codes"):
                     bad = _first(~x.any(1))
                     if bad is not None:
                         what = "channel is" if name == "H" else "RIS codes are"
-                        raise ValueError(f"{path}: dataset '{name}', scene {a + bad}: {what} all zero")
+                        raise InputError(f"{path}: dataset '{name}', scene {a + bad}: {what} all zero")
             if truth is not None:
                 K = truth["K"][a:b]
                 bad = _first((K < 0) | (K > sc.k_max))
                 if bad is not None:
-                    raise ValueError(f"{path}: dataset 'truth/K', scene {a + bad}: K = {K[bad]} outside 0..k_max={sc.k_max}")
+                    raise InputError(f"{path}: dataset 'truth/K', scene {a + bad}: K = {K[bad]} outside 0..k_max={sc.k_max}")
                 for q in TRUTH_PER_SOURCE:
                     _check_padded(path, f"truth/{q}", truth[q][a:b], K, a, "K")
                 nv = truth["noise_var"][a:b]
                 bad = _first(~(np.isfinite(nv) & (nv >= 0)))
                 if bad is not None:
-                    raise ValueError(f"{path}: dataset 'truth/noise_var', scene {a + bad}: {nv[bad]} is not a finite variance >= 0")
+                    raise InputError(f"{path}: dataset 'truth/noise_var', scene {a + bad}: {nv[bad]} is not a finite variance >= 0")
         return FileInfo(path, sc, S, has_snr="snr_db" in inputs, has_truth=truth is not None)
 
 
@@ -416,9 +430,7 @@ def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK 
     """Check an estimates file: format/version/scenario, ``est/K`` in 0..k_max, positions
     ``[S, K_max]`` finite for the first K-hat and NaN after (``ValueError`` naming dataset and scene)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"estimates file {path} does not exist")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "estimates file") as f:
         sc = _header(f, path, ESTIMATES_FORMAT)
         K_ds = _dataset(f, path, "est/K", (), "i", None)
         S = K_ds.shape[0]
@@ -428,7 +440,7 @@ def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK 
             K = K_ds[a:b]
             bad = _first((K < 0) | (K > sc.k_max))
             if bad is not None:
-                raise ValueError(f"{path}: dataset 'est/K', scene {a + bad}: K-hat = {K[bad]} outside 0..k_max={sc.k_max}")
+                raise InputError(f"{path}: dataset 'est/K', scene {a + bad}: K-hat = {K[bad]} outside 0..k_max={sc.k_max}")
             for q, ds in pos.items():
                 _check_padded(path, f"est/{q}", ds[a:b], K, a, "K-hat")
         method = f.attrs.get("method", f["est"].attrs.get("method", ""))
@@ -471,7 +483,7 @@ def _range(info: FileInfo, start: int, stop: int | None) -> tuple[int, int]:
     S = info.n_scenes
     stop = S if stop is None else stop
     if not (0 <= start <= stop <= S):
-        raise ValueError(f"{info.path}: scene range [{start}, {stop}) is outside [0, {S}]")
+        raise InputError(f"{info.path}: scene range [{start}, {stop}) is outside [0, {S}]")
     return start, stop
 
 
@@ -557,7 +569,7 @@ def crb_file(
     scenes_path, out_path = Path(scenes_path), Path(out_path)
     info = validate_scenes_file(scenes_path)  # refuses a bad file before any work
     if not info.has_truth:
-        raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
+        raise InputError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
     with h5py.File(scenes_path, "r") as f:
@@ -607,22 +619,20 @@ def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> C
     Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
     has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CRB file {str(path)!r} not found")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "CRB file") as f:
         if "crb" not in f:
-            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
+            raise InputError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
         content = _attr_str(f.attrs.get("content", CRB_CONTENT))
         if content != CRB_CONTENT:
-            raise ValueError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
+            raise InputError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
         vals = {}
         shape = None
         for q in POSITION_PARAMS:
-            if f"crb/{q}" not in f:
-                raise ValueError(f"{path}: missing dataset crb/{q}")
+            if f"crb/{q}" not in f or not isinstance(f[f"crb/{q}"], h5py.Dataset):
+                raise InputError(f"{path}: missing dataset crb/{q}")
             d = f[f"crb/{q}"]
-            if d.ndim != 2 or (shape is not None and d.shape != shape):
-                raise ValueError(f"{path}: crb/{q} has shape {list(d.shape)}, expected [S, K_max] like crb/phi")
+            if d.ndim != 2 or (shape is not None and d.shape != shape) or d.dtype.kind != "f":
+                raise InputError(f"{path}: crb/{q} has shape {list(d.shape)} and dtype {d.dtype}, expected floats [S, K_max] like crb/phi")
             shape = d.shape
             vals[q] = torch.from_numpy(d[start:stop]).to(device)
         n = vals["phi"].shape[0]
