@@ -305,7 +305,7 @@ class SpectrumNet(nn.Module):
         """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + pursuit]``
         (SNR/10 dB, label known, log residual power fractions after 1..pursuit picks)."""
         if inputs.y is None:
-            raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.model.prepare_inputs)")
+            raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.inputs.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
         with torch.autocast(inputs.y.device.type, enabled=False):
             sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit)
