@@ -140,3 +140,23 @@ def test_train_scaling_benchmark_writes_its_record(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["world_size"] == 1 and rec["batch_per_rank"] == 4 and rec["timed_steps"] == 2 and rec["kind"] == "spectrum"
     assert rec["scenes_per_s"] > 0 and rec["devices"] == ["cpu"] and rec["commit"]
+
+
+def test_checkpoint_of_the_earlier_trainer_resumes(tmp_path):
+    """A last.pt in the earlier layout (non-fused AdamW groups, progress without 'step', no scaler
+    or mid-epoch fields) resumes at its epoch and ends where an uninterrupted run ends."""
+    from risloc.nn.checkpoint import save_checkpoint
+
+    cfg = _tiny(epochs=2, steps_per_epoch=2, **{"model.channels_last": False})
+    train(cfg, tmp_path / "one", log=lambda s: None)
+    train(cfg, tmp_path / "old", log=lambda s: None, stop_after_epoch=0)
+    state = load_checkpoint(tmp_path / "old" / "last.pt")
+    for g in state["optimizer"]["param_groups"]:
+        g["fused"], g["foreach"] = None, None
+    state["progress"] = {k: state["progress"][k] for k in ("epoch", "best", "bad_epochs")}
+    state.pop("scaler")
+    save_checkpoint(tmp_path / "old" / "last.pt", state)
+    train(cfg, tmp_path / "old", log=lambda s: None, resume=True)
+    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "old" / "last.pt")
+    assert b["progress"]["step"] == 4
+    assert _equal(a["model"], b["model"]) and _equal(a["ema"], b["ema"])

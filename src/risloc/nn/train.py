@@ -565,6 +565,8 @@ def _restore(state, model, ema, objective, optimizer, schedule, scaler, device, 
         ema.load_state_dict(state["ema"])
     objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # checkpoints of earlier versions stored a non-fused AdamW
+        group["fused"], group["foreach"] = True, None
     schedule.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
