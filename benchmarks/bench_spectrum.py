@@ -4,7 +4,7 @@
     PYTHONPATH=src python3 benchmarks/bench_spectrum.py --device cpu --batch 32 --repeats 2
 
 Times, in scenes/s on simulated default-scenario scenes: the matched-filter front end
-(``risloc.nn.spectrum.matched_filter_spectra``), the network's forward (bf16 autocast on CUDA)
+(``risloc.nn.networks.spectrum.matched_filter_spectra``), the network's forward (bf16 autocast on CUDA)
 and decoding, the inference path after the network (K-hat + local MUSIC), and one training step
 (forward + detection loss + backward + AdamW) at ``--train-batch``. Prints one JSON line.
 """
@@ -22,8 +22,9 @@ from risloc._provenance import stamp
 from risloc.nn.config import TrainConfig
 from risloc.nn.inference import Calibration, locate_from_prediction
 from risloc.nn.loss import Objective
-from risloc.nn.model import build_model, prepare_inputs
-from risloc.nn.spectrum import matched_filter_spectra
+from risloc.nn.inputs import prepare_inputs
+from risloc.nn.networks import build_model, get_network
+from risloc.nn.networks.spectrum import matched_filter_spectra
 from risloc.simulate import source_factor
 
 
@@ -53,7 +54,7 @@ def main(argv=None):
     from risloc.nn.config import apply_overrides
 
     if args.front_chunk:
-        import risloc.nn.spectrum as spectrum
+        import risloc.nn.networks.spectrum as spectrum
 
         spectrum.FRONT_END_CHUNK = args.front_chunk
     cfg = TrainConfig.load(args.config)
@@ -97,7 +98,7 @@ def main(argv=None):
     out["end_to_end_scenes_per_s"] = args.batch / _timed(end_to_end, device, args.repeats)
 
     model.train()
-    objective = Objective(cfg.loss, sc).to(device)
+    objective = Objective(cfg.loss, sc, get_network(cfg.model.kind)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b = s[: args.train_batch]
     tin = prepare_inputs(b.y, b.H, b.codes, b.snr_db, regularisation=options.regularisation)

@@ -7,7 +7,8 @@ import risloc
 from risloc import covariance as cv
 from risloc.nn import loss as L
 from risloc.nn.config import LossConfig
-from risloc.nn.model import Prediction, effective, prepare_inputs
+from risloc.nn.inputs import Prediction, effective, prepare_inputs
+from risloc.nn.networks import get_network
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_frobenius_matches_dense(batch):
 
 def _all_terms_config():
     return LossConfig(raw_weight=0.1, k_weight=0.1, gap_weight=0.1, sub_weight=0.1, peak_weight=0.1, orth_weight=0.1,
-                      raw_start=0, k_start=0, gap_start=0, sub_start=0, peak_start=0, orth_start=0, beta_start=0)
+                      raw_start=0, k_start=0, gap_start=0, sub_start=0, peak_start=0, orth_start=0, beta_start=0,
+                      main="cov", beta=0.25, balance=True)
 
 
 @pytest.mark.parametrize("case", ["zero_prediction", "rank_deficient_truth", "identical_sources"])
@@ -90,7 +92,7 @@ def test_finite_gradients_on_degenerate_inputs(batch, case):
         truth.K.clamp_(min=2)
         true_factor = risloc.source_factor(truth, sc)
         pred_factor = true_factor.clone()  # a perfect, rank-deficient prediction
-    objective = L.Objective(_all_terms_config(), sc)
+    objective = L.Objective(_all_terms_config(), sc, get_network("covariance"))
     opts = cv.CovarianceOptions(beta=0.25)
     Fp = pred_factor.clone().requires_grad_(True)
     logits = torch.zeros(len(s), sc.k_max, requires_grad=True)
@@ -107,7 +109,7 @@ def test_finite_gradients_on_degenerate_inputs(batch, case):
 
 def test_ramps_and_switches():
     cfg = LossConfig(k_weight=0.2, k_start=2.0, k_ramp=2.0, gap_weight=0.0)
-    obj = L.Objective(cfg, risloc.Scenario())
+    obj = L.Objective(cfg, risloc.Scenario(), get_network("spectrum"))
     assert obj.weights(1.0)["k"] == 0.0
     assert obj.weights(3.0)["k"] == pytest.approx(0.1)
     assert obj.weights(10.0)["k"] == pytest.approx(0.2)

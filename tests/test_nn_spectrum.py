@@ -18,8 +18,9 @@ from risloc.scenes import Estimates
 from risloc.estimators.music import music_from_covariance
 from risloc.nn.checkpoint import export_weights, file_sha256, load_checkpoint
 from risloc.nn.config import TrainConfig, apply_overrides
-from risloc.nn.model import build_model, prepare_inputs
-from risloc.nn.spectrum import (
+from risloc.nn.inputs import prepare_inputs
+from risloc.nn.networks import build_model, get_network
+from risloc.nn.networks.spectrum import (
     Detections,
     decode,
     detection_loss,
@@ -184,7 +185,7 @@ def test_network_forward_backward_and_factor():
     assert abs(torch.vdot(a, col)).item() == pytest.approx((a.norm() * col.norm()).item(), rel=1e-4)
     from risloc.nn.loss import Objective
 
-    loss, parts = Objective(cfg.loss, SC)(pred, inputs, cfg.covariance_options(0.0), s.truth, risloc.source_factor(s.truth, SC), 1.0)
+    loss, parts = Objective(cfg.loss, SC, get_network("spectrum"))(pred, inputs, cfg.covariance_options(0.0), s.truth, risloc.source_factor(s.truth, SC), 1.0)
     assert set(parts) == {"detect", "k"} and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -9,8 +9,10 @@ from risloc.estimators import get
 from risloc.nn.checkpoint import file_sha256, load_checkpoint
 from risloc.nn.config import ModelConfig, TrainConfig, apply_overrides
 from risloc.nn.loss import music_null_loss
-from risloc.nn.model import RisCovarianceNet, build_model, effective, prepare_inputs
-from risloc.nn.subspacenet import SubspaceNet
+from risloc.nn.inputs import effective, prepare_inputs
+from risloc.nn.networks import build_model
+from risloc.nn.networks.covariance import RisCovarianceNet
+from risloc.nn.networks.subspacenet import SubspaceNet
 from risloc.nn.train import train
 from risloc.scenario import Scenario
 from risloc.simulate import simulate, source_factor
@@ -57,11 +59,12 @@ def test_subspacenet_gradients_are_finite(batch):
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_default_kind_is_the_covariance_network():
-    assert ModelConfig().kind == "covariance" and TrainConfig().loss.main == "cov"
-    assert isinstance(build_model(Scenario(), ModelConfig(width=16, depth=1, heads=2, patch=4, k_hidden=16)), RisCovarianceNet)
-    with pytest.raises(ValueError, match="kind"):
-        ModelConfig(kind="nope")
+def test_kinds_by_name():
+    assert ModelConfig().kind == "spectrum" and TrainConfig().loss.main == "detect"
+    cfg = ModelConfig(kind="covariance", width=16, depth=1, heads=2, patch=4, k_hidden=16)
+    assert isinstance(build_model(Scenario(), cfg), RisCovarianceNet)
+    with pytest.raises(ValueError, match="network kind 'nope'"):
+        build_model(Scenario(), ModelConfig(kind="nope"))
     with pytest.raises(ValueError, match="main"):
         apply_overrides(TrainConfig(), {"loss.main": "nope"})
 

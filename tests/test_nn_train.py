@@ -11,12 +11,20 @@ import risloc
 from risloc.nn import calibrate
 from risloc.nn.checkpoint import FORMAT, VERSION, file_sha256, load_checkpoint, save_checkpoint
 from risloc.nn.config import TrainConfig, apply_overrides
-from risloc.nn.train import WarmupCosine, gated_step, train
+from risloc.nn.train import gated_step, train
+
+
+COVARIANCE_KIND = {
+    "model.kind": "covariance", "model.pursuit": 0, "model.channels_last": False, "loss.main": "cov", "loss.beta": 0.25,
+    "loss.k_weight": 0.1, "loss.gap_weight": 0.05, "loss.sub_weight": 0.05, "loss.peak_weight": 0.05, "loss.balance": True,
+    "min_lr": 1e-5,
+}
+"""The ``covariance`` network with the curriculum its configs use (the code defaults are the shipped spectrum model's)."""
 
 
 def tiny_config(**changes) -> TrainConfig:
-    """A run of seconds: 64-scene pool, 16-wide single-layer network, 4 x 4 element patches."""
-    base = {
+    """A run of seconds of the ``covariance`` kind: 64-scene pool, 16-wide single-layer network, 4 x 4 element patches."""
+    base = {**COVARIANCE_KIND,
         "device": "cpu", "amp": "none", "threads": 1, "epochs": 3, "steps_per_epoch": 3, "batch": 8, "train_scenes": 64,
         "val_scenes": 16, "val_batch": 16, "val_locate": False, "calibrate": False, "lr": 1e-3, "warmup_steps": 2,
         "ema": 0.9, "log_every": 2, "val_primary": "loss",
@@ -28,19 +36,31 @@ def tiny_config(**changes) -> TrainConfig:
     return apply_overrides(TrainConfig(), base)
 
 
-def test_nonfinite_gradient_is_skipped_and_scheduler_does_not_tick():
+def test_nonfinite_gradient_is_skipped_on_the_device():
+    """The gate decides on the device (fused AdamW found_inf): no parameter, moment or step-count change."""
     p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=0.1)
-    sched = WarmupCosine(0.1, 0.0, 0, 10)
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
-    stepped, norm = gated_step([p], opt, sched, grad_clip=1.0)
-    assert not stepped and not math.isfinite(float(norm))
-    assert sched.step == 0 and torch.equal(p.detach(), torch.ones(3)) and p.grad is None
-    assert len(opt.state) == 0  # AdamW never saw the step
+    finite, norm = gated_step([p], opt, grad_clip=1.0)
+    assert torch.is_tensor(finite) and not bool(finite) and not math.isfinite(float(norm))
+    assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None
+    st = opt.state[p]
+    assert float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
     p.grad = torch.tensor([10.0, 0.0, 0.0])
-    stepped, norm = gated_step([p], opt, sched, grad_clip=1.0)
-    assert stepped and sched.step == 1 and float(norm) == pytest.approx(10.0)
+    finite, norm = gated_step([p], opt, grad_clip=1.0)
+    assert bool(finite) and float(opt.state[p]["step"]) == 1 and float(norm) == pytest.approx(10.0)
     assert p[0] < 1.0
+    # clipped: Adam's first moment holds (1 - beta1) x the clipped gradient (norm 1, not 10)
+    assert float(opt.state[p]["exp_avg"][0]) == pytest.approx(0.1 * 1.0, rel=1e-4)
+    # the EMA does not move on a skipped step
+    from risloc.nn.train import ema_update
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = [q.detach().clone() for q in a.parameters()]
+    ema_update(a, b, 0.9, 5, torch.tensor(False))
+    assert all(torch.equal(x, y) for x, y in zip(before, a.parameters()))
+    ema_update(a, b, 0.9, 5, torch.tensor(True))
+    assert not all(torch.equal(x, y) for x, y in zip(before, a.parameters()))
 
 
 def _state_equal(a: dict, b: dict) -> bool:
@@ -165,7 +185,7 @@ def test_learned_estimator_and_missing_default(tmp_path):
 def test_small_overfit_run_under_a_minute(capsys):
     from risloc.cli import main
 
-    rc = main(["overfit", "--train-scenes", "32", "--val-scenes", "32", "--batch", "32", "--steps-per-epoch", "4",
+    rc = main(["overfit", "--model.kind", "covariance", "--train-scenes", "32", "--val-scenes", "32", "--batch", "32", "--steps-per-epoch", "4",
                "--target", "0.6", "--budget", "45", "--model.width", "32", "--threads", "1"])
     out = capsys.readouterr().out
     assert "[SELFTEST] nmse(R,R)=0 nmse(0,R)=1" in out

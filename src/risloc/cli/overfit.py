@@ -1,7 +1,9 @@
 """``risloc overfit``: the pure overfit probe of the learned pipeline.
 
-512 identical training and validation scenes, beta = 0, covariance NMSE only (every other
-loss weight forced to 0, and checked), no EMA, no SNR-label noise. Prints the loss self-test
+512 identical training and validation scenes, beta = 0, the network kind's own main term only
+(``detect`` for the shipped ``spectrum`` kind, the covariance NMSE for ``covariance``; every other
+loss weight forced to 0, and checked), no EMA, no SNR-label noise. The stop criterion is the
+validation covariance NMSE of the prediction's effective covariance, defined for every kind. Prints the loss self-test
 ``[SELFTEST]``, then per epoch ``[LR]``, ``[GRAD]``, ``[STEP] dparam`` and ``[VAL]``; stops as soon
 as the validation NMSE is <= the target (0.1) and exits 0, or exits 1 when the epochs or the
 time budget run out first.
@@ -33,9 +35,6 @@ OVERFIT_DEFAULTS = {
     "calibrate": False,
     "val_primary": "loss",
     "log_every": 1000,
-    "model.width": 192,  # wide tokens of 3 x 3 elements memorise fastest per CPU second (measured)
-    "model.depth": 2,
-    "model.patch": 3,
     "loss.beta": 0.0,
     "loss.snr_noise_db": 0.0,
     "loss.snr_drop": 0.0,
@@ -43,6 +42,12 @@ OVERFIT_DEFAULTS = {
     "loss.uncertainty": False,
     **{f"loss.{t}_weight": 0.0 for t in AUX_TERMS},
 }
+
+
+PROBE_MODEL = {
+    "covariance": {"model.width": 192, "model.depth": 2, "model.patch": 3},  # wide 3 x 3 tokens memorise fastest per CPU second (measured)
+}
+"""Network sizes of the probe per kind (other kinds: the configuration's own)."""
 
 
 def add_parser(subparsers) -> None:
@@ -57,9 +62,12 @@ def add_parser(subparsers) -> None:
 
 
 def guarded_config(cfg: TrainConfig) -> TrainConfig:
-    """The probe's settings on top of ``cfg``; then the hard guards."""
-    cfg = apply_overrides(cfg, OVERFIT_DEFAULTS)
-    return cfg
+    """The probe's settings on top of ``cfg``: :data:`OVERFIT_DEFAULTS`, the kind's
+    :data:`PROBE_MODEL` and its own main term."""
+    from ..nn.networks import get_network
+
+    kind = get_network(cfg.model.kind)
+    return apply_overrides(cfg, {**OVERFIT_DEFAULTS, **PROBE_MODEL.get(kind.name, {}), "loss.main": kind.mains[0]})
 
 
 def check_guards(cfg: TrainConfig) -> None:
@@ -72,14 +80,16 @@ def check_guards(cfg: TrainConfig) -> None:
     if cfg.val_scenes != cfg.train_scenes or cfg.train_file or cfg.val_file:
         bad.append("train and validation scenes must be the same simulated 512")
     if bad:
-        raise ValueError("overfit probe: only the covariance loss with beta = 0 is allowed; offending settings: " + ", ".join(bad))
+        raise ValueError("overfit probe: only the network's main term with beta = 0 is allowed; offending settings: " + ", ".join(bad))
 
 
 def run(args: argparse.Namespace) -> int:
     from ..nn.train import train
     from ..simulate import simulate
 
-    cfg = guarded_config(TrainConfig.load(args.config) if args.config else TrainConfig())
+    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    kind_of = config_from_args(args, base)  # the kind the flags ask for decides the probe's settings
+    cfg = guarded_config(apply_overrides(base, {"model.kind": kind_of.model.kind}))
     cfg = config_from_args(args, cfg)  # explicit flags win ...
     check_guards(cfg)  # ... but may not break the probe
     val = simulate(cfg.scenario, cfg.val_scenes, seed=cfg.seed)  # the very scenes of the training pool

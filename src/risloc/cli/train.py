@@ -3,6 +3,8 @@
     risloc train --config configs/cpu-quick.toml --out runs/quick
     risloc train --config configs/default.toml --out runs/gpu --model.width 192 --set loss.k_weight=0.2
     risloc train --out runs/quick --resume          # continue a killed run (same result)
+    risloc train --config configs/default.toml --out runs/long --time-budget 540   # then, again and again:
+    risloc train --out runs/long --resume --time-budget 540                        # each command <= 9 min
     torchrun --nproc_per_node=4 -m risloc train --config configs/default.toml --out runs/ddp   # 4 GPUs
 
 Under ``torchrun`` the run is data-parallel (DistributedDataParallel; nccl on CUDA, gloo on
@@ -35,6 +37,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="E",
                    help="end the run after epoch E (0-based) of the configured schedule, as if stopped there: no"
                         " calibration; best.pt is still exported to weights.pt (how the shipped default was made)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock seconds this command may take, counted from the start of training (interpreter start-up,"
+                        " a few seconds, comes on top): before they run out, write a resumable last.pt at the current step"
+                        " and exit 0; --resume continues exactly there (same weights as one long run)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also write last.pt every N steps (default: at epoch ends only)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as TOML and exit")
     p.add_argument("--dist-timeout", type=float, default=None, metavar="S",
                    help="under torchrun: seconds a rank waits for the others (rank 0's validation included) before failing"
@@ -49,13 +57,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stop_after_epoch is not None and args.stop_after_epoch < 0:
         raise SystemExit(f"risloc train: --stop-after-epoch {args.stop_after_epoch}: must be >= 0 (0 = after the first epoch)")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise SystemExit(f"risloc train: --time-budget {args.time_budget}: must be > 0 seconds")
+    if args.checkpoint_every < 0:
+        raise SystemExit(f"risloc train: --checkpoint-every {args.checkpoint_every}: must be >= 0")
     cfg = config_from_args(args)
     if args.print_config:
         print(cfg.to_toml())
         return 0
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, log=lambda s: print(s, flush=True),
                     stop_after_epoch=args.stop_after_epoch,
-                    dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S)
+                    dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, time_budget_s=args.time_budget,
+                    checkpoint_every=args.checkpoint_every)
+    if summary.get("stopped") == "time_budget":
+        return 0
     best = summary.get("calibration", {})
     if best and os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary; rank 0 prints
         print(f"[DONE] best.pt calibrated: success={best.get('calibrated_success', float('nan')):.3f} "

@@ -7,9 +7,12 @@ TOML strings), so it loads with ``torch.load(weights_only=True)`` and no code ru
     config, scenario         TOML strings (TrainConfig.to_toml(), Scenario.to_toml())
     model, ema               state dicts (ema: the EMA weights, used for validation/inference)
     objective                the loss module's state (running term magnitudes)
-    optimizer, scheduler     AdamW state dict, {"step": optimiser steps taken}
-    rng                      {"torch": CPU generator state}
-    progress                 {"epoch": next epoch, "step": next global step, "best": ..., "bad_epochs": ...}
+    optimizer, scheduler     AdamW state dict, {"step": the next global step}
+    scaler                   the fp16 GradScaler's state (None without fp16)
+    rng                      {"torch": CPU generator state, "cuda": the device's generator state (CUDA runs)}
+    progress                 {"epoch": next epoch, "step": next global step, "best": ..., "bad_epochs": ...};
+                             a checkpoint written inside an epoch also holds that epoch's running
+                             sums (epoch_sums, epoch_counts, epoch_skipped, epoch_time)
     metrics                  the last validation metrics (dict of numbers)
     calibration              {"temperature": T, "threshold": tau, "order_rule": rule}
     beta                     the hybrid blend weight used at inference

@@ -33,12 +33,12 @@ from ..scenario import Scenario
 
 @dataclass
 class ModelConfig:
-    """The network (see docs/learned.md, 'Architecture')."""
+    """The network (see docs/learned.md). The defaults are the shipped model's (configs/default.toml)."""
 
-    width: int = 128
-    """Token width d of the transformer (one token per RIS element)."""
-    depth: int = 4
-    """Transformer encoder layers."""
+    width: int = 32
+    """Channels of the first level (spectrum), token width d (covariance), channels (subspacenet)."""
+    depth: int = 2
+    """Residual blocks at the bottleneck (spectrum), transformer encoder layers (covariance)."""
     patch: int = 1
     """Elements per token along each axis (1: one token per element; 2: 2 x 2 patches, 4x fewer tokens)."""
     heads: int = 4
@@ -51,11 +51,12 @@ class ModelConfig:
     """Hidden width of the K head."""
     residual: bool = True
     """Predict F = F0 + dF with F0 the K_max dominant eigenpairs of the sample covariance (dF starts at 0)."""
-    kind: str = "covariance"
-    """'spectrum' (the 3-D detector on matched-filter spectra, risloc.nn.spectrum, the shipped
-    default; uses width, depth, k_hidden and the grid_* fields), 'covariance' (the transformer
-    above, docs/learned.md) or 'subspacenet' (the SubspaceNet-style convolutional peer,
-    risloc.nn.subspacenet, docs/learned-peer.md; uses width, k_hidden, residual, rank_extra)."""
+    kind: str = "spectrum"
+    """The network kind (risloc.nn.networks): 'spectrum' (the 3-D detector on matched-filter
+    spectra, the shipped default; uses width, depth, k_hidden and the grid_* fields),
+    'covariance' (the transformer over RIS elements, docs/learned.md; uses width, depth, patch,
+    heads, mlp_ratio, dropout, k_hidden, residual) or 'subspacenet' (the SubspaceNet-style
+    convolutional peer, docs/learned-peer.md; uses width, k_hidden, residual, rank_extra)."""
     rank_extra: int = 0
     """subspacenet only: columns of the surrogate factor Z beyond K_max (r = K_max + rank_extra)."""
     grid_phi: int = 24
@@ -66,15 +67,15 @@ class ModelConfig:
     """spectrum only: grid points in 1/r over [1/r_max, 1/r_min] (a multiple of 4)."""
     snapshot_channels: bool = True
     """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean)."""
-    pursuit: int = 0
+    pursuit: int = 5
     """spectrum only: orthogonal-matching-pursuit picks of the front end (0: the matched filter
     alone); the network sees S_0..S_{pursuit-1} and the residual power after 1..pursuit picks."""
-    channels_last: bool = False
+    channels_last: bool = True
     """spectrum only: run the 3-D convolutions in channels-last layout on CUDA (speed only; same weights)."""
 
     def __post_init__(self):
-        if self.kind not in ("covariance", "subspacenet", "spectrum"):
-            raise ValueError(f"ModelConfig.kind = {self.kind!r}: must be 'spectrum', 'covariance' or 'subspacenet'")
+        if not self.kind or not isinstance(self.kind, str):
+            raise ValueError(f"ModelConfig.kind = {self.kind!r}: must name a network kind (risloc.nn.networks.available())")
         if self.pursuit < 0:
             raise ValueError(f"ModelConfig.pursuit = {self.pursuit}: must be >= 0")
         if self.rank_extra < 0:
@@ -83,7 +84,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss terms, their weights and curriculum ramps, and the effective-covariance knobs.
+    """Loss terms, their weights and curriculum ramps, and the effective-covariance knobs
+    (defaults: the shipped ``spectrum`` model's; the covariance kinds' curricula are in their configs).
 
     Every auxiliary term ``t`` has ``t_weight`` (its target share of the main term when
     ``balance`` is on, a plain multiplier otherwise; 0 switches it off), ``t_start`` (epoch at
@@ -91,7 +93,7 @@ class LossConfig:
     """
 
     # --- the effective covariance (the SAME options for loss, validation and inference) ---
-    beta: float = 0.25
+    beta: float = 0.0
     """Final hybrid blend weight of the scene's own sample covariance (stage 2 on)."""
     beta_start: float = 2.0
     """Epoch at which beta starts to rise from 0 (stage 2)."""
@@ -108,23 +110,23 @@ class LossConfig:
     raw_weight: float = 0.0
     raw_start: float = 0.0
     raw_ramp: float = 1.0
-    k_weight: float = 0.1
-    k_start: float = 3.0
+    k_weight: float = 0.2
+    k_start: float = 0.0
     k_ramp: float = 1.0
-    gap_weight: float = 0.05
+    gap_weight: float = 0.0
     gap_start: float = 5.0
     gap_ramp: float = 1.0
-    sub_weight: float = 0.05
+    sub_weight: float = 0.0
     sub_start: float = 6.0
     sub_ramp: float = 1.0
-    peak_weight: float = 0.05
+    peak_weight: float = 0.0
     peak_start: float = 7.0
     peak_ramp: float = 1.0
     orth_weight: float = 0.0
     orth_start: float = 8.0
     orth_ramp: float = 1.0
 
-    balance: bool = True
+    balance: bool = False
     """Scale each auxiliary term by EMA(main)/EMA(term) so that ``weight`` is its share of the main term."""
     balance_momentum: float = 0.99
     """Momentum of the running term magnitudes used by ``balance``."""
@@ -134,11 +136,12 @@ class LossConfig:
     """Margin (in log units of the Capon spectrum) of the peak-contrast hinge."""
     backbone_lr_mult: float = 1.0
     """LR multiplier of everything but the K head once the K loss is on (0 freezes the backbone)."""
-    main: str = "cov"
-    """The main term: 'cov' (covariance NMSE against the true R), 'music' (the normalised MUSIC
-    null spectrum at the true positions, no covariance target: the SubspaceNet-style peer,
-    risloc.nn.loss.music_null_loss, docs/learned-peer.md) or 'detect' (the spectrum network's
-    detection loss, risloc.nn.spectrum.detection_loss)."""
+    main: str = "detect"
+    """The main term: 'detect' (the spectrum network's detection loss,
+    risloc.nn.networks.spectrum.detection_loss), 'cov' (covariance NMSE against the true R) or
+    'music' (the normalised MUSIC null spectrum at the true positions, no covariance target: the
+    SubspaceNet-style peer, risloc.nn.loss.music_null_loss, docs/learned-peer.md). Each network
+    kind lists the terms it supports (NetworkKind.mains)."""
     music_negatives: int = 0
     """main = 'music' only: hard negatives per scene (deepest coarse-grid nulls > 6 deg from every
     source) whose null must exceed the truth's by ``peak_margin`` in log units; 0: off."""
@@ -173,7 +176,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run (see docs/learned.md, 'Trainer' and 'Curriculum')."""
+    """A training run (see docs/learned.md, 'Trainer' and 'Curriculum'). The defaults are the
+    shipped model's run (configs/default.toml)."""
 
     seed: int = 0
     """Seed of the training scene stream (scene i of the stream is the same on every resume)."""
@@ -183,14 +187,14 @@ class TrainConfig:
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     amp: str = "auto"
     """'auto' (bf16 on CUDA, none on CPU), 'bf16', 'fp16' (CUDA only) or 'none'."""
-    epochs: int = 30
+    epochs: int = 9
     steps_per_epoch: int = 1000
-    batch: int = 1024
+    batch: int = 256
     train_scenes: int = 0
     """0: an endless simulated stream; > 0: a fixed pool of that many scenes, reused every epoch."""
     train_file: str = ""
     """Train on this scene file (HDF5, with truth) instead of simulating."""
-    val_scenes: int = 4096
+    val_scenes: int = 2048
     val_file: str = ""
     """Validate on this scene file instead of simulating ``val_scenes``."""
     val_batch: int = 1024
@@ -198,8 +202,8 @@ class TrainConfig:
     """Run MUSIC and score locations at every validation (off: NMSE and K-head metrics only)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
-    lr: float = 3e-4
-    min_lr: float = 1e-5
+    lr: float = 1e-3
+    min_lr: float = 2e-5
     warmup_steps: int = 500
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
@@ -215,7 +219,7 @@ class TrainConfig:
     """Temperature-scale the K logits and tune the fall-back threshold at the end."""
     order_rule: str = "mdl"
     """Model-based order rule used below the calibrated-confidence threshold."""
-    log_every: int = 50
+    log_every: int = 200
     """Steps between [LR]/[GRAD]/[STEP] log lines."""
     music_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword options of music_from_covariance used by validation and inference."""

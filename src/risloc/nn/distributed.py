@@ -11,8 +11,9 @@ nothing, so ``python -m risloc train`` runs exactly the code it always ran.
 
 Everything the trainer needs from the other ranks goes through :class:`Dist`:
 
-* ``all_finite(norm)``: the gradient gate's decision, the same on every rank (a MIN
-  all-reduce of the finiteness flag; ranks never disagree on skipping a step);
+* ``any_(flag)``: whether a host flag is set on any rank (one MAX all-reduce; the time-budget
+  stop, checked every few steps). The gradient gate needs no collective: it decides on the
+  already averaged, hence identical, gradients (:func:`risloc.nn.train.gated_step`);
 * ``average_(tensors)``: in-place mean over ranks (running loss-term magnitudes, epoch sums);
 * ``broadcast(obj)``: rank 0's Python object to every rank (the epoch's validation record and
   the continue/stop decision; the only wait of ranks 1.. for rank 0's validation);
@@ -59,14 +60,13 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_finite(self, value: Tensor) -> bool:
-        """``True`` iff ``value`` is finite on every rank (one MIN all-reduce; the one host sync)."""
-        flag = torch.isfinite(value).all()
+    def any_(self, flag: bool) -> bool:
+        """``True`` iff ``flag`` is set on some rank (one MAX all-reduce and a host read)."""
         if not self.enabled:
             return bool(flag)
-        flag = flag.to(torch.int32).reshape(1)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
-        return bool(flag.item())
+        t = torch.tensor([int(flag)], device="cuda" if self.backend == "nccl" else "cpu")
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def average_(self, tensors: list[Tensor]) -> None:
         """Replace each tensor (same shapes on every rank) by its mean over ranks, in place."""
@@ -108,7 +108,7 @@ def launched_by_torchrun() -> bool:
 
 
 def device_for(name: str, dist: Dist) -> torch.device:
-    """The training device of this rank: ``name`` as :func:`risloc.nn.train.resolve_device` reads it,
+    """The training device of this rank: ``name`` ('auto' = cuda if available, else cpu),
     with the CUDA index replaced by ``LOCAL_RANK`` under ``torchrun`` (one GPU per process)."""
     if name == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"

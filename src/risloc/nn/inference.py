@@ -1,11 +1,12 @@
-"""The learned estimator ("learned"): network -> effective covariance -> MUSIC with the K head's K-hat.
+"""The learned estimators ("learned", "learned+ml"): network -> K-hat -> the kind's estimates.
 
 The path, shared verbatim by validation during training and by inference::
 
     inputs = prepare_inputs(y, H, codes, snr_db)               sample covariance, SNR (estimated if missing)
     pred   = model(inputs, options)                            factor F, effective covariance E(F), K logits
-    K-hat  = decide_k(logits, T, tau, order-rule fall-back)    calibrated K head (risloc.nn.calibrate)
-    est    = music_from_covariance(E(F), scenario, K=K-hat)    risloc.estimators.music
+    K-hat  = decide_k(logits, T, tau, order-rule fall-back)    calibrated K head (risloc.nn.calibrate),
+                                                               or the K the caller knows
+    est    = kind.to_estimates(pred, inputs, options, K-hat)   risloc.nn.networks (e.g. MUSIC on E(F))
 
 ``options`` are the checkpoint's CovarianceOptions (the final hybrid weight beta, loading,
 shrinkage), i.e. the same arguments as the training loss.
@@ -27,7 +28,8 @@ from ..scenes import Estimates, Scenes
 from .calibrate import decide_k
 from .checkpoint import file_sha256, load_checkpoint
 from .config import TrainConfig
-from .model import ModelInputs, Prediction, RisCovarianceNet, build_model, effective, prepare_inputs
+from .inputs import ModelInputs, Prediction, effective, prepare_inputs
+from .networks import build_model, get_network
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
 """The packaged default model (the ``spectrum`` network, docs/learned.md; ``risloc train --config
@@ -48,7 +50,7 @@ class Calibration:
 
 @dataclass
 class LoadedModel:
-    model: RisCovarianceNet
+    model: torch.nn.Module
     config: TrainConfig
     options: cv.CovarianceOptions
     calibration: Calibration
@@ -92,6 +94,54 @@ def fallback_order(inputs: ModelInputs, options: cv.CovarianceOptions, scenario:
     return order_from_covariance(effective(None, inputs, options), scenario, rule=rule)
 
 
+def known_k(method: str, K, scenes: Scenes) -> torch.Tensor | None:
+    """``K`` (None, an int or a per-scene ``[S]`` tensor) as an int64 ``[S]`` tensor on the scenes'
+    device, checked to lie in 1..K_max (ValueError naming the scene otherwise)."""
+    if K is None:
+        return None
+    S, k_max = len(scenes), scenes.scenario.k_max
+    K = torch.as_tensor(K).to(device=scenes.device)
+    if K.is_floating_point() or K.is_complex():
+        raise ValueError(f"{method}: K must be an int or an integer tensor, got dtype {K.dtype}")
+    K = K.to(torch.int64)
+    if K.dim() == 0:
+        K = K.expand(S)
+    if K.shape != (S,):
+        raise ValueError(f"{method}: K has shape {tuple(K.shape)}; expected an int or [{S}] (one per scene)")
+    bad = ((K < 1) | (K > k_max)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{method}: K[{i}] = {int(K[i])} (scene {i}): must be in 1..{k_max}")
+    return K.clone()
+
+
+def complete_to_k(est: Estimates, K: torch.Tensor, candidates: Estimates | None) -> Estimates:
+    """``est`` with exactly ``K`` sources per scene: scenes where it found fewer (MUSIC returns
+    fewer when fewer distinct peaks exist) take the missing ones from ``candidates`` (ranked,
+    strongest first), skipping candidates within 2 degrees of a source already there."""
+    K = K.to(est.K.device, torch.int64)
+    if candidates is None or bool((est.K >= K).all()):
+        return est
+    from ..physics import angle_between
+
+    phi, theta, r = est.phi.clone(), est.theta.clone(), est.r.clone()
+    have = est.K.to(torch.int64).clone()
+    n = phi.shape[1]
+    cp, ct, cr = (x.to(phi.device, phi.dtype) for x in (candidates.phi, candidates.theta, candidates.r))
+    slots = torch.arange(n, device=phi.device)
+    for j in range(cp.shape[1]):  # candidates in rank order (a handful): vectorised over scenes
+        filled = slots.view(1, -1) < have.view(-1, 1)
+        near = angle_between(phi, theta, cp[:, j : j + 1], ct[:, j : j + 1]) < 0.0349  # 2 deg
+        dup = (near & filled).any(1)
+        take = (have < K) & ~dup & torch.isfinite(cp[:, j])
+        put = (slots.view(1, -1) == have.view(-1, 1)) & take.view(-1, 1)
+        phi = torch.where(put, cp[:, j : j + 1], phi)
+        theta = torch.where(put, ct[:, j : j + 1], theta)
+        r = torch.where(put, cr[:, j : j + 1], r)
+        have = have + take.to(have.dtype)
+    return Estimates(have.to(est.K.dtype), phi, theta, r, method=est.method)
+
+
 def locate_from_prediction(
     pred: Prediction,
     inputs: ModelInputs,
@@ -99,30 +149,35 @@ def locate_from_prediction(
     scenario: Scenario,
     calibration: Calibration,
     music_options: dict | None = None,
+    *,
+    K: torch.Tensor | None = None,
+    order_rule: str | None = None,
 ) -> Estimates:
-    """K-hat from the calibrated K head (with fall-back) and MUSIC on the effective covariance."""
-    from ..estimators.music import music_from_covariance
+    """K per scene, then the kind's estimates (:meth:`risloc.nn.networks.NetworkKind.to_estimates`).
 
-    fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
-    K, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
-    K = K.clamp(max=scenario.k_max)
-    opts = dict(music_options or {})
-    if pred.detections is not None:  # the spectrum network: keep its K-hat strongest detections
-        from .model import effective
-        from .spectrum import detection_factor
+    K: the given ``K`` ``[B]`` (returned exactly); else ``order_rule`` ('mdl', 'aic', 'eigengap')
+    on the prediction's effective covariance; else the calibrated K head with its fall-back."""
+    kind = get_network(pred.kind)
+    if K is not None:
+        K_use = K.to(pred.k_logits.device, torch.int64)
+    elif order_rule is not None:
+        from ..estimators.music import order_from_covariance
 
-        det = pred.detections
-        R = effective(detection_factor(det, scenario, K).detach(), inputs, options)
-        if opts.setdefault("search", "local") == "local":
-            opts["init"] = (det.phi.detach(), det.theta.detach(), det.r.detach())
-        return music_from_covariance(R, scenario, K=K, **opts)
-    R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
-    return music_from_covariance(R, scenario, K=K, **opts)
+        R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
+        K_use = order_from_covariance(R, scenario, rule=order_rule)
+    else:
+        fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
+        K_use, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
+    K_use = K_use.clamp(min=1, max=scenario.k_max)
+    est = kind.to_estimates(pred, inputs, options, scenario, K_use, music_options)
+    if K is not None:
+        est = complete_to_k(est, K_use, kind.candidates(pred))
+    return est
 
 
 @torch.no_grad()
 def run_model(
-    model: RisCovarianceNet,
+    model: torch.nn.Module,
     scenes: Scenes,
     *,
     options: cv.CovarianceOptions,
@@ -132,11 +187,15 @@ def run_model(
     music_options: dict | None = None,
     use_snr: bool = True,
     candidates: list | None = None,
+    K: torch.Tensor | None = None,
+    order_rule: str | None = None,
 ) -> tuple[Estimates, torch.Tensor]:
     """Estimates and K logits ``[S, K_max]`` for ``scenes``, in batches on ``device``.
 
-    ``candidates``: a list that receives, for a ``spectrum`` network, every decoded detection
-    (an Estimates with K = K_max, strongest first, before K-hat is applied), one per batch."""
+    ``K`` ``[S]``: known source numbers (each scene gets exactly that K); ``order_rule``: K from
+    that rule on the prediction (see :func:`locate_from_prediction`). ``candidates``: a list that
+    receives the kind's ranked candidates (:meth:`~risloc.nn.networks.NetworkKind.candidates`,
+    e.g. every decoded detection of a ``spectrum`` network before K-hat is applied), one per batch."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     scenario = scenes.scenario
     ests, logits = [], []
@@ -144,12 +203,13 @@ def run_model(
         s = scenes[a : a + batch].to(device)
         inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
         pred = model(inputs, options)
-        ests.append(locate_from_prediction(pred, inputs, options, scenario, calibration, music_options))
+        Kb = K[a : a + batch].to(device) if K is not None else None
+        ests.append(locate_from_prediction(pred, inputs, options, scenario, calibration, music_options, K=Kb, order_rule=order_rule))
         logits.append(pred.k_logits.float())
-        if candidates is not None and pred.detections is not None:
-            d = pred.detections
-            full = torch.full((len(s),), d.phi.shape[1], dtype=torch.int64, device=d.phi.device)
-            candidates.append(Estimates(full, d.phi.float(), d.theta.float(), d.r.float(), method="candidates"))
+        if candidates is not None:
+            c = get_network(pred.kind).candidates(pred)
+            if c is not None:
+                candidates.append(c)
     return Estimates.cat(ests), torch.cat(logits)
 
 
@@ -193,6 +253,7 @@ def estimate(
     scenes: Scenes,
     *,
     checkpoint: str | Path | None = None,
+    K=None,
     device=None,
     batch: int = 1024,
     beta: float | None = None,
@@ -202,22 +263,27 @@ def estimate(
     """The learned estimator: hybrid effective covariance (network + the scene's own snapshots,
     weight ``beta``, default the checkpoint's) -> MUSIC with the calibrated K head.
 
+    ``K``: the number of sources when it is known (an int or a per-scene ``[S]`` tensor, each in
+    1..K_max): every scene then gets exactly that K (a ``spectrum`` network's K strongest
+    detections, refined; missing ones from its next detections by heat).
+
     ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
     ``src/risloc/weights/default.pt``. ``device``: where to run (default: the scenes' device).
     ``use_snr=False`` ignores the scenes' SNR labels (estimated from the data instead).
     Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
-    est, _ = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options)
+    est, _ = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, K=known_k("learned", K, scenes))
     return est.to(scenes.device)
 
 
-def _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, *, candidates: list | None = None):
+def _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, *, candidates: list | None = None,
+             K: torch.Tensor | None = None):
     """The body of :func:`estimate`: ``(estimates, candidates or None)`` on the run's device."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, device, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, device, beta, music_options)
     est, _ = run_model(
         loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music,
-        use_snr=use_snr, candidates=candidates,
+        use_snr=use_snr, candidates=candidates, K=K,
     )
     est.method = f"learned:{loaded.sha256[:12]}"
     return est, (Estimates.cat(candidates) if candidates else None)
@@ -247,6 +313,7 @@ def estimate_learned_ml(
     scenes: Scenes,
     *,
     checkpoint: str | Path | None = None,
+    K=None,
     device=None,
     batch: int = 1024,
     beta: float | None = None,
@@ -270,14 +337,23 @@ def estimate_learned_ml(
     sets ``init_prune``), so that the penalised likelihood chooses among K-hat + 1, K-hat and
     K-hat - 1 (no search either: the candidates are the network's). Returns
     ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
+
+    ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the first stage
+    returns exactly that K, ``ml`` refines them without pruning (``grow`` and ``init_prune`` are
+    not used) and every scene gets exactly that K.
     """
     from ..estimators import get
 
-    first, cand = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, candidates=[] if grow else None)
+    K = known_k("learned+ml", K, scenes)
+    if K is not None:
+        grow = False
+    first, cand = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, candidates=[] if grow else None, K=K)
     work = scenes.to(device) if device is not None else scenes
     if not use_snr:
         work = dataclasses.replace(work, snr_db=None)
     opts = {**LEARNED_ML_DEFAULTS, **({"init_prune": 2} if grow else {}), **(ml_options or {})}
+    if K is not None:
+        opts["init_prune"] = 0
     init = first.to(work.device)
     if grow:
         if cand is None:

@@ -1,6 +1,6 @@
 """The training objective of the learned pipeline.
 
-Notation: E(F) = :func:`risloc.nn.model.effective` (F, inputs, options) — THE effective covariance
+Notation: E(F) = :func:`risloc.nn.inputs.effective` (F, inputs, options) — THE effective covariance
 of a factor F with the scene's sample covariance R_s and SNR (trace-normalised, hybrid-blended
 with beta, loaded with delta, shrunk with alpha = gamma / (1 + snr)); F* = source_factor(truth)
 (R = F* F*^H, the learning target of docs/model.md); F-hat the network's factor.
@@ -60,7 +60,7 @@ from ..scenario import Scenario
 from ..scenes import Truth
 from ..physics import steering
 from .config import LossConfig
-from .model import ModelInputs, Prediction, effective
+from .inputs import ModelInputs, Prediction, effective
 
 AUX_TERMS = ("raw", "k", "gap", "sub", "peak", "orth")
 TERMS = ("cov",) + AUX_TERMS
@@ -267,6 +267,19 @@ def peak_contrast_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario
     return (hinge * w).sum((-2, -1)) / (w.sum((-2, -1)) * hinge.shape[-1]).clamp(min=1)
 
 
+def covariance_main_loss(pred: Prediction, inputs: ModelInputs, options: cv.CovarianceOptions, true_factor: Tensor) -> Tensor:
+    """The 'cov' main term ``[B]``: NMSE of E(F-hat) against E(F*) (module docstring)."""
+    R_true = effective(true_factor, inputs, options)
+    R_zero = effective(zero_prediction(pred.factor), inputs, options)
+    return covariance_nmse(pred.covariance, R_true, R_zero)
+
+
+def music_main_loss(pred: Prediction, truth: Truth, scenario: Scenario, cfg: LossConfig) -> Tensor:
+    """The 'music' main term ``[B]``: :func:`music_null_loss` of E(F-hat) with ``cfg``'s hard negatives."""
+    return music_null_loss(pred.covariance, truth, scenario, negatives=cfg.music_negatives,
+                           negative_weight=cfg.music_negative_weight, margin=cfg.peak_margin)
+
+
 # ----------------------------------------------------------------------------------------------
 # the objective: terms, ramps, balancing
 # ----------------------------------------------------------------------------------------------
@@ -282,9 +295,12 @@ def ramp(epoch: float, start: float, length: float) -> float:
 class Objective(nn.Module):
     """The weighted sum of the terms above; ``forward`` returns (total, per-term values)."""
 
-    def __init__(self, cfg: LossConfig, scenario: Scenario):
+    def __init__(self, cfg: LossConfig, scenario: Scenario, kind):
+        """``kind``: the network's :class:`risloc.nn.networks.NetworkKind` (it supplies the main term)."""
         super().__init__()
-        self.cfg, self.scenario = cfg, scenario
+        if cfg.main not in kind.mains:
+            raise ValueError(f"LossConfig.main = {cfg.main!r}: the {kind.name!r} network supports {', '.join(map(repr, kind.mains))}")
+        self.cfg, self.scenario, self.kind = cfg, scenario, kind
         self.register_buffer("ema", torch.zeros(len(TERMS), dtype=torch.float64))
         self.register_buffer("ema_count", torch.zeros(len(TERMS), dtype=torch.float64))
         if cfg.uncertainty:
@@ -319,23 +335,7 @@ class Objective(nn.Module):
         parts: dict[str, Tensor] = {}
         main = self.cfg.main
         w[main] = w.pop("cov")
-        if main == "detect":
-            from .spectrum import detection_loss, spectrum_grid
-
-            if pred.detections is None:
-                raise ValueError("LossConfig.main = 'detect' needs the spectrum network (ModelConfig.kind = 'spectrum')")
-            c = self.cfg
-            grid = spectrum_grid(self.scenario, pred.detections.grid_shape, device=F.device)
-            parts["detect"] = detection_loss(pred.detections, truth, self.scenario, grid, sigma=c.detect_sigma,
-                                             offset_weight=c.detect_offset_weight, power_weight=c.detect_power_weight).mean()
-        elif main == "music":
-            c = self.cfg
-            parts["music"] = music_null_loss(pred.covariance, truth, self.scenario, negatives=c.music_negatives,
-                                             negative_weight=c.music_negative_weight, margin=c.peak_margin).mean()
-        else:
-            R_true = effective(true_factor, inputs, options)
-            R_zero = effective(zero_prediction(F), inputs, options)
-            parts["cov"] = covariance_nmse(pred.covariance, R_true, R_zero).mean()
+        parts[main] = self.kind.main_loss(main, pred, inputs, options, truth, true_factor, self.cfg, self.scenario).mean()
         if w["raw"] > 0:
             parts["raw"] = raw_nmse(F, true_factor).mean()
         if w["k"] > 0:
@@ -351,7 +351,7 @@ class Objective(nn.Module):
             parts["orth"] = orthogonality_loss(F).mean()
 
         idx = {t: i for i, t in enumerate(TERMS)}
-        idx["music"] = idx["detect"] = 0  # the alternative main terms share the main term's slot
+        idx[main] = 0  # every main term takes the slot (and running magnitude) of "cov"
         if update_stats and self.training:
             with torch.no_grad():
                 m = self.cfg.balance_momentum

@@ -1,28 +1,34 @@
-"""The trainer: plain PyTorch, one loop, read it top to bottom.
+"""The trainer: plain PyTorch, one loop, read it top to bottom (:func:`train`).
 
     run = train(cfg, "runs/x")          # or: risloc train --config configs/default.toml --out runs/x
 
-Per step (global step g, fractional epoch e = g / steps_per_epoch):
-  1. the batch: scenes [g B, (g+1) B) of the stream ``seed`` (simulated on the device), or of a
-     fixed pool / scene file (a per-epoch permutation); SNR labels jittered and some replaced by
-     the data-only estimate (robustness);
-  2. beta(e) and the loss weights from the curriculum (risloc.nn.loss.Objective);
-  3. forward under AMP (bf16/fp16 on CUDA, fp32 on CPU), loss in fp32/fp64;
-  4. backward; ONE gate on the total gradient norm: a non-finite norm skips the step (logged,
-     the scheduler does not tick), a finite one is clipped to ``grad_clip``;
-  5. AdamW step, scheduler tick (linear warm-up, cosine decay), EMA update.
+Per step g (fractional epoch e = g / steps_per_epoch), in :func:`train`'s loop:
+  1. batch: this rank's slice of scenes [g B, (g+1) B) of the stream ``seed``, simulated on its
+     own device (or of a fixed pool / scene file, a per-epoch permutation); SNR labels jittered
+     and some replaced by the data-only estimate (robustness);
+  2. curriculum: beta(e) and the loss weights (risloc.nn.loss.Objective), lr(g) (linear
+     warm-up, cosine decay);
+  3. forward under AMP (bf16/fp16 on CUDA, fp32 on CPU) and loss in fp32/fp64; the network kind
+     (risloc.nn.networks) supplies the main term;
+  4. backward;
+  5. gate: the total gradient norm; non-finite -> the step is skipped (no parameter, moment or
+     EMA change), finite -> clipped to ``grad_clip``. Decided ON THE DEVICE (the fused AdamW's
+     ``found_inf``), so the loop has no per-step host synchronisation;
+  6. AdamW step; 7. EMA update;
+  8. at the end of an epoch: validation of the EMA weights through the real inference path
+     (risloc.nn.inference.locate_from_prediction -> risloc.metrics.score), a JSONL line in
+     ``RUN/metrics.jsonl``, checkpoint selection on ``val_primary`` (``RUN/best.pt``), early stop;
+  9. ``RUN/last.pt`` (everything needed to resume) at the end of every epoch, every
+     ``checkpoint_every`` steps, and before a wall-clock budget runs out.
 Every ``log_every`` steps: [LR], [GRAD] (total norm before clipping), [STEP] (relative
-parameter change |d theta| / |theta| of that step) and the running loss terms.
-Per epoch: validation of the EMA weights through the real inference path
-(risloc.nn.inference.locate_from_prediction -> risloc.metrics.score), a JSONL line in
-``RUN/metrics.jsonl``, ``RUN/last.pt`` (everything needed to resume) and ``RUN/best.pt``
-(best ``val_primary``), early stopping. At the end: K-head calibration (risloc.nn.calibrate)
-stored in ``best.pt``.
+parameter change of that step) and the running loss terms (the only host syncs besides the
+epoch end). At the end: K-head calibration (risloc.nn.calibrate) stored in ``best.pt``.
 
-Resuming (``resume=True``) reloads ``RUN/last.pt`` and continues at the next epoch: the data
-stream is indexed by the global step, every other piece of state is in the checkpoint, so a
-killed run resumed gives the same result as an uninterrupted one (bitwise on CPU).
-The only host-device synchronisation per step is the gate's finiteness check.
+Resuming (``resume=True``) reloads ``RUN/last.pt`` and continues at its step, possibly inside an
+epoch: the data stream is indexed by the global step and every other piece of state (weights,
+EMA, AdamW, objective buffers, RNG, the epoch's running sums) is in the checkpoint, so a run cut
+into segments gives the same weights as an uninterrupted one (bitwise on CPU; tested).
+The learning rate follows the global step; a skipped step is counted and logged.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_c
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
 from .inference import Calibration, fallback_order, locate_from_prediction
+from .inputs import ModelInputs, effective, prepare_inputs
 from .loss import Objective, covariance_nmse, format_selftest, selftest, zero_prediction
-from .model import ModelInputs, build_model, effective, prepare_inputs
+from .networks import get_network
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +165,8 @@ class TrainData:
 # optimisation pieces
 # ----------------------------------------------------------------------------------------------
 class WarmupCosine:
-    """lr(step) = lr * step / warmup during warm-up, then cosine decay to ``min_lr`` at ``total``.
-    ``step`` counts real optimiser steps only (a skipped step does not tick)."""
+    """lr(step) = lr * (step + 1) / warmup during warm-up, then cosine decay to ``min_lr`` at
+    ``total``; ``step`` is the global training step."""
 
     def __init__(self, lr: float, min_lr: float, warmup: int, total: int):
         self.base, self.min, self.warmup, self.total, self.step = lr, min_lr, warmup, max(total, 1), 0
@@ -171,9 +178,6 @@ class WarmupCosine:
         t = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
         return self.min + 0.5 * (self.base - self.min) * (1 + math.cos(math.pi * t))
 
-    def tick(self) -> None:
-        self.step += 1
-
     def state_dict(self) -> dict:
         return {"step": self.step}
 
@@ -182,64 +186,61 @@ class WarmupCosine:
 
 
 def make_optimizer(model: torch.nn.Module, objective: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with three groups: backbone weights (decayed), backbone biases/norms/embeddings
-    (not decayed), the K head (own LR multiplier 'k'); the backbone groups are tagged 'backbone'."""
-    k_ids = {id(p) for p in model.k_head_parameters()}
-    decay, no_decay, k_head = [], [], []
-    for name, p in model.named_parameters():
-        if id(p) in k_ids:
-            k_head.append(p)
-        elif p.dim() >= 2 and not name.startswith(("pos_", "embed_rows")):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    no_decay += list(objective.parameters())
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "role": "backbone"},
-        {"params": no_decay, "weight_decay": 0.0, "role": "backbone"},
-        {"params": k_head, "weight_decay": cfg.weight_decay, "role": "k"},
-    ]
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    """Fused AdamW on the network kind's parameter groups (:meth:`NetworkKind.parameter_groups`;
+    roles 'backbone' and 'k'); the objective's own parameters (uncertainty weights) join the
+    first non-decayed backbone group. Fused, so that the gradient gate can skip a step on the
+    device (``found_inf``)."""
+    groups = get_network(cfg.model.kind).parameter_groups(model, cfg.weight_decay)
+    extra = list(objective.parameters())
+    if extra:
+        target = next(g for g in groups if g["role"] == "backbone" and g["weight_decay"] == 0.0)
+        target["params"] = list(target["params"]) + extra
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
 
 
-def gated_step(params: list[Tensor], optimizer, scheduler: WarmupCosine, grad_clip: float, scaler=None,
-               all_finite: Callable[[Tensor], bool] | None = None) -> tuple[bool, Tensor]:
-    """THE gradient gate: total norm of all gradients; non-finite -> skip (zero grads, no tick),
-    else clip to ``grad_clip``, step, tick. Returns (stepped, norm before clipping).
+def gated_step(params: list[Tensor], optimizer: torch.optim.Optimizer, grad_clip: float, scaler=None) -> tuple[Tensor, Tensor]:
+    """THE gradient gate, without a host synchronisation. Returns ``(finite, norm)`` (0-d device
+    tensors; the norm is taken before clipping).
 
-    ``all_finite(norm)`` makes the decision (default: ``torch.isfinite``); data-parallel training
-    passes :meth:`risloc.nn.distributed.Dist.all_finite`, a MIN over ranks, so every rank skips
-    or steps together."""
+    norm = |all gradients|_2; a non-finite norm skips the step (``optimizer.found_inf`` = 1:
+    the fused AdamW leaves parameters, moments and its step count untouched), a finite one is
+    clipped to ``grad_clip``. Under data parallelism the gradients are already averaged over the
+    ranks (a non-finite gradient on one rank makes the average non-finite on all), so every rank
+    takes the same decision without a collective. With an fp16 ``scaler`` the scaler's own
+    skip applies (it unscales first)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads])) if grads else torch.zeros(())
-    finite = all_finite(norm) if all_finite is not None else bool(torch.isfinite(norm))  # the one sync per step
-    if not finite:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-        return False, norm
+    if not grads:
+        return torch.ones((), dtype=torch.bool), torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    finite = torch.isfinite(norm)
     if grad_clip > 0:
-        coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(finite, (grad_clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
+        optimizer.found_inf = (~finite).to(torch.float32)
         optimizer.step()
+        optimizer.found_inf = None
     optimizer.zero_grad(set_to_none=True)
-    scheduler.tick()
-    return True, norm
+    return finite, norm
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, n_steps: int) -> None:
-    d = min(decay, (1 + n_steps) / (10 + n_steps))
-    e = [p for p in ema.parameters()]
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, n_steps: int, finite: Tensor | None = None) -> None:
+    """ema <- ema + w (model - ema), w = 1 - min(decay, (1 + n) / (10 + n)); w = 0 where ``finite`` is False."""
+    w = 1 - min(decay, (1 + n_steps) / (10 + n_steps))
+    e = list(ema.parameters())
     m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1 - d)
+    if finite is None:
+        torch._foreach_lerp_(e, m, w)
+        return
+    diff = torch._foreach_sub(m, e)
+    torch._foreach_mul_(diff, finite.to(e[0].dtype) * w)
+    torch._foreach_add_(e, diff)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,12 +300,6 @@ def _primary(m: dict, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class _Step(torch.nn.Module):
     """One forward of the training step, network (under AMP) + objective, as a module so that
     DistributedDataParallel can wrap both (the objective's uncertainty weights are parameters too)."""
@@ -319,6 +314,85 @@ class _Step(torch.nn.Module):
         return self.objective(pred, inputs, options, truth, true_factor, epoch)
 
 
+@dataclass
+class Progress:
+    """Where a run stands: the next global step, checkpoint selection, and the running sums of
+    the epoch in progress (device tensors; read only when logged)."""
+
+    step: int = 0
+    best: float = -math.inf
+    bad_epochs: int = 0
+    sums: dict | None = None
+    counts: dict | None = None
+    skipped: Tensor | None = None
+    epoch_time: float = 0.0
+    last_metrics: dict | None = None
+
+    def reset_epoch(self, device) -> None:
+        self.sums, self.counts, self.skipped, self.epoch_time = {}, {}, torch.zeros((), device=device), 0.0
+
+    def to_dict(self, steps_per_epoch: int) -> dict:
+        """``epoch`` (the next one), ``step`` (the next one), ``best``, ``bad_epochs`` and, inside an
+        epoch, its running sums (``epoch_sums``, ``epoch_counts``, ``epoch_skipped``, ``epoch_time``)."""
+        d = {"epoch": self.step // steps_per_epoch, "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs}
+        if self.step % steps_per_epoch:
+            d.update(epoch_sums={t: v.detach().cpu() for t, v in self.sums.items()},
+                     epoch_counts={t: v.detach().cpu() for t, v in self.counts.items()},
+                     epoch_skipped=self.skipped.detach().cpu(), epoch_time=self.epoch_time)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, steps_per_epoch: int, device) -> "Progress":
+        p = cls(step=int(d.get("step", int(d["epoch"]) * steps_per_epoch)), best=float(d["best"]), bad_epochs=int(d["bad_epochs"]))
+        p.reset_epoch(device)
+        if p.step % steps_per_epoch:  # inside an epoch: its running sums go on
+            p.sums = {t: v.to(device) for t, v in d.get("epoch_sums", {}).items()}
+            p.counts = {t: v.to(device) for t, v in d.get("epoch_counts", {}).items()}
+            p.skipped = d["epoch_skipped"].to(device) if "epoch_skipped" in d else p.skipped
+            p.epoch_time = float(d.get("epoch_time", 0.0))
+        return p
+
+
+@dataclass
+class _Run:
+    """The pieces of a training run that the helpers of the loop share."""
+
+    cfg: TrainConfig
+    out: Path
+    dist: Dist
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: object
+    prog: Progress
+    calibration: Calibration
+    data: "TrainData"
+    val_scenes: Scenes | None
+    commit: str
+    log: Callable[[str], None]
+
+
+@dataclass
+class _Budget:
+    """The wall-clock budget of this command: stop (with a resumable checkpoint) while the
+    slowest step, save and validation seen so far still fit."""
+
+    seconds: float | None
+    t0: float
+    every: int
+    slowest_step: float = 0.0
+    slowest_save: float = 2.0
+    slowest_val: float = 0.0
+
+    def exhausted(self, next_ends_epoch: bool) -> bool:
+        if self.seconds is None:
+            return False
+        reserve = (self.every + 1) * self.slowest_step + 2 * self.slowest_save + (self.slowest_val if next_ends_epoch else 0.0)
+        return time.monotonic() - self.t0 + reserve > self.seconds
+
+
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike,
@@ -331,15 +405,24 @@ def train(
     stop_when: Callable[[dict], bool] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+    time_budget_s: float | None = None,
+    checkpoint_every: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train, validate, checkpoint and calibrate; returns the final summary (also in RUN/summary.json).
 
-    ``stop_after_epoch`` ends the run after that epoch as if killed (for resume tests);
-    ``val_scenes`` replaces the simulated validation set (the overfit probe); ``stop_when(metrics)``
-    returning True ends training after that epoch (then calibration as usual);
-    ``on_epoch(epoch, record)`` is called after each epoch's validation and checkpoints with that
-    epoch's metrics.jsonl record (validation metrics, ``primary``, ``best``, ...); an exception it
-    raises (e.g. ``optuna.TrialPruned``) ends the run and propagates.
+    ``stop_after_epoch`` ends the run after that epoch as if killed; ``val_scenes`` replaces the
+    simulated validation set (the overfit probe); ``stop_when(metrics)`` returning True ends
+    training after that epoch (then calibration as usual); ``on_epoch(epoch, record)`` is called
+    after each epoch's validation and checkpoints with that epoch's metrics.jsonl record; an
+    exception it raises (e.g. ``optuna.TrialPruned``) ends the run and propagates.
+
+    ``time_budget_s``: wall-clock seconds this call may take (from its start); before they run
+    out it writes ``RUN/last.pt`` at the current step and returns ``{"stopped": "time_budget",
+    "step": ...}``; ``resume=True`` continues exactly there. ``checkpoint_every``: also write
+    ``last.pt`` every that many steps (0: at epoch ends only). ``on_step(step)`` is called after
+every optimiser step with the number of steps done (benchmarks/bench_train_scaling.py times the
+loop with it).
 
     Started by ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel
     (:mod:`risloc.nn.distributed`, docs/training-at-scale.md): ``cfg.batch`` is the global batch,
@@ -347,6 +430,7 @@ def train(
     ``on_epoch`` and calibrates; every rank returns the same summary. ``dist_timeout_s`` bounds
     every wait for another rank.
     """
+    t_start = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state, note = None, None
@@ -361,235 +445,314 @@ def train(
             log, progress = (lambda s: None), False
         if note:
             log(note)
-        return _train(cfg, out, state, dist, device, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
-                      val_scenes=val_scenes, stop_when=stop_when, on_epoch=on_epoch)
+        budget = _Budget(time_budget_s, t_start, every=10 if dist.enabled else 1)
+
+        # --- model, EMA, objective, optimiser, schedule, data, validation scenes ------------------------
+        amp_dtype, amp = _amp(cfg, device)
+        torch.manual_seed(cfg.seed)
+        kind = get_network(cfg.model.kind)
+        model = kind.build(cfg.scenario, cfg.model).to(device)
+        ema = copy.deepcopy(model) if cfg.ema > 0 else None
+        objective = Objective(cfg.loss, cfg.scenario, kind).to(device)
+        optimizer = make_optimizer(model, objective, cfg)
+        spe, total = cfg.steps_per_epoch, cfg.epochs * cfg.steps_per_epoch
+        schedule = WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, total)
+        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        calibration = Calibration(order_rule=cfg.order_rule)
+        prog = Progress()
+        prog.reset_epoch(device)
+        if state is not None:
+            prog = _restore(state, model, ema, objective, optimizer, schedule, scaler, device, spe)
+            log(f"[RESUME] from {out / 'last.pt'} at step {prog.step} (epoch {prog.step // spe})")
+        _start_metrics(out, dist, prog.step // spe, resume=state is not None)
+        stepper = _data_parallel(_Step(model, objective, device.type, amp_dtype), objective, dist)
+        data = TrainData(cfg, device, log, rank=dist.rank, world=dist.world)
+        val_scenes = _validation_scenes(cfg, val_scenes, device, log) if dist.is_main else None
+        running = [b for b in objective.buffers() if b.is_floating_point()]
+        commit = git_commit()
+        log(f"[RUN] device={device} amp={amp} kind={kind.name} params={sum(p.numel() for p in model.parameters())} seed={cfg.seed}"
+            f" git={commit} out={out}" + (f" world={dist.world} backend={dist.backend} batch={cfg.batch} ({data.local_batch} per rank)"
+                                          if dist.enabled else ""))
+        run = _Run(cfg, out, dist, model, ema, objective, optimizer, schedule, scaler, prog, calibration, data, val_scenes, commit, log)
+
+        # --- the loop -----------------------------------------------------------------------------------
+        model.train()
+        summary: dict = {}
+        bar = _progress_bar(progress, prog.step, total)
+        while prog.step < total:
+            g = prog.step
+            t_step = time.monotonic()
+            e = g / spe
+            batch = data.batch(g)                                                   # 1. this rank's slice
+            options = cfg.covariance_options(objective.beta(e))                     # 2. curriculum
+            schedule.step = g
+            lr = _set_lr(optimizer, schedule.lr(), objective.weights(e)["k"] > 0, cfg)
+            loss, parts = stepper(batch.inputs, options, batch.truth, batch.true_factor, e)  # 3. forward + loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()         # 4. backward
+            dist.average_(running)  # the running term magnitudes: the same on every rank (an all-reduce, no host sync)
+            log_now = (g + 1) % cfg.log_every == 0 or (g + 1) % spe == 0
+            before = [p.detach().clone() for p in model.parameters()] if log_now else None
+            finite, norm = gated_step(params, optimizer, cfg.grad_clip, scaler)     # 5. gate + 6. AdamW step
+            if ema is not None:
+                ema_update(ema, model, cfg.ema, g + 1, finite)                      # 7. EMA
+            _accumulate(prog, parts, finite)
+            prog.step = g + 1
+            if on_step is not None:
+                on_step(prog.step)
+            if log_now:
+                _log_step(run, g, lr, options.beta, norm, finite, loss, before)
+            if bar is not None:
+                bar.update(1)
+            budget.slowest_step = max(budget.slowest_step, time.monotonic() - t_step)
+            prog.epoch_time += time.monotonic() - t_step
+
+            if prog.step % spe == 0:                                                 # 8. validate, select, save
+                epoch = prog.step // spe - 1
+                t_val = time.monotonic()
+                action, summary, error = _end_epoch(run, epoch, stop_after_epoch, stop_when, on_epoch)
+                budget.slowest_val = max(budget.slowest_val, time.monotonic() - t_val)
+                if action == "error":
+                    if error is not None:
+                        raise error
+                    raise RuntimeError(f"rank {dist.rank}: stopping, rank 0 raised after epoch {epoch}")
+                if action == "return":
+                    if dist.is_main:
+                        _export(out, log)
+                    return summary
+                if action == "stop":
+                    break
+                prog.reset_epoch(device)
+            elif checkpoint_every > 0 and prog.step % checkpoint_every == 0 and dist.is_main:  # 9. periodic save
+                t_save = time.monotonic()
+                _save(run, out / "last.pt", objective.beta(prog.step / spe))
+                budget.slowest_save = max(budget.slowest_save, time.monotonic() - t_save)
+            if (budget.seconds is not None and prog.step < total and prog.step % budget.every == 0
+                    and dist.any_(budget.exhausted((prog.step + 1) % spe == 0))):
+                if dist.is_main:
+                    _save(run, out / "last.pt", objective.beta(prog.step / spe))
+                log(f"[BUDGET] {time.monotonic() - t_start:.0f} s of {time_budget_s:g} s used: saved {out / 'last.pt'} at step"
+                    f" {prog.step}; continue with --resume")
+                return {**summary, "stopped": "time_budget", "step": prog.step}
+
+        # --- calibration of the K head on validation data, stored in best.pt --------------------------------
+        if dist.is_main:
+            if cfg.calibrate and (out / "best.pt").exists():
+                summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
+            _export(out, log)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return dist.broadcast(summary)
 
 
-def _train(cfg: TrainConfig, out: Path, state: dict | None, dist: Dist, device: torch.device, *, log, progress, stop_after_epoch,
-           val_scenes, stop_when, on_epoch) -> dict:
-    resume = state is not None
-    main = dist.is_main
+# ----------------------------------------------------------------------------------------------
+# helpers of the loop
+# ----------------------------------------------------------------------------------------------
+def _amp(cfg: TrainConfig, device: torch.device):
+    """``(autocast dtype or None, name)``; also sets the CPU threads and cuDNN autotuning."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type != "cuda":
         raise ValueError(f"TrainConfig.amp = {amp!r}: mixed precision is for CUDA only (device {device})")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    commit = git_commit()
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp), amp
 
-    # --- model, EMA, objective, optimiser, scheduler -----------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.scenario, cfg.model).to(device)
-    ema = copy.deepcopy(model) if cfg.ema > 0 else None
-    objective = Objective(cfg.loss, cfg.scenario).to(device)
-    optimizer = make_optimizer(model, objective, cfg)
-    total_steps = cfg.epochs * cfg.steps_per_epoch
-    scheduler = WarmupCosine(cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    start_epoch, best, bad_epochs, calibration = 0, -math.inf, 0, Calibration(order_rule=cfg.order_rule)
-    metrics_path = out / "metrics.jsonl"
 
-    if resume:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        start_epoch = int(state["progress"]["epoch"])
-        best, bad_epochs = float(state["progress"]["best"]), int(state["progress"]["bad_epochs"])
-        if main and metrics_path.exists():  # drop log lines of epochs after the checkpoint
-            lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
-            metrics_path.write_text("".join(ln + "\n" for ln in lines))
-        log(f"[RESUME] from {out / 'last.pt'} at epoch {start_epoch} (optimiser step {scheduler.step})")
-    elif main:
-        metrics_path.write_text("")
-    if main:
-        (out / "config.toml").write_text(cfg.to_toml())
+def _restore(state, model, ema, objective, optimizer, schedule, scaler, device, spe) -> Progress:
+    """Load a ``last.pt`` into the run's pieces; returns its :class:`Progress`."""
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    objective.load_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # checkpoints of earlier versions stored a non-fused AdamW
+        group["fused"], group["foreach"] = True, None
+    schedule.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+    prog = Progress.from_dict(state["progress"], spe, device)
+    prog.last_metrics = state.get("metrics")
+    return prog
 
-    # --- the step module; data-parallel under torchrun ---------------------------------------------
-    stepper: torch.nn.Module = _Step(model, objective, device.type, amp_dtype)
+
+def _start_metrics(out: Path, dist: Dist, epoch: int, *, resume: bool) -> None:
+    """``RUN/metrics.jsonl``: emptied for a new run; on resume, lines of epochs >= ``epoch`` dropped."""
+    if not dist.is_main:
+        return
+    path = out / "metrics.jsonl"
+    if resume and path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < epoch]
+        path.write_text("".join(ln + "\n" for ln in lines))
+    elif not resume:
+        path.write_text("")
+
+
+def _data_parallel(stepper: torch.nn.Module, objective: Objective, dist: Dist) -> torch.nn.Module:
+    """The step module, wrapped in DistributedDataParallel under torchrun.
+
+    find_unused_parameters only while some parameters get no gradient: the K head before its
+    loss term switches on (``k_weight`` 0 or ``k_start`` > 0); with every parameter in the graph
+    from the first step (the shipped configuration) DDP does no graph traversal. broadcast_buffers
+    off: the balancer's running magnitudes are averaged after each step instead."""
+    if not dist.enabled:
+        return stepper
+    from torch.nn.parallel import DistributedDataParallel
+
+    unused = objective.weights(0.0)["k"] <= 0
+    with warnings.catch_warnings():  # torch >= 2.13 renames broadcast_buffers; the old name works on 2.x
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(stepper, device_ids=None, broadcast_buffers=False, find_unused_parameters=unused,
+                                       gradient_as_bucket_view=True)
+
+
+def _validation_scenes(cfg: TrainConfig, scenes: Scenes | None, device, log) -> Scenes:
+    """The validation scenes (given, the ``val_file``, or simulated with ``val_seed``); logs the loss self-test on them."""
+    if scenes is None:
+        if cfg.val_file:
+            from ..io import load_scenes
+
+            scenes = load_scenes(cfg.val_file)
+        else:
+            scenes = simulate(cfg.scenario, cfg.val_scenes, seed=cfg.val_seed, device=device)
+    scenes = scenes.to(device)
+    vb = _batch_from_scenes(scenes[: min(256, len(scenes))], cfg)
+    for b in sorted({0.0, cfg.loss.beta}):
+        log(format_selftest(selftest(vb.inputs, vb.true_factor, cfg.covariance_options(b))) + f" beta={b:g}")
+    return scenes
+
+
+def _progress_bar(progress: bool, start: int, total: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, leave=False, desc="train")
+
+
+def _set_lr(optimizer, lr: float, k_on: bool, cfg: TrainConfig) -> float:
+    """Every group gets ``lr``; the backbone groups x ``backbone_lr_mult`` once the K term is on."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * (cfg.loss.backbone_lr_mult if (group["role"] == "backbone" and k_on) else 1.0)
+    return lr
+
+
+def _accumulate(prog: Progress, parts: dict[str, Tensor], finite: Tensor) -> None:
+    """Add the step's loss terms to the epoch's running sums (skipped steps count as skipped)."""
+    w = finite.to(torch.float64)
+    for t, v in parts.items():
+        v = torch.where(finite, v.detach().to(torch.float64), torch.zeros((), dtype=torch.float64, device=v.device))
+        prog.sums[t] = prog.sums.get(t, 0) + v
+        prog.counts[t] = prog.counts.get(t, 0) + w
+    prog.skipped = prog.skipped + (~finite).to(prog.skipped.dtype)
+
+
+def _log_step(run: _Run, g: int, lr: float, beta: float, norm: Tensor, finite: Tensor, loss: Tensor, before: list[Tensor]) -> None:
+    """The [LR], [GRAD], [STEP] lines (host syncs: only here, every ``log_every`` steps), [SKIP] if the step was skipped."""
+    log, model, prog, cfg, dist, scaler = run.log, run.model, run.prog, run.cfg, run.dist, run.scaler
+    if not bool(finite):
+        log(f"[SKIP] step {g}: non-finite gradient norm ({float(norm)}); no update"
+            + (f", fp16 scale -> {scaler.get_scale():g}" if scaler is not None else ""))
+    after = list(model.parameters())
+    dp = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a.detach() - b) for a, b in zip(after, before)]))
+    pn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in before]))
+    terms = " ".join(f"{t}={float(v) / max(float(prog.counts[t]), 1.0):.4g}" for t, v in prog.sums.items())
+    log(f"[LR] step {g} lr={lr:.3e} beta={beta:.3f}")
+    log(f"[GRAD] step {g} norm={float(norm):.4g} clip={cfg.grad_clip:g} skipped_this_epoch={int(prog.skipped)}")
+    log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}" + (" (rank 0's share)" if dist.enabled else ""))
+
+
+def _save(run: _Run, path: Path, beta: float, digests: dict | None = None) -> None:
+    """A resumable checkpoint (risloc.nn.checkpoint documents the fields)."""
+    cfg, model, ema, scaler, prog = run.cfg, run.model, run.ema, run.scaler, run.prog
+    rng = {"torch": torch.get_rng_state()}
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
+    ckpt = {
+        "format": FORMAT, "version": VERSION,
+        "config": cfg.to_toml(), "scenario": cfg.scenario.to_toml(),
+        "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+        "objective": run.objective.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": {"step": prog.step},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng, "progress": prog.to_dict(cfg.steps_per_epoch),
+        "metrics": prog.last_metrics or {}, "calibration": run.calibration.to_dict(), "beta": beta, "seed": cfg.seed, "git": run.commit,
+    }
+    if digests is not None:
+        ckpt["distributed"] = digests
+    save_checkpoint(path, ckpt)
+
+
+def _end_epoch(run: _Run, epoch: int, stop_after_epoch, stop_when, on_epoch):
+    """Epoch means over all ranks, rank 0's validation, checkpoint selection and saves, and the
+    continue/stop decision every rank takes: ``(action, summary, error)``."""
+    cfg, out, dist, model, ema, prog, log = run.cfg, run.out, run.dist, run.model, run.ema, run.prog, run.log
+    sums = dict(prog.sums)
+    digests = None
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # find_unused_parameters: the K head gets no gradient before its loss term switches on;
-        # broadcast_buffers off: the objective's running magnitudes are averaged after each step instead.
-        # (device_ids=None: the batch is already on this rank's device, DDP moves nothing.)
-        with warnings.catch_warnings():  # torch >= 2.13 renames broadcast_buffers; the old name works on 2.x
-            warnings.simplefilter("ignore", FutureWarning)
-            stepper = DistributedDataParallel(stepper, device_ids=None, broadcast_buffers=False, find_unused_parameters=True)
-    running = [b for b in objective.buffers() if b.is_floating_point()]
-
-    # --- data -------------------------------------------------------------------------------------
-    data = TrainData(cfg, device, log, rank=dist.rank, world=dist.world)
-    if main:
-        if val_scenes is None:
-            if cfg.val_file:
-                from ..io import load_scenes
-
-                val_scenes = load_scenes(cfg.val_file)
-            else:
-                val_scenes = simulate(cfg.scenario, cfg.val_scenes, seed=cfg.val_seed, device=device)
-        val_scenes = val_scenes.to(device)
-
-        # --- self-test of the loss on the first validation batch ------------------------------------
-        vb = _batch_from_scenes(val_scenes[: min(256, len(val_scenes))], cfg)
-        for b in sorted({0.0, cfg.loss.beta}):
-            log(format_selftest(selftest(vb.inputs, vb.true_factor, cfg.covariance_options(b))) + f" beta={b:g}")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"[RUN] device={device} amp={amp} params={n_params} seed={cfg.seed} git={commit} out={out}"
-        + (f" world={dist.world} backend={dist.backend} batch={cfg.batch} ({data.local_batch} per rank)" if dist.enabled else ""))
-
-    def save(path: Path, epoch_next: int, metrics: dict, beta: float, digests: dict | None) -> None:
-        ckpt = {
-            "format": FORMAT, "version": VERSION,
-            "config": cfg.to_toml(), "scenario": cfg.scenario.to_toml(),
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "objective": objective.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-            "progress": {"epoch": epoch_next, "step": epoch_next * cfg.steps_per_epoch, "best": best, "bad_epochs": bad_epochs},
-            "metrics": metrics, "calibration": calibration.to_dict(), "beta": beta, "seed": cfg.seed, "git": commit,
-        }
-        if digests is not None:
-            ckpt["distributed"] = digests
-        save_checkpoint(path, ckpt)
-
-    # --- the loop ---------------------------------------------------------------------------------
-    model.train()
-    summary: dict = {}
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        sums: dict[str, Tensor] = {}
-        counts: dict[str, int] = {}
-        n_sum, skipped = 0, 0
-        steps = range(cfg.steps_per_epoch)
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc=f"epoch {epoch}", leave=False)
-        for i in steps:
-            g = epoch * cfg.steps_per_epoch + i
-            e = g / cfg.steps_per_epoch
-            batch = data.batch(g)
-            options = cfg.covariance_options(objective.beta(e))
-            lr = scheduler.lr()
-            k_on = objective.weights(e)["k"] > 0
-            for group in optimizer.param_groups:
-                mult = cfg.loss.backbone_lr_mult if (group["role"] == "backbone" and k_on) else 1.0
-                group["lr"] = lr * mult
-
-            loss, parts = stepper(batch.inputs, options, batch.truth, batch.true_factor, e)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            dist.average_(running)  # the running term magnitudes: the same on every rank
-
-            log_now = (i + 1) % cfg.log_every == 0 or i == cfg.steps_per_epoch - 1
-            before = [p.detach().clone() for p in model.parameters()] if log_now else None
-            stepped, norm = gated_step(params, optimizer, scheduler, cfg.grad_clip, scaler, all_finite=dist.all_finite)
-            if not stepped:
-                skipped += 1
-                log(f"[SKIP] step {g}: non-finite gradient norm ({float(norm)}); no update, scheduler not ticked"
-                    + (f", fp16 scale -> {scaler.get_scale():g}" if scaler is not None else ""))
-                continue
-            if ema is not None:
-                ema_update(ema, model, cfg.ema, scheduler.step)
-            for t, v in parts.items():
-                sums[t] = sums.get(t, 0) + v.detach()
-                counts[t] = counts.get(t, 0) + 1
-            n_sum += 1
-            if log_now:
-                after = list(model.parameters())
-                dp = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a.detach() - b) for a, b in zip(after, before)]))
-                pn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in before]))
-                terms = " ".join(f"{t}={float(v) / counts[t]:.4g}" for t, v in sums.items())
-                log(f"[LR] step {g} lr={lr:.3e} beta={options.beta:.3f}")
-                log(f"[GRAD] step {g} norm={float(norm):.4g} clip={cfg.grad_clip:g}")
-                log(f"[STEP] step {g} dparam={float(dp / pn):.3e} loss={float(loss.detach()):.4g} {terms}"
-                    + (" (rank 0's share)" if dist.enabled else ""))
-
-        # --- every rank: epoch means over the whole global batch, parameter digests -------------------
-        digests = None
+        keys = sorted(sums)
+        vals = [sums[t].reshape(1).clone() for t in keys]
+        dist.average_(vals)
+        sums = {t: v.reshape(()) for t, v in zip(keys, vals)}
+        digests = {"world": dist.world, "local_batch": run.data.local_batch, "param_digests": dist.gather(parameter_digest(model)),
+                   "ema_digests": dist.gather(parameter_digest(ema)) if ema is not None else []}
+        if len(set(digests["param_digests"])) > 1 or len(set(digests["ema_digests"])) > 1:
+            log(f"[DDP] WARNING: the ranks' parameters differ after epoch {epoch}: {digests}")
+    action, error, summary = "next", None, {}
+    if dist.is_main:
+        beta_now = run.objective.beta((epoch + 1) * 1.0)
+        t0 = time.monotonic()
+        metrics, _, _ = validate(ema if ema is not None else model, run.val_scenes, cfg, cfg.covariance_options(beta_now),
+                                 run.calibration, with_locations=cfg.val_locate)
+        metrics.update({f"train_{t}": float(v) / max(float(prog.counts[t]), 1.0) for t, v in sums.items()})
+        primary = _primary(metrics, cfg)
+        primary_name = cfg.val_primary if "k_loc" in metrics else "loss"  # k_loc needs located scenes
+        improved = primary > prog.best
+        if improved:
+            prog.best, prog.bad_epochs = primary, 0
+        else:
+            prog.bad_epochs += 1
+        prog.last_metrics = metrics
+        skipped = int(prog.skipped)
+        run.schedule.step = prog.step
+        record = {"epoch": epoch, "step": prog.step, "opt_steps": prog.step - skipped, "skipped": skipped, "beta": beta_now,
+                  "lr": run.schedule.lr(),
+                  "time_s": round(prog.epoch_time + time.monotonic() - t0, 3), "seed": cfg.seed, "git": run.commit,
+                  **metrics, "val_primary": primary_name, "primary": primary, "best": prog.best}
         if dist.enabled:
-            keys = sorted(sums)
-            vals = [sums[t].reshape(1).clone() for t in keys]
-            dist.average_(vals)
-            sums = {t: v.reshape(()) for t, v in zip(keys, vals)}
-            digests = {"world": dist.world, "local_batch": data.local_batch,
-                       "param_digests": dist.gather(parameter_digest(model)),
-                       "ema_digests": dist.gather(parameter_digest(ema)) if ema is not None else []}
-            if len(set(digests["param_digests"])) > 1 or len(set(digests["ema_digests"])) > 1:
-                log(f"[DDP] WARNING: the ranks' parameters differ after epoch {epoch}: {digests}")
-
-        # --- rank 0: validation through the inference path, checkpoints, callback ----------------------
-        action, error = "next", None
-        if main:
-            beta_now = objective.beta((epoch + 1) * 1.0)
-            options = cfg.covariance_options(beta_now)
-            metrics, _, _ = validate(ema if ema is not None else model, val_scenes, cfg, options, calibration, with_locations=cfg.val_locate)
-            train_terms = {f"train_{t}": float(v) / counts[t] for t, v in sums.items()}
-            metrics.update(train_terms)
-            primary = _primary(metrics, cfg)
-            primary_name = cfg.val_primary if "k_loc" in metrics else "loss"  # k_loc needs located scenes
-            improved = primary > best
-            if improved:
-                best, bad_epochs = primary, 0
-            else:
-                bad_epochs += 1
-            record = {"epoch": epoch, "step": (epoch + 1) * cfg.steps_per_epoch, "opt_steps": scheduler.step, "skipped": skipped,
-                      "beta": beta_now, "lr": scheduler.lr(), "time_s": round(time.time() - t0, 3), "seed": cfg.seed, "git": commit,
-                      **metrics, "val_primary": primary_name, "primary": primary, "best": best}
-            if dist.enabled:
-                record["world"] = dist.world
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            loc = (f" K_acc={metrics['K_acc']:.3f} K_under={metrics['K_under']:.3f} K_over={metrics['K_over']:.3f} success={metrics['success']:.3f}"
-                   f" rmse_phi={metrics['rmse_phi_deg']:.3g}deg rmse_theta={metrics['rmse_theta_deg']:.3g}deg rmse_r={metrics['rmse_r_m']:.3g}m"
-                   if "success" in metrics else "")
-            log(f"[VAL] epoch {epoch} nmse={metrics['val_nmse']:.4f} k_nll={metrics['val_k_nll']:.3f}{loc} {primary_name}={primary:.4f}"
-                f"{' *best*' if improved else ''} ({record['time_s']:.1f} s)")
-            summary = record
-            save(out / "last.pt", epoch + 1, metrics, beta_now, digests)
-            if improved:
-                save(out / "best.pt", epoch + 1, metrics, beta_now, digests)
-            try:
-                if on_epoch is not None:
-                    on_epoch(epoch, dict(record))
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
-                action, error = "error", exc
-            if action == "next":
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    log(f"[STOP] stopping after epoch {epoch} as asked")
-                    action = "return"
-                elif stop_when is not None and stop_when(metrics):
-                    log(f"[STOP] target reached after epoch {epoch}")
-                    action = "stop"
-                elif cfg.patience > 0 and bad_epochs >= cfg.patience:
-                    log(f"[STOP] no better {cfg.val_primary} for {bad_epochs} epochs; early stop")
-                    action = "stop"
-        # ranks 1.. wait here for rank 0's validation; everyone takes rank 0's decision
-        action, summary, what = dist.broadcast((action, summary, repr(error) if error is not None else ""))
-        if action == "error":
-            if error is not None:
-                raise error
-            raise RuntimeError(f"rank {dist.rank}: stopping, rank 0 raised {what} after epoch {epoch}")
-        if action == "return":
-            if main:
-                _export(out, log)
-            return summary
-        if action == "stop":
-            break
-
-    # --- calibration of the K head on validation data, stored in best.pt ---------------------------------
-    if main:
-        if cfg.calibrate and (out / "best.pt").exists():
-            summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
-        _export(out, log)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return dist.broadcast(summary)
+            record["world"] = dist.world
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        loc = (f" K_acc={metrics['K_acc']:.3f} K_under={metrics['K_under']:.3f} K_over={metrics['K_over']:.3f} success={metrics['success']:.3f}"
+               f" rmse_phi={metrics['rmse_phi_deg']:.3g}deg rmse_theta={metrics['rmse_theta_deg']:.3g}deg rmse_r={metrics['rmse_r_m']:.3g}m"
+               if "success" in metrics else "")
+        log(f"[VAL] epoch {epoch} nmse={metrics['val_nmse']:.4f} k_nll={metrics['val_k_nll']:.3f}{loc} {primary_name}={primary:.4f}"
+            f"{' *best*' if improved else ''} ({record['time_s']:.1f} s)")
+        summary = record
+        for name in ("last.pt",) + (("best.pt",) if improved else ()):
+            _save(run, out / name, beta_now, digests)
+        try:
+            if on_epoch is not None:
+                on_epoch(epoch, dict(record))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller, after the other ranks know
+            action, error = "error", exc
+        if action == "next":
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                log(f"[STOP] stopping after epoch {epoch} as asked")
+                action = "return"
+            elif stop_when is not None and stop_when(metrics):
+                log(f"[STOP] target reached after epoch {epoch}")
+                action = "stop"
+            elif cfg.patience > 0 and prog.bad_epochs >= cfg.patience:
+                log(f"[STOP] no better {cfg.val_primary} for {prog.bad_epochs} epochs; early stop")
+                action = "stop"
+    # ranks 1.. wait here for rank 0's validation; everyone takes rank 0's decision (and its selection state)
+    action, summary, what, best = dist.broadcast((action, summary, repr(error) if error is not None else "", (prog.best, prog.bad_epochs)))
+    prog.best, prog.bad_epochs = best
+    return action, summary, error
 
 
 def _export(out: Path, log: Callable[[str], None]) -> None:

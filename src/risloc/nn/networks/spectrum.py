@@ -1,4 +1,4 @@
-"""The default network of the learned pipeline (``ModelConfig.kind = "spectrum"``): per-snapshot
+"""The default network kind of the learned pipeline (``ModelConfig.kind = "spectrum"``): per-snapshot
 matched-filter spectra on a near-field grid -> a 3-D detector -> source positions -> the
 covariance factor through the steering model.
 
@@ -33,10 +33,10 @@ strongest in order, each moved by its offset. The factor is built through the st
     F = [sqrt(p_1 s_1) a(phi_1, theta_1, r_1), ..., sqrt(p_K s_K) a(phi_K, theta_K, r_K)],
 
 (s_k the detection confidence) and goes through THE builder
-(:func:`risloc.nn.model.effective`) like every other prediction. At inference
-(:func:`risloc.nn.inference.locate_from_prediction`) the K head's K-hat keeps the K-hat
-strongest detections, and MUSIC on their effective covariance is refined locally from the
-detections (``search = "local"``).
+(:func:`risloc.nn.inputs.effective`) like every other prediction. At inference
+(:meth:`SpectrumKind.to_estimates`) the K head's K-hat (or a known K) keeps the K strongest
+detections, and MUSIC on their effective covariance is refined locally from the detections
+(``search = "local"``).
 
 Loss (``LossConfig.main = "detect"``, :func:`detection_loss`): the CenterNet focal loss on the
 heat map against Gaussian bumps (std ``detect_sigma`` cells) at the true positions, plus a
@@ -54,12 +54,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as Fn
 
-from .. import physics
-from ..grids import GridSpec, grid_points, measure_dictionary
-from ..metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
-from ..scenario import Scenario
-from ..scenes import Truth
-from .config import ModelConfig
+from ... import covariance as cv
+from ... import physics
+from ...grids import GridSpec, grid_points, measure_dictionary
+from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
+from ...scenario import Scenario
+from ...scenes import Estimates, Truth
+from ..config import ModelConfig
+from ..inputs import ModelInputs, Prediction, effective
+from . import NetworkKind, register_network
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,9 +298,6 @@ class SpectrumNet(nn.Module):
         self.k_head = nn.Sequential(nn.LayerNorm(n_k), nn.Linear(n_k, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, cfg.k_hidden), nn.GELU(),
                                     nn.Linear(cfg.k_hidden, self.k_max))
 
-    def k_head_parameters(self):
-        return list(self.k_head.parameters())
-
     def grid(self, device) -> SpectrumGrid:
         return spectrum_grid(self.scenario, self.shape, device=device)
 
@@ -305,7 +305,7 @@ class SpectrumNet(nn.Module):
         """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + pursuit]``
         (SNR/10 dB, label known, log residual power fractions after 1..pursuit picks)."""
         if inputs.y is None:
-            raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.model.prepare_inputs)")
+            raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.inputs.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
         with torch.autocast(inputs.y.device.type, enabled=False):
             sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit)
@@ -320,8 +320,6 @@ class SpectrumNet(nn.Module):
         return x, scene
 
     def forward(self, inputs, options):
-        from .model import Prediction, effective
-
         grid = self.grid(inputs.y.device if inputs.y is not None else None)
         x, scene = self.features(inputs, grid)
         if self.channels_last and x.is_cuda:
@@ -348,7 +346,7 @@ class SpectrumNet(nn.Module):
 
         F = detection_factor(det, self.scenario)
         R = effective(F, inputs, options)
-        return Prediction(F, R, logits, detections=det)
+        return Prediction(F, R, logits, detections=det, kind="spectrum")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,3 +463,48 @@ def detection_loss(det: Detections, truth: Truth, scenario: Scenario, grid: Spec
     t_logp = torch.gather(rel, 1, nearest)
     pow_loss = ((det.cell_log_power.float() - t_logp).abs() * w).sum(1) / wsum
     return heat_loss + offset_weight * loc_loss + power_weight * pow_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# the kind
+# ----------------------------------------------------------------------------------------------
+class SpectrumKind(NetworkKind):
+    """``spectrum``: the detector above; main term 'detect' (:func:`detection_loss`; the
+    covariance terms 'cov' and 'music' also apply to its factor); located by local MUSIC from
+    its K strongest detections."""
+
+    name = "spectrum"
+    mains = ("detect", "cov", "music")
+
+    def build(self, scenario: Scenario, cfg: ModelConfig) -> nn.Module:
+        return SpectrumNet(scenario, cfg)
+
+    def main_loss(self, main, pred, inputs, options, truth, true_factor, loss_cfg, scenario):
+        if main != "detect":
+            return super().main_loss(main, pred, inputs, options, truth, true_factor, loss_cfg, scenario)
+        det = pred.detections
+        grid = spectrum_grid(scenario, det.grid_shape, device=pred.factor.device)
+        return detection_loss(det, truth, scenario, grid, sigma=loss_cfg.detect_sigma,
+                              offset_weight=loss_cfg.detect_offset_weight, power_weight=loss_cfg.detect_power_weight)
+
+    def to_estimates(self, pred: Prediction, inputs: ModelInputs, options: cv.CovarianceOptions, scenario: Scenario,
+                     K: Tensor, music_options: dict | None = None) -> Estimates:
+        """The K strongest detections' effective covariance (hard decision, :func:`detection_factor`)
+        -> MUSIC refined locally from the detections (``search = "local"`` unless ``music_options`` says otherwise)."""
+        from ...estimators.music import music_from_covariance
+
+        det = pred.detections
+        opts = dict(music_options or {})
+        R = effective(detection_factor(det, scenario, K).detach(), inputs, options)
+        if opts.setdefault("search", "local") == "local":
+            opts["init"] = (det.phi.detach(), det.theta.detach(), det.r.detach())
+        return music_from_covariance(R, scenario, K=K, **opts)
+
+    def candidates(self, pred: Prediction) -> Estimates:
+        """Every decoded detection (K = K_max, strongest heat first)."""
+        d = pred.detections
+        full = torch.full((d.phi.shape[0],), d.phi.shape[1], dtype=torch.int64, device=d.phi.device)
+        return Estimates(full, d.phi.float().detach(), d.theta.float().detach(), d.r.float().detach(), method="candidates")
+
+
+register_network(SpectrumKind())

@@ -1,0 +1,175 @@
+"""The network plug-in contract of risloc.nn: no import circle, kinds by name, code defaults = the
+shipped model, known K for the learned estimators, packaged weights reproduce their reference."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import risloc
+from risloc.estimators import get
+from risloc.nn.checkpoint import load_checkpoint
+from risloc.nn.config import TrainConfig, apply_overrides
+from risloc.nn.inference import DEFAULT_WEIGHTS, Calibration, locate_from_prediction
+from risloc.nn.inputs import prepare_inputs
+from risloc.nn.networks import available, get_network
+
+ROOT = Path(__file__).resolve().parent.parent
+NN = ROOT / "src" / "risloc" / "nn"
+SC = risloc.Scenario()
+
+
+def _nn_modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(NN.rglob("*.py")):
+        rel = path.relative_to(NN.parent.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The risloc.nn modules ``name`` imports anywhere in its file (module level or inside functions)."""
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = pkg
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            mod = (base + "." + node.module if node.module else base) if node.level else node.module
+            cands = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            cands = [a.name for a in node.names]
+        else:
+            continue
+        for c in cands:
+            while c and c not in known:
+                c = c.rpartition(".")[0]
+            if c and c != name and not (name.startswith(c + ".") and path.name != "__init__.py" and c == pkg):
+                found.add(c)
+    return found
+
+
+def test_no_import_circle_inside_nn():
+    """The import graph of risloc.nn (every import statement, also inside functions; a kind module
+    importing its own package's registry excepted) has no cycle, and every module imports alone in
+    a fresh interpreter."""
+    mods = _nn_modules()
+    graph = {m: _imports(m, p, set(mods)) for m, p in mods.items()}
+    assert "risloc.nn.inputs" in graph and not (graph["risloc.nn.inputs"] - {"risloc.nn", "risloc.nn.config"})
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for n in graph[m]:
+            if state.get(n) == 1:
+                raise AssertionError(f"import circle: {' -> '.join(stack + [m, n])}")
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+    # every module first, alone, in a fresh interpreter (the entry points each in its own; the
+    # leaves of the graph are imported first by those)
+    env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": ""}
+    firsts = ["risloc.nn.inputs", "risloc.nn.networks", "risloc.nn.networks.spectrum", "risloc.nn.loss", "risloc.nn.train",
+              "risloc.nn.inference", "risloc.nn.subspacenet", "risloc.nn.model"]
+    procs = {m: subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True, env=env) for m in firsts}
+    for m, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (m, err[-2000:])
+
+
+def test_code_defaults_are_the_shipped_model():
+    shipped = TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"])
+    assert TrainConfig().to_dict() == shipped.to_dict()
+    assert TrainConfig.load(ROOT / "configs" / "default.toml").to_dict() == shipped.to_dict()
+
+
+def _tiny_model_config(kind: str) -> TrainConfig:
+    sizes = {
+        "spectrum": {"model.width": 4, "model.depth": 1, "model.k_hidden": 8, "model.grid_phi": 8, "model.grid_theta": 4,
+                     "model.grid_rho": 4, "model.pursuit": 2},
+        "covariance": {"model.width": 16, "model.depth": 1, "model.heads": 2, "model.patch": 4, "model.k_hidden": 16},
+        "subspacenet": {"model.width": 8, "model.k_hidden": 8},
+    }[kind]
+    return apply_overrides(TrainConfig(), {"model.kind": kind, "loss.main": get_network(kind).mains[0], **sizes})
+
+
+@pytest.mark.parametrize("kind", ["spectrum", "covariance", "subspacenet"])
+def test_every_kind_supplies_the_contract(kind):
+    assert kind in available()
+    k = get_network(kind)
+    cfg = _tiny_model_config(kind)
+    torch.manual_seed(0)
+    model = k.build(SC, cfg.model)
+    s = risloc.simulate(SC, 4, seed=31)
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=cfg.loss.regularisation)
+    opts = cfg.covariance_options(0.0)
+    pred = model(inputs, opts)
+    assert pred.kind == kind and pred.k_logits.shape == (4, SC.k_max)
+    main = k.main_loss(cfg.loss.main, pred, inputs, opts, s.truth, risloc.source_factor(s.truth, SC), cfg.loss, SC)
+    assert main.shape == (4,) and torch.isfinite(main).all()
+    main.mean().backward()
+    with pytest.raises(ValueError, match="supports"):
+        k.main_loss("nope", pred, inputs, opts, s.truth, None, cfg.loss, SC)
+    # the parameter groups hold every parameter exactly once, the K head in the 'k' group
+    groups = k.parameter_groups(model, 0.01)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert {id(p) for g in groups if g["role"] == "k" for p in g["params"]} == {id(p) for p in model.k_head.parameters()}
+    # estimates with a given K: exactly that K, through the one inference path
+    K = torch.tensor([1, 2, 3, 5])
+    with torch.no_grad():
+        est = locate_from_prediction(model(inputs, opts), inputs, opts, SC, Calibration(), {"refine_iterations": 2}, K=K)
+    assert torch.equal(est.K.cpu(), K)
+    on = torch.arange(SC.k_max).view(1, -1) < K.view(-1, 1)
+    assert torch.isfinite(est.phi[on]).all() and torch.isnan(est.phi[~on]).all()
+
+
+@pytest.mark.parametrize("method", ["learned", "learned+ml", "subspacenet"])
+def test_known_k_is_returned_exactly(method):
+    scenes = risloc.simulate(SC, 6, seed=33)
+    est = get(method)(scenes, K=2)
+    assert torch.equal(est.K, torch.full((6,), 2, dtype=est.K.dtype))
+    K = torch.tensor([1, 5, 3, 2, 4, 1])
+    est = get(method)(scenes, K=K)
+    assert torch.equal(est.K.cpu(), K.to(est.K.dtype))
+    on = torch.arange(SC.k_max).view(1, -1) < K.view(-1, 1)
+    assert torch.isfinite(est.phi[on]).all() and torch.isfinite(est.r[on]).all() and torch.isnan(est.phi[~on]).all()
+    with pytest.raises(ValueError, match=r"K\[2\] = 7 \(scene 2\)"):
+        get(method)(scenes, K=torch.tensor([1, 2, 7, 1, 1, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        get(method)(scenes, K=torch.tensor([1, 2]))
+
+
+def test_learned_with_the_true_k_does_at_least_as_well_as_with_its_own():
+    """At 20 dB, told the true K, the shipped detector's K strongest detections (refined) score at
+    least as well as with its K head's K-hat, on the same scenes."""
+    from risloc.metrics import score
+
+    scenes = risloc.simulate(risloc.Scenario(snr_db_min=20.0, snr_db_max=20.0), 64, seed=34)
+    known = score(scenes.truth, get("learned")(scenes, K=scenes.truth.K)).overall
+    free = score(scenes.truth, get("learned")(scenes)).overall
+    assert known.K_acc == 1.0 and known.K_under == 0.0 and known.K_over == 0.0
+    assert known.success >= free.success
+
+
+def test_packaged_weights_reproduce_their_reference():
+    """Estimates of the packaged models on 32 fixed scenes equal the reference stored before the
+    network code was restructured (tests/data/learned_reference.pt)."""
+    ref = torch.load(ROOT / "tests" / "data" / "learned_reference.pt", weights_only=True)
+    scenes = risloc.simulate(risloc.Scenario(), 32, seed=7)
+    for method, r in ref.items():
+        est = get(method)(scenes)
+        assert torch.equal(est.K, r["K"]), method
+        for f in ("phi", "theta", "r"):
+            torch.testing.assert_close(getattr(est, f), r[f], rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{method} {f}: {m}")
