@@ -77,9 +77,9 @@ def test_known_k_checked(scenes):
     assert est.K.tolist() == [1, 2, 3, 4, 5, 1, 2]
     with pytest.raises(RuntimeError, match="given K = 2 for scene 0"):
         risloc.locate(scenes, "registry-test-echo", K=2, answer_k=3)
-    with pytest.raises(ValueError, match="scene 4 has K = 6"):
+    with pytest.raises(ValueError, match=r"K\[4\] = 6 \(scene 4\)"):
         known_k(torch.tensor([1, 1, 1, 1, 6, 1, 1]), 7, SC.k_max)
-    with pytest.raises(ValueError, match="2 values for 7 scenes"):
+    with pytest.raises(ValueError, match="2 values"):
         known_k(torch.tensor([1, 2]), 7, SC.k_max)
     with pytest.raises(ValueError, match="integers"):
         known_k(torch.tensor([1.0] * 7), 7, SC.k_max)
@@ -92,7 +92,7 @@ ACCEPTS_K = [n for n in _PACKAGE if estimators.info(n).accepts_k]
 
 
 def test_classical_estimators_accept_k():
-    assert {"music", "mvdr", "ramezani", "ml"} <= set(ACCEPTS_K)
+    assert set(ACCEPTS_K) == set(_PACKAGE)  # every estimator of the package takes a known K
 
 
 @pytest.mark.parametrize("method", ACCEPTS_K)

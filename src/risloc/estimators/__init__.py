@@ -89,7 +89,7 @@ class EstimatorInfo:
         return self.batch_cuda if torch.device(device).type == "cuda" else self.batch
 
 
-# The estimators of this package, by name. The learned ones do not take a known K yet.
+# The estimators of this package, by name.
 _INFO: dict[str, EstimatorInfo] = {
     i.name: i
     for i in (
@@ -101,11 +101,11 @@ _INFO: dict[str, EstimatorInfo] = {
                       per_scene=("covariance",), summary="modified MUSIC with sub-RIS smoothing (Ramezani et al.)"),
         EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, k_option="K", per_scene=("init", "snr_db"),
                       summary="maximum likelihood: greedy grid start, joint refinement, penalised K"),
-        EstimatorInfo("learned", "risloc.nn.inference", learned=True, default_weights="weights/default.pt",
+        EstimatorInfo("learned", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
                       summary="the learned pipeline: network -> effective covariance -> MUSIC with the K head"),
-        EstimatorInfo("learned+ml", "risloc.nn.inference", learned=True, default_weights="weights/default.pt",
+        EstimatorInfo("learned+ml", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
                       summary="learned, then ml's likelihood refinement from its estimates"),
-        EstimatorInfo("subspacenet", "risloc.nn.subspacenet", learned=True, default_weights="weights/subspacenet.pt",
+        EstimatorInfo("subspacenet", "risloc.nn.subspacenet", k_option="K", learned=True, default_weights="weights/subspacenet.pt",
                       summary="SubspaceNet-style surrogate covariance -> MUSIC"),
     )
 }
@@ -143,11 +143,12 @@ def known_k(K: int | Tensor, n_scenes: int, k_max: int, *, device=None) -> Tenso
     if t.ndim != 1:
         raise ValueError(f"K: expected an int or a tensor of shape [{n_scenes}], got shape {list(t.shape)}")
     if t.shape[0] != n_scenes:
-        raise ValueError(f"K: {t.shape[0]} values for {n_scenes} scenes (expected an int or one value per scene)")
+        raise ValueError(f"K has shape [{t.shape[0]}] ({t.shape[0]} values) for {n_scenes} scenes: "
+                         "expected an int or one value per scene")
     bad = (t < 0) | (t > k_max)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"K: scene {i} has K = {int(t[i])}, outside 0..{k_max} (k_max)")
+        raise ValueError(f"K[{i}] = {int(t[i])} (scene {i}): outside 0..{k_max} (k_max)")
     return t.contiguous()
 
 

@@ -96,23 +96,15 @@ def fallback_order(inputs: ModelInputs, options: cv.CovarianceOptions, scenario:
 
 def known_k(method: str, K, scenes: Scenes) -> torch.Tensor | None:
     """``K`` (None, an int or a per-scene ``[S]`` tensor) as an int64 ``[S]`` tensor on the scenes'
-    device, checked to lie in 1..K_max (ValueError naming the scene otherwise)."""
+    device, validated by :func:`risloc.estimators.known_k` (ValueError naming ``method`` and the scene)."""
     if K is None:
         return None
-    S, k_max = len(scenes), scenes.scenario.k_max
-    K = torch.as_tensor(K).to(device=scenes.device)
-    if K.is_floating_point() or K.is_complex():
-        raise ValueError(f"{method}: K must be an int or an integer tensor, got dtype {K.dtype}")
-    K = K.to(torch.int64)
-    if K.dim() == 0:
-        K = K.expand(S)
-    if K.shape != (S,):
-        raise ValueError(f"{method}: K has shape {tuple(K.shape)}; expected an int or [{S}] (one per scene)")
-    bad = ((K < 1) | (K > k_max)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(f"{method}: K[{i}] = {int(K[i])} (scene {i}): must be in 1..{k_max}")
-    return K.clone()
+    from ..estimators import known_k as _known_k
+
+    try:
+        return _known_k(K, len(scenes), scenes.scenario.k_max, device=scenes.device).clone()
+    except ValueError as exc:
+        raise ValueError(f"{method}: {exc}") from None
 
 
 def complete_to_k(est: Estimates, K: torch.Tensor, candidates: Estimates | None) -> Estimates:
