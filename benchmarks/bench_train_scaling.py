@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from risloc.nn.checkpoint import git_commit  # noqa: E402
+from risloc._files import atomic_write_text  # noqa: E402
+from risloc._provenance import git_commit, stamp  # noqa: E402
 from risloc.nn.config import TrainConfig, apply_overrides  # noqa: E402
 from risloc.nn.train import train  # noqa: E402
 
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
         "scenes_per_s_per_rank": round(scenes / seconds / world, 1),
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
         "torch": torch.__version__, "commit": git_commit(), "overrides": args.set,
+        "provenance": stamp(seed=cfg.seed, device="cuda" if cuda else "cpu", config=vars(args)),
     }
     if rank == 0:
         text = json.dumps(result, indent=2)
@@ -84,9 +86,7 @@ def main(argv=None) -> int:
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp_out = out.with_name(f".{out.name}.tmp{os.getpid()}")
-            tmp_out.write_text(text + "\n")
-            os.replace(tmp_out, out)
+            atomic_write_text(out, text + "\n")
     return 0
 
 
