@@ -201,7 +201,7 @@ def estimate(
     parts = []
     for s in _batches(len(scenes), batch, progress, "music"):
         sub = scenes[s : s + batch]
-        R = scene_covariance(sub, options=options, use_snr=use_snr)
+        R = scene_covariance(sub, options=options, use_snr=use_snr, K=None if K is None else torch.as_tensor(K)[s : s + batch])
         Ks = None if K is None else torch.as_tensor(K)[s : s + batch]
         parts.append(music_from_covariance(R, sub.scenario, K=Ks, order_rule=order_rule, **kw))
     if not parts:

@@ -110,3 +110,102 @@ def estimate_order(
         raise ValueError(f"estimate_order: rule {rule!r} needs n_snapshots")
     crit = information_criterion(lam, float(n_snapshots), rule=rule)[:, k_min : k_max + 1]
     return crit.argmin(-1) + k_min
+
+
+# ----------------------------------------------------------------------------------------------
+# Order rules on the measurement likelihood of the ML covariance fits (risloc.covariance.fit_factor)
+# ----------------------------------------------------------------------------------------------
+LIKELIHOOD_RULES = ("mdl", "aic", "penalised")
+"""Rules on the rank-k fits' measurement likelihood (:func:`likelihood_order`)."""
+
+PENALTY = 12.0
+"""Nats per source of the 'penalised' rule; calibrated on validation scenes (seeds 1000-1999)
+with ``benchmarks/bench_order.py`` (docs/estimators.md)."""
+
+
+def factor_dof(k: int, d: int) -> int:
+    """Real degrees of freedom of a rank-k factor F_d ``[d, k]`` modulo a unitary k x k rotation
+    (R = F F^H has ``2 d k - k^2``), plus one for the noise variance."""
+    return 2 * d * k - k * k + 1
+
+
+def identifiable_rank(n_snapshots: int, m: int, d: int) -> int:
+    """Largest k whose rank-k model is not saturated by ``n_snapshots`` snapshots of ``m`` antennas
+    seen through a d-dimensional basis: ``k (d + L) - k^2 < L M``.
+
+    Each snapshot is y_l = G_l F z_l + n_l: the k L latent values z_l and the ``d k - k^2``
+    (complex) free entries of F must be fewer than the L M (complex) measurements, otherwise
+    every y_l lies in the span of G_l F for some F, s2 -> 0 and the likelihood is unbounded.
+    Default scenario (L = M = 16): d = 144 -> 1, d = 86 (prior support, 99 %) -> 2, d = 69 (95 %) -> 3.
+    """
+    k = 0
+    while k + 1 <= min(d, m - 1) and (k + 1) * (d + n_snapshots) - (k + 1) ** 2 < n_snapshots * m:
+        k += 1
+    return k
+
+
+def likelihood_order(
+    nll: Tensor,
+    *,
+    d: int,
+    n_snapshots: int,
+    rule: str = "mdl",
+    penalty: float = PENALTY,
+    k_min: int = 0,
+) -> Tensor:
+    """``K_hat`` ``[B]`` from the NLLs ``[B, k_fit + 1]`` of the rank-k fits, k = 0..k_fit.
+
+    The criteria are Wax & Kailath's, written on the likelihood of the measurements
+    themselves (their eigenvalue forms are the closed-form ML likelihood of a fully observed
+    array; here the ML fit is computed by EM, :func:`risloc.covariance.fit_factor`), with
+    ``nu_k`` = :func:`factor_dof` (k, d)::
+
+        MDL(k) = NLL_k + 1/2 nu_k log L         (Rissanen; = BIC with the L snapshots as observations)
+        AIC(k) = NLL_k + nu_k                   (Akaike)
+        penalised(k) = NLL_k + penalty k        (a calibrated per-source penalty)
+
+    ``K_hat = argmin_k`` over ``k_min <= k <= k_fit``.
+    """
+    if rule not in LIKELIHOOD_RULES:
+        raise ValueError(f"likelihood_order: rule must be one of {LIKELIHOOD_RULES}, not {rule!r}")
+    if nll.dim() != 2:
+        raise ValueError(f"likelihood_order: nll must be [B, k_fit + 1], got shape {tuple(nll.shape)}")
+    kk = torch.arange(nll.shape[1], device=nll.device, dtype=torch.float64)
+    dof = torch.tensor([factor_dof(int(k), d) for k in kk], device=nll.device, dtype=torch.float64)
+    if rule == "mdl":
+        pen = 0.5 * dof * math.log(max(n_snapshots, 2))
+    elif rule == "aic":
+        pen = dof
+    else:
+        pen = penalty * kk
+    crit = nll.to(torch.float64) + pen
+    k_min = max(0, min(k_min, nll.shape[1] - 1))
+    return crit[:, k_min:].argmin(-1) + k_min
+
+
+def sorte(eigenvalues: Tensor, *, k_max: int | None = None, k_min: int = 0) -> Tensor:
+    """SORTE (second order statistic of the eigenvalues; He, Cichocki, Xie and Choi, "Detecting
+    the number of clusters in n-way probabilistic clustering", IEEE TPAMI 32(11), 2010).
+
+    With the gaps ``g_i = lam_i - lam_{i+1}`` (i = 1..p-1) and ``s2_k`` the variance of
+    ``{g_k, ..., g_{p-1}}``, ``SORTE(k) = s2_{k+1} / s2_k`` (``+inf`` where ``s2_k = 0``) and
+    ``K_hat = argmin_k`` over ``max(k_min, 1) <= k <= min(k_max, p - 3)``; ``K_hat = 0`` when
+    every gap is zero. eigenvalues ``[B, p]`` descending -> ``[B]``.
+    """
+    lam = eigenvalues.to(torch.float64)
+    B, p = lam.shape
+    if p < 4:
+        raise ValueError(f"sorte: needs at least 4 eigenvalues, got {p}")
+    g = lam[:, :-1] - lam[:, 1:]  # [B, p-1]; g[:, i-1] = lam_i - lam_{i+1}
+    n = g.shape[1]
+    var = torch.stack([g[:, i:].var(-1, unbiased=False) for i in range(n)], -1)  # var[:, k-1] = s2_k
+    hi = min(p - 3, k_max if k_max is not None else p - 3)
+    lo = max(k_min, 1)
+    if hi < lo:
+        return torch.full((B,), min(lo, max(hi, 0)), dtype=torch.int64, device=lam.device)
+    ks = torch.arange(lo, hi + 1, device=lam.device)
+    num, den = var[:, ks], var[:, ks - 1]
+    crit = torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, math.inf))
+    K = crit.argmin(-1) + lo
+    flat = (var[:, 0] <= 0)
+    return torch.where(flat, torch.full_like(K, max(k_min, 0)), K)
