@@ -31,6 +31,7 @@ out of the floor) and ``k_min = 0``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -209,3 +210,52 @@ def sorte(eigenvalues: Tensor, *, k_max: int | None = None, k_min: int = 0) -> T
     K = crit.argmin(-1) + lo
     flat = (var[:, 0] <= 0)
     return torch.where(flat, torch.full_like(K, max(k_min, 0)), K)
+
+
+SCENE_RULES = ("ml-mdl", "ml-aic", "ml-penalised", "bp-mdl", "bp-aic", "bp-eigengap", "bp-sorte")
+"""Rules of :func:`order_estimates`: ``ml-*`` on the likelihood of the maximum-likelihood
+covariance fits (:func:`likelihood_order`); ``bp-*`` on the eigenvalues of the back-projected
+sample covariance (its effective covariance for MDL/AIC/eigengap in the dual form of
+:func:`risloc.estimators.music.order_from_covariance`; SORTE on the L eigenvalues of the
+plain sample covariance)."""
+
+
+def order_estimates(scenes, *, rules=SCENE_RULES, options=None, penalty: float = PENALTY, k_min: int = 1, batch: int = 256) -> dict:
+    """Per-rule source counts ``{rule: K_hat [S]}`` of a :class:`~risloc.scenes.Scenes` batch.
+
+    The rank-k ML fits (k = 0..k_fit, :func:`risloc.covariance.fit_path` in the prior subspace of
+    ``options``) are computed once and shared by the ``ml-*`` rules. K-hat is at least ``k_min``
+    and, for the ``ml-*`` rules, at most k_fit (:func:`identifiable_rank`; 2 by default).
+    Batched over scenes (``batch`` per chunk), on the scenes' device.
+    """
+    from .. import covariance as cv
+    from .music import order_from_covariance
+
+    unknown = sorted(set(rules) - set(SCENE_RULES))
+    if unknown:
+        raise ValueError(f"order_estimates: unknown rules {unknown}; known: {SCENE_RULES}")
+    options = cv.CovarianceOptions() if options is None else options
+    sc = scenes.scenario
+    out = {r: [] for r in rules}
+    for a in range(0, len(scenes), batch):
+        s = scenes[a : a + batch]
+        L, M = s.y.shape[1], s.y.shape[2]
+        if any(r.startswith("ml-") for r in rules):
+            basis = cv.prior_subspace(sc, energy=options.prior_energy, device=s.y.device, dtype=s.y.dtype)
+            d = basis.shape[1]
+            k_fit = max(min(sc.k_max, identifiable_rank(L, M, d)), k_min)
+            fits = cv.fit_path(s.y, s.H, s.codes, range(k_fit + 1), basis=basis, iterations=options.em_iterations)
+            nll = torch.stack([f.nll for f in fits], -1)
+        bp = None
+        for r in rules:
+            if r.startswith("ml-"):
+                K = likelihood_order(nll, d=d, n_snapshots=L, rule=r[3:], penalty=penalty, k_min=k_min)
+            elif r == "bp-sorte":
+                lam = cv.sample_covariance(s.y, s.H, s.codes, regularisation=options.regularisation).eigenvalues(L)
+                K = sorte(lam, k_max=sc.k_max, k_min=k_min)
+            else:
+                if bp is None:
+                    bp = cv.scene_covariance(s, options=dataclasses.replace(options, estimate="back_projection"))
+                K = order_from_covariance(bp, sc, rule=r[3:], k_min=k_min)
+            out[r].append(K.to(torch.int64))
+    return {r: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64) for r, v in out.items()}
