@@ -193,9 +193,11 @@ def estimate(
     K: Tensor | None = None,
     **kw,
 ) -> Estimates:
-    """MUSIC on :func:`risloc.covariance.scene_covariance` (the effective covariance of the
-    scenes' sample covariance, SNR-aware shrinkage with the SNR label when ``use_snr`` and
-    present, else estimated). ``K`` (``[S]``) overrides the order rule (oracle/learned K);
+    """MUSIC on :func:`risloc.covariance.scene_covariance` (by default the maximum-likelihood
+    low-rank covariance of the measurements, its rank chosen by MDL on their likelihood, so K-hat
+    is that rank; ``options.estimate='back_projection'``: the back-projected sample covariance;
+    SNR-aware shrinkage with the SNR label when ``use_snr`` and present, else estimated).
+    ``K`` (``[S]``) sets the estimate's rank and overrides the order rule (oracle/learned K);
     other keywords go to :func:`music_from_covariance`. Processed in batches of ``batch``
     scenes (tqdm bar when ``progress``)."""
     parts = []
