@@ -4,7 +4,7 @@
     python benchmarks/bench_simulate.py --device cuda --scenes 4194304
     python benchmarks/bench_simulate.py --json out.json
 
-Default scenario of spec/physics.md. "simulate" keeps each chunk on the device (CUDA is
+Default scenario of docs/model.md. "simulate" keeps each chunk on the device (CUDA is
 synchronised before the clock stops); "simulate + write" also copies each chunk to the host
 and appends it to an HDF5 scene file in a temporary folder (so it includes the disk). Each
 figure is the best of ``--repeat`` runs after a warm-up chunk; the CPU rows also give the

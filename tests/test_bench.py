@@ -92,10 +92,26 @@ def test_same_scenes_and_oracle_scores(result):
 
 def test_crb_reference_matches_metrics(result):
     res, _ = result
-    ref = bench.crb_reference(res.scenes.truth, res.crb)
-    assert ref["n_sources"] == int(res.scenes.truth.K.sum())
+    t, c = res.scenes.truth, res.crb
+    ref = bench.crb_reference(t, c)
+    assert ref["n_sources"] == int(t.K.sum())
     assert math.isclose(ref["success_crb"], res.methods["music"].score.overall.success_crb, rel_tol=1e-12)
-    assert ref["rms_sqrt_crb_phi"] > 0
+    active = torch.arange(c.phi.shape[1]).view(1, -1) < t.K.view(-1, 1)
+    rms = math.degrees(math.sqrt(float(c.phi.double()[active].square().mean())))
+    assert math.isclose(ref["rms_sqrt_crb_phi"], rms, rel_tol=1e-6)
+    # the CRB-efficient success is what the scoring gives to estimates drawn around the truth
+    # with errors N(0, CRB): R replicas of each scene, Monte Carlo sd <= sqrt(0.25 / (R S)) = 0.004
+    R = 1000
+    rep = lambda x: x.repeat(R, *([1] * (x.dim() - 1)))
+    g = torch.Generator().manual_seed(0)
+
+    def draw(x, sd):
+        return rep(x) + rep(torch.nan_to_num(sd.float(), nan=0.0, posinf=1e6)) * torch.randn(rep(x).shape, generator=g)
+
+    est = Estimates(rep(t.K).clone(), draw(t.phi, c.phi), draw(t.theta, c.theta), draw(t.r, c.r), "crb-draws")
+    s = res.scenes
+    many = risloc.Scenes(rep(s.y), rep(s.H), rep(s.codes), s.scenario, rep(s.snr_db), t[torch.arange(len(s)).repeat(R)])
+    assert abs(risloc.evaluate(many, est).overall.success - ref["success_crb"]) < 0.02
 
 
 def test_files_exist(result):

@@ -1,4 +1,4 @@
-"""Scene and estimates files (shared/spec/scene-file.md), the reference files, and risloc.data."""
+"""Scene and estimates files (docs/scene-files.md), the reference files, and risloc.data."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import torch
 from risloc import Estimates, Scenario, Scenes, io, physics, simulate
 from risloc.data import SceneFileDataset, SimulatedScenes
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-REF_DEFAULT = SHARED / "reference-scenes-default.h5"
-REF_K1 = SHARED / "reference-scenes-k1-static-30db.h5"
-needs_reference = pytest.mark.skipif(not REF_DEFAULT.exists(), reason="shared/data not present (a user's clone)")
+DATA = Path(__file__).resolve().parent / "data"  # tests/data/README.md
+REF_DEFAULT = DATA / "reference-scenes-default.h5"
+REF_K1 = DATA / "reference-scenes-k1-static-30db.h5"
 
 SC = Scenario()
 
@@ -270,7 +269,6 @@ def _ls_fit(scenes: Scenes, static: bool):
     return fitted, resid
 
 
-@needs_reference
 def test_reference_files_load_and_validate():
     for path, n, signal in ((REF_DEFAULT, 48, "stochastic"), (REF_K1, 16, "static")):
         info = io.validate_scenes_file(path)
@@ -287,7 +285,6 @@ def test_reference_files_load_and_validate():
         assert abs(s.H.abs().square().mean().item() - 1) < 0.05
 
 
-@needs_reference
 def test_reference_k1_static_explained_by_truth():
     s = io.load_scenes(REF_K1)
     assert (s.truth.K == 1).all() and torch.allclose(s.snr_db, torch.tensor(30.0))
@@ -296,12 +293,11 @@ def test_reference_k1_static_explained_by_truth():
     ratio = resid / s.truth.noise_var.double() / ((L * M - 1) / (L * M))
     assert (ratio > 0.6).all() and (ratio < 1.4).all(), ratio  # chi^2 with 510 dof: sd ~ 6%
     assert abs(ratio.mean().item() - 1) < 0.08
-    # spec SNR definition: sigma^2 = P / 10^(SNR/10), P = mean |clean|^2 (fit error ~ 1e-3 at 30 dB)
+    # SNR definition of docs/model.md: sigma^2 = P / 10^(SNR/10), P = mean |clean|^2 (fit error ~ 1e-3 at 30 dB)
     P = fitted.abs().square().mean(dim=(1, 2))
     assert torch.allclose(P / 10 ** (s.snr_db.double() / 10), s.truth.noise_var.double(), rtol=0.01)
 
 
-@needs_reference
 def test_reference_default_consistent_with_truth():
     s = io.load_scenes(REF_DEFAULT)
     fitted, resid = _ls_fit(s, static=False)
@@ -316,7 +312,6 @@ def test_reference_default_consistent_with_truth():
     assert abs(ratio_snr.mean().item() - 1) < 0.05, ratio_snr
 
 
-@needs_reference
 def test_risloc_matches_reference_statistics():
     ref = io.load_scenes(REF_DEFAULT)
     ours = simulate(SC, 1024, seed=5)

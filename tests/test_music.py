@@ -7,6 +7,7 @@ import torch
 
 import risloc
 from risloc import covariance as cv
+from helpers import assert_same_positions
 from risloc.estimators import get
 from risloc.estimators.music import music_from_covariance
 from risloc.estimators.search import GridSpec, music_spectrum, search_grid
@@ -87,10 +88,8 @@ def test_scale_invariance_of_y():
     scaled = risloc.Scenes(scenes.y * (5e3 * complex(math.cos(0.7), math.sin(0.7))), scenes.H, scenes.codes, SC, scenes.snr_db)
     music = get("music")
     a, b = music(scenes), music(scaled)
-    assert torch.equal(a.K, b.K)
-    assert torch.allclose(a.phi, b.phi, atol=1e-4, equal_nan=True)
-    assert torch.allclose(a.theta, b.theta, atol=1e-4, equal_nan=True)
-    assert torch.allclose(a.r, b.r, rtol=1e-3, equal_nan=True)
+    # a tenth of sqrt(CRB): above float32 rounding, which differs between CPUs
+    assert_same_positions(a, b, scenes, 0.1)
 
 
 def _no_nan_inside(est):
@@ -127,10 +126,9 @@ def test_degenerate_inputs():
 
 
 def test_single_sources_at_20_db():
-    """Sanity check of the classical pipeline with its defaults (ML covariance, its rank by MDL):
-    the benchmark measures 0.905 success and K_acc 0.95 on single sources at 20 dB (200 scenes);
-    here >= 0.7 hits and >= 14/16 right counts. With the back-projected sample covariance and the
-    true K it measured ~0.6; here >= 0.35 of 16."""
+    """The classical pipeline with its defaults (ML covariance, its rank by MDL) on single sources
+    at 20 dB: the benchmark measures success 0.905 and K_acc 0.95 (200 scenes, seed 3000); on
+    these 16 scenes >= 0.7 hits (~2.7 sd below) and >= 14/16 right counts."""
     sc = SC.replace(k_fixed=1, snr_db_min=20.0, snr_db_max=20.0)
     scenes = risloc.simulate(sc, 16, seed=2)
     est = get("music")(scenes)
@@ -138,8 +136,17 @@ def test_single_sources_at_20_db():
     ep, et, er = matched_errors(est, scenes.truth)
     hit = (ep[:, 0] <= 2) & (et[:, 0] <= 2) & (er[:, 0] <= 0.1)
     assert hit.float().mean() >= 0.7
+
+
+def test_single_sources_at_20_db_back_projection():
+    """The back-projected sample covariance (16 snapshots) on single sources at 20 dB with
+    the oracle K: docs/estimators.md documents success 0.597 (300 scenes, seed 1); these 200
+    scenes (seed 2) give 0.600 and directions within 2 deg for 0.995. With a binomial sd of
+    0.035 on 200 scenes, >= 0.5 is ~3 sd below the documented rate: a real loss fails it."""
+    sc = SC.replace(k_fixed=1, snr_db_min=20.0, snr_db_max=20.0)
+    scenes = risloc.simulate(sc, 200, seed=2)
     est = get("music")(scenes, K=scenes.truth.K, options=cv.CovarianceOptions(estimate="back_projection"))
     ep, et, er = matched_errors(est, scenes.truth)
     hit = (ep[:, 0] <= 2) & (et[:, 0] <= 2) & (er[:, 0] <= 0.1)
-    assert (ep[:, 0] <= 2).float().mean() >= 0.8  # directions are reliable
-    assert hit.float().mean() >= 0.35
+    assert (ep[:, 0] <= 2).float().mean() >= 0.95  # directions are reliable
+    assert hit.float().mean() >= 0.5

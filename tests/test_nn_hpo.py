@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import optuna
 import pytest
 
 from risloc.cli import main
@@ -59,7 +60,6 @@ def test_without_optuna_hpo_exits_with_the_install_hint(tmp_path, monkeypatch, c
 
 
 def test_two_trials_on_a_journal_file_and_best_config_trains(tmp_path, capsys):
-    optuna = pytest.importorskip("optuna")
     base = tiny_config(epochs=2, steps_per_epoch=2)
     (tmp_path / "base.toml").write_text(base.to_toml())
     (tmp_path / "space.toml").write_text(SPACE)

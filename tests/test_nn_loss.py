@@ -26,11 +26,21 @@ def batch():
 ])
 def test_selftest_exact(batch, opts):
     _, _, inputs, F = batch
-    same, zero, check = L.selftest(inputs, F, opts)
-    assert same == 0.0
-    assert zero == 1.0
-    assert check < 1e-6
-    assert "[SELFTEST] nmse(R,R)=0 nmse(0,R)=1" in L.format_selftest((same, zero, check))
+    values = L.selftest(inputs, F, opts)
+    assert values[2] < 1e-6  # the low-rank Frobenius norm against a dense computation
+    assert "[SELFTEST] nmse(R,R)=0 nmse(0,R)=1" in L.format_selftest(values)
+    R = effective(F, inputs, opts)
+    Z = effective(torch.zeros_like(F), inputs, opts)
+    # the NMSE sees the covariance, not its factor: F U (U unitary) has the same R F F^H R and scores 0
+    g = torch.Generator().manual_seed(1)
+    k = F.shape[-1]
+    U, _ = torch.linalg.qr(torch.complex(torch.randn(k, k, generator=g), torch.randn(k, k, generator=g)).to(F.dtype))
+    assert L.covariance_nmse(effective(F @ U, inputs, opts), R, Z).max() < 1e-5
+    # ... and another scene's covariance scores well above 0 (near 1 or more: a wrong answer),
+    # except where the shrinkage weight is 1 (all noise: every prediction is the same, NMSE 0)
+    wrong = L.covariance_nmse(effective(F.roll(1, 0), inputs, opts), R, Z)
+    seen = cv.shrinkage_weight(inputs.snr_db.double(), opts.shrinkage) < 1
+    assert seen.sum() >= 10 and (wrong[seen] > 0.5).all() and (wrong[~seen] < 1e-9).all()
 
 
 def test_nmse_closed_form(batch):

@@ -9,7 +9,7 @@ import torch
 
 import risloc
 from risloc.nn import calibrate
-from risloc.nn.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from risloc.nn.checkpoint import FORMAT, VERSION, file_sha256, load_checkpoint, save_checkpoint
 from risloc.nn.config import TrainConfig, apply_overrides
 from risloc.nn.train import WarmupCosine, gated_step, train
 
@@ -134,12 +134,23 @@ def test_learned_estimator_and_missing_default(tmp_path):
 
     cfg = tiny_config(epochs=1, steps_per_epoch=2)
     train(cfg, tmp_path / "run", log=lambda s: None)
-    scenes = risloc.simulate(risloc.Scenario(), 6, seed=3)
-    est = get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt", music_options={"refine_iterations": 2})
-    assert est.method.startswith("learned:") and len(est.method) == len("learned:") + 12
-    assert est.K.shape == (6,) and (est.K >= 0).all()
-    no_snr = get("learned")(scenes, checkpoint=tmp_path / "run" / "best.pt", use_snr=False, music_options={"refine_iterations": 2})
-    assert no_snr.K.shape == (6,)
+    sc = risloc.Scenario()
+    scenes = risloc.simulate(sc, 6, seed=3)
+    ckpt = tmp_path / "run" / "best.pt"
+    opts = {"checkpoint": ckpt, "music_options": {"refine_iterations": 2}}
+    est = get("learned")(scenes, **opts)
+    assert est.method == "learned:" + file_sha256(ckpt)[:12]  # names the weights it used
+    assert est.K.shape == (6,) and ((est.K >= 0) & (est.K <= sc.k_max)).all()
+    inside = torch.arange(sc.k_max).view(1, -1) < est.K.view(-1, 1)
+    for t in (est.phi, est.theta, est.r):
+        assert torch.isfinite(t[inside]).all() and torch.isnan(t[~inside]).all()
+    again = get("learned")(scenes, **opts)  # deterministic
+    assert torch.equal(again.K, est.K) and torch.allclose(again.phi, est.phi, equal_nan=True, rtol=0, atol=0)
+    # use_snr=False is exactly "the scenes carry no SNR label"
+    no_snr = get("learned")(scenes, use_snr=False, **opts)
+    unlabelled = risloc.Scenes(scenes.y, scenes.H, scenes.codes, sc)
+    blind = get("learned")(unlabelled, **opts)
+    assert torch.equal(no_snr.K, blind.K) and torch.allclose(no_snr.phi, blind.phi, equal_nan=True, rtol=0, atol=0)
     import risloc.nn.inference as inference
 
     real = inference.DEFAULT_WEIGHTS

@@ -47,10 +47,13 @@ def test_mdl_needs_snapshots_and_k_limits():
 
 
 def test_zero_and_rank_deficient_profiles():
-    lam = torch.tensor([[5.0, 2.0] + [0.0] * 8, [0.0] * 10], dtype=torch.float64)
+    """A rank-deficient profile (an exactly zero or a 1e-9 floor) has as many sources as
+    eigenvalues above the floor; an all-zero or flat profile has none; the rules stay finite."""
+    lam = torch.tensor([[5.0, 2.0] + [0.0] * 8, [0.0] * 10, [5.0, 2.0, 1.0] + [1e-9] * 7, [3.0] * 10], dtype=torch.float64)
     for rule in ("mdl", "aic", "eigengap"):
         K = estimate_order(lam, 100, rule=rule, k_max=5)
-        assert (K >= 0).all() and (K <= 5).all()
+        assert K.tolist() == [2, 0, 3, 0], rule
+        assert estimate_order(lam, 100, rule=rule, k_max=1).tolist() == [1, 0, 1, 0], rule  # clipped to k_max
 
 
 @pytest.mark.parametrize("rule", ["mdl", "aic", "eigengap"])

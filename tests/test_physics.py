@@ -1,4 +1,4 @@
-"""Conventions of shared/spec/physics.md: geometry, steering vectors, channel and codebooks."""
+"""Conventions of docs/model.md: geometry, steering vectors, channel and codebooks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from risloc import Scenario, physics
 
 SC = Scenario()
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STEERING_JSON = SHARED / "steering-vectors.json"
+DATA = Path(__file__).resolve().parent / "data"  # tests/data/README.md
+STEERING_JSON = DATA / "steering-vectors.json"
 
 
 def direct_steering(phi: float, theta: float, r: float, sc: Scenario = SC) -> list[complex]:
@@ -30,7 +30,6 @@ def direct_steering(phi: float, theta: float, r: float, sc: Scenario = SC) -> li
 
 
 # --- reference vectors of an independent implementation -----------------------------------------
-@pytest.mark.skipif(not STEERING_JSON.exists(), reason="shared/data not present (a user's clone)")
 @pytest.mark.parametrize("dtype, tol", [(torch.complex64, 1e-5), (torch.complex128, 1e-10)])
 def test_steering_matches_reference_vectors(dtype, tol):
     points = json.loads(STEERING_JSON.read_text())["points"]
@@ -215,3 +214,41 @@ def test_measurement_matrix():
     G = physics.measurement_matrix(H, c)
     assert G.shape == (2, 16, 16, 144)
     assert torch.allclose(G[1, 5], H[1] @ torch.diag(c[1, 5]), atol=1e-6)
+
+
+@pytest.mark.parametrize("approximation", ["exact", "fresnel"])
+@pytest.mark.parametrize("range_param", ["r", "rho"])
+def test_steering_with_derivatives_match_finite_differences_and_autograd(approximation, range_param):
+    g = torch.Generator().manual_seed(1)
+    phi = (torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 2.0
+    theta = (torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 1.0
+    r = 0.5 + 20 * torch.rand(5, 3, generator=g, dtype=torch.float64)
+    x = 1 / r if range_param == "rho" else r
+    to_r = (lambda t: 1 / t) if range_param == "rho" else (lambda t: t)
+
+    def f(p_, t_, x_):
+        return physics.steering(p_, t_, to_r(x_), SC, approximation=approximation, dtype=torch.complex128)
+
+    a, *ders = physics.steering_with_derivatives(phi, theta, x, SC, range_param=range_param,
+                                                 approximation=approximation, dtype=torch.complex128)
+    assert a.shape == (5, 3, SC.n_elements) and a.dtype == torch.complex128
+    assert (a - f(phi, theta, x)).abs().max().item() < 1e-12
+    args = [phi, theta, x]
+    for i, d in enumerate(ders):
+        h = 1e-6 * args[i].abs().clamp(min=1e-2)
+        up = [t + h if j == i else t for j, t in enumerate(args)]
+        dn = [t - h if j == i else t for j, t in enumerate(args)]
+        fd = (f(*up) - f(*dn)) / (2 * h.unsqueeze(-1))
+        assert ((fd - d).abs().max() / d.abs().max()).item() < 1e-6, (i, approximation, range_param)
+        tangent = [torch.ones_like(t) if j == i else torch.zeros_like(t) for j, t in enumerate(args)]
+        _, jvp = torch.func.jvp(f, tuple(args), tuple(tangent))
+        assert ((jvp - d).abs().max() / d.abs().max()).item() < 1e-11, (i, approximation, range_param)
+
+
+def test_steering_with_derivatives_chain_rule_between_range_parametrisations():
+    phi, theta, r = torch.tensor([0.3, -0.6], dtype=torch.float64), torch.tensor([0.1, 0.4], dtype=torch.float64), torch.tensor([1.3, 7.0], dtype=torch.float64)
+    *_, d_r = physics.steering_with_derivatives(phi, theta, r, SC, dtype=torch.complex128)
+    *_, d_rho = physics.steering_with_derivatives(phi, theta, 1 / r, SC, range_param="rho", dtype=torch.complex128)
+    assert torch.allclose(d_rho, -(r * r).unsqueeze(-1) * d_r, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="range_param"):
+        physics.steering_with_derivatives(phi, theta, r, SC, range_param="1/r")

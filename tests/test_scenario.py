@@ -1,4 +1,4 @@
-"""The Scenario: defaults of physics.md, validation, TOML / JSON round trips, overrides."""
+"""The Scenario: defaults of docs/model.md, validation, TOML / JSON round trips, overrides."""
 
 from __future__ import annotations
 

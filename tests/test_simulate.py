@@ -1,4 +1,4 @@
-"""The simulator against shared/spec/physics.md: signal model, SNR, distributions, reproducibility."""
+"""The simulator against docs/model.md: signal model, SNR, distributions, reproducibility."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ A first session::
 
     import risloc
 
-    sc = risloc.Scenario()                           # every number of spec/physics.md
+    sc = risloc.Scenario()                           # every number of docs/model.md
     scenes = risloc.simulate(sc, 2_000, seed=0)       # device="cuda" on a GPU
     est = risloc.locate(scenes, method="ml")          # or "music", "mvdr", "ramezani", "learned"
-    print(risloc.evaluate(scenes, est))               # the scoring tables of the spec
+    print(risloc.evaluate(scenes, est))               # the scoring tables of docs/metrics.md
     risloc.save(scenes, "scenes.h5"); scenes = risloc.load("scenes.h5")
 
 Heavier modules (estimators, metrics, files) are imported on first use.

@@ -1,5 +1,6 @@
-"""File-writing helpers shared by the modules that write results: atomic replacement of a
-file and strict-JSON cleaning.
+"""File helpers shared by the modules that read inputs and write results: the error an input
+file raises when risloc refuses it, TOML reading, atomic replacement of a file and strict-JSON
+cleaning.
 
 Atomic writes go through a temporary name ``.<name>.tmp<pid>`` in the destination folder
 that is renamed onto the destination (``os.replace``) only when the write completed, and
@@ -10,9 +11,34 @@ from __future__ import annotations
 
 import math
 import os
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+class InputError(ValueError):
+    """An input that risloc refuses: a file that is not what it should be (not HDF5, truncated,
+    a dataset missing, a foreign checkpoint, malformed TOML) or an option out of range.
+
+    The message is one line that names the file (or the option) and what is wrong; the
+    ``risloc`` command prints it and exits with status 2. A ``ValueError``, so code that
+    catches those keeps working.
+    """
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """The table of a TOML file; :class:`InputError` naming the file and the line if it is not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TOML file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
 
 
 @contextmanager

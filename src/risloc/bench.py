@@ -1,6 +1,6 @@
 """`risloc bench`: every estimator and the Cramér–Rao bound on one held-out set of scenes.
 
-The benchmark is the toolkit's main report (issue #5, item 2)::
+The benchmark is the toolkit's main report::
 
     scenes = simulate(scenario, n_scenes, seed=HELD_OUT_SEED)        drawn on the CPU, then moved
     crb    = crb_for_scenes(scenes)                                  the bound, same scenes
@@ -721,7 +721,7 @@ def render_report(res: BenchResult, plots: list[str]) -> str:
     L += [
         f"- **Scenes**: {len(res.scenes)} held-out scenes, `risloc.simulate(scenario, {len(res.scenes)}, seed={cfg.seed})` "
         f"(drawn on the CPU; training uses seed 0, validation 1000003).",
-        f"- **Scenario**: {'default (shared/spec/physics.md)' if not changed else 'default except ' + ', '.join(f'{k}={v}' for k, v in changed.items())}; "
+        f"- **Scenario**: {'default (docs/model.md)' if not changed else 'default except ' + ', '.join(f'{k}={v}' for k, v in changed.items())}; "
         f"signal model `{sc.signal}`; K ∈ 1..{sc.k_max}, SNR ∈ [{sc.snr_db_min:g}, {sc.snr_db_max:g}] dB.",
         f"- **Device**: {res.device.get('name')} (`{res.device.get('device')}`); batch {cfg.batch} scenes.",
         f"- **Versions**: risloc {res.versions.get('risloc')}, torch {res.versions.get('torch')}, numpy {res.versions.get('numpy')}, "

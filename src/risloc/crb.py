@@ -1,6 +1,6 @@
 r"""Cramér–Rao bounds on the source positions (phi, theta, r), batched over scenes.
 
-Measurement model (shared/spec/physics.md)::
+Measurement model (docs/model.md)::
 
     y_l = G_l A s(l) + n_l,   G_l = H diag(c_l) (M x N),   A = [a(phi_k, theta_k, r_k)] (N x K),
     n_l ~ CN(0, sigma^2 I_M),  l = 1..L,   B_l = G_l A (M x K).
@@ -23,8 +23,9 @@ Two signal models, as in the spec:
         F(p_k, p_l) = |Q^{00}_kl|^2
         F(a_k, s2)  = 2 p_k Re[(V^H Z^2 V)^{0a}_kk],  F(p_k, s2) = (B^H Z^2 B)_kk,  F(s2, s2) = tr Z^2
 
-    each summed over l. ``Q`` and ``V^H Z^2 V`` come from the per-snapshot Grams ``V^H V`` through the
-    Woodbury identity with K x K solves only (:func:`_fim_stochastic`).
+    each summed over l (:func:`stochastic_fisher`, the one implementation, also used by ``ml``'s
+    Fisher scoring in its own parametrisation). ``Q`` and ``V^H Z^2 V`` come from the per-snapshot
+    Grams ``V^H V`` through the Woodbury identity with K x K solves only (:func:`_whitened_products`).
 
 ``static`` (deterministic signal; Stoica & Nehorai 1989)
     s_k(l) = g_k for every l with g unknown and deterministic. The mean of the stacked
@@ -41,9 +42,9 @@ Two signal models, as in the spec:
     scenes at 20 dB, random phases change sqrt(CRB(phi)) by a factor 0.91..1.08 (10-90 %),
     0.65..1.30 (1-99 %) (docs/crb.md).
 
-Derivatives of the exact spherical steering vector are analytic (cancellation-free forms,
-see :func:`steering_jacobian`) and checked against autograd in the tests
-(``method="autograd"`` uses ``torch.func.jvp`` on :func:`risloc.physics.steering`).
+Derivatives of the exact spherical steering vector with respect to (phi, theta, r) are the
+analytic, cancellation-free forms of :func:`risloc.physics.steering_with_derivatives`
+(checked against finite differences and autograd in the tests).
 
 All work is done in complex128 / float64 on the device of the inputs. The Fisher matrix is
 equilibrated (unit diagonal) and inverted through a symmetric eigen-decomposition: a
@@ -52,6 +53,9 @@ parameter with a component in the numerical null space (relative eigenvalue belo
 of zero power, range at a far-field distance); ``CRBResult.regular`` flags scenes whose
 FIM is full rank. NaN appears only in the padding beyond the K sources of a scene and for
 position parameters that were declared known (``params``).
+
+CRB files (``risloc crb``) are written and read by :func:`risloc.io.crb_file` and
+:func:`risloc.io.load_crb`.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ from .scenario import SIGNAL_MODELS, Scenario
 
 POSITION_PARAMS = ("phi", "theta", "r")
 
-__all__ = ["CRBResult", "crb", "crb_for_scenes", "crb_file", "load_crb", "steering_jacobian", "fisher_information", "POSITION_PARAMS"]
+__all__ = ["CRBResult", "crb", "crb_for_scenes", "fisher_information", "stochastic_fisher", "POSITION_PARAMS"]
 
 
 @dataclass
@@ -118,61 +122,6 @@ class CRBResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# steering derivatives
-# ---------------------------------------------------------------------------------------------
-def steering_jacobian(
-    phi: Tensor,
-    theta: Tensor,
-    r: Tensor,
-    scenario: Scenario,
-    *,
-    method: str = "analytic",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""The exact steering ``a`` and its partial derivatives, each ``[..., N]`` complex128.
-
-    Returns ``(a, da/dphi, da/dtheta, da/dr)``. With ``p = r u(phi, theta)``, ``d_n = |p - e_n|``,
-    ``a_n = (r/d_n) exp(-j k (d_n - r))``, ``k = 2 pi / lambda``::
-
-        dd/dphi = -r e.u_phi / d,   dd/dtheta = -r e.u_theta / d         (p . dp/dxi = 0)
-        da/dxi  = -a (dd/dxi) (1/d + j k)                                 xi in {phi, theta}
-        da/dr   = a [(|e|^2 - r u.e) / (r d^2) - j k ((u.e)^2 - |e|^2) / (d (r - u.e + d))]
-
-    (the last term is d(d - r)/dr written without cancellation). ``method="autograd"``
-    differentiates :func:`risloc.physics.steering` by forward-mode autograd instead.
-    """
-    dt = torch.float64
-    phi, theta, r = (torch.as_tensor(t).to(dt) for t in (phi, theta, r))
-    phi, theta, r = torch.broadcast_tensors(phi, theta, r)
-    if method == "autograd":
-        f = lambda p_, t_, r_: physics.steering(p_, t_, r_, scenario, dtype=torch.complex128)  # noqa: E731
-        ones, zeros = torch.ones_like(phi), torch.zeros_like(phi)
-        a, d_phi = torch.func.jvp(f, (phi, theta, r), (ones, zeros, zeros))
-        _, d_theta = torch.func.jvp(f, (phi, theta, r), (zeros, ones, zeros))
-        _, d_r = torch.func.jvp(f, (phi, theta, r), (zeros, zeros, ones))
-        return a, d_phi, d_theta, d_r
-    if method != "analytic":
-        raise ValueError(f"method must be 'analytic' or 'autograd', not {method!r}")
-    e = physics.element_positions(scenario, dtype=dt, device=phi.device)  # [N, 3]
-    e2 = (e * e).sum(-1)
-    ct, st, cp, sp = torch.cos(theta), torch.sin(theta), torch.cos(phi), torch.sin(phi)
-    u = torch.stack([ct * sp, st, ct * cp], -1)
-    u_phi = torch.stack([ct * cp, torch.zeros_like(ct), -ct * sp], -1)
-    u_theta = torch.stack([-st * sp, ct, -st * cp], -1)
-    ue, e_uphi, e_utheta = u @ e.T, u_phi @ e.T, u_theta @ e.T  # [..., N]
-    rr = r.unsqueeze(-1)
-    k = 2 * math.pi / scenario.wavelength
-    d = torch.sqrt(torch.clamp(rr * rr - 2 * rr * ue + e2, min=torch.finfo(dt).tiny))
-    path = (e2 - 2 * rr * ue) / (d + rr)  # d - r
-    a = torch.polar(rr / d, -k * path)
-    fac = torch.complex(1 / d, torch.full_like(d, k))  # 1/d + j k
-    d_phi = a * (rr * e_uphi / d) * fac
-    d_theta = a * (rr * e_utheta / d) * fac
-    dpath_dr = (ue * ue - e2) / (d * (rr - ue + d))
-    d_r = a * torch.complex((e2 - rr * ue) / (rr * d * d), -k * dpath_dr)
-    return a, d_phi, d_theta, d_r
-
-
-# ---------------------------------------------------------------------------------------------
 # Fisher information
 # ---------------------------------------------------------------------------------------------
 _CPU_GRAM_CHUNK = 16
@@ -198,18 +147,70 @@ def _grams(H: Tensor, codes: Tensor, vecs: Tensor) -> Tensor:
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def _fim_stochastic(Gm: Tensor, p: Tensor, s2: Tensor, K: int, P: int, M: int) -> Tensor:
-    """Slepian–Bangs FIM over (positions [P*K], powers [K], sigma^2), ``[S, (P+1)K+1, (P+1)K+1]``.
+def stochastic_fisher(W: Tensor, U: Tensor, trC2: Tensor, p: Tensor, s2: Tensor, P: int, *, log_params: bool = False) -> Tensor:
+    r"""The Slepian–Bangs Fisher matrix of the stochastic model from its whitened products.
 
-    ``Gm`` ``[S, L, Q, Q]`` are the Grams of ``V_l = [B_l, dB_l/dxi_1, ...]`` (Q = (1+P)K). The
-    whitened products come from the Woodbury identity with ``B~ = B P^(1/2)``,
-    ``G^ = B~^H B~ + sigma^2 I_K`` (K x K) and ``X = V^H B~``::
+    Inputs per scene and snapshot l, with ``V_l = [B_l, dB_l/dxi_1, ..., dB_l/dxi_P]`` (``Q = (1+P)K``
+    columns; ``xi`` any P position coordinates, e.g. (phi, theta, r) for the bound or
+    (phi, theta, rho) for ``ml``) and ``C_l = B_l diag(p) B_l^H + sigma^2 I``:
+    ``W`` = V^H C^-1 V ``[S, L, Q, Q]``; ``U`` = the first K rows of V^H C^-2 V (or all of them),
+    ``[S, L, >=K, Q]``; ``trC2`` = sum_l tr C_l^-2 ``[S]``; powers ``p`` ``[S, K]``; ``s2`` ``[S]``.
 
-        Q   = V^H C^-1 V   = (V^H V - X G^-1 X^H) / sigma^2
-        Q2  = V^H C^-2 V   = (V^H V - X G^-1 X^H - sigma^2 X G^-2 X^H) / sigma^4
-        tr C^-2            = (M - K) / sigma^4 + tr G^-2
+    Every dC_l/deta_i is ``c_i (v b_k^H + b_k v^H)`` for a column v of V (``c = p_k`` and
+    ``v = dB/dxi e_k`` for a position, ``c = 1/2`` (or ``p_k/2`` for log p_k) and ``v = b_k`` for a
+    power) or ``c I`` (``c = 1``, or ``sigma^2`` for log sigma^2), so
+    ``F_ij = sum_l Re tr(C^-1 C_i C^-1 C_j)`` reduces to products of entries of W, U and tr C^-2::
 
-    so no M x M matrix is formed or inverted.
+        tr(C^-1 v_a v_b^H C^-1 v_c v_d^H) = W[b, c] W[d, a],   tr(C^-1 I C^-1 v_x v_y^H) = U[y, x].
+
+    Returns ``[S, (P+1)K + 1, (P+1)K + 1]`` in the real dtype of ``W``, parameters ordered
+    (xi_1 of sources 1..K, ..., xi_P, p_1..K, sigma^2), or (..., log p, log sigma^2) with
+    ``log_params``. No padding treatment: sources of zero power contribute zero rows.
+    """
+    S, L = W.shape[:2]
+    K = p.shape[-1]
+    n = P + 1
+    Wr = W.view(S, L, n, K, n, K)  # blocks (b, b'_xi1, ..., b'_xiP) x (same)
+    Ur = U[..., :K, :].reshape(S, L, K, n, K)  # rows b of V^H C^-2 V
+    A0 = Wr[:, :, 0]  # [S, L, a, J, c]
+    B0 = Wr[:, :, :, :, 0]  # [S, L, i, a, c]
+    Wbb = A0[:, :, :, 0]  # [S, L, a, c]
+    Fl = (
+        A0.view(S, L, 1, K, n, K) * A0.permute(0, 1, 3, 4, 2).reshape(S, L, n, K, 1, K)
+        + Wbb.view(S, L, 1, K, 1, K) * Wr.permute(0, 1, 4, 5, 2, 3)
+        + Wr * Wbb.transpose(-1, -2).reshape(S, L, 1, K, 1, K)
+        + B0.reshape(S, L, n, K, 1, K) * B0.permute(0, 1, 4, 2, 3).reshape(S, L, 1, K, n, K)
+    ).real.sum(1)  # [S, i, a, J, c]
+    Fs = 2 * torch.diagonal(Ur, dim1=-3, dim2=-1).real.sum(1)  # [S, i, a]
+    order = [*range(1, n), 0]  # positions first, then the powers
+    Fl = Fl[:, order][:, :, :, order].reshape(S, n * K, n * K)
+    Fs = Fs[:, order].reshape(S, n * K)
+    if log_params:
+        coef = torch.cat([p] * P + [0.5 * p], dim=1)  # [S, nK]
+        c_s2 = s2
+    else:
+        coef = torch.cat([p] * P + [torch.full_like(p, 0.5)], dim=1)
+        c_s2 = torch.ones_like(s2)
+    F = torch.zeros(S, n * K + 1, n * K + 1, dtype=Fl.dtype, device=W.device)
+    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl
+    F[:, :-1, -1] = coef * c_s2.view(S, 1) * Fs
+    F[:, -1, :-1] = F[:, :-1, -1]
+    F[:, -1, -1] = c_s2 * c_s2 * trC2
+    return 0.5 * (F + F.transpose(-1, -2))
+
+
+def _whitened_products(Gm: Tensor, p: Tensor, s2: Tensor, K: int, M: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``W = V^H C^-1 V``, the first K rows of ``V^H C^-2 V`` and ``sum_l tr C_l^-2`` (the inputs of
+    :func:`stochastic_fisher`) from the Grams ``Gm`` = V^H V ``[S, L, Q, Q]`` (columns of B first).
+
+    Woodbury identity with ``B~ = B P^(1/2)``, ``G^ = B~^H B~ + sigma^2 I_K`` (K x K) and ``X = V^H B~``::
+
+        V^H C^-1 V = (V^H V - X G^-1 X^H) / sigma^2
+        B^H C^-2 V = (B^H C^-1 V - Y_B^H G^-1 X^H) / sigma^2    (Y = G^-1 X^H, rows B of V)
+        tr C^-2    = (M - K) / sigma^4 + tr G^-2
+
+    so no M x M matrix is formed or inverted (accurate also at high SNR: the tests compare
+    with explicit inverses from -10 to 60 dB).
     """
     S, L = Gm.shape[:2]
     sp = p.clamp(min=0).sqrt().to(Gm.dtype).view(S, 1, 1, K)
@@ -221,56 +222,11 @@ def _fim_stochastic(Gm: Tensor, p: Tensor, s2: Tensor, K: int, P: int, M: int) -
         bad = int(torch.nonzero(info.view(S, L).any(1))[0])
         raise ValueError(f"covariance C_l of scene {bad} is not positive definite (noise_var too small?)")
     Y = torch.cholesky_solve(X.mH, chol)  # G^-1 X^H  [S, L, K, Q]
-    XY = X @ Y
-    Q = (Gm - XY) / s2c
-    # only the first K rows of Q2 (B^H C^-2 V) enter the FIM
-    Q2 = (Q[..., :K, :] - Y[..., :K].mH @ Y) / s2c
+    W = (Gm - X @ Y) / s2c
+    U = (W[..., :K, :] - Y[..., :K].mH @ Y) / s2c
     Ginv = torch.cholesky_inverse(chol)
-    trZ2 = (M - K) / s2.square() * L + Ginv.abs().square().sum((1, 2, 3))
-    return _assemble_stochastic(Q, Q2, trZ2, p, K, P)
-
-
-def _fim_stochastic_direct(V: Tensor, p: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
-    """Reference implementation of :func:`_fim_stochastic` with explicit ``C_l^-1`` (``V`` ``[S, L, M, Q]``)."""
-    S, L, M, _ = V.shape
-    B = V[..., :K]
-    C = (B * p.view(S, 1, 1, K).to(B.dtype)) @ B.mH
-    C = C + s2.view(S, 1, 1, 1) * torch.eye(M, dtype=C.dtype, device=C.device)
-    Z = torch.linalg.inv(C)
-    ZV = Z @ V
-    return _assemble_stochastic(V.mH @ ZV, ZV[..., :K].mH @ ZV, Z.abs().square().sum((1, 2, 3)), p, K, P)
-
-
-def _assemble_stochastic(Q: Tensor, Q2: Tensor, trZ2: Tensor, p: Tensor, K: int, P: int) -> Tensor:
-    """The Slepian–Bangs FIM from ``Q = V^H C^-1 V``, ``Q2 = B^H C^-2 V`` per snapshot and ``sum_l tr C_l^-2``."""
-    S, L = Q.shape[:2]
-    Q00 = Q[..., :K, :K]
-    Qa0 = Q[..., K:, :K].reshape(S, L, P, K, K)
-    Q0b = Q[..., :K, K:].reshape(S, L, K, P, K)
-    Qab = Q[..., K:, K:].reshape(S, L, P, K, P, K)
-    c00 = Q00.conj()
-    pp = (p.unsqueeze(-1) * p.unsqueeze(-2)).view(S, 1, K, 1, K)
-    t = Qab * c00.view(S, L, 1, K, 1, K) + Qa0.unsqueeze(-2) * Q0b.conj().unsqueeze(2)
-    F_pos = 2 * pp * t.real.sum(1)  # [S, P, K, P, K]
-    F_pos_pow = 2 * p.view(S, 1, K, 1) * (Qa0 * c00.unsqueeze(2)).real.sum(1)  # [S, P, K, K]
-    F_pow = Q00.abs().square().sum(1)  # [S, K, K]
-    Q2_0a = Q2[..., :K, K:].reshape(S, L, K, P, K)
-    diag_0a = torch.diagonal(Q2_0a.transpose(2, 3), dim1=-2, dim2=-1)  # [S, L, P, K]
-    F_pos_s2 = 2 * p.view(S, 1, K) * diag_0a.real.sum(1)  # [S, P, K]
-    F_pow_s2 = torch.diagonal(Q2[..., :K, :K], dim1=-2, dim2=-1).real.sum(1)  # [S, K]
-    n = (P + 1) * K + 1
-    F = torch.empty(S, n, n, dtype=torch.float64, device=Q.device)
-    pk = P * K
-    F[:, :pk, :pk] = F_pos.reshape(S, pk, pk)
-    F[:, :pk, pk : pk + K] = F_pos_pow.reshape(S, pk, K)
-    F[:, pk : pk + K, :pk] = F_pos_pow.reshape(S, pk, K).mT
-    F[:, pk : pk + K, pk : pk + K] = F_pow
-    F[:, :pk, -1] = F_pos_s2.reshape(S, pk)
-    F[:, -1, :pk] = F_pos_s2.reshape(S, pk)
-    F[:, pk : pk + K, -1] = F_pow_s2
-    F[:, -1, pk : pk + K] = F_pow_s2
-    F[:, -1, -1] = trZ2
-    return F
+    trC2 = (M - K) / s2.square() * L + Ginv.abs().square().sum((1, 2, 3))
+    return W, U, trC2
 
 
 def _fim_static(Gm: Tensor, g: Tensor, s2: Tensor, K: int, P: int) -> Tensor:
@@ -322,12 +278,13 @@ def fisher_information(
     if active is None:
         active = torch.ones(S, K, dtype=torch.bool, device=dev)
     mask = active.to(torch.float64)
-    a, *ders = steering_jacobian(phi, theta, r, scenario)
+    a, *ders = physics.steering_with_derivatives(phi, theta, r, scenario, dtype=torch.complex128)
     vecs = torch.cat([a] + [ders[POSITION_PARAMS.index(q)] for q in params], dim=1)  # [S, (1+P)K, N]
     vecs = vecs * mask.repeat(1, 1 + len(params)).unsqueeze(-1)
     Gm = _grams(H.to(torch.complex128), codes.to(device=dev, dtype=torch.complex128), vecs)
     if signal == "stochastic":
-        return _fim_stochastic(Gm, power * mask, noise_var, K, len(params), H.shape[1])
+        p = power * mask
+        return stochastic_fisher(*_whitened_products(Gm, p, noise_var, K, H.shape[1]), p, noise_var, len(params))
     if signal == "static":
         if gain is None:
             gain = torch.sqrt(torch.clamp(power, min=0))
@@ -389,7 +346,7 @@ def crb(
     """Square-root Cramér–Rao bounds on (phi, theta, r) of every source of every scene.
 
     Args:
-        H: ``[S, M, N]`` BS–RIS channel; codes: ``[S, L, N]`` RIS codes (physics.md order).
+        H: ``[S, M, N]`` BS–RIS channel; codes: ``[S, L, N]`` RIS codes (element order of docs/model.md).
         phi, theta, r, power: ``[S, K_max]`` true positions (rad, m) and powers p_k, NaN-padded.
         noise_var: ``[S]`` sigma^2.
         scenario: geometry (wavelength, element grid).
@@ -526,125 +483,3 @@ def crb_for_scenes(scenes, signal: str | None = None, **options) -> CRBResult:
         scenes.H, scenes.codes, t.phi, t.theta, t.r, t.power, t.noise_var, scenes.scenario,
         signal=signal or scenes.scenario.signal, K=t.K, **options,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# CRB files
-# ---------------------------------------------------------------------------------------------
-CRB_CONTENT = "crb"
-"""Root attribute ``content`` of a CRB file (``format``/``version``/``scenario`` are the scene file's)."""
-
-
-def crb_file(
-    scenes_path,
-    out_path,
-    *,
-    signal: str | None = None,
-    device="cpu",
-    batch: int = 4096,
-    progress: bool = True,
-    **options,
-) -> int:
-    """Compute the CRB of every scene of a scene file and write a CRB file; returns the scene count.
-
-    Reads ``scenes_path`` in chunks of ``batch`` scenes through :mod:`risloc.io` (validated
-    first; the ``truth/`` group is required) and writes ``crb/phi``, ``crb/theta``, ``crb/r``
-    (float32 ``[S, K_max]``, standard deviations in rad / m, NaN padded, ``inf`` where
-    unidentifiable) and ``crb/regular`` (int8 ``[S]``, 1 where the FIM was full rank). The root
-    attributes ``format``, ``version`` and ``scenario`` are copied from the scene file, plus
-    ``content = "crb"``, ``signal`` and ``scenes`` (the scene file's name). The file is written
-    under a temporary name in the same folder and renamed when complete.
-    """
-    from pathlib import Path
-
-    import h5py
-
-    from . import io
-    from ._files import atomic_path
-
-    scenes_path, out_path = Path(scenes_path), Path(out_path)
-    info = io.validate_scenes_file(scenes_path)  # refuses a bad file before any work
-    if not info.has_truth:
-        raise ValueError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
-    with h5py.File(scenes_path, "r") as f:
-        attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
-    S, K_max = info.n_scenes, info.scenario.k_max
-    signal = signal or info.scenario.signal
-    if signal not in SIGNAL_MODELS:
-        raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
-    batch = max(1, int(batch))
-
-    bar = None
-    try:
-        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
-            for k, v in attrs.items():
-                out.attrs[k] = v
-            out.attrs["content"] = CRB_CONTENT
-            out.attrs["signal"] = signal
-            out.attrs["scenes"] = scenes_path.name
-            chunks = (max(1, min(S, 4096)), K_max)
-            ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
-            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(max(1, min(S, 65536)),))
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=S, unit="scene", desc=f"crb ({signal})")
-            start = 0
-            for scenes in io.iter_scenes(scenes_path, batch, device=device, validate=False):
-                n = len(scenes)
-                res = crb_for_scenes(scenes, signal=signal, **options)
-                for q in POSITION_PARAMS:
-                    ds[q][start : start + n] = getattr(res, q).float().cpu().numpy()
-                ds_reg[start : start + n] = res.regular.to(torch.int8).cpu().numpy()
-                start += n
-                if bar is not None:
-                    bar.update(n)
-            if start != S:
-                raise ValueError(f"{scenes_path}: read {start} scenes, truth/phi has {S}")
-    finally:
-        if bar is not None:
-            bar.close()
-    return S
-
-
-def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> CRBResult:
-    """Read a CRB file written by :func:`crb_file` (``risloc crb``) as a :class:`CRBResult`.
-
-    Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
-    has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
-    """
-    import os
-
-    import h5py
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CRB file {str(path)!r} not found")
-    with h5py.File(path, "r") as f:
-        if "crb" not in f:
-            raise ValueError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
-        content = _as_str(f.attrs.get("content", CRB_CONTENT))
-        if content != CRB_CONTENT:
-            raise ValueError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
-        vals = {}
-        shape = None
-        for q in POSITION_PARAMS:
-            if f"crb/{q}" not in f:
-                raise ValueError(f"{path}: missing dataset crb/{q}")
-            d = f[f"crb/{q}"]
-            if d.ndim != 2 or (shape is not None and d.shape != shape):
-                raise ValueError(f"{path}: crb/{q} has shape {list(d.shape)}, expected [S, K_max] like crb/phi")
-            shape = d.shape
-            vals[q] = torch.from_numpy(d[start:stop]).to(device)
-        n = vals["phi"].shape[0]
-        if "crb/regular" in f:
-            regular = torch.from_numpy(f["crb/regular"][start:stop]).to(device=device, dtype=torch.bool)
-        else:
-            regular = torch.ones(n, dtype=torch.bool, device=device)
-        signal = _as_str(f.attrs.get("signal", "stochastic"))
-    return CRBResult(phi=vals["phi"], theta=vals["theta"], r=vals["r"], regular=regular, signal=signal)
-
-
-def _as_str(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,4 +1,4 @@
-"""Scene and estimates files: HDF5 exactly per shared/spec/scene-file.md (contract v1).
+"""Scene and estimates files: HDF5 exactly per docs/scene-files.md (format version 1).
 
 Layout of a scene file (S scenes; L snapshots, M BS antennas, N RIS elements, K_max)::
 
@@ -15,6 +15,11 @@ a root attribute ``method`` and ``est/K`` [S] int32, ``est/phi``, ``est/theta``,
 Complex numbers are the HDF5 compound ``{r, i}`` that h5py writes for numpy complex64.
 Datasets are chunked along the scene axis and resizable, so files of 10^6 scenes are
 written and read chunk by chunk.
+
+A CRB file (``risloc crb``, :func:`crb_file`, :func:`load_crb`) carries the scene file's
+``format``, ``version`` and ``scenario`` attributes plus ``content = "crb"``, ``signal`` and
+``scenes``, and ``crb/phi``, ``crb/theta``, ``crb/r`` [S, K_max] float32 (sqrt(CRB) in rad / m,
+NaN padded, inf where unidentifiable) and ``crb/regular`` [S] int8.
 
 Writers (:class:`ScenesWriter`, :func:`save_scenes`, :func:`save_estimates`) write to a
 temporary name in the destination folder and rename on success; after an exception the
@@ -39,7 +44,9 @@ import h5py
 import numpy as np
 import torch
 
-from .scenario import Scenario
+from ._files import InputError, atomic_path
+from .crb import POSITION_PARAMS, CRBResult, crb_for_scenes
+from .scenario import SIGNAL_MODELS, Scenario
 from .scenes import Estimates, Scenes, Truth
 
 SCENES_FORMAT = "risloc-scenes"
@@ -291,44 +298,60 @@ def save_estimates(est: Estimates, path: str | os.PathLike, scenario: Scenario) 
 # ------------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------------
+def open_h5(path: str | os.PathLike, what: str) -> h5py.File:
+    """Open the HDF5 file ``path`` (a ``what``, e.g. "scene file") for reading.
+
+    ``FileNotFoundError`` if there is no such file, :class:`InputError` naming the file if it
+    is not HDF5 or is truncated (h5py's reason in parentheses)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        text = str(exc)
+        reason = text[text.find("(") + 1 : text.rfind(")")] if "(" in text and text.endswith(")") else text
+        raise InputError(f"{path}: not a readable {what} (not HDF5, or damaged: {reason})") from None
+
+
 def _header(f: h5py.File, path: Path, fmt: str) -> Scenario:
     """Check the root attributes and return the scenario."""
 
     def attr(name):
         if name not in f.attrs:
-            raise ValueError(f"{path}: root attribute '{name}' is missing (not a {fmt} file)")
+            raise InputError(f"{path}: root attribute '{name}' is missing (not a {fmt} file)")
         v = f.attrs[name]
         v = v.item() if isinstance(v, np.generic) else v
         return v.decode() if isinstance(v, bytes) else v
 
     got = attr("format")
     if got != fmt:
-        raise ValueError(f"{path}: attribute 'format' is {got!r}, expected {fmt!r}")
+        raise InputError(f"{path}: attribute 'format' is {got!r}, expected {fmt!r}")
     version = attr("version")
     try:
         ok = int(version) == VERSION and float(version) == VERSION
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{path}: attribute 'version' is {version!r}; this reader knows version {VERSION}")
+        raise InputError(f"{path}: attribute 'version' is {version!r}; this reader knows version {VERSION}")
     text = attr("scenario")
     try:
         return Scenario.from_json(str(text))
     except ValueError as exc:  # JSONDecodeError is a ValueError too
-        raise ValueError(f"{path}: attribute 'scenario' is not a valid scenario: {exc}") from None
+        raise InputError(f"{path}: attribute 'scenario' is not a valid scenario: {exc}") from None
 
 
 def _dataset(f: h5py.File, path: Path, name: str, row_shape: tuple[int, ...], kind: str, n: int | None) -> h5py.Dataset:
     """The dataset ``name`` with shape ``[n, *row_shape]`` and dtype kind ``kind`` ('c', 'f' or 'i')."""
     if name not in f or not isinstance(f[name], h5py.Dataset):
-        raise ValueError(f"{path}: dataset '{name}' is missing")
+        raise InputError(f"{path}: dataset '{name}' is missing")
     ds = f[name]
     want = ("S" if n is None else str(n), *map(str, row_shape))
     if ds.ndim != len(want) or tuple(ds.shape[1:]) != row_shape or (n is not None and ds.shape[0] != n):
-        raise ValueError(f"{path}: dataset '{name}' has shape {list(ds.shape)}, expected [{', '.join(want)}] from the scenario and the other datasets")
+        raise InputError(f"{path}: dataset '{name}' has shape {list(ds.shape)}, expected [{', '.join(want)}] from the scenario and the other datasets")
     kinds = {"c": "complex", "f": "floating-point", "i": "integer"}
     if ds.dtype.kind != kind and not (kind == "f" and ds.dtype.kind in "iu") and not (kind == "i" and ds.dtype.kind == "u"):
-        raise ValueError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {kinds[kind]}")
+        raise InputError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {kinds[kind]}")
     return ds
 
 
@@ -343,7 +366,7 @@ def _check_padded(path: Path, name: str, a: np.ndarray, K: np.ndarray, offset: i
     want_finite = cols[None, :] < K[:, None]
     bad = _first(~(np.where(want_finite, np.isfinite(a), np.isnan(a))).all(1))
     if bad is not None:
-        raise ValueError(f"{path}: dataset '{name}', scene {offset + bad}: need finite values for the first {what} = {K[bad]} sources and NaN after, got {a[bad].tolist()}")
+        raise InputError(f"{path}: dataset '{name}', scene {offset + bad}: need finite values for the first {what} = {K[bad]} sources and NaN after, got {a[bad].tolist()}")
 
 
 @contextmanager
@@ -351,9 +374,7 @@ def _open_scenes_file(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path
     """Open a scene file for reading: ``(file, path, scenario, {y, H, codes datasets})`` with the
     root attributes checked and the input shapes checked against the scenario and each other."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scene file {path} does not exist")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "scene file") as f:
         sc = _header(f, path, SCENES_FORMAT)
         shapes = _input_shapes(sc)
         S = _dataset(f, path, "y", shapes["y"], "c", None).shape[0]
@@ -361,7 +382,7 @@ def _open_scenes_file(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path
 
 
 def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) -> FileInfo:
-    """Check a scene file against scene-file.md, streaming ``chunk`` scenes at a time.
+    """Check a scene file against docs/scene-files.md, streaming ``chunk`` scenes at a time.
 
     Refuses (``ValueError`` naming the dataset and, for value errors, the first bad scene):
     wrong ``format``/``version``, a missing or unreadable ``scenario``, missing inputs, shapes
@@ -385,23 +406,23 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
                 x = (x.view(x.real.dtype) if x.dtype.kind == "c" else x).reshape(b - a, -1)  # real and imaginary parts
                 bad = _first(~np.isfinite(x).all(1))
                 if bad is not None:
-                    raise ValueError(f"{path}: dataset '{name}', scene {a + bad}: non-finite values")
+                    raise InputError(f"{path}: dataset '{name}', scene {a + bad}: non-finite values")
                 if name in ("H", "codes"):
                     bad = _first(~x.any(1))
                     if bad is not None:
                         what = "channel is" if name == "H" else "RIS codes are"
-                        raise ValueError(f"{path}: dataset '{name}', scene {a + bad}: {what} all zero")
+                        raise InputError(f"{path}: dataset '{name}', scene {a + bad}: {what} all zero")
             if truth is not None:
                 K = truth["K"][a:b]
                 bad = _first((K < 0) | (K > sc.k_max))
                 if bad is not None:
-                    raise ValueError(f"{path}: dataset 'truth/K', scene {a + bad}: K = {K[bad]} outside 0..k_max={sc.k_max}")
+                    raise InputError(f"{path}: dataset 'truth/K', scene {a + bad}: K = {K[bad]} outside 0..k_max={sc.k_max}")
                 for q in TRUTH_PER_SOURCE:
                     _check_padded(path, f"truth/{q}", truth[q][a:b], K, a, "K")
                 nv = truth["noise_var"][a:b]
                 bad = _first(~(np.isfinite(nv) & (nv >= 0)))
                 if bad is not None:
-                    raise ValueError(f"{path}: dataset 'truth/noise_var', scene {a + bad}: {nv[bad]} is not a finite variance >= 0")
+                    raise InputError(f"{path}: dataset 'truth/noise_var', scene {a + bad}: {nv[bad]} is not a finite variance >= 0")
         return FileInfo(path, sc, S, has_snr="snr_db" in inputs, has_truth=truth is not None)
 
 
@@ -409,9 +430,7 @@ def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK 
     """Check an estimates file: format/version/scenario, ``est/K`` in 0..k_max, positions
     ``[S, K_max]`` finite for the first K-hat and NaN after (``ValueError`` naming dataset and scene)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"estimates file {path} does not exist")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "estimates file") as f:
         sc = _header(f, path, ESTIMATES_FORMAT)
         K_ds = _dataset(f, path, "est/K", (), "i", None)
         S = K_ds.shape[0]
@@ -421,11 +440,11 @@ def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK 
             K = K_ds[a:b]
             bad = _first((K < 0) | (K > sc.k_max))
             if bad is not None:
-                raise ValueError(f"{path}: dataset 'est/K', scene {a + bad}: K-hat = {K[bad]} outside 0..k_max={sc.k_max}")
+                raise InputError(f"{path}: dataset 'est/K', scene {a + bad}: K-hat = {K[bad]} outside 0..k_max={sc.k_max}")
             for q, ds in pos.items():
                 _check_padded(path, f"est/{q}", ds[a:b], K, a, "K-hat")
         method = f.attrs.get("method", f["est"].attrs.get("method", ""))
-        method = method.decode() if isinstance(method, bytes) else str(method)
+        method = _attr_str(method)
         return FileInfo(path, sc, S, method=method)
 
 
@@ -464,7 +483,7 @@ def _range(info: FileInfo, start: int, stop: int | None) -> tuple[int, int]:
     S = info.n_scenes
     stop = S if stop is None else stop
     if not (0 <= start <= stop <= S):
-        raise ValueError(f"{info.path}: scene range [{start}, {stop}) is outside [0, {S}]")
+        raise InputError(f"{info.path}: scene range [{start}, {stop}) is outside [0, {S}]")
     return start, stop
 
 
@@ -517,3 +536,114 @@ def load_estimates(path: str | os.PathLike, *, device="cpu") -> Estimates:
             r=_t(g["r"][:], device, torch.float32),
             method=info.method,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# CRB files (risloc crb)
+# ---------------------------------------------------------------------------------------------
+CRB_CONTENT = "crb"
+"""Root attribute ``content`` of a CRB file (``format``/``version``/``scenario`` are the scene file's)."""
+
+
+def crb_file(
+    scenes_path,
+    out_path,
+    *,
+    signal: str | None = None,
+    device="cpu",
+    batch: int = 4096,
+    progress: bool = True,
+    **options,
+) -> int:
+    """Compute the CRB of every scene of a scene file and write a CRB file; returns the scene count.
+
+    Reads ``scenes_path`` in chunks of ``batch`` scenes with :func:`iter_scenes` (validated
+    first; the ``truth/`` group is required) and writes ``crb/phi``, ``crb/theta``, ``crb/r``
+    (float32 ``[S, K_max]``, standard deviations in rad / m, NaN padded, ``inf`` where
+    unidentifiable) and ``crb/regular`` (int8 ``[S]``, 1 where the FIM was full rank). The root
+    attributes ``format``, ``version`` and ``scenario`` are copied from the scene file, plus
+    ``content = "crb"``, ``signal`` and ``scenes`` (the scene file's name). The file is written
+    under a temporary name in the same folder and renamed when complete
+    (:func:`risloc._files.atomic_path`). Options are passed to :func:`risloc.crb.crb`.
+    """
+    scenes_path, out_path = Path(scenes_path), Path(out_path)
+    info = validate_scenes_file(scenes_path)  # refuses a bad file before any work
+    if not info.has_truth:
+        raise InputError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
+    with h5py.File(scenes_path, "r") as f:
+        attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
+    S, K_max = info.n_scenes, info.scenario.k_max
+    signal = signal or info.scenario.signal
+    if signal not in SIGNAL_MODELS:
+        raise ValueError(f"signal must be one of {SIGNAL_MODELS}, not {signal!r}")
+    batch = max(1, int(batch))
+
+    bar = None
+    try:
+        with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as out:
+            for k, v in attrs.items():
+                out.attrs[k] = v
+            out.attrs["content"] = CRB_CONTENT
+            out.attrs["signal"] = signal
+            out.attrs["scenes"] = scenes_path.name
+            chunks = (max(1, min(S, 4096)), K_max)
+            ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
+            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(max(1, min(S, 65536)),))
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=S, unit="scene", desc=f"crb ({signal})")
+            start = 0
+            for scenes in iter_scenes(scenes_path, batch, device=device, validate=False):
+                n = len(scenes)
+                res = crb_for_scenes(scenes, signal=signal, **options)
+                for q in POSITION_PARAMS:
+                    ds[q][start : start + n] = getattr(res, q).float().cpu().numpy()
+                ds_reg[start : start + n] = res.regular.to(torch.int8).cpu().numpy()
+                start += n
+                if bar is not None:
+                    bar.update(n)
+            if start != S:
+                raise ValueError(f"{scenes_path}: read {start} scenes, truth/phi has {S}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return S
+
+
+def load_crb(path, *, start: int = 0, stop: int | None = None, device=None) -> CRBResult:
+    """Read a CRB file written by :func:`crb_file` (``risloc crb``) as a :class:`CRBResult`.
+
+    Values are float32 as stored (rad / m, NaN padded); ``regular`` is all True when the file
+    has no ``crb/regular``. ``start``/``stop`` select a range of scenes.
+    """
+    with open_h5(path, "CRB file") as f:
+        if "crb" not in f:
+            raise InputError(f"{path}: no 'crb' group (expected crb/phi, crb/theta, crb/r)")
+        content = _attr_str(f.attrs.get("content", CRB_CONTENT))
+        if content != CRB_CONTENT:
+            raise InputError(f"{path}: attribute content = {content!r}, expected {CRB_CONTENT!r}")
+        vals = {}
+        shape = None
+        for q in POSITION_PARAMS:
+            if f"crb/{q}" not in f or not isinstance(f[f"crb/{q}"], h5py.Dataset):
+                raise InputError(f"{path}: missing dataset crb/{q}")
+            d = f[f"crb/{q}"]
+            if d.ndim != 2 or (shape is not None and d.shape != shape) or d.dtype.kind != "f":
+                raise InputError(f"{path}: crb/{q} has shape {list(d.shape)} and dtype {d.dtype}, expected floats [S, K_max] like crb/phi")
+            shape = d.shape
+            vals[q] = torch.from_numpy(d[start:stop]).to(device)
+        n = vals["phi"].shape[0]
+        if "crb/regular" in f:
+            regular = torch.from_numpy(f["crb/regular"][start:stop]).to(device=device, dtype=torch.bool)
+        else:
+            regular = torch.ones(n, dtype=torch.bool, device=device)
+        signal = _attr_str(f.attrs.get("signal", "stochastic"))
+    return CRBResult(phi=vals["phi"], theta=vals["theta"], r=vals["r"], regular=regular, signal=signal)
+
+
+def _attr_str(v) -> str:
+    """A string HDF5 attribute (h5py returns bytes or str)."""
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,7 +1,7 @@
 """Scoring of estimates against the truth: the definitions every report uses.
 
-Implements the 'Scoring' section of shared/spec/physics.md; docs/metrics.md states every
-formula and every choice made where the spec is silent. In short, with the spec's symbols
+Implements the scoring defined in docs/metrics.md, which states every
+formula and every convention. In short, with the symbols of docs/model.md
 and errors taken as estimate minus truth (Delta phi wrapped to (-pi, pi]):
 
 * Matching, per scene, by the Hungarian algorithm (Kuhn 1955; Munkres 1957) on
@@ -248,7 +248,7 @@ def match(truth, est) -> Matching:
     :class:`~risloc.scenes.Estimates` (any objects with ``K [S]`` and ``phi/theta/r [S, K_max]``,
     NaN after the first K; the two K_max may differ). Per scene the min(K, K-hat) pairs minimise
     sum c_ij with c_ij = (Delta phi/2 deg)^2 + (Delta theta/2 deg)^2 + (Delta r/(0.1 r_i))^2, r_i the
-    true range, Delta phi wrapped to (-pi, pi] (the spec's scoring rule; Kuhn 1955).
+    true range, Delta phi wrapped to (-pi, pi] (the scoring rule of docs/metrics.md; Kuhn 1955).
 
     The cost tensor of all scenes is built at once; the assignment is exact: scenes are grouped
     by (K, K-hat) and, while a group has at most :data:`MAX_ENUMERATED` candidate assignments,
@@ -596,7 +596,7 @@ def format_number(x) -> str:
 
 
 def score(truth, est, *, snr_db=None, crb=None, bins_db: float = 5.0) -> Score:
-    """Score ``est`` against ``truth`` by the spec's rules, overall, per SNR bin and per true K.
+    """Score ``est`` against ``truth`` by the rules of docs/metrics.md, overall, per SNR bin and per true K.
 
     Parameters
     ----------

@@ -1,11 +1,11 @@
-"""The physics of shared/spec/physics.md: geometry, steering vectors, BS-RIS channel, codebooks.
+"""The physics of docs/model.md: geometry, steering vectors, BS-RIS channel, codebooks.
 
 Every function is batched over leading dimensions, differentiable with autograd, and
 runs on whatever device its tensor arguments live on. Complex results are complex64
 unless ``dtype=torch.complex128`` is asked for; real intermediate work is then done
 in float64.
 
-Symbols (physics.md):
+Symbols (docs/model.md):
 
 * element (i, j) at ``e = ((i - (N_H-1)/2) d_H, (j - (N_V-1)/2) d_V, 0)``, flat index
   ``n = j N_H + i``;
@@ -98,7 +98,7 @@ def steering(
 ) -> Tensor:
     """RIS-side steering vectors ``a(phi, theta, r)``, shape ``[..., N]`` (broadcast of the inputs).
 
-    ``approximation="exact"`` (the model of physics.md, the simulator's only choice)::
+    ``approximation="exact"`` (the model of docs/model.md, the simulator's only choice)::
 
         a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda),   d_n = |p - e_n|,
 
@@ -133,6 +133,93 @@ def _path_difference(phi: Tensor, theta: Tensor, r: Tensor, scenario: Scenario, 
         return (e2 - 2 * rr * ue) / (d + rr), rr / d
     path = -ue + (e2 - ue * ue) / (2 * rr)
     return path, torch.ones_like(path)
+
+
+RangeParam = Literal["r", "rho"]
+
+
+def steering_with_derivatives(
+    phi,
+    theta,
+    r_or_rho,
+    scenario: Scenario,
+    *,
+    range_param: RangeParam = "r",
+    approximation: Approximation = "exact",
+    dtype: torch.dtype = torch.complex64,
+    device=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Steering ``a`` and its partial derivatives, ``(a, da/dphi, da/dtheta, da/dr)`` (or ``da/drho``).
+
+    Each is ``[..., N]`` (broadcast of the inputs) in ``dtype``; ``a`` is :func:`steering`.
+    The range coordinate is ``range_param``:
+
+    * ``"r"`` (the third argument is the range r [m]): used by the Cramér–Rao bound
+      (:mod:`risloc.crb`), whose parameters are (phi, theta, r);
+    * ``"rho"`` (the third argument is the inverse range rho = 1/r [1/m]): used by ``ml``'s
+      likelihood (:mod:`risloc.estimators.ml_core`) and the refinement of the spectrum searches
+      (:func:`risloc.estimators.search.refine_peaks`), whose range coordinate is rho (range
+      resolution is nearly uniform in 1/r). ``da/drho = -r^2 da/dr``.
+
+    With ``u = (cos theta sin phi, sin theta, cos theta cos phi)``,
+    ``u_phi = du/dphi = (cos theta cos phi, 0, -cos theta sin phi)``,
+    ``u_theta = du/dtheta = (-sin theta sin phi, cos theta, -sin theta cos phi)``,
+    ``k = 2 pi / lambda`` and, for element n, ``d_n = |r u - e_n|``:
+
+    ``approximation="exact"``, ``a_n = (r / d_n) exp(-j k (d_n - r))`` (``d_n - r`` in the
+    cancellation-free form of :func:`steering`)::
+
+        dd/dphi = -r (u_phi.e) / d,   dd/dtheta = -r (u_theta.e) / d,   dd/dr = (r - u.e) / d
+        d log a / dxi = -(dd/dxi) (1/d + j k)                              xi in {phi, theta}
+        d log a / dr  = 1/r - (r - u.e) / d^2 - j k ((r - u.e) / d - 1)
+
+    ``approximation="fresnel"``, ``a_n = exp(-j k (-u.e + (|e|^2 - (u.e)^2) / (2 r)))``::
+
+        d log a / dxi = j k (u_xi.e) (1 + u.e / r),    d log a / dr = j k (|e|^2 - (u.e)^2) / (2 r^2)
+
+    and ``da = a d log a``. The imaginary part of ``d log a / dr`` carries a relative rounding
+    error ~ eps / (1 - (r - u.e)/d), ~1e-13 in float64 at 20 m (in float32 ~1e-4: use
+    complex128 where the range derivative must be accurate, e.g. for bounds). Angles in
+    radians; checked against finite differences and autograd in float64 (tests).
+    """
+    if range_param not in ("r", "rho"):
+        raise ValueError(f"range_param must be 'r' or 'rho', not {range_param!r}")
+    if approximation not in ("exact", "fresnel"):
+        raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
+    phi, theta, x = _as_tensors(phi, theta, r_or_rho, dtype, device)
+    rd = phi.dtype
+    e = element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3], e_z = 0
+    ex, ey = e[:, 0], e[:, 1]
+    e2 = (e * e).sum(-1)
+    k = 2 * math.pi / scenario.wavelength
+    sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
+    r = (1.0 / x if range_param == "rho" else x).unsqueeze(-1)
+    ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e
+    up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi.e
+    ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta.e
+    if approximation == "exact":
+        d = torch.sqrt(torch.clamp(r * r - 2 * r * ue + e2, min=torch.finfo(rd).tiny))
+        path = (e2 - 2 * r * ue) / (d + r)
+        a = torch.polar(r / d, -k * path)
+        gp = r * up_e / d  # -dd/dphi
+        gt = r * ut_e / d  # -dd/dtheta
+        lp = torch.complex(gp / d, k * gp)
+        lt = torch.complex(gt / d, k * gt)
+        q = (r - ue) / d  # dd/dr
+        if range_param == "rho":  # d/drho = -r^2 d/dr
+            lr = torch.complex(-(r * r) * (1.0 / r - q / d), (r * r) * k * (q - 1.0))
+        else:
+            lr = torch.complex(1.0 / r - q / d, -k * (q - 1.0))
+    else:
+        path = -ue + (e2 - ue * ue) / (2 * r)
+        a = torch.polar(torch.ones_like(path), -k * path)
+        fac = k * (1 + ue / r)
+        zero = torch.zeros_like(path)
+        lp = torch.complex(zero, up_e * fac)
+        lt = torch.complex(zero, ut_e * fac)
+        half_e = (e2 - ue * ue) / 2
+        lr = torch.complex(zero, -k * half_e if range_param == "rho" else k * half_e / (r * r))
+    return a, a * lp, a * lt, a * lr
 
 
 def far_field_steering(phi, theta, scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
@@ -200,7 +287,7 @@ def phase_codes(q: Tensor, bits: int, *, dtype: torch.dtype = torch.complex64) -
 def dft_codes(scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
     """The ``dft`` codebook ``[L, N]``: 2-D DFT beams on a regular (u, v) sub-grid, b-bit quantised.
 
-    ``c_l,n = exp(j 2 pi (u_l i / N_H + v_l j / N_V))``. The spec leaves the sub-grid open;
+    ``c_l,n = exp(j 2 pi (u_l i / N_H + v_l j / N_V))``. The sub-grid (docs/model.md):
     risloc factors L = L_u * L_v as close to square as possible (L_u <= L_v) and takes
     ``u = round(a N_H / L_u)``, ``v = round(b N_V / L_v)`` for a = 0..L_u-1, b = 0..L_v-1,
     ordered with u fastest (16 codes on 12 x 12: u, v in {0, 3, 6, 9}). The codes are the

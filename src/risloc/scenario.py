@@ -1,4 +1,4 @@
-"""The `Scenario`: every number of the physical model (shared/spec/physics.md).
+"""The `Scenario`: every number of the physical model (docs/model.md).
 
 Angles are stored in radians and lengths in metres, as everywhere inside risloc;
 powers are linear unless a field name ends in ``_db``. A scenario is saved and
@@ -13,10 +13,10 @@ import dataclasses
 import json
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ._files import InputError, read_toml
 from ._files import atomic_write_text  # noqa: F401  (re-exported: risloc.scenario.atomic_write_text)
 
 SIGNAL_MODELS = ("stochastic", "static")
@@ -27,7 +27,7 @@ _DEG = math.pi / 180.0
 
 @dataclass
 class Scenario:
-    """The measurement model and the distribution of scenes (defaults = physics.md).
+    """The measurement model and the distribution of scenes (defaults = docs/model.md).
 
     Geometry: a uniform planar RIS of ``n_h`` x ``n_v`` elements in the x-y plane,
     boresight +z; element (i, j) has flat index ``n = j * n_h + i``.
@@ -168,11 +168,14 @@ class Scenario:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Scenario":
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        """A scenario TOML file (``InputError`` naming the file if it is not TOML or not a scenario)."""
+        data = read_toml(path)
         if "scenario" in data and isinstance(data["scenario"], dict):
             data = data["scenario"]
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from None
 
     def replace(self, **changes: Any) -> "Scenario":
         return dataclasses.replace(self, **changes)

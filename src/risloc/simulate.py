@@ -1,4 +1,4 @@
-"""Batched, reproducible simulation of RIS scenes (shared/spec/physics.md).
+"""Batched, reproducible simulation of RIS scenes (docs/model.md).
 
 One call draws a whole batch of scenes in torch, on CPU or GPU, with no per-scene
 Python loop. For each scene::
@@ -422,6 +422,6 @@ def source_factor(truth: Truth, scenario: Scenario, *, dtype: torch.dtype = torc
 
 
 def source_covariance(truth: Truth, scenario: Scenario, *, dtype: torch.dtype = torch.complex64) -> Tensor:
-    """The learning target ``R = sum_k p_k a_k a_k^H`` ``[S, N, N]`` (physics.md, 'The learning target')."""
+    """The learning target ``R = sum_k p_k a_k a_k^H`` ``[S, N, N]`` (the learning target of docs/model.md)."""
     F = source_factor(truth, scenario, dtype=dtype)
     return F @ F.mH

@@ -2,6 +2,13 @@
 
 Each sub-command lives in its own module ``risloc.cli.<name>`` that defines
 ``add_parser(subparsers)`` (which registers the parser and sets ``func``).
+
+Bad input (a file that is not what it should be, an option out of range) ends the command
+with one line on stderr, ``risloc COMMAND: error: <file or option>: <what is wrong>``, and exit
+status 2, with no traceback: the library raises :class:`risloc._files.InputError` (or another
+``ValueError``) naming the file, ``FileNotFoundError`` or a permission error, and :func:`main`
+prints it. Every output file is written atomically, so a refused run leaves none behind.
+Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from risloc._files import InputError
+
+INPUT_ERRORS = (InputError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+"""What :func:`main` reports as bad input (one line, exit status 2); InputError is a ValueError,
+named for the reader."""
 
 # Order is the order of `risloc --help`.
 SUBCOMMANDS = ("simulate", "locate", "evaluate", "crb", "train", "overfit", "bench", "hpo")
@@ -42,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"risloc {args.command}: error: {exc}", file=sys.stderr)
+    except INPUT_ERRORS as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message
+        print(f"risloc {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"risloc {args.command}: interrupted", file=sys.stderr)

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method-checkpoint", action="append", default=[], metavar="NAME=CKPT",
                    help="checkpoint of another learned method, e.g. subspacenet=runs/ssn/best.pt (repeatable)")
     p.add_argument("--signal", choices=("stochastic", "static"), default=None, help="signal model of the scenes (default: the scenario's)")
-    p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the spec's default scenario)")
+    p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the default scenario of docs/model.md)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="override a scenario field (repeatable), e.g. --set k_max=3")
     p.add_argument("--limit", action="append", default=[], metavar="METHOD=N",

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from risloc.crb import crb_file
+    from risloc.io import crb_file
 
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")

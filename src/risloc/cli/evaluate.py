@@ -30,9 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def read_crb(path: str, n_scenes: int):
-    """The CRB file (as written by ``risloc crb``) through :func:`risloc.crb.load_crb`, checked
+    """The CRB file (as written by ``risloc crb``) through :func:`risloc.io.load_crb`, checked
     to hold ``n_scenes`` scenes."""
-    from risloc.crb import load_crb
+    from risloc.io import load_crb
 
     crb = load_crb(path)
     if len(crb) != n_scenes:

@@ -1,7 +1,7 @@
 """`risloc locate SCENES --out EST [--method NAME] ...`: run an estimator on a scene file.
 
 The scene file is validated first (format, shapes, finite inputs, non-zero channels and
-codes; see shared/spec/scene-file.md), then streamed in chunks of --batch scenes through
+codes; see docs/scene-files.md), then streamed in chunks of --batch scenes through
 the estimator; the estimates file is written atomically at the end (temporary name, then
 rename), with the attribute `method` = what the estimator reports (its name, plus the
 checkpoint hash for a learned method).
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("scenes", metavar="SCENES", help="scene file (HDF5, risloc-scenes)")
     p.add_argument("--out", "-o", metavar="EST", required=True, help="estimates file to write (HDF5, risloc-estimates)")
     p.add_argument("--method", "-m", default="music", help="estimator name (default music; see --list)")
+    p.add_argument("--list", action=_ListEstimators, help="list the registered estimators and exit")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch", type=int, default=4096, help="scenes per chunk (default 4096)")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for learned methods")
@@ -38,6 +39,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+class _ListEstimators(argparse.Action):
+    """``--list``: print the names of the registered estimators, one per line, and exit; like
+    ``--help``, it needs no other argument."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from risloc import estimators
+
+        print("\n".join(estimators.available()))
+        parser.exit()
 
 
 def _accepts(fn, name: str) -> bool:
@@ -79,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
 
     info = io.validate_scenes_file(args.scenes)  # refuses bad files before any work
+    if args.checkpoint is not None:
+        from risloc.nn.checkpoint import load_checkpoint
+
+        load_checkpoint(args.checkpoint)  # a damaged or foreign checkpoint, too
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm

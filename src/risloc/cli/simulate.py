@@ -1,6 +1,6 @@
 """``risloc simulate``: draw scenes of a scenario and write them to a scene file.
 
-The scenario is built in this order: the defaults of spec/physics.md, then ``--config``
+The scenario is built in this order: the defaults of docs/model.md, then ``--config``
 (a TOML file of Scenario fields), then the dedicated flags (``--k``, ``--snr-db``,
 ``--signal``, ``--codes``), then every ``--set field=value``. Scenes are simulated and
 written in chunks (memory stays bounded for 10^6 scenes) to a temporary file that is
@@ -28,8 +28,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "simulate",
         help="simulate scenes and write a scene file (HDF5)",
-        description="Simulate scenes of the measurement model of spec/physics.md and write them, with truth, "
-        "to an HDF5 scene file (spec/scene-file.md).",
+        description="Simulate scenes of the measurement model of docs/model.md and write them, with truth, "
+        "to an HDF5 scene file (docs/scene-files.md).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

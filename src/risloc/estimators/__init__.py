@@ -8,6 +8,7 @@ batched over scenes, runs on the scenes' device, and returns K-hat and NaN-padde
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Callable, Protocol
@@ -34,10 +35,19 @@ _REGISTRY: dict[str, Estimator] = {}
 
 
 def register(name: str) -> Callable[[Estimator], Estimator]:
-    """Decorator: make ``fn`` available as ``get(name)``."""
+    """Decorator: make ``fn`` available as ``get(name)``.
+
+    The registered callable answers an empty batch (0 scenes) itself, with 0 rows on the
+    scenes' device, so that no estimator needs a case for it."""
 
     def deco(fn: Estimator) -> Estimator:
-        _REGISTRY[name] = fn
+        @functools.wraps(fn)
+        def estimate(scenes: Scenes, **options) -> Estimates:
+            if len(scenes) == 0:
+                return Estimates.empty(0, scenes.scenario.k_max, method=name, device=scenes.y.device)
+            return fn(scenes, **options)
+
+        _REGISTRY[name] = estimate
         return fn
 
     return deco

@@ -1,7 +1,7 @@
 """Maximum-likelihood localisation (``ml``): greedy likelihood search on a near-field
 dictionary, joint Fisher-scoring refinement, likelihood-penalty order selection.
 
-Measurement model (shared/spec/physics.md): for snapshot l = 1..L,
+Measurement model (docs/model.md): for snapshot l = 1..L,
 
     y_l = G_l A(eta) s(l) + n_l,   G_l = H diag(c_l),   n_l ~ CN(0, sigma^2 I_M),
 
@@ -32,10 +32,12 @@ Stages (all batched over scenes; scenes with different K are handled by masks):
    (Li & Stoica 1996: remove each source in turn, re-search it given the others, keep if
    the NLL drops) un-merges sources the greedy pass fused.
 3. Backward pass: from k_max down, drop the source whose removal costs least, refine,
-   and keep that (k-1)-source model if it beats the forward one.
+   and keep that (k-1)-source model if it beats the forward one (the one pruning step,
+   ``_drop_one``, also used by the ``init`` path's ``init_prune``).
 4. Order selection: K-hat = argmin_K NLL_K + tau K (tau per source, calibrated on
    simulated validation scenes, docs/estimators-ml.md); orders whose estimated powers
    spread more than the scenario's power spread + a margin are excluded (stochastic).
+   With a known ``K`` (int or per scene) stages 2-3 run up to max(K) sources and K-hat = K.
 5. One RELAX cycle and a final refinement of the selected model.
 6. Range decision: the reported range maximises the posterior hit probability
    P(|r-hat - r| <= 0.1 r) under the scenario's uniform range prior, with the likelihood
@@ -50,50 +52,121 @@ to pick the likelihood unless ``model=`` says otherwise.
 ``init``: an :class:`~risloc.scenes.Estimates` (K-hat and positions, e.g. from a network)
 skips stages 2-5: its K-hat sources are refined by the same likelihood (powers and sigma^2
 initialised by least squares; positions clipped into the prior box) and K-hat is kept;
-the range decision (stage 6) is applied as usual.
+the range decision (stage 6) is applied as usual; with ``init_prune = n`` up to n pruning
+passes may then drop sources by the order rule of stage 4.
+
+Code: the options are the frozen dataclass :class:`MLOptions` (every field documented;
+``estimate`` accepts them as keywords too); one batch of the problem is the record
+``_Problem`` (normalised y, the maps through H and the codes, the likelihood, the prior box,
+the nominal SNR, the options); the likelihoods, their gradients and Fisher matrices are in
+:mod:`risloc.estimators.ml_core`, the dictionary in :mod:`risloc.grids`.
 """
 
 from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 from torch import Tensor
 
+from .. import grids, physics
+from ..metrics import RANGE_TOL_REL
+from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import grid, measure, measure_dictionary, physics, static_eval, stochastic_eval
-
-# Defaults calibrated on simulated validation scenes (docs/estimators-ml.md).
-DEFAULTS = dict(
-    grid_shape=(25, 13, 14),  # atoms in sin(phi), sin(theta), 1/r
-    penalty_stochastic=10.0,  # nats per source
-    penalty_static=14.0,
-    power_margin_db=4.0,  # extra margin on the scenario's power spread for the order rule
-    greedy_iterations=12,  # refinement steps after each greedy addition
-    final_iterations=25,  # refinement steps of the selected model
-    backward=True,
-    relax_cycles=1,  # RELAX re-search cycles on the selected model
-    relax_at="last",  # forward-pass orders followed by a RELAX cycle: "last" (= k_max) or a tuple of orders
-    range_decision="hit",  # "hit": Bayes hit-optimal range under r ~ U[r_min, r_max]; "ml": the ML range
-    range_grid=512,
-    range_var_scale=2.0,  # inflation of the Fisher variance of rho used by the range decision
-    top=32,  # atoms scored exactly after the proxy screening (stochastic greedy step)
-    init_prune=0,  # init path only: backward pruning passes on the given K-hat (penalised NLL + power rule)
-)
-
-_DICT_CACHE: dict = {}
+from .ml_core import measure, static_eval, stochastic_eval
 
 
-def _dictionary(scenario, shape, device, dtype):
-    key = (scenario.to_json(), tuple(shape), str(device), dtype)
-    if key not in _DICT_CACHE:
-        gp, gt, gr = grid(scenario, *shape, device=device, dtype=physics.real_dtype(dtype))
-        D = physics.steering(gp, gt, 1.0 / gr, scenario, dtype=dtype, device=device).T.contiguous()  # [N, Q]
-        if len(_DICT_CACHE) > 4:
-            _DICT_CACHE.clear()
-        _DICT_CACHE[key] = (gp, gt, gr, D)
-    return _DICT_CACHE[key]
+@dataclass(frozen=True)
+class MLOptions:
+    """Options of ``ml`` (defaults calibrated on simulated validation scenes, docs/estimators-ml.md).
+
+    ``estimate(scenes, options=MLOptions(...))`` or ``estimate(scenes, top=16, ...)`` (keywords
+    override fields of ``options``).
+    """
+
+    grid_shape: tuple[int, int, int] = (25, 13, 14)
+    """Dictionary atoms (n_phi, n_theta, n_r) of the near-field grid (:mod:`risloc.grids`)."""
+    penalty_stochastic: float = 10.0
+    """Order penalty tau [nats per source] of K-hat = argmin NLL_K + tau K, stochastic likelihood."""
+    penalty_static: float = 14.0
+    """Order penalty tau [nats per source], static likelihood."""
+    power_margin_db: float | None = 4.0
+    """Margin [dB] on the scenario's power spread: orders whose estimated powers spread more are
+    excluded (stochastic likelihood); None disables the power rule."""
+    greedy_iterations: int = 12
+    """Refinement steps after each greedy addition, RELAX re-search and backward drop."""
+    final_iterations: int = 25
+    """Refinement steps of the selected model (also of the ``init`` path)."""
+    backward: bool = True
+    """Run the backward pass (stage 3)."""
+    relax_cycles: int = 1
+    """RELAX re-search cycles on the selected model (stage 5)."""
+    relax_at: str | tuple[int, ...] = "last"
+    """Forward-pass orders followed by a RELAX cycle: "last" (the largest order searched) or a tuple of orders."""
+    range_decision: str = "hit"
+    """"hit": the Bayes hit-optimal range under r ~ U[r_min, r_max] (stage 6); "ml": the ML range."""
+    range_grid: int = 512
+    """Points of the geometric range grid of the range decision."""
+    range_var_scale: float = 2.0
+    """Inflation of the Fisher variance of rho used by the range decision."""
+    top: int = 32
+    """Atoms scored exactly after the proxy screening (stochastic greedy step)."""
+    init_prune: int = 0
+    """``init`` path only: backward pruning passes on the given K-hat (penalised NLL + power rule)."""
+    dtype: torch.dtype = torch.complex64
+    """Working precision of the likelihood (complex64 or complex128)."""
+
+    def __post_init__(self):
+        if len(tuple(self.grid_shape)) != 3 or min(int(n) for n in self.grid_shape) < 1:
+            raise ValueError(f"ml: grid_shape = {self.grid_shape}: must be three counts >= 1")
+        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"ml: {name} = {getattr(self, name)}: must be >= 0")
+        if int(self.top) < 1:
+            raise ValueError(f"ml: top = {self.top}: must be >= 1")
+        if int(self.range_grid) < 2:
+            raise ValueError(f"ml: range_grid = {self.range_grid}: must be >= 2")
+        if self.range_decision not in ("hit", "ml"):
+            raise ValueError(f"ml: range_decision = {self.range_decision!r}: must be 'hit' or 'ml'")
+        if self.relax_at != "last" and isinstance(self.relax_at, str):
+            raise ValueError(f"ml: relax_at = {self.relax_at!r}: must be 'last' or a tuple of orders")
+        if self.dtype not in (torch.complex64, torch.complex128):
+            raise ValueError(f"ml: dtype = {self.dtype}: must be torch.complex64 or torch.complex128")
+
+    def penalty(self, static: bool) -> float:
+        """The order penalty tau of the likelihood in use."""
+        return self.penalty_static if static else self.penalty_stochastic
+
+
+DEFAULTS = {f.name: getattr(MLOptions(), f.name) for f in fields(MLOptions) if f.name != "dtype"}
+"""The defaults of :class:`MLOptions` as a dict (without ``dtype``)."""
+
+
+@dataclass
+class _Problem:
+    """One batch of the localisation problem, as the likelihood sees it.
+
+    ``y`` ``[B, L, M]`` snapshots (scaled to unit mean power per scene), the maps
+    ``G_l = H diag(c_l)`` through ``H`` ``[B, M, N]`` (unit mean power) and ``codes`` ``[B, L, N]``,
+    the likelihood (``static``), the prior ``box`` (lo, hi) on (phi, theta, rho = 1/r), the
+    optional nominal SNR (dB) that initialises sigma^2, and the options.
+    """
+
+    y: Tensor
+    H: Tensor
+    codes: Tensor
+    scenario: Scenario
+    static: bool
+    box: tuple[Tensor, Tensor]
+    snr_db: Tensor | float | None
+    opts: MLOptions
+
+    @property
+    def tau(self) -> float:
+        return self.opts.penalty(self.static)
 
 
 def _box(scenario, dtype, device):
@@ -123,9 +196,9 @@ class _State:
         return _State(*(t.clone() for t in (self.phi, self.theta, self.rho, self.logp, self.logs, self.active)))
 
 
-def _evaluate(state: _State, data, static: bool, derivatives: bool = True):
-    y, H, codes, sc = data
-    if static:
+def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
+    y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
+    if prob.static:
         nll, g, F, amp = static_eval(state.phi, state.theta, state.rho, state.active, y, H, codes, sc, derivatives=derivatives)
         return nll, g, F, amp
     nll, g, F = stochastic_eval(
@@ -134,19 +207,20 @@ def _evaluate(state: _State, data, static: bool, derivatives: bool = True):
     return nll, g, F, None
 
 
-def _refine(state: _State, data, static: bool, iterations: int, box):
+def _refine(state: _State, prob: _Problem, iterations: int):
     """Levenberg-Marquardt-damped Fisher scoring / Gauss-Newton, projected on the prior box.
 
     Step: (F + lambda diag(F)) delta = -grad; a step is kept (per scene) only when it lowers
     the NLL, and lambda is divided by 3 after a kept step and multiplied by 5 otherwise.
     """
     K = state.phi.shape[1]
-    lo, hi = box
+    lo, hi = prob.box
+    static = prob.static
     rd = state.phi.dtype
     lo_v = torch.cat([lo[i].expand(K) for i in range(3)])
     hi_v = torch.cat([hi[i].expand(K) for i in range(3)])
     logp_lim = (-25.0, 10.0)
-    nll, g, F, amp = _evaluate(state, data, static)
+    nll, g, F, amp = _evaluate(state, prob)
     x = state.vector(static)
     P = x.shape[1]
     lam = torch.full_like(nll, 1e-2)
@@ -163,7 +237,7 @@ def _refine(state: _State, data, static: bool, iterations: int, box):
         else:
             xt = torch.cat([pos, xt[:, 3 * K : 4 * K].clamp(*logp_lim), xt[:, 4 * K :].clamp(_LOGS_MIN, 5.0)], dim=1)
         trial = _State.from_vector(xt, K, state, static)
-        nll_t, g_t, F_t, amp_t = _evaluate(trial, data, static)
+        nll_t, g_t, F_t, amp_t = _evaluate(trial, prob)
         ok = torch.isfinite(nll_t) & (nll_t < nll)
         x = torch.where(ok.unsqueeze(-1), xt, x)
         nll = torch.where(ok, nll_t, nll)
@@ -225,7 +299,7 @@ def _proxy_gain(alpha: Tensor, beta: Tensor):
     return torch.clamp((torch.log(t) - p * beta / t).sum(1), max=0.0)
 
 
-def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Tensor | None, n2: Tensor, c: Tensor, top: int):
+def _add_stochastic(state: _State, k: int, Phi: Tensor, prob: _Problem, atoms, s2_grid: Tensor | None, n2: Tensor, c: Tensor, top: int):
     """Add the best dictionary atom as source slot k (stochastic likelihood).
 
     alpha_l = phi_l^H C_l^-1 phi_l and phi_l^H C_l^-1 y_l come from the Woodbury form
@@ -235,7 +309,7 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Te
     searched on ``s2_grid`` too.
     n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``.
     """
-    y, H, codes, sc = data
+    y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     B, L, M, Q = Phi.shape
     gp, gt, gr = atoms
     ar = torch.arange(B, device=y.device)
@@ -299,13 +373,13 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, data, atoms, s2_grid: Te
     return out
 
 
-def _add_static(state: _State, k, Phi: Tensor, data, atoms):
+def _add_static(state: _State, k, Phi: Tensor, prob: _Problem, atoms):
     """Add the atom with the largest RSS reduction (orthogonal least squares) as slot k (int or ``[B]``).
 
     With Psi the current (active) columns and E = Psi^H Phi: residual r = y - Psi G^-1 Psi^H y,
     G = Psi^H Psi, and score_q = |phi_q^H r|^2 / (|phi_q|^2 - Re e_q^H G^-1 e_q).
     """
-    y, H, codes, sc = data
+    y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     B, L, M, Q = Phi.shape
     gp, gt, gr = atoms
     cd = Phi.dtype
@@ -346,9 +420,9 @@ def _set_slot(state: _State, k, phi, theta, rho, logp) -> _State:
 # ------------------------------------------------------------------------------------------
 
 
-def _ls_powers(state: _State, data):
+def _ls_powers(state: _State, prob: _Problem):
     """Least-squares powers and noise: s_l = B_l^+ y_l, p_k = mean_l |s_lk|^2, sigma^2 from the residual."""
-    y, H, codes, sc = data
+    y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     B, L, M = y.shape
     K = state.phi.shape[1]
     cd = y.dtype
@@ -381,22 +455,22 @@ def _check(scenes: Scenes) -> None:
             raise ValueError(f"ml: scenes.{name} of scene {i} has non-finite values")
 
 
-def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, snr_db, opts) -> Estimates:
+def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, snr_db, opts: MLOptions,
+               known: Tensor | None) -> Estimates:
     sc = scenes.scenario
     device = scenes.device
-    cd = opts["dtype"]
+    cd = opts.dtype
     rd = physics.real_dtype(cd)
     y, H, codes = scenes.y.to(cd), scenes.H.to(cd), scenes.codes.to(cd)
     B, L, M = y.shape
-    static = model == "static"
     # --- normalisation (scale invariance) ---------------------------------------------------
     ypow = y.abs().square().mean((1, 2))  # [B]
     empty = ~(ypow > 0)
     y = y / torch.sqrt(torch.where(empty, torch.ones_like(ypow), ypow)).to(cd).view(B, 1, 1)
     hpow = H.abs().square().mean((1, 2))
     H = H / torch.sqrt(torch.where(hpow > 0, hpow, torch.ones_like(hpow))).to(cd).view(B, 1, 1)
-    data = (y, H, codes, sc)
     box = _box(sc, rd, device)
+    prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts)
     K = k_max
     mid = (box[0] + box[1]) / 2
     z = torch.zeros(B, K, dtype=rd, device=device)
@@ -415,56 +489,30 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
             torch.zeros(B, dtype=rd, device=device),
             act,
         )
-        if not static:
-            st.logp, st.logs = _ls_powers(st, data)
-        st, nll, _, F = _refine(st, data, static, opts["final_iterations"], box)
-        for _ in range(int(opts["init_prune"])):
-            st, nll, F, kin = _prune(st, nll, F, kin, data, static, box, sc, opts)
-        st = _decide_range(st, F, static, sc, opts)
+        if not prob.static:
+            st.logp, st.logs = _ls_powers(st, prob)
+        st, nll, _, F = _refine(st, prob, opts.final_iterations)
+        for _ in range(int(opts.init_prune)):
+            st, nll, F, kin = _prune(st, nll, F, kin, prob)
+        st = _decide_range(st, F, prob)
         return _output(st, kin, empty, K, method)
 
-    states, nll, dico = _path(data, K, static, snr_db, box, opts)
-    khat = _select(states, nll, static, sc, opts)
+    orders = K if known is None else int(known.max()) if B else 0
+    states, nll, dico = _path(prob, K, orders)
+    khat = _select(states, nll, prob) if known is None else known
     st = _gather(states, khat)
     del states
-    for _ in range(int(opts["relax_cycles"])):
-        st, _ = _relax(st, khat, data, dico, static, box, opts)
+    for _ in range(int(opts.relax_cycles)):
+        st, _ = _relax(st, khat, prob, dico)
     del dico
-    st, _, _, F = _refine(st, data, static, opts["final_iterations"], box)
-    st = _decide_range(st, F, static, sc, opts)
-    return _output(st, khat, empty, K, method)
+    st, _, _, F = _refine(st, prob, opts.final_iterations)
+    st = _decide_range(st, F, prob)
+    return _output(st, khat, empty if known is None else torch.zeros_like(empty), K, method)
 
 
-def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, data, static: bool, box, sc, opts):
-    """One backward pruning pass on models of per-scene order ``k`` ``[B]`` (the ``init`` path).
-
-    The source whose removal costs least likelihood is dropped and the (k-1)-source model is
-    refined (``final_iterations``); it replaces the k-source model when its penalised NLL
-    (NLL + tau K, the order rule of stage 4) is lower, or (stochastic) when the k-source model's
-    powers spread more than the scenario's power spread + ``power_margin_db``. Returns the
-    updated (state, NLL, Fisher matrix, k)."""
-    B, K = st.phi.shape
-    dev = k.device
-    nll = torch.nan_to_num(nll, nan=float("inf"))
-    vals = []
-    for j in range(K):
-        cand = _remove(st, torch.full((B,), j, dtype=torch.int64, device=dev), k)
-        v = torch.nan_to_num(_evaluate(cand, data, static, derivatives=False)[0], nan=float("inf"))
-        vals.append(torch.where(j < k, v, torch.full_like(v, float("inf"))))
-    j = torch.argmin(torch.stack(vals, dim=1), dim=1)
-    cand, nll_c, _, F_c = _refine(_remove(st, j, k), data, static, opts["final_iterations"], box)
-    nll_c = torch.nan_to_num(nll_c, nan=float("inf"))
-    tau = opts["penalty_static"] if static else opts["penalty_stochastic"]
-    better = nll_c + tau * (k - 1) < nll + tau * k
-    if not static and opts["power_margin_db"] is not None:
-        lp_max = torch.where(st.active, st.logp, torch.full_like(st.logp, -math.inf)).max(1).values
-        lp_min = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf)).min(1).values
-        better = better | ((lp_max - lp_min) * (10 / math.log(10)) > sc.power_spread_db + opts["power_margin_db"])
-    take = better & (k >= 2)
-    st = _where(take, cand, st)
-    nll = torch.where(take, nll_c, nll)
-    F = torch.where(take.view(-1, 1, 1), F_c, F)
-    return st, nll, F, k - take.to(k.dtype)
+# ------------------------------------------------------------------------------------------
+# pruning and order selection
+# ------------------------------------------------------------------------------------------
 
 
 def _remove(st: _State, j: Tensor, k) -> _State:
@@ -479,29 +527,105 @@ def _remove(st: _State, j: Tensor, k) -> _State:
     return _State(g(st.phi), g(st.theta), g(st.rho), g(st.logp), st.logs.clone(), act)
 
 
-def _path(data, K: int, static: bool, snr_db, box, opts):
-    """Candidate models for K = 0..K_max: a forward greedy pass, then a backward pruning pass.
+def _drop_one(st: _State, k, prob: _Problem, iterations: int) -> tuple[_State, Tensor, Tensor]:
+    """THE pruning step: drop the source whose removal costs least likelihood and refine the rest.
 
-    Forward: add the best dictionary atom, refine all sources. Backward (from K_max down):
-    drop the source whose removal costs least likelihood, refine, and keep the result as
-    the (K-1)-source candidate when its NLL beats the forward one. Returns the list of
-    states and the NLLs ``[B, K_max + 1]``.
+    For every source j < k (k an int or per scene ``[B]``) the NLL of the model without it is
+    evaluated (no refinement); the cheapest removal is refined (``iterations`` steps). Returns the
+    (k-1)-source state, its NLL (NaN -> inf) and Fisher matrix. Used by the backward pass
+    (stage 3) and the ``init`` path's pruning (:func:`_prune`).
     """
-    y, H, codes, sc = data
+    B = st.phi.shape[0]
+    dev = st.phi.device
+    n = k if isinstance(k, int) else max(1, int(k.max()))
+    vals = []
+    for j in range(n):
+        v = _evaluate(_remove(st, torch.full((B,), j, dtype=torch.int64, device=dev), k), prob, derivatives=False)[0]
+        v = torch.nan_to_num(v, nan=float("inf"))
+        vals.append(v if isinstance(k, int) else torch.where(j < k, v, torch.full_like(v, float("inf"))))
+    j = torch.argmin(torch.stack(vals, dim=1), dim=1)
+    cand, nll, _, F = _refine(_remove(st, j, k), prob, iterations)
+    return cand, torch.nan_to_num(nll, nan=float("inf")), F
+
+
+def _power_spread_db(st: _State) -> Tensor:
+    """Spread [dB] of the estimated powers over the active sources ``[B]`` (-inf without sources)."""
+    lp_max = torch.where(st.active, st.logp, torch.full_like(st.logp, -math.inf)).max(1).values
+    lp_min = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf)).min(1).values
+    return (lp_max - lp_min) * (10 / math.log(10))
+
+
+def _power_limit_db(prob: _Problem) -> float | None:
+    """The power rule: a model whose powers spread more than this is refused (stochastic only)."""
+    if prob.static or prob.opts.power_margin_db is None:
+        return None
+    return prob.scenario.power_spread_db + prob.opts.power_margin_db
+
+
+def _select(states, nll: Tensor, prob: _Problem) -> Tensor:
+    """K-hat = argmin_K NLL_K + tau K over the orders allowed by the power rule (stage 4)."""
+    B, K1 = nll.shape
+    crit = nll + prob.tau * torch.arange(K1, dtype=nll.dtype, device=nll.device)
+    limit = _power_limit_db(prob)
+    if limit is not None:
+        ok = [torch.ones(B, dtype=torch.bool, device=nll.device)]
+        ok += [_power_spread_db(states[k]) <= limit for k in range(1, K1)]
+        crit = torch.where(torch.stack(ok, dim=1), crit, torch.full_like(crit, float("inf")))
+    return torch.argmin(crit, dim=1)
+
+
+def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem):
+    """One pruning pass on models of per-scene order ``k`` ``[B]`` (the ``init`` path).
+
+    :func:`_drop_one` with ``final_iterations``; the (k-1)-source model replaces the k-source
+    model when the order rule of :func:`_select` prefers it: lower penalised NLL (NLL + tau K),
+    or (stochastic) k-source powers spread beyond the power rule. Returns the updated
+    (state, NLL, Fisher matrix, k)."""
+    nll = torch.nan_to_num(nll, nan=float("inf"))
+    cand, nll_c, F_c = _drop_one(st, k, prob, prob.opts.final_iterations)
+    better = nll_c + prob.tau * (k - 1) < nll + prob.tau * k
+    limit = _power_limit_db(prob)
+    if limit is not None:
+        better = better | (_power_spread_db(st) > limit)
+    take = better & (k >= 2)
+    st = _where(take, cand, st)
+    nll = torch.where(take, nll_c, nll)
+    F = torch.where(take.view(-1, 1, 1), F_c, F)
+    return st, nll, F, k - take.to(k.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# the candidate path
+# ------------------------------------------------------------------------------------------
+
+
+def _path(prob: _Problem, K: int, orders: int):
+    """Candidate models for orders 0..``orders`` in ``K`` slots: a forward greedy pass, then a
+    backward pass.
+
+    Forward: add the best dictionary atom, refine all sources. Backward (from ``orders`` down):
+    :func:`_drop_one`, and keep the result as the (k-1)-source candidate when its NLL beats the
+    forward one. Returns the list of states, the NLLs ``[B, orders + 1]`` and the measured
+    dictionary.
+    """
+    y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
+    opts, static = prob.opts, prob.static
     B, L, M = y.shape
     device = y.device
     cd = y.dtype
     rd = physics.real_dtype(cd)
-    lo, hi = box
+    lo, hi = prob.box
     z = torch.zeros(B, K, dtype=rd, device=device)
-    gp, gt, gr, D = _dictionary(sc, opts["grid_shape"], device, cd)
-    Phi = measure_dictionary(H, codes, D)  # [B, L, M, Q]
+    grid = grids.dictionary(sc, opts.grid_shape, device=device, dtype=cd)
+    gp, gt, gr = grid.phi, grid.theta, grid.rho
+    Phi = grids.measure_dictionary(H, codes, grid.D)  # [B, L, M, Q]
     n2 = torch.view_as_real(Phi).square().sum((2, 4))  # |phi_l|^2, [B, L, Q]
     c = (y.unsqueeze(2).conj() @ Phi).squeeze(2).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
+    dico = (Phi, n2, c, (gp, gt, gr))
     st = _State(z.clone(), z.clone(), z.clone() + (lo[2] + hi[2]) / 2, torch.full_like(z, -30.0),
                 torch.zeros(B, dtype=rd, device=device), torch.zeros(B, K, dtype=torch.bool, device=device))
-    if snr_db is not None:
-        snr = torch.as_tensor(snr_db, dtype=rd, device=device).expand(B)
+    if prob.snr_db is not None:
+        snr = torch.as_tensor(prob.snr_db, dtype=rd, device=device).expand(B)
         s2_grid = (1.0 / (1.0 + 10 ** (snr / 10))).view(B, 1)
     else:
         s2_grid = torch.tensor([0.7, 0.3, 0.1, 0.03, 0.01], dtype=rd, device=device).expand(B, -1)
@@ -511,35 +635,30 @@ def _path(data, K: int, static: bool, snr_db, box, opts):
         nll0 = LM * torch.log(torch.full((B,), LM, dtype=rd, device=device))
     nlls = [nll0]
     states = [st.clone()]
-    for k in range(K):
+    relax_at = (orders,) if opts.relax_at == "last" else tuple(opts.relax_at)
+    for k in range(orders):
         if static:
-            st = _add_static(st, k, Phi, data, (gp, gt, gr))
+            st = _add_static(st, k, Phi, prob, (gp, gt, gr))
         else:
-            st = _add_stochastic(st, k, Phi, data, (gp, gt, gr), s2_grid, n2, c, opts["top"])
-        st, nll, _, _ = _refine(st, data, static, opts["greedy_iterations"], box)
-        relax_at = (K,) if opts["relax_at"] == "last" else tuple(opts["relax_at"])
+            st = _add_stochastic(st, k, Phi, prob, (gp, gt, gr), s2_grid, n2, c, opts.top)
+        st, nll, _, _ = _refine(st, prob, opts.greedy_iterations)
         if k + 1 in relax_at:
             kk = torch.full((B,), k + 1, dtype=torch.int64, device=device)
-            st, nll = _relax(st, kk, data, (Phi, n2, c, (gp, gt, gr)), static, box, opts)
+            st, nll = _relax(st, kk, prob, dico)
         nlls.append(torch.nan_to_num(nll, nan=float("inf")))
         states.append(st.clone())
-    if opts["backward"]:
-        cur = states[K]
-        for k in range(K, 1, -1):
-            cands = [_remove(cur, torch.full((B,), j, dtype=torch.int64, device=device), k) for j in range(k)]
-            vals = torch.stack([_evaluate(c, data, static, derivatives=False)[0] for c in cands], dim=1)
-            j = torch.argmin(torch.nan_to_num(vals, nan=float("inf")), dim=1)
-            cand = _remove(cur, j, k)
-            cand, nll, _, _ = _refine(cand, data, static, opts["greedy_iterations"], box)
-            nll = torch.nan_to_num(nll, nan=float("inf"))
+    if opts.backward:
+        cur = states[orders]
+        for k in range(orders, 1, -1):
+            cand, nll, _ = _drop_one(cur, k, prob, opts.greedy_iterations)
             better = nll < nlls[k - 1]
             states[k - 1] = _where(better, cand, states[k - 1])
             nlls[k - 1] = torch.where(better, nll, nlls[k - 1])
             cur = states[k - 1]
-    return states, torch.stack(nlls, dim=1), (Phi, n2, c, (gp, gt, gr))
+    return states, torch.stack(nlls, dim=1), dico
 
 
-def _relax(st: _State, khat: Tensor, data, dico, static: bool, box, opts) -> _State:
+def _relax(st: _State, khat: Tensor, prob: _Problem, dico) -> _State:
     """One cycle of RELAX-style re-search (Li & Stoica 1996) on the selected model.
 
     For each source j in turn: remove it, add the best dictionary atom given the other
@@ -547,18 +666,18 @@ def _relax(st: _State, khat: Tensor, data, dico, static: bool, box, opts) -> _St
     """
     Phi, n2, c, atoms = dico
     B, K = st.phi.shape
-    nll = _evaluate(st, data, static, derivatives=False)[0]
+    nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
     for j in range(K):
         valid = j < khat
         cand = _remove(st, torch.full((B,), j, dtype=torch.int64, device=khat.device), khat)
-        if static:
-            cand = _add_static(cand, slot, Phi, data, atoms)
+        if prob.static:
+            cand = _add_static(cand, slot, Phi, prob, atoms)
         else:
-            cand = _add_stochastic(cand, slot, Phi, data, atoms, None, n2, c, opts["top"])
+            cand = _add_stochastic(cand, slot, Phi, prob, atoms, None, n2, c, prob.opts.top)
         cand.active = st.active.clone()
-        cand, nll_c, _, _ = _refine(cand, data, static, opts["greedy_iterations"], box)
+        cand, nll_c, _, _ = _refine(cand, prob, prob.opts.greedy_iterations)
         better = valid & torch.isfinite(nll_c) & (nll_c < nll - 1e-3)
         st = _where(better, cand, st)
         nll = torch.where(better, nll_c, nll)
@@ -571,23 +690,6 @@ def _where(cond: Tensor, a: _State, b: _State) -> _State:
         (a.phi, a.theta, a.rho, a.logp, a.logs, a.active), (b.phi, b.theta, b.rho, b.logp, b.logs, b.active))))
 
 
-def _select(states, nll: Tensor, static: bool, sc, opts) -> Tensor:
-    """K-hat = argmin_K NLL_K + tau K over the orders allowed by the power rule."""
-    B, K1 = nll.shape
-    K = K1 - 1
-    tau = opts["penalty_static"] if static else opts["penalty_stochastic"]
-    crit = nll + tau * torch.arange(K1, dtype=nll.dtype, device=nll.device)
-    if not static and opts["power_margin_db"] is not None:
-        # drop candidate orders whose weakest source is beyond the power spread (plus margin)
-        spread = sc.power_spread_db + opts["power_margin_db"]
-        ok = [torch.ones(B, dtype=torch.bool, device=nll.device)]
-        for k in range(1, K + 1):
-            lp = states[k].logp[:, :k]
-            ok.append((lp.max(1).values - lp.min(1).values) * (10 / math.log(10)) <= spread)
-        crit = torch.where(torch.stack(ok, dim=1), crit, torch.full_like(crit, float("inf")))
-    return torch.argmin(crit, dim=1)
-
-
 def _gather(states, khat: Tensor) -> _State:
     B, K = states[0].phi.shape
     ar = torch.arange(B, device=khat.device)
@@ -596,17 +698,18 @@ def _gather(states, khat: Tensor) -> _State:
     return _State(sel("phi"), sel("theta"), sel("rho"), sel("logp"), sel("logs"), idx.view(1, -1) < khat.view(-1, 1))
 
 
-def _decide_range(st: _State, F: Tensor, static: bool, sc, opts) -> _State:
+def _decide_range(st: _State, F: Tensor, prob: _Problem) -> _State:
     """Hit-optimal range decision under the scenario's prior r ~ U[r_min, r_max] (``range_decision="hit"``).
 
     The likelihood of rho = 1/r is approximated by N(rho-hat, [F^-1]_rho,rho) (F: Fisher matrix
     at the ML estimate, marginal over the other parameters). With the uniform prior in r the
     posterior density in r is proportional to exp(-(1/r - rho-hat)^2 / (2 var)) on [r_min, r_max];
     the reported range maximises the posterior probability of a hit, P(|r-hat - r| <= 0.1 r),
-    i.e. of r in [r-hat/1.1, r-hat/0.9]. (A Bayes decision for the scoring rule of physics.md;
+    i.e. of r in [r-hat/1.1, r-hat/0.9]. (A Bayes decision for the scoring rule of docs/metrics.md;
     ``range_decision="ml"`` keeps the ML range.)
     """
-    if opts["range_decision"] != "hit":
+    opts, sc = prob.opts, prob.scenario
+    if opts.range_decision != "hit":
         return st
     B, K = st.phi.shape
     rd = st.phi.dtype
@@ -615,8 +718,8 @@ def _decide_range(st: _State, F: Tensor, static: bool, sc, opts) -> _State:
     scale = torch.diagonal(F, dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
     Fn = F / (scale.unsqueeze(-1) * scale.unsqueeze(-2)) + 1e-6 * eye
     cov_diag = torch.diagonal(torch.linalg.inv(Fn), dim1=-2, dim2=-1) / scale**2
-    var = cov_diag[:, 2 * K : 3 * K].clamp_min(1e-12) * float(opts["range_var_scale"])  # [B, K]
-    G = int(opts["range_grid"])
+    var = cov_diag[:, 2 * K : 3 * K].clamp_min(1e-12) * float(opts.range_var_scale)  # [B, K]
+    G = int(opts.range_grid)
     lr0, lr1 = math.log(sc.r_min), math.log(sc.r_max)
     h = (lr1 - lr0) / (G - 1)
     r = torch.exp(torch.linspace(lr0, lr1, G, dtype=rd, device=st.phi.device))  # geometric grid [G]
@@ -635,7 +738,7 @@ def _decide_range(st: _State, F: Tensor, static: bool, sc, opts) -> _State:
         val = c0 + w * (c1 - c0)
         return torch.where(x <= sc.r_min, torch.zeros_like(val), val)
 
-    hit = cdf_at(r / 0.9) - cdf_at(r / 1.1)  # [B, K, G]
+    hit = cdf_at(r / (1 - RANGE_TOL_REL)) - cdf_at(r / (1 + RANGE_TOL_REL))  # [B, K, G]
     # among (near-)maximal hit probabilities take the range closest to the ML one
     near = hit >= hit.max(-1, keepdim=True).values - 1e-3
     dist = (torch.log(r) + torch.log(st.rho).unsqueeze(-1)).abs()
@@ -658,34 +761,36 @@ def estimate(
     scenes: Scenes,
     *,
     k_max: int | None = None,
+    K: int | Tensor | None = None,
     snr_db=None,
     init: Estimates | None = None,
     iterations: int | None = None,
     batch: int | None = None,
     progress: bool = False,
     model: str | None = None,
-    **options,
+    options: MLOptions | None = None,
+    **overrides,
 ) -> Estimates:
     """Maximum-likelihood localisation of up to ``k_max`` near-field sources (module docstring).
 
     Args:
         scenes: the batch (y ``[S, L, M]``, H ``[S, M, N]``, codes ``[S, L, N]``); any device.
         k_max: largest K considered (default ``scenes.scenario.k_max``).
+        K: known number of sources, an int or an integer tensor ``[S]`` with values in 0..k_max:
+            the greedy path runs up to max(K) sources and the order rule (stage 4) is skipped,
+            so the returned K-hat equals K. Not with ``init`` (which carries its own K-hat).
         snr_db: optional nominal SNR (dB; scalar, ``[S]`` tensor, or ``True`` for ``scenes.snr_db``);
             used only to initialise sigma^2 of the first greedy step. Default: not used.
         init: optional :class:`Estimates`; skips the grid/greedy stage and the order rule and
             refines its K-hat sources with the same likelihood.
-        iterations: refinement steps of the final model (default 25).
+        iterations: refinement steps of the final model (``options.final_iterations``).
         batch: scenes per chunk (memory ~ 4-5 kB x grid atoms per scene, ~20 MB with the default grid;
             default 1024 on CUDA (539 scenes/s on one H100 vs 197 at batch 256), 16 on CPU).
         progress: show a tqdm bar over chunks.
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
-        **options: ``grid_shape`` (n_phi, n_theta, n_rho), ``penalty_stochastic``, ``penalty_static``
-            (nats per source), ``power_margin_db`` (None disables the power rule),
-            ``greedy_iterations``, ``backward``, ``relax_cycles``, ``relax_at``, ``top``, ``init_prune``
-            (backward pruning passes of the ``init`` path, default 0),
-            ``range_decision`` ("hit" or "ml"), ``range_var_scale``, ``range_grid``,
-            ``dtype`` (complex64 default). See ``DEFAULTS``.
+        options: :class:`MLOptions` (default ``MLOptions()``).
+        **overrides: fields of :class:`MLOptions` that replace those of ``options``
+            (``grid_shape``, ``penalty_stochastic``, ``top``, ``init_prune``, ``dtype``, ...).
 
     Returns:
         :class:`Estimates` with K-hat ``[S]`` and NaN-padded phi, theta [rad], r [m] ``[S, k_max]``.
@@ -697,17 +802,16 @@ def estimate(
     model = model or sc.signal
     if model not in ("stochastic", "static"):
         raise ValueError(f"ml: model must be 'stochastic' or 'static', not {model!r}")
-    unknown = set(options) - set(DEFAULTS) - {"dtype"}
+    names = [f.name for f in fields(MLOptions)]
+    unknown = set(overrides) - set(names)
     if unknown:
-        raise ValueError(f"ml: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS) + ['dtype']}")
-    opts = dict(DEFAULTS, dtype=torch.complex64)
-    opts.update(options)
+        raise ValueError(f"ml: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
+    opts = replace(options if options is not None else MLOptions(), **overrides)
     if iterations is not None:
-        opts["final_iterations"] = int(iterations)
-    if int(opts["init_prune"]) < 0:
-        raise ValueError(f"ml: init_prune = {opts['init_prune']}: must be >= 0")
+        opts = replace(opts, final_iterations=int(iterations))
     _check(scenes)
     S = len(scenes)
+    known = _known_K(K, S, k_max, init, scenes.device)
     if snr_db is True:
         snr_db = scenes.snr_db
     if batch is None:
@@ -723,7 +827,31 @@ def estimate(
             sub = scenes[a : a + batch]
             ini = init[a : a + batch] if init is not None else None
             snr = snr_db[a : a + batch] if isinstance(snr_db, Tensor) and snr_db.ndim > 0 else snr_db
-            out.append(_run_batch(sub, k_max, model, ini, snr, opts))
+            kn = known[a : a + batch] if known is not None else None
+            out.append(_run_batch(sub, k_max, model, ini, snr, opts, kn))
     est = Estimates.cat(out)
     est.method = out[0].method
     return est
+
+
+def _known_K(K, S: int, k_max: int, init, device) -> Tensor | None:
+    """``K`` (int or ``[S]`` integer tensor) as a ``[S]`` int64 tensor on ``device``, validated."""
+    if K is None:
+        return None
+    if init is not None:
+        raise ValueError("ml: K and init cannot both be given (init carries its own K-hat)")
+    if isinstance(K, Tensor):
+        if K.is_floating_point() or K.is_complex() or K.dtype == torch.bool:
+            raise ValueError(f"ml: K must be an int or an integer tensor, got dtype {K.dtype}")
+        known = K.to(device=device, dtype=torch.int64).reshape(-1) if K.ndim else K.to(device, torch.int64).expand(S)
+        if known.shape[0] != S:
+            raise ValueError(f"ml: K has {known.shape[0]} values, the batch has {S} scenes")
+    elif isinstance(K, int) and not isinstance(K, bool):
+        known = torch.full((S,), K, dtype=torch.int64, device=device)
+    else:
+        raise ValueError(f"ml: K must be an int or an integer tensor [S], not {type(K).__name__}")
+    bad = torch.nonzero((known < 0) | (known > k_max)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"ml: K of scene {i} is {int(known[i])}, outside 0..k_max={k_max}")
+    return known.contiguous()

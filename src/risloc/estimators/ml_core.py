@@ -1,73 +1,26 @@
-"""Building blocks of the ``ml`` estimator: steering vectors with their derivatives,
-the near-field dictionary, the per-snapshot measurement of steering vectors, and the two
-likelihoods (stochastic and static signal model) with their gradients and Fisher matrices.
+"""Building blocks of the ``ml`` estimator: the per-snapshot measurement of steering vectors
+and the two likelihoods (stochastic and static signal model) with their gradients and Fisher matrices.
 
-Symbols are those of shared/spec/physics.md: element positions e_n, direction
+Symbols are those of docs/model.md: element positions e_n, direction
 u(phi, theta) = (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi)), range r, and
 
     a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda),   d_n = |r u - e_n|.
 
 The range is parametrised by its inverse rho = 1 / r (range resolution is nearly
 uniform in 1/r: the Fresnel phase term is (|e|^2 - (u.e)^2) / (2 r)).
+Steering vectors and their derivatives in (phi, theta, rho) come from
+:func:`risloc.physics.steering_with_derivatives` (``range_param="rho"``).
 All functions are batched over leading dimensions and run on the tensors' device.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import physics
+from ..crb import stochastic_fisher
 from ..scenario import Scenario
-
-
-def steering_with_derivatives(phi: Tensor, theta: Tensor, rho: Tensor, scenario: Scenario, *, dtype=torch.complex64):
-    """Exact steering ``a`` and ``da/dphi``, ``da/dtheta``, ``da/drho`` (rho = 1/r), each ``[..., N]``.
-
-    With d = |r u - e| and the log-derivative  d log a = dr/r - dd/d - j k (dd - dr):
-
-    * dd/dphi = -r (u_phi . e) / d,  dd/dtheta = -r (u_theta . e) / d,  dd/dr = (r - u.e) / d,
-    * dr/drho = -r^2.
-    """
-    rd = physics.real_dtype(dtype)
-    phi, theta, rho = phi.to(rd), theta.to(rd), rho.to(rd)
-    e = physics.element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3]
-    ex, ey = e[:, 0], e[:, 1]
-    e2 = (e * e).sum(-1)
-    k = 2 * math.pi / scenario.wavelength
-    sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
-    r = (1.0 / rho).unsqueeze(-1)
-    ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e (e_z = 0)
-    up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi . e, u_phi = (ct cp, 0, -ct sp)
-    ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta . e
-    d = torch.sqrt(torch.clamp(r * r - 2 * r * ue + e2, min=torch.finfo(rd).tiny))
-    path = (e2 - 2 * r * ue) / (d + r)
-    a = torch.polar(r / d, -k * path)
-    # d log a / d phi = r (u_phi.e) / d^2 + j k r (u_phi.e) / d   (and the same for theta)
-    gp = r * up_e / d
-    gt = r * ut_e / d
-    lp = torch.complex(gp / d, k * gp)
-    lt = torch.complex(gt / d, k * gt)
-    # d log a / d r = 1/r - (r - u.e)/d^2 - j k ((r - u.e)/d - 1);  d/drho = -r^2 d/dr
-    q = (r - ue) / d
-    lr = torch.complex(-(r * r) * (1.0 / r - q / d), (r * r) * k * (q - 1.0))
-    return a, a * lp, a * lt, a * lr
-
-
-def grid(scenario: Scenario, n_phi: int, n_theta: int, n_rho: int, *, device=None, dtype=torch.float32):
-    """Dictionary grid ``(phi, theta, rho)``, each ``[Q]``, Q = n_phi * n_theta * n_rho.
-
-    Uniform in sin(phi) over [sin phi_min, sin phi_max], in sin(theta) over the elevation
-    interval and in rho = 1/r over [1/r_max, 1/r_min] (end points included).
-    """
-    sc = scenario
-    sphi = torch.linspace(math.sin(sc.phi_min), math.sin(sc.phi_max), n_phi, dtype=torch.float64)
-    sth = torch.linspace(math.sin(sc.theta_min), math.sin(sc.theta_max), n_theta, dtype=torch.float64)
-    rho = torch.linspace(1.0 / sc.r_max, 1.0 / sc.r_min, n_rho, dtype=torch.float64)
-    P, T, R = torch.meshgrid(torch.asin(sphi), torch.asin(sth), rho, indexing="ij")
-    return tuple(t.reshape(-1).to(device=device, dtype=dtype) for t in (P, T, R))
 
 
 def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
@@ -79,14 +32,6 @@ def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
     P = vectors.shape[1]
     X = (codes.unsqueeze(2) * vectors.unsqueeze(1)).reshape(B, L * P, N)  # [B, L P, N]
     return (H @ X.transpose(-1, -2)).view(B, -1, L, P).transpose(1, 2)  # [B, L, M, P]
-
-
-def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
-    """Per-scene dictionary ``Phi_l = G_l D``: H ``[B, M, N]``, codes ``[B, L, N]``, D ``[N, Q]`` -> ``[B, L, M, Q]``."""
-    B, L, N = codes.shape
-    M = H.shape[1]
-    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B * L * M, N)  # rows of G_l stacked
-    return (G @ D).view(B, L, M, -1)
 
 
 def hermitian_solve_parts(C: Tensor):
@@ -124,7 +69,7 @@ def stochastic_eval(
 ):
     """Stochastic negative log-likelihood, its gradient and Fisher matrix (batched over scenes).
 
-    Model (physics.md, stochastic signals): y_l ~ CN(0, C_l),
+    Model (docs/model.md, stochastic signals): y_l ~ CN(0, C_l),
 
         C_l = B_l P B_l^H + sigma^2 I,   B_l = G_l A(eta),   P = diag(p_1..p_K),
         NLL = sum_l [ log det C_l + y_l^H C_l^-1 y_l ]   (constant L M log pi dropped).
@@ -141,7 +86,7 @@ def stochastic_eval(
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
     cd = y.dtype
-    a, da_p, da_t, da_r = steering_with_derivatives(phi, theta, rho, scenario, dtype=cd)
+    a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(phi.dtype)
     if derivatives:
         V = measure(H, codes, torch.cat([a, da_p, da_t, da_r], dim=1))  # [B, L, M, 4K]
@@ -163,39 +108,21 @@ def stochastic_eval(
     # W = V^H C^-1 V, U = V^H C^-2 V and w = V^H z (per snapshot):
     #   tr(C^-1 v_x v_y^H) = W[y, x],  z^H v_x v_y^H z = conj(w_x) w_y,
     #   tr(C^-1 v_a v_b^H C^-1 v_c v_d^H) = W[b, c] W[d, a],  tr(C^-1 I C^-1 v_x v_y^H) = U[y, x].
-    Pn = 4 * K + 1
     CV = Cinv @ V  # [B, L, M, 4K]
-    Wr = (V.mH @ CV).view(B, L, 4, K, 4, K)  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
-    Ur = (CV.mH @ CV).view(B, L, 4, K, 4, K)
+    W = V.mH @ CV  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
+    A0 = W.view(B, L, 4, K, 4, K)[:, :, 0]  # [B, L, a, J, c]
     wr = (V.mH @ z.unsqueeze(-1)).view(B, L, 4, K)
-    # Param (i, a): C_i = c_ia (v_ia b_a^H + b_a v_ia^H) with v_0a = b_a (log p, c = p/2), v_ia = b'_ia.
-    A0 = Wr[:, :, 0]  # [B, L, a, J, c]
-    B0 = Wr[:, :, :, :, 0]  # [B, L, i, a, c]
-    Wbb = A0[:, :, :, 0]  # [B, L, a, c]
-    Fl = (
-        A0.view(B, L, 1, K, 4, K) * A0.permute(0, 1, 3, 4, 2).reshape(B, L, 4, K, 1, K)
-        + Wbb.view(B, L, 1, K, 1, K) * Wr.permute(0, 1, 4, 5, 2, 3)
-        + Wr * Wbb.transpose(-1, -2).reshape(B, L, 1, K, 1, K)
-        + B0.reshape(B, L, 4, K, 1, K) * B0.permute(0, 1, 4, 2, 3).reshape(B, L, 1, K, 4, K)
-    ).real.sum(1)  # [B, i, a, J, c]
+    # gradient: C_i = c_i (v_i b_a^H + b_a v_i^H), tr(C^-1 v_x v_y^H) = W[y, x], z^H v_x v_y^H z = conj(w_x) w_y
     gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1).real - (wr.conj() * wr[:, :, :1]).real).sum(1)  # [B, i, a]
-    Fs = 2 * torch.diagonal(Ur[:, :, 0], dim1=-3, dim2=-1).real.sum(1)  # [B, i, a]
     order = [1, 2, 3, 0]  # parameter order phi, theta, rho, log p
-    Fl = Fl[:, order][:, :, :, order].reshape(B, 4 * K, 4 * K)
-    gl, Fs = gl[:, order].reshape(B, 4 * K), Fs[:, order].reshape(B, 4 * K)
+    gl = gl[:, order].reshape(B, 4 * K)
     coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
-    s2r = s2.view(B, 1)
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
     trC2 = Cinv.abs().square().sum((-1, -2))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
     g_pos = coef * gl
     g_s = s2 * (trC - z.abs().square().sum(-1)).sum(1)
     grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
-    F = torch.zeros(B, Pn, Pn, dtype=phi.dtype, device=y.device)
-    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl
-    F[:, :-1, -1] = coef * s2r * Fs
-    F[:, -1, :-1] = F[:, :-1, -1]
-    F[:, -1, -1] = s2 * s2 * trC2.sum(1)
-    F = 0.5 * (F + F.transpose(-1, -2))
+    F = stochastic_fisher(W, CV.mH @ CV, trC2.sum(1), p, s2, 3, log_params=True)
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
     grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F
@@ -229,7 +156,7 @@ def static_eval(
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
     cd = y.dtype
-    a, da_p, da_t, da_r = steering_with_derivatives(phi, theta, rho, scenario, dtype=cd)
+    a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(cd).view(B, 1, K)
     vecs = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
     V = measure(H, codes, vecs).reshape(B, L * M, -1)  # [B, LM, 4K]

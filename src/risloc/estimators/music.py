@@ -4,7 +4,7 @@ For a covariance ``R`` (a :class:`~risloc.covariance.LowRankCovariance`, ``R = U
 with eigenpairs ``(lam_i, e_i)`` (descending), the signal subspace is
 ``E_s = [e_1, ..., e_K]`` and the pseudo-spectrum over (phi, theta, r) is::
 
-    P(phi, theta, r) = |a|^2 / (|a|^2 - |E_s^H a|^2),     a = a(phi, theta, r)  (physics.md)
+    P(phi, theta, r) = |a|^2 / (|a|^2 - |E_s^H a|^2),     a = a(phi, theta, r)  (docs/model.md)
 
 K comes from the caller (e.g. the learned K head) or from an order rule on R's
 eigenvalues (:mod:`risloc.estimators.order`). Per-scene K is handled by masking the

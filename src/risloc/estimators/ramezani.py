@@ -10,7 +10,7 @@ angle MUSIC) were corroborated from a third-party public re-implementation that 
 paper's equations. Nothing was copied; this module is written from the model below
 (docs/estimators-ramezani.md says what is the paper's and what is risloc's).
 
-Model (shared/spec/physics.md). Element e_n = ((i - c_H) d_H, (j - c_V) d_V, 0), n = j N_H + i,
+Model (docs/model.md). Element e_n = ((i - c_H) d_H, (j - c_V) d_V, 0), n = j N_H + i,
 c = (N - 1)/2; the RIS is centro-symmetric: the mirror n' of n (indices N_H-1-i, N_V-1-j) sits
 at e_n' = -e_n. With u = (cos θ sin φ, sin θ, cos θ cos φ) and the Fresnel expansion
 
@@ -224,7 +224,7 @@ def estimate(
         ('mdl', 'aic' or 'eigengap'; n = J sub-RISs as snapshots).
       grid: FFT size per axis of the 2-D angle (virtual-frequency) spectrum.
       range_points: points of the 1-D range grid (uniform in 1/r on [r_min, r_max]).
-      steering: 'exact' (physics.md) or 'fresnel' (the paper's approximation) for the range stage.
+      steering: 'exact' (docs/model.md) or 'fresnel' (the paper's approximation) for the range stage.
       fov_margin: how far outside the scenario's field of view [rad] an alias may lie and still count.
       variant: 'risloc' (default) or 'paper'; sets the defaults of the next four options:
         'paper' = (refine=False, candidates=1, full_rank=None, min_sources=0), the published

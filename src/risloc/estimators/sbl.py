@@ -1,7 +1,7 @@
 """Sparse Bayesian learning (``sbl``) on a near-field dictionary seen through each snapshot's map.
 
-Model (physics.md, stochastic signals). With a dictionary ``D = [a(eta_1), ..., a(eta_Q)]``
-``[N, Q]`` of exact steering vectors on a grid uniform in (sin phi, sin theta, 1/r), each
+Model (docs/model.md, stochastic signals). With the dictionary ``D = [a(eta_1), ..., a(eta_Q)]``
+``[N, Q]`` of exact steering vectors on the near-field grid of :mod:`risloc.grids`, each
 snapshot is ``y_l = Phi_l x_l + n_l`` with its own dictionary ``Phi_l = G_l D`` ``[M, Q]``
 (``G_l = H diag(c_l)``), ``x_l ~ CN(0, Gamma)``, ``Gamma = diag(gamma)`` shared by the
 snapshots (a source is the same atom in every snapshot), ``n_l ~ CN(0, s2 I_M)``. So
@@ -54,10 +54,9 @@ import torch
 import torch.nn.functional as Fnn
 from torch import Tensor
 
-from .. import physics
+from .. import grids, physics
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import grid, measure_dictionary
 
 __all__ = ["estimate", "sbl_gamma", "detect", "DEFAULTS"]
 
@@ -72,20 +71,6 @@ DEFAULTS = dict(
     prune=3,  # backward pruning passes of the refinement (penalised likelihood of ml)
     refine_iterations=25,
 )
-
-_DICT_CACHE: dict = {}
-
-
-def _dictionary(scenario, shape, device, dtype):
-    key = (scenario.to_json(), tuple(shape), str(device), dtype)
-    if key not in _DICT_CACHE:
-        gp, gt, gr = grid(scenario, *shape, device=device, dtype=physics.real_dtype(dtype))
-        D = physics.steering(gp, gt, 1.0 / gr, scenario, dtype=dtype, device=device).T.contiguous()  # [N, Q]
-        if len(_DICT_CACHE) > 4:
-            _DICT_CACHE.clear()
-        _DICT_CACHE[key] = (gp, gt, gr, D)
-    return _DICT_CACHE[key]
-
 
 def sbl_gamma(
     y: Tensor, Phi: Tensor, iterations: int, *, keep: int | None = 256, prune_after: int = 8, noise_floor: float = 1e-6
@@ -163,8 +148,9 @@ def _run_batch(scenes: Scenes, k_max: int, opts: dict, K_given: Tensor | None, e
     y = y / torch.sqrt(torch.where(ypow > 0, ypow, torch.ones_like(ypow))).to(cd).view(B, 1, 1)
     hpow = H.abs().square().mean((1, 2))
     H = H / torch.sqrt(torch.where(hpow > 0, hpow, torch.ones_like(hpow))).to(cd).view(B, 1, 1)
-    gp, gt, gr, D = _dictionary(sc, opts["grid_shape"], y.device, cd)
-    Phi = measure_dictionary(H, codes, D)  # [B, L, M, Q]
+    dico = grids.dictionary(sc, opts["grid_shape"], device=y.device, dtype=cd)
+    gp, gt, gr = dico.phi, dico.theta, dico.rho
+    Phi = grids.measure_dictionary(H, codes, dico.D)  # [B, L, M, Q]
     gamma, s2 = sbl_gamma(y, Phi, int(opts["iterations"]), keep=opts["keep"], prune_after=int(opts["prune_after"]))
     col = Phi.abs().square().sum(2).mean(1) / M  # [B, Q]: mean_l |phi_lq|^2 / M
     K, idx, val = detect(gamma, s2, col, opts["grid_shape"], threshold=opts["threshold"], rel_threshold=opts["rel_threshold"], k_max=k_max)

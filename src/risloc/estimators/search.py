@@ -17,7 +17,8 @@ approximation). The pseudo-spectrum is ``P = 1 / q``.
 
 Steps of :func:`subspace_search`:
 
-1. **Coarse grid** (:class:`GridSpec`, :func:`search_grid`): ``n_phi x n_theta x n_r`` points,
+1. **Coarse grid** (:class:`~risloc.grids.GridSpec`, :func:`risloc.grids.search_grid`, the near-field
+   grid of :mod:`risloc.grids`): ``n_phi x n_theta x n_r`` points,
    azimuth and elevation uniform in ``sin`` (or in angle) over the scenario's field of
    view, range uniform in inverse range ``rho = 1/r`` over ``[1/r_max, 1/r_min]`` (the
    near-field range resolution of the aperture is roughly uniform in ``rho``: a step of
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import physics
+from ..grids import GridSpec, SearchGrid, search_grid
 from ..scenario import Scenario
 
 __all__ = [
@@ -79,106 +81,6 @@ __all__ = [
     "music_spectrum",
     "mask_columns",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Grid
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GridSpec:
-    """Size and sampling of the coarse search grid."""
-
-    n_phi: int = 49
-    """Azimuth samples over [phi_min, phi_max]."""
-    n_theta: int = 25
-    """Elevation samples over [theta_min, theta_max]."""
-    n_r: int = 20
-    """Range samples, uniform in 1/r over [1/r_max, 1/r_min]."""
-    spacing: str = "sin"
-    """'sin': angles uniform in sin(angle); 'angle': uniform in angle."""
-    approximation: str = "exact"
-    """Steering model of the search: 'exact' (physics.md) or 'fresnel'."""
-
-    def __post_init__(self):
-        for name in ("n_phi", "n_theta", "n_r"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GridSpec.{name} = {getattr(self, name)}: must be >= 1")
-        if self.spacing not in ("sin", "angle"):
-            raise ValueError(f"GridSpec.spacing = {self.spacing!r}: must be 'sin' or 'angle'")
-        if self.approximation not in ("exact", "fresnel"):
-            raise ValueError(f"GridSpec.approximation = {self.approximation!r}: must be 'exact' or 'fresnel'")
-
-    @property
-    def size(self) -> int:
-        return self.n_phi * self.n_theta * self.n_r
-
-
-@dataclass
-class SearchGrid:
-    """A built grid: axes, unit-norm steering ``[G, N]`` (phi slowest, r fastest), steps."""
-
-    phi: Tensor
-    theta: Tensor
-    rho: Tensor
-    steering: Tensor
-    step: tuple[float, float, float]
-    """Typical step (phi [rad], theta [rad], rho [1/m]) at broadside, the refinement's scale."""
-    bounds: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
-    """Prior box ((phi_min, phi_max), (theta_min, theta_max), (rho_min, rho_max))."""
-    spec: GridSpec
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.phi.numel(), self.theta.numel(), self.rho.numel())
-
-
-def _axis(lo: float, hi: float, n: int, spacing: str) -> Tensor:
-    if n == 1:
-        return torch.tensor([0.5 * (lo + hi)], dtype=torch.float64)
-    if spacing == "sin":
-        return torch.asin(torch.linspace(math.sin(lo), math.sin(hi), n, dtype=torch.float64))
-    return torch.linspace(lo, hi, n, dtype=torch.float64)
-
-
-_GRID_CACHE: dict = {}
-
-
-def search_grid(scenario: Scenario, spec: GridSpec = GridSpec(), *, device=None, dtype: torch.dtype = torch.complex64) -> SearchGrid:
-    """The coarse grid of ``scenario`` (cached per scenario, spec, device and dtype)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    key = (scenario.to_json(), spec, str(device), dtype)
-    grid = _GRID_CACHE.get(key)
-    if grid is not None:
-        return grid
-    sc = scenario
-    if not (0 < sc.r_min <= sc.r_max):
-        raise ValueError(f"scenario.r_min = {sc.r_min}: the search needs 0 < r_min <= r_max")
-    phi = _axis(sc.phi_min, sc.phi_max, spec.n_phi, spec.spacing)
-    theta = _axis(sc.theta_min, sc.theta_max, spec.n_theta, spec.spacing)
-    rho_lo, rho_hi = 1.0 / sc.r_max, 1.0 / sc.r_min
-    rho = torch.linspace(rho_lo, rho_hi, spec.n_r, dtype=torch.float64) if spec.n_r > 1 else torch.tensor([0.5 * (rho_lo + rho_hi)], dtype=torch.float64)
-    P, T, Rh = torch.meshgrid(phi, theta, rho, indexing="ij")
-    a = physics.steering(P.reshape(-1), T.reshape(-1), 1.0 / Rh.reshape(-1), sc, approximation=spec.approximation, dtype=torch.complex128)
-    a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-
-    def step(ax: Tensor, lo: float, hi: float) -> float:
-        if ax.numel() > 1:
-            return float((ax[1:] - ax[:-1]).min())
-        return max(hi - lo, 1e-3)
-
-    grid = SearchGrid(
-        phi=phi.to(device, physics.real_dtype(dtype)),
-        theta=theta.to(device, physics.real_dtype(dtype)),
-        rho=rho.to(device, physics.real_dtype(dtype)),
-        steering=a.to(device=device, dtype=dtype).contiguous(),
-        step=(step(phi, sc.phi_min, sc.phi_max), step(theta, sc.theta_min, sc.theta_max), step(rho, rho_lo, rho_hi)),
-        bounds=((sc.phi_min, sc.phi_max), (sc.theta_min, sc.theta_max), (rho_lo, rho_hi)),
-        spec=spec,
-    )
-    if len(_GRID_CACHE) > 16:
-        _GRID_CACHE.clear()
-    _GRID_CACHE[key] = grid
-    return grid
 
 
 # ----------------------------------------------------------------------------------------------

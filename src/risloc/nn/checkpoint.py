@@ -22,9 +22,12 @@ import hashlib
 import os
 import pickle
 import subprocess
+import zipfile
 from pathlib import Path
 
 import torch
+
+from .._files import InputError
 
 FORMAT = "risloc-learned"
 VERSION = 1
@@ -46,25 +49,31 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; refuse anything else.
 
-    Raises ValueError when the file holds arbitrary pickled objects (which could run code on
-    load), is not a risloc checkpoint, or has another format version.
+    Raises :class:`~risloc._files.InputError` (a ValueError) naming the file when it is not a
+    torch zip archive (truncated, or another kind of file), holds arbitrary pickled objects
+    (which could run code on load), is not a risloc checkpoint, or has another format version.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"checkpoint {path}: not a torch checkpoint (no zip archive: the file is truncated or of another kind)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+    except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path}: refused to load — it holds objects other than tensors, dicts, lists, "
             f"numbers and strings (torch.load(weights_only=True): {first}). risloc checkpoints never do; "
             "this file was not written by risloc or has been tampered with"
         ) from None
+    except (RuntimeError, AttributeError, TypeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"checkpoint {path}: damaged torch archive ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: not a risloc learned-model checkpoint (format != {FORMAT!r})")
+        raise InputError(f"checkpoint {path}: not a risloc learned-model checkpoint (format != {FORMAT!r})")
     if state.get("version") != VERSION:
-        raise ValueError(f"checkpoint {path}: format version {state.get('version')!r}, this risloc reads {VERSION}")
+        raise InputError(f"checkpoint {path}: format version {state.get('version')!r}, this risloc reads {VERSION}")
     return state
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..covariance import CovarianceOptions
+from .._files import InputError, read_toml
 from ..scenario import Scenario, toml_dumps
 
 
@@ -265,8 +266,12 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
-        with open(path, "rb") as fh:
-            return cls.from_dict(tomllib.load(fh))
+        """A training-configuration TOML file (``InputError`` naming the file if it is not TOML or not a configuration)."""
+        data = read_toml(path)
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from None
 
     def covariance_options(self, beta: float | None = None):
         return self.loss.covariance_options(beta)

@@ -40,12 +40,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .._files import atomic_write_text
+from .._files import atomic_write_text, read_toml
 from .config import TrainConfig, apply_overrides
 
 INSTALL_HINT = "risloc hpo needs Optuna, an optional extra: pip install 'risloc[hpo]'  (or: pip install 'optuna>=3.5')"
@@ -113,9 +112,7 @@ class SearchSpace:
 def load_space(path: str | Path, base: TrainConfig | None = None) -> SearchSpace:
     """Read a search-space TOML file; every key is checked against the trainer's configuration."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
-    return space_from_dict(data, base, where=str(path))
+    return space_from_dict(read_toml(path), base, where=str(path))
 
 
 def space_from_dict(data: dict, base: TrainConfig | None = None, *, where: str = "search space") -> SearchSpace:

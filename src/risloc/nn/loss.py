@@ -3,7 +3,7 @@
 Notation: E(F) = :func:`risloc.nn.model.effective` (F, inputs, options) — THE effective covariance
 of a factor F with the scene's sample covariance R_s and SNR (trace-normalised, hybrid-blended
 with beta, loaded with delta, shrunk with alpha = gamma / (1 + snr)); F* = source_factor(truth)
-(R = F* F*^H, physics.md 'The learning target'); F-hat the network's factor.
+(R = F* F*^H, the learning target of docs/model.md); F-hat the network's factor.
 
 Main term (covariance NMSE, the same builder and arguments for prediction and truth)::
 
@@ -221,7 +221,8 @@ def music_null_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario, *
     loss = (q * wa).sum(-1) / wa.sum(-1).clamp(min=1)
     if negatives <= 0:
         return loss
-    from ..estimators.search import GridSpec, NullSpectrum, search_grid
+    from ..estimators.search import NullSpectrum
+    from ..grids import GridSpec, search_grid
     from ..physics import angle_between
 
     grid = search_grid(scenario, GridSpec(n_phi=25, n_theta=13, n_r=10), device=U.device, dtype=torch.complex64)

@@ -7,7 +7,7 @@ back-projected sample covariance R_s (the input of the ``covariance`` network an
 throws away most of what the measurements say (docs/learned.md, "Diagnosis"). ``ml`` reaches
 the bound by testing near-field atoms d_q = a(phi_q, theta_q, r_q) against each snapshot
 through its own map. The network sees the same first step of the likelihood: with
-phi_lq = G_l d_q (:func:`risloc.estimators.ml_core.measure_dictionary`),
+phi_lq = G_l d_q (:func:`risloc.grids.measure_dictionary`),
 
     c_lq = |phi_lq^H y_l|^2 / (|phi_lq|^2 |y_l|^2)       in [0, 1] (per snapshot),
     S_q  = sum_l |phi_lq^H y_l|^2 / |phi_lq|^2 / sum_l |y_l|^2,
@@ -40,7 +40,7 @@ detections (``search = "local"``).
 
 Loss (``LossConfig.main = "detect"``, :func:`detection_loss`): the CenterNet focal loss on the
 heat map against Gaussian bumps (std ``detect_sigma`` cells) at the true positions, plus a
-Huber loss on the position errors in *hit units* of physics.md (delta phi / 2 deg,
+Huber loss on the position errors in *hit units* of docs/metrics.md (delta phi / 2 deg,
 delta theta / 2 deg, delta r / (0.1 r)) of the cells around each source, plus an L1 loss on
 the log powers; the K head's cross-entropy is the objective's ``k`` term.
 """
@@ -55,15 +55,11 @@ from torch import Tensor, nn
 from torch.nn import functional as Fn
 
 from .. import physics
-from ..estimators.ml_core import grid as dictionary_grid
-from ..estimators.ml_core import measure_dictionary
+from ..grids import GridSpec, grid_points, measure_dictionary
+from ..metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ..scenario import Scenario
 from ..scenes import Truth
 from .config import ModelConfig
-
-HIT_PHI = math.radians(2.0)
-HIT_THETA = math.radians(2.0)
-HIT_RANGE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +97,7 @@ def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=Non
     key = (scenario.to_json(), shape, str(device))
     if key not in _GRID_CACHE:
         sc = scenario
-        gp, gt, gr = dictionary_grid(sc, *shape, device=device, dtype=torch.float64)
+        gp, gt, gr = (t.to(device) for t in grid_points(sc, GridSpec(*shape)))
         D = physics.steering(gp, gt, 1.0 / gr, sc, dtype=torch.complex64, device=device).T.contiguous()  # [N, Q]
         lo = torch.tensor([math.sin(sc.phi_min), math.sin(sc.theta_min), 1.0 / sc.r_max], dtype=torch.float32, device=device)
         hi = torch.tensor([math.sin(sc.phi_max), math.sin(sc.theta_max), 1.0 / sc.r_min], dtype=torch.float32, device=device)

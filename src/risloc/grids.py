@@ -1,0 +1,195 @@
+"""The near-field grid of risloc: one grid, uniform in (sin phi, sin theta, 1/r), for the
+spectrum searches (MUSIC, MVDR, the RIS method), the ``ml`` dictionary and the networks.
+
+Axes (:func:`grid_axes`), over the scenario's field of view and range interval::
+
+    phi_i   = asin(sin phi_min + i (sin phi_max - sin phi_min) / (n_phi - 1)),     i = 0..n_phi-1
+    theta_j = asin(sin theta_min + j (sin theta_max - sin theta_min) / (n_theta - 1))
+    rho_m   = 1/r_max + m (1/r_min - 1/r_max) / (n_r - 1),   r_m = 1 / rho_m
+
+(``spacing="angle"`` makes the two angle axes uniform in angle instead; an axis of one point
+sits at the middle of its interval). The sampling follows the resolution of the aperture:
+the beamwidth is nearly uniform in sin(angle) and the near-field range resolution nearly
+uniform in 1/r, since the Fresnel phase term is (|e|^2 - (u.e)^2) / (2 r). Points are
+flattened with phi slowest and rho fastest (index ``(i n_theta + j) n_r + m``).
+
+On that grid:
+
+* :func:`search_grid`: the unit-norm steering matrix ``[G, N]`` of the subspace searches
+  (:mod:`risloc.estimators.search`), with the steps and the prior box;
+* :func:`dictionary`: the steering *dictionary* ``D = [a(phi_q, theta_q, r_q)]`` ``[N, Q]`` of
+  ``ml`` and of the spectrum network;
+* :func:`measure_dictionary`: the dictionary seen through every snapshot's own map,
+  ``Phi_l = G_l D`` with ``G_l = H diag(c_l)``.
+
+Built grids are cached per (scenario, shape, device, dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import physics
+from .scenario import Scenario
+
+__all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary"]
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Size and sampling of a near-field grid."""
+
+    n_phi: int = 49
+    """Azimuth samples over [phi_min, phi_max]."""
+    n_theta: int = 25
+    """Elevation samples over [theta_min, theta_max]."""
+    n_r: int = 20
+    """Range samples, uniform in 1/r over [1/r_max, 1/r_min]."""
+    spacing: str = "sin"
+    """'sin': angles uniform in sin(angle); 'angle': uniform in angle."""
+    approximation: str = "exact"
+    """Steering model on the grid: 'exact' (physics.md) or 'fresnel'."""
+
+    def __post_init__(self):
+        for name in ("n_phi", "n_theta", "n_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GridSpec.{name} = {getattr(self, name)}: must be >= 1")
+        if self.spacing not in ("sin", "angle"):
+            raise ValueError(f"GridSpec.spacing = {self.spacing!r}: must be 'sin' or 'angle'")
+        if self.approximation not in ("exact", "fresnel"):
+            raise ValueError(f"GridSpec.approximation = {self.approximation!r}: must be 'exact' or 'fresnel'")
+
+    @property
+    def size(self) -> int:
+        return self.n_phi * self.n_theta * self.n_r
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.n_phi, self.n_theta, self.n_r)
+
+
+def _axis(lo: float, hi: float, n: int, spacing: str) -> Tensor:
+    if n == 1:
+        return torch.tensor([0.5 * (lo + hi)], dtype=torch.float64)
+    if spacing == "sin":
+        return torch.asin(torch.linspace(math.sin(lo), math.sin(hi), n, dtype=torch.float64))
+    return torch.linspace(lo, hi, n, dtype=torch.float64)
+
+
+def grid_axes(scenario: Scenario, spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor, Tensor]:
+    """The three axes (phi [rad], theta [rad], rho = 1/r [1/m]) of the module docstring, float64 on CPU."""
+    sc = scenario
+    if not (0 < sc.r_min <= sc.r_max):
+        raise ValueError(f"scenario.r_min = {sc.r_min}: a near-field grid needs 0 < r_min <= r_max")
+    phi = _axis(sc.phi_min, sc.phi_max, spec.n_phi, spec.spacing)
+    theta = _axis(sc.theta_min, sc.theta_max, spec.n_theta, spec.spacing)
+    rho_lo, rho_hi = 1.0 / sc.r_max, 1.0 / sc.r_min
+    rho = torch.linspace(rho_lo, rho_hi, spec.n_r, dtype=torch.float64) if spec.n_r > 1 else torch.tensor([0.5 * (rho_lo + rho_hi)], dtype=torch.float64)
+    return phi, theta, rho
+
+
+def grid_points(scenario: Scenario, spec: GridSpec = GridSpec()) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat grid points (phi, theta, rho), each ``[Q]`` float64, phi slowest and rho fastest."""
+    P, T, R = torch.meshgrid(*grid_axes(scenario, spec), indexing="ij")
+    return P.reshape(-1), T.reshape(-1), R.reshape(-1)
+
+
+_CACHE: dict = {}
+
+
+def _cached(key, build):
+    if key not in _CACHE:
+        if len(_CACHE) > 16:
+            _CACHE.clear()
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+@dataclass
+class SearchGrid:
+    """A built search grid: axes, unit-norm steering ``[G, N]`` (phi slowest, r fastest), steps."""
+
+    phi: Tensor
+    theta: Tensor
+    rho: Tensor
+    steering: Tensor
+    step: tuple[float, float, float]
+    """Typical step (phi [rad], theta [rad], rho [1/m]) at broadside, the refinement's scale."""
+    bounds: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+    """Prior box ((phi_min, phi_max), (theta_min, theta_max), (rho_min, rho_max))."""
+    spec: GridSpec
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.phi.numel(), self.theta.numel(), self.rho.numel())
+
+
+def search_grid(scenario: Scenario, spec: GridSpec = GridSpec(), *, device=None, dtype: torch.dtype = torch.complex64) -> SearchGrid:
+    """The search grid of ``scenario``: unit-norm steering vectors ``a / |a|`` (computed in
+    complex128, stored in ``dtype``), cached per scenario, spec, device and dtype."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def build() -> SearchGrid:
+        sc = scenario
+        phi, theta, rho = grid_axes(sc, spec)
+        P, T, Rh = grid_points(sc, spec)
+        a = physics.steering(P, T, 1.0 / Rh, sc, approximation=spec.approximation, dtype=torch.complex128)
+        a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+        rho_lo, rho_hi = 1.0 / sc.r_max, 1.0 / sc.r_min
+
+        def step(ax: Tensor, lo: float, hi: float) -> float:
+            if ax.numel() > 1:
+                return float((ax[1:] - ax[:-1]).min())
+            return max(hi - lo, 1e-3)
+
+        rd = physics.real_dtype(dtype)
+        return SearchGrid(
+            phi=phi.to(device, rd), theta=theta.to(device, rd), rho=rho.to(device, rd),
+            steering=a.to(device=device, dtype=dtype).contiguous(),
+            step=(step(phi, sc.phi_min, sc.phi_max), step(theta, sc.theta_min, sc.theta_max), step(rho, rho_lo, rho_hi)),
+            bounds=((sc.phi_min, sc.phi_max), (sc.theta_min, sc.theta_max), (rho_lo, rho_hi)),
+            spec=spec,
+        )
+
+    return _cached(("search", scenario.to_json(), spec, str(device), dtype), build)
+
+
+@dataclass
+class Dictionary:
+    """A steering dictionary on the grid: points ``phi, theta, rho`` ``[Q]`` (real dtype of ``D``)
+    and ``D = [a(phi_q, theta_q, 1/rho_q)]`` ``[N, Q]`` (exact steering, not normalised)."""
+
+    phi: Tensor
+    theta: Tensor
+    rho: Tensor
+    D: Tensor
+    shape: tuple[int, int, int]
+
+
+def dictionary(scenario: Scenario, shape: tuple[int, int, int], *, device=None, dtype: torch.dtype = torch.complex64) -> Dictionary:
+    """The exact-steering dictionary on the ``shape = (n_phi, n_theta, n_r)`` grid (sin spacing),
+    computed in ``dtype`` from the points rounded to its real dtype; cached per scenario, shape,
+    device and dtype."""
+    shape = tuple(int(s) for s in shape)
+    spec = GridSpec(*shape)
+
+    def build() -> Dictionary:
+        rd = physics.real_dtype(dtype)
+        gp, gt, gr = (t.to(device=device, dtype=rd) for t in grid_points(scenario, spec))
+        D = physics.steering(gp, gt, 1.0 / gr, scenario, dtype=dtype, device=device).T.contiguous()  # [N, Q]
+        return Dictionary(gp, gt, gr, D, shape)
+
+    return _cached(("dictionary", scenario.to_json(), shape, str(device), dtype), build)
+
+
+def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
+    """Per-scene dictionary ``Phi_l = G_l D``, ``G_l = H diag(c_l)``: H ``[B, M, N]``, codes ``[B, L, N]``,
+    D ``[N, Q]`` -> ``[B, L, M, Q]`` (one product of the stacked rows of every G_l with D)."""
+    B, L, N = codes.shape
+    M = H.shape[1]
+    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B * L * M, N)  # rows of G_l stacked
+    return (G @ D).view(B, L, M, -1)

@@ -1,0 +1,140 @@
+"""Bad input at the command line: each refused input gives one line on stderr that names the
+file (or the option) and what is wrong, exit status 2, no traceback, and leaves no output file
+(not even a temporary one; an existing output keeps its content)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+import risloc
+from risloc import io
+from risloc.cli import main
+from risloc.estimators import available
+from risloc.nn.inference import DEFAULT_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A good scene file and bad inputs of every kind, in a folder of their own."""
+    d = tmp_path_factory.mktemp("bad-input")
+    good = d / "scenes.h5"
+    io.save_scenes(risloc.simulate(risloc.Scenario(), 3, seed=1), good)
+    data = good.read_bytes()
+    (d / "text.h5").write_text("these are not scenes\n")
+    (d / "truncated.h5").write_bytes(data[: len(data) // 2])
+    missing = d / "no-codes.h5"
+    missing.write_bytes(data)
+    with h5py.File(missing, "a") as f:
+        del f["codes"]
+    with h5py.File(d / "crb-no-phi.h5", "w") as f:
+        f.attrs["content"] = "crb"
+        f.create_dataset("crb/theta", data=torch.ones(3, 5).numpy())
+        f.create_dataset("crb/r", data=torch.ones(3, 5).numpy())
+    (d / "crb-text.h5").write_text("not a CRB file\n")
+    main(["locate", str(good), "--out", str(d / "est.h5"), "--method", "music", "--no-progress"])
+    weights = DEFAULT_WEIGHTS.read_bytes()
+    (d / "truncated.pt").write_bytes(weights[: len(weights) // 3])
+    torch.save({"epoch": 3, "weights": torch.ones(2)}, d / "foreign.pt")
+    (d / "bad.toml").write_text("k_max = = 3\n")
+    (d / "unknown-field.toml").write_text("no_such_field = 3\n")
+    return d
+
+
+def _refused(capsys, tmp_path, argv: list[str], names: str, out: Path | None = None) -> str:
+    """Run ``risloc argv``; check exit status 2, one stderr line naming ``names`` and no
+    file written into ``tmp_path`` (the output folder of the run). Returns the line."""
+    before = sorted(os.listdir(tmp_path))
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"risloc {argv[0]}: error: ") and names in err, err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before, "an output or temporary file was left behind"
+    if out is not None:
+        assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("bad, what", [
+    ("text.h5", "not a readable scene file"),
+    ("truncated.h5", "truncated"),
+    ("no-codes.h5", "dataset 'codes' is missing"),
+    ("no-such-file.h5", "does not exist"),
+])
+def test_locate_refuses_bad_scene_files(files, tmp_path, capsys, bad, what):
+    out = tmp_path / "est.h5"
+    err = _refused(capsys, tmp_path, ["locate", str(files / bad), "--out", str(out), "--no-progress"], str(files / bad), out)
+    assert what in err
+
+
+def test_refused_run_keeps_an_existing_output(files, tmp_path, capsys):
+    out = tmp_path / "est.h5"
+    out.write_bytes(b"previous result")
+    _refused(capsys, tmp_path, ["locate", str(files / "truncated.h5"), "--out", str(out), "--no-progress"], "truncated.h5")
+    assert out.read_bytes() == b"previous result"
+
+
+@pytest.mark.parametrize("bad, what", [("crb-no-phi.h5", "missing dataset crb/phi"), ("crb-text.h5", "not a readable CRB file")])
+def test_evaluate_refuses_a_malformed_crb_file(files, tmp_path, capsys, bad, what):
+    out = tmp_path / "score.json"
+    argv = ["evaluate", str(files / "scenes.h5"), str(files / "est.h5"), "--crb", str(files / bad), "--json", str(out)]
+    assert what in _refused(capsys, tmp_path, argv, str(files / bad), out)
+
+
+def test_evaluate_refuses_an_estimates_file_that_is_not_hdf5(files, tmp_path, capsys):
+    argv = ["evaluate", str(files / "scenes.h5"), str(files / "text.h5")]
+    assert "not a readable estimates file" in _refused(capsys, tmp_path, argv, str(files / "text.h5"))
+
+
+@pytest.mark.parametrize("bad, what", [("truncated.pt", "not a torch checkpoint"),
+                                       ("foreign.pt", "not a risloc learned-model checkpoint")])
+def test_locate_refuses_a_bad_checkpoint(files, tmp_path, capsys, bad, what):
+    out = tmp_path / "est.h5"
+    argv = ["locate", str(files / "scenes.h5"), "--out", str(out), "--method", "learned", "--checkpoint", str(files / bad)]
+    assert what in _refused(capsys, tmp_path, argv, str(files / bad), out)  # progress bar on: still one line
+
+
+@pytest.mark.parametrize("command", ["locate", "crb"])
+def test_batch_zero(files, tmp_path, capsys, command):
+    out = tmp_path / "out.h5"
+    argv = [command, str(files / "scenes.h5"), "--out", str(out), "--batch", "0", "--no-progress"]
+    _refused(capsys, tmp_path, argv, "--batch", out)
+
+
+@pytest.mark.parametrize("bad, what", [("bad.toml", "not valid TOML"), ("unknown-field.toml", "no_such_field")])
+def test_simulate_refuses_a_malformed_scenario_toml(files, tmp_path, capsys, bad, what):
+    out = tmp_path / "scenes.h5"
+    argv = ["simulate", "--out", str(out), "--scenes", "2", "--config", str(files / bad), "--quiet"]
+    assert what in _refused(capsys, tmp_path, argv, str(files / bad), out)
+
+
+def test_train_refuses_a_malformed_config_toml(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(files / "bad.toml"), "--out", str(out)]
+    assert "not valid TOML" in _refused(capsys, tmp_path, argv, str(files / "bad.toml"), out)
+
+
+def test_locate_list_names_every_estimator(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["locate", "--list"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.split() == available()
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(files, tmp_path):
+    """The real entry point (a new process): exit status 2 and exactly one line, no traceback."""
+    out = tmp_path / "est.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(risloc.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "risloc", "locate", str(files / "text.h5"), "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "text.h5" in p.stderr and "Traceback" not in p.stderr
+    assert not out.exists()
