@@ -429,7 +429,7 @@ def fit_factor(
 ) -> FactorFit:
     """Maximum-likelihood rank-``rank`` factor of the RIS-domain covariance by EM.
 
-    Model (physics.md, stochastic signals): ``y_l = G_l x_l + n_l``, ``G_l = H diag(c_l)``,
+    Model (docs/model.md, stochastic signals): ``y_l = G_l x_l + n_l``, ``G_l = H diag(c_l)``,
     ``x_l ~ CN(0, R)``, ``n_l ~ CN(0, s2 I_M)``, so ``y_l ~ CN(0, G_l R G_l^H + s2 I_M)``.
     With ``R = F F^H``, ``F = P F_d`` (P ``[N, d]`` an orthonormal ``basis``, e.g.
     :func:`prior_subspace`; default the identity) and ``x_l = F z_l``, ``z_l ~ CN(0, I_r)``,
