@@ -26,6 +26,7 @@ _MODULES = {
     "mvdr": "risloc.estimators.mvdr",
     "ramezani": "risloc.estimators.ramezani",
     "ml": "risloc.estimators.ml",
+    "sbl": "risloc.estimators.sbl",
     "learned": "risloc.nn.inference",
     "learned+ml": "risloc.nn.inference",
     "subspacenet": "risloc.nn.subspacenet",

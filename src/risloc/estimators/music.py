@@ -193,15 +193,17 @@ def estimate(
     K: Tensor | None = None,
     **kw,
 ) -> Estimates:
-    """MUSIC on :func:`risloc.covariance.scene_covariance` (the effective covariance of the
-    scenes' sample covariance, SNR-aware shrinkage with the SNR label when ``use_snr`` and
-    present, else estimated). ``K`` (``[S]``) overrides the order rule (oracle/learned K);
+    """MUSIC on :func:`risloc.covariance.scene_covariance` (by default the maximum-likelihood
+    low-rank covariance of the measurements, its rank chosen by MDL on their likelihood, so K-hat
+    is that rank; ``options.estimate='back_projection'``: the back-projected sample covariance;
+    SNR-aware shrinkage with the SNR label when ``use_snr`` and present, else estimated).
+    ``K`` (``[S]``) sets the estimate's rank and overrides the order rule (oracle/learned K);
     other keywords go to :func:`music_from_covariance`. Processed in batches of ``batch``
     scenes (tqdm bar when ``progress``)."""
     parts = []
     for s in _batches(len(scenes), batch, progress, "music"):
         sub = scenes[s : s + batch]
-        R = scene_covariance(sub, options=options, use_snr=use_snr)
+        R = scene_covariance(sub, options=options, use_snr=use_snr, K=None if K is None else torch.as_tensor(K)[s : s + batch])
         Ks = None if K is None else torch.as_tensor(K)[s : s + batch]
         parts.append(music_from_covariance(R, sub.scenario, K=Ks, order_rule=order_rule, **kw))
     if not parts:

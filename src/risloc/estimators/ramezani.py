@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from .. import physics
-from ..covariance import LowRankCovariance, as_low_rank, dense_to_low_rank, normalise_trace, sample_covariance
+from ..covariance import CovarianceOptions, LowRankCovariance, as_low_rank, dense_to_low_rank, ml_covariance, normalise_trace, sample_covariance
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register, search
@@ -209,6 +209,7 @@ def estimate(
     min_sources: int | None = None,
     regularisation: float = 1e-2,
     chunk: int = 256,
+    options: CovarianceOptions = CovarianceOptions(),
 ) -> Estimates:
     """Ramezani–Kosasih–Björnson modified MUSIC (arXiv:2409.14152), batched over scenes.
 
@@ -235,6 +236,9 @@ def estimate(
       candidates: angle peaks examined per wanted source (1: the paper's pipeline; more: the
         K̂ best by full-covariance MUSIC value are kept, one per direction — risloc's adaptation).
       regularisation: relative Tikhonov term ε of the back-projection (risloc.covariance.sample_covariance).
+      options: ``options.estimate`` chooses the covariance when none is given: 'ml' (default, the
+        maximum-likelihood low-rank fit of the measurements, risloc.covariance.ml_covariance) or
+        'back_projection' (the sample covariance of the back-projected snapshots).
       chunk: scenes per batch (bounds memory).
 
     Returns :class:`~risloc.scenes.Estimates` (K̂ ≤ k_max; NaN only after K̂).
@@ -282,14 +286,21 @@ def estimate(
     parts = []
     for a in range(0, S, chunk):
         b = min(a + chunk, S)
+        Kc = None
         if R_all is None:
             part = scenes[a:b]
-            R = sample_covariance(part.y, part.H, part.codes, regularisation=regularisation)
+            if options.estimate == "ml":
+                fit = ml_covariance(part.y, part.H, part.codes, sc, K=None if n_sources is None else n_sources[a:b], options=options)
+                R = fit.covariance()
+                if n_sources is None:  # K-hat is the rank the order rule chose for the estimate
+                    Kc = (fit.factor.abs().sum(1) > 0).sum(-1).clamp(min=min_sources)
+            else:
+                R = sample_covariance(part.y, part.H, part.codes, regularisation=regularisation)
         else:
             R = LowRankCovariance(R_all.factor[a:b], R_all.diag[a:b])
         parts.append(
             _estimate_chunk(
-                sc, normalise_trace(R), None if n_sources is None else n_sources[a:b],
+                sc, normalise_trace(R), Kc if Kc is not None else (None if n_sources is None else n_sources[a:b]),
                 sub, order_rule, grid, range_points, steering, fov_margin, refine, candidates, full_rank, min_sources,
             )
         )
