@@ -72,10 +72,15 @@ def test_zero_prediction_stays_zero_before_loading():
     assert torch.isfinite(values).all() and torch.isfinite(vectors).all()
 
 
-def test_sample_covariance_scale_invariant(scenes):
-    a = cv.scene_covariance(scenes)
-    b = cv.scene_covariance(risloc.Scenes(scenes.y * (3e4 * complex(math.cos(1), math.sin(1))), scenes.H, scenes.codes, scenes.scenario, scenes.snr_db))
-    assert torch.allclose(a.dense(), b.dense(), atol=1e-3)
+@pytest.mark.parametrize("estimate, atol", [("back_projection", 1e-3), ("ml", 1e-6)])
+def test_scene_covariance_scale_invariant(scenes, estimate, atol):
+    # 'ml' (EM, not run to convergence) compared in double precision
+    opts = cv.CovarianceOptions(estimate=estimate)
+    c = torch.complex128 if estimate == "ml" else scenes.y.dtype
+    y, H, codes = (t.to(c) for t in (scenes.y, scenes.H, scenes.codes))
+    a = cv.scene_covariance(risloc.Scenes(y, H, codes, scenes.scenario, scenes.snr_db), options=opts)
+    b = cv.scene_covariance(risloc.Scenes(y * (3e4 * complex(math.cos(1), math.sin(1))), H, codes, scenes.scenario, scenes.snr_db), options=opts)
+    assert torch.allclose(a.dense(), b.dense(), atol=atol)
 
 
 def test_gradients_flow_through_builder(scenes):
@@ -90,3 +95,72 @@ def test_builder_requires_inputs_for_sample():
         cv.effective_covariance(None)
     with pytest.raises(ValueError, match="beta"):
         cv.CovarianceOptions(beta=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the maximum-likelihood estimate of the RIS-domain covariance
+# ----------------------------------------------------------------------------------------------
+def _subspace_error(F_true, F_est):
+    """sin of the largest principal angle between the column spaces."""
+    Et = torch.linalg.qr(F_true).Q
+    E = torch.linalg.qr(F_est).Q
+    sv = torch.linalg.svdvals(Et.mH @ E)
+    return (1 - sv.min(-1).values ** 2).clamp(min=0).sqrt()
+
+
+@pytest.mark.parametrize("K, L", [(1, 64), (2, 96)])
+def test_ml_factor_matches_truth_noise_free_many_snapshots(K, L):
+    # 80 dB (noise amplitude 1e-4 of the signal), many snapshots: the ML factor's column space is
+    # the sources' and its power the sources' sample power.
+    sc = risloc.Scenario(k_fixed=K, snr_db_min=80, snr_db_max=80, snapshots=L)
+    s = risloc.simulate(sc, 2, seed=3, dtype=torch.complex128)
+    fit = cv.fit_factor(s.y, s.H, s.codes, K, iterations=240)
+    F_true = risloc.source_factor(s.truth, sc, dtype=torch.complex128)[..., :K]
+    assert (_subspace_error(F_true, fit.factor) < 2e-3).all()
+    power = fit.factor.abs().square().sum((1, 2)) / F_true.abs().square().sum((1, 2))
+    assert ((power - 1).abs() < 4 / math.sqrt(L)).all()  # sample power of L snapshots
+
+
+def test_ml_factor_nll_matches_dense_and_decreases():
+    sc = risloc.Scenario(k_fixed=2, snr_db_min=10, snr_db_max=10)
+    s = risloc.simulate(sc, 3, seed=4, dtype=torch.complex128)
+    short = cv.fit_factor(s.y, s.H, s.codes, 2, iterations=3, accelerate=False)
+    long = cv.fit_factor(s.y, s.H, s.codes, 2, iterations=30, accelerate=False)
+    assert (long.nll <= short.nll + 1e-9).all()
+    # dense NLL of y / scale with C_l = G_l R G_l^H + s2 I (R, s2 in the normalised units)
+    L, M = s.y.shape[1:]
+    scale = s.y.abs().square().sum((1, 2)) / (L * M)
+    G = risloc.physics.measurement_matrix(s.H, s.codes)
+    R = long.factor @ long.factor.mH
+    C = (G @ R.unsqueeze(1) @ G.mH + long.noise_var.view(-1, 1, 1, 1) * torch.eye(M, dtype=G.dtype)) / scale.view(-1, 1, 1, 1)
+    yn = s.y / scale.sqrt().view(-1, 1, 1)
+    nll = (torch.linalg.slogdet(C)[1] + (yn.conj().unsqueeze(-2) @ torch.linalg.solve(C, yn.unsqueeze(-1))).real.squeeze((-1, -2))).sum(-1)
+    assert torch.allclose(nll, long.nll, rtol=1e-8, atol=1e-6)
+
+
+def test_prior_subspace_holds_the_sources():
+    sc = risloc.Scenario()
+    P = cv.prior_subspace(sc, energy=0.99)
+    assert P.shape == (144, 86)
+    assert torch.allclose(P.mH @ P, torch.eye(P.shape[1], dtype=P.dtype), atol=1e-10)
+    s = risloc.simulate(sc, 64, seed=5, dtype=torch.complex128)
+    F = risloc.source_factor(s.truth, sc, dtype=torch.complex128)
+    kept = (P.mH @ F).abs().square().sum((1, 2)) / F.abs().square().sum((1, 2))
+    assert kept.mean() > 0.97
+    assert torch.equal(cv.prior_subspace(sc, energy=1.0), torch.eye(144, dtype=torch.complex128))
+
+
+def test_scene_covariance_estimates_and_options():
+    sc = risloc.Scenario(k_fixed=1, snr_db_min=20, snr_db_max=20)
+    s = risloc.simulate(sc, 4, seed=6)
+    bp = cv.scene_covariance(s, options=cv.CovarianceOptions(estimate="back_projection"))
+    ref = cv.effective_covariance(None, snr_db=s.snr_db, y=s.y, H=s.H, codes=s.codes)
+    assert torch.allclose(bp.dense(), ref.dense())
+    ml = cv.scene_covariance(s, K=torch.tensor([1, 2, 1, 2]))
+    rank = (ml.factor.abs().sum(1) > 0).sum(-1)
+    assert rank.tolist() == [1, 2, 1, 2]
+    assert torch.allclose(ml.trace(), torch.full((4,), 144.0 + 144 * 1e-3), rtol=1e-4)
+    with pytest.raises(ValueError, match="estimate"):
+        cv.CovarianceOptions(estimate="sample")
+    with pytest.raises(ValueError, match="prior_energy"):
+        cv.CovarianceOptions(prior_energy=0.0)

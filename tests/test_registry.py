@@ -41,7 +41,7 @@ def _no_k(scenes):
 
 
 def test_metadata_of_every_estimator():
-    for name in ("music", "mvdr", "ramezani", "ml", "learned", "learned+ml", "subspacenet"):
+    for name in _PACKAGE:
         info = estimators.info(name)
         assert isinstance(info, EstimatorInfo) and info.batch >= 1 and info.batch_cuda >= 1
         assert info.learned == (info.default_weights is not None)
@@ -87,7 +87,7 @@ def test_known_k_checked(scenes):
         risloc.locate(scenes, "registry-test-nok", K=1)
 
 
-_PACKAGE = ("music", "mvdr", "ramezani", "ml", "learned", "learned+ml", "subspacenet")
+_PACKAGE = ("music", "mvdr", "ramezani", "ml", "sbl", "learned", "learned+ml", "subspacenet")
 ACCEPTS_K = [n for n in _PACKAGE if estimators.info(n).accepts_k]
 
 

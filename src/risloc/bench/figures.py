@@ -239,8 +239,8 @@ def spectrum_data(res: BenchResult, index: int | None = None, n_phi: int = 97, n
         ref_title = "TRUE covariance R = Σ p_k a_k a_kᴴ (effective, with SNR shrinkage) — not an estimator"
         if lr is None or not lr.ok:
             learned_note += "no learned model in this run; "
-    samp = cv.scene_covariance(s, options=opts)
-    titles = (ref_title, "sample covariance of the back-projected snapshots (what music/mvdr use)")
+    samp = cv.scene_covariance(s, options=opts, K=s.truth.K)  # the default (ML) estimate at the true rank
+    titles = (ref_title, "ML covariance of the measurements at the true rank (what music/mvdr use)")
     Es = torch.cat([ref.signal_subspace(K).to(torch.complex128), samp.signal_subspace(K).to(torch.complex128)])
     values = _music_spectrum_db(Es, sc, phi, theta, r)
     panels = [{"title": t, "values_db": v} for t, v in zip(titles, values)]

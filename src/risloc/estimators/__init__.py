@@ -101,6 +101,8 @@ _INFO: dict[str, EstimatorInfo] = {
                       per_scene=("covariance",), summary="modified MUSIC with sub-RIS smoothing (Ramezani et al.)"),
         EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, k_option="K", per_scene=("init", "snr_db"),
                       summary="maximum likelihood: greedy grid start, joint refinement, penalised K"),
+        EstimatorInfo("sbl", "risloc.estimators.sbl", batch=16, batch_cuda=256, k_option="K",
+                      summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),
         EstimatorInfo("learned", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
                       summary="the learned pipeline: network -> effective covariance -> MUSIC with the K head"),
         EstimatorInfo("learned+ml", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",

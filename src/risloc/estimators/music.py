@@ -200,10 +200,12 @@ def estimate(
     K: Tensor | None = None,
     **kw,
 ) -> Estimates:
-    """MUSIC on :func:`risloc.covariance.scene_covariance` (the effective covariance of the
-    scenes' sample covariance, SNR-aware shrinkage with the SNR label when ``use_snr`` and
-    present, else estimated) for one batch of scenes (the registry chunks: ``risloc.locate``).
-    ``K`` (``[S]``) replaces the order rule (oracle or learned K): the answer then has exactly
-    ``K`` sources per scene. Other keywords go to :func:`music_from_covariance`."""
-    R = scene_covariance(scenes, options=options, use_snr=use_snr)
+    """MUSIC on :func:`risloc.covariance.scene_covariance` (by default the maximum-likelihood
+    low-rank covariance of the measurements, its rank chosen by MDL on their likelihood, so K-hat
+    is that rank; ``options.estimate='back_projection'``: the back-projected sample covariance;
+    SNR-aware shrinkage with the SNR label when ``use_snr`` and present, else estimated) for one
+    batch of scenes (the registry chunks: ``risloc.locate``). ``K`` (``[S]``) sets the
+    estimate's rank and replaces the order rule (oracle or learned K): the answer then has
+    exactly ``K`` sources per scene. Other keywords go to :func:`music_from_covariance`."""
+    R = scene_covariance(scenes, options=options, use_snr=use_snr, K=K)
     return music_from_covariance(R, scenes.scenario, K=K, order_rule=order_rule, **kw)

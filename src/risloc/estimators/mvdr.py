@@ -153,7 +153,7 @@ def estimate(
     instead of the detection rule. Keywords go to :func:`mvdr_from_covariance`.
     ``order_rule`` is accepted and ignored (K-free)."""
     kw.pop("order_rule", None)
-    R = scene_covariance(scenes, options=options, use_snr=use_snr)
+    R = scene_covariance(scenes, options=options, use_snr=use_snr, K=K)  # a known K also sets the estimate's rank
     return mvdr_from_covariance(R, scenes.scenario, K=K, **kw)
 
 

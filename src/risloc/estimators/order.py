@@ -31,6 +31,7 @@ out of the floor) and ``k_min = 0``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -110,3 +111,151 @@ def estimate_order(
         raise ValueError(f"estimate_order: rule {rule!r} needs n_snapshots")
     crit = information_criterion(lam, float(n_snapshots), rule=rule)[:, k_min : k_max + 1]
     return crit.argmin(-1) + k_min
+
+
+# ----------------------------------------------------------------------------------------------
+# Order rules on the measurement likelihood of the ML covariance fits (risloc.covariance.fit_factor)
+# ----------------------------------------------------------------------------------------------
+LIKELIHOOD_RULES = ("mdl", "aic", "penalised")
+"""Rules on the rank-k fits' measurement likelihood (:func:`likelihood_order`)."""
+
+PENALTY = 250.0
+"""Nats per source of the 'penalised' rule: the best of a sweep on 300 validation scenes (seed 1000)
+with ``benchmarks/bench_order.py`` (docs/estimators.md)."""
+
+
+def factor_dof(k: int, d: int) -> int:
+    """Real degrees of freedom of a rank-k factor F_d ``[d, k]`` modulo a unitary k x k rotation
+    (R = F F^H has ``2 d k - k^2``), plus one for the noise variance."""
+    return 2 * d * k - k * k + 1
+
+
+def identifiable_rank(n_snapshots: int, m: int, d: int) -> int:
+    """Largest k whose rank-k model is not saturated by ``n_snapshots`` snapshots of ``m`` antennas
+    seen through a d-dimensional basis: ``k (d + L) - k^2 < L M``.
+
+    Each snapshot is y_l = G_l F z_l + n_l: the k L latent values z_l and the ``d k - k^2``
+    (complex) free entries of F must be fewer than the L M (complex) measurements, otherwise
+    every y_l lies in the span of G_l F for some F, s2 -> 0 and the likelihood is unbounded.
+    Default scenario (L = M = 16): d = 144 -> 1, d = 86 (prior support, 99 %) -> 2, d = 69 (95 %) -> 3.
+    """
+    k = 0
+    while k + 1 <= min(d, m - 1) and (k + 1) * (d + n_snapshots) - (k + 1) ** 2 < n_snapshots * m:
+        k += 1
+    return k
+
+
+def likelihood_order(
+    nll: Tensor,
+    *,
+    d: int,
+    n_snapshots: int,
+    rule: str = "mdl",
+    penalty: float = PENALTY,
+    k_min: int = 0,
+) -> Tensor:
+    """``K_hat`` ``[B]`` from the NLLs ``[B, k_fit + 1]`` of the rank-k fits, k = 0..k_fit.
+
+    The criteria are Wax & Kailath's, written on the likelihood of the measurements
+    themselves (their eigenvalue forms are the closed-form ML likelihood of a fully observed
+    array; here the ML fit is computed by EM, :func:`risloc.covariance.fit_factor`), with
+    ``nu_k`` = :func:`factor_dof` (k, d)::
+
+        MDL(k) = NLL_k + 1/2 nu_k log L         (Rissanen; = BIC with the L snapshots as observations)
+        AIC(k) = NLL_k + nu_k                   (Akaike)
+        penalised(k) = NLL_k + penalty k        (a calibrated per-source penalty)
+
+    ``K_hat = argmin_k`` over ``k_min <= k <= k_fit``.
+    """
+    if rule not in LIKELIHOOD_RULES:
+        raise ValueError(f"likelihood_order: rule must be one of {LIKELIHOOD_RULES}, not {rule!r}")
+    if nll.dim() != 2:
+        raise ValueError(f"likelihood_order: nll must be [B, k_fit + 1], got shape {tuple(nll.shape)}")
+    kk = torch.arange(nll.shape[1], device=nll.device, dtype=torch.float64)
+    dof = torch.tensor([factor_dof(int(k), d) for k in kk], device=nll.device, dtype=torch.float64)
+    if rule == "mdl":
+        pen = 0.5 * dof * math.log(max(n_snapshots, 2))
+    elif rule == "aic":
+        pen = dof
+    else:
+        pen = penalty * kk
+    crit = nll.to(torch.float64) + pen
+    k_min = max(0, min(k_min, nll.shape[1] - 1))
+    return crit[:, k_min:].argmin(-1) + k_min
+
+
+def sorte(eigenvalues: Tensor, *, k_max: int | None = None, k_min: int = 0) -> Tensor:
+    """SORTE (second order statistic of the eigenvalues; He, Cichocki, Xie and Choi, "Detecting
+    the number of clusters in n-way probabilistic clustering", IEEE TPAMI 32(11), 2010).
+
+    With the gaps ``g_i = lam_i - lam_{i+1}`` (i = 1..p-1) and ``s2_k`` the variance of
+    ``{g_k, ..., g_{p-1}}``, ``SORTE(k) = s2_{k+1} / s2_k`` (``+inf`` where ``s2_k = 0``) and
+    ``K_hat = argmin_k`` over ``max(k_min, 1) <= k <= min(k_max, p - 3)``; ``K_hat = 0`` when
+    every gap is zero. eigenvalues ``[B, p]`` descending -> ``[B]``.
+    """
+    lam = eigenvalues.to(torch.float64)
+    B, p = lam.shape
+    if p < 4:
+        raise ValueError(f"sorte: needs at least 4 eigenvalues, got {p}")
+    g = lam[:, :-1] - lam[:, 1:]  # [B, p-1]; g[:, i-1] = lam_i - lam_{i+1}
+    n = g.shape[1]
+    var = torch.stack([g[:, i:].var(-1, unbiased=False) for i in range(n)], -1)  # var[:, k-1] = s2_k
+    hi = min(p - 3, k_max if k_max is not None else p - 3)
+    lo = max(k_min, 1)
+    if hi < lo:
+        return torch.full((B,), min(lo, max(hi, 0)), dtype=torch.int64, device=lam.device)
+    ks = torch.arange(lo, hi + 1, device=lam.device)
+    num, den = var[:, ks], var[:, ks - 1]
+    crit = torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, math.inf))
+    K = crit.argmin(-1) + lo
+    flat = (var[:, 0] <= 0)
+    return torch.where(flat, torch.full_like(K, max(k_min, 0)), K)
+
+
+SCENE_RULES = ("ml-mdl", "ml-aic", "ml-penalised", "bp-mdl", "bp-aic", "bp-eigengap", "bp-sorte")
+"""Rules of :func:`order_estimates`: ``ml-*`` on the likelihood of the maximum-likelihood
+covariance fits (:func:`likelihood_order`); ``bp-*`` on the eigenvalues of the back-projected
+sample covariance (its effective covariance for MDL/AIC/eigengap in the dual form of
+:func:`risloc.estimators.music.order_from_covariance`; SORTE on the L eigenvalues of the
+plain sample covariance)."""
+
+
+def order_estimates(scenes, *, rules=SCENE_RULES, options=None, penalty: float = PENALTY, k_min: int = 1, batch: int = 256) -> dict:
+    """Per-rule source counts ``{rule: K_hat [S]}`` of a :class:`~risloc.scenes.Scenes` batch.
+
+    The rank-k ML fits (k = 0..k_fit, :func:`risloc.covariance.fit_path` in the prior subspace of
+    ``options``) are computed once and shared by the ``ml-*`` rules. K-hat is at least ``k_min``
+    and, for the ``ml-*`` rules, at most k_fit (:func:`identifiable_rank`; 2 by default).
+    Batched over scenes (``batch`` per chunk), on the scenes' device.
+    """
+    from .. import covariance as cv
+    from .music import order_from_covariance
+
+    unknown = sorted(set(rules) - set(SCENE_RULES))
+    if unknown:
+        raise ValueError(f"order_estimates: unknown rules {unknown}; known: {SCENE_RULES}")
+    options = cv.CovarianceOptions() if options is None else options
+    sc = scenes.scenario
+    out = {r: [] for r in rules}
+    for a in range(0, len(scenes), batch):
+        s = scenes[a : a + batch]
+        L, M = s.y.shape[1], s.y.shape[2]
+        if any(r.startswith("ml-") for r in rules):
+            basis = cv.prior_subspace(sc, energy=options.prior_energy, device=s.y.device, dtype=s.y.dtype)
+            d = basis.shape[1]
+            k_fit = max(min(sc.k_max, identifiable_rank(L, M, d)), k_min)
+            fits = cv.fit_path(s.y, s.H, s.codes, range(k_fit + 1), basis=basis, iterations=options.em_iterations)
+            nll = torch.stack([f.nll for f in fits], -1)
+        bp = None
+        for r in rules:
+            if r.startswith("ml-"):
+                K = likelihood_order(nll, d=d, n_snapshots=L, rule=r[3:], penalty=penalty, k_min=k_min)
+            elif r == "bp-sorte":
+                lam = cv.sample_covariance(s.y, s.H, s.codes, regularisation=options.regularisation).eigenvalues(L)
+                K = sorte(lam, k_max=sc.k_max, k_min=k_min)
+            else:
+                if bp is None:
+                    bp = cv.scene_covariance(s, options=dataclasses.replace(options, estimate="back_projection"))
+                K = order_from_covariance(bp, sc, rule=r[3:], k_min=k_min)
+            out[r].append(K.to(torch.int64))
+    return {r: torch.cat(v) if v else torch.zeros(0, dtype=torch.int64) for r, v in out.items()}

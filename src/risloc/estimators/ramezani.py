@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from .. import physics
-from ..covariance import LowRankCovariance, as_low_rank, dense_to_low_rank, normalise_trace, sample_covariance
+from ..covariance import CovarianceOptions, LowRankCovariance, as_low_rank, dense_to_low_rank, ml_covariance, normalise_trace, sample_covariance
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register, search
@@ -208,6 +208,7 @@ def estimate(
     full_rank: int | None | str = "auto",
     min_sources: int | None = None,
     regularisation: float = 1e-2,
+    options: CovarianceOptions = CovarianceOptions(),
 ) -> Estimates:
     """Ramezani–Kosasih–Björnson modified MUSIC (arXiv:2409.14152), batched over scenes.
 
@@ -235,6 +236,9 @@ def estimate(
       candidates: angle peaks examined per wanted source (1: the paper's pipeline; more: the
         K̂ best by full-covariance MUSIC value are kept, one per direction — risloc's adaptation).
       regularisation: relative Tikhonov term ε of the back-projection (risloc.covariance.sample_covariance).
+      options: ``options.estimate`` chooses the covariance when none is given: 'ml' (default, the
+        maximum-likelihood low-rank fit of the measurements, risloc.covariance.ml_covariance) or
+        'back_projection' (the sample covariance of the back-projected snapshots).
 
     One batch of scenes (the registry chunks them, 256 per call by default: ``risloc.locate``).
 
@@ -282,16 +286,29 @@ def estimate(
         n_sources = torch.as_tensor(n_sources, device=scenes.device).to(torch.int64).expand(S)
     if S == 0:
         return Estimates.empty(0, sc.k_max, method="ramezani", device=scenes.device)
-    R = R_all if R_all is not None else sample_covariance(scenes.y, scenes.H, scenes.codes, regularisation=regularisation)
+    K_in = n_sources
+    if R_all is None:
+        if options.estimate == "ml":
+            fit = ml_covariance(scenes.y, scenes.H, scenes.codes, sc, K=n_sources, options=options)
+            R = fit.covariance()
+            if n_sources is None:  # K-hat is the rank the order rule chose for the estimate
+                K_in = (fit.factor.abs().sum(1) > 0).sum(-1).clamp(min=min_sources)
+        else:
+            R = sample_covariance(scenes.y, scenes.H, scenes.codes, regularisation=regularisation)
+    else:
+        R = R_all
     est = _estimate_chunk(
-        sc, normalise_trace(R), n_sources, sub, order_rule, grid, range_points, steering, fov_margin, refine, candidates,
-        full_rank, min_sources,
+        sc, normalise_trace(R), K_in, n_sources is not None, sub, order_rule, grid, range_points, steering, fov_margin,
+        refine, candidates, full_rank, min_sources,
     )
     est.method = "ramezani"
     return est
 
 
-def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, approx, margin, refine, candidates, full_rank, min_sources):
+def _estimate_chunk(sc, R, n_sources, exact, sub, order_rule, grid, range_points, approx, margin, refine, candidates, full_rank,
+                    min_sources):
+    """One batch; ``n_sources`` ``[B]``: a K to use instead of the order rule, the answer's K when
+    ``exact`` (a known K), else an estimate (clipped to the subspace and to the peaks kept)."""
     B = R.factor.shape[0]
     dev = R.factor.device
     k_max = sc.k_max
@@ -302,8 +319,10 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
     Q, J = smoothed_covariance(ybar, sub)
     lam_q, Eq = _signal_subspace_from_rows(Q, k_max)
     kq = Eq.shape[-1]
-    if n_sources is not None:  # a known K is the answer's K (at most k_max)
+    if n_sources is not None and exact:  # a known K is the answer's K (at most k_max)
         K = n_sources.clamp(0, k_max)
+    elif n_sources is not None:
+        K = n_sources.clamp(0, min(k_max, kq))
     else:
         K = estimate_order(lam_q.clamp(min=0), J, rule=order_rule, k_max=min(k_max, kq), k_min=min(min_sources, kq))
 
@@ -374,7 +393,7 @@ def _estimate_chunk(sc, R, n_sources, sub, order_rule, grid, range_points, appro
         phi, theta, r, qnull = search.refine_peaks(spec, phi, theta, 1 / r, sc, grid3, approximation=approx)
         phi, theta, r, qnull = phi.to(rdtype), theta.to(rdtype), r.to(rdtype), qnull.to(rdtype)
         phi, theta, r, qnull, kept = search.select_peaks(phi, theta, r, qnull, kept, min_separation=sep)
-    if n_sources is None:  # the order rule's K: only the peaks that survived the suppression
+    if not exact:  # an estimated K: only the peaks that survived the suppression
         K = torch.minimum(K, kept.to(torch.int64).cumprod(-1).sum(-1))
 
     active = torch.arange(kc, device=dev).view(1, -1) < K.view(-1, 1)
