@@ -5,9 +5,8 @@
 
 Runs the packaged ``learned`` model once (``--checkpoint`` for another), then ``ml`` started from
 its K-hat and positions (``init=``) with every option set of ``--variants`` (JSON list of dicts of
-``ml`` options, plus ``"grow": true`` for learned+ml's grow start, K-hat + 1 sources with the
-next detection, or ``"over": g`` for an over-proposal start, min(K-hat + g, K_max) sources, the
-extra ones the network's next-strongest detections; default: final_iterations 25 / 12 / 8, each
+``ml`` options, plus ``"over": g`` for an over-proposal start, min(K-hat + g, K_max) sources, the
+network's strongest detections; default: final_iterations 25 / 12 / 8, each
 with init_prune 0 and 1), and prints success (overall and 10-20 dB), K_acc and the second
 stage's scenes/s. The scenes are the first ``--scenes`` of the stream ``--seed`` (drawn on the
 CPU); choose options on a validation seed (default 1000), never on the held-out seed of the
@@ -27,18 +26,9 @@ from risloc._provenance import stamp
 from risloc.bench import sync_device
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import _learned, grow_init
+from risloc.nn.inference import _learned, over_init
 
 DEFAULT_VARIANTS = [{"iterations": it, "init_prune": p} for it in (25, 12, 8) for p in (0, 1)]
-
-
-def over_init(first, cand, extra: int):
-    """Start of ``extra`` more sources than K-hat: the network's min(K-hat + extra, n) strongest detections."""
-    K = torch.clamp(first.K.to(torch.int64) + extra, max=cand.phi.shape[1])
-    keep = torch.arange(cand.phi.shape[1], device=K.device).view(1, -1) < K.view(-1, 1)
-    nan = torch.full_like(cand.phi, float("nan"))
-    pick = lambda c: torch.where(keep, c, nan)
-    return type(first)(K, pick(cand.phi), pick(cand.theta), pick(cand.r), method=first.method)
 
 
 def _row(scenes, est, seconds) -> dict:
@@ -66,13 +56,13 @@ def main(argv=None):
     variants = json.loads(args.variants) if args.variants else DEFAULT_VARIANTS
     sync_device(device)
     t = time.perf_counter()
-    first, cand = _learned(scenes, args.checkpoint, None, 1024, None, True, None, candidates=[])
+    first, cand = _learned(scenes, args.checkpoint, None, 1024, None, True, None, candidates=[])  # the network, before refinement
     sync_device(device)
     rows = [{"stage": "learned", **_row(scenes, first, time.perf_counter() - t)}]
     print(json.dumps(rows[-1]), flush=True)
     for v in variants:
-        opts = {k: x for k, x in v.items() if k not in ("grow", "over")}
-        init = grow_init(first, cand) if v.get("grow") else over_init(first, cand, int(v["over"])) if v.get("over") else first
+        opts = {k: x for k, x in v.items() if k != "over"}
+        init = over_init(cand, first.K, int(v["over"])) if v.get("over") else first
         get("ml")(scenes[:64], init=init[:64], **opts)  # warm-up
         sync_device(device)
         t = time.perf_counter()

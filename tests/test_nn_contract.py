@@ -164,12 +164,16 @@ def test_learned_with_the_true_k_does_at_least_as_well_as_with_its_own():
 
 
 def test_packaged_weights_reproduce_their_reference():
-    """Estimates of the packaged models on 32 fixed scenes equal the reference stored before the
-    network code was restructured (tests/data/learned_reference.pt)."""
+    """Estimates of the packaged models on 32 fixed scenes equal the stored reference
+    (tests/data/learned_reference.pt, tests/data/make_learned_reference.py) on every scene whose
+    answer does not move under float32 rounding: same K-hat, positions within 0.1 sqrt(CRB)."""
+    from helpers import assert_same_positions
+
     ref = torch.load(ROOT / "tests" / "data" / "learned_reference.pt", weights_only=True)
     scenes = risloc.simulate(risloc.Scenario(), 32, seed=7)
     for method, r in ref.items():
+        keep = r["stable"]
+        assert int(keep.sum()) >= 24, method  # most answers are stable
         est = get(method)(scenes)
-        assert torch.equal(est.K, r["K"]), method
-        for f in ("phi", "theta", "r"):
-            torch.testing.assert_close(getattr(est, f), r[f], rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{method} {f}: {m}")
+        stored = risloc.Estimates(r["K"], r["phi"], r["theta"], r["r"])
+        assert_same_positions(est[keep], stored[keep], scenes[keep], 0.1)

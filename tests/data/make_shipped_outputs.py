@@ -9,7 +9,9 @@ compares the models' answers with these (positions in units of sqrt(CRB)).
 The run is repeated on the same scenes with y perturbed at float32 rounding level (each
 entry times 1 + 2^-23 e, e complex standard normal: what another CPU's rounding does) and the
 changes are written as ``rerun_k_changes`` (and the scenes, ``rerun_k_changed_scenes``), ``rerun_change_sqrt_crb`` (positions, in units of
-the scene's smallest sqrt(CRB)) and ``rerun_success_change``; the test's tolerances stand above them.
+the scene's smallest sqrt(CRB)), ``rerun_unstable_scenes`` (moved by more than STABLE) and
+``rerun_success_change``; the answers of the first ``N_PINNED`` stable scenes (``pinned_scenes``)
+are pinned, and the test's tolerances stand above the changes of those.
 
     PYTHONPATH=src python tests/data/make_shipped_outputs.py
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -30,10 +33,15 @@ from risloc.nn.checkpoint import file_sha256
 from risloc.nn.inference import DEFAULT_WEIGHTS
 from risloc.nn.subspacenet import DEFAULT_WEIGHTS as PEER_WEIGHTS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/helpers.py
+from helpers import moved_in_sqrt_crb, rounded_differently  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "shipped_outputs.json"
 SEED = 314
 N_SCENES = 150
 N_PINNED = 8
+STABLE = 0.01
+"""Scenes whose positions moved by less than this (in sqrt(CRB)) when y was rounded differently are pinnable."""
 SNR_DB = (10.0, 20.0)
 MODELS = {"learned": DEFAULT_WEIGHTS, "subspacenet": PEER_WEIGHTS}
 
@@ -44,24 +52,11 @@ def scenes():
     return risloc.simulate(sc, N_SCENES, seed=SEED)
 
 
-def change_in_sqrt_crb(a, b, bound) -> float:
-    """Largest |a - b| over the estimated positions, in units of the scene's smallest sqrt(CRB)."""
-    worst = 0.0
-    for q in ("phi", "theta", "r"):
-        x, y, c = getattr(a, q).double(), getattr(b, q).double(), getattr(bound, q).double()
-        smallest = torch.where(c.isfinite(), c, torch.inf).amin(1, keepdim=True)
-        d = ((x - y).abs() / smallest)[~x.isnan() & ~y.isnan()]
-        worst = max(worst, float(d.max()) if d.numel() else 0.0)
-    return worst
-
-
 def main() -> None:
     torch.set_num_threads(1)
     s = scenes()
     bound = crb_for_scenes(s)
-    g = torch.Generator().manual_seed(0)
-    e = torch.complex(torch.randn(s.y.shape, generator=g), torch.randn(s.y.shape, generator=g)) / 2**0.5
-    rounded = risloc.Scenes(s.y * (1 + 2.0**-23 * e), s.H, s.codes, s.scenario, s.snr_db)
+    rounded = rounded_differently(s)
     out = {
         "scenes": {"scenario": "default", "snr_db": list(SNR_DB), "seed": SEED, "n": N_SCENES, "pinned": N_PINNED},
         "torch": torch.__version__,
@@ -74,7 +69,11 @@ def main() -> None:
         other = get(name)(rounded)
         success = risloc.evaluate(s, est).overall.success
         same_k = est.K == other.K
-        rerun = change_in_sqrt_crb(est[same_k], other[same_k], bound[same_k])
+        moved = moved_in_sqrt_crb(est, other, bound)
+        rerun = float(moved[same_k].max())
+        # pin the first scenes whose answer does not move under float32 rounding (a likelihood
+        # refinement may settle in another mode of a flat likelihood when y is rounded differently)
+        stable = torch.nonzero(moved < STABLE).flatten()[:N_PINNED]
         out["models"][name] = {
             "weights": weights.name,
             "sha256": file_sha256(weights),
@@ -83,8 +82,10 @@ def main() -> None:
             "rerun_k_changes": int((~same_k).sum()),
             "rerun_k_changed_scenes": torch.nonzero(~same_k).flatten().tolist(),
             "rerun_change_sqrt_crb": rerun,
-            "K": est.K[:N_PINNED].tolist(),
-            **{q: getattr(est, q)[:N_PINNED].tolist() for q in ("phi", "theta", "r")},
+            "rerun_unstable_scenes": torch.nonzero(~(moved < STABLE)).flatten().tolist(),
+            "pinned_scenes": stable.tolist(),
+            "K": est.K[stable].tolist(),
+            **{q: getattr(est, q)[stable].tolist() for q in ("phi", "theta", "r")},
         }
         print(f"{name}: success {success:.4f}; y rounded differently: {int((~same_k).sum())} K-hat changes, positions moved "
               f"up to {rerun:.3g} sqrt(CRB)")

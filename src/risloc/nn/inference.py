@@ -240,6 +240,13 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, devic
     return loaded, device, options, music
 
 
+LEARNED_REFINE_STEPS = 8
+"""Fisher-scoring steps of the ``learned`` pipeline's last stage (``refine="likelihood"``). Chosen
+on 4 000 scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/diagnosis/):
+the detections alone score 0.314 at 10-20 dB, most failures being K-hat = K with a source
+outside the hit window (0.576 of the scenes); 8 steps from them score 0.647 (``ml`` 0.707)."""
+
+
 @register("learned")
 def estimate(
     scenes: Scenes,
@@ -251,9 +258,22 @@ def estimate(
     beta: float | None = None,
     use_snr: bool = True,
     music_options: dict | None = None,
+    refine: str = "likelihood",
 ) -> Estimates:
-    """The learned estimator: hybrid effective covariance (network + the scene's own snapshots,
-    weight ``beta``, default the checkpoint's) -> MUSIC with the calibrated K head.
+    """The learned estimator: the network's effective covariance -> MUSIC with the calibrated
+    K head -> (default) a likelihood refinement of the K-hat positions on the measurements.
+
+    Stages: the network reads the scene and predicts its sources (a ``spectrum`` network: the
+    detections and a K head); the factor F of the K-hat strongest goes through the one builder
+    :func:`risloc.covariance.effective_covariance` (``beta`` blends the scene's own sample
+    covariance in, default the checkpoint's) and MUSIC on that effective covariance, searched
+    locally from the detections, gives the positions. With ``refine="likelihood"`` (default)
+    the K-hat positions, powers and sigma^2 then take :data:`LEARNED_REFINE_STEPS` joint
+    Fisher-scoring steps on the exact likelihood of the measurements y_l ~ CN(0, G_l R G_l^H +
+    sigma^2 I) (``ml``'s refinement, :func:`risloc.estimators.ml.estimate` with ``init``, no search and
+    no change of K). Why: E(F) is built from the detections themselves, so MUSIC on it cannot
+    move them by more than the network's own offset error; the measurements can.
+    ``refine="music"``: stop after MUSIC (the network's positions).
 
     ``K``: the number of sources when it is known (an int or a per-scene ``[S]`` tensor, each in
     1..K_max): every scene then gets exactly that K (a ``spectrum`` network's K strongest
@@ -264,7 +284,18 @@ def estimate(
     ``use_snr=False`` ignores the scenes' SNR labels (estimated from the data instead).
     Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
+    from ..estimators import get
+
+    if refine not in ("likelihood", "music"):
+        raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
     est, _ = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, K=known_k("learned", K, scenes))
+    if refine == "likelihood":
+        work = scenes.to(device) if device is not None else scenes
+        if not use_snr:
+            work = dataclasses.replace(work, snr_db=None)
+        method = est.method
+        est = get("ml")(work, init=est.to(work.device), iterations=LEARNED_REFINE_STEPS, init_prune=0)
+        est.method = method
     return est.to(scenes.device)
 
 
@@ -281,23 +312,25 @@ def _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, *,
     return est, (Estimates.cat(candidates) if candidates else None)
 
 
-def grow_init(first: Estimates, candidates: Estimates) -> Estimates:
-    """``first`` with one more source per scene (where K-hat < K_max): slot K-hat takes the
-    candidate of rank K-hat (the strongest detection ``first`` did not use)."""
-    K = first.K.to(torch.int64)
-    n = first.phi.shape[1]
-    more = K < min(n, candidates.phi.shape[1])
-    slot = torch.arange(n, device=K.device).view(1, -1) == K.view(-1, 1)
-    put = slot & more.view(-1, 1)
-    pick = lambda a, c: torch.where(put, torch.gather(c, 1, K.clamp(max=c.shape[1] - 1).view(-1, 1)).expand_as(a), a)
-    return Estimates(K + more.to(K.dtype), pick(first.phi, candidates.phi), pick(first.theta, candidates.theta),
-                     pick(first.r, candidates.r), method=first.method)
+def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
+    """The start of an over-proposal: per scene the network's min(K + ``extra``, n) strongest
+    detections (``candidates``, strongest first, n = K_max of them), NaN after."""
+    n = candidates.phi.shape[1]
+    K = torch.clamp(K.to(torch.int64) + int(extra), max=n)
+    keep = torch.arange(n, device=K.device).view(1, -1) < K.view(-1, 1)
+    nan = torch.full_like(candidates.phi, float("nan"))
+    pick = lambda c: torch.where(keep, c, nan)
+    return Estimates(K, pick(candidates.phi), pick(candidates.theta), pick(candidates.r), method=candidates.method)
 
 
-LEARNED_ML_DEFAULTS = {"iterations": 8, "init_prune": 1}
-"""``ml`` options of ``learned+ml``'s second stage. Measured on 1000 held-out scenes (CPU,
-benchmarks/bench_learned_ml.py): 8 refinement steps give the same success as ``ml``'s 25 at a third
-of the cost; one pruning pass adds 0.013 success (K_over 0.13 -> 0.04) for 2.3x the cost."""
+LEARNED_ML_DEFAULTS = {"iterations": 8}
+"""``ml`` options of ``learned+ml``'s second stage (``init_prune`` follows ``over``: over + 1 passes)."""
+
+LEARNED_ML_OVER = 2
+"""Extra detections of ``learned+ml``'s over-proposal. Chosen on 4 000 scenes of the validation
+seed 1000 on one H100 (benchmarks/results/h100/diagnosis/learned_ml_over_val1000.json): success
+at 10-20 dB 0.659 (K-hat start, one pruning pass), 0.669 (over 1), 0.671 (over 2), 0.671 (over 4,
+all K_max detections); ``ml`` 0.707 on the same scenes."""
 
 
 @register("learned+ml")
@@ -312,45 +345,40 @@ def estimate_learned_ml(
     use_snr: bool = True,
     music_options: dict | None = None,
     ml_options: dict | None = None,
-    grow: bool = False,
+    over: int = LEARNED_ML_OVER,
 ) -> Estimates:
-    """``learned`` then ``ml``'s likelihood refinement started from its K-hat and positions.
+    """The network's detections, over-proposed, then ``ml``'s likelihood refinement and pruning.
 
-    No grid search in the second stage: ``ml`` refines all positions, powers and sigma^2 of the
-    learned K-hat sources jointly on the exact likelihood of the measurements (see
-    :func:`risloc.estimators.ml.estimate`, argument ``init``), then one backward pruning pass
-    may drop one source when ``ml``'s penalised likelihood (or its power rule) prefers K-hat - 1
-    (``init_prune``). The first stage's options are those of :func:`estimate`; ``ml_options``
-    go to ``ml`` on top of :data:`LEARNED_ML_DEFAULTS` (e.g. ``{"init_prune": 0}`` for the
-    faster refinement-only variant, ``iterations``, ``batch``).
+    No grid search in the second stage. The network (a ``spectrum`` kind) proposes
+    min(K-hat + ``over``, K_max) sources, its strongest detections (K-hat from its K head);
+    ``ml`` refines all their positions, powers and sigma^2 jointly on the exact likelihood of
+    the measurements (:func:`risloc.estimators.ml.estimate`, argument ``init``), then
+    ``over + 1`` backward pruning passes each drop the source whose removal costs least when
+    ``ml``'s penalised likelihood (or its power rule) prefers one source fewer
+    (``init_prune``), so that the likelihood, not the K head, has the last word on K within
+    K-hat + over, ..., K-hat - 1. ``over = 0``: start from K-hat with one pruning pass.
+    ``ml_options`` go to ``ml`` on top of :data:`LEARNED_ML_DEFAULTS` (``iterations``,
+    ``init_prune``, ``batch``, ...). Networks without detections (``covariance``) start from
+    the first stage's K-hat estimates. Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
 
-    ``grow`` (``spectrum`` networks): start ``ml`` from K-hat + 1 sources instead, the extra one
-    at the network's next-strongest detection, with two pruning passes (unless ``ml_options``
-    sets ``init_prune``), so that the penalised likelihood chooses among K-hat + 1, K-hat and
-    K-hat - 1 (no search either: the candidates are the network's). Returns
-    ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
-
-    ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the first stage
-    returns exactly that K, ``ml`` refines them without pruning (``grow`` and ``init_prune`` are
-    not used) and every scene gets exactly that K.
+    ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the network's K
+    strongest detections are refined without pruning and every scene gets exactly that K.
     """
     from ..estimators import get
 
+    if int(over) < 0:
+        raise ValueError(f"learned+ml: over = {over}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
-    if K is not None:
-        grow = False
-    first, cand = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, candidates=[] if grow else None, K=K)
+    first, cand = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, candidates=[], K=K)
     work = scenes.to(device) if device is not None else scenes
     if not use_snr:
         work = dataclasses.replace(work, snr_db=None)
-    opts = {**LEARNED_ML_DEFAULTS, **({"init_prune": 2} if grow else {}), **(ml_options or {})}
+    opts = {**LEARNED_ML_DEFAULTS, "init_prune": int(over) + 1, **(ml_options or {})}
+    init = first.to(work.device)
     if K is not None:
         opts["init_prune"] = 0
-    init = first.to(work.device)
-    if grow:
-        if cand is None:
-            raise ValueError("learned+ml: grow=True needs a 'spectrum' network (its detections are the extra candidates)")
-        init = grow_init(init, cand.to(work.device))
+    elif cand is not None:
+        init = over_init(cand.to(work.device), init.K, int(over))
     refined = get("ml")(work, init=init, **opts)
     refined.method = first.method.replace("learned:", "learned+ml:", 1)
     return refined.to(scenes.device)
