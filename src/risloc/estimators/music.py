@@ -190,6 +190,18 @@ def _local_search(Es: Tensor, K: Tensor, init, scenario: Scenario, grid: GridSpe
     return SearchResult(phi, theta, r, q, kept)
 
 
+MUSIC_REFINE_STEPS = 8
+"""Fisher-scoring steps of ``music``'s last stage (``refine="likelihood"``), as in the learned
+pipeline (:data:`risloc.nn.inference.LEARNED_REFINE_STEPS`); chosen with
+:data:`MUSIC_PRUNE_PASSES` on validation scenes (seeds 1000 and 2026) with
+``benchmarks/bench_music.py`` (docs/estimators.md)."""
+
+MUSIC_PRUNE_PASSES = 1
+"""Backward pruning passes of ``music``'s likelihood refinement when K is estimated: one source
+is dropped where ``ml``'s penalised likelihood prefers K-hat - 1 (the covariance's order rule
+over-counts single sources in a few per cent of scenes)."""
+
+
 @register("music")
 def estimate(
     scenes: Scenes,
@@ -198,6 +210,7 @@ def estimate(
     use_snr: bool = True,
     options: CovarianceOptions = CovarianceOptions(),
     K: Tensor | None = None,
+    refine: str = "likelihood",
     **kw,
 ) -> Estimates:
     """MUSIC on :func:`risloc.covariance.scene_covariance` (by default the maximum-likelihood
@@ -206,6 +219,27 @@ def estimate(
     SNR-aware shrinkage with the SNR label when ``use_snr`` and present, else estimated) for one
     batch of scenes (the registry chunks: ``risloc.locate``). ``K`` (``[S]``) sets the
     estimate's rank and replaces the order rule (oracle or learned K): the answer then has
-    exactly ``K`` sources per scene. Other keywords go to :func:`music_from_covariance`."""
+    exactly ``K`` sources per scene. Other keywords go to :func:`music_from_covariance`.
+
+    ``refine="likelihood"`` (default): the MUSIC positions then take :data:`MUSIC_REFINE_STEPS`
+    joint Fisher-scoring steps on the exact likelihood of the measurements,
+    y_l ~ CN(0, G_l R G_l^H + sigma^2 I) with R built from the steering vectors of the sources
+    (``ml``'s refinement, :func:`risloc.estimators.ml.estimate` with ``init``), followed, when K
+    is estimated, by :data:`MUSIC_PRUNE_PASSES` backward pruning passes of ``ml``'s penalised
+    likelihood (so K-hat can only drop) and ``ml``'s range decision. Why: the low-rank covariance
+    of 16 snapshots carries a subspace error that moves MUSIC's range (and sometimes its count);
+    the measurements, seen through the steering manifold, do not. ``refine="none"``: MUSIC's
+    own positions and count."""
+    if refine not in ("likelihood", "none"):
+        raise ValueError(f"music: refine = {refine!r}: must be 'likelihood' or 'none'")
     R = scene_covariance(scenes, options=options, use_snr=use_snr, K=K)
-    return music_from_covariance(R, scenes.scenario, K=K, order_rule=order_rule, **kw)
+    est = music_from_covariance(R, scenes.scenario, K=K, order_rule=order_rule, **kw)
+    if refine == "none":
+        return est
+    from .ml import estimate as ml_estimate
+
+    k_max = kw.get("k_max", scenes.scenario.k_max)
+    prune = 0 if K is not None else MUSIC_PRUNE_PASSES
+    out = ml_estimate(scenes, k_max=k_max, init=est, iterations=MUSIC_REFINE_STEPS, init_prune=prune)
+    out.method = est.method
+    return out
