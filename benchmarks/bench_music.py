@@ -7,10 +7,11 @@ Cases (default scenario otherwise): single sources at 20 dB; single sources at 1
 sources at 10-20 dB. Each scene set is seeded ``seed + case index`` (0, 1, 2).
 
 1. Validation (``--val-seeds``): MUSIC with its covariance defaults and no refinement
-   (``refine="none"``), then each (Fisher-scoring steps, pruning passes) variant of ``ml``'s
-   likelihood refinement started from MUSIC's answer. The variant with the best mean success over
-   the validation cases and seeds is kept (ties: the cheaper one); the script says whether it is
-   the package default (:data:`risloc.estimators.music.MUSIC_REFINE_STEPS`, ``MUSIC_PRUNE_PASSES``).
+   (``refine="none"``), then each variant of ``ml``'s likelihood refinement (:data:`VARIANTS`:
+   started from MUSIC's order-rule answer or from its rank-k_fit answer, with so many
+   Fisher-scoring steps). The variant with the best mean success over the validation cases and
+   seeds is kept (ties: fewer steps); the script says whether it is the package default
+   (:data:`risloc.estimators.music.MUSIC_PROPOSE`, ``MUSIC_REFINE_STEPS``).
 2. Report (``--seed``, never used for a choice): ``get("music")`` with its defaults and with
    ``refine="none"``: success, K accuracy, K-hat counts and scenes/s.
 """
@@ -26,6 +27,7 @@ import time
 import torch
 
 import risloc
+from risloc import covariance as cv
 from risloc.estimators import get, music
 from risloc.estimators.ml import estimate as ml_estimate
 from risloc.metrics import score
@@ -35,7 +37,8 @@ CASES = {
     "K=1, 10-20 dB": dict(k_fixed=1, snr_db_min=10.0, snr_db_max=20.0),
     "K=2, 10-20 dB": dict(k_fixed=2, snr_db_min=10.0, snr_db_max=20.0),
 }
-VARIANTS = ((8, 0), (8, 1), (15, 1), (8, 2))
+VARIANTS = (("order_rule", 8), ("order_rule", 15), ("rank_limit", 8), ("rank_limit", 15))
+"""(what MUSIC proposes, Fisher-scoring steps); pruning passes: 1 after the order rule, k_fit - 1 after the rank limit."""
 
 
 def _write(path: str, obj) -> None:
@@ -61,15 +64,22 @@ def validate(seeds, n: int) -> dict:
     for seed in seeds:
         for case in CASES:
             s = _scenes(case, seed, n)
-            t = time.perf_counter()
-            base = get("music")(s, refine="none")
-            dt = time.perf_counter() - t
-            rows.setdefault("none", {})[f"{case} | seed {seed}"] = _row(s, base, dt)
-            for steps, prune in VARIANTS:
+            L, M = s.y.shape[1:]
+            k_fit = cv.ml_rank_limit(s.scenario, L, M)
+            starts, seconds = {}, {}
+            for propose in ("order_rule", "rank_limit"):
                 t = time.perf_counter()
-                est = ml_estimate(s, init=base, iterations=steps, init_prune=prune)
-                rows.setdefault(f"{steps} steps, {prune} prune", {})[f"{case} | seed {seed}"] = _row(s, est, dt + time.perf_counter() - t)
-                print(seed, case, steps, prune, rows[f"{steps} steps, {prune} prune"][f"{case} | seed {seed}"], flush=True)
+                K = None if propose == "order_rule" else torch.full_like(s.truth.K, k_fit)
+                starts[propose] = get("music")(s, K=K, refine="none")
+                seconds[propose] = time.perf_counter() - t
+            rows.setdefault("none", {})[f"{case} | seed {seed}"] = _row(s, starts["order_rule"], seconds["order_rule"])
+            for propose, steps in VARIANTS:
+                t = time.perf_counter()
+                prune = 1 if propose == "order_rule" else k_fit - 1
+                est = ml_estimate(s, init=starts[propose], iterations=steps, init_prune=prune)
+                name = f"{propose}, {steps} steps"
+                rows.setdefault(name, {})[f"{case} | seed {seed}"] = _row(s, est, seconds[propose] + time.perf_counter() - t)
+                print(seed, case, name, rows[name][f"{case} | seed {seed}"], flush=True)
     mean = {v: sum(r["success"] for r in cases.values()) / len(cases) for v, cases in rows.items()}
     return {"rows": rows, "mean_success": mean}
 
@@ -89,13 +99,13 @@ def main() -> None:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     out = {"commit": commit, "threads": torch.get_num_threads(), "scenes": args.scenes, "cases": CASES,
-           "default": {"steps": music.MUSIC_REFINE_STEPS, "prune": music.MUSIC_PRUNE_PASSES}}
+           "default": {"propose": music.MUSIC_PROPOSE, "steps": music.MUSIC_REFINE_STEPS}}
     if args.val_seeds:
         val = validate(args.val_seeds, args.scenes)
-        cost = {v: (0, 0) if v == "none" else tuple(int(x.split()[0]) for x in v.split(", ")) for v in val["mean_success"]}
-        best = max(val["mean_success"], key=lambda v: (round(val["mean_success"][v], 6), -sum(cost[v])))
+        steps = {v: 0 if v == "none" else int(v.split(", ")[1].split()[0]) for v in val["mean_success"]}
+        best = max(val["mean_success"], key=lambda v: (round(val["mean_success"][v], 6), -steps[v]))
         out["validation"] = {"seeds": args.val_seeds, **val, "best": best,
-                             "best_is_default": best == f"{music.MUSIC_REFINE_STEPS} steps, {music.MUSIC_PRUNE_PASSES} prune"}
+                             "best_is_default": best == f"{music.MUSIC_PROPOSE}, {music.MUSIC_REFINE_STEPS} steps"}
         print("validation mean success:", val["mean_success"], "-> best", best, flush=True)
     report = {}
     for case in CASES:
