@@ -13,6 +13,10 @@ by default one source at a time (RAP-MUSIC, Mosher & Leahy 1999), which resolves
 pairs that the joint peak picking of the coarse grid merges; ``search="joint"`` takes the
 K deepest refined local minima of one scan instead.
 
+The registered estimator (:func:`estimate`) then, by default, refines MUSIC's sources on the
+likelihood of the measurements (``ml``'s joint refinement) and chooses K-hat by pruning them
+with ``ml``'s penalised likelihood; ``refine="none"`` keeps MUSIC's own answer.
+
 R. O. Schmidt, "Multiple emitter location and signal parameter estimation", IEEE Trans.
 Antennas Propag. 34(3), 276-280, 1986.
 """
