@@ -130,15 +130,16 @@ def test_degenerate_inputs():
 def test_single_sources_at_20_db():
     """``music`` with its defaults (ML covariance, MUSIC's rank-2 proposal, the likelihood
     refinement and pruning) on single sources at 20 dB: benchmarks/bench_music.py measures
-    success SUCCESS_K1 on 200 fresh scenes (docs/estimators.md); on these 16 scenes >= 14 hits
-    and >= 15 right counts (the refinement without pruning would keep MUSIC's over-counts)."""
+    success 1.000 on 200 fresh scenes and on 2 x 200 validation scenes (docs/estimators.md;
+    MUSIC alone: 0.935-0.955). These 16 scenes give 16 hits; >= 15 hits and >= 15 right counts
+    fail a random draw of 16 scenes with probability 0.01 at a true rate of 0.99."""
     sc = SC.replace(k_fixed=1, snr_db_min=20.0, snr_db_max=20.0)
     scenes = risloc.simulate(sc, 16, seed=2)
     est = get("music")(scenes)
     assert (est.K == 1).sum() >= 15
     ep, et, er = matched_errors(est, scenes.truth)
     hit = (ep[:, 0] <= 2) & (et[:, 0] <= 2) & (er[:, 0] <= 0.1)
-    assert hit.sum() >= 14
+    assert hit.sum() >= 15
 
 
 def test_refinement_options():
