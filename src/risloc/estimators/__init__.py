@@ -95,6 +95,8 @@ _INFO: dict[str, EstimatorInfo] = {
     for i in (
         EstimatorInfo("music", "risloc.estimators.music", k_option="K", per_scene=("init",),
                       summary="MUSIC on the effective covariance, RAP peak search (K from an order rule)"),
+        EstimatorInfo("music+ml", "risloc.estimators.music", batch=16, batch_cuda=1024, k_option="K", per_scene=("init",),
+                      summary="MUSIC, then ml's likelihood refinement and penalised pruning from its sources"),
         EstimatorInfo("mvdr", "risloc.estimators.mvdr", k_option="K",
                       summary="MVDR / Capon spectrum, peaks over its floor (or the K strongest)"),
         EstimatorInfo("ramezani", "risloc.estimators.ramezani", batch=256, batch_cuda=256, k_option="n_sources",

@@ -13,9 +13,10 @@ by default one source at a time (RAP-MUSIC, Mosher & Leahy 1999), which resolves
 pairs that the joint peak picking of the coarse grid merges; ``search="joint"`` takes the
 K deepest refined local minima of one scan instead.
 
-The registered estimator (:func:`estimate`) then, by default, refines MUSIC's sources on the
-likelihood of the measurements (``ml``'s joint refinement) and chooses K-hat by pruning them
-with ``ml``'s penalised likelihood; ``refine="none"`` keeps MUSIC's own answer.
+The registered estimator ``music`` (:func:`estimate`) is MUSIC: its positions and its K-hat (an
+order rule on the covariance estimate). ``music+ml`` (:func:`estimate_music_ml`, or ``music`` with
+``refine="likelihood"``) then refines MUSIC's sources on the likelihood of the measurements
+(``ml``'s joint refinement) and chooses K-hat by pruning them with ``ml``'s penalised likelihood.
 
 R. O. Schmidt, "Multiple emitter location and signal parameter estimation", IEEE Trans.
 Antennas Propag. 34(3), 276-280, 1986.
@@ -217,17 +218,19 @@ def estimate(
     use_snr: bool = True,
     options: CovarianceOptions = CovarianceOptions(),
     K: Tensor | None = None,
-    refine: str = "likelihood",
+    refine: str = "none",
     propose: str = MUSIC_PROPOSE,
     **kw,
 ) -> Estimates:
     """MUSIC on :func:`risloc.covariance.scene_covariance` (by default the maximum-likelihood
     low-rank covariance of the measurements; ``options.estimate='back_projection'``: the
     back-projected sample covariance; SNR-aware shrinkage with the SNR label when ``use_snr``
-    and present, else estimated), then (default) a likelihood refinement of its sources on the
-    measurements, for one batch of scenes (the registry chunks: ``risloc.locate``).
+    and present, else estimated), for one batch of scenes (the registry chunks: ``risloc.locate``).
 
-    ``refine="likelihood"`` (default): MUSIC's sources take :data:`MUSIC_REFINE_STEPS` joint
+    ``refine="none"`` (default): MUSIC's own positions, K-hat = the ML covariance's rank chosen by
+    ``options.rank_rule`` (or by ``order_rule`` on a back-projected covariance).
+
+    ``refine="likelihood"`` (what ``music+ml`` runs): MUSIC's sources take :data:`MUSIC_REFINE_STEPS` joint
     Fisher-scoring steps of their positions, powers and sigma^2 on the exact likelihood of the
     measurements, y_l ~ CN(0, G_l R G_l^H + sigma^2 I) with R = sum_k p_k a_k a_k^H
     (``ml``'s refinement, :func:`risloc.estimators.ml.estimate` with ``init``), followed by
@@ -236,8 +239,6 @@ def estimate(
     K-hat (pruning only removes sources). Why: with 16 snapshots the low-rank covariance carries
     a subspace error that moves MUSIC's range and, on single sources, its count; the
     measurements seen through the steering manifold do not (docs/estimators.md).
-    ``refine="none"``: MUSIC's own positions, K-hat = the ML covariance's rank chosen by
-    ``options.rank_rule`` (or by ``order_rule`` on a back-projected covariance).
 
     ``K`` (``[S]``) sets the covariance's rank and replaces the order rule (oracle or learned
     K): the answer then has exactly ``K`` sources per scene (no pruning). Other keywords go to
@@ -259,8 +260,18 @@ def estimate(
     est = music_from_covariance(R, scenes.scenario, K=start, order_rule=order_rule, **kw)
     if refine == "none":
         return est
-    from .ml import estimate as ml_estimate
+    from . import get
 
-    out = ml_estimate(scenes, k_max=kw.get("k_max", scenes.scenario.k_max), init=est, iterations=MUSIC_REFINE_STEPS, init_prune=prune)
-    out.method = est.method
+    # through the registry: ml's own batch size bounds the memory of the refinement
+    out = get("ml")(scenes, k_max=kw.get("k_max", scenes.scenario.k_max), init=est, iterations=MUSIC_REFINE_STEPS, init_prune=prune)
+    out.method = est.method + "+ml"
     return out
+
+
+@register("music+ml")
+def estimate_music_ml(scenes: Scenes, *, K: Tensor | None = None, propose: str = MUSIC_PROPOSE, **kw) -> Estimates:
+    """MUSIC, then ``ml``'s likelihood refinement from its sources, no search: :func:`estimate`
+    with ``refine="likelihood"`` (see there). When K is estimated MUSIC proposes the sources of
+    the rank-limit ML covariance (``propose``, :data:`MUSIC_PROPOSE`) and ``ml``'s penalised
+    likelihood prunes them; a known ``K`` is refined and kept. Returns ``method = "music+ml"``."""
+    return estimate(scenes, K=K, refine="likelihood", propose=propose, **kw)
