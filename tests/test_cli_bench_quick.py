@@ -29,3 +29,11 @@ def test_bench_quick_writes_a_report_with_every_method(tmp_path, capsys):
         assert o["n_scenes"] == N_SCENES and 0.0 <= o["success"] <= 1.0, name
         assert f"| {name} |" in report and f"| {name} |" in printed, name
     assert d["crb"]["status"] == "ok" and "CRB bound" in report
+    # the source-counting table: every order rule, its K accuracy recomputed from the truth
+    from risloc.estimators.order import SCENE_RULES
+
+    rules = d["order_rules"]
+    assert rules["status"] == "ok" and [r["rule"] for r in rules["accuracy"]] == list(SCENE_RULES)
+    assert "## Source counting" in report and all(f"| {r} |" in report for r in SCENE_RULES)
+    for r in rules["accuracy"]:
+        assert abs(r["K_acc"] + r["K_under"] + r["K_over"] - 1.0) < 1e-9, r["rule"]

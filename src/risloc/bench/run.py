@@ -41,7 +41,7 @@ from ..seeds import HELD_OUT_SEED
 
 LEARNED_PIPELINE = ("learned", "learned+ml")
 """Methods that read the learned pipeline's checkpoint (``--checkpoint``)."""
-DEFAULT_METHODS = ("learned", "learned+ml", "ml", "music", "mvdr", "ramezani", "subspacenet")
+DEFAULT_METHODS = ("learned", "learned+ml", "ml", "sbl", "music", "mvdr", "ramezani", "subspacenet")
 """Methods run when none are named (those missing are reported as not run)."""
 
 QUICK_SCENES = 200
@@ -101,6 +101,9 @@ class BenchConfig:
     progress: bool = True
     oracle_k: bool = False
     """Also run every method that accepts a known K with the true K (rows "<method> (K known)")."""
+    order_rules: bool = True
+    """Also count the sources of every scene with each order rule of
+    :func:`risloc.estimators.order.order_estimates` (the source-counting table of the report)."""
 
     def __post_init__(self):
         if self.scenes < 1:
@@ -216,6 +219,10 @@ class BenchResult:
     simulate_s: float = 0.0
     files: list[str] = field(default_factory=list)
     spectrum: dict[str, Any] = field(default_factory=dict)
+    order: dict[str, np.ndarray] = field(default_factory=dict)
+    """K-hat ``[S]`` of every order rule (``BenchConfig.order_rules``)."""
+    order_status: str = f"{NOT_RUN}: disabled"
+    order_timing: Timing | None = None
 
     # -- views ---------------------------------------------------------------------------
     # -- views (risloc.bench.report) -------------------------------------------------------
@@ -451,6 +458,8 @@ def _run_benchmark(cfg: BenchConfig) -> BenchResult:
     steps = (["CRB"] if cfg.crb else []) + list(cfg.methods)
     if cfg.oracle_k:
         steps += [(m, True) for m in cfg.methods if _accepts_k(m)]
+    if cfg.order_rules:
+        steps.append("order rules")
     bar = tqdm(steps, desc="bench", unit="method", disable=not cfg.progress)
     for step in bar:
         bar.set_postfix_str(step if isinstance(step, str) else f"{step[0]} (K known)")
@@ -463,6 +472,9 @@ def _run_benchmark(cfg: BenchConfig) -> BenchResult:
                     raise
                 result.crb_status = f"{FAILED}: {type(exc).__name__}: {exc}"
                 warnings.warn(f"risloc bench: the CRB failed ({result.crb_status}); scores without CRB ratios", stacklevel=2)
+            continue
+        if step == "order rules":
+            _run_order_rules(result, inputs_dev, cfg, device)
             continue
         name, known = (step, False) if isinstance(step, str) else step
         r = _run_method(name, cfg, inputs_dev, scenes.truth, scenes.snr_db, result.crb, device, known_k=known)
@@ -482,6 +494,26 @@ def _run_benchmark(cfg: BenchConfig) -> BenchResult:
     if cfg.out is not None:  # results.json again with the final wall time
         write_json(result, Path(cfg.out))
     return result
+
+
+def _run_order_rules(result: BenchResult, scenes_dev: Scenes, cfg: BenchConfig, device) -> None:
+    """Every order rule's K-hat on the scenes (timed like a method; failures are reported, not raised)."""
+    from ..estimators.order import SCENE_RULES, order_estimates
+
+    def call(s: Scenes) -> torch.Tensor:  # [S, rules]
+        ks = order_estimates(s, rules=SCENE_RULES)
+        return torch.stack([ks[rule] for rule in SCENE_RULES], 1)
+
+    try:
+        ks, result.order_timing = timed_batches(call, scenes_dev, cfg.batch, device, desc="order rules", progress=cfg.progress,
+                                                cat=lambda parts: torch.cat([p.cpu() for p in parts]))
+        result.order = {rule: _np(ks[:, i]).astype(np.int64) for i, rule in enumerate(SCENE_RULES)}
+        result.order_status = OK
+    except Exception as exc:  # noqa: BLE001
+        if cfg.strict:
+            raise
+        result.order_status = f"{FAILED}: {type(exc).__name__}: {exc}"
+        warnings.warn(f"risloc bench: the order rules failed ({result.order_status})", stacklevel=2)
 
 
 def _accepts_k(name: str) -> bool:

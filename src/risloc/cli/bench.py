@@ -53,6 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--oracle-k", action="store_true",
                    help="also run every method that accepts a known K with the true K (rows 'METHOD (K known)')")
     p.add_argument("--no-crb", action="store_true", help="skip the CRB (no RMSE/√CRB ratios)")
+    p.add_argument("--no-order-rules", action="store_true", help="skip the source-counting table of the order rules")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--spectrum-scene", type=int, default=None, metavar="I", help="scene of the MUSIC-spectrum plot")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         oracle_k=args.oracle_k,
+        order_rules=not args.no_order_rules,
     )
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
