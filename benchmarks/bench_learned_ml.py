@@ -27,6 +27,7 @@ from risloc.bench import sync_device
 from risloc.estimators import get
 from risloc.metrics import score
 from risloc.nn.inference import _learned, over_init
+from risloc.scenes import Estimates
 
 DEFAULT_VARIANTS = [{"iterations": it, "init_prune": p} for it in (25, 12, 8) for p in (0, 1)]
 
@@ -56,7 +57,10 @@ def main(argv=None):
     variants = json.loads(args.variants) if args.variants else DEFAULT_VARIANTS
     sync_device(device)
     t = time.perf_counter()
-    first, cand = _learned(scenes, args.checkpoint, None, 1024, None, True, None, candidates=[])  # the network, before refinement
+    # the network, before refinement, in the registry's batches of learned (its candidates are not an estimator's output)
+    step = get("learned").info.batch_for(device)
+    parts = [_learned(scenes[a : a + step], args.checkpoint, None, True, None, candidates=True) for a in range(0, len(scenes), step)]
+    first, cand = Estimates.cat([p[0] for p in parts]), Estimates.cat([p[1] for p in parts])
     sync_device(device)
     rows = [{"stage": "learned", **_row(scenes, first, time.perf_counter() - t)}]
     print(json.dumps(rows[-1]), flush=True)

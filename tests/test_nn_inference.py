@@ -32,7 +32,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     for name in ("phi", "theta", "r"):
         assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
     # learned+ml = ml from the over-proposal of the network's detections, over + 1 pruning passes
-    _, cand = _learned(scenes, ckpt, None, 1024, None, True, music, candidates=[])
+    _, cand = _learned(scenes, ckpt, None, True, music, candidates=True)
     both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1)
     ref = get("ml")(scenes, init=over_init(cand, network.K, 1), iterations=3, init_prune=2)
     assert both.method.startswith("learned+ml:") and both.method[len("learned+ml:"):] == network.method[len("learned:"):]

@@ -108,6 +108,27 @@ def test_known_k_honoured(method, scenes):
         assert torch.isnan(est.phi[~active]).all()
 
 
+@pytest.mark.parametrize("method", _PACKAGE)
+def test_the_registry_is_the_only_place_that_chunks(method, scenes, monkeypatch):
+    """Every estimator of the package takes one batch: no batch/progress/device option of its
+    own, one call per registry batch, and the registry's answer is those calls' answers."""
+    est = estimators.get(method)
+    assert not {"batch", "progress", "device"} & set(est.options), method
+    calls, fn = [], est.fn
+
+    def spy(s, **options):
+        calls.append(fn(s, **options))
+        return calls[-1]
+
+    monkeypatch.setattr(est, "fn", spy)
+    out = risloc.locate(scenes[:4], method, batch=3)
+    assert [len(c) for c in calls] == [3, 1], method
+    want = Estimates.cat(calls)
+    assert torch.equal(out.K, want.K), method
+    for name in ("phi", "theta", "r"):
+        assert torch.equal(getattr(out, name).nan_to_num(-9.0), getattr(want, name).nan_to_num(-9.0)), (method, name)
+
+
 def test_chunking_does_not_change_music(scenes):
     a = risloc.locate(scenes, "music", batch=3)
     b = risloc.locate(scenes, "music", batch=64)

@@ -589,6 +589,16 @@ def fit_path(y: Tensor, H: Tensor, codes: Tensor, ranks, *, basis: Tensor | None
     return [fit_factor(y, H, codes, k, basis=basis, iterations=iterations) for k in ranks]
 
 
+def ml_rank_limit(scenario, n_snapshots: int, n_antennas: int, *, options: CovarianceOptions = CovarianceOptions(), k_min: int = 1) -> int:
+    """``k_fit``: the largest rank that :func:`ml_covariance` fits without a known K,
+    ``max(min(k_max, identifiable rank), min(k_min, k_max))`` in the :func:`prior_subspace` of
+    ``options.prior_energy`` (:func:`risloc.estimators.order.identifiable_rank`; 2 by default)."""
+    from .estimators.order import identifiable_rank
+
+    d = prior_subspace(scenario, energy=options.prior_energy).shape[1]
+    return max(min(scenario.k_max, identifiable_rank(n_snapshots, n_antennas, d)), min(k_min, scenario.k_max))
+
+
 def ml_covariance(
     y: Tensor,
     H: Tensor,
@@ -610,7 +620,7 @@ def ml_covariance(
     Returns a :class:`FactorFit` whose ``factor`` ``[B, N, k]`` has zero columns beyond each
     scene's rank and whose ``nll`` is that of the chosen rank.
     """
-    from .estimators.order import identifiable_rank, likelihood_order
+    from .estimators.order import likelihood_order
 
     B, L, M = y.shape
     basis = prior_subspace(scenario, energy=options.prior_energy, device=y.device, dtype=y.dtype)
@@ -622,7 +632,7 @@ def ml_covariance(
             raise ValueError(f"ml_covariance: K[{bad}] = {int(Kt[bad])} must be in 0..{d}")
         ranks = sorted(set(int(k) for k in Kt.unique().tolist()))
     else:
-        k_fit = max(min(scenario.k_max, identifiable_rank(L, M, d)), min(k_min, scenario.k_max))
+        k_fit = ml_rank_limit(scenario, L, M, options=options, k_min=k_min)
         ranks = list(range(0, k_fit + 1))
     fits = fit_path(y, H, codes, ranks, basis=basis, iterations=options.em_iterations)
     nll = torch.stack([f.nll for f in fits], -1)  # [B, len(ranks)]

@@ -206,8 +206,6 @@ class Estimator:
             if not info.accepts_k:
                 raise ValueError(f"{info.name}: this estimator does not accept a known K")
             Ks = known_k(K, S, scenes.scenario.k_max, device=device)
-        if "batch" in self.options:  # estimators that still chunk inside get the same batch
-            options.setdefault("batch", batch)
         starts = range(0, S, batch)
         if progress:
             from tqdm.auto import tqdm

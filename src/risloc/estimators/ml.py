@@ -765,13 +765,16 @@ def estimate(
     snr_db=None,
     init: Estimates | None = None,
     iterations: int | None = None,
-    batch: int | None = None,
-    progress: bool = False,
     model: str | None = None,
     options: MLOptions | None = None,
     **overrides,
 ) -> Estimates:
     """Maximum-likelihood localisation of up to ``k_max`` near-field sources (module docstring).
+
+    One batch, in one pass: its working memory grows with the batch (about 4-5 kB x grid atoms
+    per scene, ~20 MB with the default grid), so large scene sets go through the registry
+    (``risloc.locate(scenes, "ml", batch=...)``), which runs them in batches of 16 scenes on the
+    CPU and 1024 on CUDA by default.
 
     Args:
         scenes: the batch (y ``[S, L, M]``, H ``[S, M, N]``, codes ``[S, L, N]``); any device.
@@ -784,9 +787,6 @@ def estimate(
         init: optional :class:`Estimates`; skips the grid/greedy stage and the order rule and
             refines its K-hat sources with the same likelihood.
         iterations: refinement steps of the final model (``options.final_iterations``).
-        batch: scenes per chunk (memory ~ 4-5 kB x grid atoms per scene, ~20 MB with the default grid;
-            default 1024 on CUDA (539 scenes/s on one H100 vs 197 at batch 256), 16 on CPU).
-        progress: show a tqdm bar over chunks.
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         options: :class:`MLOptions` (default ``MLOptions()``).
         **overrides: fields of :class:`MLOptions` that replace those of ``options``
@@ -814,24 +814,8 @@ def estimate(
     known = _known_K(K, S, k_max, init, scenes.device)
     if snr_db is True:
         snr_db = scenes.snr_db
-    if batch is None:
-        batch = 1024 if scenes.device.type == "cuda" else 16
-    chunks = range(0, S, batch)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc="ml", unit="batch")
-    out = []
     with torch.no_grad():
-        for a in chunks:
-            sub = scenes[a : a + batch]
-            ini = init[a : a + batch] if init is not None else None
-            snr = snr_db[a : a + batch] if isinstance(snr_db, Tensor) and snr_db.ndim > 0 else snr_db
-            kn = known[a : a + batch] if known is not None else None
-            out.append(_run_batch(sub, k_max, model, ini, snr, opts, kn))
-    est = Estimates.cat(out)
-    est.method = out[0].method
-    return est
+        return _run_batch(scenes, k_max, model, init, snr_db, opts, known)
 
 
 def _known_K(K, S: int, k_max: int, init, device) -> Tensor | None:

@@ -168,19 +168,19 @@ def estimate(
     k_max: int | None = None,
     K: Tensor | int | None = None,
     refine: bool = True,
-    batch: int | None = None,
-    progress: bool = False,
     **options,
 ) -> Estimates:
     """Sparse Bayesian learning of the source positions (module docstring).
+
+    One batch, in one pass (memory ~ 2 x 16 x 16 x Q x 8 bytes ~ 19 MB per scene with the
+    default grid): the registry (``risloc.locate(scenes, "sbl", batch=...)``) runs large scene
+    sets in batches of 16 scenes on the CPU and 256 on CUDA by default.
 
     Args:
         scenes: the batch; any device.
         k_max: largest K-hat (default ``scenes.scenario.k_max``).
         K: known number of sources (int or ``[S]``) instead of the gamma-based count.
         refine: off-grid refinement by the ``ml`` estimator's joint refinement (its ``init`` path).
-        batch: scenes per chunk (memory ~ 2 x 16 x 16 x Q x 8 bytes ~ 19 MB per scene with the
-            default grid; default 256 on CUDA, 16 on CPU).
         **options: ``grid_shape``, ``iterations``, ``prune_after``, ``keep``, ``threshold``, ``rel_threshold``,
             ``refine_iterations``, ``dtype`` (complex64 default). See ``DEFAULTS``.
 
@@ -207,23 +207,12 @@ def estimate(
             raise ValueError(f"sbl: scenes.{name} of scene {int(bad.nonzero()[0, 0])} has non-finite values")
     if K is not None:
         K = torch.as_tensor(K, device=scenes.device).to(torch.int64).reshape(-1).expand(S)
-    if batch is None:
-        batch = 256 if scenes.device.type == "cuda" else 16
-    starts = range(0, S, batch)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="sbl", unit="batch")
-    Ks, P, T, R = [], [], [], []
     with torch.no_grad():
-        for a in starts:
-            k, p, t, r = _run_batch(scenes[a : a + batch], k_max, opts, None if K is None else K[a : a + batch], int(opts["extra"]) if refine else 0)
-            Ks.append(k), P.append(p), T.append(t), R.append(r)
-    K_hat = torch.cat(Ks)
+        K_hat, phi, theta, r = _run_batch(scenes, k_max, opts, K, int(opts["extra"]) if refine else 0)
     idx = torch.arange(k_max, device=K_hat.device).view(1, -1)
     nan = torch.tensor(math.nan, device=K_hat.device)
     keep = idx < K_hat.view(-1, 1)
-    phi, theta, r = (torch.where(keep, torch.cat(v).to(torch.float32), nan) for v in (P, T, R))
+    phi, theta, r = (torch.where(keep, v.to(torch.float32), nan) for v in (phi, theta, r))
     est = Estimates(K_hat, phi, theta, r, method="sbl")
     if refine:
         from .ml import estimate as ml_estimate

@@ -77,7 +77,7 @@ _CACHE: dict = {}
 
 def _cached_model(checkpoint, device) -> LoadedModel:
     """:func:`load_model`, remembered for the last checkpoint file (same path, size, mtime, device):
-    ``risloc locate`` calls the estimator once per chunk."""
+    the registry calls a learned estimator once per batch of scenes."""
     st = Path(checkpoint).stat()
     key = (str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, str(device))
     if key not in _CACHE:
@@ -174,35 +174,23 @@ def run_model(
     *,
     options: cv.CovarianceOptions,
     calibration: Calibration,
-    batch: int = 1024,
-    device=None,
     music_options: dict | None = None,
     use_snr: bool = True,
-    candidates: list | None = None,
     K: torch.Tensor | None = None,
     order_rule: str | None = None,
-) -> tuple[Estimates, torch.Tensor]:
-    """Estimates and K logits ``[S, K_max]`` for ``scenes``, in batches on ``device``.
+) -> tuple[Estimates, Prediction]:
+    """One batch of ``scenes`` through the network, on the model's device: its estimates
+    (:func:`locate_from_prediction`) and the network's :class:`Prediction` (K logits, and the
+    kind's ranked candidates through :meth:`~risloc.nn.networks.NetworkKind.candidates`).
 
     ``K`` ``[S]``: known source numbers (each scene gets exactly that K); ``order_rule``: K from
-    that rule on the prediction (see :func:`locate_from_prediction`). ``candidates``: a list that
-    receives the kind's ranked candidates (:meth:`~risloc.nn.networks.NetworkKind.candidates`,
-    e.g. every decoded detection of a ``spectrum`` network before K-hat is applied), one per batch."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    scenario = scenes.scenario
-    ests, logits = [], []
-    for a in range(0, len(scenes), batch):
-        s = scenes[a : a + batch].to(device)
-        inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
-        pred = model(inputs, options)
-        Kb = K[a : a + batch].to(device) if K is not None else None
-        ests.append(locate_from_prediction(pred, inputs, options, scenario, calibration, music_options, K=Kb, order_rule=order_rule))
-        logits.append(pred.k_logits.float())
-        if candidates is not None:
-            c = get_network(pred.kind).candidates(pred)
-            if c is not None:
-                candidates.append(c)
-    return Estimates.cat(ests), torch.cat(logits)
+    that rule on the prediction (see :func:`locate_from_prediction`)."""
+    s = scenes.to(next(model.parameters()).device)
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
+    pred = model(inputs, options)
+    K = K.to(s.device) if K is not None else None
+    est = locate_from_prediction(pred, inputs, options, s.scenario, calibration, music_options, K=K, order_rule=order_rule)
+    return est, pred
 
 
 def packaged_or_given(method: str, checkpoint, default: Path, hint: str):
@@ -216,15 +204,15 @@ def packaged_or_given(method: str, checkpoint, default: Path, hint: str):
     return default
 
 
-def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, device, beta, music_options):
-    """The shared start of a learned estimator: ``(loaded model, device, covariance options, MUSIC options)``.
+def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta, music_options):
+    """The shared start of a learned estimator: ``(loaded model, covariance options, MUSIC options)``,
+    the model on the scenes' device.
 
     Refuses a checkpoint of another network kind (``model.kind``; ``kind`` is one name or a tuple) or one trained for another
     N or L than the scenes; ``beta`` overrides the checkpoint's blend weight and
     ``music_options`` update the checkpoint's MUSIC options.
     """
-    device = torch.device(device) if device is not None else scenes.device
-    loaded = _cached_model(checkpoint, device)
+    loaded = _cached_model(checkpoint, scenes.device)
     cfg = loaded.config
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     if cfg.model.kind not in kinds:
@@ -237,7 +225,7 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, devic
     options = loaded.options if beta is None else dataclasses.replace(loaded.options, beta=float(beta))
     music = dict(cfg.music_options)
     music.update(music_options or {})
-    return loaded, device, options, music
+    return loaded, options, music
 
 
 LEARNED_REFINE_STEPS = 8
@@ -253,8 +241,6 @@ def estimate(
     *,
     checkpoint: str | Path | None = None,
     K=None,
-    device=None,
-    batch: int = 1024,
     beta: float | None = None,
     use_snr: bool = True,
     music_options: dict | None = None,
@@ -280,36 +266,40 @@ def estimate(
     detections, refined; missing ones from its next detections by heat).
 
     ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
-    ``src/risloc/weights/default.pt``. ``device``: where to run (default: the scenes' device).
-    ``use_snr=False`` ignores the scenes' SNR labels (estimated from the data instead).
-    Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
+    ``src/risloc/weights/default.pt``. ``use_snr=False`` ignores the scenes' SNR labels
+    (estimated from the data instead). One batch, on the scenes' device (the registry,
+    ``risloc.locate(scenes, "learned", batch=..., device=...)``, runs large scene sets in batches
+    of 1024 and on another device); the refinement goes through the registry's ``ml``, in ``ml``'s
+    own batches. Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
     from ..estimators import get
 
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    est, _ = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, K=known_k("learned", K, scenes))
+    est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=known_k("learned", K, scenes))
     if refine == "likelihood":
-        work = scenes.to(device) if device is not None else scenes
-        if not use_snr:
-            work = dataclasses.replace(work, snr_db=None)
         method = est.method
-        est = get("ml")(work, init=est.to(work.device), iterations=LEARNED_REFINE_STEPS, init_prune=0)
+        est = get("ml")(_snr_labels(scenes, use_snr), init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0)
         est.method = method
-    return est.to(scenes.device)
+    return est
 
 
-def _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, *, candidates: list | None = None,
-             K: torch.Tensor | None = None):
-    """The body of :func:`estimate`: ``(estimates, candidates or None)`` on the run's device."""
+def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
+    """``scenes``, without their SNR labels when ``use_snr`` is False (the likelihood stage then
+    ignores them too)."""
+    return scenes if use_snr else dataclasses.replace(scenes, snr_db=None)
+
+
+def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None):
+    """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
+    candidates or None)`` on the scenes' device; the candidates only when asked for and when the
+    network kind has them (a ``spectrum`` network's decoded detections, strongest first)."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
-    loaded, device, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, device, beta, music_options)
-    est, _ = run_model(
-        loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device, music_options=music,
-        use_snr=use_snr, candidates=candidates, K=K,
-    )
+    loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
+    est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
+                          use_snr=use_snr, K=K)
     est.method = f"learned:{loaded.sha256[:12]}"
-    return est, (Estimates.cat(candidates) if candidates else None)
+    return est, (get_network(pred.kind).candidates(pred) if candidates else None)
 
 
 def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
@@ -339,8 +329,6 @@ def estimate_learned_ml(
     *,
     checkpoint: str | Path | None = None,
     K=None,
-    device=None,
-    batch: int = 1024,
     beta: float | None = None,
     use_snr: bool = True,
     music_options: dict | None = None,
@@ -357,9 +345,11 @@ def estimate_learned_ml(
     ``ml``'s penalised likelihood (or its power rule) prefers one source fewer
     (``init_prune``), so that the likelihood, not the K head, has the last word on K within
     K-hat + over, ..., K-hat - 1. ``over = 0``: start from K-hat with one pruning pass.
-    ``ml_options`` go to ``ml`` on top of :data:`LEARNED_ML_DEFAULTS` (``iterations``,
-    ``init_prune``, ``batch``, ...). Networks without detections (``covariance``) start from
-    the first stage's K-hat estimates. Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
+    ``ml_options`` go to the registry's ``ml`` on top of :data:`LEARNED_ML_DEFAULTS`
+    (``iterations``, ``init_prune``, ...; ``batch``: scenes per ``ml`` call, default ``ml``'s).
+    Networks without detections (``covariance``) start from the first stage's K-hat estimates.
+    One batch, on the scenes' device (the registry runs large scene sets in batches of 1024).
+    Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
 
     ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the network's K
     strongest detections are refined without pruning and every scene gets exactly that K.
@@ -369,16 +359,13 @@ def estimate_learned_ml(
     if int(over) < 0:
         raise ValueError(f"learned+ml: over = {over}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
-    first, cand = _learned(scenes, checkpoint, device, batch, beta, use_snr, music_options, candidates=[], K=K)
-    work = scenes.to(device) if device is not None else scenes
-    if not use_snr:
-        work = dataclasses.replace(work, snr_db=None)
+    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=True, K=K)
     opts = {**LEARNED_ML_DEFAULTS, "init_prune": int(over) + 1, **(ml_options or {})}
-    init = first.to(work.device)
+    init = first
     if K is not None:
         opts["init_prune"] = 0
     elif cand is not None:
-        init = over_init(cand.to(work.device), init.K, int(over))
-    refined = get("ml")(work, init=init, **opts)
+        init = over_init(cand, first.K, int(over))
+    refined = get("ml")(_snr_labels(scenes, use_snr), init=init, **opts)
     refined.method = first.method.replace("learned:", "learned+ml:", 1)
-    return refined.to(scenes.device)
+    return refined

@@ -23,8 +23,6 @@ def estimate(
     *,
     checkpoint: str | Path | None = None,
     K=None,
-    device=None,
-    batch: int = 1024,
     beta: float | None = None,
     use_snr: bool = True,
     k_rule: str = "head",
@@ -38,8 +36,10 @@ def estimate(
     1..K_max); every scene then gets exactly that K and ``k_rule`` is not used. ``k_rule``: 'head'
     (the calibrated K head, as in validation) or an order rule ('mdl', 'aic', 'eigengap') on
     E(Z)'s eigenvalues (:func:`risloc.estimators.music.order_from_covariance`). ``beta``
-    overrides the checkpoint's blend weight; ``use_snr=False`` ignores the SNR labels. Returns
-    Estimates with ``method = "subspacenet:<first 12 hex of the checkpoint's SHA-256>"``.
+    overrides the checkpoint's blend weight; ``use_snr=False`` ignores the SNR labels. One batch,
+    on the scenes' device (the registry, ``risloc.locate(scenes, "subspacenet", batch=...)``, runs
+    large scene sets in batches of 1024). Returns Estimates with
+    ``method = "subspacenet:<first 12 hex of the checkpoint's SHA-256>"``.
     """
     from .inference import known_k, packaged_or_given, prepare_checkpoint, run_model
 
@@ -48,8 +48,8 @@ def estimate(
     if k_rule not in ("head", "mdl", "aic", "eigengap"):
         raise ValueError(f"subspacenet: k_rule = {k_rule!r}: must be 'head', 'mdl', 'aic' or 'eigengap'")
     K = known_k("subspacenet", K, scenes)
-    loaded, device, options, music = prepare_checkpoint("subspacenet", "subspacenet", checkpoint, scenes, device, beta, music_options)
-    est, _ = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, batch=batch, device=device,
-                       music_options=music, use_snr=use_snr, K=K, order_rule=None if k_rule == "head" else k_rule)
+    loaded, options, music = prepare_checkpoint("subspacenet", "subspacenet", checkpoint, scenes, beta, music_options)
+    est, _ = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
+                       use_snr=use_snr, K=K, order_rule=None if k_rule == "head" else k_rule)
     est.method = f"subspacenet:{loaded.sha256[:12]}"
-    return est.to(scenes.device)
+    return est
