@@ -16,38 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import risloc
 from risloc import metrics
 from risloc._files import atomic_write_text, nan_to_none
+from risloc._provenance import device_info, git_commit
 from risloc.estimators import locate
 
 VARIANTS = {"risloc": {}, "paper": {"variant": "paper", "steering": "fresnel"}}
-
-
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("RISLOC_GIT_COMMIT", "unknown")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -96,8 +76,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     out = {
-        "script": "benchmarks/bench_ramezani.py", "args": vars(args), "git": _commit(),
-        "machine": {"device": str(dev), "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "script": "benchmarks/bench_ramezani.py", "args": vars(args), "git": git_commit(),
+        "machine": {"device": str(dev), "cpu": device_info("cpu")["cpu_model"], "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_1min_start": load0, "load_average_1min_end": os.getloadavg()[0]},
         "versions": {"risloc": risloc.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
         "rows": rows,

@@ -1,8 +1,8 @@
 """Training throughput of the shipped network kind on however many GPUs ``torchrun`` gives it.
 
-    torchrun --nproc_per_node=1 benchmarks/bench_train_scaling.py --out benchmarks/results/train_scaling/w1.json
-    torchrun --nproc_per_node=2 benchmarks/bench_train_scaling.py --out benchmarks/results/train_scaling/w2.json
-    torchrun --nproc_per_node=4 benchmarks/bench_train_scaling.py --out benchmarks/results/train_scaling/w4.json
+    torchrun --nproc_per_node=1 benchmarks/bench_train_scaling.py --out w1.json
+    torchrun --nproc_per_node=2 benchmarks/bench_train_scaling.py --out w2.json
+    torchrun --nproc_per_node=4 benchmarks/bench_train_scaling.py --out w4.json
     PYTHONPATH=src python3 benchmarks/bench_train_scaling.py --device cpu --steps 4 --warmup 1 --batch-per-rank 4   # smoke test
 
 Runs the real trainer (:func:`risloc.nn.train.train`, ``configs/default.toml`` unless

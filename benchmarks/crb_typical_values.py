@@ -20,35 +20,15 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import risloc
 from risloc._files import atomic_write_text
+from risloc._provenance import device_info, git_commit
 from risloc.crb import crb
-
-
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("RISLOC_GIT_COMMIT", "unknown")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -118,8 +98,8 @@ def main() -> None:
     out = {
         "script": "benchmarks/crb_typical_values.py",
         "args": vars(args),
-        "git": _commit(),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "git": git_commit(),
+        "machine": {"cpu": device_info("cpu")["cpu_model"], "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_1min_start": os.getloadavg()[0]},
         "versions": {"risloc": getattr(risloc, "__version__", "unknown"), "torch": torch.__version__, "python": sys.version.split()[0]},
         "scenes": args.scenes, "sources": int(active.sum()),

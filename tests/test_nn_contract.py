@@ -77,15 +77,39 @@ def test_no_import_circle_inside_nn():
     for m in graph:
         if m not in state:
             visit(m, [])
-    # every module first, alone, in a fresh interpreter (the entry points each in its own; the
-    # leaves of the graph are imported first by those)
-    env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": ""}
+    # every entry point first, alone, in a fresh interpreter (the leaves of the graph are imported
+    # first by those). One interpreter imports the third-party libraries once, then forks a child per
+    # entry point, which starts with no risloc module loaded and imports only that one.
     firsts = ["risloc.nn.inputs", "risloc.nn.networks", "risloc.nn.networks.spectrum", "risloc.nn.loss", "risloc.nn.train",
               "risloc.nn.inference", "risloc.nn.subspacenet", "risloc.nn.model"]
-    procs = {m: subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True, env=env) for m in firsts}
-    for m, p in procs.items():
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, (m, err[-2000:])
+    env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": ""}
+    p = subprocess.run([sys.executable, "-c", FORK_IMPORTS, *firsts], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.split() == [f"ok:{m}" for m in firsts]
+
+
+FORK_IMPORTS = """
+import importlib, os, sys, traceback
+import h5py, numpy, scipy.optimize, torch  # third-party only: no risloc module before the fork
+assert not [m for m in sys.modules if m == "risloc" or m.startswith("risloc.")]
+failed = 0
+for name in sys.argv[1:]:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        print("ok:" + name, flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        print(name, "failed to import first", file=sys.stderr)
+        failed += 1
+sys.exit(1 if failed else 0)
+"""
 
 
 def test_code_defaults_are_the_shipped_model():
@@ -153,10 +177,11 @@ def test_known_k_is_returned_exactly(method):
 
 def test_learned_with_the_true_k_does_at_least_as_well_as_with_its_own():
     """At 20 dB, told the true K, the shipped detector's K strongest detections (refined) score at
-    least as well as with its K head's K-hat, on the same scenes."""
+    least as well as with its K head's K-hat, on the same scenes (these 32: success 0.84 against
+    0.78, K-hat right in 0.91 of them)."""
     from risloc.metrics import score
 
-    scenes = risloc.simulate(risloc.Scenario(snr_db_min=20.0, snr_db_max=20.0), 64, seed=34)
+    scenes = risloc.simulate(risloc.Scenario(snr_db_min=20.0, snr_db_max=20.0), 32, seed=34)
     known = score(scenes.truth, get("learned")(scenes, K=scenes.truth.K)).overall
     free = score(scenes.truth, get("learned")(scenes)).overall
     assert known.K_acc == 1.0 and known.K_under == 0.0 and known.K_over == 0.0
