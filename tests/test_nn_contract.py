@@ -81,7 +81,7 @@ def test_no_import_circle_inside_nn():
     # first by those). One interpreter imports the third-party libraries once, then forks a child per
     # entry point, which starts with no risloc module loaded and imports only that one.
     firsts = ["risloc.nn.inputs", "risloc.nn.networks", "risloc.nn.networks.spectrum", "risloc.nn.loss", "risloc.nn.train",
-              "risloc.nn.inference", "risloc.nn.subspacenet", "risloc.nn.model"]
+              "risloc.nn.inference", "risloc.nn.subspacenet"]
     env = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "PATH": ""}
     p = subprocess.run([sys.executable, "-c", FORK_IMPORTS, *firsts], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

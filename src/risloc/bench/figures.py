@@ -257,7 +257,7 @@ def _learned_covariance(s: Scenes, checkpoint):
     """The learned pipeline's effective covariance of one scene (model + the checkpoint's options)."""
     from .. import estimators
     from ..nn.inference import load_model
-    from ..nn.model import prepare_inputs
+    from ..nn.inputs import prepare_inputs
 
     ckpt = checkpoint or estimators.info("learned").default_weights_path()
     loaded = load_model(ckpt, device="cpu")

@@ -110,10 +110,12 @@ def known_k(method: str, K, scenes: Scenes) -> torch.Tensor | None:
 def complete_to_k(est: Estimates, K: torch.Tensor, candidates: Estimates | None) -> Estimates:
     """``est`` with exactly ``K`` sources per scene: scenes where it found fewer (MUSIC returns
     fewer when fewer distinct peaks exist) take the missing ones from ``candidates`` (ranked,
-    strongest first), skipping candidates within 2 degrees of a source already there."""
+    strongest first), skipping candidates within one angular hit tolerance
+    (:data:`risloc.metrics.ANGLE_TOL`, 2 degrees) of a source already there."""
     K = K.to(est.K.device, torch.int64)
     if candidates is None or bool((est.K >= K).all()):
         return est
+    from ..metrics import ANGLE_TOL
     from ..physics import angle_between
 
     phi, theta, r = est.phi.clone(), est.theta.clone(), est.r.clone()
@@ -123,7 +125,7 @@ def complete_to_k(est: Estimates, K: torch.Tensor, candidates: Estimates | None)
     slots = torch.arange(n, device=phi.device)
     for j in range(cp.shape[1]):  # candidates in rank order (a handful): vectorised over scenes
         filled = slots.view(1, -1) < have.view(-1, 1)
-        near = angle_between(phi, theta, cp[:, j : j + 1], ct[:, j : j + 1]) < 0.0349  # 2 deg
+        near = angle_between(phi, theta, cp[:, j : j + 1], ct[:, j : j + 1]) < ANGLE_TOL
         dup = (near & filled).any(1)
         take = (have < K) & ~dup & torch.isfinite(cp[:, j])
         put = (slots.view(1, -1) == have.view(-1, 1)) & take.view(-1, 1)
@@ -359,7 +361,7 @@ def estimate_learned_ml(
     if int(over) < 0:
         raise ValueError(f"learned+ml: over = {over}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
-    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=True, K=K)
+    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K)
     opts = {**LEARNED_ML_DEFAULTS, "init_prune": int(over) + 1, **(ml_options or {})}
     init = first
     if K is not None:

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import covariance as cv
+from ..metrics import ANGLE_TOL, RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Truth
 from ..physics import steering
@@ -246,16 +247,17 @@ _NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -
 
 
 def peak_contrast_loss(R: cv.LowRankCovariance, truth: Truth, scenario: Scenario, margin: float) -> Tensor:
-    """softplus(log P(neighbour) - log P(truth) + margin), averaged over true sources and neighbours."""
+    """softplus(log P(neighbour) - log P(truth) + margin), averaged over true sources and neighbours
+    one hit tolerance away (:data:`risloc.metrics.ANGLE_TOL` in phi and theta, :data:`risloc.metrics.RANGE_TOL_REL` in r)."""
     active = torch.isfinite(truth.phi)
     phi = torch.where(active, truth.phi, torch.zeros_like(truth.phi))
     theta = torch.where(active, truth.theta, torch.zeros_like(truth.theta))
     r = torch.where(active, truth.r, torch.ones_like(truth.r))
-    d_ang = math.radians(2.0)
+    d_ang = ANGLE_TOL
     off = torch.tensor(_NEIGHBOURS, dtype=phi.dtype, device=phi.device)  # [6, 3]
     phis = torch.cat([phi.unsqueeze(-1), phi.unsqueeze(-1) + d_ang * off[:, 0]], -1)  # [B, K, 7]
     thetas = torch.cat([theta.unsqueeze(-1), theta.unsqueeze(-1) + d_ang * off[:, 1]], -1)
-    rs = torch.cat([r.unsqueeze(-1), r.unsqueeze(-1) * (1 + 0.1 * off[:, 2])], -1)
+    rs = torch.cat([r.unsqueeze(-1), r.unsqueeze(-1) * (1 + RANGE_TOL_REL * off[:, 2])], -1)
     a = steering(phis, thetas, rs, scenario, dtype=torch.complex64)  # [B, K, 7, N]
     a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     B, K, P, N = a.shape
