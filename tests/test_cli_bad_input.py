@@ -138,3 +138,17 @@ def test_the_installed_command_prints_one_line_and_exits_2(files, tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and "text.h5" in p.stderr and "Traceback" not in p.stderr
     assert not out.exists()
+
+
+def test_locate_refuses_a_known_k_outside_the_scenario(tmp_path, capsys):
+    """`risloc locate --k N` with N > k_max: one line naming --k and the scene, exit 2, no output file."""
+    from risloc.cli import main as cli_main
+
+    scenes = tmp_path / "s.h5"
+    assert cli_main(["simulate", "--out", str(scenes), "--scenes", "2", "--seed", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "e.h5"
+    assert cli_main(["locate", str(scenes), "--out", str(out), "--method", "music", "--k", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--k 9" in err[0] and "scene 0" in err[0] and "Traceback" not in err[0]
+    assert not out.exists()

@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch if args.batch is not None else estimator.info.batch_for(device)
 
     info = io.validate_scenes_file(args.scenes)  # refuses bad files before any work
+    if args.k is not None:  # a bad --k is refused before the progress bar starts (the one K validation)
+        try:
+            estimators.known_k(args.k, 1, info.scenario.k_max)
+        except ValueError as exc:
+            raise ValueError(f"--k {args.k}: {exc}") from None
     if args.checkpoint is not None:
         from risloc.nn.checkpoint import load_checkpoint
 

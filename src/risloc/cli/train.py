@@ -56,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from ..nn.train import train
 
     if args.stop_after_epoch is not None and args.stop_after_epoch < 0:
-        raise SystemExit(f"risloc train: --stop-after-epoch {args.stop_after_epoch}: must be >= 0 (0 = after the first epoch)")
+        raise ValueError(f"--stop-after-epoch {args.stop_after_epoch}: must be >= 0 (0 = after the first epoch)")
     if args.time_budget is not None and args.time_budget <= 0:
-        raise SystemExit(f"risloc train: --time-budget {args.time_budget}: must be > 0 seconds")
+        raise ValueError(f"--time-budget {args.time_budget}: must be > 0 seconds")
     if args.checkpoint_every < 0:
-        raise SystemExit(f"risloc train: --checkpoint-every {args.checkpoint_every}: must be >= 0")
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0")
     cfg = config_from_args(args)
     if args.print_config:
         print(cfg.to_toml())
