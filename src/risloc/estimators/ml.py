@@ -76,7 +76,7 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import measure, static_eval, stochastic_eval
+from .ml_core import check_finite, measure, static_eval, stochastic_eval, unit_power
 
 
 @dataclass(frozen=True)
@@ -446,15 +446,6 @@ def _ls_powers(state: _State, prob: _Problem):
 # ------------------------------------------------------------------------------------------
 
 
-def _check(scenes: Scenes) -> None:
-    for name in ("y", "H", "codes"):
-        t = getattr(scenes, name)
-        bad = ~torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).flatten(1).all(1)
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0])
-            raise ValueError(f"ml: scenes.{name} of scene {i} has non-finite values")
-
-
 def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, snr_db, opts: MLOptions,
                known: Tensor | None) -> Estimates:
     sc = scenes.scenario
@@ -463,12 +454,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     rd = physics.real_dtype(cd)
     y, H, codes = scenes.y.to(cd), scenes.H.to(cd), scenes.codes.to(cd)
     B, L, M = y.shape
-    # --- normalisation (scale invariance) ---------------------------------------------------
-    ypow = y.abs().square().mean((1, 2))  # [B]
-    empty = ~(ypow > 0)
-    y = y / torch.sqrt(torch.where(empty, torch.ones_like(ypow), ypow)).to(cd).view(B, 1, 1)
-    hpow = H.abs().square().mean((1, 2))
-    H = H / torch.sqrt(torch.where(hpow > 0, hpow, torch.ones_like(hpow))).to(cd).view(B, 1, 1)
+    y, H, empty = unit_power(y, H)  # scale invariance
     box = _box(sc, rd, device)
     prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts)
     K = k_max
@@ -809,7 +795,7 @@ def estimate(
     opts = replace(options if options is not None else MLOptions(), **overrides)
     if iterations is not None:
         opts = replace(opts, final_iterations=int(iterations))
-    _check(scenes)
+    check_finite(scenes, "ml")
     S = len(scenes)
     known = _known_K(K, S, k_max, init, scenes.device)
     if snr_db is True:

@@ -23,6 +23,30 @@ from ..crb import stochastic_fisher
 from ..scenario import Scenario
 
 
+def check_finite(scenes, who: str) -> None:
+    """ValueError naming ``who``, the field and the first scene whose y, H or codes hold a
+    non-finite value (the likelihood estimators' input check)."""
+    for name in ("y", "H", "codes"):
+        t = getattr(scenes, name)
+        bad = ~torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).flatten(1).all(1)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise ValueError(f"{who}: scenes.{name} of scene {i} has non-finite values")
+
+
+def unit_power(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``y`` and ``H`` ``[B, ...]`` scaled per scene to unit mean power (the likelihood estimators'
+    scale invariance: a global gain on y or H does not change the answer), and the mask ``[B]`` of
+    scenes whose y is all zero (left as they are)."""
+    B = y.shape[0]
+    ypow = y.abs().square().mean((1, 2))  # [B]
+    empty = ~(ypow > 0)
+    y = y / torch.sqrt(torch.where(empty, torch.ones_like(ypow), ypow)).to(y.dtype).view(B, 1, 1)
+    hpow = H.abs().square().mean((1, 2))
+    H = H / torch.sqrt(torch.where(hpow > 0, hpow, torch.ones_like(hpow))).to(H.dtype).view(B, 1, 1)
+    return y, H, empty
+
+
 def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
     """``G_l v`` for every snapshot: H ``[B, M, N]``, codes ``[B, L, N]``, vectors ``[B, P, N]`` -> ``[B, L, M, P]``.
 

@@ -57,6 +57,7 @@ from torch import Tensor
 from .. import grids, physics
 from ..scenes import Estimates, Scenes
 from . import register
+from .ml_core import check_finite, unit_power
 
 __all__ = ["estimate", "sbl_gamma", "detect", "DEFAULTS"]
 
@@ -144,10 +145,7 @@ def _run_batch(scenes: Scenes, k_max: int, opts: dict, K_given: Tensor | None, e
     cd = opts["dtype"]
     y, H, codes = scenes.y.to(cd), scenes.H.to(cd), scenes.codes.to(cd)
     B, L, M = y.shape
-    ypow = y.abs().square().mean((1, 2))
-    y = y / torch.sqrt(torch.where(ypow > 0, ypow, torch.ones_like(ypow))).to(cd).view(B, 1, 1)
-    hpow = H.abs().square().mean((1, 2))
-    H = H / torch.sqrt(torch.where(hpow > 0, hpow, torch.ones_like(hpow))).to(cd).view(B, 1, 1)
+    y, H, _ = unit_power(y, H)  # scale invariance, as ml
     dico = grids.dictionary(sc, opts["grid_shape"], device=y.device, dtype=cd)
     gp, gt, gr = dico.phi, dico.theta, dico.rho
     Phi = grids.measure_dictionary(H, codes, dico.D)  # [B, L, M, Q]
@@ -200,11 +198,7 @@ def estimate(
     S = len(scenes)
     if S == 0:
         return Estimates.empty(0, k_max, method="sbl", device=scenes.device)
-    for name in ("y", "H", "codes"):
-        t = getattr(scenes, name)
-        bad = ~torch.isfinite(torch.view_as_real(t)).flatten(1).all(1)
-        if bad.any():
-            raise ValueError(f"sbl: scenes.{name} of scene {int(bad.nonzero()[0, 0])} has non-finite values")
+    check_finite(scenes, "sbl")
     if K is not None:
         K = torch.as_tensor(K, device=scenes.device).to(torch.int64).reshape(-1).expand(S)
     with torch.no_grad():
