@@ -1,9 +1,11 @@
-"""The near-field grid of risloc.grids: axes, dictionary, measured dictionary, search grid."""
+"""The near-field grid of risloc.grids: axes, dictionary, measured dictionary (materialised, and
+through back-projection and atom norms), search grid."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +58,74 @@ def test_search_grid_is_unit_norm_and_cached():
     assert g.shape == (5, 3, 4) and g.steering.shape == (60, SC.n_elements)
     assert torch.allclose(torch.linalg.vector_norm(g.steering, dim=-1), torch.ones(60), atol=1e-6)
     assert grids.search_grid(SC, spec) is g
+
+
+def _maps(B=3, L=3, M=4, Q=37, seed=1):
+    """Random maps (H, codes) and a dictionary in complex128, as torch and numpy."""
+    g = torch.Generator().manual_seed(seed)
+    N = SC.n_elements
+    H = torch.randn(B, M, N, dtype=torch.complex128, generator=g)
+    codes = torch.exp(1j * 2 * math.pi * torch.rand(B, L, N, dtype=torch.float64, generator=g))
+    D = torch.randn(N, Q, dtype=torch.complex128, generator=g)
+    return H, codes, D
+
+
+def _numpy_norms(H, codes, D):
+    """|phi_lq|^2 = sum_m |sum_n H_mn c_ln D_nq|^2, element by element in numpy complex128."""
+    H, codes, D = H.numpy(), codes.numpy(), D.numpy()
+    B, M, N = H.shape
+    L, Q = codes.shape[1], D.shape[1]
+    out = np.zeros((B, L, Q))
+    for b in range(B):
+        for l in range(L):
+            for q in range(Q):
+                phi = np.array([np.sum(H[b, m, :] * codes[b, l, :] * D[:, q]) for m in range(M)])
+                out[b, l, q] = np.sum(phi.real**2 + phi.imag**2)
+    return out
+
+
+@pytest.mark.parametrize("dtype, tensor_cores, rtol", [
+    (torch.complex128, False, 1e-12),
+    (torch.complex64, False, 2e-6),
+    (torch.complex64, True, 2e-6),  # split-TF32 product: float32-accurate (on the CPU, plain float32 with split operands)
+])
+def test_atom_norms_are_the_measured_atoms_norms(dtype, tensor_cores, rtol):
+    H, codes, D = _maps()
+    ref = _numpy_norms(H, codes, D)
+    n = grids.atom_norms(H.to(dtype), codes.to(dtype), D.to(dtype), tensor_cores=tensor_cores, chunk=2)  # chunks of 2 of 3 scenes
+    assert n.dtype == physics.real_dtype(dtype) and n.shape == ref.shape
+    assert np.abs(n.double().numpy() - ref).max() / ref.max() < rtol
+    with pytest.raises(ValueError, match="complex64"):
+        grids.atom_norms(H, codes, D, tensor_cores=True)
+
+
+def test_split_dictionary_cache_follows_the_tensor():
+    H, codes, D = (t.to(torch.complex64) for t in _maps())
+    n1 = grids.atom_norms(H, codes, D, tensor_cores=True)
+    D.mul_(2)  # same storage, new contents: the cached split form must not be reused
+    n2 = grids.atom_norms(H, codes, D, tensor_cores=True)
+    assert torch.allclose(n2, 4 * n1, rtol=1e-5)
+
+
+def test_back_project_is_the_adjoint_map_and_gives_the_atoms_inner_products():
+    H, codes, D = _maps(B=2, L=3, M=4, Q=5)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 3, 4, dtype=torch.complex128, generator=g)  # one vector per snapshot
+    V = torch.randn(2, 3, 2, 4, dtype=torch.complex128, generator=g)  # two per snapshot
+    w, W = grids.back_project(v, H, codes), grids.back_project(V, H, codes)
+    Hn, cn, Dn, vn, Vn = H.numpy(), codes.numpy(), D.numpy(), v.numpy(), V.numpy()
+    for b in range(2):
+        for l in range(3):
+            for n in range(SC.n_elements):
+                # (G_l^H v)_n = conj(c_ln) sum_m conj(H_mn) v_m
+                ref = np.conj(cn[b, l, n]) * np.sum(np.conj(Hn[b, :, n]) * vn[b, l, :])
+                assert abs(w[b, l, n].item() - ref) < 1e-12 * (1 + abs(ref))
+                for j in range(2):
+                    ref = np.conj(cn[b, l, n]) * np.sum(np.conj(Hn[b, :, n]) * Vn[b, l, j, :])
+                    assert abs(W[b, l, j, n].item() - ref) < 1e-12 * (1 + abs(ref))
+            for q in range(5):
+                # v^H phi_lq with phi_lq = G_l d_q, element by element, = conj(G_l^H v)^T d_q
+                phi = np.array([np.sum(Hn[b, m, :] * cn[b, l, :] * Dn[:, q]) for m in range(4)])
+                ref = np.sum(np.conj(vn[b, l, :]) * phi)
+                got = (w[b, l].conj() @ D[:, q]).item()
+                assert abs(got - ref) < 1e-11 * (1 + abs(ref))

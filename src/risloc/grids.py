@@ -20,7 +20,12 @@ On that grid:
 * :func:`dictionary`: the steering *dictionary* ``D = [a(phi_q, theta_q, r_q)]`` ``[N, Q]`` of
   ``ml`` and of the spectrum network;
 * :func:`measure_dictionary`: the dictionary seen through every snapshot's own map,
-  ``Phi_l = G_l D`` with ``G_l = H diag(c_l)``.
+  ``Phi_l = G_l D`` with ``G_l = H diag(c_l)`` (``[B, L, M, Q]``, ~10 MB per scene for
+  ``ml``'s default grid);
+* the same products without storing Phi: :func:`back_project` (G_l^H v, so that every inner
+  product with an atom is one product with D: phi_lq^H v = d_q^H G_l^H v) and
+  :func:`atom_norms` (|phi_lq|^2, the one quantity that needs every entry of Phi, computed
+  in chunks of scenes; on CUDA as one split-TF32 real product, float32-accurate).
 
 Built grids are cached per (scenario, shape, device, dtype).
 """
@@ -36,7 +41,8 @@ from torch import Tensor
 from . import physics
 from .scenario import Scenario
 
-__all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary"]
+__all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary",
+           "back_project", "atom_norms"]
 
 
 @dataclass(frozen=True)
@@ -193,3 +199,92 @@ def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
     M = H.shape[1]
     G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B * L * M, N)  # rows of G_l stacked
     return (G @ D).view(B, L, M, -1)
+
+
+def back_project(v: Tensor, H: Tensor, codes: Tensor) -> Tensor:
+    """G_l^H v = conj(c_l) * (H^H v) for measurement-space vectors ``v`` ``[B, L, M]`` (one per
+    snapshot) or ``[B, L, J, M]`` (J per snapshot) -> ``[B, L, N]`` or ``[B, L, J, N]``;
+    H ``[B, M, N]``, codes ``[B, L, N]``.
+
+    With w = G_l^H v every inner product with a measured atom phi_lq = G_l d_q is a product
+    with the dictionary instead of with Phi_l:
+
+        v^H phi_lq = w^H d_q = sum_n conj(w_n) D_nq,    i.e.  v^H Phi_l = conj(w)^T D,
+
+    one ``[.., N] x [N, Q]`` product (``back_project(v, H, codes).conj() @ D``) for all atoms.
+    """
+    if v.ndim == 3:
+        return codes.conj() * torch.einsum("bmn,blm->bln", H.conj(), v)
+    return codes.conj().unsqueeze(2) * torch.einsum("bmn,bljm->bljn", H.conj(), v)
+
+
+def _tf32_split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x = hi + lo (float32) with ``hi`` exactly representable in TF32 (10 mantissa bits: the low 13
+    bits cleared) and ``lo`` the remainder, itself carried by TF32 to ~2^-11 of its size."""
+    hi = (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
+    return hi, x - hi
+
+
+_SPLIT_CACHE: dict = {}
+
+
+def _split_real_dictionary(D: Tensor) -> Tensor:
+    """``[[Dr_hi], [Dr_lo], [Dr_hi]]`` ``[6N, 2Q]`` float32 with Dr = [[Re D, Im D], [-Im D, Re D]]
+    ``[2N, 2Q]`` (a complex product G D is the real product [Re G, Im G] Dr = [Re(G D), Im(G D)])
+    and (Dr_hi, Dr_lo) = :func:`_tf32_split` (Dr). Cached per tensor ``D`` (its storage, shape,
+    strides, device, dtype and version; the cache holds ``D`` so its storage is not reused)."""
+    key = (D.data_ptr(), tuple(D.shape), D.stride(), str(D.device), D.dtype, D._version)
+    if key not in _SPLIT_CACHE:
+        if len(_SPLIT_CACHE) > 8:
+            _SPLIT_CACHE.clear()
+        Dr = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(torch.float32)
+        hi, lo = _tf32_split(Dr)
+        _SPLIT_CACHE[key] = (D, torch.cat([hi, lo, hi], 0).contiguous())
+    return _SPLIT_CACHE[key][1]
+
+
+def atom_norms(H: Tensor, codes: Tensor, D: Tensor, *, tensor_cores: bool | None = None, chunk: int | None = None) -> Tensor:
+    """|phi_lq|^2 = |G_l d_q|^2 = sum_m |(H diag(c_l) D)_mq|^2 ``[B, L, Q]`` (real dtype of ``D``):
+    H ``[B, M, N]``, codes ``[B, L, N]``, D ``[N, Q]`` on one device and in D's dtype.
+
+    The one quantity on the dictionary that needs every entry of Phi_l = G_l D (L M N Q complex
+    multiply-adds per scene); Phi is never stored for more than ``chunk`` scenes at a time.
+
+    ``tensor_cores=False``: the complex product :func:`measure_dictionary` (``chunk`` default 16
+    scenes). ``tensor_cores=True`` (complex64 only; default on CUDA for complex64): the real
+    product [Re G, Im G] [[Re D, Im D], [-Im D, Re D]] = [Re Phi, Im Phi] as ONE TF32 product with
+    split operands, G_hi (D_hi + D_lo) + G_lo D_hi (:func:`_tf32_split`; the "3xTF32" scheme),
+    accurate to ~1e-6 relative like float32 (``chunk`` default 256 scenes). That accuracy matters:
+    the callers subtract projections |e^H phi|^2 from these norms, and atoms next to a chosen one
+    keep only a small fraction of their norm.
+    """
+    B, L, N = codes.shape
+    M = H.shape[1]
+    if tensor_cores is None:
+        tensor_cores = H.device.type == "cuda" and D.dtype == torch.complex64
+    if tensor_cores and D.dtype != torch.complex64:
+        raise ValueError(f"atom_norms: tensor_cores needs a complex64 dictionary, not {D.dtype}")
+    Q = D.shape[1]
+    out = [torch.zeros(0, L, Q, dtype=D.real.dtype, device=D.device)]
+    if not tensor_cores:
+        step = chunk or 16
+        for a in range(0, B, step):
+            Phi = measure_dictionary(H[a : a + step], codes[a : a + step], D)
+            out.append(Phi.real.square().sum(2) + Phi.imag.square().sum(2))
+        return torch.cat(out)
+    Ds = _split_real_dictionary(D)
+    step = chunk or 256
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for a in range(0, B, step):
+            Hb, cb = H[a : a + step], codes[a : a + step]
+            b = Hb.shape[0]
+            G = (Hb.unsqueeze(1) * cb.unsqueeze(2)).reshape(b * L * M, N)
+            hi, lo = _tf32_split(torch.cat([G.real, G.imag], 1))
+            P = (torch.cat([hi, hi, lo], 1) @ Ds).view(b, L, M, -1)  # [Re Phi, Im Phi]
+            n = torch.linalg.vector_norm(P, dim=2).square()  # [b, L, 2Q], one pass over P
+            out.append(n[..., :Q] + n[..., Q:])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    return torch.cat(out)

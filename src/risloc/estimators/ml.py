@@ -174,6 +174,36 @@ class _Problem:
         return self.opts.penalty(self.static)
 
 
+@dataclass
+class _Atoms:
+    """The dictionary as the greedy steps see it, without the measured dictionary
+    Phi_l = G_l D ``[B, L, M, Q]`` in memory: D ``[N, Q]`` (:func:`risloc.grids.dictionary` on the
+    grid ``opts.grid_shape``), the maps (``H``, ``codes``), n2 = |phi_lq|^2 ``[B, L, Q]``
+    (:func:`risloc.grids.atom_norms`), c = phi_lq^H y_l ``[B, L, Q]`` and the atoms' (phi, theta, rho).
+
+    Every other product with the atoms goes through the dictionary (:func:`risloc.grids.back_project`):
+    v^H phi_lq = (G_l^H v)^H d_q, one product with D for all atoms (:meth:`products`).
+    """
+
+    D: Tensor
+    H: Tensor
+    codes: Tensor
+    n2: Tensor
+    c: Tensor
+    atoms: tuple[Tensor, Tensor, Tensor]
+
+    def products(self, v: Tensor) -> Tensor:
+        """v_l^H Phi_l = conj(G_l^H v_l)^T D: ``v`` ``[B, L, M]`` -> ``[B, L, Q]``, or J vectors per
+        snapshot ``[B, L, J, M]`` -> ``[B, L, J, Q]``."""
+        return grids.back_project(v, self.H, self.codes).conj() @ self.D
+
+    def summed_products(self, v: Tensor) -> Tensor:
+        """sum_l v_l^H Phi_l = (sum_l conj(G_l^H v_l))^T D (the stacked dictionary
+        [Phi_1; ...; Phi_L] against stacked vectors): ``[B, L, M]`` -> ``[B, Q]``,
+        ``[B, L, J, M]`` -> ``[B, J, Q]``."""
+        return grids.back_project(v, self.H, self.codes).sum(1).conj() @ self.D
+
+
 def _box(scenario, dtype, device):
     sc = scenario
     lo = torch.tensor([sc.phi_min, sc.theta_min, 1.0 / sc.r_max], dtype=dtype, device=device)
@@ -304,7 +334,7 @@ def _proxy_gain(alpha: Tensor, beta: Tensor):
     return torch.clamp((torch.log(t) - p * beta / t).sum(1), max=0.0)
 
 
-def _add_stochastic(state: _State, k: int, Phi: Tensor, prob: _Problem, atoms, s2_grid: Tensor | None, n2: Tensor, c: Tensor, top: int):
+def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid: Tensor | None, top: int):
     """Add the best dictionary atom as source slot k (stochastic likelihood).
 
     alpha_l = phi_l^H C_l^-1 phi_l and phi_l^H C_l^-1 y_l come from the Woodbury form
@@ -312,11 +342,14 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, prob: _Problem, atoms, s
     is O(L M K). All atoms are screened with a one-point proxy of the gain; the ``top``
     best are scored exactly (grid + parabola in log p). For the first source sigma^2 is
     searched on ``s2_grid`` too.
-    n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``.
+    From ``dico``: n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``, and
+    E = B_l^H Phi_l ``[B, L, K, Q]`` through the dictionary (:meth:`_Atoms.products`).
     """
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
-    B, L, M, Q = Phi.shape
-    gp, gt, gr = atoms
+    B, L, M = y.shape
+    n2, c = dico.n2, dico.c
+    Q = n2.shape[-1]
+    gp, gt, gr = dico.atoms
     ar = torch.arange(B, device=y.device)
     if isinstance(k, int) and k == 0:
         c2 = torch.view_as_real(c).square().sum(-1)
@@ -349,7 +382,7 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, prob: _Problem, atoms, s
         logs_new = torch.log(best_s[ar, t])
         pk = best_p[ar, t]
     else:
-        cd = Phi.dtype
+        cd = y.dtype
         act = state.active
         s2 = torch.exp(state.logs)
         A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
@@ -357,7 +390,7 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, prob: _Problem, atoms, s
         pinv = torch.where(act, s2.view(B, 1) / torch.exp(state.logp), torch.ones_like(state.logp))
         S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, K, K]
         Si = torch.linalg.inv(S)
-        E = Bm.mH @ Phi  # [B, L, K, Q]
+        E = dico.products(Bm.transpose(-1, -2))  # B_l^H Phi_l, [B, L, K, Q]
         SE = Si @ E
         u = Si @ (Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
         s2v = s2.view(B, 1, 1)
@@ -378,20 +411,21 @@ def _add_stochastic(state: _State, k: int, Phi: Tensor, prob: _Problem, atoms, s
     return out
 
 
-def _add_static(state: _State, k, Phi: Tensor, prob: _Problem, atoms):
+def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     """Add the atom with the largest RSS reduction (orthogonal least squares) as slot k (int or ``[B]``).
 
-    With Psi the current (active) columns and E = Psi^H Phi: residual r = y - Psi G^-1 Psi^H y,
-    G = Psi^H Psi, and score_q = |phi_q^H r|^2 / (|phi_q|^2 - Re e_q^H G^-1 e_q).
+    With phi_q = [G_1 d_q; ...; G_L d_q] the stacked measured atom, Psi the current (active)
+    columns and E = Psi^H [phi_1, ..., phi_Q] = sum_l B_l^H Phi_l (through the dictionary,
+    :meth:`_Atoms.summed_products`): residual r = y - Psi G^-1 Psi^H y, G = Psi^H Psi, and
+    score_q = |phi_q^H r|^2 / (|phi_q|^2 - Re e_q^H G^-1 e_q) with phi_q^H r = sum_l phi_lq^H r_l.
     """
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
-    B, L, M, Q = Phi.shape
-    gp, gt, gr = atoms
-    cd = Phi.dtype
+    B, L, M = y.shape
+    gp, gt, gr = dico.atoms
+    cd = y.dtype
     K = state.phi.shape[1]
-    Pv = Phi.reshape(B, L * M, Q)
     yv = y.reshape(B, L * M, 1)
-    n2 = torch.view_as_real(Pv).square().sum((1, 3))  # [B, Q]
+    n2 = dico.n2.sum(1)  # [B, Q]
     act = state.active.to(cd).view(B, 1, K)
     A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
     Psi = measure(H, codes, A).reshape(B, L * M, K) * act
@@ -400,9 +434,9 @@ def _add_static(state: _State, k, Phi: Tensor, prob: _Problem, atoms):
     Gm = Gm + torch.diag_embed((1 - act.view(B, K)) + (1e-6 * scale).to(cd).view(B, 1))
     Gi = torch.linalg.inv(Gm)
     res = yv - Psi @ (Gi @ (Psi.mH @ yv))
-    E = Psi.mH @ Pv  # [B, K, Q]
+    E = dico.summed_products(Psi.view(B, L, M, K).transpose(-1, -2))  # Psi^H Pv, [B, K, Q]
     proj2 = (torch.view_as_real(E) * torch.view_as_real(Gi @ E)).sum((1, 3))
-    num = torch.view_as_real((res.mH @ Pv).squeeze(1)).square().sum(-1)
+    num = torch.view_as_real(dico.summed_products(res.view(B, L, M))).square().sum(-1)  # |r^H phi_q|^2, [B, Q]
     score = num / (n2 - proj2).clamp_min(1e-6 * n2)
     q = torch.argmax(score, dim=1)
     return _set_slot(state, k, gp[q], gt[q], gr[q], None)
@@ -595,17 +629,17 @@ def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem):
 # ------------------------------------------------------------------------------------------
 
 
-def _measured_dictionary(prob: _Problem):
-    """``(Phi, n2, c, atoms)``: the measured dictionary Phi_l = G_l D ``[B, L, M, Q]`` on the grid
-    ``opts.grid_shape``, |phi_l|^2 and phi_l^H y_l ``[B, L, Q]``, and the atoms' (phi, theta, rho)."""
+def _measured_dictionary(prob: _Problem) -> _Atoms:
+    """The dictionary on the grid ``opts.grid_shape`` as an :class:`_Atoms` record: |phi_l|^2
+    (:func:`risloc.grids.atom_norms`) and phi_l^H y_l = conj(y_l^H Phi_l) ``[B, L, Q]``, no Phi."""
     grid = grids.dictionary(prob.scenario, prob.opts.grid_shape, device=prob.y.device, dtype=prob.y.dtype)
-    Phi = grids.measure_dictionary(prob.H, prob.codes, grid.D)  # [B, L, M, Q]
-    n2 = torch.view_as_real(Phi).square().sum((2, 4))  # |phi_l|^2, [B, L, Q]
-    c = (prob.y.unsqueeze(2).conj() @ Phi).squeeze(2).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
-    return Phi, n2, c, (grid.phi, grid.theta, grid.rho)
+    dico = _Atoms(grid.D, prob.H, prob.codes, None, None, (grid.phi, grid.theta, grid.rho))
+    dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D)  # |phi_l|^2, [B, L, Q]
+    dico.c = dico.products(prob.y).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
+    return dico
 
 
-def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico):
+def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico: _Atoms):
     """One greedy addition on models of per-scene order ``k`` ``[B]`` (>= 1; the ``init`` path).
 
     The dictionary atom of largest likelihood gain given the current sources (the forward step
@@ -613,13 +647,12 @@ def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico):
     refined (``greedy_iterations``); the (k+1)-source model replaces the k-source one where the
     order rule of :func:`_select` prefers it (lower penalised NLL, powers within the power
     rule) and k < K_max. Returns the updated (state, NLL, Fisher matrix, k)."""
-    Phi, n2, c, atoms = dico
     K = st.phi.shape[1]
     slot = k.clamp(max=K - 1)
     if prob.static:
-        cand = _add_static(st, slot, Phi, prob, atoms)
+        cand = _add_static(st, slot, dico, prob)
     else:
-        cand = _add_stochastic(st, slot, Phi, prob, atoms, None, n2, c, prob.opts.top)
+        cand = _add_stochastic(st, slot, dico, prob, None, prob.opts.top)
     cand, nll_c, _, F_c = _refine(cand, prob, prob.opts.greedy_iterations)
     nll = torch.nan_to_num(nll, nan=float("inf"))
     nll_c = torch.nan_to_num(nll_c, nan=float("inf"))
@@ -651,7 +684,6 @@ def _path(prob: _Problem, K: int, orders: int):
     lo, hi = prob.box
     z = torch.zeros(B, K, dtype=rd, device=device)
     dico = _measured_dictionary(prob)
-    Phi, n2, c, (gp, gt, gr) = dico
     st = _State(z.clone(), z.clone(), z.clone() + (lo[2] + hi[2]) / 2, torch.full_like(z, -30.0),
                 torch.zeros(B, dtype=rd, device=device), torch.zeros(B, K, dtype=torch.bool, device=device))
     if prob.snr_db is not None:
@@ -668,9 +700,9 @@ def _path(prob: _Problem, K: int, orders: int):
     relax_at = (orders,) if opts.relax_at == "last" else tuple(opts.relax_at)
     for k in range(orders):
         if static:
-            st = _add_static(st, k, Phi, prob, (gp, gt, gr))
+            st = _add_static(st, k, dico, prob)
         else:
-            st = _add_stochastic(st, k, Phi, prob, (gp, gt, gr), s2_grid, n2, c, opts.top)
+            st = _add_stochastic(st, k, dico, prob, s2_grid, opts.top)
         st, nll, _, _ = _refine(st, prob, opts.greedy_iterations)
         if k + 1 in relax_at:
             kk = torch.full((B,), k + 1, dtype=torch.int64, device=device)
@@ -688,13 +720,12 @@ def _path(prob: _Problem, K: int, orders: int):
     return states, torch.stack(nlls, dim=1), dico
 
 
-def _relax(st: _State, khat: Tensor, prob: _Problem, dico) -> _State:
+def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms) -> _State:
     """One cycle of RELAX-style re-search (Li & Stoica 1996) on the selected model.
 
     For each source j in turn: remove it, add the best dictionary atom given the other
     sources (same greedy rule), refine all, and keep the new model if its NLL is lower.
     """
-    Phi, n2, c, atoms = dico
     B, K = st.phi.shape
     nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
@@ -703,9 +734,9 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico) -> _State:
         valid = j < khat
         cand = _remove(st, torch.full((B,), j, dtype=torch.int64, device=khat.device), khat)
         if prob.static:
-            cand = _add_static(cand, slot, Phi, prob, atoms)
+            cand = _add_static(cand, slot, dico, prob)
         else:
-            cand = _add_stochastic(cand, slot, Phi, prob, atoms, None, n2, c, prob.opts.top)
+            cand = _add_stochastic(cand, slot, dico, prob, None, prob.opts.top)
         cand.active = st.active.clone()
         cand, nll_c, _, _ = _refine(cand, prob, prob.opts.greedy_iterations)
         better = valid & torch.isfinite(nll_c) & (nll_c < nll - 1e-3)

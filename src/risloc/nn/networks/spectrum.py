@@ -48,7 +48,7 @@ the log powers; the K head's cross-entropy is the objective's ``k`` term.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ from torch.nn import functional as Fn
 
 from ... import covariance as cv
 from ... import physics
-from ...grids import GridSpec, grid_points, measure_dictionary
+from ...grids import GridSpec, atom_norms, back_project, grid_points
 from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ...scenario import Scenario
 from ...scenes import Estimates, Truth
@@ -79,8 +79,6 @@ class SpectrumGrid:
     D: Tensor
     coords: Tensor
     """``[3, n_phi, n_theta, n_rho]`` grid coordinates scaled to [-1, 1] (network input)."""
-    real: dict = field(default_factory=dict, repr=False)
-    """Cache of :func:`_real_dictionary` per (dtype, device)."""
 
     def positions(self, index: Tensor) -> Tensor:
         """Cell centres ``[..., 3]`` (u, v, rho) of flat cell indices."""
@@ -114,16 +112,6 @@ def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=Non
     return _GRID_CACHE[key]
 
 
-def _real_dictionary(grid: SpectrumGrid, dtype: torch.dtype, device) -> Tensor:
-    """``[[Re D, Im D], [-Im D, Re D]]`` ``[2N, 2Q]`` (cached on the grid): a complex product
-    G D as one real product [Re G, Im G] @ it = [Re(G D), Im(G D)]."""
-    key = (dtype, str(device))
-    if key not in grid.real:
-        D = grid.D.to(device)
-        grid.real[key] = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(dtype).contiguous()
-    return grid.real[key]
-
-
 FRONT_END_CHUNK = 256
 """Scenes per chunk of the front end (peak memory ~ 10 MB per scene for the default grid: the
 float32 product behind |phi_lq|^2 with split operands, float32 elsewhere)."""
@@ -139,63 +127,6 @@ class Spectra:
     """``[B, L, Q]``: the per-snapshot normalised matched filter of S_0."""
     residual: Tensor
     """``[B, 1 + J']``: fraction of the total power left after j = 0..J' cancellations (J' = picks)."""
-
-
-def _tf32_split(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x = hi + lo (float32) with ``hi`` exactly representable in TF32 (10 mantissa bits: the low 13
-    bits cleared) and ``lo`` the remainder, itself carried by TF32 to ~2^-11 of its size."""
-    hi = (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
-    return hi, x - hi
-
-
-def _real_split_dictionary(grid: SpectrumGrid, device) -> Tensor:
-    """``[[Dr_hi], [Dr_lo], [Dr_hi]]`` ``[6N, 2Q]`` (cached), ``Dr`` = :func:`_real_dictionary`."""
-    key = ("split", str(device))
-    if key not in grid.real:
-        hi, lo = _tf32_split(_real_dictionary(grid, torch.float32, device))
-        grid.real[key] = torch.cat([hi, lo, hi], 0).contiguous()
-    return grid.real[key]
-
-
-def atom_norms(H: Tensor, codes: Tensor, grid: SpectrumGrid, tensor_cores: bool) -> Tensor:
-    """|phi_lq|^2 = |G_l d_q|^2 ``[b, L, Q]`` (float32), the one quantity of the front end that
-    needs every entry of Phi_l = G_l D (L M N Q complex multiply-adds per scene; never stored
-    for more than 16 scenes at a time on the CPU path).
-
-    ``tensor_cores=False``: the complex64 product :func:`risloc.grids.measure_dictionary`. ``tensor_cores=True``
-    (the tensor-core path): the real product [Re G, Im G] [[Re D, Im D], [-Im D, Re D]] =
-    [Re Phi, Im Phi] as ONE TF32 product with split operands, G_hi (D_hi + D_lo) + G_lo D_hi
-    (:func:`_tf32_split`; the "3xTF32" scheme), accurate to ~1e-6 relative like float32. That
-    accuracy matters: the pursuit subtracts |e^H phi|^2 (computed in float32) from these norms,
-    and atoms next to a pick keep only a small fraction of their norm."""
-    b, L, N = codes.shape
-    M = H.shape[1]
-    if not tensor_cores:
-        D = grid.D.to(H.device)
-        out = []
-        for a in range(0, b, 16):  # Phi of 16 scenes at a time (7 MB each for the default grid)
-            Phi = measure_dictionary(H[a : a + 16], codes[a : a + 16], D)
-            out.append(Phi.real.square().sum(2) + Phi.imag.square().sum(2))
-        return torch.cat(out)
-    Ds = _real_split_dictionary(grid, H.device)
-    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(b * L * M, N)
-    hi, lo = _tf32_split(torch.cat([G.real, G.imag], 1))
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        P = (torch.cat([hi, hi, lo], 1) @ Ds).view(b, L, M, -1)  # [Re Phi, Im Phi]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-    n = torch.linalg.vector_norm(P, dim=2).square()  # [b, L, 2Q], one pass over P
-    Q = Ds.shape[1] // 2
-    return n[..., :Q] + n[..., Q:]
-
-
-def back_project(v: Tensor, H: Tensor, codes: Tensor) -> Tensor:
-    """G_l^H v_l = conj(c_l) * (H^H v_l) ``[b, L, N]`` for vectors ``v`` ``[b, L, M]`` in the
-    measurement space: then phi_lq^H v_l = sum_n conj(D_nq) (G_l^H v_l)_n, a product with D
-    instead of with every phi_lq."""
-    return codes.conj() * torch.einsum("bmn,blm->bln", H.conj(), v)
 
 
 @torch.no_grad()
@@ -215,11 +146,11 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
 
     Every inner product with an atom goes through the dictionary instead of through
     Phi_l = G_l D: phi_lq^H v = d_q^H (G_l^H v) for v = y_l and for each basis vector e_l
-    (:func:`back_project`, then one [L, N] x [N, Q] product per scene), so that
+    (:func:`risloc.grids.back_project`, then one [L, N] x [N, Q] product per scene), so that
 
         t_lq = phi_lq^H P_l y_l = t_lq - (phi_lq^H e_l)(e_l^H y_l),   n_lq = |P_l phi_lq|^2 = n_lq - |e_l^H phi_lq|^2
 
-    cost O(L N Q) per pick. Only the norms |phi_lq|^2 need Phi itself (:func:`atom_norms`, the
+    cost O(L N Q) per pick. Only the norms |phi_lq|^2 need Phi itself (:func:`risloc.grids.atom_norms`, the
     dominant cost; with ``tensor_cores``, default on CUDA, one split-TF32 product on the tensor cores,
     as accurate as float32).
     """
@@ -236,7 +167,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         yb = y[a : a + chunk].to(torch.complex64)
         Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
         b = yb.shape[0]
-        n0 = atom_norms(Hb, cb, grid, tensor_cores)  # |phi|^2, [b, L, Q]
+        n0 = atom_norms(Hb, cb, D, tensor_cores=tensor_cores)  # |phi|^2, [b, L, Q]
         t = (back_project(yb, Hb, cb).conj() @ D).conj()  # phi^H y, [b, L, Q]
         n = n0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
