@@ -339,7 +339,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
 
     alpha_l = phi_l^H C_l^-1 phi_l and phi_l^H C_l^-1 y_l come from the Woodbury form
     C^-1 = (I - B S^-1 B^H) / sigma^2, S = sigma^2 P^-1 + B^H B (K x K), so the cost per atom
-    is O(L M K). All atoms are screened with a one-point proxy of the gain; the ``top``
+    is O(L N K) (E = B^H Phi through the dictionary; empty slots left out). All atoms are screened with a one-point proxy of the gain; the ``top``
     best are scored exactly (grid + parabola in log p). For the first source sigma^2 is
     searched on ``s2_grid`` too.
     From ``dico``: n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``, and
@@ -383,16 +383,18 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         pk = best_p[ar, t]
     else:
         cd = y.dtype
-        act = state.active
+        n = _slots_in_use(state.active)  # later slots are empty in every scene: their columns of B_l are 0
+        act = state.active[:, :n]
         s2 = torch.exp(state.logs)
-        A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
-        Bm = measure(H, codes, A) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, K]
-        pinv = torch.where(act, s2.view(B, 1) / torch.exp(state.logp), torch.ones_like(state.logp))
-        S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, K, K]
+        A = physics.steering(state.phi[:, :n], state.theta[:, :n], 1.0 / state.rho[:, :n], sc, dtype=cd)
+        Bm = measure(H, codes, A) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, n]
+        logp = state.logp[:, :n]
+        pinv = torch.where(act, s2.view(B, 1) / torch.exp(logp), torch.ones_like(logp))
+        S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, n, n]
         Si = torch.linalg.inv(S)
-        E = dico.products(Bm.transpose(-1, -2))  # B_l^H Phi_l, [B, L, K, Q]
+        E = dico.products(Bm.transpose(-1, -2))  # B_l^H Phi_l, [B, L, n, Q]
         SE = Si @ E
-        u = Si @ (Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
+        u = Si @ (Bm.mH @ y.unsqueeze(-1))  # [B, L, n, 1]
         s2v = s2.view(B, 1, 1)
         quad = (torch.view_as_real(E) * torch.view_as_real(SE)).sum((2, 4))  # Re sum_k conj(E) S^-1 E
         alpha = ((n2 - quad) / s2v).clamp_min(1e-12 * n2 / s2v)
@@ -409,6 +411,14 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
     if isinstance(k, int) and k == 0:
         out.logs = logs_new
     return out
+
+
+def _slots_in_use(active: Tensor) -> int:
+    """1 + the last source slot that is active in some scene (at least 1). An empty slot adds a
+    zero column to B_l and a unit diagonal entry to S, i.e. exactly nothing to the stochastic
+    greedy scores, so :func:`_add_stochastic` leaves the slots beyond this out."""
+    used = torch.nonzero(active.any(0))
+    return int(used.max()) + 1 if used.numel() else 1
 
 
 def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
@@ -629,12 +639,18 @@ def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem):
 # ------------------------------------------------------------------------------------------
 
 
+_NORM_CHUNK = 4
+"""Scenes per product of :func:`risloc.grids.atom_norms` on the CPU: Phi of 4 scenes (~37 MB in
+complex64 with the default grid) at a time (on CUDA its default chunks)."""
+
+
 def _measured_dictionary(prob: _Problem) -> _Atoms:
     """The dictionary on the grid ``opts.grid_shape`` as an :class:`_Atoms` record: |phi_l|^2
     (:func:`risloc.grids.atom_norms`) and phi_l^H y_l = conj(y_l^H Phi_l) ``[B, L, Q]``, no Phi."""
     grid = grids.dictionary(prob.scenario, prob.opts.grid_shape, device=prob.y.device, dtype=prob.y.dtype)
     dico = _Atoms(grid.D, prob.H, prob.codes, None, None, (grid.phi, grid.theta, grid.rho))
-    dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D)  # |phi_l|^2, [B, L, Q]
+    chunk = None if prob.y.device.type == "cuda" else _NORM_CHUNK
+    dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D, chunk=chunk)  # |phi_l|^2, [B, L, Q]
     dico.c = dico.products(prob.y).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
     return dico
 
