@@ -4,20 +4,26 @@
     python benchmarks/bench_ml.py --device cpu --scenes 200 --threads 1
 
 Prints success / K_acc / RMSE (and RMSE / sqrt(CRB) when risloc.crb is present) per SNR
-range, and the throughput in scenes per second (estimation only; the first batch is a
-warm-up that is not timed). Scoring is risloc.metrics.score.
+range, the throughput in scenes per second (estimation only; the first batch is a
+warm-up that is not timed) and the working memory of the timed run: on CUDA the peak of
+allocated memory above what was allocated before it; on the CPU the process's peak resident
+set (Linux) above its resident set before it (the warm-up ran the same batch size, so its
+peak is no higher). Scoring is risloc.metrics.score.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import time
 
 import numpy as np
 import torch
 
 import risloc
+from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.bench import sync_device
 from risloc.estimators import get
@@ -25,6 +31,15 @@ from risloc.crb import crb as crb_fn
 from risloc.metrics import score
 
 RANGES = [(-5, 0), (0, 5), (5, 10), (10, 15), (15, 20), (10, 20), (-5, 20)]
+
+
+def _rss_mb() -> float:
+    """The process's resident set now [MiB] (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
 
 
 def main() -> None:
@@ -56,16 +71,25 @@ def main() -> None:
     warm = min(len(scenes), args.batch or 16)
     ml(scenes[:warm], batch=args.batch, **opts)  # warm-up (dictionary cache, kernels)
     sync_device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        mem0 = torch.cuda.memory_allocated(device)
+    else:
+        mem0 = _rss_mb()
     t0 = time.perf_counter()
     est = ml(scenes, batch=args.batch, **opts)
     sync_device(device)
     dt = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - mem0) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - mem0
     est = est.to("cpu")
     scenes_cpu = scenes.to("cpu")
     snr = scenes_cpu.snr_db.numpy()
     thread_note = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
     print(f"ml on {args.scenes} default scenes ({args.signal}), seed {args.seed}, device {device}{thread_note}")
-    print(f"time {dt:.1f} s -> {args.scenes / dt:.2f} scenes/s")
+    print(f"time {dt:.1f} s -> {args.scenes / dt:.2f} scenes/s; working memory {peak_mb:.0f} MiB")
 
     crb = None
     if not args.no_crb:
@@ -93,10 +117,11 @@ def main() -> None:
               f"{f(r['rmse_theta_deg'])} {f(r['rmse_r_m'])} {f(r.get('rmse_rel_r'))} {f(r.get('crb_ratio_phi'), 7, 2)} "
               f"{f(r.get('crb_ratio_theta'), 7, 2)} {f(r.get('success_crb'), 8)}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=str(device), scenes=args.scenes, seed=args.seed, signal=args.signal,
-                           seconds=dt, scenes_per_s=args.scenes / dt, rows=rows, options=opts,
-                           provenance=stamp(seed=args.seed, device=device, config=vars(args))), fh, indent=1, default=str)
+        atomic_write_text(args.json, json.dumps(dict(
+            device=str(device), scenes=args.scenes, seed=args.seed, signal=args.signal,
+            seconds=dt, scenes_per_s=args.scenes / dt, peak_memory_mib=peak_mb,
+            load_average=list(os.getloadavg()), rows=rows, options=opts,
+            provenance=stamp(seed=args.seed, device=device, config=vars(args))), indent=1, default=str))
 
 
 if __name__ == "__main__":
