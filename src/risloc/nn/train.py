@@ -624,7 +624,7 @@ def _data_parallel(stepper: torch.nn.Module, objective: Objective, dist: Dist) -
                                        gradient_as_bucket_view=True)
 
 
-def validation_scenes(cfg: TrainConfig, n: int | None = None, *, device=None) -> Scenes:
+def validation_scenes(cfg: TrainConfig, n: int | None = None, *, device="cpu") -> Scenes:
     """The trainer's validation scenes of ``cfg``: the first ``n`` (default ``cfg.val_scenes``)
     scenes of the stream ``cfg.val_seed`` (risloc.seeds.TRAINING_VALIDATION_SEED by default),
     or of the scene file ``cfg.val_file`` (all of it by default). Checkpoint selection during
@@ -640,7 +640,7 @@ def validation_scenes(cfg: TrainConfig, n: int | None = None, *, device=None) ->
             if n > len(scenes):
                 raise ValueError(f"validation scenes: n = {n}, but val_file {cfg.val_file} holds {len(scenes)}")
             scenes = scenes[:n]
-        return scenes.to(device) if device is not None else scenes
+        return scenes.to(device)
     return simulate(cfg.scenario, cfg.val_scenes if n is None else n, seed=cfg.val_seed, device=device)
 
 
