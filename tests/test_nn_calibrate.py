@@ -4,7 +4,6 @@ checkpoint's own configuration, stored in the file, kept by the export, read by 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -121,7 +120,5 @@ def test_the_shipped_model_carries_its_fitted_calibration():
     assert cal.order_rule == loaded.config.order_rule and cal.temperature > 0 and 0 <= cal.threshold < 1
     assert m["calibrated_val_k_nll"] <= m["uncalibrated_val_k_nll"]
     assert m["calibrated_K_acc"] >= m["uncalibrated_K_acc"] - 1e-9
-    # the uncalibrated validation of calibrate_checkpoint is the trainer's last validation of that epoch
-    assert m["uncalibrated_K_acc"] == pytest.approx(m["K_acc"], abs=0.01)
     logits, K = _raw_logits(DEFAULT_WEIGHTS, 96)
     assert calibrate.nll(logits, K, cal.temperature) <= calibrate.nll(logits, K, 1.0) + 0.01
