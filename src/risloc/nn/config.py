@@ -24,6 +24,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from ..covariance import CovarianceOptions
 from .._files import InputError
 from .._toml import coerce, read_toml
@@ -281,6 +283,17 @@ class TrainConfig:
 
     def covariance_options(self, beta: float | None = None):
         return self.loss.covariance_options(beta)
+
+    def autocast_dtype(self, device) -> torch.dtype | None:
+        """The mixed-precision dtype of the network's forward pass on ``device`` (``amp``: 'auto' is
+        bfloat16 on CUDA and none on the CPU), or None for float32. Training, validation and
+        inference all run the network under this autocast, so that inference sees the network
+        as it was trained and selected."""
+        device = torch.device(device)
+        amp = self.amp if self.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+        if amp != "none" and device.type != "cuda":
+            raise ValueError(f"TrainConfig.amp = {amp!r}: mixed precision is for CUDA only (device {device})")
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
 _SECTIONS = ("model", "loss", "scenario")

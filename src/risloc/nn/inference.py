@@ -28,7 +28,7 @@ from ..scenes import Estimates, Scenes
 from .calibrate import decide_k
 from .checkpoint import file_sha256, load_checkpoint
 from .config import TrainConfig
-from .inputs import ModelInputs, Prediction, effective, prepare_inputs
+from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import build_model, get_network
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
@@ -136,6 +136,32 @@ def complete_to_k(est: Estimates, K: torch.Tensor, candidates: Estimates | None)
     return Estimates(have.to(est.K.dtype), phi, theta, r, method=est.method)
 
 
+def count_sources(
+    pred: Prediction,
+    inputs: ModelInputs,
+    options: cv.CovarianceOptions,
+    scenario: Scenario,
+    calibration: Calibration,
+    *,
+    K: torch.Tensor | None = None,
+    order_rule: str | None = None,
+) -> torch.Tensor:
+    """K per scene ``[B]`` (int64, in 1..K_max): the given ``K``; else ``order_rule`` ('mdl',
+    'aic', 'eigengap') on the prediction's effective covariance; else the calibrated K head with
+    its fall-back (:func:`risloc.nn.calibrate.decide_k`)."""
+    if K is not None:
+        K_use = K.to(pred.k_logits.device, torch.int64)
+    elif order_rule is not None:
+        from ..estimators.music import order_from_covariance
+
+        R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
+        K_use = order_from_covariance(R, scenario, rule=order_rule)
+    else:
+        fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
+        K_use, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
+    return K_use.clamp(min=1, max=scenario.k_max)
+
+
 def locate_from_prediction(
     pred: Prediction,
     inputs: ModelInputs,
@@ -147,22 +173,10 @@ def locate_from_prediction(
     K: torch.Tensor | None = None,
     order_rule: str | None = None,
 ) -> Estimates:
-    """K per scene, then the kind's estimates (:meth:`risloc.nn.networks.NetworkKind.to_estimates`).
-
-    K: the given ``K`` ``[B]`` (returned exactly); else ``order_rule`` ('mdl', 'aic', 'eigengap')
-    on the prediction's effective covariance; else the calibrated K head with its fall-back."""
+    """K per scene (:func:`count_sources`), then the kind's estimates
+    (:meth:`risloc.nn.networks.NetworkKind.to_estimates`); with a given ``K`` exactly that K."""
     kind = get_network(pred.kind)
-    if K is not None:
-        K_use = K.to(pred.k_logits.device, torch.int64)
-    elif order_rule is not None:
-        from ..estimators.music import order_from_covariance
-
-        R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
-        K_use = order_from_covariance(R, scenario, rule=order_rule)
-    else:
-        fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
-        K_use, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
-    K_use = K_use.clamp(min=1, max=scenario.k_max)
+    K_use = count_sources(pred, inputs, options, scenario, calibration, K=K, order_rule=order_rule)
     est = kind.to_estimates(pred, inputs, options, scenario, K_use, music_options)
     if K is not None:
         est = complete_to_k(est, K_use, kind.candidates(pred))
@@ -180,17 +194,29 @@ def run_model(
     use_snr: bool = True,
     K: torch.Tensor | None = None,
     order_rule: str | None = None,
+    autocast: torch.dtype | None = None,
+    stage: str = "music",
 ) -> tuple[Estimates, Prediction]:
     """One batch of ``scenes`` through the network, on the model's device: its estimates
     (:func:`locate_from_prediction`) and the network's :class:`Prediction` (K logits, and the
     kind's ranked candidates through :meth:`~risloc.nn.networks.NetworkKind.candidates`).
 
     ``K`` ``[S]``: known source numbers (each scene gets exactly that K); ``order_rule``: K from
-    that rule on the prediction (see :func:`locate_from_prediction`)."""
+    that rule on the prediction (see :func:`locate_from_prediction`). ``autocast``: the mixed
+    precision of the forward pass (the checkpoint's, :meth:`TrainConfig.autocast_dtype`).
+    ``stage="detections"``: for a kind with candidates, the estimates are its K strongest
+    detections themselves (K from :func:`count_sources`), without the MUSIC step of
+    :func:`locate_from_prediction` (for callers that refine them on the likelihood next)."""
     s = scenes.to(next(model.parameters()).device)
     inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
-    pred = model(inputs, options)
+    pred = forward(model, inputs, options, autocast)
     K = K.to(s.device) if K is not None else None
+    if stage not in ("music", "detections"):
+        raise ValueError(f"run_model: stage = {stage!r}: must be 'music' or 'detections'")
+    candidates = get_network(pred.kind).candidates(pred) if stage == "detections" else None
+    if candidates is not None:
+        K_use = count_sources(pred, inputs, options, s.scenario, calibration, K=K, order_rule=order_rule)
+        return over_init(candidates, K_use, 0), pred
     est = locate_from_prediction(pred, inputs, options, s.scenario, calibration, music_options, K=K, order_rule=order_rule)
     return est, pred
 
@@ -278,7 +304,8 @@ def estimate(
 
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=known_k("learned", K, scenes))
+    stage = "detections" if refine == "likelihood" else "music"
+    est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=known_k("learned", K, scenes), stage=stage)
     if refine == "likelihood":
         method = est.method
         est = get("ml")(_snr_labels(scenes, use_snr), init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0)
@@ -292,14 +319,16 @@ def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
     return scenes if use_snr else dataclasses.replace(scenes, snr_db=None)
 
 
-def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None):
+def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
+             stage: str = "music"):
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
     candidates or None)`` on the scenes' device; the candidates only when asked for and when the
-    network kind has them (a ``spectrum`` network's decoded detections, strongest first)."""
+    network kind has them (a ``spectrum`` network's decoded detections, strongest first).
+    ``stage``: see :func:`run_model`; the forward pass runs under the checkpoint's autocast."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
-                          use_snr=use_snr, K=K)
+                          use_snr=use_snr, K=K, autocast=loaded.config.autocast_dtype(scenes.device), stage=stage)
     est.method = f"learned:{loaded.sha256[:12]}"
     return est, (get_network(pred.kind).candidates(pred) if candidates else None)
 
@@ -361,7 +390,7 @@ def estimate_learned_ml(
     if int(over) < 0:
         raise ValueError(f"learned+ml: over = {over}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
-    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K)
+    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
     opts = {**LEARNED_ML_DEFAULTS, "init_prune": int(over) + 1, **(ml_options or {})}
     init = first
     if K is not None:

@@ -59,7 +59,7 @@ from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_c
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
 from .inference import Calibration, fallback_order, locate_from_prediction
-from .inputs import ModelInputs, effective, prepare_inputs
+from .inputs import ModelInputs, effective, forward, prepare_inputs
 from .loss import Objective, covariance_nmse, format_selftest, selftest, zero_prediction
 from .networks import get_network
 
@@ -272,7 +272,7 @@ def validate(model, scenes: Scenes, cfg: TrainConfig, options: cv.CovarianceOpti
     for a in range(0, len(scenes), cfg.val_batch):
         s = scenes[a : a + cfg.val_batch]
         b = _batch_from_scenes(s, cfg)
-        pred = model(b.inputs, options)
+        pred = forward(model, b.inputs, options, cfg.autocast_dtype(b.inputs.y.device if b.inputs.y is not None else s.device))
         R_true = effective(b.true_factor, b.inputs, options)
         nmse.append(covariance_nmse(pred.covariance, R_true, effective(zero_prediction(b.true_factor), b.inputs, options)))
         logits.append(pred.k_logits.float())
@@ -566,12 +566,10 @@ def _amp(cfg: TrainConfig, device: torch.device):
     """``(autocast dtype or None, name)``; also sets the CPU threads and cuDNN autotuning."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    if amp != "none" and device.type != "cuda":
-        raise ValueError(f"TrainConfig.amp = {amp!r}: mixed precision is for CUDA only (device {device})")
+    dtype = cfg.autocast_dtype(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp), amp
+    return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none")
 
 
 def _restore(state, model, ema, objective, optimizer, schedule, scaler, device, spe) -> Progress:

@@ -124,8 +124,9 @@ def _real_dictionary(grid: SpectrumGrid, dtype: torch.dtype, device) -> Tensor:
     return grid.real[key]
 
 
-FRONT_END_CHUNK = 128
-"""Scenes per chunk of the front end (memory ~ 30 MB per scene for the default grid)."""
+FRONT_END_CHUNK = 256
+"""Scenes per chunk of the front end (peak memory ~ 10 MB per scene for the default grid: the
+float32 product behind |phi_lq|^2 with split operands, float32 elsewhere)."""
 
 
 @dataclass
@@ -140,23 +141,66 @@ class Spectra:
     """``[B, 1 + J']``: fraction of the total power left after j = 0..J' cancellations (J' = picks)."""
 
 
-def _measured_dictionary(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, half: bool) -> Tensor:
-    """Phi_l = G_l D ``[b, L, M, Q]`` (complex64); with ``half`` one real float16 product (H
-    scaled to unit mean power first: the entries of Phi are O(10), far inside float16's range)."""
-    b, L, M = y.shape
-    N, Q = grid.D.shape
-    if not half:
-        return measure_dictionary(H, codes, grid.D.to(y.device))
-    Dr = _real_dictionary(grid, torch.float16, y.device)
-    H = H * torch.rsqrt(H.abs().square().mean((-1, -2), keepdim=True).clamp(min=1e-30))
+def _tf32_split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x = hi + lo (float32) with ``hi`` exactly representable in TF32 (10 mantissa bits: the low 13
+    bits cleared) and ``lo`` the remainder, itself carried by TF32 to ~2^-11 of its size."""
+    hi = (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
+    return hi, x - hi
+
+
+def _real_split_dictionary(grid: SpectrumGrid, device) -> Tensor:
+    """``[[Dr_hi], [Dr_lo], [Dr_hi]]`` ``[6N, 2Q]`` (cached), ``Dr`` = :func:`_real_dictionary`."""
+    key = ("split", str(device))
+    if key not in grid.real:
+        hi, lo = _tf32_split(_real_dictionary(grid, torch.float32, device))
+        grid.real[key] = torch.cat([hi, lo, hi], 0).contiguous()
+    return grid.real[key]
+
+
+def atom_norms(H: Tensor, codes: Tensor, grid: SpectrumGrid, tensor_cores: bool) -> Tensor:
+    """|phi_lq|^2 = |G_l d_q|^2 ``[b, L, Q]`` (float32), the one quantity of the front end that
+    needs every entry of Phi_l = G_l D (L M N Q complex multiply-adds per scene; never stored
+    for more than 16 scenes at a time on the CPU path).
+
+    ``tensor_cores=False``: the complex64 product :func:`risloc.grids.measure_dictionary`. ``tensor_cores=True``
+    (the tensor-core path): the real product [Re G, Im G] [[Re D, Im D], [-Im D, Re D]] =
+    [Re Phi, Im Phi] as ONE TF32 product with split operands, G_hi (D_hi + D_lo) + G_lo D_hi
+    (:func:`_tf32_split`; the "3xTF32" scheme), accurate to ~1e-6 relative like float32. That
+    accuracy matters: the pursuit subtracts |e^H phi|^2 (computed in float32) from these norms,
+    and atoms next to a pick keep only a small fraction of their norm."""
+    b, L, N = codes.shape
+    M = H.shape[1]
+    if not tensor_cores:
+        D = grid.D.to(H.device)
+        out = []
+        for a in range(0, b, 16):  # Phi of 16 scenes at a time (7 MB each for the default grid)
+            Phi = measure_dictionary(H[a : a + 16], codes[a : a + 16], D)
+            out.append(Phi.real.square().sum(2) + Phi.imag.square().sum(2))
+        return torch.cat(out)
+    Ds = _real_split_dictionary(grid, H.device)
     G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(b * L * M, N)
-    P = (torch.cat([G.real, G.imag], 1).to(Dr.dtype) @ Dr).float().view(b, L, M, 2, Q)
-    return torch.complex(P[:, :, :, 0], P[:, :, :, 1])
+    hi, lo = _tf32_split(torch.cat([G.real, G.imag], 1))
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        P = (torch.cat([hi, hi, lo], 1) @ Ds).view(b, L, M, -1)  # [Re Phi, Im Phi]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    n = P.square().sum(2)  # [b, L, 2Q]
+    Q = Ds.shape[1] // 2
+    return n[..., :Q] + n[..., Q:]
+
+
+def back_project(v: Tensor, H: Tensor, codes: Tensor) -> Tensor:
+    """G_l^H v_l = conj(c_l) * (H^H v_l) ``[b, L, N]`` for vectors ``v`` ``[b, L, M]`` in the
+    measurement space: then phi_lq^H v_l = sum_n conj(D_nq) (G_l^H v_l)_n, a product with D
+    instead of with every phi_lq."""
+    return codes.conj() * torch.einsum("bmn,blm->bln", H.conj(), v)
 
 
 @torch.no_grad()
 def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int | None = None,
-                           half: bool | None = None) -> Spectra:
+                           tensor_cores: bool | None = None) -> Spectra:
     """The matched-filter spectra of the module docstring, and ``picks`` steps of orthogonal
     matching pursuit on them (Pati, Rezaiifar & Krishnaprasad 1993), all per snapshot:
 
@@ -166,29 +210,35 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         S_j(q) = sum_l |phi_lq^H P_l y_l|^2 / |P_l phi_lq|^2 / sum_l |y_l|^2,   P_l = I - E_l E_l^H,
 
     i.e. the spectrum of what the picks do not explain (weak sources hidden by the sidelobes of
-    strong ones appear), with t = phi^H P y and n = |P phi|^2 updated in O(L M Q) per pick from
-    the once-computed Phi. ``residual[:, j]`` = sum_l |P_l y_l|^2 / sum_l |y_l|^2 after j picks.
+    strong ones appear). ``residual[:, j]`` = sum_l |P_l y_l|^2 / sum_l |y_l|^2 after j picks.
     Atoms already (nearly) explained (|P phi|^2 < 1e-3 |phi|^2) score 0.
 
-    The dominant cost is Phi (L M N Q complex multiply-adds per scene); with ``half`` (default:
-    on CUDA) it is one real float16 product on the tensor cores, the rest float32: relative
-    errors ~1e-3 on the spectra, immaterial for a network input.
+    Every inner product with an atom goes through the dictionary instead of through
+    Phi_l = G_l D: phi_lq^H v = d_q^H (G_l^H v) for v = y_l and for each basis vector e_l
+    (:func:`back_project`, then one [L, N] x [N, Q] product per scene), so that
+
+        t_lq = phi_lq^H P_l y_l = t_lq - (phi_lq^H e_l)(e_l^H y_l),   n_lq = |P_l phi_lq|^2 = n_lq - |e_l^H phi_lq|^2
+
+    cost O(L N Q) per pick. Only the norms |phi_lq|^2 need Phi itself (:func:`atom_norms`, the
+    dominant cost; with ``tensor_cores``, default on CUDA, one split-TF32 product on the tensor cores,
+    as accurate as float32).
     """
     B, L, M = y.shape
     Q = grid.D.shape[1]
-    half = (y.device.type == "cuda") if half is None else half
+    tensor_cores = (y.device.type == "cuda") if tensor_cores is None else tensor_cores
     chunk = chunk or FRONT_END_CHUNK
     n_s = picks if picks > 0 else 1
+    D = grid.D.to(y.device)
     S_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device)
     c_out = torch.empty(B, L, Q, dtype=torch.float32, device=y.device)
     res_out = torch.ones(B, picks + 1, dtype=torch.float32, device=y.device)
     for a in range(0, B, chunk):
         yb = y[a : a + chunk].to(torch.complex64)
-        Phi = _measured_dictionary(yb, H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64), grid, half)
+        Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
         b = yb.shape[0]
-        t = torch.einsum("blmq,blm->blq", Phi.conj(), yb)  # phi^H y
-        n0 = Phi.real.square().sum(2) + Phi.imag.square().sum(2)  # |phi|^2, [b, L, Q]
-        n = n0.clone()
+        n0 = atom_norms(Hb, cb, grid, tensor_cores)  # |phi|^2, [b, L, Q]
+        t = (back_project(yb, Hb, cb).conj() @ D).conj()  # phi^H y, [b, L, Q]
+        n = n0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
         total = ynorm.sum(1, keepdim=True).clamp(min=1e-30)  # [b, 1]
         mf = t.abs().square() / n0.clamp(min=1e-30)
@@ -196,15 +246,15 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         S = mf.sum(1) / total
         S_out[a : a + chunk, 0] = S
         basis: list[Tensor] = []
-        left = ynorm.clone()
+        left = ynorm
         for j in range(picks):
             q = S.argmax(1)  # [b]
-            bvec = torch.gather(Phi, 3, q.view(b, 1, 1, 1).expand(b, L, M, 1)).squeeze(-1)  # [b, L, M]
+            bvec = torch.einsum("bmn,bln->blm", Hb, cb * D.T[q].unsqueeze(1))  # G_l d_q, [b, L, M]
             for e in basis:  # Gram-Schmidt against the earlier picks
                 bvec = bvec - e * (e.conj() * bvec).sum(-1, keepdim=True)
             e = bvec / torch.linalg.vector_norm(bvec, dim=-1, keepdim=True).clamp(min=1e-30)
             basis.append(e)
-            z = torch.einsum("blm,blmq->blq", e.conj(), Phi)  # e^H phi
+            z = back_project(e, Hb, cb).conj() @ D  # e^H phi, [b, L, Q]
             ey = (e.conj() * yb).sum(-1)  # e^H y, [b, L]
             t = t - z.conj() * ey.unsqueeze(-1)
             n = (n - z.abs().square()).clamp(min=0)
