@@ -1,10 +1,10 @@
-"""Variants of ``learned+ml``'s second stage on the same held-out scenes: refinement steps, pruning.
+"""Variants of the likelihood stage of ``learned`` / ``learned+ml`` on the same scenes: refinement steps, over-proposal, growth, pruning.
 
     PYTHONPATH=src python3 benchmarks/bench_learned_ml.py --scenes 1000 --device cpu --threads 2 --json out.json
     PYTHONPATH=src python3 benchmarks/bench_learned_ml.py --scenes 4000 --device cuda
 
-Runs the packaged ``learned`` model once (``--checkpoint`` for another), then ``ml`` started from
-its K-hat and positions (``init=``) with every option set of ``--variants`` (JSON list of dicts of
+Runs the packaged network once (``--checkpoint`` for another; its K-hat strongest detections),
+then ``ml`` started from them (``init=``) with every option set of ``--variants`` (JSON list of dicts of
 ``ml`` options, plus ``"over": g`` for an over-proposal start, min(K-hat + g, K_max) sources, the
 network's strongest detections; default: final_iterations 25 / 12 / 8, each
 with init_prune 0 and 1), and prints success (overall and 10-20 dB), K_acc and the second
@@ -49,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--variants", default=None, help="JSON list of ml option dicts")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--with-ml", action="store_true", help="also run ml itself on the same scenes")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,11 +60,20 @@ def main(argv=None):
     t = time.perf_counter()
     # the network, before refinement, in the registry's batches of learned (its candidates are not an estimator's output)
     step = get("learned").info.batch_for(device)
-    parts = [_learned(scenes[a : a + step], args.checkpoint, None, True, None, candidates=True) for a in range(0, len(scenes), step)]
+    parts = [_learned(scenes[a : a + step], args.checkpoint, None, True, None, candidates=True, stage="detections")
+             for a in range(0, len(scenes), step)]
     first, cand = Estimates.cat([p[0] for p in parts]), Estimates.cat([p[1] for p in parts])
     sync_device(device)
-    rows = [{"stage": "learned", **_row(scenes, first, time.perf_counter() - t)}]
+    rows = [{"stage": "network (K-hat detections)", **_row(scenes, first, time.perf_counter() - t)}]
     print(json.dumps(rows[-1]), flush=True)
+    if args.with_ml:
+        get("ml")(scenes[:64])  # warm-up
+        sync_device(device)
+        t = time.perf_counter()
+        est = get("ml")(scenes)
+        sync_device(device)
+        rows.append({"stage": "ml", **_row(scenes, est, time.perf_counter() - t)})
+        print(json.dumps(rows[-1]), flush=True)
     for v in variants:
         opts = {k: x for k, x in v.items() if k != "over"}
         init = over_init(cand, first.K, int(v["over"])) if v.get("over") else first

@@ -156,6 +156,22 @@ def test_init_prune_drops_a_spurious_source_and_keeps_true_ones():
     assert torch.equal(get("ml")(s, init=truth_init, init_prune=2).K, t.K)  # true sources are never pruned here
 
 
+def test_init_grow_adds_a_missed_source_and_only_when_the_likelihood_wants_it():
+    sc = Scenario(k_fixed=3, snr_db_min=25, snr_db_max=25)
+    s = simulate(sc, 6, seed=9)
+    t = s.truth
+    nan = torch.full((6, sc.k_max - 2), math.nan)
+    # the truth without its third source: one growth step must find it again
+    init = Estimates(t.K - 1, torch.cat([t.phi[:, :2], nan], 1), torch.cat([t.theta[:, :2], nan], 1), torch.cat([t.r[:, :2], nan], 1))
+    grown = get("ml")(s, init=init, init_grow=1)
+    assert torch.equal(grown.K, t.K)
+    assert all(_hits(t, grown, i) for i in range(6))
+    assert torch.equal(get("ml")(s, init=init).K, t.K - 1)  # init_grow = 0: K-hat is the init's
+    # from the full truth no further source is worth its penalty
+    full = Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone())
+    assert torch.equal(get("ml")(s, init=full, init_grow=2).K, t.K)
+
+
 def test_degenerate_inputs():
     sc = Scenario(k_fixed=2, snr_db_min=10, snr_db_max=10)
     s = simulate(sc, 3, seed=5)

@@ -1,4 +1,4 @@
-"""learned and learned+ml: the network's estimates refined by ml's likelihood (learned keeps K-hat; learned+ml over-proposes and prunes)."""
+"""learned and learned+ml: the network's detections refined by ml's likelihood, grown and (learned+ml) pruned."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from risloc.nn.train import train
 
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
-    from risloc.nn.inference import LEARNED_REFINE_STEPS, _learned, over_init
+    from risloc.nn.inference import LEARNED_GROW, LEARNED_REFINE_STEPS, _learned, over_init
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -25,25 +25,32 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     scenes = risloc.simulate(risloc.Scenario(), 4, seed=5)
     music = {"refine_iterations": 2}
     network = get("learned")(scenes, checkpoint=ckpt, music_options=music, refine="music")
-    # learned = the network's K-hat positions refined on the measurements' likelihood, K kept
+    first, cand = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
+    assert torch.equal(first.K, network.K)  # the K-hat of the K head either way
+    assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
+    # learned = the network's K-hat detections refined on the measurements' likelihood, then one growth step
     learned = get("learned")(scenes, checkpoint=ckpt, music_options=music)
-    again = get("ml")(scenes, init=network, iterations=LEARNED_REFINE_STEPS, init_prune=0)
-    assert learned.method == network.method and torch.equal(learned.K, network.K)
+    again = get("ml")(scenes, init=first, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW)
+    assert learned.method == network.method and torch.equal(learned.K, again.K)
+    assert bool(((learned.K >= first.K) & (learned.K <= first.K + LEARNED_GROW)).all())
     for name in ("phi", "theta", "r"):
         assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
-    # learned+ml = ml from the over-proposal of the network's detections, over + 1 pruning passes
-    _, cand = _learned(scenes, ckpt, None, True, music, candidates=True)
-    both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1)
-    ref = get("ml")(scenes, init=over_init(cand, network.K, 1), iterations=3, init_prune=2)
+    kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, grow=0)
+    assert torch.equal(kept_k.K, first.K)  # no growth: K-hat is the K head's
+    # learned+ml = ml from the over-proposal of the network's detections, grow, over + grow + 1 pruning passes
+    both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1, grow=1)
+    ref = get("ml")(scenes, init=over_init(cand, first.K, 1), iterations=3, init_grow=1, init_prune=3)
     assert both.method.startswith("learned+ml:") and both.method[len("learned+ml:"):] == network.method[len("learned:"):]
-    assert torch.equal(both.K, ref.K) and bool(((both.K >= network.K - 1) & (both.K <= network.K + 1)).all())
+    assert torch.equal(both.K, ref.K) and bool(((both.K >= first.K - 2) & (both.K <= first.K + 2)).all())
     for name in ("phi", "theta", "r"):
         assert torch.allclose(getattr(both, name), getattr(ref, name), equal_nan=True)
         got = getattr(both, name)
         for s in range(4):
             assert torch.isfinite(got[s, : int(both.K[s])]).all()
-    kept = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3, "init_prune": 0}, over=0)
-    assert torch.equal(kept.K, network.K)
+    kept = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3, "init_prune": 0}, over=0, grow=0)
+    assert torch.equal(kept.K, first.K)
+    with pytest.raises(ValueError, match="grow"):
+        get("learned+ml")(scenes, checkpoint=ckpt, grow=-1)
     assert "learned+ml" in risloc.estimators.available()
     with pytest.raises(ValueError, match="refine"):
         get("learned")(scenes, checkpoint=ckpt, refine="none")

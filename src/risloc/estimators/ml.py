@@ -52,7 +52,8 @@ to pick the likelihood unless ``model=`` says otherwise.
 ``init``: an :class:`~risloc.scenes.Estimates` (K-hat and positions, e.g. from a network)
 skips stages 2-5: its K-hat sources are refined by the same likelihood (powers and sigma^2
 initialised by least squares; positions clipped into the prior box) and K-hat is kept;
-the range decision (stage 6) is applied as usual; with ``init_prune = n`` up to n pruning
+the range decision (stage 6) is applied as usual; with ``init_grow = m`` up to m greedy additions
+(stage 2's forward step, kept by the order rule of stage 4) follow; with ``init_prune = n`` up to n pruning
 passes may then drop sources by the order rule of stage 4.
 
 Code: the options are the frozen dataclass :class:`MLOptions` (every field documented;
@@ -116,13 +117,17 @@ class MLOptions:
     """Atoms scored exactly after the proxy screening (stochastic greedy step)."""
     init_prune: int = 0
     """``init`` path only: backward pruning passes on the given K-hat (penalised NLL + power rule)."""
+    init_grow: int = 0
+    """``init`` path only: greedy additions (the forward step of stage 2 on the dictionary, kept
+    where the penalised NLL and the power rule prefer them) after refining the given sources,
+    before the pruning passes."""
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
 
     def __post_init__(self):
         if len(tuple(self.grid_shape)) != 3 or min(int(n) for n in self.grid_shape) < 1:
             raise ValueError(f"ml: grid_shape = {self.grid_shape}: must be three counts >= 1")
-        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune"):
+        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune", "init_grow"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ml: {name} = {getattr(self, name)}: must be >= 0")
         if int(self.top) < 1:
@@ -478,6 +483,11 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         if not prob.static:
             st.logp, st.logs = _ls_powers(st, prob)
         st, nll, _, F = _refine(st, prob, opts.final_iterations)
+        if opts.init_grow:
+            dico = _measured_dictionary(prob)
+            for _ in range(int(opts.init_grow)):
+                st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
+            del dico
         for _ in range(int(opts.init_prune)):
             st, nll, F, kin = _prune(st, nll, F, kin, prob)
         st = _decide_range(st, F, prob)
@@ -585,6 +595,44 @@ def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem):
 # ------------------------------------------------------------------------------------------
 
 
+def _measured_dictionary(prob: _Problem):
+    """``(Phi, n2, c, atoms)``: the measured dictionary Phi_l = G_l D ``[B, L, M, Q]`` on the grid
+    ``opts.grid_shape``, |phi_l|^2 and phi_l^H y_l ``[B, L, Q]``, and the atoms' (phi, theta, rho)."""
+    grid = grids.dictionary(prob.scenario, prob.opts.grid_shape, device=prob.y.device, dtype=prob.y.dtype)
+    Phi = grids.measure_dictionary(prob.H, prob.codes, grid.D)  # [B, L, M, Q]
+    n2 = torch.view_as_real(Phi).square().sum((2, 4))  # |phi_l|^2, [B, L, Q]
+    c = (prob.y.unsqueeze(2).conj() @ Phi).squeeze(2).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
+    return Phi, n2, c, (grid.phi, grid.theta, grid.rho)
+
+
+def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico):
+    """One greedy addition on models of per-scene order ``k`` ``[B]`` (>= 1; the ``init`` path).
+
+    The dictionary atom of largest likelihood gain given the current sources (the forward step
+    of stage 2, :func:`_add_stochastic` / :func:`_add_static`) becomes source k + 1 and all are
+    refined (``greedy_iterations``); the (k+1)-source model replaces the k-source one where the
+    order rule of :func:`_select` prefers it (lower penalised NLL, powers within the power
+    rule) and k < K_max. Returns the updated (state, NLL, Fisher matrix, k)."""
+    Phi, n2, c, atoms = dico
+    K = st.phi.shape[1]
+    slot = k.clamp(max=K - 1)
+    if prob.static:
+        cand = _add_static(st, slot, Phi, prob, atoms)
+    else:
+        cand = _add_stochastic(st, slot, Phi, prob, atoms, None, n2, c, prob.opts.top)
+    cand, nll_c, _, F_c = _refine(cand, prob, prob.opts.greedy_iterations)
+    nll = torch.nan_to_num(nll, nan=float("inf"))
+    nll_c = torch.nan_to_num(nll_c, nan=float("inf"))
+    better = (k < K) & (nll_c + prob.tau * (k + 1) < nll + prob.tau * k)
+    limit = _power_limit_db(prob)
+    if limit is not None:
+        better = better & (_power_spread_db(cand) <= limit)
+    st = _where(better, cand, st)
+    nll = torch.where(better, nll_c, nll)
+    F = torch.where(better.view(-1, 1, 1), F_c, F)
+    return st, nll, F, k + better.to(k.dtype)
+
+
 def _path(prob: _Problem, K: int, orders: int):
     """Candidate models for orders 0..``orders`` in ``K`` slots: a forward greedy pass, then a
     backward pass.
@@ -602,12 +650,8 @@ def _path(prob: _Problem, K: int, orders: int):
     rd = physics.real_dtype(cd)
     lo, hi = prob.box
     z = torch.zeros(B, K, dtype=rd, device=device)
-    grid = grids.dictionary(sc, opts.grid_shape, device=device, dtype=cd)
-    gp, gt, gr = grid.phi, grid.theta, grid.rho
-    Phi = grids.measure_dictionary(H, codes, grid.D)  # [B, L, M, Q]
-    n2 = torch.view_as_real(Phi).square().sum((2, 4))  # |phi_l|^2, [B, L, Q]
-    c = (y.unsqueeze(2).conj() @ Phi).squeeze(2).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
-    dico = (Phi, n2, c, (gp, gt, gr))
+    dico = _measured_dictionary(prob)
+    Phi, n2, c, (gp, gt, gr) = dico
     st = _State(z.clone(), z.clone(), z.clone() + (lo[2] + hi[2]) / 2, torch.full_like(z, -30.0),
                 torch.zeros(B, dtype=rd, device=device), torch.zeros(B, K, dtype=torch.bool, device=device))
     if prob.snr_db is not None:

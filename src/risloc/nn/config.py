@@ -285,10 +285,9 @@ class TrainConfig:
         return self.loss.covariance_options(beta)
 
     def autocast_dtype(self, device) -> torch.dtype | None:
-        """The mixed-precision dtype of the network's forward pass on ``device`` (``amp``: 'auto' is
-        bfloat16 on CUDA and none on the CPU), or None for float32. Training, validation and
-        inference all run the network under this autocast, so that inference sees the network
-        as it was trained and selected."""
+        """The mixed-precision dtype of training steps on ``device`` (``amp``: 'auto' is bfloat16 on
+        CUDA and none on the CPU), or None for float32. Validation and inference run the network
+        in float32 (:data:`risloc.nn.inference.INFERENCE_AUTOCAST`)."""
         device = torch.device(device)
         amp = self.amp if self.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
         if amp != "none" and device.type != "cuda":

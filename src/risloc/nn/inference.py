@@ -203,7 +203,7 @@ def run_model(
 
     ``K`` ``[S]``: known source numbers (each scene gets exactly that K); ``order_rule``: K from
     that rule on the prediction (see :func:`locate_from_prediction`). ``autocast``: the mixed
-    precision of the forward pass (the checkpoint's, :meth:`TrainConfig.autocast_dtype`).
+    precision of the forward pass (None: float32, :data:`INFERENCE_AUTOCAST`).
     ``stage="detections"``: for a kind with candidates, the estimates are its K strongest
     detections themselves (K from :func:`count_sources`), without the MUSIC step of
     :func:`locate_from_prediction` (for callers that refine them on the likelihood next)."""
@@ -256,11 +256,23 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta,
     return loaded, options, music
 
 
+INFERENCE_AUTOCAST = None
+"""Mixed precision of the network's forward pass in validation and inference: None (float32).
+On 4 000 scenes of the validation seed 1000 on one H100 the shipped model under bf16 autocast
+(as trained) scored 0.390 / 0.659 (all SNRs / 10-20 dB, with the likelihood refinement) against
+0.393 / 0.663 in float32, for 9 % more forward speed (benchmarks/results/h100/learned-speed/)."""
+
 LEARNED_REFINE_STEPS = 8
-"""Fisher-scoring steps of the ``learned`` pipeline's last stage (``refine="likelihood"``). Chosen
-on 4 000 scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/diagnosis/):
+"""Fisher-scoring steps of the ``learned`` pipeline's likelihood stage (``refine="likelihood"``).
+Chosen on 4 000 scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/diagnosis/):
 the detections alone score 0.314 at 10-20 dB, most failures being K-hat = K with a source
 outside the hit window (0.576 of the scenes); 8 steps from them score 0.647 (``ml`` 0.707)."""
+
+LEARNED_GROW = 1
+"""Greedy additions after the refinement in ``learned`` (``ml``'s ``init_grow``). Chosen on 4 000
+scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/learned-speed/grow_val1000.json):
+success at 10-20 dB / over all SNRs and K_acc at 10-20 dB 0.647 / 0.389 / 0.890 without,
+0.680 / 0.406 / 0.959 with one (``ml`` 0.707 / 0.429 / 0.989)."""
 
 
 @register("learned")
@@ -273,25 +285,32 @@ def estimate(
     use_snr: bool = True,
     music_options: dict | None = None,
     refine: str = "likelihood",
+    grow: int | None = None,
 ) -> Estimates:
-    """The learned estimator: the network's effective covariance -> MUSIC with the calibrated
-    K head -> (default) a likelihood refinement of the K-hat positions on the measurements.
+    """The learned estimator: the network's detections and calibrated K head -> (default) a
+    likelihood refinement of the K-hat positions on the measurements and one likelihood-tested
+    further source.
 
     Stages: the network reads the scene and predicts its sources (a ``spectrum`` network: the
-    detections and a K head); the factor F of the K-hat strongest goes through the one builder
-    :func:`risloc.covariance.effective_covariance` (``beta`` blends the scene's own sample
-    covariance in, default the checkpoint's) and MUSIC on that effective covariance, searched
-    locally from the detections, gives the positions. With ``refine="likelihood"`` (default)
-    the K-hat positions, powers and sigma^2 then take :data:`LEARNED_REFINE_STEPS` joint
+    detections and a K head giving K-hat). With ``refine="likelihood"`` (default) the K-hat
+    strongest detections, their powers and sigma^2 take :data:`LEARNED_REFINE_STEPS` joint
     Fisher-scoring steps on the exact likelihood of the measurements y_l ~ CN(0, G_l R G_l^H +
-    sigma^2 I) (``ml``'s refinement, :func:`risloc.estimators.ml.estimate` with ``init``, no search and
-    no change of K). Why: E(F) is built from the detections themselves, so MUSIC on it cannot
-    move them by more than the network's own offset error; the measurements can.
-    ``refine="music"``: stop after MUSIC (the network's positions).
+    sigma^2 I) (``ml``'s refinement, :func:`risloc.estimators.ml.estimate` with ``init``; no
+    search). Then ``grow`` (default :data:`LEARNED_GROW`) greedy additions: the dictionary atom
+    of largest likelihood gain given those sources is added and all are refined, and the larger
+    model is kept only where ``ml``'s penalised likelihood and power rule prefer it (the
+    ``init_grow`` option of ``ml``). Why: the network's failures are mostly right counts with a
+    source outside the hit window (the refinement fixes them) and then missed sources that no
+    detection is near (the growth step finds them); docs/learned.md.
+    ``refine="music"``: the network's own positions: MUSIC on the effective covariance E(F) of
+    the K-hat strongest detections (the one builder :func:`risloc.covariance.effective_covariance`;
+    ``beta`` blends the scene's own sample covariance in, default the checkpoint's), searched
+    locally from the detections, as in the training validation.
 
     ``K``: the number of sources when it is known (an int or a per-scene ``[S]`` tensor, each in
     1..K_max): every scene then gets exactly that K (a ``spectrum`` network's K strongest
-    detections, refined; missing ones from its next detections by heat).
+    detections, refined, with no growth; with ``refine="music"`` missing ones come from its
+    next detections by heat).
 
     ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
     ``src/risloc/weights/default.pt``. ``use_snr=False`` ignores the scenes' SNR labels
@@ -306,9 +325,13 @@ def estimate(
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
     stage = "detections" if refine == "likelihood" else "music"
     est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=known_k("learned", K, scenes), stage=stage)
+    grow = LEARNED_GROW if grow is None else int(grow)
+    if grow < 0:
+        raise ValueError(f"learned: grow = {grow}: must be >= 0")
     if refine == "likelihood":
         method = est.method
-        est = get("ml")(_snr_labels(scenes, use_snr), init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0)
+        est = get("ml")(_snr_labels(scenes, use_snr), init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0,
+                        init_grow=0 if K is not None else grow, batch=len(scenes))
         est.method = method
     return est
 
@@ -324,11 +347,11 @@ def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bo
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
     candidates or None)`` on the scenes' device; the candidates only when asked for and when the
     network kind has them (a ``spectrum`` network's decoded detections, strongest first).
-    ``stage``: see :func:`run_model`; the forward pass runs under the checkpoint's autocast."""
+    ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
-                          use_snr=use_snr, K=K, autocast=loaded.config.autocast_dtype(scenes.device), stage=stage)
+                          use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage)
     est.method = f"learned:{loaded.sha256[:12]}"
     return est, (get_network(pred.kind).candidates(pred) if candidates else None)
 
@@ -347,11 +370,16 @@ def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
 LEARNED_ML_DEFAULTS = {"iterations": 8}
 """``ml`` options of ``learned+ml``'s second stage (``init_prune`` follows ``over``: over + 1 passes)."""
 
-LEARNED_ML_OVER = 2
-"""Extra detections of ``learned+ml``'s over-proposal. Chosen on 4 000 scenes of the validation
-seed 1000 on one H100 (benchmarks/results/h100/diagnosis/learned_ml_over_val1000.json): success
-at 10-20 dB 0.659 (K-hat start, one pruning pass), 0.669 (over 1), 0.671 (over 2), 0.671 (over 4,
-all K_max detections); ``ml`` 0.707 on the same scenes."""
+LEARNED_ML_OVER = 0
+"""Extra detections of ``learned+ml``'s over-proposal (``over``) and its greedy additions
+(``grow``, :data:`LEARNED_ML_GROW`); ``over + grow + 1`` pruning passes follow. Chosen on 4 000
+scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/learned-speed/grow_val1000.json),
+success at 10-20 dB / all SNRs: over 2 without growth 0.671 / 0.410 (the earlier default); over 0
+with one growth 0.693 / 0.419; over 1 or 2 with one growth 0.668 / 0.410 and 0.671 / 0.411 (the
+extra detections, pruned at low SNR, cost sources: K_under 0.32 against 0.28); ``ml`` 0.707 / 0.429."""
+
+LEARNED_ML_GROW = 1
+"""Greedy additions of ``learned+ml`` (see :data:`LEARNED_ML_OVER`)."""
 
 
 @register("learned+ml")
@@ -365,36 +393,40 @@ def estimate_learned_ml(
     music_options: dict | None = None,
     ml_options: dict | None = None,
     over: int = LEARNED_ML_OVER,
+    grow: int = LEARNED_ML_GROW,
 ) -> Estimates:
-    """The network's detections, over-proposed, then ``ml``'s likelihood refinement and pruning.
+    """The network's detections, then ``ml``'s likelihood refinement, growth and pruning.
 
-    No grid search in the second stage. The network (a ``spectrum`` kind) proposes
-    min(K-hat + ``over``, K_max) sources, its strongest detections (K-hat from its K head);
-    ``ml`` refines all their positions, powers and sigma^2 jointly on the exact likelihood of
-    the measurements (:func:`risloc.estimators.ml.estimate`, argument ``init``), then
-    ``over + 1`` backward pruning passes each drop the source whose removal costs least when
-    ``ml``'s penalised likelihood (or its power rule) prefers one source fewer
-    (``init_prune``), so that the likelihood, not the K head, has the last word on K within
-    K-hat + over, ..., K-hat - 1. ``over = 0``: start from K-hat with one pruning pass.
-    ``ml_options`` go to the registry's ``ml`` on top of :data:`LEARNED_ML_DEFAULTS`
-    (``iterations``, ``init_prune``, ...; ``batch``: scenes per ``ml`` call, default ``ml``'s).
-    Networks without detections (``covariance``) start from the first stage's K-hat estimates.
-    One batch, on the scenes' device (the registry runs large scene sets in batches of 1024).
-    Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
+    The network (a ``spectrum`` kind) proposes min(K-hat + ``over``, K_max) sources, its
+    strongest detections (K-hat from its K head); ``ml`` refines all their positions, powers and
+    sigma^2 jointly on the exact likelihood of the measurements
+    (:func:`risloc.estimators.ml.estimate`, argument ``init``); ``grow`` greedy additions each
+    add the dictionary atom of largest likelihood gain where the penalised likelihood prefers
+    one source more (``init_grow``); then ``over + grow + 1`` backward pruning passes each drop
+    the source whose removal costs least where ``ml``'s penalised likelihood (or its power rule)
+    prefers one source fewer (``init_prune``). So the likelihood, not the K head, has the last
+    word on K. Defaults :data:`LEARNED_ML_OVER`, :data:`LEARNED_ML_GROW` (chosen on validation
+    scenes). ``ml_options`` go to the registry's ``ml`` on top of these and of
+    :data:`LEARNED_ML_DEFAULTS` (``iterations``, ``init_prune``, ...; ``batch``: scenes per
+    ``ml`` call, default all of this batch). Networks without detections (``covariance``) start
+    from the first stage's K-hat estimates. One batch, on the scenes' device (the registry runs
+    large scene sets in batches of 1024). Returns ``method = "learned+ml:<checkpoint sha, 12 hex>"``.
 
     ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the network's K
     strongest detections are refined without pruning and every scene gets exactly that K.
     """
     from ..estimators import get
 
-    if int(over) < 0:
-        raise ValueError(f"learned+ml: over = {over}: must be >= 0")
+    for name, v in (("over", over), ("grow", grow)):
+        if int(v) < 0:
+            raise ValueError(f"learned+ml: {name} = {v}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
     first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
-    opts = {**LEARNED_ML_DEFAULTS, "init_prune": int(over) + 1, **(ml_options or {})}
+    opts = {**LEARNED_ML_DEFAULTS, "init_grow": int(grow), "init_prune": int(over) + int(grow) + 1, "batch": len(scenes),
+            **(ml_options or {})}
     init = first
     if K is not None:
-        opts["init_prune"] = 0
+        opts["init_prune"] = opts["init_grow"] = 0
     elif cand is not None:
         init = over_init(cand, first.K, int(over))
     refined = get("ml")(_snr_labels(scenes, use_snr), init=init, **opts)

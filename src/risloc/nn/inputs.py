@@ -115,8 +115,7 @@ class Prediction:
 
 def forward(model, inputs: ModelInputs, options: cv.CovarianceOptions, autocast: torch.dtype | None) -> Prediction:
     """``model(inputs, options)`` under mixed precision ``autocast`` (None: float32), the one
-    forward call of validation and inference (:meth:`risloc.nn.config.TrainConfig.autocast_dtype`
-    gives the checkpoint's dtype; training steps use the same)."""
+    forward call of validation and inference (both float32: :data:`risloc.nn.inference.INFERENCE_AUTOCAST`)."""
     device_type = inputs.y.device.type if inputs.y is not None else "cpu"
     with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
         return model(inputs, options)

@@ -272,7 +272,7 @@ def validate(model, scenes: Scenes, cfg: TrainConfig, options: cv.CovarianceOpti
     for a in range(0, len(scenes), cfg.val_batch):
         s = scenes[a : a + cfg.val_batch]
         b = _batch_from_scenes(s, cfg)
-        pred = forward(model, b.inputs, options, cfg.autocast_dtype(b.inputs.y.device if b.inputs.y is not None else s.device))
+        pred = forward(model, b.inputs, options, None)  # float32, as at inference (risloc.nn.inference.INFERENCE_AUTOCAST)
         R_true = effective(b.true_factor, b.inputs, options)
         nmse.append(covariance_nmse(pred.covariance, R_true, effective(zero_prediction(b.true_factor), b.inputs, options)))
         logits.append(pred.k_logits.float())

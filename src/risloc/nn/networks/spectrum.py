@@ -186,7 +186,7 @@ def atom_norms(H: Tensor, codes: Tensor, grid: SpectrumGrid, tensor_cores: bool)
         P = (torch.cat([hi, hi, lo], 1) @ Ds).view(b, L, M, -1)  # [Re Phi, Im Phi]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-    n = P.square().sum(2)  # [b, L, 2Q]
+    n = torch.linalg.vector_norm(P, dim=2).square()  # [b, L, 2Q], one pass over P
     Q = Ds.shape[1] // 2
     return n[..., :Q] + n[..., Q:]
 
