@@ -10,7 +10,8 @@ checkpoint's autocast (bf16 on CUDA), the K decision and detections, the MUSIC s
 detections' effective covariance, the likelihood refinement (``ml`` from the detections,
 ``LEARNED_REFINE_STEPS``), and ``learned`` / ``learned+ml`` end to end through the registry
 (simulation excluded). With ``--accuracy-scenes N`` it scores on N scenes of the same seed the
-variants float32/autocast forward x MUSIC step before the refinement or not. ``--profile`` adds
+variants float32/autocast forward x MUSIC step before the refinement or not (refinement only,
+no growth step). ``--profile`` adds
 the 15 most expensive CUDA kernels of one refinement call. Prints one JSON line (``--json FILE``
 also writes it).
 """
@@ -27,7 +28,7 @@ import risloc
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import DEFAULT_WEIGHTS, LEARNED_REFINE_STEPS, load_model, run_model
+from risloc.nn.inference import DEFAULT_WEIGHTS, LEARNED_GROW, LEARNED_REFINE_STEPS, load_model, run_model
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks.spectrum import matched_filter_spectra
 
@@ -93,6 +94,14 @@ def main(argv=None):
         refine(i)
     _sync(device)
     rates["refinement"] = len(scenes) / (time.perf_counter() - t)
+    grow = lambda i: ml(batches[i], init=dets[i], iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW, batch=args.batch)
+    grow(0)
+    _sync(device)
+    t = time.perf_counter()
+    for i in idx:
+        grow(i)
+    _sync(device)
+    rates["refinement_and_growth"] = len(scenes) / (time.perf_counter() - t)
     for name in ("learned", "learned+ml"):
         est = get(name)
         est(batches[0], batch=args.batch)

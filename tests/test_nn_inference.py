@@ -37,9 +37,9 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
         assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
     kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, grow=0)
     assert torch.equal(kept_k.K, first.K)  # no growth: K-hat is the K head's
-    # learned+ml = ml from the over-proposal of the network's detections, grow, over + grow + 1 pruning passes
-    both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1, grow=1)
-    ref = get("ml")(scenes, init=over_init(cand, first.K, 1), iterations=3, init_grow=1, init_prune=3)
+    # learned+ml = ml from the over-proposal of the network's detections, grow, relax, over + prune pruning passes
+    both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1, grow=1, relax=1, prune=2)
+    ref = get("ml")(scenes, init=over_init(cand, first.K, 1), iterations=3, init_grow=1, init_relax=1, init_prune=3)
     assert both.method.startswith("learned+ml:") and both.method[len("learned+ml:"):] == network.method[len("learned:"):]
     assert torch.equal(both.K, ref.K) and bool(((both.K >= first.K - 2) & (both.K <= first.K + 2)).all())
     for name in ("phi", "theta", "r"):
@@ -47,7 +47,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
         got = getattr(both, name)
         for s in range(4):
             assert torch.isfinite(got[s, : int(both.K[s])]).all()
-    kept = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3, "init_prune": 0}, over=0, grow=0)
+    kept = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=0, grow=0, prune=0)
     assert torch.equal(kept.K, first.K)
     with pytest.raises(ValueError, match="grow"):
         get("learned+ml")(scenes, checkpoint=ckpt, grow=-1)

@@ -24,7 +24,7 @@ INPUT_ERRORS = (InputError, ValueError, FileNotFoundError, IsADirectoryError, No
 named for the reader."""
 
 # Order is the order of `risloc --help`.
-SUBCOMMANDS = ("simulate", "locate", "evaluate", "crb", "train", "overfit", "bench", "hpo")
+SUBCOMMANDS = ("simulate", "locate", "evaluate", "crb", "train", "calibrate", "overfit", "bench", "hpo")
 
 
 def build_parser() -> argparse.ArgumentParser:

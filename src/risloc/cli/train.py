@@ -14,9 +14,10 @@ writes the checkpoints (docs/training-at-scale.md).
 Every configuration field is also a flag (``--lr``, ``--model.width``, ``--loss.beta``,
 ``--scenario.k_max``, or ``--set KEY=VALUE``); flags override the --config file. The device
 is chosen automatically (cuda if available) unless --device is given. The run folder gets
-``config.toml``, ``metrics.jsonl`` (one line per epoch), ``last.pt``, ``best.pt`` (calibrated),
-``weights.pt`` (best.pt without optimiser state: the form of the packaged default weights) and
-``summary.json``.
+``config.toml``, ``metrics.jsonl`` (one line per epoch), ``last.pt``, ``best.pt`` (its K head
+calibrated on the validation scenes at the end, also after --stop-after-epoch; ``risloc
+calibrate`` does it for an existing checkpoint), ``weights.pt`` (best.pt without optimiser
+state: the form of the packaged default weights) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="E",
-                   help="end the run after epoch E (0-based) of the configured schedule, as if stopped there: no"
-                        " calibration; best.pt is still exported to weights.pt (how the shipped default was made)")
+                   help="end the run after epoch E (0-based) of the configured schedule, as if stopped there (--resume"
+                        " continues it); best.pt is then calibrated and exported to weights.pt as at the end of the"
+                        " schedule (how the shipped default is made: --stop-after-epoch 6)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall-clock seconds this command may take, counted from the start of training (interpreter start-up,"
                         " a few seconds, comes on top): before they run out, write a resumable last.pt at the current step"

@@ -121,13 +121,16 @@ class MLOptions:
     """``init`` path only: greedy additions (the forward step of stage 2 on the dictionary, kept
     where the penalised NLL and the power rule prefer them) after refining the given sources,
     before the pruning passes."""
+    init_relax: int = 0
+    """``init`` path only: RELAX re-search cycles (stage 5) after the greedy additions, then a
+    refinement of ``final_iterations`` steps."""
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
 
     def __post_init__(self):
         if len(tuple(self.grid_shape)) != 3 or min(int(n) for n in self.grid_shape) < 1:
             raise ValueError(f"ml: grid_shape = {self.grid_shape}: must be three counts >= 1")
-        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune", "init_grow"):
+        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune", "init_grow", "init_relax"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ml: {name} = {getattr(self, name)}: must be >= 0")
         if int(self.top) < 1:
@@ -527,10 +530,14 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         if not prob.static:
             st.logp, st.logs = _ls_powers(st, prob)
         st, nll, _, F = _refine(st, prob, opts.final_iterations)
-        if opts.init_grow:
+        if opts.init_grow or opts.init_relax:
             dico = _measured_dictionary(prob)
             for _ in range(int(opts.init_grow)):
                 st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
+            for _ in range(int(opts.init_relax)):
+                st, nll = _relax(st, kin, prob, dico)
+            if opts.init_relax:
+                st, nll, _, F = _refine(st, prob, opts.final_iterations)
             del dico
         for _ in range(int(opts.init_prune)):
             st, nll, F, kin = _prune(st, nll, F, kin, prob)

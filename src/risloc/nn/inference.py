@@ -371,15 +371,24 @@ LEARNED_ML_DEFAULTS = {"iterations": 8}
 """``ml`` options of ``learned+ml``'s second stage (``init_prune`` follows ``over``: over + 1 passes)."""
 
 LEARNED_ML_OVER = 0
-"""Extra detections of ``learned+ml``'s over-proposal (``over``) and its greedy additions
-(``grow``, :data:`LEARNED_ML_GROW`); ``over + grow + 1`` pruning passes follow. Chosen on 4 000
-scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/learned-speed/grow_val1000.json),
-success at 10-20 dB / all SNRs: over 2 without growth 0.671 / 0.410 (the earlier default); over 0
-with one growth 0.693 / 0.419; over 1 or 2 with one growth 0.668 / 0.410 and 0.671 / 0.411 (the
-extra detections, pruned at low SNR, cost sources: K_under 0.32 against 0.28); ``ml`` 0.707 / 0.429."""
+"""Extra detections of ``learned+ml``'s over-proposal (``over``); its greedy additions (``grow``,
+:data:`LEARNED_ML_GROW`), RELAX cycles (``relax``, :data:`LEARNED_ML_RELAX`) and ``over + prune``
+pruning passes (:data:`LEARNED_ML_PRUNE`) follow. Chosen on 4 000 scenes of the validation seed
+1000 on one H100 (benchmarks/results/h100/learned-speed/grow_val1000.json and grow2_val1000.json),
+success at 10-20 dB / all SNRs, K_acc at 10-20 dB: over 2 and 3 pruning passes (the earlier
+default) 0.671 / 0.410 / 0.910; over 0, grow 1, prune 1 0.692 / 0.418 / 0.951; the same with one
+RELAX cycle 0.702 / 0.426 / 0.977 (25 refinement steps instead of 8: 0.706 / 0.427 / 0.981 at
+0.75 x the speed); over 1 or 2 with one growth 0.668 / 0.410 and 0.671 / 0.411 (the extra
+detections, pruned at low SNR, cost sources); ``ml`` 0.707 / 0.429 / 0.989."""
 
 LEARNED_ML_GROW = 1
 """Greedy additions of ``learned+ml`` (see :data:`LEARNED_ML_OVER`)."""
+
+LEARNED_ML_RELAX = 1
+"""RELAX re-search cycles of ``learned+ml`` after the growth (see :data:`LEARNED_ML_OVER`)."""
+
+LEARNED_ML_PRUNE = 1
+"""Pruning passes of ``learned+ml`` beyond ``over`` (see :data:`LEARNED_ML_OVER`)."""
 
 
 @register("learned+ml")
@@ -394,6 +403,8 @@ def estimate_learned_ml(
     ml_options: dict | None = None,
     over: int = LEARNED_ML_OVER,
     grow: int = LEARNED_ML_GROW,
+    relax: int = LEARNED_ML_RELAX,
+    prune: int = LEARNED_ML_PRUNE,
 ) -> Estimates:
     """The network's detections, then ``ml``'s likelihood refinement, growth and pruning.
 
@@ -402,11 +413,12 @@ def estimate_learned_ml(
     sigma^2 jointly on the exact likelihood of the measurements
     (:func:`risloc.estimators.ml.estimate`, argument ``init``); ``grow`` greedy additions each
     add the dictionary atom of largest likelihood gain where the penalised likelihood prefers
-    one source more (``init_grow``); then ``over + grow + 1`` backward pruning passes each drop
-    the source whose removal costs least where ``ml``'s penalised likelihood (or its power rule)
-    prefers one source fewer (``init_prune``). So the likelihood, not the K head, has the last
-    word on K. Defaults :data:`LEARNED_ML_OVER`, :data:`LEARNED_ML_GROW` (chosen on validation
-    scenes). ``ml_options`` go to the registry's ``ml`` on top of these and of
+    one source more (``init_grow``); ``relax`` RELAX cycles (Li & Stoica 1996) re-search each
+    source given the others (``init_relax``); then ``over + prune`` backward pruning passes each
+    drop the source whose removal costs least where ``ml``'s penalised likelihood (or its power
+    rule) prefers one source fewer (``init_prune``). So the likelihood, not the K head, has the
+    last word on K. Defaults :data:`LEARNED_ML_OVER`, :data:`LEARNED_ML_GROW`,
+    :data:`LEARNED_ML_RELAX`, :data:`LEARNED_ML_PRUNE` (chosen on validation scenes). ``ml_options`` go to the registry's ``ml`` on top of these and of
     :data:`LEARNED_ML_DEFAULTS` (``iterations``, ``init_prune``, ...; ``batch``: scenes per
     ``ml`` call, default all of this batch). Networks without detections (``covariance``) start
     from the first stage's K-hat estimates. One batch, on the scenes' device (the registry runs
@@ -417,13 +429,13 @@ def estimate_learned_ml(
     """
     from ..estimators import get
 
-    for name, v in (("over", over), ("grow", grow)):
+    for name, v in (("over", over), ("grow", grow), ("relax", relax), ("prune", prune)):
         if int(v) < 0:
             raise ValueError(f"learned+ml: {name} = {v}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
     first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
-    opts = {**LEARNED_ML_DEFAULTS, "init_grow": int(grow), "init_prune": int(over) + int(grow) + 1, "batch": len(scenes),
-            **(ml_options or {})}
+    opts = {**LEARNED_ML_DEFAULTS, "init_grow": int(grow), "init_relax": int(relax), "init_prune": int(over) + int(prune),
+            "batch": len(scenes), **(ml_options or {})}
     init = first
     if K is not None:
         opts["init_prune"] = opts["init_grow"] = 0

@@ -22,7 +22,9 @@ Per step g (fractional epoch e = g / steps_per_epoch), in :func:`train`'s loop:
      ``checkpoint_every`` steps, and before a wall-clock budget runs out.
 Every ``log_every`` steps: [LR], [GRAD] (total norm before clipping), [STEP] (relative
 parameter change of that step) and the running loss terms (the only host syncs besides the
-epoch end). At the end: K-head calibration (risloc.nn.calibrate) stored in ``best.pt``.
+epoch end). At the end (of the schedule, an early stop or ``stop_after_epoch``): K-head
+calibration (risloc.nn.calibrate, :func:`calibrate_checkpoint`) on the validation scenes, stored
+in ``best.pt``, then ``best.pt`` exported to ``weights.pt`` (the inference-only form).
 
 Resuming (``resume=True``) reloads ``RUN/last.pt`` and continues at its step, possibly inside an
 epoch: the data stream is indexed by the global step and every other piece of state (weights,
@@ -34,6 +36,7 @@ The learning rate follows the global step; a skipped step is counted and logged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +53,7 @@ from .. import covariance as cv
 from ..scenes import Scenes, Truth
 from ..simulate import simulate, source_factor
 from . import calibrate
+from .._files import atomic_write_text
 from .._provenance import git_commit
 from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -253,12 +257,18 @@ def k_loc(success: float, k_acc: float) -> float:
 
 @torch.no_grad()
 def validate(model, scenes: Scenes, cfg: TrainConfig, options: cv.CovarianceOptions, calibration: Calibration,
-             *, with_locations: bool = True) -> tuple[dict, Tensor, Tensor]:
-    """Validation metrics, K logits and fall-back K (for calibration) on ``scenes``."""
+             *, with_locations: bool = True, progress: bool = False) -> tuple[dict, Tensor, Tensor]:
+    """Validation metrics, K logits and fall-back K (for calibration) on ``scenes``, in batches
+    of ``cfg.val_batch`` (``progress``: a tqdm bar over the scenes on stderr)."""
     from ..metrics import score
 
     model.eval()
     nmse, logits, ests, fbs = [], [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(scenes), desc="validate", unit="scene", leave=False)
     for a in range(0, len(scenes), cfg.val_batch):
         s = scenes[a : a + cfg.val_batch]
         b = _batch_from_scenes(s, cfg)
@@ -273,6 +283,10 @@ def validate(model, scenes: Scenes, cfg: TrainConfig, options: cv.CovarianceOpti
                 fbs.append(fallback_order(b.inputs, options, cfg.scenario, cfg.order_rule))
             except ImportError:
                 pass
+        if bar is not None:
+            bar.update(len(s))
+    if bar is not None:
+        bar.close()
     model.train()
     logits = torch.cat(logits)
     K = scenes.truth.K.to(logits.device)
@@ -411,9 +425,11 @@ def train(
 ) -> dict:
     """Train, validate, checkpoint and calibrate; returns the final summary (also in RUN/summary.json).
 
-    ``stop_after_epoch`` ends the run after that epoch as if killed; ``val_scenes`` replaces the
-    simulated validation set (the overfit probe); ``stop_when(metrics)`` returning True ends
-    training after that epoch (then calibration as usual); ``on_epoch(epoch, record)`` is called
+    ``stop_after_epoch`` ends the run after that epoch as if stopped there (``last.pt`` resumes
+    it), then calibrates ``best.pt`` and exports ``weights.pt`` as at the end of the schedule;
+    ``val_scenes`` replaces the simulated validation set (the overfit probe);
+    ``stop_when(metrics)`` returning True ends training after that epoch (then calibration and
+    export as usual); ``on_epoch(epoch, record)`` is called
     after each epoch's validation and checkpoints with that epoch's metrics.jsonl record; an
     exception it raises (e.g. ``optuna.TrialPruned``) ends the run and propagates.
 
@@ -517,9 +533,7 @@ loop with it).
                         raise error
                     raise RuntimeError(f"rank {dist.rank}: stopping, rank 0 raised after epoch {epoch}")
                 if action == "return":
-                    if dist.is_main:
-                        _export(out, log)
-                    return summary
+                    break
                 if action == "stop":
                     break
                 prog.reset_epoch(device)
@@ -535,12 +549,13 @@ loop with it).
                     f" {prog.step}; continue with --resume")
                 return {**summary, "stopped": "time_budget", "step": prog.step}
 
-        # --- calibration of the K head on validation data, stored in best.pt --------------------------------
+        # --- at the end, an early stop or stop_after_epoch: calibration of the K head on the validation
+        # scenes, stored in best.pt, then best.pt -> weights.pt ------------------------------------------------
         if dist.is_main:
             if cfg.calibrate and (out / "best.pt").exists():
                 summary["calibration"] = calibrate_checkpoint(out / "best.pt", val_scenes, log=log)
             _export(out, log)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         return dist.broadcast(summary)
 
 
@@ -607,16 +622,29 @@ def _data_parallel(stepper: torch.nn.Module, objective: Objective, dist: Dist) -
                                        gradient_as_bucket_view=True)
 
 
-def _validation_scenes(cfg: TrainConfig, scenes: Scenes | None, device, log) -> Scenes:
-    """The validation scenes (given, the ``val_file``, or simulated with ``val_seed``); logs the loss self-test on them."""
-    if scenes is None:
-        if cfg.val_file:
-            from ..io import load_scenes
+def validation_scenes(cfg: TrainConfig, n: int | None = None, *, device="cpu") -> Scenes:
+    """The trainer's validation scenes of ``cfg``: the first ``n`` (default ``cfg.val_scenes``)
+    scenes of the stream ``cfg.val_seed`` (risloc.seeds.TRAINING_VALIDATION_SEED by default),
+    or of the scene file ``cfg.val_file`` (all of it by default). Checkpoint selection during
+    training and the K-head calibration (:func:`calibrate_checkpoint`, ``risloc calibrate``)
+    both read these scenes."""
+    if n is not None and n < 1:
+        raise ValueError(f"validation scenes: n = {n}, must be >= 1")
+    if cfg.val_file:
+        from ..io import load_scenes
 
-            scenes = load_scenes(cfg.val_file)
-        else:
-            scenes = simulate(cfg.scenario, cfg.val_scenes, seed=cfg.val_seed, device=device)
-    scenes = scenes.to(device)
+        scenes = load_scenes(cfg.val_file)
+        if n is not None:
+            if n > len(scenes):
+                raise ValueError(f"validation scenes: n = {n}, but val_file {cfg.val_file} holds {len(scenes)}")
+            scenes = scenes[:n]
+        return scenes.to(device)
+    return simulate(cfg.scenario, cfg.val_scenes if n is None else n, seed=cfg.val_seed, device=device)
+
+
+def _validation_scenes(cfg: TrainConfig, scenes: Scenes | None, device, log) -> Scenes:
+    """The validation scenes (given, or :func:`validation_scenes`); logs the loss self-test on them."""
+    scenes = (scenes if scenes is not None else validation_scenes(cfg, device=device)).to(device)
     vb = _batch_from_scenes(scenes[: min(256, len(scenes))], cfg)
     for b in sorted({0.0, cfg.loss.beta}):
         log(format_selftest(selftest(vb.inputs, vb.true_factor, cfg.covariance_options(b))) + f" beta={b:g}")
@@ -760,23 +788,52 @@ def _export(out: Path, log: Callable[[str], None]) -> None:
         log(f"[EXPORT] {out / 'weights.pt'}: inference-only weights of best.pt ({(out / 'weights.pt').stat().st_size / 2**20:.1f} MiB)")
 
 
-def calibrate_checkpoint(path: Path, scenes: Scenes, *, log: Callable[[str], None] = print) -> dict:
-    """Fit T and tau of a checkpoint on ``scenes`` (with truth), re-validate, and write them into it."""
+CALIBRATION_METRICS = ("val_k_nll", "K_acc", "success")
+"""The validation metrics :func:`calibrate_checkpoint` records before (``uncalibrated_*``) and
+after (``calibrated_*``) the fit, with ``calibration_scenes``, in the checkpoint's ``metrics``."""
+
+
+def calibrate_checkpoint(path: str | os.PathLike, scenes: Scenes, *, log: Callable[[str], None] = print,
+                         progress: bool = False, batch: int | None = None) -> dict:
+    """Fit T and tau of the checkpoint ``path`` (``best.pt`` or an exported ``weights.pt``) on
+    ``scenes`` (with truth) and write them into it (atomically, :func:`save_checkpoint`).
+
+    Validates twice through the real inference path (:func:`validate` with locations): with
+    the uncalibrated K head (T = 1, no fall-back), which gives the K logits and the fall-back K
+    that :func:`risloc.nn.calibrate.fit_temperature` and :func:`~risloc.nn.calibrate.tune_threshold`
+    fit on, and with the fitted (T, tau). The checkpoint's ``calibration`` becomes
+    ``{"temperature": T, "threshold": tau, "order_rule": ...}`` (what :func:`~risloc.nn.inference.load_model`
+    reads); its ``metrics`` gain ``calibrated_<m>`` for every metric of the second validation,
+    ``uncalibrated_<m>`` for those of :data:`CALIBRATION_METRICS` from the first, and
+    ``calibration_scenes``. The fit starts from the raw logits, so calibrating a calibrated
+    checkpoint again on the same scenes gives the same (T, tau).
+
+    ``batch``: scenes per forward pass (default the checkpoint's ``val_batch``; memory only).
+    Returns ``{temperature, threshold, order_rule, scenes, k_nll_before, k_nll_after,
+    K_acc_before, K_acc_after, calibrated_<m>...}``."""
     from .inference import load_model
 
+    if scenes.truth is None:
+        raise ValueError(f"calibration of {path}: the scenes carry no truth")
     loaded = load_model(path, device=scenes.device)
-    cfg = loaded.config
-    cal = Calibration(order_rule=cfg.order_rule)
-    m0, logits, fb = validate(loaded.model, scenes, cfg, loaded.options, cal, with_locations=False)
+    # validate() computes the fall-back K only with calibrate = true
+    cfg = dataclasses.replace(loaded.config, calibrate=True, val_batch=batch or loaded.config.val_batch)
+    raw = Calibration(order_rule=cfg.order_rule)
+    m0, logits, fb = validate(loaded.model, scenes, cfg, loaded.options, raw, progress=progress)
     K = scenes.truth.K.to(logits.device)
+    cal = Calibration(order_rule=cfg.order_rule)
     cal.temperature = calibrate.fit_temperature(logits, K)
     if fb is not None:
         cal.threshold = calibrate.tune_threshold(logits, K, cal.temperature, fb)
-    m1, _, _ = validate(loaded.model, scenes, cfg, loaded.options, cal)
-    log(f"[CAL] T={cal.temperature:.3f} tau={cal.threshold:.3f} ({cal.order_rule}) k_nll {m0['val_k_nll']:.4f} -> {m1['val_k_nll']:.4f};"
-        f" K_acc={m1.get('K_acc', float('nan')):.3f} success={m1.get('success', float('nan')):.3f}")
+    m1, _, _ = validate(loaded.model, scenes, cfg, loaded.options, cal, progress=progress)
+    result = {**cal.to_dict(), "scenes": len(scenes), "k_nll_before": m0["val_k_nll"], "k_nll_after": m1["val_k_nll"],
+              "K_acc_before": m0["K_acc"], "K_acc_after": m1["K_acc"]}
+    log(f"[CAL] T={cal.temperature:.3f} tau={cal.threshold:.3f} ({cal.order_rule}) on {len(scenes)} scenes:"
+        f" k_nll {m0['val_k_nll']:.4f} -> {m1['val_k_nll']:.4f}, K_acc {m0['K_acc']:.4f} -> {m1['K_acc']:.4f},"
+        f" success {m0['success']:.4f} -> {m1['success']:.4f}")
     state = loaded.state
     state["calibration"] = cal.to_dict()
-    state["metrics"] = {**state.get("metrics", {}), **{f"calibrated_{k}": v for k, v in m1.items()}}
+    state["metrics"] = {**state.get("metrics", {}), **{f"calibrated_{k}": v for k, v in m1.items()},
+                        **{f"uncalibrated_{k}": m0[k] for k in CALIBRATION_METRICS}, "calibration_scenes": len(scenes)}
     save_checkpoint(path, state)
-    return {**cal.to_dict(), "k_nll_before": m0["val_k_nll"], "k_nll_after": m1["val_k_nll"], **{f"calibrated_{k}": v for k, v in m1.items()}}
+    return {**result, **{f"calibrated_{k}": v for k, v in m1.items()}}
