@@ -855,8 +855,8 @@ def estimate(
 ) -> Estimates:
     """Maximum-likelihood localisation of up to ``k_max`` near-field sources (module docstring).
 
-    One batch, in one pass: its working memory grows with the batch (about 4-5 kB x grid atoms
-    per scene, ~20 MB with the default grid), so large scene sets go through the registry
+    One batch, in one pass: its working memory grows with the batch (about 2.5 kB x grid atoms
+    per scene, ~11 MiB with the default grid, measured on the CPU), so large scene sets go through the registry
     (``risloc.locate(scenes, "ml", batch=...)``), which runs them in batches of 16 scenes on the
     CPU and 1024 on CUDA by default.
 
