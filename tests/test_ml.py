@@ -236,3 +236,34 @@ def test_known_K_and_options_are_validated():
     a = get("ml")(s, K=1, options=MLOptions(top=8, final_iterations=5))
     b = get("ml")(s, K=1, top=8, iterations=5)
     assert torch.equal(a.phi.nan_to_num(), b.phi.nan_to_num()) and torch.equal(a.r.nan_to_num(), b.r.nan_to_num())
+
+
+def test_greedy_products_through_the_dictionary_equal_those_with_the_measured_dictionary():
+    """ml's greedy steps never hold Phi_l = G_l D: v^H Phi_l (per snapshot), sum_l v_l^H Phi_l,
+    |phi_lq|^2 and phi_lq^H y_l from the dictionary equal the explicit products with Phi (complex128)."""
+    from risloc import grids
+    from risloc.estimators import ml
+
+    sc = Scenario()
+    s = simulate(sc, 3, seed=5)
+    y, H, codes = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
+    prob = ml._Problem(y, H, codes, sc, False, ml._box(sc, torch.float64, "cpu"), None, ml.MLOptions(grid_shape=(5, 4, 3)))
+    dico = ml._measured_dictionary(prob)
+    Phi = grids.measure_dictionary(H, codes, dico.D)  # [B, L, M, Q], the explicit reference
+    B, L, M, Q = Phi.shape
+    assert torch.allclose(dico.n2, Phi.abs().square().sum(2), rtol=1e-12)
+    assert torch.allclose(dico.c, (Phi.conj() * y.unsqueeze(-1)).sum(2), rtol=1e-10, atol=1e-12)
+    V = torch.randn(B, L, 2, M, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    ref = V.conj() @ Phi  # [B, L, 2, Q]
+    assert torch.allclose(dico.products(V), ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(dico.summed_products(V), ref.sum(1), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(dico.summed_products(y), (y.unsqueeze(2).conj() @ Phi).squeeze(2).sum(1), rtol=1e-10, atol=1e-12)
+
+
+def test_slots_in_use():
+    from risloc.estimators.ml import _slots_in_use
+
+    act = torch.tensor([[True, False, False, False], [True, True, True, False]])
+    assert _slots_in_use(act) == 3
+    assert _slots_in_use(torch.zeros(2, 4, dtype=torch.bool)) == 1
+    assert _slots_in_use(torch.tensor([[False, True, False]])) == 2
