@@ -343,8 +343,8 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
     alpha_l = phi_l^H C_l^-1 phi_l and phi_l^H C_l^-1 y_l come from the Woodbury form
     C^-1 = (I - B S^-1 B^H) / sigma^2, S = sigma^2 P^-1 + B^H B (K x K), so the cost per atom
     is O(L N K) (E = B^H Phi through the dictionary; slots empty in every scene left out). All
-    atoms are screened with a one-point proxy of the gain; the ``top`` best are scored exactly (grid + parabola in log p). For the first source sigma^2 is
-    searched on ``s2_grid`` too.
+    atoms are screened with a one-point proxy of the gain; the ``top`` best are scored exactly
+    (grid + parabola in log p). For the first source sigma^2 is searched on ``s2_grid`` too.
     From ``dico``: n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``, and
     E = B_l^H Phi_l ``[B, L, K, Q]`` through the dictionary (:meth:`_Atoms.products`).
     """
