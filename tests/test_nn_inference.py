@@ -10,7 +10,7 @@ from risloc.nn.train import train
 
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
-    from risloc.nn.inference import LEARNED_GROW, LEARNED_REFINE_STEPS, _learned, over_init
+    from risloc.nn.inference import LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_REFINE_STEPS, _learned, over_init
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -30,7 +30,8 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
     # learned = the network's K-hat detections refined on the measurements' likelihood, then one growth step
     learned = get("learned")(scenes, checkpoint=ckpt, music_options=music)
-    again = get("ml")(scenes, init=first, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW)
+    again = get("ml")(scenes, init=first, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW,
+                      greedy_iterations=LEARNED_GROW_STEPS)
     assert learned.method == network.method and torch.equal(learned.K, again.K)
     assert bool(((learned.K >= first.K) & (learned.K <= first.K + LEARNED_GROW)).all())
     for name in ("phi", "theta", "r"):

@@ -262,11 +262,18 @@ On 4 000 scenes of the validation seed 1000 on one H100 the shipped model under 
 (as trained) scored 0.390 / 0.659 (all SNRs / 10-20 dB, with the likelihood refinement) against
 0.393 / 0.663 in float32, for 9 % more forward speed (benchmarks/results/h100/learned-speed/)."""
 
-LEARNED_REFINE_STEPS = 8
-"""Fisher-scoring steps of the ``learned`` pipeline's likelihood stage (``refine="likelihood"``).
-Chosen on 4 000 scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/diagnosis/):
-the detections alone score 0.314 at 10-20 dB, most failures being K-hat = K with a source
-outside the hit window (0.576 of the scenes); 8 steps from them score 0.647 (``ml`` 0.707)."""
+LEARNED_REFINE_STEPS = 6
+"""Fisher-scoring steps of the ``learned`` pipeline's likelihood stage (``refine="likelihood"``),
+before the growth step. On 4 000 scenes of the validation seed 1000 on one H100
+(benchmarks/results/h100/diagnosis/): the detections alone score 0.314 at 10-20 dB, most
+failures being K-hat = K with a source outside the hit window (0.576 of the scenes); 8 steps
+from them score 0.647 (``ml`` 0.707). With the growth step, 6 steps here and 6 after the
+addition (:data:`LEARNED_GROW_STEPS`) score as 8 and 12 (0.680 at 10-20 dB, 0.407 over all
+SNRs, K_acc 0.958) at 1.3 x the speed (benchmarks/results/h100/learned-speed/iters_val1000.json)."""
+
+LEARNED_GROW_STEPS = 6
+"""Refinement steps after ``learned``'s greedy addition (``ml``'s ``greedy_iterations``; see
+:data:`LEARNED_REFINE_STEPS`)."""
 
 LEARNED_GROW = 1
 """Greedy additions after the refinement in ``learned`` (``ml``'s ``init_grow``). Chosen on 4 000
@@ -331,7 +338,7 @@ def estimate(
     if refine == "likelihood":
         method = est.method
         est = get("ml")(_snr_labels(scenes, use_snr), init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0,
-                        init_grow=0 if K is not None else grow, batch=len(scenes))
+                        init_grow=0 if K is not None else grow, greedy_iterations=LEARNED_GROW_STEPS, batch=len(scenes))
         est.method = method
     return est
 
@@ -367,8 +374,10 @@ def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
     return Estimates(K, pick(candidates.phi), pick(candidates.theta), pick(candidates.r), method=candidates.method)
 
 
-LEARNED_ML_DEFAULTS = {"iterations": 8}
-"""``ml`` options of ``learned+ml``'s second stage (``init_prune`` follows ``over``: over + 1 passes)."""
+LEARNED_ML_DEFAULTS = {"iterations": 8, "greedy_iterations": 8}
+"""``ml`` options of ``learned+ml``'s second stage: 8 refinement steps of the start and after each
+pruning and RELAX re-search, 8 after the greedy addition (12, ``ml``'s own, scored the same on
+the validation seed 1000 at 0.8 x the speed: benchmarks/results/h100/learned-speed/iters_val1000.json)."""
 
 LEARNED_ML_OVER = 0
 """Extra detections of ``learned+ml``'s over-proposal (``over``); its greedy additions (``grow``,
