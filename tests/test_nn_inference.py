@@ -10,7 +10,7 @@ from risloc.nn.train import train
 
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
-    from risloc.nn.inference import LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_REFINE_STEPS, _learned, over_init
+    from risloc.nn.inference import LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_ML_DEFAULTS, LEARNED_REFINE_STEPS, _learned, over_init
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -40,7 +40,8 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     assert torch.equal(kept_k.K, first.K)  # no growth: K-hat is the K head's
     # learned+ml = ml from the over-proposal of the network's detections, grow, relax, over + prune pruning passes
     both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1, grow=1, relax=1, prune=2)
-    ref = get("ml")(scenes, init=over_init(cand, first.K, 1), iterations=3, init_grow=1, init_relax=1, init_prune=3)
+    ref = get("ml")(scenes, init=over_init(cand, first.K, 1), **{**LEARNED_ML_DEFAULTS, "iterations": 3}, init_grow=1, init_relax=1,
+                    init_prune=3)
     assert both.method.startswith("learned+ml:") and both.method[len("learned+ml:"):] == network.method[len("learned:"):]
     assert torch.equal(both.K, ref.K) and bool(((both.K >= first.K - 2) & (both.K <= first.K + 2)).all())
     for name in ("phi", "theta", "r"):
