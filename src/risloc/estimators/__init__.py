@@ -106,9 +106,9 @@ _INFO: dict[str, EstimatorInfo] = {
         EstimatorInfo("sbl", "risloc.estimators.sbl", batch=16, batch_cuda=256, k_option="K",
                       summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),
         EstimatorInfo("learned", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
-                      summary="the learned pipeline: network -> effective covariance -> MUSIC with the K head -> likelihood refinement"),
+                      summary="the learned pipeline: network detections and K head -> likelihood refinement -> one likelihood-tested further source"),
         EstimatorInfo("learned+ml", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
-                      summary="the network's detections over-proposed, then ml's likelihood refinement and penalised pruning"),
+                      summary="the network's detections, then ml's refinement, one further source, a RELAX cycle and a pruning pass"),
         EstimatorInfo("subspacenet", "risloc.nn.subspacenet", k_option="K", learned=True, default_weights="weights/subspacenet.pt",
                       summary="SubspaceNet-style surrogate covariance -> MUSIC"),
     )

@@ -53,7 +53,8 @@ to pick the likelihood unless ``model=`` says otherwise.
 skips stages 2-5: its K-hat sources are refined by the same likelihood (powers and sigma^2
 initialised by least squares; positions clipped into the prior box) and K-hat is kept;
 the range decision (stage 6) is applied as usual; with ``init_grow = m`` up to m greedy additions
-(stage 2's forward step, kept by the order rule of stage 4) follow; with ``init_prune = n`` up to n pruning
+(stage 2's forward step, kept by the order rule of stage 4) follow, then ``init_relax`` RELAX cycles
+(stage 5) and a final refinement; with ``init_prune = n`` up to n pruning
 passes may then drop sources by the order rule of stage 4.
 
 Code: the options are the frozen dataclass :class:`MLOptions` (every field documented;
