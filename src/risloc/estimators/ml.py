@@ -51,11 +51,11 @@ to pick the likelihood unless ``model=`` says otherwise.
 
 ``init``: an :class:`~risloc.scenes.Estimates` (K-hat and positions, e.g. from a network)
 skips stages 2-5: its K-hat sources are refined by the same likelihood (powers and sigma^2
-initialised by least squares; positions clipped into the prior box) and K-hat is kept;
-the range decision (stage 6) is applied as usual; with ``init_grow = m`` up to m greedy additions
-(stage 2's forward step, kept by the order rule of stage 4) follow, then ``init_relax`` RELAX cycles
-(stage 5) and a final refinement; with ``init_prune = n`` up to n pruning
-passes may then drop sources by the order rule of stage 4.
+initialised by least squares; positions clipped into the prior box) and K-hat is kept,
+except that ``init_grow = m`` greedy additions (stage 2's forward step, each kept only where the
+order rule of stage 4 prefers it) may follow, then ``init_relax`` RELAX cycles (stage 5) with a
+final refinement, then ``init_prune = n`` pruning passes may drop sources by the order rule of
+stage 4; the range decision (stage 6) comes last, as usual.
 
 Code: the options are the frozen dataclass :class:`MLOptions` (every field documented;
 ``estimate`` accepts them as keywords too); one batch of the problem is the record
