@@ -29,13 +29,26 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     assert torch.equal(first.K, network.K)  # the K-hat of the K head either way
     assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
     # learned = the network's K-hat detections refined on the measurements' likelihood, then one growth step
-    learned = get("learned")(scenes, checkpoint=ckpt, music_options=music)
     again = get("ml")(scenes, init=first, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW,
                       greedy_iterations=LEARNED_GROW_STEPS)
-    assert learned.method == network.method and torch.equal(learned.K, again.K)
-    assert bool(((learned.K >= first.K) & (learned.K <= first.K + LEARNED_GROW)).all())
+    unpruned = get("learned")(scenes, checkpoint=ckpt, music_options=music, prune_below=0)
+    assert unpruned.method == network.method and torch.equal(unpruned.K, again.K)
+    assert bool(((unpruned.K >= first.K) & (unpruned.K <= first.K + LEARNED_GROW)).all())
     for name in ("phi", "theta", "r"):
-        assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
+        assert torch.allclose(getattr(unpruned, name), getattr(again, name), equal_nan=True)
+    # ... and the scenes whose calibrated K-head confidence is below the gate take one pruning pass
+    _, _, conf = _learned(scenes, ckpt, None, True, music, stage="detections", confidence=True)
+    c = conf.sort().values
+    gate = float(c[1] + c[2]) / 2  # two scenes below, two above
+    low = conf < gate
+    assert int(low.sum()) == 2
+    learned = get("learned")(scenes, checkpoint=ckpt, music_options=music, prune_below=gate)
+    pruned = get("ml")(scenes[low], init=again[low], iterations=LEARNED_REFINE_STEPS, init_prune=1)
+    assert torch.equal(learned.K[~low], again.K[~low]) and torch.equal(learned.K[low], pruned.K)
+    for name in ("phi", "theta", "r"):
+        assert torch.allclose(getattr(learned, name)[~low], getattr(again, name)[~low], equal_nan=True)
+        assert torch.allclose(getattr(learned, name)[low], getattr(pruned, name), equal_nan=True)
+    assert bool((learned.K[low] >= again.K[low] - 1).all())
     kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, grow=0)
     assert torch.equal(kept_k.K, first.K)  # no growth: K-hat is the K head's
     # learned+ml = ml from the over-proposal of the network's detections, grow, relax, over + prune pruning passes

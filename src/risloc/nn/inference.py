@@ -162,6 +162,11 @@ def count_sources(
     return K_use.clamp(min=1, max=scenario.k_max)
 
 
+def k_confidence(pred: Prediction, calibration: Calibration) -> torch.Tensor:
+    """The calibrated K head's confidence ``[B]``: max_K softmax(z / T) (:func:`risloc.nn.calibrate.decide_k`)."""
+    return decide_k(pred.k_logits, calibration.temperature, 0.0, None)[1]
+
+
 def locate_from_prediction(
     pred: Prediction,
     inputs: ModelInputs,
@@ -271,6 +276,16 @@ from them score 0.647 (``ml`` 0.707). With the growth step, 6 steps here and 6 a
 addition (:data:`LEARNED_GROW_STEPS`) score as 8 and 12 (0.680 at 10-20 dB, 0.407 over all
 SNRs, K_acc 0.958) at 1.3 x the speed (benchmarks/results/h100/learned-speed/iters_val1000.json)."""
 
+LEARNED_PRUNE_BELOW = 0.7
+"""``learned``: scenes whose calibrated K-head confidence (:func:`k_confidence`) is below this
+take one likelihood pruning pass after the growth step (``ml``'s ``init_prune``; confident
+scenes keep their count: a pruning pass everywhere also drops true weak sources). Chosen on
+4 000 scenes of the validation seed 1000 on one H100
+(benchmarks/results/h100/learned-speed/count_gate_val1000.json; ``benchmarks/tune_learned_count.py``):
+success at 10-20 dB / all SNRs and K_acc at 10-20 dB 0.680 / 0.407 / 0.958 with no pruning,
+0.688 / 0.417 / 0.963 with the gate at 0.7 (45 % of the scenes pruned), 0.692 / 0.419 / 0.950
+with pruning everywhere."""
+
 LEARNED_GROW_STEPS = 6
 """Refinement steps after ``learned``'s greedy addition (``ml``'s ``greedy_iterations``; see
 :data:`LEARNED_REFINE_STEPS`)."""
@@ -293,6 +308,7 @@ def estimate(
     music_options: dict | None = None,
     refine: str = "likelihood",
     grow: int | None = None,
+    prune_below: float | None = None,
 ) -> Estimates:
     """The learned estimator: the network's detections and calibrated K head -> (default) a
     likelihood refinement of the K-hat positions on the measurements and one likelihood-tested
@@ -308,7 +324,10 @@ def estimate(
     model is kept only where ``ml``'s penalised likelihood and power rule prefer it (the
     ``init_grow`` option of ``ml``). Why: the network's failures are mostly right counts with a
     source outside the hit window (the refinement fixes them) and then missed sources that no
-    detection is near (the growth step finds them); docs/learned.md.
+    detection is near (the growth step finds them); docs/learned.md. Scenes whose calibrated
+    K-head confidence is below ``prune_below`` (default :data:`LEARNED_PRUNE_BELOW`; 0: never)
+    then take one pruning pass: the source whose removal costs least likelihood is dropped where
+    ``ml``'s penalised likelihood or power rule prefers one source fewer (``init_prune``).
     ``refine="music"``: the network's own positions: MUSIC on the effective covariance E(F) of
     the K-hat strongest detections (the one builder :func:`risloc.covariance.effective_covariance`;
     ``beta`` blends the scene's own sample covariance in, default the checkpoint's), searched
@@ -330,17 +349,34 @@ def estimate(
 
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    stage = "detections" if refine == "likelihood" else "music"
-    est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=known_k("learned", K, scenes), stage=stage)
     grow = LEARNED_GROW if grow is None else int(grow)
     if grow < 0:
         raise ValueError(f"learned: grow = {grow}: must be >= 0")
+    prune_below = LEARNED_PRUNE_BELOW if prune_below is None else float(prune_below)
+    stage = "detections" if refine == "likelihood" else "music"
+    K = known_k("learned", K, scenes)
+    est, _, conf = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage, confidence=True)
     if refine == "likelihood":
         method = est.method
-        est = get("ml")(_snr_labels(scenes, use_snr), init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0,
-                        init_grow=0 if K is not None else grow, greedy_iterations=LEARNED_GROW_STEPS, batch=len(scenes))
+        data = _snr_labels(scenes, use_snr)
+        ml = get("ml")
+        est = ml(data, init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=0 if K is not None else grow,
+                 greedy_iterations=LEARNED_GROW_STEPS, batch=len(scenes))
+        if K is None and prune_below > 0:
+            low = (conf < prune_below).to(est.K.device)
+            if bool(low.any()):  # the uncertain counts: one pruning pass on the likelihood
+                est = _replace(est, low, ml(data[low.to(scenes.device)], init=est[low], iterations=LEARNED_REFINE_STEPS,
+                                            init_prune=1, batch=len(scenes)))
         est.method = method
     return est
+
+
+def _replace(est: Estimates, mask: torch.Tensor, sub: Estimates) -> Estimates:
+    """``est`` with the scenes of ``mask`` ``[S]`` (bool) replaced by ``sub`` (one row per such scene)."""
+    out = Estimates(est.K.clone(), est.phi.clone(), est.theta.clone(), est.r.clone(), method=est.method)
+    for name in ("K", "phi", "theta", "r"):
+        getattr(out, name)[mask] = getattr(sub, name).to(getattr(out, name).device, getattr(out, name).dtype)
+    return out
 
 
 def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
@@ -350,17 +386,21 @@ def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
 
 
 def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
-             stage: str = "music"):
+             stage: str = "music", confidence: bool = False):
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
     candidates or None)`` on the scenes' device; the candidates only when asked for and when the
     network kind has them (a ``spectrum`` network's decoded detections, strongest first).
-    ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
+    ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision.
+    ``confidence``: also return the calibrated K head's confidence ``[S]`` (:func:`k_confidence`)."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
                           use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage)
     est.method = f"learned:{loaded.sha256[:12]}"
-    return est, (get_network(pred.kind).candidates(pred) if candidates else None)
+    cand = get_network(pred.kind).candidates(pred) if candidates else None
+    if confidence:
+        return est, cand, k_confidence(pred, loaded.calibration)
+    return est, cand
 
 
 def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
