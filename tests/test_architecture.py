@@ -75,3 +75,16 @@ def test_no_module_imports_from_a_lower_layer():
             if name in LEVEL and LEVEL[name] > LEVEL[top] and (top, name) not in ALLOWED_DOWNWARD:
                 bad.append(f"{path.relative_to(SRC)} imports {name} (layer {LEVEL[name]} > {LEVEL[top]})")
     assert not bad, "\n".join(bad)
+
+
+def test_commands_do_not_import_matplotlib():
+    """Every ``risloc`` command builds every subcommand's parser; plotting (the bench's figures)
+    imports matplotlib only when a figure is drawn."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import risloc.cli as c; sys.argv = ['risloc', 'simulate', '--help']\n"
+            "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+            "import risloc.bench\nprint('matplotlib' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.strip().splitlines()[-1] == "False"

@@ -15,27 +15,35 @@ from pathlib import Path
 import warnings
 from typing import Any, Mapping
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # before pyplot: files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import torch  # noqa: E402
-
-from .. import metrics  # noqa: E402
-from .._files import atomic_path  # noqa: E402
-from ..scenario import Scenario  # noqa: E402
-from ..scenes import Scenes  # noqa: E402
-from .run import BenchResult, _np, _truth_n, crb_reference  # noqa: E402
+from .. import metrics
+from .._files import atomic_path
+from ..scenario import Scenario
+from ..scenes import Scenes
+from .run import BenchResult, _np, _truth_n, crb_reference
 
 __all__ = ["rmse_vs_snr", "success_vs_snr", "k_confusion", "spectra", "save", "make_figures", "spectrum_data", "pick_spectrum_scene"]
 
 _MARKERS = "osD^v<>ph*"
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` with the Agg backend (files only, never a window), imported on the
+    first plot: importing risloc (every ``risloc`` command builds the ``bench`` parser) does not
+    pay for matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """``fig.savefig`` to a temporary name in the destination folder, then rename; closes ``fig``."""
+    plt = _pyplot()
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -54,6 +62,7 @@ def _finite(x, y):
 def rmse_vs_snr(curves: Mapping[str, Mapping[str, list]], crb: Mapping[str, list] | None, path) -> Path:
     """Three panels (φ, θ in degrees, r in metres): each method's RMSE per SNR bin (log scale)
     and the RMS √CRB of the same bins' true sources (dashed)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     spec = (("rmse_phi_deg", "phi", "RMSE φ (°)"), ("rmse_theta_deg", "theta", "RMSE θ (°)"), ("rmse_r_m", "r", "RMSE r (m)"))
     for ax, (key, ckey, label) in zip(axes, spec):
@@ -75,6 +84,7 @@ def rmse_vs_snr(curves: Mapping[str, Mapping[str, list]], crb: Mapping[str, list
 
 def success_vs_snr(curves: Mapping[str, Mapping[str, list]], crb: Mapping[str, list] | None, path) -> Path:
     """Success rate per SNR bin for each method, and the CRB-efficient success (dashed)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, c) in enumerate(curves.items()):
         x = np.asarray(c["snr"], float)
@@ -93,6 +103,7 @@ def success_vs_snr(curves: Mapping[str, Mapping[str, list]], crb: Mapping[str, l
 
 def k_confusion(confusions: Mapping[str, np.ndarray], path) -> Path:
     """One panel per method: counts ``C[K, K̂]`` (rows true K, columns K̂), coloured by row share."""
+    plt = _pyplot()
     n = max(1, len(confusions))
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -120,6 +131,7 @@ def k_confusion(confusions: Mapping[str, np.ndarray], path) -> Path:
 
 def spectra(data: Mapping[str, Any], path) -> Path:
     """Side-by-side φ–θ maps of MUSIC pseudo-spectra (dB re. max) with the true sources marked."""
+    plt = _pyplot()
     panels = data["panels"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
     phi, theta = np.asarray(data["phi_deg"]), np.asarray(data["theta_deg"])
