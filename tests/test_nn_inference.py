@@ -67,6 +67,8 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     with pytest.raises(ValueError, match="grow"):
         get("learned+ml")(scenes, checkpoint=ckpt, grow=-1)
     assert "learned+ml" in risloc.estimators.available()
+    with pytest.raises(ValueError, match="prune_below"):
+        get("learned")(scenes, checkpoint=ckpt, prune_below=-0.5)
     with pytest.raises(ValueError, match="refine"):
         get("learned")(scenes, checkpoint=ckpt, refine="none")
 

@@ -329,7 +329,8 @@ def estimate(
     ``init_grow`` option of ``ml``). Why: the network's failures are mostly right counts with a
     source outside the hit window (the refinement fixes them) and then missed sources that no
     detection is near (the growth step finds them); docs/learned.md. Scenes whose calibrated
-    K-head confidence is below ``prune_below`` (default :data:`LEARNED_PRUNE_BELOW`; 0: never)
+    K-head confidence is below ``prune_below`` (default :data:`LEARNED_PRUNE_BELOW`; 0: never,
+    above 1: every scene)
     then take one pruning pass: the source whose removal costs least likelihood is dropped where
     ``ml``'s penalised likelihood or power rule prefers one source fewer (``init_prune``).
     ``refine="music"``: the network's own positions: MUSIC on the effective covariance E(F) of
@@ -346,8 +347,8 @@ def estimate(
     ``src/risloc/weights/default.pt``. ``use_snr=False`` ignores the scenes' SNR labels
     (estimated from the data instead). One batch, on the scenes' device (the registry,
     ``risloc.locate(scenes, "learned", batch=..., device=...)``, runs large scene sets in batches
-    of 1024 and on another device); the refinement goes through the registry's ``ml``, in ``ml``'s
-    own batches. Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
+    of 1024 and on another device); the likelihood stage goes through the registry's ``ml``, on
+    the same batch. Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
     from ..estimators import get
 
@@ -357,6 +358,8 @@ def estimate(
     if grow < 0:
         raise ValueError(f"learned: grow = {grow}: must be >= 0")
     prune_below = LEARNED_PRUNE_BELOW if prune_below is None else float(prune_below)
+    if not prune_below >= 0:
+        raise ValueError(f"learned: prune_below = {prune_below}: must be >= 0 (a K-head confidence; 0: never prune)")
     stage = "detections" if refine == "likelihood" else "music"
     K = known_k("learned", K, scenes)
     est, _, conf = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage, confidence=True)
