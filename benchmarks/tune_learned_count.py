@@ -17,19 +17,13 @@ import json
 import torch
 
 import risloc
+from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
 from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_REFINE_STEPS,
-                                 load_model, run_model)
+                                 _replace, k_confidence, load_model, run_model)
 from risloc.scenes import Estimates
-
-
-def _pick(mask: torch.Tensor, a: Estimates, b: Estimates) -> Estimates:
-    """Per scene: ``b`` where ``mask``, else ``a``."""
-    m = mask.to(a.K.device)
-    w = lambda x, y: torch.where(m.view(-1, *([1] * (x.ndim - 1))), y.to(x.device), x)
-    return Estimates(w(a.K, b.K), w(a.phi, b.phi), w(a.theta, b.theta), w(a.r, b.r), method="mixed")
 
 
 def _row(scenes, est):
@@ -60,18 +54,19 @@ def main(argv=None):
         with torch.no_grad():
             det, pred = run_model(loaded.model, s, options=loaded.options, calibration=cal, autocast=INFERENCE_AUTOCAST,
                                   stage="detections")
-        conf.append(torch.softmax(pred.k_logits.float() / cal.temperature, -1).max(-1).values.cpu())
+        conf.append(k_confidence(pred, cal))
         A.append(ml(s, init=det, init_prune=0, **opts))
         B.append(ml(s, init=det, init_prune=1, **opts))
     A, B, conf = Estimates.cat(A), Estimates.cat(B), torch.cat(conf)
     rows = []
     for c in (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.01):
-        est = _pick(conf < c, A, B)
+        low = conf < c
+        est = _replace(A, low, B[low])  # B where the confidence is below c
         rows.append({"threshold": c, "pruned_fraction": float((conf < c).float().mean()), **_row(scenes, est)})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "provenance": stamp(seed=args.seed, device=device, config=vars(args))}, fh, indent=1)
+        atomic_write_text(args.json, json.dumps({"rows": rows, "provenance": stamp(seed=args.seed, device=device, config=vars(args))},
+                                                indent=1))
 
 
 if __name__ == "__main__":

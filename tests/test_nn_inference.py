@@ -25,7 +25,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     scenes = risloc.simulate(risloc.Scenario(), 4, seed=5)
     music = {"refine_iterations": 2}
     network = get("learned")(scenes, checkpoint=ckpt, music_options=music, refine="music")
-    first, cand = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
+    first, cand, conf = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
     assert torch.equal(first.K, network.K)  # the K-hat of the K head either way
     assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
     # learned = the network's K-hat detections refined on the measurements' likelihood, then one growth step
@@ -37,7 +37,6 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     for name in ("phi", "theta", "r"):
         assert torch.allclose(getattr(unpruned, name), getattr(again, name), equal_nan=True)
     # ... and the scenes whose calibrated K-head confidence is below the gate take one pruning pass
-    _, _, conf = _learned(scenes, ckpt, None, True, music, stage="detections", confidence=True)
     c = conf.sort().values
     gate = float(c[1] + c[2]) / 2  # two scenes below, two above
     low = conf < gate

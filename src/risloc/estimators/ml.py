@@ -636,9 +636,7 @@ def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem):
     if limit is not None:
         better = better | (_power_spread_db(st) > limit)
     take = better & (k >= 2)
-    st = _where(take, cand, st)
-    nll = torch.where(take, nll_c, nll)
-    F = torch.where(take.view(-1, 1, 1), F_c, F)
+    st, nll, F = _take(take, (cand, nll_c, F_c), (st, nll, F))
     return st, nll, F, k - take.to(k.dtype)
 
 
@@ -684,9 +682,7 @@ def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico: _
     limit = _power_limit_db(prob)
     if limit is not None:
         better = better & (_power_spread_db(cand) <= limit)
-    st = _where(better, cand, st)
-    nll = torch.where(better, nll_c, nll)
-    F = torch.where(better.view(-1, 1, 1), F_c, F)
+    st, nll, F = _take(better, (cand, nll_c, F_c), (st, nll, F))
     return st, nll, F, k + better.to(k.dtype)
 
 
@@ -767,6 +763,13 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms) -> _State:
         st = _where(better, cand, st)
         nll = torch.where(better, nll_c, nll)
     return st, nll
+
+
+def _take(cond: Tensor, new: tuple[_State, Tensor, Tensor], old: tuple[_State, Tensor, Tensor]):
+    """Per scene ``[B]``: the model ``new`` = (state, NLL, Fisher matrix) where ``cond``, else ``old``
+    (the acceptance step of :func:`_grow` and :func:`_prune`)."""
+    (st_n, nll_n, F_n), (st_o, nll_o, F_o) = new, old
+    return _where(cond, st_n, st_o), torch.where(cond, nll_n, nll_o), torch.where(cond.view(-1, 1, 1), F_n, F_o)
 
 
 def _where(cond: Tensor, a: _State, b: _State) -> _State:

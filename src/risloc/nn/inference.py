@@ -286,8 +286,8 @@ success at 10-20 dB / all SNRs and K_acc at 10-20 dB: 0.680 / 0.407 / 0.958 off;
 0.963 with ``prune_below = 0.7`` (45 % of the scenes pruned; the best K_acc). On the held-out
 seed (benchmarks/results/h100/learned-gate/, one H100) the gate at 0.7 gives 0.661 / 0.404 /
 0.958 against 0.651 / 0.393 / 0.955, at 2 860 scenes/s against 4 350 (two runs on two H100s;
-in one run, without the gate the network at 11 150 scenes/s and refinement + growth at 5 120
-make about 3 500 end to end, with it 2 890 were measured). ``prune_below=0.7`` is the option
+in one run, without the gate the network at 11 150 scenes/s (bf16 in that timing) and refinement
++ growth at 5 120 (12 steps after the addition) make about 3 500 end to end, with it 2 890 were measured). ``prune_below=0.7`` is the option
 for a user who wants that point of success more than a fifth to a third of the speed."""
 
 LEARNED_GROW_STEPS = 6
@@ -362,7 +362,7 @@ def estimate(
         raise ValueError(f"learned: prune_below = {prune_below}: must be >= 0 (a K-head confidence; 0: never prune)")
     stage = "detections" if refine == "likelihood" else "music"
     K = known_k("learned", K, scenes)
-    est, _, conf = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage, confidence=True)
+    est, _, conf = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage)
     if refine == "likelihood":
         method = est.method
         data = _snr_labels(scenes, use_snr)
@@ -370,10 +370,10 @@ def estimate(
         est = ml(data, init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=0 if K is not None else grow,
                  greedy_iterations=LEARNED_GROW_STEPS, batch=len(scenes))
         if K is None and prune_below > 0:
-            low = (conf < prune_below).to(est.K.device)
+            low = conf < prune_below  # on the scenes' device, like the estimates
             if bool(low.any()):  # the uncertain counts: one pruning pass on the likelihood
-                est = _replace(est, low, ml(data[low.to(scenes.device)], init=est[low], iterations=LEARNED_REFINE_STEPS,
-                                            init_prune=1, batch=len(scenes)))
+                est = _replace(est, low, ml(data[low], init=est[low], iterations=LEARNED_REFINE_STEPS, init_prune=1,
+                                            batch=len(scenes)))
         est.method = method
     return est
 
@@ -393,21 +393,19 @@ def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
 
 
 def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
-             stage: str = "music", confidence: bool = False):
+             stage: str = "music"):
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
-    candidates or None)`` on the scenes' device; the candidates only when asked for and when the
-    network kind has them (a ``spectrum`` network's decoded detections, strongest first).
-    ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision.
-    ``confidence``: also return the calibrated K head's confidence ``[S]`` (:func:`k_confidence`)."""
+    candidates or None, the calibrated K head's confidence [S])`` on the scenes' device; the
+    candidates only when asked for and when the network kind has them (a ``spectrum`` network's
+    decoded detections, strongest first); the confidence is :func:`k_confidence`.
+    ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
                           use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage)
     est.method = f"learned:{loaded.sha256[:12]}"
     cand = get_network(pred.kind).candidates(pred) if candidates else None
-    if confidence:
-        return est, cand, k_confidence(pred, loaded.calibration)
-    return est, cand
+    return est, cand, k_confidence(pred, loaded.calibration)
 
 
 def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
@@ -489,7 +487,7 @@ def estimate_learned_ml(
         if int(v) < 0:
             raise ValueError(f"learned+ml: {name} = {v}: must be >= 0")
     K = known_k("learned+ml", K, scenes)
-    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
+    first, cand, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
     opts = {**LEARNED_ML_DEFAULTS, "init_grow": int(grow), "init_relax": int(relax), "init_prune": int(over) + int(prune),
             "batch": len(scenes), **(ml_options or {})}
     init = first

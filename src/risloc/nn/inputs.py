@@ -11,7 +11,7 @@ the loss, validation and inference see a prediction only through :class:`Predict
 * :class:`Prediction`: the covariance factor F, its effective covariance E(F), the K logits,
   the name of the kind that made it and the kind's own extra outputs;
 * small feature helpers shared by the covariance-based kinds (:func:`principal_factor`,
-  :func:`real_parts`, :func:`log_spectrum`).
+  :func:`real_parts`, :func:`log_spectrum`, :func:`spectrum_features`).
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def log_spectrum(R: cv.LowRankCovariance, n_values: int) -> Tensor:
     lam = R.eigenvalues(n_values).to(torch.float32)
     mean = (R.trace() / R.n).to(torch.float32).unsqueeze(-1)
     return torch.log(lam.clamp(min=1e-9) / mean.clamp(min=1e-9))
+
+
+def spectrum_features(R: cv.LowRankCovariance, inputs: "ModelInputs", options: cv.CovarianceOptions, n_values: int,
+                      n_sample: int) -> Tensor:
+    """K-head features of a covariance prediction (no gradient): :func:`log_spectrum` of its
+    effective covariance ``R`` (``n_values`` eigenvalues) and of the sample-only effective
+    covariance ``effective(None, inputs, options)`` (``n_sample``), concatenated ``[B, n_values + n_sample]``."""
+    with torch.no_grad():
+        return torch.cat([log_spectrum(R, n_values), log_spectrum(effective(None, inputs, options), n_sample)], -1)
 
 
 @dataclass

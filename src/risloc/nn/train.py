@@ -58,7 +58,7 @@ from .._provenance import git_commit
 from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
-from .inference import Calibration, fallback_order, locate_from_prediction
+from .inference import INFERENCE_AUTOCAST, Calibration, fallback_order, locate_from_prediction
 from .inputs import ModelInputs, effective, forward, prepare_inputs
 from .loss import Objective, covariance_nmse, format_selftest, selftest, zero_prediction
 from .networks import get_network
@@ -272,7 +272,7 @@ def validate(model, scenes: Scenes, cfg: TrainConfig, options: cv.CovarianceOpti
     for a in range(0, len(scenes), cfg.val_batch):
         s = scenes[a : a + cfg.val_batch]
         b = _batch_from_scenes(s, cfg)
-        pred = forward(model, b.inputs, options, None)  # float32, as at inference (risloc.nn.inference.INFERENCE_AUTOCAST)
+        pred = forward(model, b.inputs, options, INFERENCE_AUTOCAST)  # the precision of inference
         R_true = effective(b.true_factor, b.inputs, options)
         nmse.append(covariance_nmse(pred.covariance, R_true, effective(zero_prediction(b.true_factor), b.inputs, options)))
         logits.append(pred.k_logits.float())

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ... import covariance as cv
 from ...scenario import Scenario
 from ..config import ModelConfig
-from ..inputs import ModelInputs, Prediction, effective, log_spectrum, principal_factor, real_parts
+from ..inputs import ModelInputs, Prediction, effective, principal_factor, real_parts, spectrum_features
 from . import NetworkKind, register_network
 
 
@@ -100,10 +100,7 @@ class SubspaceNet(nn.Module):
         Z = F0 + dZ if self.cfg.residual else dZ
 
         R = effective(Z, inputs, options)
-        with torch.no_grad():
-            spec = log_spectrum(R, self.n_spec)
-            spec_s = log_spectrum(effective(None, inputs, options), self.n_spec_sample)
-        k_in = torch.cat([x2.mean((-2, -1)).float(), snr_feat, spec, spec_s], -1)
+        k_in = torch.cat([x2.mean((-2, -1)).float(), snr_feat, spectrum_features(R, inputs, options, self.n_spec, self.n_spec_sample)], -1)
         return Prediction(Z, R, self.k_head(k_in).float(), kind="subspacenet")
 
 
