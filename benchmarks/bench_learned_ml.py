@@ -22,6 +22,7 @@ import time
 import torch
 
 import risloc
+from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.bench import sync_device
 from risloc.estimators import get
@@ -85,9 +86,9 @@ def main(argv=None):
         rows.append({"stage": "ml from learned", "options": v, **_row(scenes, est, time.perf_counter() - t)})
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"scenes": args.scenes, "seed": args.seed, "device": str(device), "torch": torch.__version__, "rows": rows,
-                       "provenance": stamp(seed=args.seed, device=device, config=vars(args))}, fh, indent=1)
+        atomic_write_text(args.json, json.dumps({"scenes": args.scenes, "seed": args.seed, "device": str(device), "torch": torch.__version__,
+                                                 "rows": rows, "provenance": stamp(seed=args.seed, device=device, config=vars(args))},
+                                                indent=1))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@
 On simulated default-scenario scenes of ``--seed`` (default: the validation seed 1000) on
 ``--device``, with the packaged model (or ``--checkpoint``), it times in scenes/s at ``--batch``:
 the inputs, the matched-filter front end, the network's forward in float32 and under the
-checkpoint's autocast (bf16 on CUDA), the K decision and detections, the MUSIC step on the
-detections' effective covariance, the likelihood refinement (``ml`` from the detections,
-``LEARNED_REFINE_STEPS``), and ``learned`` / ``learned+ml`` end to end through the registry
+checkpoint's autocast (bf16 on CUDA), the network with the K decision and detections (and with
+the MUSIC step on the detections' effective covariance) in the precision of inference
+(``INFERENCE_AUTOCAST``), the likelihood refinement (``ml`` from the detections,
+``LEARNED_REFINE_STEPS``), the same followed by ``learned``'s growth step (``LEARNED_GROW``,
+``LEARNED_GROW_STEPS``), and ``learned`` / ``learned+ml`` end to end through the registry
 (simulation excluded). With ``--accuracy-scenes N`` it scores on N scenes of the same seed the
 variants float32/autocast forward x MUSIC step before the refinement or not (refinement only,
 no growth step). ``--profile`` adds
@@ -25,10 +27,12 @@ import time
 import torch
 
 import risloc
+from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import DEFAULT_WEIGHTS, LEARNED_GROW, LEARNED_REFINE_STEPS, load_model, run_model
+from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_REFINE_STEPS,
+                                 load_model, run_model)
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks.spectrum import matched_filter_spectra
 
@@ -38,17 +42,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _rate(fn, batches, device, warm=1):
-    for b in batches[:warm]:
-        fn(b)
+def _rate(fn, items, device, n_scenes, warm=None):
+    """Scenes/s of ``fn`` called on every item (``n_scenes`` scenes in all), after one warm-up
+    call on ``warm`` (default: the first item)."""
+    fn(items[0] if warm is None else warm)
     _sync(device)
     t = time.perf_counter()
-    n = 0
-    for b in batches:
-        fn(b)
-        n += len(b)
+    for item in items:
+        fn(item)
     _sync(device)
-    return n / (time.perf_counter() - t)
+    return n_scenes / (time.perf_counter() - t)
 
 
 def main(argv=None):
@@ -70,53 +73,38 @@ def main(argv=None):
     scenes = risloc.simulate(sc, args.scenes, seed=args.seed, device=device)
     batches = [scenes[a : a + args.batch] for a in range(0, len(scenes), args.batch)]
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "batch": args.batch, "scenes": len(scenes), "autocast": str(amp),
+           "batch": args.batch, "scenes": len(scenes), "autocast": str(amp), "inference_autocast": str(INFERENCE_AUTOCAST),
            "provenance": stamp(seed=args.seed, device=device, config=vars(args))}
     inp = lambda s: prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=options.regularisation)
     grid = model.grid(device)
+    rate = lambda fn, items: _rate(fn, items, device, len(scenes))
     rates = {}
     with torch.no_grad():
-        rates["inputs"] = _rate(inp, batches, device)
-        rates["front_end"] = _rate(lambda s: matched_filter_spectra(s.y, s.H, s.codes, grid, picks=cfg.model.pursuit), batches, device)
-        rates["forward_float32"] = _rate(lambda s: forward(model, inp(s), options, None), batches, device)
-        rates["forward_autocast"] = _rate(lambda s: forward(model, inp(s), options, amp), batches, device)
-        kw = dict(options=options, calibration=cal, music_options=dict(cfg.music_options), autocast=amp)
-        rates["network_and_detections"] = _rate(lambda s: run_model(model, s, stage="detections", **kw), batches, device)
-        rates["network_and_music"] = _rate(lambda s: run_model(model, s, stage="music", **kw), batches, device)
+        rates["inputs"] = rate(inp, batches)
+        rates["front_end"] = rate(lambda s: matched_filter_spectra(s.y, s.H, s.codes, grid, picks=cfg.model.pursuit), batches)
+        rates["forward_float32"] = rate(lambda s: forward(model, inp(s), options, None), batches)
+        rates["forward_autocast"] = rate(lambda s: forward(model, inp(s), options, amp), batches)
+        kw = dict(options=options, calibration=cal, music_options=dict(cfg.music_options), autocast=INFERENCE_AUTOCAST)
+        rates["network_and_detections"] = rate(lambda s: run_model(model, s, stage="detections", **kw), batches)
+        rates["network_and_music"] = rate(lambda s: run_model(model, s, stage="music", **kw), batches)
         dets = [run_model(model, s, stage="detections", **kw)[0] for s in batches]
     ml = get("ml")
-    refine = lambda i: ml(batches[i], init=dets[i], iterations=LEARNED_REFINE_STEPS, init_prune=0, batch=args.batch)
-    idx = list(range(len(batches)))
-    refine(0)
-    _sync(device)
-    t = time.perf_counter()
-    for i in idx:
-        refine(i)
-    _sync(device)
-    rates["refinement"] = len(scenes) / (time.perf_counter() - t)
-    grow = lambda i: ml(batches[i], init=dets[i], iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW, batch=args.batch)
-    grow(0)
-    _sync(device)
-    t = time.perf_counter()
-    for i in idx:
-        grow(i)
-    _sync(device)
-    rates["refinement_and_growth"] = len(scenes) / (time.perf_counter() - t)
+    pairs = list(zip(batches, dets))
+    refine = lambda p: ml(p[0], init=p[1], iterations=LEARNED_REFINE_STEPS, init_prune=0, batch=args.batch)
+    rates["refinement"] = rate(refine, pairs)
+    rates["refinement_and_growth"] = rate(lambda p: ml(p[0], init=p[1], iterations=LEARNED_REFINE_STEPS, init_prune=0,
+                                                       init_grow=LEARNED_GROW, greedy_iterations=LEARNED_GROW_STEPS,
+                                                       batch=args.batch), pairs)
     for name in ("learned", "learned+ml"):
         est = get(name)
-        est(batches[0], batch=args.batch)
-        _sync(device)
-        t = time.perf_counter()
-        est(scenes, batch=args.batch)
-        _sync(device)
-        rates[f"{name}_end_to_end"] = len(scenes) / (time.perf_counter() - t)
+        rates[f"{name}_end_to_end"] = _rate(lambda x: est(x, batch=args.batch), [scenes], device, len(scenes), warm=batches[0])
     out["scenes_per_s"] = {k: round(v, 1) for k, v in rates.items()}
 
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            refine(0)
+            refine(pairs[0])
             _sync(device)
         out["refinement_profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -145,8 +133,7 @@ def main(argv=None):
     line = json.dumps(out)
     print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+        atomic_write_text(args.json, line + "\n")
 
 
 if __name__ == "__main__":
