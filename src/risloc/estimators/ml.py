@@ -125,13 +125,19 @@ class MLOptions:
     init_relax: int = 0
     """``init`` path only: RELAX re-search cycles (stage 5) after the greedy additions, then a
     refinement of ``final_iterations`` steps."""
+    relax_sources: int = 0
+    """Sources re-searched by each RELAX cycle (stage 5, ``init_relax``), weakest first by
+    estimated power: 0 re-searches every source; n > 0 only the n weakest (a source the
+    refinement left at a wrong position has a low estimated power, so the weakest are the ones
+    worth a new search; each re-search costs a dictionary scan and a refinement)."""
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
 
     def __post_init__(self):
         if len(tuple(self.grid_shape)) != 3 or min(int(n) for n in self.grid_shape) < 1:
             raise ValueError(f"ml: grid_shape = {self.grid_shape}: must be three counts >= 1")
-        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune", "init_grow", "init_relax"):
+        for name in ("greedy_iterations", "final_iterations", "relax_cycles", "init_prune", "init_grow", "init_relax",
+                     "relax_sources"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"ml: {name} = {getattr(self, name)}: must be >= 0")
         if int(self.top) < 1:
@@ -743,16 +749,22 @@ def _path(prob: _Problem, K: int, orders: int):
 def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms) -> _State:
     """One cycle of RELAX-style re-search (Li & Stoica 1996) on the selected model.
 
-    For each source j in turn: remove it, add the best dictionary atom given the other
-    sources (same greedy rule), refine all, and keep the new model if its NLL is lower.
+    For each source j in turn (weakest first by estimated power; only the
+    ``opts.relax_sources`` weakest when that is > 0): remove it, add the best dictionary atom
+    given the other sources (same greedy rule), refine all, and keep the new model if its NLL
+    is lower.
     """
     B, K = st.phi.shape
     nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
-    for j in range(K):
-        valid = j < khat
-        cand = _remove(st, torch.full((B,), j, dtype=torch.int64, device=khat.device), khat)
+    n = int(prob.opts.relax_sources) or K
+    power = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf))
+    order = torch.argsort(power, dim=1, stable=True)  # weakest active source first, inactive slots last
+    for i in range(min(n, K)):
+        valid = i < khat
+        j = order[:, i]
+        cand = _remove(st, j, khat)
         if prob.static:
             cand = _add_static(cand, slot, dico, prob)
         else:
@@ -762,6 +774,8 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms) -> _State:
         better = valid & torch.isfinite(nll_c) & (nll_c < nll - 1e-3)
         st = _where(better, cand, st)
         nll = torch.where(better, nll_c, nll)
+        # the slots move when a source is removed: renumber the remaining order past slot j
+        order = order - (order > j.view(-1, 1)).to(order.dtype) * better.view(-1, 1).to(order.dtype)
     return st, nll
 
 
