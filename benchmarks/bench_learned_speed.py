@@ -9,8 +9,9 @@ the inputs, the matched-filter front end, the network's forward in float32 and u
 checkpoint's autocast (bf16 on CUDA), the network with the K decision and detections (and with
 the MUSIC step on the detections' effective covariance) in the precision of inference
 (``INFERENCE_AUTOCAST``), the likelihood refinement (``ml`` from the detections,
-``LEARNED_REFINE_STEPS``), the same followed by ``learned``'s growth step (``LEARNED_GROW``,
-``LEARNED_GROW_STEPS``), and ``learned`` / ``learned+ml`` end to end through the registry
+``LEARNED_DEFAULTS["iterations"]`` steps), ``learned``'s whole likelihood stage (refinement, growth,
+RELAX of the weakest source, pruning: ``LEARNED_DEFAULTS``, ``LEARNED_GROW``, ``LEARNED_RELAX``,
+``LEARNED_PRUNE``), and ``learned`` / ``learned+ml`` end to end through the registry
 (simulation excluded). With ``--accuracy-scenes N`` it scores on N scenes of the same seed the
 variants float32/autocast forward x MUSIC step before the refinement or not (refinement only,
 no growth step). ``--profile`` adds
@@ -31,8 +32,8 @@ from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_REFINE_STEPS,
-                                 load_model, run_model)
+from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_PRUNE,
+                                 LEARNED_RELAX, load_model, run_model)
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks.spectrum import matched_filter_spectra
 
@@ -90,11 +91,11 @@ def main(argv=None):
         dets = [run_model(model, s, stage="detections", **kw)[0] for s in batches]
     ml = get("ml")
     pairs = list(zip(batches, dets))
-    refine = lambda p: ml(p[0], init=p[1], iterations=LEARNED_REFINE_STEPS, init_prune=0, batch=args.batch)
+    steps = LEARNED_DEFAULTS["iterations"]
+    refine = lambda p: ml(p[0], init=p[1], iterations=steps, init_prune=0, batch=args.batch)
     rates["refinement"] = rate(refine, pairs)
-    rates["refinement_and_growth"] = rate(lambda p: ml(p[0], init=p[1], iterations=LEARNED_REFINE_STEPS, init_prune=0,
-                                                       init_grow=LEARNED_GROW, greedy_iterations=LEARNED_GROW_STEPS,
-                                                       batch=args.batch), pairs)
+    stage = {**LEARNED_DEFAULTS, "init_grow": LEARNED_GROW, "init_relax": LEARNED_RELAX, "init_prune": LEARNED_PRUNE}
+    rates["likelihood_stage"] = rate(lambda p: ml(p[0], init=p[1], batch=args.batch, **stage), pairs)
     for name in ("learned", "learned+ml"):
         est = get(name)
         rates[f"{name}_end_to_end"] = _rate(lambda x: est(x, batch=args.batch), [scenes], device, len(scenes), warm=batches[0])
@@ -123,7 +124,7 @@ def main(argv=None):
                     s = acc[s0 : s0 + args.batch]
                     with torch.no_grad():
                         e, _ = run_model(model, s, options=options, calibration=cal, music_options=dict(cfg.music_options), autocast=a, stage=stage)
-                    ests.append(ml(s, init=e, iterations=LEARNED_REFINE_STEPS, init_prune=0, batch=args.batch))
+                    ests.append(ml(s, init=e, iterations=steps, init_prune=0, batch=args.batch))
                 est = type(ests[0]).cat(ests)
                 rep = score(acc.truth, est, snr_db=acc.snr_db)
                 hi = rep.subset(10, 20).overall

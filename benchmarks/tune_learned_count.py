@@ -5,7 +5,9 @@
 On ``--scenes`` scenes of the validation seed ``--seed``: the packaged network's K-hat and the
 confidence of its calibrated K head (max softmax(z / T)); ``learned``'s likelihood stage without
 (A) and with (B) one pruning pass after the growth step; then per threshold c the combination
-"B where the confidence < c, else A". Prints (and writes) success and K accuracy over all SNRs
+"B where the confidence < c, else A". The likelihood stage is the one this gate was tuned for
+(6 refinement steps, one growth step with 6 after it, no RELAX: ``STAGE``); ``learned`` now runs
+a RELAX re-search of its weakest source and a pruning pass in every scene instead. Prints (and writes) success and K accuracy over all SNRs
 and at 10-20 dB, K_over and K_under, for every c. Choose on a validation seed only.
 """
 
@@ -21,9 +23,19 @@ from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_REFINE_STEPS,
-                                 _replace, k_confidence, load_model, run_model)
+from risloc.nn.inference import DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, k_confidence, load_model, run_model
 from risloc.scenes import Estimates
+
+STAGE = {"iterations": 6, "greedy_iterations": 6, "init_grow": 1}
+"""The likelihood stage the gate was tuned on (``ml`` options)."""
+
+
+def _replace(est: Estimates, mask: torch.Tensor, sub: Estimates) -> Estimates:
+    """``est`` with the scenes of ``mask`` ``[S]`` (bool) replaced by ``sub`` (one row per such scene)."""
+    out = Estimates(est.K.clone(), est.phi.clone(), est.theta.clone(), est.r.clone(), method=est.method)
+    for name in ("K", "phi", "theta", "r"):
+        getattr(out, name)[mask] = getattr(sub, name).to(getattr(out, name).device, getattr(out, name).dtype)
+    return out
 
 
 def _row(scenes, est):
@@ -47,7 +59,7 @@ def main(argv=None):
     cal = loaded.calibration
     scenes = risloc.simulate(loaded.config.scenario, args.scenes, seed=args.seed).to(device)
     ml = get("ml")
-    opts = dict(iterations=LEARNED_REFINE_STEPS, greedy_iterations=LEARNED_GROW_STEPS, init_grow=LEARNED_GROW, batch=args.batch)
+    opts = dict(STAGE, batch=args.batch)
     A, B, conf = [], [], []
     for a in range(0, len(scenes), args.batch):
         s = scenes[a : a + args.batch]

@@ -172,6 +172,39 @@ def test_init_grow_adds_a_missed_source_and_only_when_the_likelihood_wants_it():
     assert torch.equal(get("ml")(s, init=full, init_grow=2).K, t.K)
 
 
+def test_relax_moves_a_misplaced_weak_source_and_searches_each_source_once(monkeypatch):
+    from risloc.estimators import ml as ml_mod
+
+    sc = Scenario(k_fixed=3, snr_db_min=25, snr_db_max=25)
+    s = simulate(sc, 6, seed=10)
+    t = s.truth
+    nan = torch.full((6, sc.k_max - 3), math.nan)
+    # the truth with its third source moved far away (phi = -50 or +50 deg, theta = 25 deg, 3 m), in slot 0
+    far = torch.where(t.phi[:, 2:3] > 0, -50.0, 50.0) * DEG
+    init = Estimates(t.K.clone(), torch.cat([far, t.phi[:, :2], nan], 1), torch.cat([torch.full((6, 1), 25 * DEG), t.theta[:, :2], nan], 1),
+                     torch.cat([torch.full((6, 1), 3.0), t.r[:, :2], nan], 1))
+    stuck = get("ml")(s, init=init)
+    assert not any(_hits(t, stuck, i) for i in range(6))  # the refinement alone cannot move it there
+    removed = []
+    spy = ml_mod._remove
+    monkeypatch.setattr(ml_mod, "_remove", lambda st, j, k: (removed.append(st.phi.gather(1, j.view(-1, 1)).squeeze(1)), spy(st, j, k))[1])
+    weakest = get("ml")(s, init=init, init_relax=1, relax_sources=1)
+    start = stuck.phi[:, :3]  # the refined start that RELAX sees (the same refinement), misplaced source in slot 0
+    assert len(removed) == 1 and torch.allclose(removed[0], start[:, 0])  # only the misplaced (weakest) source
+    assert torch.equal(weakest.K, t.K) and all(_hits(t, weakest, i) for i in range(6))
+    removed.clear()
+    every = get("ml")(s, init=init, init_relax=1)
+    assert torch.equal(every.K, t.K) and all(_hits(t, every, i) for i in range(6))
+    # one cycle removes each source of the start once: the misplaced one first, then the two true
+    # ones (not the source that just replaced the misplaced one, though the slots moved)
+    assert len(removed) == 3
+    got = torch.stack(removed, 1)  # [6, 3] phi of the removed sources
+    near = lambda a, b: (a - b).abs() < 1.5 * DEG  # after an accepted move all are refined: the others move a little
+    assert torch.allclose(got[:, 0], start[:, 0])
+    assert bool(near(got[:, 1:].sort(1).values, start[:, 1:].sort(1).values).all())
+    assert not bool(near(t.phi[:, 2:3], start[:, 1:]).any())  # so the moved source was not searched twice
+
+
 def test_degenerate_inputs():
     sc = Scenario(k_fixed=2, snr_db_min=10, snr_db_max=10)
     s = simulate(sc, 3, seed=5)

@@ -10,7 +10,8 @@ from risloc.nn.train import train
 
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
-    from risloc.nn.inference import LEARNED_GROW, LEARNED_GROW_STEPS, LEARNED_ML_DEFAULTS, LEARNED_REFINE_STEPS, _learned, over_init
+    from risloc.nn.inference import (LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_PRUNE, LEARNED_RELAX, _learned,
+                                     over_init)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -28,28 +29,23 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     first, cand, conf = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
     assert torch.equal(first.K, network.K)  # the K-hat of the K head either way
     assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
-    # learned = the network's K-hat detections refined on the measurements' likelihood, then one growth step
-    again = get("ml")(scenes, init=first, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=LEARNED_GROW,
-                      greedy_iterations=LEARNED_GROW_STEPS)
-    unpruned = get("learned")(scenes, checkpoint=ckpt, music_options=music, prune_below=0)
-    assert unpruned.method == network.method and torch.equal(unpruned.K, again.K)
-    assert bool(((unpruned.K >= first.K) & (unpruned.K <= first.K + LEARNED_GROW)).all())
+    assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
+    # learned = ml's init path from the network's K-hat detections: refine, grow, RELAX of the weakest, prune
+    again = get("ml")(scenes, init=first, **LEARNED_DEFAULTS, init_grow=LEARNED_GROW, init_relax=LEARNED_RELAX,
+                      init_prune=LEARNED_PRUNE)
+    learned = get("learned")(scenes, checkpoint=ckpt, music_options=music)
+    assert learned.method == network.method and torch.equal(learned.K, again.K)
+    assert bool(((learned.K >= first.K - LEARNED_PRUNE) & (learned.K <= first.K + LEARNED_GROW)).all())
     for name in ("phi", "theta", "r"):
-        assert torch.allclose(getattr(unpruned, name), getattr(again, name), equal_nan=True)
-    # ... and the scenes whose calibrated K-head confidence is below the gate take one pruning pass
-    c = conf.sort().values
-    gate = float(c[1] + c[2]) / 2  # two scenes below, two above
-    low = conf < gate
-    assert int(low.sum()) == 2
-    learned = get("learned")(scenes, checkpoint=ckpt, music_options=music, prune_below=gate)
-    pruned = get("ml")(scenes[low], init=again[low], iterations=LEARNED_REFINE_STEPS, init_prune=1)
-    assert torch.equal(learned.K[~low], again.K[~low]) and torch.equal(learned.K[low], pruned.K)
-    for name in ("phi", "theta", "r"):
-        assert torch.allclose(getattr(learned, name)[~low], getattr(again, name)[~low], equal_nan=True)
-        assert torch.allclose(getattr(learned, name)[low], getattr(pruned, name), equal_nan=True)
-    assert bool((learned.K[low] >= again.K[low] - 1).all())
-    kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, grow=0)
-    assert torch.equal(kept_k.K, first.K)  # no growth: K-hat is the K head's
+        assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
+    # the counts and ml_options reach ml; with a known K no growth or pruning
+    plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, relax=0, prune=0, ml_options={"iterations": 2})
+    ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, init_grow=LEARNED_GROW)
+    assert torch.equal(plain.K, ref.K) and torch.allclose(plain.phi, ref.phi, equal_nan=True)
+    known = get("learned")(scenes, checkpoint=ckpt, music_options=music, K=2)
+    assert bool((known.K == 2).all()) and bool(torch.isfinite(known.phi[:, :2]).all())
+    kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, grow=0, prune=0)
+    assert torch.equal(kept_k.K, first.K)  # no growth or pruning: K-hat is the K head's
     # learned+ml = ml from the over-proposal of the network's detections, grow, relax, over + prune pruning passes
     both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1, grow=1, relax=1, prune=2)
     ref = get("ml")(scenes, init=over_init(cand, first.K, 1), **{**LEARNED_ML_DEFAULTS, "iterations": 3}, init_grow=1, init_relax=1,
@@ -66,8 +62,8 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     with pytest.raises(ValueError, match="grow"):
         get("learned+ml")(scenes, checkpoint=ckpt, grow=-1)
     assert "learned+ml" in risloc.estimators.available()
-    with pytest.raises(ValueError, match="prune_below"):
-        get("learned")(scenes, checkpoint=ckpt, prune_below=-0.5)
+    with pytest.raises(ValueError, match="relax"):
+        get("learned")(scenes, checkpoint=ckpt, relax=-1)
     with pytest.raises(ValueError, match="refine"):
         get("learned")(scenes, checkpoint=ckpt, refine="none")
 

@@ -758,10 +758,10 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms) -> _State:
     nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
-    n = int(prob.opts.relax_sources) or K
+    n = min(int(prob.opts.relax_sources) or K, int(khat.max()) if B else 0)  # no pass for slots empty in every scene
     power = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf))
     order = torch.argsort(power, dim=1, stable=True)  # weakest active source first, inactive slots last
-    for i in range(min(n, K)):
+    for i in range(n):
         valid = i < khat
         j = order[:, i]
         cand = _remove(st, j, khat)

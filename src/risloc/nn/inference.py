@@ -267,38 +267,59 @@ On 4 000 scenes of the validation seed 1000 on one H100 the shipped model under 
 (as trained) scored 0.390 / 0.659 (all SNRs / 10-20 dB, with the likelihood refinement) against
 0.393 / 0.663 in float32, for 9 % more forward speed (benchmarks/results/h100/learned-speed/)."""
 
-LEARNED_REFINE_STEPS = 6
-"""Fisher-scoring steps of the ``learned`` pipeline's likelihood stage (``refine="likelihood"``),
-before the growth step. On 4 000 scenes of the validation seed 1000 on one H100
-(benchmarks/results/h100/diagnosis/): the detections alone score 0.314 at 10-20 dB, most
-failures being K-hat = K with a source outside the hit window (0.576 of the scenes); 8 steps
-from them score 0.647 (``ml`` 0.707). With the growth step, 6 steps here and 6 after the
-addition (:data:`LEARNED_GROW_STEPS`) score as 8 and 12 (0.680 at 10-20 dB, 0.407 over all
-SNRs, K_acc 0.958) at 1.3 x the speed (benchmarks/results/h100/learned-speed/iters_val1000.json)."""
-
-LEARNED_PRUNE_BELOW = 0.0
-"""``learned``'s ``prune_below``: scenes whose calibrated K-head confidence (:func:`k_confidence`)
-is below it take one likelihood pruning pass after the growth step (``ml``'s ``init_prune``;
-confident scenes keep their count: a pruning pass everywhere also drops true weak sources).
-Off (0) by default, for speed. On 4 000 scenes of the validation seed 1000 on one H100
-(benchmarks/results/h100/learned-speed/count_gate_val1000.json, ``benchmarks/tune_learned_count.py``),
-success at 10-20 dB / all SNRs and K_acc at 10-20 dB: 0.680 / 0.407 / 0.958 off; 0.688 / 0.417 /
-0.963 with ``prune_below = 0.7`` (45 % of the scenes pruned; the best K_acc). On the held-out
-seed (benchmarks/results/h100/learned-gate/, one H100) the gate at 0.7 gives 0.661 / 0.404 /
-0.958 against 0.651 / 0.393 / 0.955, at 2 860 scenes/s against 4 350 (two runs on two H100s;
-in one run, without the gate the network at 11 150 scenes/s (bf16 in that timing) and refinement
-+ growth at 5 120 (12 steps after the addition) make about 3 500 end to end, with it 2 890 were measured). ``prune_below=0.7`` is the option
-for a user who wants that point of success more than a fifth to a third of the speed."""
-
-LEARNED_GROW_STEPS = 6
-"""Refinement steps after ``learned``'s greedy addition (``ml``'s ``greedy_iterations``; see
-:data:`LEARNED_REFINE_STEPS`)."""
+LEARNED_DEFAULTS = {"iterations": 3, "greedy_iterations": 3, "relax_sources": 1}
+"""``ml`` options of ``learned``'s likelihood stage besides its growth, RELAX and pruning counts:
+3 Fisher-scoring steps of the start and after each change (``iterations``,
+``greedy_iterations``), and RELAX re-searches only the weakest source (``relax_sources``).
+Chosen on 4 000 scenes of the validation seed 1000 on one H100
+(benchmarks/results/h100/learned-stage/), success at 10-20 dB / over all SNRs and K_acc at
+10-20 dB, with one growth, one RELAX re-search and one pruning pass: 6 steps 0.704 / 0.426 /
+0.984, 4 steps 0.706 / 0.427 / 0.984, 3 steps 0.706 / 0.427 / 0.984, 2 steps 0.705 / 0.428 /
+0.981; re-searching every source instead of the weakest: 0.704 / 0.427 / 0.985 at half the
+speed; ``ml`` itself 0.707 / 0.429 / 0.989. The Levenberg-Marquardt steps start next to the
+optimum, so a few suffice."""
 
 LEARNED_GROW = 1
-"""Greedy additions after the refinement in ``learned`` (``ml``'s ``init_grow``). Chosen on 4 000
-scenes of the validation seed 1000 on one H100 (benchmarks/results/h100/learned-speed/grow_val1000.json):
-success at 10-20 dB / over all SNRs and K_acc at 10-20 dB 0.647 / 0.389 / 0.890 without,
-0.680 / 0.406 / 0.959 with one (``ml`` 0.707 / 0.429 / 0.989)."""
+"""Greedy additions of ``learned``'s likelihood stage (``ml``'s ``init_grow``): the network
+misses sources that no detection is near (docs/learned.md). On the validation seed 1000
+(benchmarks/results/h100/learned-speed/grow_val1000.json, 8 refinement steps, no RELAX or
+pruning) success at 10-20 dB / all SNRs and K_acc at 10-20 dB 0.647 / 0.389 / 0.890 without,
+0.680 / 0.406 / 0.959 with one."""
+
+LEARNED_RELAX = 1
+"""RELAX cycles of ``learned`` (``ml``'s ``init_relax``; with :data:`LEARNED_DEFAULTS`'s
+``relax_sources`` = 1 the weakest source is searched again on the dictionary given the others).
+A source the refinement left at a wrong position has a low estimated power; moved to where it
+belongs, the pruning pass that follows no longer drops it. On the validation seed 1000
+(benchmarks/results/h100/learned-stage/relax_val1000.json, 6 refinement steps): growth alone
+0.680 / 0.407 / K_acc 0.958; growth + pruning 0.692 / 0.419 / 0.950; growth + RELAX of the
+weakest + pruning 0.704 / 0.426 / 0.984."""
+
+LEARNED_PRUNE = 1
+"""Pruning passes of ``learned`` (``ml``'s ``init_prune``): the source whose removal costs least
+likelihood is dropped where ``ml``'s penalised likelihood or power rule prefers one source
+fewer; it corrects the K head's over-counts (see :data:`LEARNED_RELAX`)."""
+
+
+def _counts(method: str, **counts) -> dict[str, int]:
+    """The stage counts (``grow``, ``relax``, ...) as ints, each >= 0 (a ValueError naming ``method`` and the option)."""
+    out = {}
+    for name, v in counts.items():
+        if int(v) != v or int(v) < 0:
+            raise ValueError(f"{method}: {name} = {v}: must be an integer >= 0")
+        out[name] = int(v)
+    return out
+
+
+def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, use_snr: bool, options: dict) -> Estimates:
+    """``ml`` from ``init`` with ``options`` (its ``init_*`` counts, iterations, ...), on the same
+    batch; with a known ``K`` no growth and no pruning (the RELAX re-search keeps the count)."""
+    from ..estimators import get
+
+    options = {"batch": len(scenes), **options}
+    if K is not None:
+        options["init_grow"] = options["init_prune"] = 0
+    return get("ml")(_snr_labels(scenes, use_snr), init=init, **options)
 
 
 @register("learned")
@@ -311,28 +332,35 @@ def estimate(
     use_snr: bool = True,
     music_options: dict | None = None,
     refine: str = "likelihood",
-    grow: int | None = None,
-    prune_below: float | None = None,
+    grow: int = LEARNED_GROW,
+    relax: int = LEARNED_RELAX,
+    prune: int = LEARNED_PRUNE,
+    ml_options: dict | None = None,
 ) -> Estimates:
-    """The learned estimator: the network's detections and calibrated K head -> (default) a
-    likelihood refinement of the K-hat positions on the measurements and one likelihood-tested
-    further source.
+    """The learned estimator: the network's detections and calibrated K head, then (default) a
+    short likelihood stage on the measurements that corrects their positions and their count.
 
     Stages: the network reads the scene and predicts its sources (a ``spectrum`` network: the
-    detections and a K head giving K-hat). With ``refine="likelihood"`` (default) the K-hat
-    strongest detections, their powers and sigma^2 take :data:`LEARNED_REFINE_STEPS` joint
-    Fisher-scoring steps on the exact likelihood of the measurements y_l ~ CN(0, G_l R G_l^H +
-    sigma^2 I) (``ml``'s refinement, :func:`risloc.estimators.ml.estimate` with ``init``; no
-    search). Then ``grow`` (default :data:`LEARNED_GROW`) greedy additions: the dictionary atom
-    of largest likelihood gain given those sources is added and all are refined, and the larger
-    model is kept only where ``ml``'s penalised likelihood and power rule prefer it (the
-    ``init_grow`` option of ``ml``). Why: the network's failures are mostly right counts with a
-    source outside the hit window (the refinement fixes them) and then missed sources that no
-    detection is near (the growth step finds them); docs/learned.md. Scenes whose calibrated
-    K-head confidence is below ``prune_below`` (default :data:`LEARNED_PRUNE_BELOW`; 0: never,
-    above 1: every scene)
-    then take one pruning pass: the source whose removal costs least likelihood is dropped where
-    ``ml``'s penalised likelihood or power rule prefers one source fewer (``init_prune``).
+    detections and a K head giving K-hat). With ``refine="likelihood"`` (default) ``ml``'s
+    ``init`` path (:func:`risloc.estimators.ml.estimate`) takes the K-hat strongest detections:
+
+    1. their positions, powers and sigma^2 take a few joint Fisher-scoring steps on the exact
+       likelihood of the measurements y_l ~ CN(0, G_l R G_l^H + sigma^2 I) (no search);
+    2. ``grow`` (default :data:`LEARNED_GROW`) greedy additions: the dictionary atom of largest
+       likelihood gain given those sources is added and all are refined; the larger model is
+       kept only where ``ml``'s penalised likelihood and power rule prefer it;
+    3. ``relax`` (default :data:`LEARNED_RELAX`) RELAX cycles on the weakest source: it is
+       removed, searched again on the dictionary given the others, and the move is kept where
+       the likelihood rises;
+    4. ``prune`` (default :data:`LEARNED_PRUNE`) pruning passes: the source whose removal costs
+       least is dropped where the penalised likelihood or the power rule prefers one fewer.
+
+    So the network proposes and the likelihood decides K within K-hat - prune ... K-hat + grow.
+    Step counts and the other ``ml`` options: :data:`LEARNED_DEFAULTS`, updated by
+    ``ml_options`` (e.g. ``{"relax_sources": 0}`` re-searches every source; ``batch``: scenes
+    per ``ml`` call, default the whole batch). Why: the network's failures are mostly right
+    counts with a source outside the hit window (step 1 fixes them), missed sources no
+    detection is near (step 2) and over-counts (steps 3-4); docs/learned.md.
     ``refine="music"``: the network's own positions: MUSIC on the effective covariance E(F) of
     the K-hat strongest detections (the one builder :func:`risloc.covariance.effective_covariance`;
     ``beta`` blends the scene's own sample covariance in, default the checkpoint's), searched
@@ -340,8 +368,8 @@ def estimate(
 
     ``K``: the number of sources when it is known (an int or a per-scene ``[S]`` tensor, each in
     1..K_max): every scene then gets exactly that K (a ``spectrum`` network's K strongest
-    detections, refined, with no growth; with ``refine="music"`` missing ones come from its
-    next detections by heat).
+    detections, refined and re-searched, with no growth or pruning; with ``refine="music"``
+    missing ones come from its next detections by heat).
 
     ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
     ``src/risloc/weights/default.pt``. ``use_snr=False`` ignores the scenes' SNR labels
@@ -350,40 +378,19 @@ def estimate(
     of 1024 and on another device); the likelihood stage goes through the registry's ``ml``, on
     the same batch. Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
-    from ..estimators import get
-
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    grow = LEARNED_GROW if grow is None else int(grow)
-    if grow < 0:
-        raise ValueError(f"learned: grow = {grow}: must be >= 0")
-    prune_below = LEARNED_PRUNE_BELOW if prune_below is None else float(prune_below)
-    if not prune_below >= 0:
-        raise ValueError(f"learned: prune_below = {prune_below}: must be >= 0 (a K-head confidence; 0: never prune)")
+    counts = _counts("learned", grow=grow, relax=relax, prune=prune)
     stage = "detections" if refine == "likelihood" else "music"
     K = known_k("learned", K, scenes)
-    est, _, conf = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage)
+    est, _, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage)
     if refine == "likelihood":
         method = est.method
-        data = _snr_labels(scenes, use_snr)
-        ml = get("ml")
-        est = ml(data, init=est, iterations=LEARNED_REFINE_STEPS, init_prune=0, init_grow=0 if K is not None else grow,
-                 greedy_iterations=LEARNED_GROW_STEPS, batch=len(scenes))
-        if K is None and prune_below > 0:
-            low = conf < prune_below  # on the scenes' device, like the estimates
-            if bool(low.any()):  # the uncertain counts: one pruning pass on the likelihood
-                est = _replace(est, low, ml(data[low], init=est[low], iterations=LEARNED_REFINE_STEPS, init_prune=1,
-                                            batch=len(scenes)))
+        options = {**LEARNED_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
+                   "init_prune": counts["prune"], **(ml_options or {})}
+        est = _likelihood_stage(scenes, est, K, use_snr, options)
         est.method = method
     return est
-
-
-def _replace(est: Estimates, mask: torch.Tensor, sub: Estimates) -> Estimates:
-    """``est`` with the scenes of ``mask`` ``[S]`` (bool) replaced by ``sub`` (one row per such scene)."""
-    out = Estimates(est.K.clone(), est.phi.clone(), est.theta.clone(), est.r.clone(), method=est.method)
-    for name in ("K", "phi", "theta", "r"):
-        getattr(out, name)[mask] = getattr(sub, name).to(getattr(out, name).device, getattr(out, name).dtype)
-    return out
 
 
 def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
@@ -433,7 +440,10 @@ success at 10-20 dB / all SNRs, K_acc at 10-20 dB: over 2 and 3 pruning passes (
 default) 0.671 / 0.410 / 0.910; over 0, grow 1, prune 1 0.692 / 0.418 / 0.951; the same with one
 RELAX cycle 0.702 / 0.426 / 0.977 (25 refinement steps instead of 8: 0.706 / 0.427 / 0.981 at
 0.75 x the speed); over 1 or 2 with one growth 0.668 / 0.410 and 0.671 / 0.411 (the extra
-detections, pruned at low SNR, cost sources); ``ml`` 0.707 / 0.429 / 0.989."""
+detections, pruned at low SNR, cost sources); ``ml`` 0.707 / 0.429 / 0.989. Since RELAX
+re-searches each source exactly once, weakest first (it used to skip one after an accepted
+move), the default scores 0.705 / 0.427 / 0.986 there (``learned``: 0.706 / 0.427 / 0.984 with
+3 steps and RELAX on the weakest source only; benchmarks/results/h100/learned-stage/)."""
 
 LEARNED_ML_GROW = 1
 """Greedy additions of ``learned+ml`` (see :data:`LEARNED_ML_OVER`)."""
@@ -481,20 +491,12 @@ def estimate_learned_ml(
     ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the network's K
     strongest detections are refined without pruning and every scene gets exactly that K.
     """
-    from ..estimators import get
-
-    for name, v in (("over", over), ("grow", grow), ("relax", relax), ("prune", prune)):
-        if int(v) < 0:
-            raise ValueError(f"learned+ml: {name} = {v}: must be >= 0")
+    counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned+ml", K, scenes)
     first, cand, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
-    opts = {**LEARNED_ML_DEFAULTS, "init_grow": int(grow), "init_relax": int(relax), "init_prune": int(over) + int(prune),
-            "batch": len(scenes), **(ml_options or {})}
-    init = first
-    if K is not None:
-        opts["init_prune"] = opts["init_grow"] = 0
-    elif cand is not None:
-        init = over_init(cand, first.K, int(over))
-    refined = get("ml")(_snr_labels(scenes, use_snr), init=init, **opts)
+    options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
+               "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
+    init = over_init(cand, first.K, counts["over"]) if K is None and cand is not None else first
+    refined = _likelihood_stage(scenes, init, K, use_snr, options)
     refined.method = first.method.replace("learned:", "learned+ml:", 1)
     return refined
