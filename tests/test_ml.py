@@ -300,3 +300,17 @@ def test_slots_in_use():
     assert _slots_in_use(act) == 3
     assert _slots_in_use(torch.zeros(2, 4, dtype=torch.bool)) == 1
     assert _slots_in_use(torch.tensor([[False, True, False]])) == 2
+
+
+def test_solve_and_inverse_without_synchronisation_match_linalg_and_flag_singular_systems():
+    from risloc.estimators.ml_core import inverse, solve
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 3, 3, dtype=torch.complex128, generator=g) + 3 * torch.eye(3, dtype=torch.complex128)
+    B = torch.randn(4, 3, 2, dtype=torch.complex128, generator=g)
+    assert torch.allclose(solve(A, B), torch.linalg.solve(A, B))
+    assert torch.allclose(inverse(A), torch.linalg.inv(A))
+    A[1] = 0  # singular: NaN for that system only, no exception
+    X, Ai = solve(A, B), inverse(A)
+    assert bool(torch.isnan(X[1]).all()) and bool(torch.isnan(Ai[1]).all())
+    assert bool(torch.isfinite(X[[0, 2, 3]]).all()) and torch.allclose(Ai[0], torch.linalg.inv(A[0]))

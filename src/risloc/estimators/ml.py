@@ -78,7 +78,7 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import check_finite, measure, static_eval, stochastic_eval, unit_power
+from .ml_core import check_finite, inverse, measure, solve, static_eval, stochastic_eval, unit_power
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def _refine(state: _State, prob: _Problem, iterations: int):
     for _ in range(iterations):
         dF = torch.diagonal(F, dim1=-2, dim2=-1)
         Ad = F + lam.view(-1, 1, 1) * torch.diag_embed(dF) + 1e-9 * (dF.mean(-1).view(-1, 1, 1) + 1e-12) * eye
-        delta = -torch.linalg.solve(Ad, g.unsqueeze(-1)).squeeze(-1)
+        delta = -solve(Ad, g.unsqueeze(-1)).squeeze(-1)
         delta = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
         xt = x + delta
         pos = torch.minimum(torch.maximum(xt[:, : 3 * K], lo_v), hi_v)
@@ -401,7 +401,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         logp = state.logp[:, :n]
         pinv = torch.where(act, s2.view(B, 1) / torch.exp(logp), torch.ones_like(logp))
         S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, n, n]
-        Si = torch.linalg.inv(S)
+        Si = inverse(S)
         E = dico.products(Bm.transpose(-1, -2))  # B_l^H Phi_l, [B, L, n, Q]
         SE = Si @ E
         u = Si @ (Bm.mH @ y.unsqueeze(-1))  # [B, L, n, 1]
@@ -452,7 +452,7 @@ def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     Gm = Psi.mH @ Psi
     scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean(-1).clamp_min(1e-30)
     Gm = Gm + torch.diag_embed((1 - act.view(B, K)) + (1e-6 * scale).to(cd).view(B, 1))
-    Gi = torch.linalg.inv(Gm)
+    Gi = inverse(Gm)
     res = yv - Psi @ (Gi @ (Psi.mH @ yv))
     E = dico.summed_products(Psi.view(B, L, M, K).transpose(-1, -2))  # Psi^H Pv, [B, K, Q]
     proj2 = (torch.view_as_real(E) * torch.view_as_real(Gi @ E)).sum((1, 3))
@@ -491,7 +491,7 @@ def _ls_powers(state: _State, prob: _Problem):
     scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean((-1, -2)).clamp_min(1e-30)
     inactive = (~state.active).to(cd).view(B, 1, K)
     Gm = Gm + torch.diag_embed(inactive.expand(B, L, K) + (1e-3 * scale).to(cd).view(B, 1, 1))
-    s = torch.linalg.solve(Gm, Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
+    s = solve(Gm, Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
     res = y.unsqueeze(-1) - Bm @ s
     kk = state.active.sum(1).clamp(max=M - 1)
     s2 = res.abs().square().sum((1, 2, 3)) / (L * (M - kk)).to(res.real.dtype)
@@ -819,7 +819,7 @@ def _decide_range(st: _State, F: Tensor, prob: _Problem) -> _State:
     eye = torch.eye(P, dtype=F.dtype, device=F.device)
     scale = torch.diagonal(F, dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
     Fn = F / (scale.unsqueeze(-1) * scale.unsqueeze(-2)) + 1e-6 * eye
-    cov_diag = torch.diagonal(torch.linalg.inv(Fn), dim1=-2, dim2=-1) / scale**2
+    cov_diag = torch.diagonal(inverse(Fn), dim1=-2, dim2=-1) / scale**2
     var = cov_diag[:, 2 * K : 3 * K].clamp_min(1e-12) * float(opts.range_var_scale)  # [B, K]
     G = int(opts.range_grid)
     lr0, lr1 = math.log(sc.r_min), math.log(sc.r_max)

@@ -23,6 +23,24 @@ from ..crb import stochastic_fisher
 from ..scenario import Scenario
 
 
+def solve(A: Tensor, B: Tensor) -> Tensor:
+    """X = A^-1 B for batched square A, as ``torch.linalg.solve`` but without its host
+    synchronisation on CUDA (``solve_ex``: the error check would wait for the device at every
+    refinement step); where A is singular X is NaN, which the callers treat as "no step" or an
+    infinite NLL instead of an exception."""
+    X, info = torch.linalg.solve_ex(A, B)
+    bad = (info != 0).view(*info.shape, *([1] * (X.ndim - info.ndim)))
+    return torch.where(bad, torch.full_like(X, float("nan")), X)
+
+
+def inverse(A: Tensor) -> Tensor:
+    """A^-1 for batched square A, as ``torch.linalg.inv`` without the host synchronisation
+    (``inv_ex``); NaN where A is singular (see :func:`solve`)."""
+    X, info = torch.linalg.inv_ex(A)
+    bad = (info != 0).view(*info.shape, 1, 1)
+    return torch.where(bad, torch.full_like(X, float("nan")), X)
+
+
 def check_finite(scenes, who: str) -> None:
     """ValueError naming ``who``, the field and the first scene whose y, H or codes hold a
     non-finite value (the likelihood estimators' input check)."""
@@ -190,7 +208,7 @@ def static_eval(
     scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean(-1).clamp_min(1e-30)  # [B]
     inactive = (1 - act.real.view(B, K)).to(cd)
     Gm = Gm + torch.diag_embed(inactive + (ridge * scale).to(cd).view(B, 1))
-    g = torch.linalg.solve(Gm, Psi.mH @ yv)  # [B, K, 1]
+    g = solve(Gm, Psi.mH @ yv)  # [B, K, 1]
     res = yv - Psi @ g
     rss = res.abs().square().sum((-1, -2)).clamp_min(1e-30)
     LM = L * M
@@ -200,7 +218,7 @@ def static_eval(
     gk = g.view(B, 1, K) * act
     J = torch.cat([V[..., (j + 1) * K : (j + 2) * K] * gk for j in range(3)], dim=-1)  # [B, LM, 3K]
     # project onto the orthogonal complement of span(Psi)
-    J = J - Psi @ torch.linalg.solve(Gm, Psi.mH @ J)
+    J = J - Psi @ solve(Gm, Psi.mH @ J)
     grad = -2 * (J.mH @ res).real.squeeze(-1) * (LM / rss).unsqueeze(-1)
     F = 2 * (J.mH @ J).real * (LM / rss).view(B, 1, 1)
     mask = torch.cat([active, active, active], dim=1)
