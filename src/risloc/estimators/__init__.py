@@ -101,7 +101,7 @@ _INFO: dict[str, EstimatorInfo] = {
                       summary="MVDR / Capon spectrum, peaks over its floor (or the K strongest)"),
         EstimatorInfo("ramezani", "risloc.estimators.ramezani", batch=256, batch_cuda=256, k_option="n_sources",
                       per_scene=("covariance",), summary="modified MUSIC with sub-RIS smoothing (Ramezani et al.)"),
-        EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, k_option="K", per_scene=("init", "snr_db"),
+        EstimatorInfo("ml", "risloc.estimators.ml", batch=16, batch_cuda=1024, k_option="K", per_scene=("init", "snr_db", "atoms"),
                       summary="maximum likelihood: greedy grid start, joint refinement, penalised K"),
         EstimatorInfo("sbl", "risloc.estimators.sbl", batch=16, batch_cuda=256, k_option="K",
                       summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),

@@ -193,6 +193,9 @@ class _Atoms:
 
     Every other product with the atoms goes through the dictionary (:func:`risloc.grids.back_project`):
     v^H phi_lq = (G_l^H v)^H d_q, one product with D for all atoms (:meth:`products`).
+
+    Per-scene atoms (the ``atoms`` option of the ``init`` path, :func:`_candidate_dictionary`):
+    D ``[B, N, C]`` and the atoms' (phi, theta, rho) ``[B, C]``.
     """
 
     D: Tensor
@@ -205,13 +208,25 @@ class _Atoms:
     def products(self, v: Tensor) -> Tensor:
         """v_l^H Phi_l = conj(G_l^H v_l)^T D: ``v`` ``[B, L, M]`` -> ``[B, L, Q]``, or J vectors per
         snapshot ``[B, L, J, M]`` -> ``[B, L, J, Q]``."""
-        return grids.back_project(v, self.H, self.codes).conj() @ self.D
+        w = grids.back_project(v, self.H, self.codes).conj()
+        return w @ (self.D if self.D.ndim == 2 or w.ndim == 3 else self.D.unsqueeze(1))
 
     def summed_products(self, v: Tensor) -> Tensor:
         """sum_l v_l^H Phi_l = (sum_l conj(G_l^H v_l))^T D (the stacked dictionary
         [Phi_1; ...; Phi_L] against stacked vectors): ``[B, L, M]`` -> ``[B, Q]``,
         ``[B, L, J, M]`` -> ``[B, J, Q]``."""
-        return grids.back_project(v, self.H, self.codes).sum(1).conj() @ self.D
+        w = grids.back_project(v, self.H, self.codes).sum(1).conj()
+        if self.D.ndim == 3 and w.ndim == 2:  # per-scene atoms: one row per scene
+            return (w.unsqueeze(1) @ self.D).squeeze(1)
+        return w @ self.D
+
+    def atom(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(phi, theta, rho) ``[B]`` of atom ``q[b]`` of each scene."""
+        gp, gt, gr = self.atoms
+        if gp.ndim == 1:
+            return gp[q], gt[q], gr[q]
+        pick = lambda t: t.gather(1, q.view(-1, 1)).squeeze(1)
+        return pick(gp), pick(gt), pick(gr)
 
 
 def _box(scenario, dtype, device):
@@ -359,7 +374,6 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
     B, L, M = y.shape
     n2, c = dico.n2, dico.c
     Q = n2.shape[-1]
-    gp, gt, gr = dico.atoms
     ar = torch.arange(B, device=y.device)
     if isinstance(k, int) and k == 0:
         c2 = torch.view_as_real(c).square().sum(-1)
@@ -417,7 +431,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         t = torch.argmin(gain, dim=1)
         q = idx[ar, t]
         pk = best_p[ar, t]
-    out = _set_slot(state, k, gp[q], gt[q], gr[q], torch.log(pk.clamp_min(1e-12)))
+    out = _set_slot(state, k, *dico.atom(q), torch.log(pk.clamp_min(1e-12)))
     if isinstance(k, int) and k == 0:
         out.logs = logs_new
     return out
@@ -441,7 +455,6 @@ def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     """
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     B, L, M = y.shape
-    gp, gt, gr = dico.atoms
     cd = y.dtype
     K = state.phi.shape[1]
     yv = y.reshape(B, L * M, 1)
@@ -459,7 +472,7 @@ def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     num = torch.view_as_real(dico.summed_products(res.view(B, L, M))).square().sum(-1)  # |r^H phi_q|^2, [B, Q]
     score = num / (n2 - proj2).clamp_min(1e-6 * n2)
     q = torch.argmax(score, dim=1)
-    return _set_slot(state, k, gp[q], gt[q], gr[q], None)
+    return _set_slot(state, k, *dico.atom(q), None)
 
 
 def _set_slot(state: _State, k, phi, theta, rho, logp) -> _State:
@@ -506,7 +519,7 @@ def _ls_powers(state: _State, prob: _Problem):
 
 
 def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, snr_db, opts: MLOptions,
-               known: Tensor | None) -> Estimates:
+               known: Tensor | None, atoms: Estimates | None = None) -> Estimates:
     sc = scenes.scenario
     device = scenes.device
     cd = opts.dtype
@@ -538,7 +551,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
             st.logp, st.logs = _ls_powers(st, prob)
         st, nll, _, F = _refine(st, prob, opts.final_iterations)
         if opts.init_grow or opts.init_relax:
-            dico = _measured_dictionary(prob)
+            dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
             for _ in range(int(opts.init_grow)):
                 st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
             for _ in range(int(opts.init_relax)):
@@ -664,6 +677,24 @@ def _measured_dictionary(prob: _Problem) -> _Atoms:
     chunk = None if prob.y.device.type == "cuda" else _NORM_CHUNK
     dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D, chunk=chunk)  # |phi_l|^2, [B, L, Q]
     dico.c = dico.products(prob.y).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
+    return dico
+
+
+def _candidate_dictionary(prob: _Problem, atoms: Estimates) -> _Atoms:
+    """Per-scene atoms as an :class:`_Atoms` record: the positions of ``atoms`` ``[B, C]`` (clipped
+    into the prior box), D = their steering vectors ``[B, N, C]``, |phi_l|^2 and phi_l^H y_l from
+    the explicit measured atoms (C is small)."""
+    lo, hi = prob.box
+    rd = lo.dtype
+    dev = prob.y.device
+    phi = atoms.phi.to(dev, rd).clamp(lo[0], hi[0])
+    theta = atoms.theta.to(dev, rd).clamp(lo[1], hi[1])
+    rho = (1.0 / atoms.r.to(dev, rd)).clamp(lo[2], hi[2])
+    A = physics.steering(phi, theta, 1.0 / rho, prob.scenario, dtype=prob.y.dtype)  # [B, C, N]
+    Phi = measure(prob.H, prob.codes, A)  # [B, L, M, C]
+    dico = _Atoms(A.transpose(1, 2), prob.H, prob.codes, None, None, (phi, theta, rho))
+    dico.n2 = Phi.real.square().sum(2) + Phi.imag.square().sum(2)  # |phi_l|^2, [B, L, C]
+    dico.c = (Phi.conj() * prob.y.unsqueeze(-1)).sum(2)  # phi_l^H y_l, [B, L, C]
     return dico
 
 
@@ -866,6 +897,7 @@ def estimate(
     K: int | Tensor | None = None,
     snr_db=None,
     init: Estimates | None = None,
+    atoms: Estimates | None = None,
     iterations: int | None = None,
     model: str | None = None,
     options: MLOptions | None = None,
@@ -888,6 +920,10 @@ def estimate(
             used only to initialise sigma^2 of the first greedy step. Default: not used.
         init: optional :class:`Estimates`; skips the grid/greedy stage and the order rule and
             refines its K-hat sources with the same likelihood.
+        atoms: ``init`` path only: per-scene candidate positions (an :class:`Estimates` whose
+            ``[S, C]`` phi, theta, r are all finite, e.g. a network's ranked detections) that the
+            growth and RELAX searches (``init_grow``, ``init_relax``) score instead of the
+            dictionary of ``grid_shape``: C atoms per scene instead of the grid's.
         iterations: refinement steps of the final model (``options.final_iterations``).
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         options: :class:`MLOptions` (default ``MLOptions()``).
@@ -913,11 +949,22 @@ def estimate(
         opts = replace(opts, final_iterations=int(iterations))
     check_finite(scenes, "ml")
     S = len(scenes)
+    if atoms is not None:
+        if init is None:
+            raise ValueError("ml: atoms (per-scene candidate positions) need init (they serve its growth and RELAX searches)")
+        shape = tuple(atoms.phi.shape)
+        for name in ("phi", "theta", "r"):
+            t = getattr(atoms, name)
+            if tuple(t.shape) != shape or len(shape) != 2 or shape[0] != S or shape[1] < 1:
+                raise ValueError(f"ml: atoms.{name} has shape {list(t.shape)}, expected [{S}, C] with C >= 1 (like atoms.phi)")
+            bad = ~torch.isfinite(t).all(1)
+            if bool(bad.any()):
+                raise ValueError(f"ml: atoms.{name} of scene {int(torch.nonzero(bad)[0])} has non-finite values")
     known = _known_K(K, S, k_max, init, scenes.device)
     if snr_db is True:
         snr_db = scenes.snr_db
     with torch.no_grad():
-        return _run_batch(scenes, k_max, model, init, snr_db, opts, known)
+        return _run_batch(scenes, k_max, model, init, snr_db, opts, known, atoms)
 
 
 def _known_K(K, S: int, k_max: int, init, device) -> Tensor | None:
