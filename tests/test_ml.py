@@ -156,13 +156,19 @@ def test_init_prune_drops_a_spurious_source_and_keeps_true_ones():
     assert torch.equal(get("ml")(s, init=truth_init, init_prune=2).K, t.K)  # true sources are never pruned here
 
 
-def test_init_grow_adds_a_missed_source_and_only_when_the_likelihood_wants_it():
+def _three_sources_and_the_first_two(n: int):
+    """``n`` scenes with three sources at 25 dB (seed 9) and the truth without its third source."""
     sc = Scenario(k_fixed=3, snr_db_min=25, snr_db_max=25)
-    s = simulate(sc, 6, seed=9)
+    s = simulate(sc, n, seed=9)
     t = s.truth
-    nan = torch.full((6, sc.k_max - 2), math.nan)
-    # the truth without its third source: one growth step must find it again
+    nan = torch.full((n, sc.k_max - 2), math.nan)
     init = Estimates(t.K - 1, torch.cat([t.phi[:, :2], nan], 1), torch.cat([t.theta[:, :2], nan], 1), torch.cat([t.r[:, :2], nan], 1))
+    return sc, s, t, init
+
+
+def test_init_grow_adds_a_missed_source_and_only_when_the_likelihood_wants_it():
+    # the truth without its third source: one growth step must find it again
+    sc, s, t, init = _three_sources_and_the_first_two(6)
     grown = get("ml")(s, init=init, init_grow=1)
     assert torch.equal(grown.K, t.K)
     assert all(_hits(t, grown, i) for i in range(6))
@@ -319,11 +325,7 @@ def test_solve_and_inverse_without_synchronisation_match_linalg_and_flag_singula
 def test_per_scene_atoms_search_like_the_dictionary_they_copy():
     from risloc import grids
 
-    sc = Scenario(k_fixed=3, snr_db_min=25, snr_db_max=25)
-    s = simulate(sc, 4, seed=9)
-    t = s.truth
-    nan = torch.full((4, sc.k_max - 2), math.nan)
-    init = Estimates(t.K - 1, torch.cat([t.phi[:, :2], nan], 1), torch.cat([t.theta[:, :2], nan], 1), torch.cat([t.r[:, :2], nan], 1))
+    sc, s, t, init = _three_sources_and_the_first_two(4)
     shape = (9, 5, 4)
     g = grids.dictionary(sc, shape, dtype=torch.complex64)
     rep = lambda x: x.to(torch.float32).unsqueeze(0).expand(4, -1).clone()
