@@ -204,14 +204,20 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "rep"
     rc = main(["bench", "--scenes", "6", "--batch", "3", "--seed", str(SEED), "--methods", "bench-test-oracle,learned",
                "--out", str(out), "--no-plots", "--no-crb", "--no-progress", "--device", "cpu",
-               "--set", "k_max=5", "--signal", "static"])
+               "--set", "k_max=5", "--signal", "static", "--method-option", "learned:relax=0",
+               "--method-option", 'learned:ml_options={"iterations": 2}'])
     assert rc == 0
     text = capsys.readouterr().out
     assert "## Overall" in text and "bench-test-oracle" in text
     d = json.loads((out / "results.json").read_text())
     assert d["scenario"]["signal"] == "static" and d["n_scenes"] == 6
     assert d["methods"]["learned"]["status"] == "ok"  # the packaged default weights (a method without any: test_method_checkpoints)
+    assert d["methods"]["learned"]["options"] == {"relax": 0, "ml_options": {"iterations": 2}}
     assert (out / "report.md").is_file()
+    for item, message in (("mvdr:relax=0", "not one of --methods"), ("learned:nope=1", "learned has no option 'nope'"),
+                          ("relax=0", "expected NAME:KEY=VALUE")):
+        assert main(["bench", "--scenes", "6", "--methods", "learned", "--out", str(out), "--method-option", item]) == 2
+        assert message in capsys.readouterr().err
 
 
 @register("bench-test-needs-checkpoint", learned=True)

@@ -3,6 +3,7 @@
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import risloc
 from risloc import io
@@ -41,6 +42,30 @@ def test_option_routing():
         estimator_options(music, checkpoint="x.pt")
     with pytest.raises(ValueError, match="order"):
         estimator_options(mvdr, order_rule="mdl")
+
+
+def test_estimator_options_from_the_command_line(scene_file, tmp_path, capsys):
+    learned, ml = get("learned"), get("ml")
+    got = estimator_options(learned, options=["grow=0", 'ml_options={"iterations": 2}', "refine=music"])
+    assert got == {"grow": 0, "ml_options": {"iterations": 2}, "refine": "music"}
+    assert estimator_options(ml, options=["top=16", "penalty_stochastic=7.5"]) == {"top": 16, "penalty_stochastic": 7.5}
+    for item, message in (("grow", "expected KEY=VALUE"), ("nope=1", "has no option 'nope'"), ("checkpoint=x.pt", "use --checkpoint"),
+                          ("K=2", "use --k")):
+        with pytest.raises(ValueError, match=message):
+            estimator_options(learned, options=[item])
+    with pytest.raises(ValueError, match="one value per scene"):
+        estimator_options(ml, options=["init=1"])
+    # the option reaches the estimator: ml with one refinement step answers otherwise than with 25
+    outs = []
+    for steps in ("1", "25"):
+        out = tmp_path / f"ml{steps}.h5"
+        assert main(["locate", str(scene_file), "--out", str(out), "--method", "ml", "--option", f"final_iterations={steps}",
+                     "--no-progress"]) == 0
+        outs.append(io.load_estimates(out))
+    assert not torch.allclose(outs[0].phi, outs[1].phi, equal_nan=True)
+    assert main(["locate", str(scene_file), "--out", str(tmp_path / "x.h5"), "--method", "mvdr", "--option", "grow=0",
+                 "--no-progress"]) == 2
+    assert "mvdr has no option 'grow'" in capsys.readouterr().err
 
 
 def test_refusals(scene_file, tmp_path, capsys):

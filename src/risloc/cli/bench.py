@@ -44,6 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint of the learned pipeline: learned, learned+ml (default: packaged weights, if any)")
     p.add_argument("--method-checkpoint", action="append", default=[], metavar="NAME=CKPT",
                    help="checkpoint of another learned method, e.g. subspacenet=runs/ssn/best.pt (repeatable)")
+    p.add_argument("--method-option", action="append", default=[], metavar="NAME:KEY=VALUE", dest="method_options",
+                   help="an option of one method (repeatable; VALUE read as JSON where it parses; recorded in the report), "
+                        "e.g. learned:grow=0")
     p.add_argument("--signal", choices=("stochastic", "static"), default=None, help="signal model of the scenes (default: the scenario's)")
     p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the default scenario of docs/model.md)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         scenario=scenario,
         checkpoint=args.checkpoint,
         method_checkpoints=_method_checkpoints(args.method_checkpoint),
+        method_options=_method_options(args.method_options, args.methods),
         limits=_limits(args.limit),
         crb=not args.no_crb,
         strict=args.strict,
@@ -129,4 +133,23 @@ def _method_checkpoints(items: list[str]) -> dict[str, str]:
         if not sep or not name or not path:
             raise ValueError(f"--method-checkpoint {item!r}: expected NAME=CKPT")
         out[name.strip()] = path.strip()
+    return out
+
+
+def _method_options(items: list[str], methods: str) -> dict[str, dict]:
+    """``NAME:KEY=VALUE`` texts -> ``{NAME: {KEY: value}}`` for the methods of ``--methods``,
+    each checked against the estimator's options (:func:`risloc.cli.locate.parse_options`)."""
+    from risloc import estimators
+    from risloc.cli.locate import parse_options
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    out: dict[str, dict] = {}
+    for item in items:
+        name, sep, option = item.partition(":")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--method-option {item!r}: expected NAME:KEY=VALUE")
+        if name not in names:
+            raise ValueError(f"--method-option {item!r}: {name!r} is not one of --methods ({', '.join(names)})")
+        out.setdefault(name, {}).update(parse_options(estimators.get(name), [option], flag=f"--method-option {name}:"))
     return out

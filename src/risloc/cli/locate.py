@@ -8,7 +8,8 @@ the estimator reports (its name, plus the checkpoint hash for a learned method).
 
 Options reach an estimator only when it takes them (the estimator registry knows its
 options): --checkpoint goes to learned methods, --order-rule to methods with an order rule
-(music), --k N gives every scene N sources to methods that accept a known K (the answer
+(music), --option KEY=VALUE to any method that has that option (e.g. learned's grow, relax,
+prune; ml's iterations), --k N gives every scene N sources to methods that accept a known K (the answer
 then has exactly N), --no-snr hides the files' SNR label from every method (and passes
 use_snr=False where accepted, so the SNR is estimated from the data).
 """
@@ -38,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for learned methods")
     p.add_argument("--order-rule", choices=("mdl", "aic", "eigengap"), help="model-order rule for methods that estimate K from eigenvalues")
     p.add_argument("--no-snr", action="store_true", help="ignore the files' SNR label (estimate it from the data)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="an option of the estimator (repeatable; VALUE read as JSON where it parses), "
+                        "e.g. --method learned --option grow=0 --option relax=0 --option prune=0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -57,10 +61,42 @@ class _ListEstimators(argparse.Action):
         parser.exit()
 
 
-def estimator_options(estimator, *, checkpoint=None, order_rule=None, no_snr=False) -> dict:
+_SET_BY_FLAGS = {"checkpoint": "--checkpoint", "order_rule": "--order-rule", "use_snr": "--no-snr", "K": "--k",
+                 "batch": "--batch", "device": "--device", "progress": "--no-progress"}
+
+
+def parse_options(estimator, items, *, flag: str = "--option") -> dict:
+    """``KEY=VALUE`` texts -> keyword options of a registered ``estimator``. VALUE is read as
+    JSON where it parses (``0``, ``0.7``, ``true``, ``{"iterations": 2}``), else kept as text
+    (``refine=music``). Refused, naming ``flag`` and the item: no ``=``, an option the estimator
+    does not take, one with a flag of its own, one with a value per scene."""
+    import json
+
+    name = estimator.info.name
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key in _SET_BY_FLAGS:
+            raise ValueError(f"{flag} {item!r}: use {_SET_BY_FLAGS[key]} for {key}")
+        if key in estimator.info.per_scene:
+            raise ValueError(f"{flag} {item!r}: {name}'s {key} takes one value per scene; it cannot be set on the command line")
+        if not estimator.accepts(key):
+            raise ValueError(f"{flag} {item!r}: {name} has no option {key!r}; its options: {', '.join(sorted(estimator.options))}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def estimator_options(estimator, *, checkpoint=None, order_rule=None, no_snr=False, options=()) -> dict:
     """The keyword options of a registered ``estimator`` that the command line sets (only
-    those it takes, from the registry's record of its options)."""
-    opts: dict = {}
+    those it takes, from the registry's record of its options): the flags, then ``--option``
+    items (:func:`parse_options`)."""
+    opts: dict = parse_options(estimator, options)
     if checkpoint is not None:
         if not estimator.info.learned:
             raise ValueError("--checkpoint: this method does not take a checkpoint")
@@ -83,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     estimator = estimators.get(args.method)  # unknown names fail before any I/O
-    opts = estimator_options(estimator, checkpoint=args.checkpoint, order_rule=args.order_rule, no_snr=args.no_snr)
+    opts = estimator_options(estimator, checkpoint=args.checkpoint, order_rule=args.order_rule, no_snr=args.no_snr,
+                             options=args.options)
     if args.k is not None and not estimator.info.accepts_k:
         raise ValueError(f"--k: {args.method} does not accept a known number of sources")
     device = torch.device(args.device)
