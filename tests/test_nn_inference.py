@@ -62,8 +62,9 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     with pytest.raises(ValueError, match="grow"):
         get("learned+ml")(scenes, checkpoint=ckpt, grow=-1)
     assert "learned+ml" in risloc.estimators.available()
-    with pytest.raises(ValueError, match="relax"):
-        get("learned")(scenes, checkpoint=ckpt, relax=-1)
+    for bad in (-1, 1.5, "one", True):
+        with pytest.raises(ValueError, match="learned: relax"):
+            get("learned")(scenes, checkpoint=ckpt, relax=bad)
     with pytest.raises(ValueError, match="refine"):
         get("learned")(scenes, checkpoint=ckpt, refine="none")
 

@@ -305,8 +305,8 @@ def _counts(method: str, **counts) -> dict[str, int]:
     """The stage counts (``grow``, ``relax``, ...) as ints, each >= 0 (a ValueError naming ``method`` and the option)."""
     out = {}
     for name, v in counts.items():
-        if int(v) != v or int(v) < 0:
-            raise ValueError(f"{method}: {name} = {v}: must be an integer >= 0")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
+            raise ValueError(f"{method}: {name} = {v!r}: must be an integer >= 0")
         out[name] = int(v)
     return out
 
