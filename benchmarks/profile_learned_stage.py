@@ -1,0 +1,46 @@
+"""Where ``learned``'s likelihood stage spends its time on CUDA, by function of ``ml``.
+
+    PYTHONPATH=src python3 benchmarks/profile_learned_stage.py OUT.json
+
+On 8 192 scenes of the validation seed 1000, batches of 1 024 and 4 096: the packaged network's
+detections, then ``ml``'s ``init`` path with ``learned``'s options, with ``ml``'s functions
+wrapped to record their inclusive time between two device synchronisations (the wrappers add
+synchronisations, so the total is slower than an unwrapped run; nested functions are counted
+in their callers too). Writes microseconds per scene per function and the total.
+"""
+import collections
+import json
+import sys
+import time
+
+import torch
+import risloc
+from risloc.estimators import get, ml as M
+from risloc.nn.inference import _learned, LEARNED_DEFAULTS
+from risloc.scenes import Estimates
+dev = torch.device("cuda")
+scenes = risloc.simulate(risloc.Scenario(), 8192, seed=1000).to(dev)
+first = Estimates.cat([_learned(scenes[a:a + 1024], None, None, True, None, stage="detections")[0] for a in range(0, 8192, 1024)])
+acc = collections.defaultdict(float)
+def wrap(name):
+    f = getattr(M, name)
+    def g(*a, **k):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        out = f(*a, **k)
+        torch.cuda.synchronize(); acc[name] += time.perf_counter() - t
+        return out
+    setattr(M, name, g)
+for n in ["_measured_dictionary", "_add_stochastic", "_refine", "_drop_one", "_ls_powers", "_decide_range", "_grow", "_relax", "_prune", "_evaluate", "unit_power"]:
+    wrap(n)
+ml = get("ml")
+opts = {**LEARNED_DEFAULTS, "init_grow": 1, "init_relax": 1, "init_prune": 1}
+res = {}
+for B in (1024, 4096):
+    ml(scenes[:B], init=first[:B], batch=B, **opts)
+    acc.clear(); torch.cuda.synchronize(); t = time.perf_counter()
+    for a in range(0, 8192, B):
+        ml(scenes[a:a + B], init=first[a:a + B], batch=B, **opts)
+    torch.cuda.synchronize(); tot = time.perf_counter() - t
+    res[B] = {"total_us_per_scene": tot / 8192 * 1e6, **{k: v / 8192 * 1e6 for k, v in acc.items()}}
+    print(B, json.dumps({k: round(v, 1) for k, v in res[B].items()}), flush=True)
+json.dump(res, open(sys.argv[1], "w"), indent=1)
