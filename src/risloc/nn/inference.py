@@ -267,17 +267,22 @@ On 4 000 scenes of the validation seed 1000 on one H100 the shipped model under 
 (as trained) scored 0.390 / 0.659 (all SNRs / 10-20 dB, with the likelihood refinement) against
 0.393 / 0.663 in float32, for 9 % more forward speed (benchmarks/results/h100/learned-speed/)."""
 
-LEARNED_DEFAULTS = {"iterations": 3, "greedy_iterations": 3, "relax_sources": 1}
+LEARNED_DEFAULTS = {"iterations": 3, "greedy_iterations": 3, "relax_sources": 1, "grid_shape": (21, 11, 12)}
 """``ml`` options of ``learned``'s likelihood stage besides its growth, RELAX and pruning counts:
 3 Fisher-scoring steps of the start and after each change (``iterations``,
-``greedy_iterations``), and RELAX re-searches only the weakest source (``relax_sources``).
-Chosen on 4 000 scenes of the validation seed 1000 on one H100
+``greedy_iterations``), RELAX re-searches only the weakest source (``relax_sources``), and the
+growth and RELAX searches score a 21 x 11 x 12 dictionary (2 772 atoms; ``ml``'s own is
+25 x 13 x 14, 4 550). Chosen on 4 000 scenes of the validation seed 1000 on one H100
 (benchmarks/results/h100/learned-stage/), success at 10-20 dB / over all SNRs and K_acc at
-10-20 dB, with one growth, one RELAX re-search and one pruning pass: 6 steps 0.704 / 0.426 /
-0.984, 4 steps 0.706 / 0.427 / 0.984, 3 steps 0.706 / 0.427 / 0.984, 2 steps 0.705 / 0.428 /
-0.981; re-searching every source instead of the weakest: 0.704 / 0.427 / 0.985 at half the
-speed; ``ml`` itself 0.707 / 0.429 / 0.989. The Levenberg-Marquardt steps start next to the
-optimum, so a few suffice."""
+10-20 dB, with one growth, one RELAX re-search and one pruning pass on ``ml``'s dictionary:
+6 steps 0.704 / 0.426 / 0.984, 4 steps 0.706 / 0.427 / 0.984, 3 steps 0.706 / 0.427 / 0.984,
+2 steps 0.705 / 0.428 / 0.981; re-searching every source instead of the weakest: 0.704 / 0.427
+/ 0.985 at half the speed; ``ml`` itself 0.707 / 0.429 / 0.989. The Levenberg-Marquardt steps
+start next to the optimum, so a few suffice. With 3 steps, by dictionary
+(grid_val1000.json, the stage's scenes/s at batch 1 024 in one run): 25 x 13 x 14 0.706 /
+0.427 / 0.984 at 4 550-4 670; 21 x 11 x 12 0.704 / 0.425 / 0.982 at 6 130; 19 x 10 x 10 0.704 /
+0.426 / 0.979 at 6 490; 15 x 8 x 8 0.702 / 0.424 / 0.973 at 6 370; 13 x 7 x 7 0.699 / 0.422 /
+0.974 at 7 390: the 21 x 11 x 12 grid keeps K_acc above 0.98 for a third more speed."""
 
 LEARNED_GROW = 1
 """Greedy additions of ``learned``'s likelihood stage (``ml``'s ``init_grow``): the network
