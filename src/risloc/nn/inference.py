@@ -351,9 +351,10 @@ def estimate(
 
     1. their positions, powers and sigma^2 take a few joint Fisher-scoring steps on the exact
        likelihood of the measurements y_l ~ CN(0, G_l R G_l^H + sigma^2 I) (no search);
-    2. ``grow`` (default :data:`LEARNED_GROW`) greedy additions: the dictionary atom of largest
-       likelihood gain given those sources is added and all are refined; the larger model is
-       kept only where ``ml``'s penalised likelihood and power rule prefer it;
+    2. ``grow`` (default :data:`LEARNED_GROW`) greedy additions: the atom of a near-field
+       dictionary (``grid_shape`` of :data:`LEARNED_DEFAULTS`) of largest likelihood gain given
+       those sources is added and all are refined; the larger model is kept only where
+       ``ml``'s penalised likelihood and power rule prefer it;
     3. ``relax`` (default :data:`LEARNED_RELAX`) RELAX cycles on the weakest source: it is
        removed, searched again on the dictionary given the others, and the move is kept where
        the likelihood rises;
