@@ -214,8 +214,13 @@ def test_cli(tmp_path, capsys):
     assert d["methods"]["learned"]["status"] == "ok"  # the packaged default weights (a method without any: test_method_checkpoints)
     assert d["methods"]["learned"]["options"] == {"relax": 0, "ml_options": {"iterations": 2}}
     assert (out / "report.md").is_file()
+    from risloc.cli.bench import _method_options
+
+    # options with a flag of risloc locate but none of risloc bench pass; bench's own flags are named
+    assert _method_options(["music:order_rule=aic", "music:use_snr=false"], "music,ml") == {"music": {"order_rule": "aic", "use_snr": False}}
     for item, message in (("mvdr:relax=0", "not one of --methods"), ("learned:nope=1", "learned has no option 'nope'"),
-                          ("relax=0", "expected NAME:KEY=VALUE")):
+                          ("relax=0", "expected NAME:KEY=VALUE"), ("learned:checkpoint=x.pt", "use --checkpoint or --method-checkpoint"),
+                          ("learned:K=2", "use --oracle-k")):
         assert main(["bench", "--scenes", "6", "--methods", "learned", "--out", str(out), "--method-option", item]) == 2
         assert message in capsys.readouterr().err
 

@@ -136,6 +136,11 @@ def _method_checkpoints(items: list[str]) -> dict[str, str]:
     return out
 
 
+_SET_BY_FLAGS = {"checkpoint": "--checkpoint or --method-checkpoint", "K": "--oracle-k", "batch": "--batch", "device": "--device",
+                 "progress": "--no-progress"}
+"""Estimator options that ``risloc bench`` sets through flags of its own (refused in --method-option)."""
+
+
 def _method_options(items: list[str], methods: str) -> dict[str, dict]:
     """``NAME:KEY=VALUE`` texts -> ``{NAME: {KEY: value}}`` for the methods of ``--methods``,
     each checked against the estimator's options (:func:`risloc.cli.locate.parse_options`)."""
@@ -151,5 +156,6 @@ def _method_options(items: list[str], methods: str) -> dict[str, dict]:
             raise ValueError(f"--method-option {item!r}: expected NAME:KEY=VALUE")
         if name not in names:
             raise ValueError(f"--method-option {item!r}: {name!r} is not one of --methods ({', '.join(names)})")
-        out.setdefault(name, {}).update(parse_options(estimators.get(name), [option], flag=f"--method-option {name}:"))
+        out.setdefault(name, {}).update(parse_options(estimators.get(name), [option], flag=f"--method-option {name}:",
+                                                      reserved=_SET_BY_FLAGS))
     return out

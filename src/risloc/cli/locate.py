@@ -65,11 +65,12 @@ _SET_BY_FLAGS = {"checkpoint": "--checkpoint", "order_rule": "--order-rule", "us
                  "batch": "--batch", "device": "--device", "progress": "--no-progress"}
 
 
-def parse_options(estimator, items, *, flag: str = "--option") -> dict:
+def parse_options(estimator, items, *, flag: str = "--option", reserved: dict[str, str] = _SET_BY_FLAGS) -> dict:
     """``KEY=VALUE`` texts -> keyword options of a registered ``estimator``. VALUE is read as
     JSON where it parses (``0``, ``0.7``, ``true``, ``{"iterations": 2}``), else kept as text
     (``refine=music``). Refused, naming ``flag`` and the item: no ``=``, an option the estimator
-    does not take, one with a flag of its own, one with a value per scene."""
+    does not take, one the command sets with a flag of its own (``reserved``: option -> flag;
+    default: ``risloc locate``'s), one with a value per scene."""
     import json
 
     name = estimator.info.name
@@ -79,8 +80,8 @@ def parse_options(estimator, items, *, flag: str = "--option") -> dict:
         key = key.strip()
         if not sep or not key.isidentifier():
             raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
-        if key in _SET_BY_FLAGS:
-            raise ValueError(f"{flag} {item!r}: use {_SET_BY_FLAGS[key]} for {key}")
+        if key in reserved:
+            raise ValueError(f"{flag} {item!r}: use {reserved[key]} for {key}")
         if key in estimator.info.per_scene:
             raise ValueError(f"{flag} {item!r}: {name}'s {key} takes one value per scene; it cannot be set on the command line")
         if not estimator.accepts(key):
