@@ -11,7 +11,7 @@ from risloc.nn.train import train
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     from risloc.nn.inference import (LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_PRUNE, LEARNED_RELAX, _learned,
-                                     over_init)
+                                     k_confidence, load_model, over_init, run_model)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -26,9 +26,12 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     scenes = risloc.simulate(risloc.Scenario(), 4, seed=5)
     music = {"refine_iterations": 2}
     network = get("learned")(scenes, checkpoint=ckpt, music_options=music, refine="music")
-    first, cand, conf = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
+    first, cand = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
     assert torch.equal(first.K, network.K)  # the K-hat of the K head either way
     assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
+    loaded = load_model(ckpt)
+    _, pred = run_model(loaded.model, scenes, options=loaded.options, calibration=loaded.calibration, stage="detections")
+    conf = k_confidence(pred, loaded.calibration)  # the calibrated K head's confidence
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
     # learned = ml's init path from the network's K-hat detections: refine, grow, RELAX of the weakest, prune
     again = get("ml")(scenes, init=first, **LEARNED_DEFAULTS, init_grow=LEARNED_GROW, init_relax=LEARNED_RELAX,

@@ -106,9 +106,9 @@ _INFO: dict[str, EstimatorInfo] = {
         EstimatorInfo("sbl", "risloc.estimators.sbl", batch=16, batch_cuda=256, k_option="K",
                       summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),
         EstimatorInfo("learned", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
-                      summary="the learned pipeline: network detections and K head -> likelihood refinement -> one likelihood-tested further source"),
+                      summary="the learned pipeline: network detections and K head -> likelihood refinement, one further source, a new search of the weakest, one pruning pass"),
         EstimatorInfo("learned+ml", "risloc.nn.inference", k_option="K", learned=True, default_weights="weights/default.pt",
-                      summary="the network's detections, then ml's refinement, one further source, a RELAX cycle and a pruning pass"),
+                      summary="the network's detections, then ml's refinement, one further source, a RELAX cycle of every source and a pruning pass"),
         EstimatorInfo("subspacenet", "risloc.nn.subspacenet", k_option="K", learned=True, default_weights="weights/subspacenet.pt",
                       summary="SubspaceNet-style surrogate covariance -> MUSIC"),
     )

@@ -389,7 +389,7 @@ def estimate(
     counts = _counts("learned", grow=grow, relax=relax, prune=prune)
     stage = "detections" if refine == "likelihood" else "music"
     K = known_k("learned", K, scenes)
-    est, _, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage)
+    est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage)
     if refine == "likelihood":
         method = est.method
         options = {**LEARNED_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
@@ -408,17 +408,15 @@ def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
 def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
              stage: str = "music"):
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
-    candidates or None, the calibrated K head's confidence [S])`` on the scenes' device; the
-    candidates only when asked for and when the network kind has them (a ``spectrum`` network's
-    decoded detections, strongest first); the confidence is :func:`k_confidence`.
+    candidates or None)`` on the scenes' device; the candidates only when asked for and when the
+    network kind has them (a ``spectrum`` network's decoded detections, strongest first).
     ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
                           use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage)
     est.method = f"learned:{loaded.sha256[:12]}"
-    cand = get_network(pred.kind).candidates(pred) if candidates else None
-    return est, cand, k_confidence(pred, loaded.calibration)
+    return est, (get_network(pred.kind).candidates(pred) if candidates else None)
 
 
 def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
@@ -499,10 +497,11 @@ def estimate_learned_ml(
     """
     counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned+ml", K, scenes)
-    first, cand, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=K is None, K=K, stage="detections")
+    over_propose = K is None and counts["over"] > 0  # the network's further detections are needed only then
+    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K, stage="detections")
     options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
                "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
-    init = over_init(cand, first.K, counts["over"]) if K is None and cand is not None else first
+    init = over_init(cand, first.K, counts["over"]) if cand is not None else first
     refined = _likelihood_stage(scenes, init, K, use_snr, options)
     refined.method = first.method.replace("learned:", "learned+ml:", 1)
     return refined
