@@ -14,6 +14,7 @@ import time
 
 import torch
 import risloc
+from risloc._files import atomic_write_text
 from risloc.nn.inference import DEFAULT_WEIGHTS, load_model
 from risloc.nn.inputs import prepare_inputs
 from risloc.nn.networks import spectrum as spm
@@ -60,4 +61,4 @@ for B in (1024, 4096):
     except Exception as e:
         res[f"model_compiled_bf16_error_b{B}"] = repr(e)[:500]; print(e)
     torch._dynamo.reset()
-json.dump(res, open(sys.argv[1], "w"), indent=1)
+atomic_write_text(sys.argv[1], json.dumps(res, indent=1))

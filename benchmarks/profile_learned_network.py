@@ -13,6 +13,7 @@ import time
 
 import torch
 import risloc
+from risloc._files import atomic_write_text
 from risloc.nn.inference import DEFAULT_WEIGHTS, load_model
 from risloc.nn.inputs import prepare_inputs
 from risloc.nn.networks import spectrum as spm
@@ -45,4 +46,4 @@ with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, benchmark=True):
         model(inps[0], options); torch.cuda.synchronize()
 res["forward_profile_benchmark"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 print(res["front_end_profile"]); print(res["forward_profile_benchmark"])
-json.dump(res, open(sys.argv[1], "w"), indent=1)
+atomic_write_text(sys.argv[1], json.dumps(res, indent=1))

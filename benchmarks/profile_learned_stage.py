@@ -15,6 +15,7 @@ import time
 
 import torch
 import risloc
+from risloc._files import atomic_write_text
 from risloc.estimators import get, ml as M
 from risloc.nn.inference import _learned, LEARNED_DEFAULTS
 from risloc.scenes import Estimates
@@ -43,4 +44,4 @@ for B in (1024, 4096):
     torch.cuda.synchronize(); tot = time.perf_counter() - t
     res[B] = {"total_us_per_scene": tot / 8192 * 1e6, **{k: v / 8192 * 1e6 for k, v in acc.items()}}
     print(B, json.dumps({k: round(v, 1) for k, v in res[B].items()}), flush=True)
-json.dump(res, open(sys.argv[1], "w"), indent=1)
+atomic_write_text(sys.argv[1], json.dumps(res, indent=1))
