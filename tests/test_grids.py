@@ -129,3 +129,22 @@ def test_back_project_is_the_adjoint_map_and_gives_the_atoms_inner_products():
                 ref = np.sum(np.conj(vn[b, l, :]) * phi)
                 got = (w[b, l].conj() @ D[:, q]).item()
                 assert abs(got - ref) < 1e-11 * (1 + abs(ref))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 4, 5)])
+def test_dictionary_product_on_tensor_cores_is_the_complex_product(shape):
+    """The split-TF32 route (run here in float32 on the CPU, as on the tensor cores) gives w @ D
+    to float32 accuracy, for any leading shape, and refuses other dtypes."""
+    H, codes, D = _maps()
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape[:-1], D.shape[0], dtype=torch.complex128, generator=g)
+    ref = (w @ D).numpy()
+    out = grids.dictionary_product(w.to(torch.complex64), D.to(torch.complex64), tensor_cores=True)
+    assert out.dtype == torch.complex64 and out.shape == ref.shape
+    assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 2e-6
+    conj = grids.dictionary_product(w.to(torch.complex64).conj(), D.to(torch.complex64), tensor_cores=True)
+    assert np.abs(conj.numpy() - (w.conj() @ D).numpy()).max() / np.abs(ref).max() < 2e-6
+    plain = grids.dictionary_product(w, D, tensor_cores=False)
+    assert torch.equal(plain, w @ D)
+    with pytest.raises(ValueError, match="complex64"):
+        grids.dictionary_product(w, D, tensor_cores=True)

@@ -41,7 +41,7 @@ from torch import Tensor
 from . import physics
 from .scenario import Scenario
 
-__all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary",
+__all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary", "dictionary_product",
            "back_project", "atom_norms"]
 
 
@@ -228,19 +228,58 @@ def _tf32_split(x: Tensor) -> tuple[Tensor, Tensor]:
 _SPLIT_CACHE: dict = {}
 
 
-def _split_real_dictionary(D: Tensor) -> Tensor:
+def _split_real_dictionary(D: Tensor, interleaved: bool = False) -> Tensor:
     """``[[Dr_hi], [Dr_lo], [Dr_hi]]`` ``[6N, 2Q]`` float32 with Dr = [[Re D, Im D], [-Im D, Re D]]
     ``[2N, 2Q]`` (a complex product G D is the real product [Re G, Im G] Dr = [Re(G D), Im(G D)])
-    and (Dr_hi, Dr_lo) = :func:`_tf32_split` (Dr). Cached per tensor ``D`` (its storage, shape,
-    strides, device, dtype and version; the cache holds ``D`` so its storage is not reused)."""
-    key = (D.data_ptr(), tuple(D.shape), D.stride(), str(D.device), D.dtype, D._version)
+    and (Dr_hi, Dr_lo) = :func:`_tf32_split` (Dr). ``interleaved``: the rows and columns of Dr in
+    the order (Re, Im) per element and per atom instead, so that the real product of
+    ``view_as_real(G)`` is ``view_as_real(G D)`` (:func:`dictionary_product`). Cached per tensor
+    ``D`` (its storage, shape, strides, device, dtype and version; the cache holds ``D`` so its
+    storage is not reused)."""
+    key = (D.data_ptr(), tuple(D.shape), D.stride(), str(D.device), D.dtype, D._version, interleaved)
     if key not in _SPLIT_CACHE:
         if len(_SPLIT_CACHE) > 8:
             _SPLIT_CACHE.clear()
-        Dr = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(torch.float32)
+        if interleaved:  # Dr[(n, i), (q, o)]: input part i (Re, Im) of element n to output part o of atom q
+            re, im = D.real.to(torch.float32), D.imag.to(torch.float32)
+            Dr = torch.stack([torch.stack([re, im], -1), torch.stack([-im, re], -1)], 1).reshape(2 * D.shape[0], 2 * D.shape[1])
+        else:
+            Dr = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(torch.float32)
         hi, lo = _tf32_split(Dr)
         _SPLIT_CACHE[key] = (D, torch.cat([hi, lo, hi], 0).contiguous())
     return _SPLIT_CACHE[key][1]
+
+
+def _split_tf32_matmul(x: Tensor, Ds: Tensor) -> Tensor:
+    """x ``[R, 2N]`` float32 times the split dictionary ``Ds`` ``[6N, 2Q]`` of
+    :func:`_split_real_dictionary`: x_hi (Dr_hi + Dr_lo) + x_lo Dr_hi as ONE TF32 product."""
+    hi, lo = _tf32_split(x)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return torch.cat([hi, hi, lo], 1) @ Ds
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def dictionary_product(w: Tensor, D: Tensor, *, tensor_cores: bool | None = None) -> Tensor:
+    """w @ D for complex rows ``w`` ``[..., N]`` and the dictionary ``D`` ``[N, Q]`` -> ``[..., Q]``:
+    the inner products of vectors with every atom (:func:`back_project`).
+
+    ``tensor_cores`` (default on CUDA for complex64): the product as one real split-TF32 product
+    on the tensor cores (the "3xTF32" scheme of :func:`atom_norms`, as accurate as float32), its
+    operands in (Re, Im) pairs so that input and output are views of the complex tensors.
+    Otherwise the complex matmul."""
+    if tensor_cores is None:
+        tensor_cores = w.device.type == "cuda" and w.dtype == D.dtype == torch.complex64
+    if not tensor_cores:
+        return w @ D
+    if w.dtype != torch.complex64 or D.dtype != torch.complex64:
+        raise ValueError(f"dictionary_product: tensor_cores needs complex64 operands, not {w.dtype} and {D.dtype}")
+    N, Q = D.shape
+    x = torch.view_as_real(w.reshape(-1, N).resolve_conj().contiguous()).reshape(-1, 2 * N)  # (Re, Im) per element
+    out = _split_tf32_matmul(x, _split_real_dictionary(D, interleaved=True))  # (Re, Im) per atom, [R, 2Q]
+    return torch.view_as_complex(out.view(-1, Q, 2)).view(*w.shape[:-1], Q)
 
 
 def atom_norms(H: Tensor, codes: Tensor, D: Tensor, *, tensor_cores: bool | None = None, chunk: int | None = None) -> Tensor:
@@ -274,17 +313,11 @@ def atom_norms(H: Tensor, codes: Tensor, D: Tensor, *, tensor_cores: bool | None
         return torch.cat(out)
     Ds = _split_real_dictionary(D)
     step = chunk or 256
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        for a in range(0, B, step):
-            Hb, cb = H[a : a + step], codes[a : a + step]
-            b = Hb.shape[0]
-            G = (Hb.unsqueeze(1) * cb.unsqueeze(2)).reshape(b * L * M, N)
-            hi, lo = _tf32_split(torch.cat([G.real, G.imag], 1))
-            P = (torch.cat([hi, hi, lo], 1) @ Ds).view(b, L, M, -1)  # [Re Phi, Im Phi]
-            n = torch.linalg.vector_norm(P, dim=2).square()  # [b, L, 2Q], one pass over P
-            out.append(n[..., :Q] + n[..., Q:])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    for a in range(0, B, step):
+        Hb, cb = H[a : a + step], codes[a : a + step]
+        b = Hb.shape[0]
+        G = (Hb.unsqueeze(1) * cb.unsqueeze(2)).reshape(b * L * M, N)
+        P = _split_tf32_matmul(torch.cat([G.real, G.imag], 1), Ds).view(b, L, M, -1)  # [Re Phi, Im Phi]
+        n = torch.linalg.vector_norm(P, dim=2).square()  # [b, L, 2Q], one pass over P
+        out.append(n[..., :Q] + n[..., Q:])
     return torch.cat(out)

@@ -207,16 +207,21 @@ class _Atoms:
 
     def products(self, v: Tensor) -> Tensor:
         """v_l^H Phi_l = conj(G_l^H v_l)^T D: ``v`` ``[B, L, M]`` -> ``[B, L, Q]``, or J vectors per
-        snapshot ``[B, L, J, M]`` -> ``[B, L, J, Q]``."""
+        snapshot ``[B, L, J, M]`` -> ``[B, L, J, Q]`` (:func:`risloc.grids.dictionary_product`:
+        on the tensor cores on CUDA)."""
         w = grids.back_project(v, self.H, self.codes).conj()
-        return w @ (self.D if self.D.ndim == 2 or w.ndim == 3 else self.D.unsqueeze(1))
+        if self.D.ndim == 2:
+            return grids.dictionary_product(w, self.D)
+        return w @ (self.D if w.ndim == 3 else self.D.unsqueeze(1))
 
     def summed_products(self, v: Tensor) -> Tensor:
         """sum_l v_l^H Phi_l = (sum_l conj(G_l^H v_l))^T D (the stacked dictionary
         [Phi_1; ...; Phi_L] against stacked vectors): ``[B, L, M]`` -> ``[B, Q]``,
         ``[B, L, J, M]`` -> ``[B, J, Q]``."""
         w = grids.back_project(v, self.H, self.codes).sum(1).conj()
-        if self.D.ndim == 3 and w.ndim == 2:  # per-scene atoms: one row per scene
+        if self.D.ndim == 2:
+            return grids.dictionary_product(w, self.D)
+        if w.ndim == 2:  # per-scene atoms: one row per scene
             return (w.unsqueeze(1) @ self.D).squeeze(1)
         return w @ self.D
 
@@ -362,13 +367,18 @@ def _proxy_gain(alpha: Tensor, beta: Tensor):
 def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid: Tensor | None, top: int):
     """Add the best dictionary atom as source slot k (stochastic likelihood).
 
-    alpha_l = phi_l^H C_l^-1 phi_l and phi_l^H C_l^-1 y_l come from the Woodbury form
-    C^-1 = (I - B S^-1 B^H) / sigma^2, S = sigma^2 P^-1 + B^H B (K x K), so the cost per atom
-    is O(L N K) (E = B^H Phi through the dictionary; slots empty in every scene left out). All
-    atoms are screened with a one-point proxy of the gain; the ``top`` best are scored exactly
-    (grid + parabola in log p). For the first source sigma^2 is searched on ``s2_grid`` too.
-    From ``dico``: n2 = |phi_l|^2 ``[B, L, Q]``, c = phi_l^H y_l ``[B, L, Q]``, and
-    E = B_l^H Phi_l ``[B, L, K, Q]`` through the dictionary (:meth:`_Atoms.products`).
+    alpha_l = phi_l^H C_l^-1 phi_l and beta_l = |phi_l^H C_l^-1 y_l|^2 come from the Woodbury form
+    C^-1 = (I - B S^-1 B^H) / sigma^2 with S = sigma^2 P^-1 + B^H B = Lc Lc^H (K x K, Cholesky):
+
+        sigma^2 alpha_l = |phi_l|^2 - |Lc^-1 B_l^H phi_l|^2,
+        sigma^2 phi_l^H C_l^-1 y_l = phi_l^H y_l - (Lc^-1 B_l^H phi_l)^H (Lc^-1 B_l^H y_l),
+
+    i.e. the products of the K rows of Lc^-1 B_l^H with every atom: one product with the
+    dictionary (:meth:`_Atoms.products`; O(L N K) per atom; slots empty in every scene left
+    out) and no K x K matrix applied to the [K, Q] products. All atoms are screened with a
+    one-point proxy of the gain; the ``top`` best are scored exactly (grid + parabola in log p).
+    For the first source sigma^2 is searched on ``s2_grid`` too. From ``dico``:
+    n2 = |phi_l|^2 and c = phi_l^H y_l ``[B, L, Q]``.
     """
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     B, L, M = y.shape
@@ -415,15 +425,16 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         logp = state.logp[:, :n]
         pinv = torch.where(act, s2.view(B, 1) / torch.exp(logp), torch.ones_like(logp))
         S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, n, n]
-        Si = inverse(S)
-        E = dico.products(Bm.transpose(-1, -2))  # B_l^H Phi_l, [B, L, n, Q]
-        SE = Si @ E
-        u = Si @ (Bm.mH @ y.unsqueeze(-1))  # [B, L, n, 1]
+        Lc, info = torch.linalg.cholesky_ex(S)  # S = Lc Lc^H (no host synchronisation)
+        Lc = torch.where(info.ne(0).view(B, L, 1, 1), torch.full_like(Lc, float("nan")), Lc)  # NaN gains, as a singular S
+        Bt = torch.linalg.solve_triangular(Lc, Bm.mH, upper=False)  # Lc^-1 B_l^H, [B, L, n, M]
+        Et = dico.products(Bt.conj())  # Lc^-1 B_l^H Phi_l, [B, L, n, Q]
+        v = Bt @ y.unsqueeze(-1)  # Lc^-1 B_l^H y_l, [B, L, n, 1]
         s2v = s2.view(B, 1, 1)
-        quad = (torch.view_as_real(E) * torch.view_as_real(SE)).sum((2, 4))  # Re sum_k conj(E) S^-1 E
+        quad = Et.real.square().sum(2) + Et.imag.square().sum(2)  # |Lc^-1 B_l^H phi_lq|^2 = phi^H B S^-1 B^H phi
         alpha = ((n2 - quad) / s2v).clamp_min(1e-12 * n2 / s2v)
-        beta = torch.view_as_real(c - (u.mH @ E).squeeze(2).conj()).square().sum(-1) / s2v**2
-        del E, SE
+        beta = (c - (v.mH @ Et).squeeze(2).conj()).abs().square() / s2v**2  # |phi_lq^H C_l^-1 y_l|^2
+        del Et
         prox = _proxy_gain(alpha, beta)
         idx = torch.topk(-prox, min(top, Q), dim=1).indices
         g = lambda t: t.gather(2, idx.unsqueeze(1).expand(B, L, -1))

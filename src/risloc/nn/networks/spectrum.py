@@ -56,7 +56,7 @@ from torch.nn import functional as Fn
 
 from ... import covariance as cv
 from ... import physics
-from ...grids import GridSpec, atom_norms, back_project, grid_points
+from ...grids import GridSpec, atom_norms, back_project, dictionary_product, grid_points
 from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ...scenario import Scenario
 from ...scenes import Estimates, Truth
@@ -151,8 +151,8 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         t_lq = phi_lq^H P_l y_l = t_lq - (phi_lq^H e_l)(e_l^H y_l),   n_lq = |P_l phi_lq|^2 = n_lq - |e_l^H phi_lq|^2
 
     cost O(L N Q) per pick. Only the norms |phi_lq|^2 need Phi itself (:func:`risloc.grids.atom_norms`, the
-    dominant cost; with ``tensor_cores``, default on CUDA, one split-TF32 product on the tensor cores,
-    as accurate as float32).
+    dominant cost). With ``tensor_cores`` (default on CUDA) both kinds of product are split-TF32
+    products on the tensor cores, as accurate as float32 (:func:`risloc.grids.dictionary_product`).
     """
     B, L, M = y.shape
     Q = grid.D.shape[1]
@@ -168,7 +168,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
         b = yb.shape[0]
         n0 = atom_norms(Hb, cb, D, tensor_cores=tensor_cores)  # |phi|^2, [b, L, Q]
-        t = (back_project(yb, Hb, cb).conj() @ D).conj()  # phi^H y, [b, L, Q]
+        t = dictionary_product(back_project(yb, Hb, cb).conj(), D, tensor_cores=tensor_cores).conj()  # phi^H y, [b, L, Q]
         n = n0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
         total = ynorm.sum(1, keepdim=True).clamp(min=1e-30)  # [b, 1]
@@ -185,7 +185,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
                 bvec = bvec - e * (e.conj() * bvec).sum(-1, keepdim=True)
             e = bvec / torch.linalg.vector_norm(bvec, dim=-1, keepdim=True).clamp(min=1e-30)
             basis.append(e)
-            z = back_project(e, Hb, cb).conj() @ D  # e^H phi, [b, L, Q]
+            z = dictionary_product(back_project(e, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # e^H phi, [b, L, Q]
             ey = (e.conj() * yb).sum(-1)  # e^H y, [b, L]
             t = t - z.conj() * ey.unsqueeze(-1)
             n = (n - z.abs().square()).clamp(min=0)
