@@ -168,11 +168,12 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
         b = yb.shape[0]
         n0 = atom_norms(Hb, cb, D, tensor_cores=tensor_cores)  # |phi|^2, [b, L, Q]
-        t = dictionary_product(back_project(yb, Hb, cb).conj(), D, tensor_cores=tensor_cores).conj()  # phi^H y, [b, L, Q]
-        n = n0
+        tc = dictionary_product(back_project(yb, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # y^H phi = conj(t), [b, L, Q]
+        n = n0.clone()
+        floor = 1e-3 * n0  # atoms whose |P phi|^2 falls to this are explained: score 0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
         total = ynorm.sum(1, keepdim=True).clamp(min=1e-30)  # [b, 1]
-        mf = t.abs().square() / n0.clamp(min=1e-30)
+        mf = tc.abs().square() / n0.clamp(min=1e-30)
         c_out[a : a + chunk] = mf / ynorm.unsqueeze(-1).clamp(min=1e-30)
         S = mf.sum(1) / total
         S_out[a : a + chunk, 0] = S
@@ -187,12 +188,13 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
             basis.append(e)
             z = dictionary_product(back_project(e, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # e^H phi, [b, L, Q]
             ey = (e.conj() * yb).sum(-1)  # e^H y, [b, L]
-            t = t - z.conj() * ey.unsqueeze(-1)
-            n = (n - z.abs().square()).clamp(min=0)
+            # the updates of the docstring, in few passes over [b, L, Q]: conj(t) -= (e^H phi) conj(e^H y), n -= |e^H phi|^2
+            tc = torch.addcmul(tc, z, ey.conj().unsqueeze(-1), value=-1)
+            za = z.abs()
+            n = torch.addcmul(n, za, za, value=-1).clamp_(min=0)
             left = (left - ey.abs().square()).clamp(min=0)
             res_out[a : a + chunk, j + 1] = left.sum(1) / total.squeeze(1)
-            ok = n > 1e-3 * n0
-            S = (torch.where(ok, t.abs().square() / n.clamp(min=1e-30), torch.zeros_like(n))).sum(1) / total
+            S = (tc.abs().square_() / torch.where(n > floor, n, torch.inf)).sum(1) / total
             if j + 1 < n_s:
                 S_out[a : a + chunk, j + 1] = S
     return Spectra(S_out, c_out, res_out)
