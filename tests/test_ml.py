@@ -322,6 +322,21 @@ def test_solve_and_inverse_without_synchronisation_match_linalg_and_flag_singula
     assert bool(torch.isfinite(X[[0, 2, 3]]).all()) and torch.allclose(Ai[0], torch.linalg.inv(A[0]))
 
 
+@pytest.mark.parametrize("triangular_solve", [False, True])
+def test_cholesky_inverse_both_routes_invert_the_matrix(triangular_solve):
+    from risloc.estimators.ml_core import cholesky_inverse, hermitian_solve_parts
+
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 5, 6, 6, dtype=torch.complex128, generator=g)
+    C = A @ A.mH + 0.1 * torch.eye(6, dtype=torch.complex128)
+    Lc = torch.linalg.cholesky(C)
+    Ci = cholesky_inverse(Lc, triangular_solve=triangular_solve)
+    assert torch.allclose(Ci, torch.linalg.inv(C), rtol=1e-9, atol=1e-9)
+    Ci2, logdet, info = hermitian_solve_parts(C)
+    assert torch.allclose(Ci2, Ci, rtol=1e-9, atol=1e-9) and bool((info == 0).all())
+    assert torch.allclose(logdet, torch.linalg.slogdet(C).logabsdet, rtol=1e-12, atol=1e-9)
+
+
 def test_per_scene_atoms_search_like_the_dictionary_they_copy():
     from risloc import grids
 

@@ -76,14 +76,29 @@ def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
     return (H @ X.transpose(-1, -2)).view(B, -1, L, P).transpose(1, 2)  # [B, L, M, P]
 
 
+def cholesky_inverse(Lc: Tensor, *, triangular_solve: bool | None = None) -> Tensor:
+    """C^-1 = Lc^-H Lc^-1 from the lower Cholesky factor ``Lc`` ``[..., M, M]`` of C.
+
+    ``triangular_solve`` (default on CUDA): Lc^-1 by one batched triangular solve, then one
+    product; ``torch.cholesky_inverse`` (the default on the CPU, where it is twice as fast) waits
+    for the device to check its error codes on CUDA, which stalls every refinement step."""
+    if triangular_solve is None:
+        triangular_solve = Lc.device.type == "cuda"
+    if not triangular_solve:
+        return torch.cholesky_inverse(Lc)
+    eye = torch.eye(Lc.shape[-1], dtype=Lc.dtype, device=Lc.device)
+    Li = torch.linalg.solve_triangular(Lc, eye.expand_as(Lc), upper=False)
+    return Li.mH @ Li
+
+
 def hermitian_solve_parts(C: Tensor):
-    """Cholesky of Hermitian positive-definite ``C`` ``[..., M, M]``: returns (C^-1, log det C)."""
+    """Cholesky of Hermitian positive-definite ``C`` ``[..., M, M]`` = Lc Lc^H: returns
+    (C^-1, log det C, the factorisation's info)."""
     Lc, info = torch.linalg.cholesky_ex(C)
     eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
     Lc = torch.where(info.ne(0).view(*info.shape, 1, 1), eye, Lc)  # failed factorisations: NLL set to inf by the caller
     logdet = 2 * torch.log(torch.diagonal(Lc, dim1=-2, dim2=-1).real.clamp_min(1e-30)).sum(-1)
-    Cinv = torch.cholesky_inverse(Lc)
-    return Cinv, logdet, info
+    return cholesky_inverse(Lc), logdet, info
 
 
 def _mask_parameters(grad: Tensor, F: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
