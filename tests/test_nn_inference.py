@@ -10,8 +10,8 @@ from risloc.nn.train import train
 
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
-    from risloc.nn.inference import (LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_PRUNE, LEARNED_RELAX, _learned,
-                                     k_confidence, load_model, over_init, run_model)
+    from risloc.nn.inference import (LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_PRUNE, LEARNED_RELAX,
+                                     _learned, k_confidence, load_model, over_init, run_model)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -33,22 +33,22 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     _, pred = run_model(loaded.model, scenes, options=loaded.options, calibration=loaded.calibration, stage="detections")
     conf = k_confidence(pred, loaded.calibration)  # the calibrated K head's confidence
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
-    # learned = ml's init path from the network's K-hat detections: refine, grow, RELAX of the weakest, prune
-    again = get("ml")(scenes, init=first, **LEARNED_DEFAULTS, init_grow=LEARNED_GROW, init_relax=LEARNED_RELAX,
-                      init_prune=LEARNED_PRUNE)
+    # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
+    again = get("ml")(scenes, init=over_init(cand, first.K, LEARNED_OVER), **LEARNED_DEFAULTS, init_grow=LEARNED_GROW,
+                      init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
     learned = get("learned")(scenes, checkpoint=ckpt, music_options=music)
     assert learned.method == network.method and torch.equal(learned.K, again.K)
-    assert bool(((learned.K >= first.K - LEARNED_PRUNE) & (learned.K <= first.K + LEARNED_GROW)).all())
+    assert bool(((learned.K >= first.K - LEARNED_PRUNE) & (learned.K <= first.K + LEARNED_OVER + LEARNED_GROW)).all())
     for name in ("phi", "theta", "r"):
         assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
     # the counts and ml_options reach ml; with a known K no growth or pruning
-    plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, relax=0, prune=0, ml_options={"iterations": 2})
-    ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, init_grow=LEARNED_GROW)
+    plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, over=0, grow=1, relax=0, prune=0, ml_options={"iterations": 2})
+    ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, init_grow=1)
     assert torch.equal(plain.K, ref.K) and torch.allclose(plain.phi, ref.phi, equal_nan=True)
     known = get("learned")(scenes, checkpoint=ckpt, music_options=music, K=2)
     assert bool((known.K == 2).all()) and bool(torch.isfinite(known.phi[:, :2]).all())
-    kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, grow=0, prune=0)
-    assert torch.equal(kept_k.K, first.K)  # no growth or pruning: K-hat is the K head's
+    kept_k = get("learned")(scenes, checkpoint=ckpt, music_options=music, over=0, grow=0, prune=0)
+    assert torch.equal(kept_k.K, first.K)  # no extra detection, growth or pruning: K-hat is the K head's
     # learned+ml = ml from the over-proposal of the network's detections, grow, relax, over + prune pruning passes
     both = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=1, grow=1, relax=1, prune=2)
     ref = get("ml")(scenes, init=over_init(cand, first.K, 1), **{**LEARNED_ML_DEFAULTS, "iterations": 3}, init_grow=1, init_relax=1,

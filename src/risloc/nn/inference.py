@@ -284,12 +284,29 @@ start next to the optimum, so a few suffice. With 3 steps, by dictionary
 0.426 / 0.979 at 6 490; 15 x 8 x 8 0.702 / 0.424 / 0.973 at 6 370; 13 x 7 x 7 0.699 / 0.422 /
 0.974 at 7 390: the 21 x 11 x 12 grid keeps K_acc above 0.98 for a third more speed."""
 
-LEARNED_GROW = 1
-"""Greedy additions of ``learned``'s likelihood stage (``ml``'s ``init_grow``): the network
-misses sources that no detection is near (docs/learned.md). On the validation seed 1000
-(benchmarks/results/h100/learned-speed/grow_val1000.json, 8 refinement steps, no RELAX or
-pruning) success at 10-20 dB / all SNRs and K_acc at 10-20 dB 0.647 / 0.389 / 0.890 without,
-0.680 / 0.406 / 0.959 with one."""
+LEARNED_OVER = 1
+"""Extra detections of ``learned``'s start (``over``): the network's min(K-hat + 1, K_max)
+strongest detections are refined, and ``over + prune`` pruning passes follow (the likelihood
+drops the extra one where it is not a source). The extra detection stands in for the growth
+step's dictionary search (:data:`LEARNED_GROW` = 0). Chosen on 4 000 scenes of each validation
+seed, 1000 and 2026, on one H100 (benchmarks/results/h100/learned-stage/over_val1000.json,
+over_val2026.json), success over all SNRs / at 10-20 dB, K_acc at 10-20 dB, the stage's
+scenes/s at batch 1 024: one growth, no extra detection (the previous default) 0.4253 / 0.704 /
+0.982 at 6 900 (seed 1000) and 0.426 / 0.707 / 0.980 at 6 760-7 120 (seed 2026); one extra
+detection, no growth 0.425 / 0.705 / 0.984 at 7 310 and 0.428 / 0.708 / 0.980 at 7 010; one extra
+detection and one growth 0.425 / 0.705 / 0.985 at 6 010 and 0.428 / 0.707 / 0.982 at 5 390; two
+extra detections and one growth 0.426 / 0.705 / 0.984 at 4 560 and 0.427 / 0.707 / 0.981 at
+5 030. ``ml`` itself: 0.428 / 0.706 / 0.989 and 0.430 / 0.710 / 0.989."""
+
+LEARNED_GROW = 0
+"""Greedy additions of ``learned``'s likelihood stage (``ml``'s ``init_grow``; the option
+``grow``): the atom of a near-field dictionary of largest likelihood gain is added where the
+penalised likelihood prefers one source more. The network misses sources that no detection is
+near (docs/learned.md): on the validation seed 1000 (8 refinement steps, no RELAX or pruning,
+benchmarks/results/h100/learned-speed/grow_val1000.json) success at 10-20 dB / all SNRs and
+K_acc at 10-20 dB 0.647 / 0.389 / 0.890 without, 0.680 / 0.406 / 0.959 with one. With the
+RELAX re-search and the pruning passes, one extra detection (:data:`LEARNED_OVER`) does as well
+for less time, so by default there is none."""
 
 LEARNED_RELAX = 1
 """RELAX cycles of ``learned`` (``ml``'s ``init_relax``; with :data:`LEARNED_DEFAULTS`'s
@@ -301,9 +318,10 @@ belongs, the pruning pass that follows no longer drops it. On the validation see
 weakest + pruning 0.704 / 0.426 / 0.984."""
 
 LEARNED_PRUNE = 1
-"""Pruning passes of ``learned`` (``ml``'s ``init_prune``): the source whose removal costs least
-likelihood is dropped where ``ml``'s penalised likelihood or power rule prefers one source
-fewer; it corrects the K head's over-counts (see :data:`LEARNED_RELAX`)."""
+"""Pruning passes of ``learned`` beyond ``over`` (``ml``'s ``init_prune`` = over + prune): the
+source whose removal costs least likelihood is dropped where ``ml``'s penalised likelihood or
+power rule prefers one source fewer; it removes the extra detection of :data:`LEARNED_OVER`
+where it is not a source and corrects the K head's over-counts (see :data:`LEARNED_RELAX`)."""
 
 
 def _counts(method: str, **counts) -> dict[str, int]:
@@ -337,6 +355,7 @@ def estimate(
     use_snr: bool = True,
     music_options: dict | None = None,
     refine: str = "likelihood",
+    over: int = LEARNED_OVER,
     grow: int = LEARNED_GROW,
     relax: int = LEARNED_RELAX,
     prune: int = LEARNED_PRUNE,
@@ -347,21 +366,24 @@ def estimate(
 
     Stages: the network reads the scene and predicts its sources (a ``spectrum`` network: the
     detections and a K head giving K-hat). With ``refine="likelihood"`` (default) ``ml``'s
-    ``init`` path (:func:`risloc.estimators.ml.estimate`) takes the K-hat strongest detections:
+    ``init`` path (:func:`risloc.estimators.ml.estimate`) takes the min(K-hat + ``over``, K_max)
+    strongest detections (``over`` default :data:`LEARNED_OVER`; a network without detections
+    gives its K-hat estimates):
 
     1. their positions, powers and sigma^2 take a few joint Fisher-scoring steps on the exact
        likelihood of the measurements y_l ~ CN(0, G_l R G_l^H + sigma^2 I) (no search);
-    2. ``grow`` (default :data:`LEARNED_GROW`) greedy additions: the atom of a near-field
+    2. ``grow`` (default :data:`LEARNED_GROW`, none) greedy additions: the atom of a near-field
        dictionary (``grid_shape`` of :data:`LEARNED_DEFAULTS`) of largest likelihood gain given
        those sources is added and all are refined; the larger model is kept only where
        ``ml``'s penalised likelihood and power rule prefer it;
     3. ``relax`` (default :data:`LEARNED_RELAX`) RELAX cycles on the weakest source: it is
        removed, searched again on the dictionary given the others, and the move is kept where
        the likelihood rises;
-    4. ``prune`` (default :data:`LEARNED_PRUNE`) pruning passes: the source whose removal costs
-       least is dropped where the penalised likelihood or the power rule prefers one fewer.
+    4. ``over + prune`` (``prune`` default :data:`LEARNED_PRUNE`) pruning passes: the source
+       whose removal costs least is dropped where the penalised likelihood or the power rule
+       prefers one fewer.
 
-    So the network proposes and the likelihood decides K within K-hat - prune ... K-hat + grow.
+    So the network proposes and the likelihood decides K within K-hat - prune ... K-hat + over + grow.
     Step counts and the other ``ml`` options: :data:`LEARNED_DEFAULTS`, updated by
     ``ml_options`` (e.g. ``{"relax_sources": 0}`` re-searches every source; ``batch``: scenes
     per ``ml`` call, default the whole batch). Why: the network's failures are mostly right
@@ -386,16 +408,15 @@ def estimate(
     """
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    counts = _counts("learned", grow=grow, relax=relax, prune=prune)
-    stage = "detections" if refine == "likelihood" else "music"
+    counts = _counts("learned", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned", K, scenes)
-    est, _ = _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage=stage)
-    if refine == "likelihood":
-        method = est.method
-        options = {**LEARNED_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
-                   "init_prune": counts["prune"], **(ml_options or {})}
-        est = _likelihood_stage(scenes, est, K, use_snr, options)
-        est.method = method
+    if refine == "music":
+        return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
+    first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
+    options = {**LEARNED_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
+               "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
+    est = _likelihood_stage(scenes, init, K, use_snr, options)
+    est.method = first.method
     return est
 
 
@@ -430,24 +451,36 @@ def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
     return Estimates(K, pick(candidates.phi), pick(candidates.theta), pick(candidates.r), method=candidates.method)
 
 
+def _start(scenes, checkpoint, beta, use_snr, music_options, K: torch.Tensor | None, over: int) -> tuple[Estimates, Estimates]:
+    """The network stage and the start of the likelihood stage of ``learned`` / ``learned+ml``:
+    ``(the K-hat strongest detections, the start)``; the start is :func:`over_init` of the
+    network's ranked detections with ``over`` extra ones, or the K-hat detections themselves
+    where ``over`` is 0, K is known or the network kind has no ranked detections."""
+    over_propose = K is None and over > 0  # the network's further detections are needed only then
+    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K, stage="detections")
+    return first, (over_init(cand, first.K, over) if cand is not None else first)
+
+
 LEARNED_ML_DEFAULTS = {"iterations": 8, "greedy_iterations": 8}
 """``ml`` options of ``learned+ml``'s second stage: 8 refinement steps of the start and after each
 pruning and RELAX re-search, 8 after the greedy addition (12, ``ml``'s own, scored the same on
 the validation seed 1000 at 0.8 x the speed: benchmarks/results/h100/learned-speed/iters_val1000.json)."""
 
-LEARNED_ML_OVER = 0
+LEARNED_ML_OVER = 1
 """Extra detections of ``learned+ml``'s over-proposal (``over``); its greedy additions (``grow``,
 :data:`LEARNED_ML_GROW`), RELAX cycles (``relax``, :data:`LEARNED_ML_RELAX`) and ``over + prune``
-pruning passes (:data:`LEARNED_ML_PRUNE`) follow. Chosen on 4 000 scenes of the validation seed
-1000 on one H100 (benchmarks/results/h100/learned-speed/grow_val1000.json and grow2_val1000.json),
-success at 10-20 dB / all SNRs, K_acc at 10-20 dB: over 2 and 3 pruning passes (the earlier
-default) 0.671 / 0.410 / 0.910; over 0, grow 1, prune 1 0.692 / 0.418 / 0.951; the same with one
-RELAX cycle 0.702 / 0.426 / 0.977 (25 refinement steps instead of 8: 0.706 / 0.427 / 0.981 at
-0.75 x the speed); over 1 or 2 with one growth 0.668 / 0.410 and 0.671 / 0.411 (the extra
-detections, pruned at low SNR, cost sources); ``ml`` 0.707 / 0.429 / 0.989. Since RELAX
-re-searches each source exactly once, weakest first (it used to skip one after an accepted
-move), the default scores 0.705 / 0.427 / 0.986 there (``learned``: 0.706 / 0.427 / 0.984 with
-3 steps and RELAX on the weakest source only; benchmarks/results/h100/learned-stage/)."""
+pruning passes (:data:`LEARNED_ML_PRUNE`) follow. Chosen on 4 000 scenes of each validation
+seed, 1000 and 2026, on one H100 (benchmarks/results/h100/learned-stage/lml_val1000.json,
+lml_val2026.json, over_val1000.json, over_val2026.json), success over all SNRs / at 10-20 dB,
+K_acc at 10-20 dB: no extra detection (the previous default) 0.4268 / 0.705 / 0.986 (seed 1000)
+and 0.4280 / 0.709 / 0.984 (seed 2026); one extra detection 0.4278 / 0.707 / 0.988 and
+0.4293 / 0.710 / 0.989 at about the same speed; two 0.4273 / 0.706 / 0.987 and 0.4290 / 0.710 / 0.989;
+one extra detection and two growth steps 0.4280 / 0.707 / 0.989 and 0.4298 / 0.710 / 0.989 at
+0.75-0.85 x the speed; a second RELAX cycle, a second pruning pass without the extra detection, 12
+refinement steps or a 31 x 16 x 17 dictionary changed no score by more than 3 scenes of 4 000;
+``ml`` 0.4278 / 0.706 / 0.989 and 0.4303 / 0.710 / 0.989. Earlier, before RELAX existed in this
+stage, extra detections had cost sources (over 1 or 2 with one growth: 0.668 / 0.410 and 0.671 /
+0.411 at 10-20 dB / all SNRs on seed 1000, benchmarks/results/h100/learned-speed/)."""
 
 LEARNED_ML_GROW = 1
 """Greedy additions of ``learned+ml`` (see :data:`LEARNED_ML_OVER`)."""
@@ -497,11 +530,9 @@ def estimate_learned_ml(
     """
     counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned+ml", K, scenes)
-    over_propose = K is None and counts["over"] > 0  # the network's further detections are needed only then
-    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K, stage="detections")
+    first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
     options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
                "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
-    init = over_init(cand, first.K, counts["over"]) if cand is not None else first
     refined = _likelihood_stage(scenes, init, K, use_snr, options)
     refined.method = first.method.replace("learned:", "learned+ml:", 1)
     return refined
