@@ -9,9 +9,10 @@ the inputs, the matched-filter front end, the network's forward in float32 and u
 checkpoint's autocast (bf16 on CUDA), the network with the K decision and detections (and with
 the MUSIC step on the detections' effective covariance) in the precision of inference
 (``INFERENCE_AUTOCAST``), the likelihood refinement (``ml`` from the detections,
-``LEARNED_DEFAULTS["iterations"]`` steps), ``learned``'s whole likelihood stage (refinement, growth,
-RELAX of the weakest source, pruning: ``LEARNED_DEFAULTS``, ``LEARNED_GROW``, ``LEARNED_RELAX``,
-``LEARNED_PRUNE``), and ``learned`` / ``learned+ml`` end to end through the registry
+``LEARNED_DEFAULTS["iterations"]`` steps), ``learned``'s whole likelihood stage (from its start,
+the K-hat + ``LEARNED_OVER`` strongest detections: refinement, growth, RELAX of the weakest
+source, pruning: ``LEARNED_DEFAULTS``, ``LEARNED_GROW``, ``LEARNED_RELAX``, ``LEARNED_OVER`` +
+``LEARNED_PRUNE`` passes), and ``learned`` / ``learned+ml`` end to end through the registry
 (simulation excluded). With ``--accuracy-scenes N`` it scores on N scenes of the same seed the
 variants float32/autocast forward x MUSIC step before the refinement or not (refinement only,
 no growth step). ``--profile`` adds
@@ -32,8 +33,9 @@ from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_PRUNE,
-                                 LEARNED_RELAX, load_model, run_model)
+from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_OVER, LEARNED_PRUNE,
+                                 LEARNED_RELAX, load_model, over_init, run_model)
+from risloc.nn.networks import get_network
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks.spectrum import matched_filter_spectra
 
@@ -88,14 +90,17 @@ def main(argv=None):
         kw = dict(options=options, calibration=cal, music_options=dict(cfg.music_options), autocast=INFERENCE_AUTOCAST)
         rates["network_and_detections"] = rate(lambda s: run_model(model, s, stage="detections", **kw), batches)
         rates["network_and_music"] = rate(lambda s: run_model(model, s, stage="music", **kw), batches)
-        dets = [run_model(model, s, stage="detections", **kw)[0] for s in batches]
+        runs = [run_model(model, s, stage="detections", **kw) for s in batches]
+        dets = [est for est, _ in runs]  # the K-hat strongest detections
+        starts = [over_init(get_network(pred.kind).candidates(pred), est.K, LEARNED_OVER) if LEARNED_OVER else est
+                  for est, pred in runs]  # learned's start: K-hat + LEARNED_OVER detections
     ml = get("ml")
     pairs = list(zip(batches, dets))
     steps = LEARNED_DEFAULTS["iterations"]
     refine = lambda p: ml(p[0], init=p[1], iterations=steps, init_prune=0, batch=args.batch)
     rates["refinement"] = rate(refine, pairs)
-    stage = {**LEARNED_DEFAULTS, "init_grow": LEARNED_GROW, "init_relax": LEARNED_RELAX, "init_prune": LEARNED_PRUNE}
-    rates["likelihood_stage"] = rate(lambda p: ml(p[0], init=p[1], batch=args.batch, **stage), pairs)
+    stage = {**LEARNED_DEFAULTS, "init_grow": LEARNED_GROW, "init_relax": LEARNED_RELAX, "init_prune": LEARNED_OVER + LEARNED_PRUNE}
+    rates["likelihood_stage"] = rate(lambda p: ml(p[0], init=p[1], batch=args.batch, **stage), list(zip(batches, starts)))
     for name in ("learned", "learned+ml"):
         est = get(name)
         rates[f"{name}_end_to_end"] = _rate(lambda x: est(x, batch=args.batch), [scenes], device, len(scenes), warm=batches[0])

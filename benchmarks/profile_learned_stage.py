@@ -3,7 +3,8 @@
     PYTHONPATH=src python3 benchmarks/profile_learned_stage.py OUT.json
 
 On 8 192 scenes of the validation seed 1000, batches of 1 024 and 4 096: the packaged network's
-detections, then ``ml``'s ``init`` path with ``learned``'s options, with ``ml``'s functions
+detections (``learned``'s start), then ``ml``'s ``init`` path with ``learned``'s options (the
+files of earlier commits ran that commit's stage), with ``ml``'s functions
 wrapped to record their inclusive time between two device synchronisations (the wrappers add
 synchronisations, so the total is slower than an unwrapped run; nested functions are counted
 in their callers too). Writes microseconds per scene per function and the total.
@@ -17,11 +18,11 @@ import torch
 import risloc
 from risloc._files import atomic_write_text
 from risloc.estimators import get, ml as M
-from risloc.nn.inference import _learned, LEARNED_DEFAULTS
+from risloc.nn.inference import _start, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_OVER, LEARNED_PRUNE, LEARNED_RELAX
 from risloc.scenes import Estimates
 dev = torch.device("cuda")
 scenes = risloc.simulate(risloc.Scenario(), 8192, seed=1000).to(dev)
-first = Estimates.cat([_learned(scenes[a:a + 1024], None, None, True, None, stage="detections")[0] for a in range(0, 8192, 1024)])
+first = Estimates.cat([_start(scenes[a:a + 1024], None, None, True, None, None, LEARNED_OVER)[1] for a in range(0, 8192, 1024)])
 acc = collections.defaultdict(float)
 def wrap(name):
     f = getattr(M, name)
@@ -34,7 +35,7 @@ def wrap(name):
 for n in ["_measured_dictionary", "_add_stochastic", "_refine", "_drop_one", "_ls_powers", "_decide_range", "_grow", "_relax", "_prune", "_evaluate", "unit_power"]:
     wrap(n)
 ml = get("ml")
-opts = {**LEARNED_DEFAULTS, "init_grow": 1, "init_relax": 1, "init_prune": 1}
+opts = {**LEARNED_DEFAULTS, "init_grow": LEARNED_GROW, "init_relax": LEARNED_RELAX, "init_prune": LEARNED_OVER + LEARNED_PRUNE}
 res = {}
 for B in (1024, 4096):
     ml(scenes[:B], init=first[:B], batch=B, **opts)
