@@ -205,7 +205,7 @@ def test_cli(tmp_path, capsys):
     rc = main(["bench", "--scenes", "6", "--batch", "3", "--seed", str(SEED), "--methods", "bench-test-oracle,learned",
                "--out", str(out), "--no-plots", "--no-crb", "--no-progress", "--device", "cpu",
                "--set", "k_max=5", "--signal", "static", "--method-option", "learned:relax=0",
-               "--method-option", 'learned:ml_options={"iterations": 2}'])
+               "--method-option", 'learned:ml_options={"iterations": 2}', "--timing-repeats", "2"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "## Overall" in text and "bench-test-oracle" in text
@@ -213,6 +213,7 @@ def test_cli(tmp_path, capsys):
     assert d["scenario"]["signal"] == "static" and d["n_scenes"] == 6
     assert d["methods"]["learned"]["status"] == "ok"  # the packaged default weights (a method without any: test_method_checkpoints)
     assert d["methods"]["learned"]["options"] == {"relax": 0, "ml_options": {"iterations": 2}}
+    assert d["config"]["timing_repeats"] == 2 and len(d["methods"]["learned"]["timing"]["passes"]) == 2
     assert (out / "report.md").is_file()
     from risloc.cli.bench import _method_options
 
@@ -280,3 +281,26 @@ def test_seeds_are_distinct_and_match_training():
     everything = [seeds.HELD_OUT_SEED, seeds.TRAINING_SEED, seeds.TRAINING_VALIDATION_SEED, *seeds.VALIDATION_SEEDS]
     assert len(set(everything)) == len(everything)
     assert bench.BenchConfig().seed == seeds.HELD_OUT_SEED and seeds.role(seeds.HELD_OUT_SEED) == "held-out"
+
+
+def test_timing_repeats_time_every_pass_and_report_the_median():
+    """--timing-repeats R: the timed batches run R times (the warm-up once), the results are the
+    first pass's, the time is the median pass; R < 1 is refused."""
+    from risloc.bench.run import timed_batches
+
+    scenes = risloc.simulate(risloc.Scenario(), 10, seed=SEED)
+    calls = []
+
+    def fn(s):
+        calls.append(len(s))
+        return Estimates(torch.full((len(s),), len(calls)), *(torch.zeros(len(s), 1) for _ in range(3)))
+
+    out, timing = timed_batches(fn, scenes, 4, torch.device("cpu"), progress=False, repeats=3)
+    assert calls == [4, 4, 2] + [4, 2] * 2  # warm-up batch once, timed batches (4 + 2 scenes) three times
+    assert out.K.tolist() == [1] * 4 + [2] * 4 + [3] * 2  # the first pass's results
+    assert len(timing.passes) == 3 and timing.scenes == 6 and timing.batches == 2
+    assert timing.seconds == sorted(timing.passes)[1]
+    one = timed_batches(fn, scenes[:3], 4, torch.device("cpu"), progress=False, repeats=2)[1]
+    assert len(one.passes) == 2 and one.scenes == 3  # a single batch: warm-up, then timed twice
+    with pytest.raises(ValueError, match="timing_repeats"):
+        bench.BenchConfig(timing_repeats=0)

@@ -261,6 +261,7 @@ def results_dict(res) -> dict[str, Any]:
         "versions": res.versions,
         "git": res.git,
         "timing_rules": "per-batch wall time (perf_counter, CUDA synchronised), first batch = warm-up excluded, "
+                        f"median of {cfg.timing_repeats} pass(es) over the timed batches, "
                         "simulation / device->host copies / scoring / file I/O excluded",
         "methods": meth,
         "crb": crb,
@@ -482,8 +483,10 @@ def render_report(res: BenchResult, plots: list[str]) -> str:
         t = r.timing
         L.append(f"| {name} | {r.status_text.replace('|', '/')} | {r.label or '–'} | {_fmt_options(r.options)} | {r.n_scenes or '–'} | "
                  f"{f(t.scenes_per_s) if t else '–'} | {t.scenes if t else '–'} | {f(t.seconds) if t else '–'} |")
+    passes = ("" if cfg.timing_repeats == 1 else
+              f"; the timed batches of each method run {cfg.timing_repeats} times, the median pass reported")
     L += ["", "Timing: wall time per batch on the device (CUDA synchronised), the first batch of each method excluded "
-          "as warm-up; simulation, copies back to the CPU, scoring and file I/O excluded (docs/bench.md)."]
+          f"as warm-up{passes}; simulation, copies back to the CPU, scoring and file I/O excluded (docs/bench.md)."]
     bad = [r for r in res.methods.values() if not r.ok]
     if bad:
         L += [""] + [f"> **{r.name}** {r.status_text}" for r in bad]

@@ -4,7 +4,8 @@ Timing rules (see docs/bench.md). Each method is called on batches of ``batch`` 
 already sit on the device; the wall time of each call is taken with ``time.perf_counter``
 between two ``torch.cuda.synchronize`` (on CUDA). The first batch is a warm-up (caches,
 kernels, lazy imports, model loading) and is excluded; if there is only one batch it is run
-twice and the second run is timed. Simulation, moving results back to the CPU, scoring,
+twice and the second run is timed. With ``timing_repeats`` = R the timed batches are run R
+times and the median pass is reported. Simulation, moving results back to the CPU, scoring,
 plots and file writing are outside the timed region. The learned estimator keeps its
 loaded checkpoint between calls (``risloc.nn.inference``), so the file is read once, in the
 warm-up batch.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 import time
 import traceback
 import warnings
@@ -104,10 +106,16 @@ class BenchConfig:
     order_rules: bool = True
     """Also count the sources of every scene with each order rule of
     :func:`risloc.estimators.order.order_estimates` (the source-counting table of the report)."""
+    timing_repeats: int = 1
+    """Passes over the timed batches per method (the results are those of the first); the
+    reported time is the median pass (a short run on a shared or freshly started GPU varies by
+    tens of percent from run to run)."""
 
     def __post_init__(self):
         if self.scenes < 1:
             raise ValueError(f"BenchConfig.scenes = {self.scenes}: must be >= 1")
+        if isinstance(self.timing_repeats, bool) or not isinstance(self.timing_repeats, int) or self.timing_repeats < 1:
+            raise ValueError(f"BenchConfig.timing_repeats = {self.timing_repeats!r}: must be an integer >= 1")
         if self.batch < 1:
             raise ValueError(f"BenchConfig.batch = {self.batch}: must be >= 1")
         if isinstance(self.methods, str):
@@ -156,13 +164,15 @@ class BenchConfig:
 
 @dataclass
 class Timing:
-    """Wall time of the timed batches (warm-up excluded)."""
+    """Wall time of the timed batches (warm-up excluded): the median over ``passes``."""
 
     seconds: float = 0.0
     scenes: int = 0
     warmup_scenes: int = 0
     warmup_seconds: float = 0.0
     batches: int = 0
+    passes: list[float] = field(default_factory=list)
+    """Wall time of each pass over the timed batches (``BenchConfig.timing_repeats`` of them)."""
 
     @property
     def scenes_per_s(self) -> float:
@@ -334,11 +344,13 @@ def resolve_method(name: str, checkpoint) -> tuple[estimators.Estimator | None, 
 
 
 def timed_batches(fn: Callable, scenes: Scenes, batch: int, device: torch.device, *, desc: str = "",
-                  progress: bool = True, cat: Callable | None = None, indexed: bool = False):
+                  progress: bool = True, cat: Callable | None = None, indexed: bool = False, repeats: int = 1):
     """Run ``fn`` on consecutive batches of ``scenes`` (already on ``device``); returns
     ``(results concatenated on the CPU, Timing)``. The first batch is the warm-up (not timed);
-    a single batch is run twice, the second run timed. ``indexed``: ``fn(batch, start)`` with
-    the batch's first scene index (e.g. to slice per-scene inputs such as a known K)."""
+    a single batch is run twice, the second run timed. ``repeats`` > 1: the timed batches are
+    run that many times in all (the results are the first pass's) and the time is the median
+    pass. ``indexed``: ``fn(batch, start)`` with the batch's first scene index (e.g. to slice
+    per-scene inputs such as a known K)."""
     from tqdm.auto import tqdm
 
     S = len(scenes)
@@ -372,6 +384,19 @@ def timed_batches(fn: Callable, scenes: Scenes, batch: int, device: torch.device
         parts.append(res.to("cpu"))
         bar.set_postfix_str(f"{timing.scenes_per_s:.3g} scenes/s" if timing.scenes else "warm-up")
     bar.close()
+    timing.passes = [timing.seconds]
+    timed = starts[1:] if len(starts) > 1 else starts
+    for _ in range(int(repeats) - 1):  # further passes over the timed batches, results discarded
+        total = 0.0
+        for a in timed:
+            part = scenes[a : a + batch]
+            sync_device(device)
+            t0 = time.perf_counter()
+            fn(part, a) if indexed else fn(part)
+            sync_device(device)
+            total += time.perf_counter() - t0
+        timing.passes.append(total)
+    timing.seconds = statistics.median(timing.passes)
     out = (cat or type(parts[0]).cat)(parts)
     return out, timing
 
@@ -401,7 +426,8 @@ def _run_method(name: str, cfg: BenchConfig, scenes_dev: Scenes, truth_cpu, snr_
             def call(s: Scenes, a: int) -> Estimates:
                 return est_fn(s, batch=cfg.batch, **options)
 
-        est, timing = timed_batches(call, sub, cfg.batch, device, desc=row, progress=cfg.progress, indexed=True)
+        est, timing = timed_batches(call, sub, cfg.batch, device, desc=row, progress=cfg.progress, indexed=True,
+                                    repeats=cfg.timing_repeats)
         snr = None if snr_cpu is None else snr_cpu[:n]
         crb = None if crb_cpu is None else (crb_cpu if n == len(crb_cpu) else crb_cpu[:n])
         res.score = metrics.score(t, est, snr_db=snr, crb=crb)
@@ -466,7 +492,8 @@ def _run_benchmark(cfg: BenchConfig) -> BenchResult:
         if step == "CRB" and cfg.crb:
             try:
                 result.crb, result.crb_timing = timed_batches(
-                    lambda s: crb_for_scenes(s), scenes_dev, cfg.batch, device, desc="CRB", progress=cfg.progress, cat=CRBResult.cat)
+                    lambda s: crb_for_scenes(s), scenes_dev, cfg.batch, device, desc="CRB", progress=cfg.progress, cat=CRBResult.cat,
+                    repeats=cfg.timing_repeats)
             except Exception as exc:  # noqa: BLE001
                 if cfg.strict:
                     raise
@@ -506,7 +533,7 @@ def _run_order_rules(result: BenchResult, scenes_dev: Scenes, cfg: BenchConfig, 
 
     try:
         ks, result.order_timing = timed_batches(call, scenes_dev, cfg.batch, device, desc="order rules", progress=cfg.progress,
-                                                cat=lambda parts: torch.cat([p.cpu() for p in parts]))
+                                                cat=lambda parts: torch.cat([p.cpu() for p in parts]), repeats=cfg.timing_repeats)
         result.order = {rule: _np(ks[:, i]).astype(np.int64) for i, rule in enumerate(SCENE_RULES)}
         result.order_status = OK
     except Exception as exc:  # noqa: BLE001

@@ -62,6 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads for the run (default: torch's default, 1 with --quick on the CPU)")
     p.add_argument("--strict", action="store_true", help="an exception inside a method (or the CRB) is fatal")
+    p.add_argument("--timing-repeats", type=int, default=1, metavar="R",
+                   help="time R passes over each method's timed batches and report the median (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         oracle_k=args.oracle_k,
+        timing_repeats=args.timing_repeats,
         order_rules=not args.no_order_rules,
     )
     t0 = time.perf_counter()
