@@ -105,7 +105,7 @@ _INFO: dict[str, EstimatorInfo] = {
                       summary="maximum likelihood: greedy grid start, joint refinement, penalised K"),
         EstimatorInfo("sbl", "risloc.estimators.sbl", batch=16, batch_cuda=256, k_option="K",
                       summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),
-        # learned / learned+ml: 2 048 scenes per CUDA call (peak 7.7 / 12.3 GiB on an H100; 1.3 x the
+        # learned / learned+ml: 2 048 scenes per CUDA call (peak 7.7 / 12.3 GiB on an H100; 1.2 x the
         # scenes/s of 1 024, benchmarks/results/h100/learned-stage/batch_memory.json)
         EstimatorInfo("learned", "risloc.nn.inference", batch_cuda=2048, k_option="K", learned=True, default_weights="weights/default.pt",
                       summary="the learned pipeline: network detections (K head + 1) -> likelihood refinement, a new search of the weakest source, two pruning passes"),
