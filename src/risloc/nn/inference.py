@@ -474,10 +474,12 @@ seed, 1000 and 2026, on one H100 (benchmarks/results/h100/learned-stage/lml_val1
 lml_val2026.json, over_val1000.json, over_val2026.json), success over all SNRs / at 10-20 dB,
 K_acc at 10-20 dB: no extra detection (the previous default) 0.4268 / 0.705 / 0.986 (seed 1000)
 and 0.4280 / 0.709 / 0.984 (seed 2026); one extra detection 0.4278 / 0.707 / 0.988 and
-0.4293 / 0.710 / 0.989 at about the same speed; two 0.4273 / 0.706 / 0.987 and 0.4290 / 0.710 / 0.989;
-one extra detection and two growth steps 0.4280 / 0.707 / 0.989 and 0.4298 / 0.710 / 0.989 at
-0.75-0.85 x the speed; a second RELAX cycle, a second pruning pass without the extra detection, 12
-refinement steps or a 31 x 16 x 17 dictionary changed no score by more than 3 scenes of 4 000;
+0.4293 / 0.710 / 0.989, at 0.85-0.95 x the scenes/s end to end (one source more in every step;
+learned-stage/batch_memory.json against batch_memory_17ee87f.json); two 0.4273 / 0.706 / 0.987
+and 0.4290 / 0.710 / 0.989; one extra detection and two growth steps 0.4280 / 0.707 / 0.989
+and 0.4298 / 0.710 / 0.989 at 0.75-0.85 x the speed of one; a second RELAX cycle, a second
+pruning pass without the extra detection, 12 refinement steps or a 31 x 16 x 17 dictionary
+changed no score by more than 3 scenes of 4 000;
 ``ml`` 0.4278 / 0.706 / 0.989 and 0.4303 / 0.710 / 0.989. Earlier, before RELAX existed in this
 stage, extra detections had cost sources (over 1 or 2 with one growth: 0.668 / 0.410 and 0.671 /
 0.411 at 10-20 dB / all SNRs on seed 1000, benchmarks/results/h100/learned-speed/)."""
