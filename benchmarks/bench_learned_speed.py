@@ -34,8 +34,7 @@ from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
 from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_OVER, LEARNED_PRUNE,
-                                 LEARNED_RELAX, load_model, over_init, run_model)
-from risloc.nn.networks import get_network
+                                 LEARNED_RELAX, _start, load_model, run_model)
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks.spectrum import matched_filter_spectra
 
@@ -90,10 +89,9 @@ def main(argv=None):
         kw = dict(options=options, calibration=cal, music_options=dict(cfg.music_options), autocast=INFERENCE_AUTOCAST)
         rates["network_and_detections"] = rate(lambda s: run_model(model, s, stage="detections", **kw), batches)
         rates["network_and_music"] = rate(lambda s: run_model(model, s, stage="music", **kw), batches)
-        runs = [run_model(model, s, stage="detections", **kw) for s in batches]
-        dets = [est for est, _ in runs]  # the K-hat strongest detections
-        starts = [over_init(get_network(pred.kind).candidates(pred), est.K, LEARNED_OVER) if LEARNED_OVER else est
-                  for est, pred in runs]  # learned's start: K-hat + LEARNED_OVER detections
+        firsts = [_start(s, args.checkpoint, None, True, None, None, LEARNED_OVER) for s in batches]
+        dets = [first for first, _ in firsts]  # the K-hat strongest detections
+        starts = [start for _, start in firsts]  # learned's start: K-hat + LEARNED_OVER detections
     ml = get("ml")
     pairs = list(zip(batches, dets))
     steps = LEARNED_DEFAULTS["iterations"]

@@ -388,7 +388,8 @@ def estimate(
     ``ml_options`` (e.g. ``{"relax_sources": 0}`` re-searches every source; ``batch``: scenes
     per ``ml`` call, default the whole batch). Why: the network's failures are mostly right
     counts with a source outside the hit window (step 1 fixes them), missed sources no
-    detection is near (step 2) and over-counts (steps 3-4); docs/learned.md.
+    detection is near (the extra detection moved by step 3, or step 2) and over-counts
+    (steps 3-4); docs/learned.md.
     ``refine="music"``: the network's own positions: MUSIC on the effective covariance E(F) of
     the K-hat strongest detections (the one builder :func:`risloc.covariance.effective_covariance`;
     ``beta`` blends the scene's own sample covariance in, default the checkpoint's), searched

@@ -169,7 +169,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         b = yb.shape[0]
         n0 = atom_norms(Hb, cb, D, tensor_cores=tensor_cores)  # |phi|^2, [b, L, Q]
         tc = dictionary_product(back_project(yb, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # y^H phi = conj(t), [b, L, Q]
-        n = n0.clone()
+        n = n0  # |P phi|^2: replaced (never modified in place) at every pick
         floor = 1e-3 * n0  # atoms whose |P phi|^2 falls to this are explained: score 0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
         total = ynorm.sum(1, keepdim=True).clamp(min=1e-30)  # [b, 1]
