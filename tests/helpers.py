@@ -29,22 +29,6 @@ def assert_same_positions(a, b, scenes, fraction: float = 0.1) -> None:
         assert (err[on] <= tol[on]).all(), f"{q}: |a - b| up to {(err[on] / tol[on] * fraction).max():.3g} sqrt(CRB) > {fraction}"
 
 
-def rounded_differently(scenes, seed: int = 0):
-    """``scenes`` with y perturbed at float32 rounding level (each entry times 1 + 2^-23 e, e complex
-    standard normal): what another CPU's rounding does to the same computation."""
-    import risloc
-
-    g = torch.Generator().manual_seed(seed)
-    e = torch.complex(torch.randn(scenes.y.shape, generator=g), torch.randn(scenes.y.shape, generator=g)) / 2**0.5
-    return risloc.Scenes(scenes.y * (1 + 2.0**-23 * e), scenes.H, scenes.codes, scenes.scenario, scenes.snr_db)
-
-
-def moved_in_sqrt_crb(a, b, bound) -> torch.Tensor:
-    """Per scene ``[S]``: the largest |a - b| over the estimated positions, in units of the scene's
-    smallest sqrt(CRB) of that coordinate; inf where K-hat differs."""
-    worst = torch.zeros(a.phi.shape[0], dtype=torch.float64)
-    for q in ("phi", "theta", "r"):
-        x, y, c = getattr(a, q).double().cpu(), getattr(b, q).double().cpu(), getattr(bound, q).double().cpu()
-        smallest = torch.where(c.isfinite(), c, torch.inf).amin(1, keepdim=True)
-        worst = torch.maximum(worst, torch.nan_to_num((x - y).abs() / smallest, nan=0.0).amax(1))
-    return torch.where(a.K.cpu() == b.K.cpu(), worst, torch.full_like(worst, torch.inf))
+# Re-rounding (what another CPU's float32 rounding does to the inputs) and moves in sqrt(CRB)
+# live in tests/rounding.py; the data scripts of tests/data import them from here too.
+from rounding import moved_in_sqrt_crb, rerounded as rounded_differently  # noqa: E402,F401
