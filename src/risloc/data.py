@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -32,6 +33,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import io
@@ -148,3 +150,73 @@ class SimulatedScenes(IterableDataset):
             self.position = a + n
             yield scenes
             b += workers
+
+
+class ScenarioMixture:
+    """Scenes drawn from several scenarios of one geometry, interleaved scene by scene.
+
+    A mixture is a base :class:`~risloc.scenario.Scenario` and a specification of the form
+    ``"FIELD=V1,V2,...;FIELD=V1,V2,..."``: the components are every combination of the listed
+    values (the cross product, in the order written), each the base scenario with those fields
+    set. Scene ``i`` of the mixture stream ``seed`` is scene ``i`` of the stream ``seed`` of
+    component ``i mod C`` (``C`` components), so it is the same whatever the batch, and the
+    positions, powers and channel of scene ``i`` are those the component draws for index ``i``.
+    Components must share the shapes of the base (``n_h``, ``n_v``, ``m_bs``, ``snapshots``,
+    ``k_max``); signal model, codebook, SNR range and the impairments are free.
+
+    Example: ``ScenarioMixture(Scenario(), "signal=stochastic,static;codebook=random,dft")``
+    has four components, one scene in four from each.
+
+    Cost: every component simulates the whole requested range and keeps its own rows, so a
+    batch costs ``C`` batches of simulation (cheap next to a training step on a GPU).
+    """
+
+    SHAPE_FIELDS = ("n_h", "n_v", "m_bs", "snapshots", "k_max")
+
+    def __init__(self, base: Scenario, spec: str = ""):
+        self.base, self.spec = base, spec.strip()
+        terms = []
+        for item in filter(None, (t.strip() for t in self.spec.split(";"))):
+            if "=" not in item:
+                raise ValueError(f"scenario mixture term {item!r} is not of the form FIELD=V1,V2,...")
+            name, values = item.split("=", 1)
+            values = [v.strip() for v in values.split(",") if v.strip()]
+            if not values:
+                raise ValueError(f"scenario mixture term {item!r} lists no value")
+            terms.append([f"{name.strip()}={v}" for v in values])
+        combos: list[list[str]] = [[]]
+        for term in terms:
+            combos = [c + [a] for c in combos for a in term]
+        self.components = [base.with_overrides(c) for c in combos]
+        self.labels = [";".join(c) for c in combos]
+        for comp, label in zip(self.components, self.labels):
+            for name in self.SHAPE_FIELDS:
+                if getattr(comp, name) != getattr(base, name):
+                    raise ValueError(f"scenario mixture component {label!r}: {name} = {getattr(comp, name)} differs from the base's "
+                                     f"{getattr(base, name)}; components must share the scene shapes")
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def component(self, index: Tensor) -> Tensor:
+        """The component of each scene index (``index mod C``)."""
+        return index % len(self.components)
+
+    def simulate(self, n_scenes: int, *, seed: int = 0, start: int = 0, device="cpu", **kwargs) -> Scenes:
+        """Scenes ``[start, start + n_scenes)`` of the mixture stream ``seed`` (the base scenario's
+        :class:`~risloc.scenes.Scenes` fields; ``scenes.scenario`` is the base)."""
+        if len(self.components) == 1:
+            return simulate(self.components[0], n_scenes, seed=seed, start=start, device=device, **kwargs)
+        rows = torch.arange(start, start + n_scenes)
+        which = self.component(rows)
+        parts, order = [], []
+        for c, comp in enumerate(self.components):
+            keep = (which == c).nonzero().flatten()
+            if len(keep) == 0:
+                continue
+            lo, hi = int(keep[0]), int(keep[-1]) + 1
+            part = simulate(comp, hi - lo, seed=seed, start=start + lo, device=device, **kwargs)
+            parts.append(part[(keep - lo).to(part.device)])
+            order.append(keep)
+        out = Scenes.cat(parts)[torch.argsort(torch.cat(order)).to(device)]
+        return dataclasses.replace(out, scenario=self.base)

@@ -196,6 +196,11 @@ class TrainConfig:
     """0: an endless simulated stream; > 0: a fixed pool of that many scenes, reused every epoch."""
     train_file: str = ""
     """Train on this scene file (HDF5, with truth) instead of simulating."""
+    mix: str = ""
+    """Simulate training and validation scenes from a mixture of scenarios,
+    ``"FIELD=V1,V2,...;FIELD=..."`` (every combination of the values, each the [scenario] with
+    those fields set, interleaved scene by scene: :class:`risloc.data.ScenarioMixture`);
+    empty: the [scenario] alone."""
     val_scenes: int = 2048
     val_file: str = ""
     """Validate on this scene file instead of simulating ``val_scenes``."""

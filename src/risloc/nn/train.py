@@ -50,8 +50,9 @@ import torch
 from torch import Tensor
 
 from .. import covariance as cv
+from ..data import ScenarioMixture
 from ..scenes import Scenes, Truth
-from ..simulate import simulate, source_factor
+from ..simulate import source_factor
 from . import calibrate
 from .._files import atomic_write_text
 from .._provenance import git_commit
@@ -67,6 +68,12 @@ from .networks import get_network
 # ----------------------------------------------------------------------------------------------
 # data: a batch = model inputs + truth
 # ----------------------------------------------------------------------------------------------
+def scene_source(cfg: TrainConfig) -> ScenarioMixture:
+    """Where simulated training and validation scenes come from: the [scenario], or the mixture
+    ``cfg.mix`` of scenarios built on it (one component when ``mix`` is empty)."""
+    return ScenarioMixture(cfg.scenario, cfg.mix)
+
+
 @dataclass
 class Batch:
     inputs: ModelInputs
@@ -95,6 +102,7 @@ class TrainData:
         self.cfg, self.device = cfg, device
         self.rank, self.world, self.local_batch = rank, world, cfg.batch // world
         self.pool: Scenes | None = None
+        self.source = scene_source(cfg)
         if cfg.train_file:
             from ..io import load_scenes
 
@@ -103,7 +111,7 @@ class TrainData:
                 raise ValueError(f"train_file {cfg.train_file}: has no truth group; training needs it")
         elif cfg.train_scenes > 0:
             t = time.time()
-            self.pool = Scenes.cat([simulate(cfg.scenario, min(4096, cfg.train_scenes - a), seed=cfg.seed, start=a, device=device)
+            self.pool = Scenes.cat([self.source.simulate(min(4096, cfg.train_scenes - a), seed=cfg.seed, start=a, device=device)
                                     for a in range(0, cfg.train_scenes, 4096)])
             log(f"[DATA] pool of {len(self.pool)} scenes (seed {cfg.seed}) simulated in {time.time() - t:.1f} s")
         if self.pool is not None:
@@ -137,7 +145,7 @@ class TrainData:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(hash((cfg.seed, 7919, step)) & 0x7FFFFFFFFFFFFFFF)
         if self.pool is None:
-            s = simulate(cfg.scenario, b, seed=cfg.seed, start=step * B + lo, device=self.device)
+            s = self.source.simulate(b, seed=cfg.seed, start=step * B + lo, device=self.device)
             S = cv.sample_covariance(s.y, s.H, s.codes, regularisation=cfg.loss.regularisation)
             snr = s.snr_db.float()
             n_drop = int(round(cfg.loss.snr_drop * B))  # the first n_drop scenes of the global batch (scenes are i.i.d.)
@@ -639,7 +647,7 @@ def validation_scenes(cfg: TrainConfig, n: int | None = None, *, device="cpu") -
                 raise ValueError(f"validation scenes: n = {n}, but val_file {cfg.val_file} holds {len(scenes)}")
             scenes = scenes[:n]
         return scenes.to(device)
-    return simulate(cfg.scenario, cfg.val_scenes if n is None else n, seed=cfg.val_seed, device=device)
+    return scene_source(cfg).simulate(cfg.val_scenes if n is None else n, seed=cfg.val_seed, device=device)
 
 
 def _validation_scenes(cfg: TrainConfig, scenes: Scenes | None, device, log) -> Scenes:
