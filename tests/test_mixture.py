@@ -21,6 +21,17 @@ def test_components_are_the_cross_product_in_written_order():
     assert len(ScenarioMixture(SMALL, "")) == 1 and ScenarioMixture(SMALL).components[0] == SMALL
 
 
+def test_alternatives_set_several_fields_or_none():
+    mix = ScenarioMixture(SMALL, "codebook=random,dft; - | snr_db_min=10&snr_db_max=20 | signal=static")
+    assert len(mix) == 6
+    assert mix.labels[:3] == ["codebook=random", "codebook=random;snr_db_min=10;snr_db_max=20", "codebook=random;signal=static"]
+    assert mix.components[0] == SMALL
+    assert (mix.components[1].snr_db_min, mix.components[1].snr_db_max) == (10, 20)
+    assert mix.components[5].signal == "static" and mix.components[5].codebook == "dft"
+    with pytest.raises(ValueError, match="not '-' or FIELD=VALUE"):
+        ScenarioMixture(SMALL, "- | signal")
+
+
 @pytest.mark.parametrize("start, n", [(0, 9), (5, 7), (1021, 6)])
 def test_scene_i_is_scene_i_of_its_component(start, n):
     mix = ScenarioMixture(SMALL, "signal=stochastic,static;codebook=random,dft")

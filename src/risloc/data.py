@@ -164,6 +164,10 @@ class ScenarioMixture:
     Components must share the shapes of the base (``n_h``, ``n_v``, ``m_bs``, ``snapshots``,
     ``k_max``); signal model, codebook, SNR range and the impairments are free.
 
+    A term may also list alternatives separated by ``|``, each ``-`` (the base unchanged) or
+    ``FIELD=VALUE[&FIELD=VALUE...]``: ``"- | csi_nmse_db=-15 | ris_phase_noise_deg=10"`` is three
+    components, the ideal model and two impairments. A value listed twice weighs twice.
+
     Example: ``ScenarioMixture(Scenario(), "signal=stochastic,static;codebook=random,dft")``
     has four components, one scene in four from each.
 
@@ -175,25 +179,34 @@ class ScenarioMixture:
 
     def __init__(self, base: Scenario, spec: str = ""):
         self.base, self.spec = base, spec.strip()
-        terms = []
-        for item in filter(None, (t.strip() for t in self.spec.split(";"))):
-            if "=" not in item:
-                raise ValueError(f"scenario mixture term {item!r} is not of the form FIELD=V1,V2,...")
-            name, values = item.split("=", 1)
-            values = [v.strip() for v in values.split(",") if v.strip()]
-            if not values:
-                raise ValueError(f"scenario mixture term {item!r} lists no value")
-            terms.append([f"{name.strip()}={v}" for v in values])
+        terms = [self._alternatives(t) for t in filter(None, (t.strip() for t in self.spec.split(";")))]
         combos: list[list[str]] = [[]]
         for term in terms:
-            combos = [c + [a] for c in combos for a in term]
+            combos = [c + a for c in combos for a in term]
         self.components = [base.with_overrides(c) for c in combos]
-        self.labels = [";".join(c) for c in combos]
+        self.labels = [";".join(c) or "-" for c in combos]
         for comp, label in zip(self.components, self.labels):
             for name in self.SHAPE_FIELDS:
                 if getattr(comp, name) != getattr(base, name):
                     raise ValueError(f"scenario mixture component {label!r}: {name} = {getattr(comp, name)} differs from the base's "
                                      f"{getattr(base, name)}; components must share the scene shapes")
+
+    @staticmethod
+    def _alternatives(term: str) -> list[list[str]]:
+        """One term's alternatives, each a list of ``FIELD=VALUE`` assignments."""
+        if "|" in term:  # "-" (the base) | "F=V" | "F=V&G=W"
+            alternatives = [a.strip() for a in term.split("|")]
+            for a in alternatives:
+                if a != "-" and any("=" not in x for x in a.split("&")):
+                    raise ValueError(f"scenario mixture alternative {a!r} of {term!r} is not '-' or FIELD=VALUE[&FIELD=VALUE...]")
+            return [[] if a == "-" else [x.strip() for x in a.split("&")] for a in alternatives]
+        if "=" not in term:
+            raise ValueError(f"scenario mixture term {term!r} is not of the form FIELD=V1,V2,...")
+        name, values = term.split("=", 1)
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not values:
+            raise ValueError(f"scenario mixture term {term!r} lists no value")
+        return [[f"{name.strip()}={v}"] for v in values]
 
     def __len__(self) -> int:
         return len(self.components)
