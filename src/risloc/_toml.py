@@ -9,7 +9,8 @@ files and ``--set field=value`` strings into dataclass fields. Both directions l
   strings (JSON-quoted, a subset of TOML's basic strings), lists and tuples, in flat tables;
 * :func:`coerce`: a value (from TOML or a command-line string) to a field's declared type
   (``bool``: true/false/yes/no/on/off/1/0; ``int``: integral floats accepted; ``float``;
-  ``str``; ``tuple[float, ...]``: a list or "a, b, c"; ``dict``: a TOML inline table),
+  ``str``; ``tuple[float, ...]``: a list or "a, b, c"; ``dict``: a TOML inline table;
+  ``X | None`` for X one of those scalars: None or the strings none/off, else as ``X``),
   ValueError naming the field otherwise.
 """
 
@@ -70,6 +71,10 @@ def coerce(f: dataclasses.Field, value: Any, label: str | None = None) -> Any:
     """``value`` read as the declared type of field ``f`` (see the module docstring); ValueError
     "<label>: cannot read <value> as <type>" (label: ``field 'name'`` unless given)."""
     typ = f.type if isinstance(f.type, type) else _TYPES.get(str(f.type), str(f.type))
+    if isinstance(typ, str) and typ.endswith(" | None") and typ[: -len(" | None")] in _TYPES:  # e.g. "float | None"
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off")):
+            return None
+        typ = _TYPES[typ[: -len(" | None")]]
     name = getattr(typ, "__name__", str(typ))
     try:
         if typ is bool:

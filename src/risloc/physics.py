@@ -12,7 +12,10 @@ Symbols (docs/model.md):
 * a point ``p = r (cos(theta) sin(phi), sin(theta), cos(theta) cos(phi))``;
 * exact steering ``a_n = (r / d_n) exp(-j 2 pi (d_n - r) / lambda)``, ``d_n = |p - e_n|``;
 * BS steering ``a_BS,m(psi) = exp(j 2 pi (d_BS/lambda) (m - (M-1)/2) sin(psi))``;
-* channel ``H = sqrt(kappa/(1+kappa)) a_BS(psi) b^T + sqrt(1/(1+kappa)) W``.
+* channel ``H = sqrt(kappa/(1+kappa)) a_BS(psi) b^T + sqrt(1/(1+kappa)) W``;
+* the optional impairments (all off by default): realised RIS codes ``c~`` from the commanded
+  ones (:func:`realised_codes`: phase noise, phase-dependent amplitude, failed elements) and
+  the receiver's channel estimate ``H-hat = H + E`` (:func:`csi_estimate`).
 """
 
 from __future__ import annotations
@@ -310,3 +313,59 @@ def dft_codes(scenario: Scenario, *, dtype: torch.dtype = torch.complex64, devic
 def measurement_matrix(H: Tensor, codes: Tensor) -> Tensor:
     """Per-snapshot RIS-to-BS maps ``G_l = H diag(c_l)``, ``[B, L, M, N]`` from H ``[B, M, N]``, codes ``[B, L, N]``."""
     return H.unsqueeze(-3) * codes.unsqueeze(-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Impairments (docs/model.md, "Impairments"): what the hardware does and the receiver does not know
+# ------------------------------------------------------------------------------------------------
+def practical_amplitude(phase: Tensor, scenario: Scenario) -> Tensor:
+    """Phase-dependent RIS amplitude ``(1 - beta_min) ((sin(theta - mu) + 1) / 2)^kappa + beta_min``.
+
+    ``phase``: the commanded phase theta [rad] (any shape, real); ``beta_min, mu, kappa`` are
+    ``scenario.ris_beta_min``, ``ris_mu`` [rad] and ``ris_kappa``. The amplitude is 1 at
+    theta = mu + pi/2 and beta_min at theta = mu - pi/2.
+    """
+    base = (torch.sin(phase - scenario.ris_mu) + 1) / 2
+    return (1 - scenario.ris_beta_min) * base.pow(scenario.ris_kappa) + scenario.ris_beta_min
+
+
+def realised_codes(codes: Tensor, scenario: Scenario, *, phase_error: Tensor | None = None, failed: Tensor | None = None) -> Tensor:
+    """The codes the RIS realises, ``c~_ln``, from the commanded unit-modulus codes ``c_ln = exp(j theta_ln)``::
+
+        c~_ln = g(theta_ln) c_ln exp(j delta_ln) (1 - f_n)
+
+    * ``g = 1`` for ``scenario.ris_amplitude == "ideal"``, :func:`practical_amplitude` of the
+      commanded phase ``theta_ln = angle(c_ln)`` for ``"practical"``;
+    * ``phase_error``: delta_ln [rad], real, broadcastable to ``codes`` ``[..., L, N]`` (None: 0);
+    * ``failed``: boolean ``[..., N]``, True for a failed element (f_n = 1, c~ = 0 in every
+      snapshot; None: none failed).
+
+    Returns a new tensor of ``codes``' shape and dtype.
+    """
+    gain = None
+    if scenario.ris_amplitude == "practical":
+        gain = practical_amplitude(torch.angle(codes), scenario)
+    elif scenario.ris_amplitude != "ideal":
+        raise ValueError(f"Scenario.ris_amplitude = {scenario.ris_amplitude!r}: must be 'ideal' or 'practical'")
+    if phase_error is not None:
+        rotation = unit_phasor(phase_error.to(real_dtype(codes.dtype)))
+        out = codes * (rotation if gain is None else rotation * gain)
+    else:
+        out = codes * gain if gain is not None else codes.clone()
+    if failed is not None:
+        out.masked_fill_(failed.unsqueeze(-2).expand_as(out), 0)
+    return out
+
+
+def csi_estimate(H: Tensor, error: Tensor, nmse_db: float) -> Tensor:
+    """The receiver's channel ``H-hat = H + E`` with ``E_mn ~ CN(0, eps |H|_F^2 / (M N))``, ``eps = 10^(nmse_db / 10)``.
+
+    ``H``: the true channel ``[..., M, N]``; ``error``: standard complex normal entries
+    (CN(0, 1)) of the same shape, scaled here per matrix by ``sqrt(eps |H|_F^2 / (M N))``, so
+    that ``E |H-hat - H|_F^2 / |H|_F^2 = eps`` (the normalised MSE of the estimate).
+    """
+    M, N = H.shape[-2], H.shape[-1]
+    eps = 10.0 ** (nmse_db / 10.0)
+    power = torch.linalg.vector_norm(torch.view_as_real(H).flatten(-3), dim=-1).square() / (M * N)  # |H|_F^2 / (M N)
+    scale = torch.sqrt(eps * power).to(H.dtype)
+    return H + error.to(H.dtype) * scale[..., None, None]

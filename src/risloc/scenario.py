@@ -23,6 +23,7 @@ from ._toml import dumps as toml_dumps  # noqa: F401  (re-exported: risloc.scena
 
 SIGNAL_MODELS = ("stochastic", "static")
 CODEBOOKS = ("random", "dft")
+RIS_AMPLITUDE_MODELS = ("ideal", "practical")
 
 _DEG = math.pi / 180.0
 
@@ -102,6 +103,27 @@ class Scenario:
     snr_db_max: float = 20.0
     """Largest per-scene SNR [dB]."""
 
+    # --- impairments (docs/model.md, "Impairments"; all off by default) ---------------------
+    csi_nmse_db: float | None = None
+    """None (perfect CSI, the default): the receiver knows H. A number: the receiver knows
+    H-hat = H + E, E_mn ~ CN(0, eps |H|_F^2 / (M N)), eps = 10^(csi_nmse_db/10), drawn per scene.
+    In TOML the line is left out for None; on the command line ``none`` (or ``off``)."""
+    ris_phase_noise_deg: float = 0.0
+    """Standard deviation sigma [deg] of the RIS phase error: realised code
+    c~_ln = c_ln exp(j delta_ln), delta_ln ~ N(0, sigma^2), per element and snapshot (0: none)."""
+    ris_amplitude: str = "ideal"
+    """'ideal': |c~_ln| = 1; 'practical': the phase-dependent amplitude
+    |c~_ln| = (1 - beta_min) ((sin(theta_ln - mu) + 1) / 2)^kappa + beta_min, theta_ln the commanded phase."""
+    ris_beta_min: float = 0.2
+    """beta_min of the practical RIS amplitude (its smallest value), in [0, 1]."""
+    ris_mu: float = 0.0
+    """mu of the practical RIS amplitude (the phase offset of its minimum at -pi/2 + mu) [rad]."""
+    ris_kappa: float = 1.6
+    """kappa of the practical RIS amplitude (steepness), >= 0."""
+    ris_failed_fraction: float = 0.0
+    """Fraction f of failed RIS elements: round(f N) elements, drawn per scene without
+    replacement, have c~_ln = 0 in every snapshot (0: none)."""
+
     # ---------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +132,27 @@ class Scenario:
     def n_elements(self) -> int:
         """N = n_h * n_v."""
         return self.n_h * self.n_v
+
+    @property
+    def n_failed_elements(self) -> int:
+        """round(ris_failed_fraction * N) (halves rounded up): the failed RIS elements of every scene."""
+        return int(math.floor(self.ris_failed_fraction * self.n_elements + 0.5))
+
+    @property
+    def csi_error(self) -> bool:
+        """True when the receiver's H is an estimate (``csi_nmse_db`` set)."""
+        return self.csi_nmse_db is not None
+
+    @property
+    def code_impairments(self) -> bool:
+        """True when the realised RIS codes differ from the commanded ones (phase noise,
+        practical amplitude or failed elements)."""
+        return self.ris_phase_noise_deg > 0 or self.ris_amplitude != "ideal" or self.n_failed_elements > 0
+
+    @property
+    def impaired(self) -> bool:
+        """True when any impairment is on (CSI error or realised codes != commanded codes)."""
+        return self.csi_error or self.code_impairments
 
     def validate(self) -> None:
         """Refuse impossible values with a message that names the field."""
@@ -134,6 +177,24 @@ class Scenario:
         need(1 <= self.code_bits <= 16, "code_bits", "must be in 1..16")
         need(0 < self.rician_min <= self.rician_max, "rician_max", "need 0 < rician_min <= rician_max")
         need(self.snr_db_min <= self.snr_db_max, "snr_db_max", "must be >= snr_db_min")
+        # impairments
+        finite = lambda name: isinstance(getattr(self, name), (int, float)) and math.isfinite(getattr(self, name))  # noqa: E731
+        need(
+            self.csi_nmse_db is None or finite("csi_nmse_db"),
+            "csi_nmse_db",
+            "must be a finite number of dB, or None (none/off) for perfect CSI",
+        )
+        need(finite("ris_phase_noise_deg") and self.ris_phase_noise_deg >= 0, "ris_phase_noise_deg", "must be a finite number >= 0 (degrees)")
+        need(self.ris_amplitude in RIS_AMPLITUDE_MODELS, "ris_amplitude", f"must be one of {RIS_AMPLITUDE_MODELS}")
+        need(finite("ris_beta_min") and 0 <= self.ris_beta_min <= 1, "ris_beta_min", "must be in [0, 1]")
+        need(finite("ris_mu"), "ris_mu", "must be a finite angle [rad]")
+        need(finite("ris_kappa") and self.ris_kappa >= 0, "ris_kappa", "must be a finite number >= 0")
+        need(finite("ris_failed_fraction") and 0 <= self.ris_failed_fraction < 1, "ris_failed_fraction", "must be in [0, 1)")
+        need(
+            self.n_failed_elements < self.n_elements,
+            "ris_failed_fraction",
+            f"fails round(f N) = {self.n_failed_elements} of the N = {self.n_elements} elements; at least one must work",
+        )
 
     # --- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +222,11 @@ class Scenario:
     def to_toml(self) -> str:
         lines = ["# risloc scenario (units: metres, radians, linear power unless *_db)"]
         for f in fields(self):
-            lines.append(f"{f.name} = {toml_value(getattr(self, f.name))}")
+            value = getattr(self, f.name)
+            if value is None:  # TOML has no null: the field is left at its default (None)
+                lines.append(f"# {f.name}: none")
+            else:
+                lines.append(f"{f.name} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:

@@ -5,7 +5,8 @@ Shapes (S scenes, L snapshots, M BS antennas, N RIS elements, K_max sources):
 * ``Scenes.y`` ``[S, L, M]``, ``Scenes.H`` ``[S, M, N]``, ``Scenes.codes`` ``[S, L, N]`` (complex),
   ``Scenes.snr_db`` ``[S]`` (optional nominal SNR, dB);
 * ``Truth.K`` ``[S]`` (int64), ``Truth.phi/theta/r/power`` ``[S, K_max]`` NaN after the first K,
-  ``Truth.noise_var`` ``[S]``;
+  ``Truth.noise_var`` ``[S]``; optional ``Truth.H`` ``[S, M, N]`` and ``Truth.codes`` ``[S, L, N]``
+  (the true channel and the realised codes, where they differ from what the receiver knows);
 * ``Estimates.K`` ``[S]`` and ``Estimates.phi/theta/r`` ``[S, K_max]`` NaN after the first K-hat.
 
 Radians and metres throughout. The HDF5 reader and writer live in :mod:`risloc.io`.
@@ -40,6 +41,8 @@ def _cat(items: Sequence, cls):
     changes = {}
     for f in dataclasses.fields(cls):
         v = getattr(first, f.name)
+        if len({getattr(it, f.name) is None for it in items}) > 1:
+            raise ValueError(f"{cls.__name__}.cat: field {f.name!r} is None in some items and set in others")
         if isinstance(v, Tensor):
             changes[f.name] = torch.cat([getattr(it, f.name) for it in items])
         elif dataclasses.is_dataclass(v) and not isinstance(v, Scenario):
@@ -79,6 +82,12 @@ class Truth(_Batched):
     noise_var: Tensor
     covariance: Tensor | None = None
     """Optional learning target R = sum_k p_k a_k a_k^H, ``[S, N, N]`` (on request only)."""
+    H: Tensor | None = None
+    """Optional true channel ``[S, M, N]`` where the receiver's ``Scenes.H`` is an estimate
+    (``Scenario.csi_nmse_db`` set); None where the receiver's H is the true one."""
+    codes: Tensor | None = None
+    """Optional realised RIS codes ``[S, L, N]`` where they differ from the commanded
+    ``Scenes.codes`` (RIS impairments on); None where the commanded codes are the realised ones."""
 
     def __len__(self) -> int:
         return self.K.shape[0]

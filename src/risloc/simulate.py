@@ -20,6 +20,17 @@ normals of W, of the signals and of the noise. On CPU the blocks run in parallel
 threads, each single-threaded, so the result does not depend on the thread count either.
 The generator streams of CPU and CUDA differ, so a scene depends on the device it is drawn on.
 
+Impairments (``Scenario.csi_nmse_db``, ``ris_phase_noise_deg``, ``ris_amplitude``,
+``ris_failed_fraction``; all off by default) draw from generators of their own, one per
+block and impairment, seeded by ``SeedSequence([s, b, tag])`` (:data:`IMPAIRMENT_TAGS`):
+with all of them off nothing else is drawn and the scenes are those of the ideal model bit
+for bit; with some on, the ideal part of scene i (sources, H, codes, signals, noise draws) is
+unchanged and each impairment's draws do not depend on the others, so a sweep over one
+impairment compares the same scenes. The snapshots are made with the true H and the realised
+codes (:func:`physics.realised_codes`), the SNR is defined on that realised clean signal, and
+the scenes carry what the receiver knows: ``H`` is the estimate (:func:`physics.csi_estimate`)
+and ``codes`` the commanded codes; the true ones go to ``truth.H`` / ``truth.codes``.
+
 Speed notes (the hot path, per scene): 2 M N normals for W are drawn straight into the
 buffer that becomes H; the random b-bit codes come from packed integer words
 (:func:`packed_code_table`: one draw per ``g`` elements, one table look-up per word)
@@ -51,11 +62,15 @@ POSITION_ATTEMPTS = 8
 CODE_WORD_BITS = 12
 """Random code levels are packed ``g = max(1, 12 // b)`` to a word of ``g * b`` random bits."""
 
+IMPAIRMENT_TAGS = {"ris_phase_noise": 0x9A5E, "ris_failed": 0xFA11, "csi_error": 0xC51E}
+"""Third key of the generator ``SeedSequence([seed, block, tag])`` of each impairment's draws."""
+
 
 class _Layout:
     """How many random numbers of each kind a scene takes, and where its uniforms sit."""
 
     def __init__(self, sc: Scenario):
+        self.scenario = sc
         K, L, M, N = sc.k_max, sc.snapshots, sc.m_bs, sc.n_elements
         self.k, self.snr, self.kappa, self.psi, self.phi_b, self.theta_b = range(6)
         u = 6
@@ -90,6 +105,12 @@ class _Draws:
         self.scatter = torch.empty(rows, *lay.scatter_shape, **f32) if scatter is None else scatter
         self.signal = torch.empty(rows, *lay.signal_shape, **f32)
         self.noise = torch.empty(rows, *lay.noise_shape, **f32)
+        # impairments (allocated only when on): delta / sigma [rows, L, N], uniforms that pick the
+        # failed elements [rows, N], the CSI error's normals [rows, M, N, 2]
+        sc = lay.scenario
+        self.phase_noise = torch.empty(rows, sc.snapshots, sc.n_elements, **f32) if sc.ris_phase_noise_deg > 0 else None
+        self.failed = torch.empty(rows, sc.n_elements, **f32) if sc.n_failed_elements > 0 else None
+        self.csi = torch.empty(rows, *lay.scatter_shape, **f32) if sc.csi_error else None
 
 
 def _draw_block(draws: _Draws, row: int, seed: int, block: int, word_range: int) -> None:
@@ -108,6 +129,33 @@ def _draw_block(draws: _Draws, row: int, seed: int, block: int, word_range: int)
         draws.words[rows].random_(0, word_range, generator=gen)
     for buf in (draws.scatter, draws.signal, draws.noise):
         buf[rows].normal_(generator=gen)
+
+
+def _draw_impairments(draws: _Draws, row: int, seed: int, block: int) -> None:
+    """Fill rows ``[row, row + RNG_BLOCK)`` of the impairment buffers of ``draws`` (those that are on).
+
+    Each impairment has its own generator, seeded by ``SeedSequence([seed, block, tag])``
+    (:data:`IMPAIRMENT_TAGS`): standard normals ``[RNG_BLOCK, L, N]`` for the phase noise,
+    uniforms ``[RNG_BLOCK, N]`` for the choice of failed elements, standard normals
+    ``[RNG_BLOCK, M, N, 2]`` for the CSI error.
+    """
+    rows = slice(row, row + RNG_BLOCK)
+    for name, buf, fill in (
+        ("ris_phase_noise", draws.phase_noise, "normal_"),
+        ("ris_failed", draws.failed, "uniform_"),
+        ("csi_error", draws.csi, "normal_"),
+    ):
+        if buf is not None:
+            gen = torch.Generator(device=buf.device)
+            gen.manual_seed(_block_seed(seed, block, IMPAIRMENT_TAGS[name]))
+            getattr(buf[rows], fill)(generator=gen)
+
+
+def _failed_mask(u: Tensor, n_failed: int) -> Tensor:
+    """``[B, N]`` boolean: the ``n_failed`` elements with the smallest uniforms ``u`` ``[B, N]`` of each
+    scene (a uniformly random subset of that size, drawn without replacement)."""
+    pick = torch.topk(u, n_failed, dim=-1, largest=False).indices
+    return torch.zeros(u.shape, dtype=torch.bool, device=u.device).scatter_(-1, pick, True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -267,6 +315,8 @@ def simulate(
         draws = _Draws(lay, g1 - g0, device, scatter=in_place)
         for b in group:
             _draw_block(draws, (b - group.start) * RNG_BLOCK, seed, b, word_range)
+            if sc.impaired:
+                _draw_impairments(draws, (b - group.start) * RNG_BLOCK, seed, b)
         part = _simulate_rows(draws, lay, sc, seed, g0, dtype, with_covariance, codes[out] if whole else None)
         if part.H.data_ptr() != H[out].data_ptr():  # not built in place (partial block or complex128)
             H[out] = part.H[rows]
@@ -354,7 +404,15 @@ def _simulate_rows(
         _random_codes(draws.words, lay, sc, codes)
     else:
         codes.copy_(physics.dft_codes(sc, dtype=dtype, device=device).expand(B, L, N))
-    z.mul_(codes)
+    realised = None  # the realised codes, where they differ from the commanded ones
+    if sc.code_impairments:
+        realised = physics.realised_codes(
+            codes,
+            sc,
+            phase_error=None if draws.phase_noise is None else draws.phase_noise.to(rd) * math.radians(sc.ris_phase_noise_deg),
+            failed=None if draws.failed is None else _failed_mask(draws.failed, sc.n_failed_elements),
+        )
+    z.mul_(codes if realised is None else realised)
 
     # --- channel H (built in W's buffer) ----------------------------------------------------------
     scatter = draws.scatter if rd == torch.float32 else draws.scatter.to(rd)
@@ -376,6 +434,12 @@ def _simulate_rows(
     noise = torch.view_as_complex(draws.noise.to(rd))
     y.addcmul_(noise, torch.sqrt(noise_var / 2).view(B, 1, 1).to(dtype))
 
+    # --- what the receiver knows of H: H-hat = H + E (in H's buffer; the true H goes to the truth) ---
+    H_true = None
+    if sc.csi_error:
+        H_true = H.clone()
+        H.copy_(physics.csi_estimate(H_true, torch.view_as_complex(draws.csi.to(rd)) / math.sqrt(2), sc.csi_nmse_db))
+
     nan = torch.tensor(float("nan"), dtype=rd, device=device)
     truth = Truth(
         K=K,
@@ -384,6 +448,8 @@ def _simulate_rows(
         r=torch.where(active, r, nan),
         power=torch.where(active, power, nan),
         noise_var=noise_var,
+        H=H_true,
+        codes=realised,
     )
     if with_covariance:
         truth.covariance = source_covariance(truth, sc, dtype=dtype)
