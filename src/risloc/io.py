@@ -6,7 +6,9 @@ Layout of a scene file (S scenes; L snapshots, M BS antennas, N RIS elements, K_
     y [S, L, M] complex64     H [S, M, N] complex64     codes [S, L, N] complex64
     snr_db [S] float32 (optional)
     truth/ (optional): K [S] int32; phi, theta, r, power [S, K_max] float32 (NaN after the
-                       first K); noise_var [S] float32
+                       first K); noise_var [S] float32; optional H [S, M, N] and codes [S, L, N]
+                       complex64 (the true channel and the realised codes, where the root
+                       H and codes are what the receiver knows and differ from them)
 
 An estimates file has ``format = "risloc-estimates"``, the same ``version`` and ``scenario``,
 a root attribute ``method`` and ``est/K`` [S] int32, ``est/phi``, ``est/theta``, ``est/r``
@@ -54,6 +56,8 @@ VERSION = 1
 
 INPUTS = ("y", "H", "codes")
 TRUTH_PER_SOURCE = ("phi", "theta", "r", "power")
+TRUTH_INPUTS = ("H", "codes")
+"""Optional truth datasets ``truth/H`` and ``truth/codes``, shaped like the root inputs of the same name."""
 EST_PER_SOURCE = ("phi", "theta", "r")
 
 CHUNK_BYTES = 1 << 20
@@ -88,6 +92,8 @@ class FileInfo:
     has_snr: bool = False
     has_truth: bool = False
     method: str = ""
+    truth_inputs: tuple[str, ...] = ()
+    """Which of the optional ``truth/H``, ``truth/codes`` the file has (names of :data:`TRUTH_INPUTS`)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +138,8 @@ class ScenesWriter:
     The file lives under a temporary name (``.<name>.<random>.tmp`` in the same folder)
     until the ``with`` block ends normally; then it is renamed to ``path``. If the block
     raises, the temporary file is deleted and ``path`` is left as it was. Whether
-    ``snr_db`` and ``truth/`` are written is fixed by the first chunk; later chunks must
+    ``snr_db``, ``truth/`` and the optional ``truth/H``, ``truth/codes`` (``Truth.H``,
+    ``Truth.codes`` not None) are written is fixed by the first chunk; later chunks must
     agree (and have the same scenario). ``expected`` (optional) pre-sizes the datasets.
     """
 
@@ -144,6 +151,7 @@ class ScenesWriter:
         self._h5: _AtomicH5 | None = None
         self._has_snr: bool | None = None
         self._has_truth: bool | None = None
+        self._truth_inputs: tuple[str, ...] = ()
 
     # --- context manager ---------------------------------------------------------------------
     def __enter__(self) -> "ScenesWriter":
@@ -177,7 +185,7 @@ class ScenesWriter:
             self._h5 = None
 
     # --- writing -------------------------------------------------------------------------------
-    def _create(self, sc: Scenario, *, snr: bool, truth: bool) -> None:
+    def _create(self, sc: Scenario, *, snr: bool, truth: bool, truth_inputs: tuple[str, ...] = ()) -> None:
         f = self._h5.file
         f.attrs["format"] = SCENES_FORMAT
         f.attrs["version"] = VERSION
@@ -190,10 +198,12 @@ class ScenesWriter:
             specs["truth/K"] = ((), np.int32)
             specs.update({f"truth/{q}": ((sc.k_max,), np.float32) for q in TRUTH_PER_SOURCE})
             specs["truth/noise_var"] = ((), np.float32)
+            specs.update({f"truth/{q}": (_input_shapes(sc)[q], np.complex64) for q in truth_inputs})
         for name, (shape, dtype) in specs.items():
             rows = _rows_per_chunk(shape, np.dtype(dtype).itemsize)
             f.create_dataset(name, shape=(size, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
         self.scenario, self._has_snr, self._has_truth = sc, snr, truth
+        self._truth_inputs = tuple(truth_inputs) if truth else ()
 
     def _resize(self, n: int) -> None:
         f = self._h5.file
@@ -209,12 +219,18 @@ class ScenesWriter:
         if self._h5 is None:
             raise ValueError("ScenesWriter.write outside its 'with' block (or after close)")
         sc = scenes.scenario
+        truth_inputs = tuple(q for q in TRUTH_INPUTS if scenes.truth is not None and getattr(scenes.truth, q) is not None)
         if self._has_snr is None:
-            self._create(self.scenario or sc, snr=scenes.snr_db is not None, truth=scenes.truth is not None)
+            self._create(self.scenario or sc, snr=scenes.snr_db is not None, truth=scenes.truth is not None, truth_inputs=truth_inputs)
         if sc != self.scenario:
             raise ValueError(f"{self.path}: a chunk has a different scenario than the file ({sc} vs {self.scenario})")
         if (scenes.snr_db is not None) != self._has_snr or (scenes.truth is not None) != self._has_truth:
             raise ValueError(f"{self.path}: every chunk must have snr_db/truth if the first one has them, and only then")
+        if truth_inputs != self._truth_inputs:
+            raise ValueError(
+                f"{self.path}: every chunk must have the true H/codes if the first one has them, and only then "
+                f"(this chunk: {list(truth_inputs)}, the file: {list(self._truth_inputs)})"
+            )
         n, a = len(scenes), self.n_scenes
         if n == 0:
             return
@@ -232,6 +248,8 @@ class ScenesWriter:
             for q in TRUTH_PER_SOURCE:
                 f[f"truth/{q}"][a : a + n] = _np(getattr(t, q), np.float32)
             f["truth/noise_var"][a : a + n] = _np(t.noise_var, np.float32)
+            for q in self._truth_inputs:
+                f[f"truth/{q}"][a : a + n] = _np(getattr(t, q), np.complex64)
         self.n_scenes = a + n
 
 
@@ -379,7 +397,8 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
     that disagree with each other or with the scenario, non-finite inputs (y, H, codes,
     snr_db), a scene whose channel H or whose codes are all zero, and a malformed truth group
     (K outside 0..k_max, positions not finite for the first K sources and NaN after, noise
-    variance negative or not finite). Returns a :class:`FileInfo`.
+    variance negative or not finite, optional ``truth/H`` / ``truth/codes`` not shaped like
+    ``H`` / ``codes`` or not finite, a true channel all zero). Returns a :class:`FileInfo`.
     """
     with _open_scenes_file(path) as (f, path, sc, inputs):
         S = inputs["y"].shape[0]
@@ -389,6 +408,8 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
         if "truth" in f:
             truth = {"K": _dataset(f, path, "truth/K", (), "i", S), "noise_var": _dataset(f, path, "truth/noise_var", (), "f", S)}
             truth.update({q: _dataset(f, path, f"truth/{q}", (sc.k_max,), "f", S) for q in TRUTH_PER_SOURCE})
+            shapes = _input_shapes(sc)
+            inputs.update({f"truth/{q}": _dataset(f, path, f"truth/{q}", shapes[q], "c", S) for q in _truth_inputs_in(f)})
         for a in range(0, S, chunk):
             b = min(S, a + chunk)
             for name, ds in inputs.items():
@@ -397,10 +418,10 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
                 bad = _first(~np.isfinite(x).all(1))
                 if bad is not None:
                     raise InputError(f"{path}: dataset '{name}', scene {a + bad}: non-finite values")
-                if name in ("H", "codes"):
+                if name in ("H", "codes", "truth/H"):  # realised codes may be all zero (failed elements)
                     bad = _first(~x.any(1))
                     if bad is not None:
-                        what = "channel is" if name == "H" else "RIS codes are"
+                        what = "RIS codes are" if name == "codes" else "channel is"
                         raise InputError(f"{path}: dataset '{name}', scene {a + bad}: {what} all zero")
             if truth is not None:
                 K = truth["K"][a:b]
@@ -413,7 +434,14 @@ def validate_scenes_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK) ->
                 bad = _first(~(np.isfinite(nv) & (nv >= 0)))
                 if bad is not None:
                     raise InputError(f"{path}: dataset 'truth/noise_var', scene {a + bad}: {nv[bad]} is not a finite variance >= 0")
-        return FileInfo(path, sc, S, has_snr="snr_db" in inputs, has_truth=truth is not None)
+        return FileInfo(
+            path, sc, S, has_snr="snr_db" in inputs, has_truth=truth is not None, truth_inputs=_truth_inputs_in(f) if truth is not None else ()
+        )
+
+
+def _truth_inputs_in(f: h5py.File) -> tuple[str, ...]:
+    """Which of the optional ``truth/H``, ``truth/codes`` an open scene file has."""
+    return tuple(q for q in TRUTH_INPUTS if f"truth/{q}" in f)
 
 
 def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK * 16) -> FileInfo:
@@ -458,6 +486,7 @@ def _read(f: h5py.File, info: FileInfo, sel: slice | list[int], device) -> Scene
             K=get("truth/K", torch.int64),
             **{q: get(f"truth/{q}", torch.float32) for q in TRUTH_PER_SOURCE},
             noise_var=get("truth/noise_var", torch.float32),
+            **{q: get(f"truth/{q}", torch.complex64) for q in info.truth_inputs},
         )
     return Scenes(
         y=get("y", torch.complex64),
@@ -511,7 +540,12 @@ def iter_scenes(
 def scenes_file_info(path: str | os.PathLike) -> FileInfo:
     """Header and layout of a scene file without the value scan (shapes and format still checked)."""
     with _open_scenes_file(path) as (f, path, sc, inputs):
-        return FileInfo(path, sc, inputs["y"].shape[0], has_snr="snr_db" in f, has_truth="truth" in f)
+        S = inputs["y"].shape[0]
+        truth_inputs = _truth_inputs_in(f) if "truth" in f else ()
+        shapes = _input_shapes(sc)
+        for q in truth_inputs:
+            _dataset(f, path, f"truth/{q}", shapes[q], "c", S)
+        return FileInfo(path, sc, S, has_snr="snr_db" in f, has_truth="truth" in f, truth_inputs=truth_inputs)
 
 
 def load_estimates(path: str | os.PathLike, *, device="cpu") -> Estimates:
