@@ -68,3 +68,14 @@ def test_training_config_mix_reaches_the_validation_scenes():
     dft = simulate(SMALL.replace(codebook="dft"), 6, seed=cfg.val_seed)
     rnd = simulate(SMALL, 6, seed=cfg.val_seed)
     assert torch.equal(val.codes[1::2], dft.codes[1::2]) and torch.equal(val.codes[0::2], rnd.codes[0::2])
+
+
+def test_ideal_and_impaired_components_mix_with_the_true_channel_and_codes():
+    mix = ScenarioMixture(SMALL, "- | csi_nmse_db=-10 | ris_phase_noise_deg=20")
+    got = mix.simulate(6, seed=2)
+    assert got.truth.H is not None and got.truth.codes is not None
+    # ideal rows: the true channel and codes are the known ones
+    assert torch.equal(got.truth.H[0], got.H[0]) and torch.equal(got.truth.codes[0], got.codes[0])
+    # CSI-error rows: the known H differs from the true one; phase-noise rows: the codes differ
+    assert not torch.equal(got.truth.H[1], got.H[1]) and torch.equal(got.truth.codes[1], got.codes[1])
+    assert torch.equal(got.truth.H[2], got.H[2]) and not torch.equal(got.truth.codes[2], got.codes[2])

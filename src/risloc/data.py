@@ -231,5 +231,9 @@ class ScenarioMixture:
             part = simulate(comp, hi - lo, seed=seed, start=start + lo, device=device, **kwargs)
             parts.append(part[(keep - lo).to(part.device)])
             order.append(keep)
+        for name, known in (("H", "H"), ("codes", "codes")):  # true channel / realised codes where any component has them
+            if any(getattr(p.truth, name) is not None for p in parts):
+                parts = [p if getattr(p.truth, name) is not None else
+                         dataclasses.replace(p, truth=dataclasses.replace(p.truth, **{name: getattr(p, known)})) for p in parts]
         out = Scenes.cat(parts)[torch.argsort(torch.cat(order)).to(device)]
         return dataclasses.replace(out, scenario=self.base)
