@@ -18,6 +18,12 @@ examples:
   risloc simulate --out scenes.h5 --scenes 2000 --seed 0
   risloc simulate --out k1.h5 --scenes 100 --k 1 --snr-db 30 --signal static
   risloc simulate --out low.h5 --scenes 10000 --snr-db -5 5 --set k_max=3 --device cuda
+  risloc simulate --out rough.h5 --scenes 2000 --set ris_phase_noise_deg=10 --set csi_nmse_db=-20
+
+Impairments (docs/model.md, all off by default) are Scenario fields set with --set:
+csi_nmse_db (dB, or none), ris_phase_noise_deg (degrees), ris_amplitude (ideal or practical,
+with ris_beta_min, ris_mu, ris_kappa) and ris_failed_fraction. The file's H and codes are then
+what the receiver knows; the true channel and realised codes go to truth/H and truth/codes.
 
 Scene i of a seed is the same whatever --chunk or --start (use --start to extend a set:
 --start 2000 --scenes 1000 gives scenes 2000..2999 of the same stream).
