@@ -28,6 +28,9 @@ def test_alternatives_set_several_fields_or_none():
     assert mix.components[0] == SMALL
     assert (mix.components[1].snr_db_min, mix.components[1].snr_db_max) == (10, 20)
     assert mix.components[5].signal == "static" and mix.components[5].codebook == "dft"
+    twice = ScenarioMixture(SMALL, "- | - | signal=static")
+    got, ref = twice.simulate(6, seed=4), simulate(SMALL, 6, seed=4)
+    assert torch.equal(got.y[[0, 1, 3, 4]], ref.y[[0, 1, 3, 4]]) and not torch.equal(got.y[2], ref.y[2])
     with pytest.raises(ValueError, match="not '-' or FIELD=VALUE"):
         ScenarioMixture(SMALL, "- | signal")
 

@@ -171,8 +171,8 @@ class ScenarioMixture:
     Example: ``ScenarioMixture(Scenario(), "signal=stochastic,static;codebook=random,dft")``
     has four components, one scene in four from each.
 
-    Cost: every component simulates the whole requested range and keeps its own rows, so a
-    batch costs ``C`` batches of simulation (cheap next to a training step on a GPU).
+    Cost: every distinct component simulates the whole requested range and keeps its own rows,
+    so a batch costs as many batches of simulation as there are distinct components.
     """
 
     SHAPE_FIELDS = ("n_h", "n_v", "m_bs", "snapshots", "k_max")
@@ -223,8 +223,10 @@ class ScenarioMixture:
         rows = torch.arange(start, start + n_scenes)
         which = self.component(rows)
         parts, order = [], []
-        for c, comp in enumerate(self.components):
-            keep = (which == c).nonzero().flatten()
+        distinct = [comp for c, comp in enumerate(self.components) if comp not in self.components[:c]]
+        for comp in distinct:  # a scenario listed twice is simulated once
+            same = torch.tensor([c for c, other in enumerate(self.components) if other == comp])
+            keep = torch.isin(which, same).nonzero().flatten()
             if len(keep) == 0:
                 continue
             lo, hi = int(keep[0]), int(keep[-1]) + 1
