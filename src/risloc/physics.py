@@ -325,8 +325,13 @@ def practical_amplitude(phase: Tensor, scenario: Scenario) -> Tensor:
     ``scenario.ris_beta_min``, ``ris_mu`` [rad] and ``ris_kappa``. The amplitude is 1 at
     theta = mu + pi/2 and beta_min at theta = mu - pi/2.
     """
-    base = (torch.sin(phase - scenario.ris_mu) + 1) / 2
-    return (1 - scenario.ris_beta_min) * base.pow(scenario.ris_kappa) + scenario.ris_beta_min
+    return _amplitude_of_sine(torch.sin(phase - scenario.ris_mu), scenario)
+
+
+def _amplitude_of_sine(sine: Tensor, scenario: Scenario) -> Tensor:
+    """:func:`practical_amplitude` from ``sin(theta - mu)``."""
+    base = (sine + 1) / 2
+    return (1 - scenario.ris_beta_min) * base.clamp(min=0).pow(scenario.ris_kappa) + scenario.ris_beta_min
 
 
 def realised_codes(codes: Tensor, scenario: Scenario, *, phase_error: Tensor | None = None, failed: Tensor | None = None) -> Tensor:
@@ -335,23 +340,31 @@ def realised_codes(codes: Tensor, scenario: Scenario, *, phase_error: Tensor | N
         c~_ln = g(theta_ln) c_ln exp(j delta_ln) (1 - f_n)
 
     * ``g = 1`` for ``scenario.ris_amplitude == "ideal"``, :func:`practical_amplitude` of the
-      commanded phase ``theta_ln = angle(c_ln)`` for ``"practical"``;
+      commanded phase theta_ln for ``"practical"`` (with ``sin(theta_ln - mu) = Im(c_ln e^(-j mu))``,
+      exact for unit-modulus codes, which the commanded codes are);
     * ``phase_error``: delta_ln [rad], real, broadcastable to ``codes`` ``[..., L, N]`` (None: 0);
     * ``failed``: boolean ``[..., N]``, True for a failed element (f_n = 1, c~ = 0 in every
       snapshot; None: none failed).
 
     Returns a new tensor of ``codes``' shape and dtype.
     """
+    rd = real_dtype(codes.dtype)
     gain = None
     if scenario.ris_amplitude == "practical":
-        gain = practical_amplitude(torch.angle(codes), scenario)
+        sine = codes.imag * math.cos(scenario.ris_mu) - codes.real * math.sin(scenario.ris_mu)  # Im(c e^(-j mu))
+        gain = _amplitude_of_sine(sine, scenario)
     elif scenario.ris_amplitude != "ideal":
         raise ValueError(f"Scenario.ris_amplitude = {scenario.ris_amplitude!r}: must be 'ideal' or 'practical'")
     if phase_error is not None:
-        rotation = unit_phasor(phase_error.to(real_dtype(codes.dtype)))
-        out = codes * (rotation if gain is None else rotation * gain)
+        phase_error = phase_error.to(rd)
+        cos, sin = torch.cos(phase_error), torch.sin(phase_error)
+        if gain is not None:
+            cos, sin = cos * gain, sin * gain
+        out = codes * torch.complex(cos, sin)
+    elif gain is not None:
+        out = torch.view_as_complex(torch.view_as_real(codes) * gain.unsqueeze(-1))
     else:
-        out = codes * gain if gain is not None else codes.clone()
+        out = codes.clone()
     if failed is not None:
         out.masked_fill_(failed.unsqueeze(-2).expand_as(out), 0)
     return out
@@ -367,5 +380,5 @@ def csi_estimate(H: Tensor, error: Tensor, nmse_db: float) -> Tensor:
     M, N = H.shape[-2], H.shape[-1]
     eps = 10.0 ** (nmse_db / 10.0)
     power = torch.linalg.vector_norm(torch.view_as_real(H).flatten(-3), dim=-1).square() / (M * N)  # |H|_F^2 / (M N)
-    scale = torch.sqrt(eps * power).to(H.dtype)
-    return H + error.to(H.dtype) * scale[..., None, None]
+    scale = torch.sqrt(eps * power).to(real_dtype(H.dtype))
+    return H + torch.view_as_complex(torch.view_as_real(error.to(H.dtype)) * scale[..., None, None, None])

@@ -438,7 +438,8 @@ def _simulate_rows(
     H_true = None
     if sc.csi_error:
         H_true = H.clone()
-        H.copy_(physics.csi_estimate(H_true, torch.view_as_complex(draws.csi.to(rd)) / math.sqrt(2), sc.csi_nmse_db))
+        unit = torch.view_as_complex(draws.csi.to(rd).mul_(1 / math.sqrt(2)))  # CN(0, 1) (the block's scratch draws, scaled in place)
+        H.copy_(physics.csi_estimate(H_true, unit, sc.csi_nmse_db))
 
     nan = torch.tensor(float("nan"), dtype=rd, device=device)
     truth = Truth(
