@@ -474,7 +474,11 @@ def _check_finite(active: Tensor, noise_var: Tensor, **fields_: Tensor) -> None:
 def crb_for_scenes(scenes, signal: str | None = None, **options) -> CRBResult:
     """:func:`crb` of ``scenes.truth`` (signal defaults to ``scenes.scenario.signal``).
 
-    Needs the truth group (ValueError otherwise). Options are passed to :func:`crb`.
+    Needs the truth group (ValueError otherwise). Options are passed to :func:`crb`. The bound
+    uses what the receiver knows, ``scenes.H`` and ``scenes.codes``: for scenes with
+    impairments (docs/model.md, "Impairments") it is the bound of the ideal model with the
+    estimated channel and the commanded codes, not a bound for the impaired measurement
+    (``truth.H`` and ``truth.codes`` are not used).
     """
     if scenes.truth is None:
         raise ValueError("the CRB needs the true source positions: these scenes have no truth group")
