@@ -74,13 +74,15 @@ def _read_truth(io, path: str):
     """Truth and nominal SNR of a scene file, validated and streamed in chunks of 1024 scenes
     (about 40 MB of inputs each); only the truth and the SNR are kept, so files of 10^6 scenes
     fit in memory."""
+    import dataclasses
+
     import torch
 
     from risloc.scenes import Truth
 
     truths, snrs = [], []
     for chunk in io.iter_scenes(path, chunk=1024):
-        truths.append(chunk.truth)
+        truths.append(dataclasses.replace(chunk.truth, H=None, codes=None) if chunk.truth is not None else None)  # no true H / codes
         snrs.append(chunk.snr_db)
     if not truths:
         raise ValueError(f"{path}: no scenes")
