@@ -3,6 +3,7 @@ an unknown method), its report files and their contents; strict mode; the CLI.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 
 import risloc
-from risloc import bench
+from risloc import bench, metrics
 from risloc.estimators import register
 from risloc.scenes import Estimates
 
 N_SCENES = 16
 SEED = 7
+LATENCY_CALLS = 3
 
 _TRUTH: dict = {}
 
@@ -29,9 +31,15 @@ def _lookup(scenes):
     return full.truth[torch.tensor(idx)]
 
 
+_ORACLE_BATCHES: list = []
+"""Scenes per call of the oracle without a known K (the batches, then the latency calls)."""
+
+
 @register("bench-test-oracle", k_option="K")
 def _oracle(scenes, K=None, **_):
     assert scenes.truth is None, "the benchmark must not hand the truth to an estimator"
+    if K is None:
+        _ORACLE_BATCHES.append(len(scenes))
     t = _lookup(scenes)
     return Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone(), "oracle")
 
@@ -57,9 +65,12 @@ def result(tmp_path_factory, one_thread):
     cfg = bench.BenchConfig(
         scenes=N_SCENES, seed=SEED, batch=8, out=out, device="cpu", progress=False, spectrum_grid=(31, 15, 4),
         methods=("music", "bench-test-oracle", "bench-test-raise", "no-such-method"), oracle_k=True,
+        latency_calls=LATENCY_CALLS,
     )
+    _ORACLE_BATCHES.clear()
     with pytest.warns(UserWarning, match="risloc bench"):
         res = bench.run_benchmark(cfg)
+    _TRUTH["oracle_batches"] = list(_ORACLE_BATCHES)
     return res, out
 
 
@@ -86,9 +97,21 @@ def test_same_scenes_and_oracle_scores(result):
     assert o.rmse_phi_deg == 0.0 and o.rmse_r_m == 0.0
     assert o.crb_ratio_phi == 0.0 and o.success_crb is not None and 0 < o.success_crb <= 1
     mu = res.methods["music"]
-    assert len(mu.estimates) == N_SCENES and 0.0 <= mu.score.overall.success <= 1.0
-    # timing: first batch of 8 is warm-up, the second timed
-    assert mu.timing.warmup_scenes == 8 and mu.timing.scenes == 8 and mu.timing.scenes_per_s > 0
+    assert len(mu.estimates) == N_SCENES
+    # music's row is music's answer on these scenes, and its success is the fraction of scenes
+    # with K-hat = K and every true source hit, recounted from the matched pairs
+    again = risloc.locate(dataclasses.replace(_TRUTH["scenes"], truth=None), "music", batch=8)
+    assert torch.equal(again.K, mu.estimates.K)
+    assert torch.allclose(again.phi, mu.estimates.phi, equal_nan=True) and torch.allclose(again.r, mu.estimates.r, equal_nan=True)
+    m = metrics.match(res.scenes.truth, mu.estimates)
+    hits = np.bincount(m.scene[m.hit.astype(bool)], minlength=N_SCENES)
+    success = float(((m.K_hat == m.K) & (hits == m.K)).mean())
+    assert mu.score.overall.success == success
+    assert o.n_scenes == N_SCENES and mu.score.overall.n_scenes == N_SCENES
+    # timing: first batch of 8 is warm-up, the second timed; scenes/s is timed scenes over timed seconds
+    t = mu.timing
+    assert t.warmup_scenes == 8 and t.scenes == 8 and t.batches == 1 and t.passes == [t.seconds]
+    assert 0 < t.seconds and t.scenes_per_s == 8 / t.seconds
 
 
 def test_crb_reference_matches_metrics(result):
@@ -165,7 +188,8 @@ def test_results_json(result):
     assert m["bench-test-raise"]["status"] == "failed" and "deliberate" in m["bench-test-raise"]["reason"]
     assert "RuntimeError" in m["bench-test-raise"]["traceback"]
     music = m["music"]
-    assert music["status"] == "ok" and music["timing"]["scenes_per_s"] > 0
+    assert music["status"] == "ok" and music["timing"]["scenes_per_s"] == res.methods["music"].timing.scenes_per_s
+    assert music["score"]["overall"]["success"] == res.methods["music"].score.overall.success
     assert set(music["score"]) >= {"overall", "by_snr", "by_k"}
     assert {r["snr_lo"] for r in music["snr_ranges"]} == {10.0, -5.0}
     assert "order_rule" in music["defaults"]
@@ -304,3 +328,47 @@ def test_timing_repeats_time_every_pass_and_report_the_median():
     assert len(one.passes) == 2 and one.scenes == 3  # a single batch: warm-up, then timed twice
     with pytest.raises(ValueError, match="timing_repeats"):
         bench.BenchConfig(timing_repeats=0)
+
+
+def test_one_scene_latency(result):
+    """Every method row (not the K-known ones) has a latency over LATENCY_CALLS single-scene calls
+    after one warm-up; results.json and the report carry median and p90."""
+    res, out = result
+    # the oracle saw its two batches of 8, then 1 + LATENCY_CALLS batches of one scene
+    assert _TRUTH["oracle_batches"] == [8, 8] + [1] * (1 + LATENCY_CALLS)
+    d = json.loads((out / "results.json").read_text())["methods"]
+    text = (out / "report.md").read_text()
+    f = metrics.format_number
+    for name in ("music", "bench-test-oracle"):
+        lat = res.methods[name].latency
+        assert lat.n == LATENCY_CALLS and len(lat.calls_s) == LATENCY_CALLS and lat.warmup_s > 0
+        j = d[name]["latency_ms"]
+        assert j["n"] == LATENCY_CALLS and j["unit"] == "ms"
+        assert math.isclose(j["median"], 1e3 * float(np.median(lat.calls_s)))
+        assert math.isclose(j["p90"], 1e3 * float(np.percentile(lat.calls_s, 90)))
+        assert min(j["calls"]) <= j["median"] <= j["p90"] <= max(j["calls"])
+        assert f"| {f(j['median'])} / {f(j['p90'])} |" in text
+    for name in ("music (K known)", "bench-test-raise", "no-such-method"):
+        assert d[name]["latency_ms"] is None and res.methods[name].latency is None
+    assert "latency (ms) median / p90" in text
+
+
+def test_latency_calls_option():
+    from risloc.bench.run import one_scene_latency
+
+    calls = []
+
+    def fn(s):
+        calls.append(int(s.y.shape[0]))
+        return Estimates.empty(len(s), 5)
+
+    scenes = risloc.simulate(risloc.Scenario(), 3, seed=SEED)
+    lat = one_scene_latency(fn, scenes, 7, torch.device("cpu"))
+    assert calls == [1] * 8 and lat.n == 7 and lat.median_ms <= lat.p90_ms
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="latency_calls"):
+            bench.BenchConfig(latency_calls=bad)
+    _TRUTH["scenes"] = scenes
+    res = bench.run_benchmark(bench.BenchConfig(scenes=3, seed=SEED, batch=4, methods=("bench-test-oracle",), out=None, crb=False,
+                                                progress=False, device="cpu", latency_calls=0, order_rules=False))
+    assert res.methods["bench-test-oracle"].ok and res.methods["bench-test-oracle"].latency is None

@@ -24,7 +24,8 @@ from ..scenario import Scenario
 from ..scenes import Scenes
 from .run import BenchResult, _np, _truth_n, crb_reference
 
-__all__ = ["rmse_vs_snr", "success_vs_snr", "k_confusion", "spectra", "save", "make_figures", "spectrum_data", "pick_spectrum_scene"]
+__all__ = ["rmse_vs_snr", "success_vs_snr", "sweep_success", "k_confusion", "spectra", "save", "make_figures", "spectrum_data",
+           "pick_spectrum_scene"]
 
 _MARKERS = "osD^v<>ph*"
 
@@ -98,6 +99,36 @@ def success_vs_snr(curves: Mapping[str, Mapping[str, list]], crb: Mapping[str, l
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Success (K̂ = K and every source within 2°, 2°, 10 % r) vs SNR")
+    return save(fig, path)
+
+
+def sweep_success(field: str, levels: list, curves: Mapping[str, list], crb: list | None, path, *,
+                  crb_label: str = "CRB-efficient success", note: str = "") -> Path:
+    """Success rate of each method against the level of a swept scenario field, and the
+    CRB-efficient success (dashed, labelled ``crb_label``); ``note``: a second title line. Numeric levels sit at their values
+    (None, e.g. perfect CSI, at the right end), other levels at equal spacing."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels if v is not None)
+    labels = ["none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)) for v in levels]
+    if numeric and any(v is not None for v in levels):
+        vals = [float(v) for v in levels if v is not None]
+        span = (max(vals) - min(vals)) or 1.0
+        x = np.asarray([max(vals) + 0.15 * span if v is None else float(v) for v in levels])
+    else:
+        x = np.arange(len(levels), dtype=float)
+    for i, (name, ys) in enumerate(curves.items()):
+        ax.plot(x, [np.nan if v is None else v for v in ys], marker=_MARKERS[i % len(_MARKERS)], label=name)
+    if crb is not None:
+        ax.plot(x, [np.nan if v is None else v for v in crb], "k--", lw=2, label=crb_label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(field)
+    ax.set_ylabel("success rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Success (K̂ = K and every source within 2°, 2°, 10 % r) vs {field}" + (f"\n{note}" if note else ""), fontsize=10)
     return save(fig, path)
 
 

@@ -222,6 +222,7 @@ def results_dict(res) -> dict[str, Any]:
             "label": r.label, "options": r.options,
             "defaults": r.defaults, "n_scenes": r.n_scenes,
             "timing": r.timing.to_dict() if r.timing else None,
+            "latency_ms": r.latency.to_dict() if r.latency else None,
         }
         if r.error:
             d["traceback"] = r.error
@@ -263,6 +264,9 @@ def results_dict(res) -> dict[str, Any]:
         "timing_rules": "per-batch wall time (perf_counter, CUDA synchronised), first batch = warm-up excluded, "
                         f"median of {cfg.timing_repeats} pass(es) over the timed batches, "
                         "simulation / device->host copies / scoring / file I/O excluded",
+        "latency_rules": (f"{cfg.latency_calls} calls per method on a batch of one scene (scenes 0, 1, ... cycling) after one "
+                          "untimed warm-up call, each timed alone (perf_counter, CUDA synchronised); median and 90th percentile "
+                          "(numpy.percentile) in ms; not for the K-known rows") if cfg.latency_calls else "not measured",
         "methods": meth,
         "crb": crb,
         "order_rules": {"status": res.order_status, "timing": res.order_timing.to_dict() if res.order_timing else None,
@@ -323,9 +327,15 @@ def _ratio(m: metrics.Metrics) -> float | None:
     return m.success / m.success_crb
 
 
+def _latency_text(lat) -> str:
+    """``median / p90`` of a one-scene latency in ms, or '–' when not measured."""
+    f = metrics.format_number
+    return f"{f(lat.median_ms)} / {f(lat.p90_ms)}" if lat is not None and lat.n else "–"
+
+
 def _view_table(res: BenchResult, get, mask: np.ndarray, *, timing: bool) -> str:
     f = metrics.format_number
-    head = ["method"] + [c[0] for c in _COLS] + (["scenes/s"] if timing else [])
+    head = ["method"] + [c[0] for c in _COLS] + (["scenes/s", "latency (ms) median / p90"] if timing else [])
     lines = ["| " + " | ".join(head) + " |", "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |"]
     ref = res.crb_reference(mask)
     if ref is not None:
@@ -333,7 +343,7 @@ def _view_table(res: BenchResult, get, mask: np.ndarray, *, timing: bool) -> str
                f(ref["rms_sqrt_crb_phi"]), f(ref["rms_sqrt_crb_theta"]), f(ref["rms_sqrt_crb_r"]),
                "1", "1", "1", f(ref["n_sources"]), f(ref["n_scenes"])]
         if timing:
-            row.append(f(res.crb_timing.scenes_per_s) if res.crb_timing else "–")
+            row += [f(res.crb_timing.scenes_per_s) if res.crb_timing else "–", "–"]
         lines.append("| " + " | ".join(row) + " |")
     for name, r in res.methods.items():
         label = name if not r.ok or r.n_scenes == len(res.scenes) else f"{name} ²"
@@ -346,7 +356,7 @@ def _view_table(res: BenchResult, get, mask: np.ndarray, *, timing: bool) -> str
             continue
         row = [label] + [f(_ratio(m)) if a is None else f(getattr(m, a)) for _, a in _COLS]
         if timing:
-            row.append(f(r.timing.scenes_per_s))
+            row += [f(r.timing.scenes_per_s), _latency_text(r.latency)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -472,21 +482,26 @@ def render_report(res: BenchResult, plots: list[str]) -> str:
         L.append(f"- **Quick run** (`--quick`): {len(res.scenes)} scenes, every method with its default options, "
                  "all on the same scenes. Small-sample numbers: a ±1 scene change moves success by "
                  f"{100 / len(res.scenes):.1f} points.")
-    L += ["", "## Methods", "", "| method | status | estimator label | options | scenes | scenes/s | timed scenes | time (s) |",
-          "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    L += ["", "## Methods", "", "| method | status | estimator label | options | scenes | scenes/s | timed scenes | time (s) "
+          "| latency (ms) median / p90 |",
+          "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     f = metrics.format_number
     if cfg.crb:
         t = res.crb_timing
         L.append(f"| CRB ({sc.signal}) | {res.crb_status} | risloc.crb.crb_for_scenes | – | {len(res.scenes)} | "
-                 f"{f(t.scenes_per_s) if t else '–'} | {t.scenes if t else '–'} | {f(t.seconds) if t else '–'} |")
+                 f"{f(t.scenes_per_s) if t else '–'} | {t.scenes if t else '–'} | {f(t.seconds) if t else '–'} | – |")
     for name, r in res.methods.items():
         t = r.timing
         L.append(f"| {name} | {r.status_text.replace('|', '/')} | {r.label or '–'} | {_fmt_options(r.options)} | {r.n_scenes or '–'} | "
-                 f"{f(t.scenes_per_s) if t else '–'} | {t.scenes if t else '–'} | {f(t.seconds) if t else '–'} |")
+                 f"{f(t.scenes_per_s) if t else '–'} | {t.scenes if t else '–'} | {f(t.seconds) if t else '–'} | "
+                 f"{_latency_text(r.latency)} |")
     passes = ("" if cfg.timing_repeats == 1 else
               f"; the timed batches of each method run {cfg.timing_repeats} times, the median pass reported")
     L += ["", "Timing: wall time per batch on the device (CUDA synchronised), the first batch of each method excluded "
           f"as warm-up{passes}; simulation, copies back to the CPU, scoring and file I/O excluded (docs/bench.md)."]
+    if cfg.latency_calls:
+        L[-1] += (f" Latency: {cfg.latency_calls} calls of each method on a batch of one scene after one warm-up call, "
+                  "each timed alone; median / 90th percentile in ms (not for the K-known rows).")
     bad = [r for r in res.methods.values() if not r.ok]
     if bad:
         L += [""] + [f"> **{r.name}** {r.status_text}" for r in bad]

@@ -10,6 +10,11 @@ plots and file writing are outside the timed region. The learned estimator keeps
 loaded checkpoint between calls (``risloc.nn.inference``), so the file is read once, in the
 warm-up batch.
 
+One-scene latency (``latency_calls`` = n > 0): after a method's batches, it is called n more
+times on a batch of ONE scene (scenes 0, 1, ..., cycling), after one untimed warm-up call;
+each call is timed alone (CUDA synchronised on both sides) and the median and 90th percentile
+of the n times are reported (:class:`Latency`). Not done for the "(K known)" rows.
+
 Not-run and failed methods are kept: a method that is not registered, or that needs a
 checkpoint that is not there, is reported as ``not run: <reason>``; an exception inside a
 method is reported as ``failed: <message>`` (``strict=True`` re-raises it).
@@ -56,6 +61,12 @@ QUICK_CPU_THREADS = 1
 """torch threads of ``--quick`` on the CPU: on a shared 2-core machine with other jobs, two
 threads made the ml estimator ~15x slower (OpenMP threads waiting on each other) than one."""
 
+LATENCY_CALLS = 20
+"""Single-scene calls per method behind the one-scene latency (``--latency-calls``)."""
+
+QUICK_LATENCY_CALLS = 5
+"""Single-scene calls per method of ``--quick`` (keeps the quick run within its CPU budget)."""
+
 SNR_RANGES = ((10.0, 20.0), (-5.0, 20.0))
 """SNR ranges reported besides the 5 dB bins (both ends included)."""
 
@@ -65,6 +76,75 @@ NOT_RUN, FAILED, OK = "not run", "failed", "ok"
 # ----------------------------------------------------------------------------------------------
 # configuration and results
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sweep:
+    """The benchmark at each level of one scenario field: level i runs on
+    ``scenario.replace(**{field: values[i]})``, same seed, scenes ``[0, scenes)``.
+
+    ``Sweep.parse("ris_phase_noise_deg=0,5,10", scenario)``; values are read by the field's
+    type as ``--set`` reads them (:meth:`risloc.Scenario.with_overrides`), strings included
+    (``signal=stochastic,static``)."""
+
+    field: str
+    values: tuple
+
+    @classmethod
+    def parse(cls, text: str, scenario: Scenario | None = None) -> "Sweep":
+        """``"FIELD=V1,V2,..."`` -> :class:`Sweep`; ValueError naming the field and the value
+        for an unknown field, a value the field cannot take (on ``scenario``) or no value."""
+        base = scenario if scenario is not None else Scenario()
+        name, sep, rest = str(text).partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ValueError(f"--sweep {text!r}: expected FIELD=V1,V2,...")
+        known = [f.name for f in dataclasses.fields(Scenario)]
+        if name not in known:
+            raise ValueError(f"--sweep {text!r}: unknown Scenario field {name!r}; known: {', '.join(known)}")
+        items = [v.strip() for v in rest.split(",") if v.strip()]
+        if not items:
+            raise ValueError(f"--sweep {text!r}: give at least one value of {name}")
+        values = []
+        for item in items:
+            try:
+                values.append(getattr(base.with_overrides([f"{name}={item}"]), name))
+            except ValueError as exc:
+                raise ValueError(f"--sweep {name}={rest}: value {item!r} of {name}: {exc}") from None
+        return cls(name, tuple(values))
+
+    def check(self, scenario: Scenario) -> None:
+        """Every level is a valid scenario on ``scenario`` (ValueError naming field and value)."""
+        if self.field not in {f.name for f in dataclasses.fields(Scenario)}:
+            raise ValueError(f"Sweep.field = {self.field!r}: not a Scenario field")
+        if not self.values:
+            raise ValueError(f"Sweep {self.field}: give at least one value")
+        for v in self.values:
+            if list(self.values).count(v) > 1:
+                raise ValueError(f"Sweep {self.field}: the value {self.text(v)} is given twice")
+        self.scenarios(scenario)
+
+    def scenarios(self, scenario: Scenario) -> list[Scenario]:
+        """The scenario of every level: ``scenario`` with the field set to each value."""
+        out = []
+        for v in self.values:
+            try:
+                out.append(scenario.replace(**{self.field: v}))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"Sweep {self.field}: value {self.text(v)}: {exc}") from None
+        return out
+
+    @staticmethod
+    def text(value) -> str:
+        """A level as written in tables, folder names and legends (``none`` for None)."""
+        if value is None:
+            return "none"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "values": list(self.values)}
+
+
 @dataclass
 class BenchConfig:
     """What to benchmark. Defaults: 2 000 default-scenario scenes of the held-out seed
@@ -110,6 +190,12 @@ class BenchConfig:
     """Passes over the timed batches per method (the results are those of the first); the
     reported time is the median pass (a short run on a shared or freshly started GPU varies by
     tens of percent from run to run)."""
+    latency_calls: int = LATENCY_CALLS
+    """Single-scene calls per method behind the one-scene latency (median and 90th percentile,
+    after one warm-up call); 0: not measured."""
+    sweeps: tuple["Sweep", ...] = ()
+    """Sweeps over scenario fields (:class:`Sweep`, or ``"FIELD=V1,V2,..."`` texts read against
+    ``scenario``), run by :func:`risloc.bench.sweep.run_sweeps`; empty: one benchmark."""
 
     def __post_init__(self):
         if self.scenes < 1:
@@ -128,13 +214,24 @@ class BenchConfig:
         for name, n in self.limits.items():
             if int(n) < 1:
                 raise ValueError(f"BenchConfig.limits[{name!r}] = {n}: must be >= 1")
+        if isinstance(self.latency_calls, bool) or not isinstance(self.latency_calls, int) or self.latency_calls < 0:
+            raise ValueError(f"BenchConfig.latency_calls = {self.latency_calls!r}: must be an integer >= 0 (0: no latency)")
+        if isinstance(self.sweeps, (str, Sweep)):
+            self.sweeps = (self.sweeps,)
+        self.sweeps = tuple(s if isinstance(s, Sweep) else Sweep.parse(s, self.scenario) for s in self.sweeps)
+        seen = [s.field for s in self.sweeps]
+        for s in self.sweeps:
+            s.check(self.scenario)
+            if seen.count(s.field) > 1:
+                raise ValueError(f"BenchConfig.sweeps: the field {s.field!r} is swept twice; give its values in one sweep")
 
     @classmethod
     def quick_preset(cls, **changes) -> "BenchConfig":
         """The ``--quick`` configuration: :data:`QUICK_SCENES` scenes, batch :data:`QUICK_BATCH`,
+        :data:`QUICK_LATENCY_CALLS` single-scene calls per method for the latency,
         every method with its default options (no cheaper settings), same scenes for all; on
         the CPU one torch thread (:data:`QUICK_CPU_THREADS`) unless ``threads`` is given."""
-        base: dict[str, Any] = dict(scenes=QUICK_SCENES, batch=QUICK_BATCH, quick=True)
+        base: dict[str, Any] = dict(scenes=QUICK_SCENES, batch=QUICK_BATCH, quick=True, latency_calls=QUICK_LATENCY_CALLS)
         base.update(changes)
         if base.get("threads") is None and cls(**{**base, "threads": None}).resolved_device().type == "cpu":
             base["threads"] = QUICK_CPU_THREADS
@@ -153,6 +250,7 @@ class BenchConfig:
         d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         d["method_checkpoints"] = {k: str(v) for k, v in self.method_checkpoints.items()}
         d["methods"] = list(self.methods)
+        d["sweeps"] = [s.to_dict() for s in self.sweeps]
         return d
 
     def checkpoint_for(self, name: str) -> str | os.PathLike | None:
@@ -183,6 +281,31 @@ class Timing:
 
 
 @dataclass
+class Latency:
+    """One-scene latency: the wall time of ``n`` single-scene calls (warm-up call excluded)."""
+
+    calls_s: list[float] = field(default_factory=list)
+    warmup_s: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.calls_s)
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * float(np.median(self.calls_s)) if self.calls_s else float("nan")
+
+    @property
+    def p90_ms(self) -> float:
+        """90th percentile (linear interpolation between order statistics, ``numpy.percentile``)."""
+        return 1e3 * float(np.percentile(self.calls_s, 90)) if self.calls_s else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median_ms, "p90": self.p90_ms, "n": self.n, "warmup": 1e3 * self.warmup_s,
+                "calls": [1e3 * t for t in self.calls_s], "unit": "ms"}
+
+
+@dataclass
 class MethodResult:
     """One method's outcome: ``status`` is 'ok', 'not run' or 'failed' (with ``reason``)."""
 
@@ -197,6 +320,8 @@ class MethodResult:
     label: str = ""
     n_scenes: int = 0
     timing: Timing | None = None
+    latency: Latency | None = None
+    """One-scene latency (``BenchConfig.latency_calls``); None when not measured."""
     estimates: Estimates | None = field(default=None, repr=False)
     score: metrics.Score | None = field(default=None, repr=False)
     error: str | None = field(default=None, repr=False)
@@ -401,6 +526,27 @@ def timed_batches(fn: Callable, scenes: Scenes, batch: int, device: torch.device
     return out, timing
 
 
+def one_scene_latency(fn: Callable, scenes: Scenes, calls: int, device: torch.device) -> Latency:
+    """``fn`` called ``calls`` times on a batch of one scene (scenes 0, 1, ... of ``scenes``,
+    cycling), after one untimed warm-up call on scene 0; each call timed alone with
+    ``time.perf_counter`` between two :func:`sync_device`."""
+    out = Latency()
+    for i in range(-1, int(calls)):
+        one = scenes[max(i, 0) % len(scenes)]
+        sync_device(device)
+        t0 = time.perf_counter()
+        res = fn(one)
+        sync_device(device)
+        dt = time.perf_counter() - t0
+        if len(res) != 1:
+            raise ValueError(f"returned {len(res)} results for a batch of one scene")
+        if i < 0:
+            out.warmup_s = dt
+        else:
+            out.calls_s.append(dt)
+    return out
+
+
 def _run_method(name: str, cfg: BenchConfig, scenes_dev: Scenes, truth_cpu, snr_cpu, crb_cpu, device, *,
                 known_k: bool = False) -> MethodResult:
     from .report import jsonable
@@ -432,6 +578,8 @@ def _run_method(name: str, cfg: BenchConfig, scenes_dev: Scenes, truth_cpu, snr_
         crb = None if crb_cpu is None else (crb_cpu if n == len(crb_cpu) else crb_cpu[:n])
         res.score = metrics.score(t, est, snr_db=snr, crb=crb)
         res.estimates, res.timing, res.label = est, timing, getattr(est, "method", "") or name
+        if cfg.latency_calls and not known_k:
+            res.latency = one_scene_latency(lambda s: call(s, 0), sub, cfg.latency_calls, device)
     except Exception as exc:  # noqa: BLE001 - reported, or re-raised with --strict
         if cfg.strict:
             raise
@@ -449,6 +597,8 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     PNG plots are written there (each file atomically).
     """
     cfg = dataclasses.replace(config, **changes) if config is not None else BenchConfig(**changes)
+    if cfg.sweeps:
+        raise ValueError("BenchConfig.sweeps is set: run the sweeps with risloc.bench.run_sweeps (one benchmark per level)")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
     for name, path in cfg.method_checkpoints.items():

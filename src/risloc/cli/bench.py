@@ -9,7 +9,13 @@ DIR/results.json and PNG plots. A method that is not available is reported as
 "not run: <reason>" (with a warning), an exception inside one as "failed: <message>"
 (fatal with --strict). --oracle-k adds a row "METHOD (K known)" for every method that
 accepts a known K, run with the true K of each scene. --quick: 200 scenes in batches of 50, default options for every
-method, one torch thread on the CPU (--threads to change). See docs/bench.md.
+method, one torch thread on the CPU (--threads to change). Beside scenes/s, the one-scene
+latency of every method: median and 90th percentile of --latency-calls calls on one scene.
+
+--sweep FIELD=V1,V2,...: instead of one benchmark, the same benchmark (methods, options,
+scenes, seed) at every level of a scenario field, e.g. --sweep ris_phase_noise_deg=0,5,10,20;
+writes DIR/sweep.md, DIR/sweep.json, DIR/sweep_success.png and each level's report in a
+subfolder. Repeat --sweep for several sweeps (each in DIR/FIELD/). See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from risloc.bench import DEFAULT_METHODS, QUICK_BATCH, QUICK_SCENES
+    from risloc.bench import DEFAULT_METHODS, LATENCY_CALLS, QUICK_BATCH, QUICK_LATENCY_CALLS, QUICK_SCENES
     from risloc.seeds import HELD_OUT_SEED, VALIDATION_SEEDS
 
     p = subparsers.add_parser(
@@ -64,6 +70,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="an exception inside a method (or the CRB) is fatal")
     p.add_argument("--timing-repeats", type=int, default=1, metavar="R",
                    help="time R passes over each method's timed batches and report the median (default 1)")
+    p.add_argument("--latency-calls", type=int, default=None, metavar="N",
+                   help=f"single-scene calls per method behind the one-scene latency (median, p90), after one warm-up call "
+                        f"(default {LATENCY_CALLS}; {QUICK_LATENCY_CALLS} with --quick; 0: not measured)")
+    p.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...", dest="sweeps",
+                   help="run the benchmark at every value of a scenario field, on the same scenes (repeatable: one sweep "
+                        "each, in DIR/FIELD/), e.g. --sweep csi_nmse_db=-30,-20,-10 or --sweep signal=stochastic,static")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -85,7 +97,7 @@ def _limits(items: list[str]) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from risloc.bench import QUICK_BATCH, QUICK_SCENES, BenchConfig, run_benchmark
+    from risloc.bench import LATENCY_CALLS, QUICK_BATCH, QUICK_LATENCY_CALLS, QUICK_SCENES, BenchConfig, run_benchmark, run_sweeps
     from risloc.scenario import Scenario
 
     scenario = Scenario.load(args.config) if args.config else Scenario()
@@ -116,15 +128,28 @@ def run(args: argparse.Namespace) -> int:
         oracle_k=args.oracle_k,
         timing_repeats=args.timing_repeats,
         order_rules=not args.no_order_rules,
+        latency_calls=args.latency_calls if args.latency_calls is not None else (QUICK_LATENCY_CALLS if args.quick else LATENCY_CALLS),
+        sweeps=tuple(args.sweeps),
     )
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run_benchmark(cfg)
-    for w in caught:  # the report's own warnings are printed with the summary below
-        if not str(w.message).startswith("risloc bench:"):
+        results = run_sweeps(cfg, keep=False) if cfg.sweeps else [run_benchmark(cfg)]
+    shown = set()
+    for w in caught:  # the report's own warnings are printed with the summary below (a sweep: once each)
+        text = str(w.message)
+        if not text.startswith("risloc bench:"):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    print(result.summary())
+        elif cfg.sweeps and text not in shown:
+            shown.add(text)
+            print(f"WARNING: {text}", file=sys.stderr)
+    for result in results:
+        if cfg.sweeps:
+            print(f"## sweep {result.sweep.field}: success\n\n{result.table('success')}\n")
+            if result.out is not None:
+                print(f"sweep: {result.out}\n")
+        else:
+            print(result.summary())
     print(f"wall time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
