@@ -1,4 +1,4 @@
-"""``sbl`` against ``ml`` on simulated default scenes at 10-20 dB (CPU, held-out seed).
+"""``sbl`` against ``ml`` on simulated default scenes at 10-20 dB (CPU, a seed no option was chosen on).
 
     python benchmarks/bench_sbl.py --scenes 120 --seed 3100 --threads 1 --json benchmarks/results/cpu/sbl_vs_ml.json
 """
