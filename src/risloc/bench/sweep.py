@@ -12,8 +12,8 @@ Same scenes. Every level draws scenes ``[0, S)`` of the same seed, and
 a fixed order. What stays equal between levels therefore depends on the field: a field that
 only changes what is done with the draws (an impairment level, the SNR range, the signal
 model) keeps the draws themselves; a field that changes how many numbers a scene takes
-(``snapshots``, ``code_bits``, ``k_max``, the array sizes) keeps those drawn before it and
-changes those after it. Rather than rely on a rule, every level records which parts of its
+(``snapshots``, ``code_bits``, the array sizes) keeps those drawn before it and changes those
+after it (``k_max`` changes them all). Rather than rely on a rule, every level records which parts of its
 scenes are bit-identical to those of the first level (``same_as_first``: K, positions, powers,
 SNR, true channel, receiver's channel, commanded and realised codes, snapshots), and sweep.md
 prints it.
