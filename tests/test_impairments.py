@@ -15,6 +15,7 @@ import torch
 
 from risloc import Scenario, io, physics, simulate
 from risloc.cli import main
+from risloc.data import SceneFileDataset
 from risloc.scenes import Truth
 from risloc.simulate import RNG_BLOCK, _Draws, _draw_block, _Layout
 
@@ -264,6 +265,8 @@ def test_files_round_trip_the_true_quantities(tmp_path):
     assert torch.equal(r.truth.H, s.truth.H) and torch.equal(r.truth.codes, s.truth.codes) and torch.equal(r.H, s.H)
     chunks = list(io.iter_scenes(path, 6, start=2))
     assert torch.equal(torch.cat([c.truth.codes for c in chunks]), s.truth.codes[2:])
+    batch = SceneFileDataset(path)[[1, 6, 19]]  # the training dataset's reads
+    assert torch.equal(batch.truth.H, s.truth.H[[1, 6, 19]]) and torch.equal(batch.truth.codes, s.truth.codes[[1, 6, 19]])
     # only the one that differs from what the receiver knows is stored
     only_codes = simulate(Scenario(**SMALL, ris_phase_noise_deg=5.0), 4, seed=15)
     io.save_scenes(only_codes, tmp_path / "codes.h5")
