@@ -53,6 +53,7 @@ def test_files_one_row_per_level(phase_noise):
     for lv, value in zip(d["levels"], (0.0, 20.0)):
         sub = json.loads((out / lv["report"] / "results.json").read_text())
         assert sub["scenario"]["ris_phase_noise_deg"] == value and sub["n_scenes"] == N_SCENES
+        assert (out / lv["report"] / "report.md").is_file() and f"]({lv['report']}/report.md)" in (out / "sweep.md").read_text()
         assert sub["methods"]["music"]["score"]["overall"]["success"] == lv["methods"]["music"]["success"]
     text = (out / "sweep.md").read_text()
     success = text.split("## Success\n", 1)[1].split("\n## ", 1)[0]
@@ -117,6 +118,7 @@ def test_cli_several_sweeps_and_flags(tmp_path, capsys):
             assert sub["scenario"][field] == lv["value"] and sub["scenario"]["snr_db_min"] == 10.0
         assert f"## sweep {field}: success" in printed
         assert all(f"| {label} |" in (out / field / "sweep.md").read_text() for label in labels)
+        assert not (out / field / "sweep_success.png").exists()  # --no-plots
     assert not (out / "sweep.json").exists()  # several sweeps: one folder each
 
 

@@ -24,8 +24,9 @@ level's scenes: the measurement model of the receiver, i.e. the receiver's known
 an impairment. Its success is labelled "CRB-efficient (ideal model)" in the table, the JSON and
 the plot: with an impairment it is not a bound on what the impaired system allows.
 
-Not measured per level: the one-scene latency (it is the normal benchmark's; a sweep is about
-accuracy). Each level's full report (report.md, results.json, plots) is written to a subfolder.
+Not done per level: the one-scene latency (it is the normal benchmark's; a sweep is about
+accuracy) and the report's figures (a few seconds each level). Each level's report.md and
+results.json are written to a subfolder.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def run_sweep(config: BenchConfig, sweep: Sweep, out: str | Path | None = None, 
     for i, (value, scenario) in enumerate(bar):
         bar.set_postfix_str(f"{sweep.field}={Sweep.text(value)}")
         sub = None if out is None else out / level_folder(i, sweep, value)
-        level_cfg = dataclasses.replace(config, scenario=scenario, out=sub, sweeps=(), latency_calls=0)
+        level_cfg = dataclasses.replace(config, scenario=scenario, out=sub, sweeps=(), latency_calls=0, plots=False)
         r = run_benchmark(level_cfg)
         if first is None:
             first, res.device = r.scenes, r.device

@@ -14,8 +14,8 @@ latency of every method: median and 90th percentile of --latency-calls calls on 
 
 --sweep FIELD=V1,V2,...: instead of one benchmark, the same benchmark (methods, options,
 scenes, seed) at every level of a scenario field, e.g. --sweep ris_phase_noise_deg=0,5,10,20;
-writes DIR/sweep.md, DIR/sweep.json, DIR/sweep_success.png and each level's report in a
-subfolder. Repeat --sweep for several sweeps (each in DIR/FIELD/). See docs/bench.md.
+writes DIR/sweep.md, DIR/sweep.json, DIR/sweep_success.png and each level's report.md and
+results.json in a subfolder. Repeat --sweep for several sweeps (each in DIR/FIELD/). See docs/bench.md.
 """
 
 from __future__ import annotations
