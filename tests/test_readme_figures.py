@@ -4,7 +4,8 @@ Every row of the table under "Which method" names, in its last column, a results
 (a reference-style link ``[label][ref]`` whose definition ``[ref]: path`` points at the folder or
 a file in it); every number of the row must equal the value in that folder's ``results.json``
 (written by ``risloc bench``) with the README's rounding: success and K accuracy to three
-decimals, scenes/s to three significant figures. A row labelled "held-out" must come from a run
+decimals as Python formats the stored float (``f"{x:.3f}"``, so 0.1415 reads 0.141, as in the
+run's report.md), scenes/s to three significant figures. A row labelled "held-out" must come from a run
 on the held-out seed. A stale figure, a mistyped one or a wrong folder fails here.
 """
 
