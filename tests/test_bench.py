@@ -372,3 +372,23 @@ def test_latency_calls_option():
     res = bench.run_benchmark(bench.BenchConfig(scenes=3, seed=SEED, batch=4, methods=("bench-test-oracle",), out=None, crb=False,
                                                 progress=False, device="cpu", latency_calls=0, order_rules=False))
     assert res.methods["bench-test-oracle"].ok and res.methods["bench-test-oracle"].latency is None
+
+
+def test_learned_latency_loads_the_checkpoint_once(monkeypatch):
+    """The single-scene calls of a learned method reuse the loaded checkpoint: one load for the
+    batches and every latency call."""
+    from risloc.nn import inference
+
+    loads = []
+    real = inference.load_model
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "_CACHE", {})
+    monkeypatch.setattr(inference, "load_model", counting)
+    res = bench.run_benchmark(bench.BenchConfig(scenes=2, seed=SEED, batch=2, methods=("learned",), out=None, crb=False,
+                                                progress=False, device="cpu", latency_calls=2, order_rules=False))
+    assert res.methods["learned"].ok and res.methods["learned"].latency.n == 2
+    assert len(loads) == 1
