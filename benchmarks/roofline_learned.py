@@ -85,8 +85,9 @@ device and batch of the run): ``torch.utils.flop_counter.FlopCounterMode`` on th
 dispatch-mode counter (:class:`OpCounter`) on every stage, which adds up the matmul FLOPs
 (2 m k n per real product, 8 m k n per complex one), the convolutions' FLOPs, the bytes of every
 operation's inputs and outputs (``bytes_eager``: what the eager code reads and writes, with no
-cache reuse) and the operations run (about one kernel launch each); on CUDA the host
-synchronisations per call (``torch.cuda.set_sync_debug_mode``).
+cache reuse), the operations run (about one kernel launch each) and the values the host reads
+back (``host_reads``: ``int``/``bool``/``item`` of a tensor, data-dependent output sizes); on CUDA
+also the host synchronisations per call that ``torch.cuda.set_sync_debug_mode`` reports.
 
 Timing (``--device cuda``): each stage after ``--warmup`` calls, ``--repeats`` calls, each between
 two CUDA events (the host waits for the end event), the median; the same on one scene (the
@@ -255,7 +256,9 @@ def scan_count(L: int, M: int, N: int, Q: int, n: int, top: int, split: bool) ->
 # ----------------------------------------------------------------------------------------------
 # counted: the operations that run
 # ----------------------------------------------------------------------------------------------
-_MATMUL = {"mm": ((0, 0), (0, 1), (1, 1)), "addmm": ((1, 0), (1, 1), (2, 1)), "bmm": None, "baddbmm": None}
+_HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave")
+"""Operations whose result the host must wait for (a value read by ``int``/``bool``/``item``, or an
+output whose size depends on the data): each is a host synchronisation on CUDA."""
 
 
 class OpCounter(TorchDispatchMode):
@@ -263,7 +266,8 @@ class OpCounter(TorchDispatchMode):
     FLOPs (2 m k n per real product, 8 m k n per complex one: ``matmul_flops``), the convolutions'
     FLOPs (``conv_flops``, as ``FlopCounterMode``), the bytes of its tensor inputs and outputs
     (``bytes``; views and allocations move nothing and are skipped; an expanded input counts its
-    storage at most) and the linear-algebra calls by name (``linalg``)."""
+    storage at most), the linear-algebra calls by name (``linalg``) and the operations that make
+    the host wait for the device (``host_reads``, :data:`_HOST_READS`)."""
 
     def __init__(self):
         super().__init__()
@@ -272,6 +276,7 @@ class OpCounter(TorchDispatchMode):
         self.conv_flops = 0
         self.bytes = 0
         self.linalg: Counter = Counter()
+        self.host_reads = 0
 
     @staticmethod
     def _nbytes(t: torch.Tensor) -> int:
@@ -285,7 +290,9 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if func.is_view or name.startswith(("empty", "_to_copy_meta")) or name in ("detach", "alias", "lift_fresh", "_local_scalar_dense"):
+        if name in _HOST_READS:
+            self.host_reads += 1
+        if func.is_view or name.startswith("empty") or name in ("detach", "alias", "lift_fresh", "_local_scalar_dense"):
             return out
         self.ops += 1
         cplx = 4 if any(isinstance(a, torch.Tensor) and a.is_complex() for a in args[:3]) else 1
@@ -540,7 +547,7 @@ def main(argv=None) -> dict:
                                                 "useful_flops": c.useful, "bytes": c.bytes,
                                                 "intensity_flop_per_byte": c.flops / c.bytes},
             "counted": {"matmul_flops": oc.matmul_flops / B, "conv_flops": oc.conv_flops / B, "bytes_eager": oc.bytes / B,
-                        "ops_per_call": oc.ops, "linalg_calls_per_call": dict(oc.linalg),
+                        "ops_per_call": oc.ops, "linalg_calls_per_call": dict(oc.linalg), "host_reads_per_call": oc.host_reads,
                         "host_syncs_per_call": host_syncs(fn, device)},
             "time_s_per_call": t, "us_per_scene": t / B * 1e6, "scenes_per_s": B / t,
             "latency_floor_us_per_scene": None if t1 is None else t1 / B * 1e6,
