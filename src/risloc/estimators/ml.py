@@ -78,7 +78,8 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import check_finite, inverse, measure, solve, static_eval, stochastic_eval, unit_power
+from .ml_core import (check_finite, inverse, measure, mismatch_floor, mismatch_level, signal_energy, solve, static_eval,
+                      stochastic_eval, unit_power)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,22 @@ class MLOptions:
     worth a new search; each re-search costs a dictionary scan and a refinement)."""
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
+    mismatch: str | float = "none"
+    """Model error of the known channel and codes (CSI error, RIS phase noise) in the stochastic
+    likelihood, as a signal-dependent white floor f_l = e~ q_l added to sigma^2
+    (:func:`risloc.estimators.ml_core.mismatch_floor`): ``"none"`` the plain likelihood; a number
+    e~ >= 0, the known coefficient (:func:`risloc.estimators.ml_core.mismatch_level` from a CSI
+    NMSE and a phase-noise level); ``"auto"``, e~ chosen per scene from ``mismatch_levels`` by the
+    likelihood of the plain fit; ``"scenario"``, the level of the scenario's impairment fields
+    (``csi_nmse_db``, ``ris_phase_noise_deg``) when it has them. The orders of the search path are
+    then re-scored and selected under this likelihood (docs/estimators-ml.md). The static likelihood
+    ignores it (with unit-modulus codes the floor is the same in every snapshot: sigma^2 absorbs it)."""
+    mismatch_levels: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)
+    """Candidate coefficients e~ of ``mismatch="auto"``."""
+    mismatch_penalty: float = 2.0
+    """``mismatch="auto"``: a level e~ > 0 is taken only where it lowers the NLL of the plain fit by
+    more than this [nats] (one extra parameter; keeps e~ = 0, the plain likelihood, on scenes
+    without model error)."""
 
     def __post_init__(self):
         if len(tuple(self.grid_shape)) != 3 or min(int(n) for n in self.grid_shape) < 1:
@@ -150,6 +167,16 @@ class MLOptions:
             raise ValueError(f"ml: relax_at = {self.relax_at!r}: must be 'last' or a tuple of orders")
         if self.dtype not in (torch.complex64, torch.complex128):
             raise ValueError(f"ml: dtype = {self.dtype}: must be torch.complex64 or torch.complex128")
+        if isinstance(self.mismatch, str):
+            if self.mismatch not in ("none", "auto", "scenario"):
+                raise ValueError(f"ml: mismatch = {self.mismatch!r}: must be 'none', 'auto', 'scenario' or a number >= 0")
+        elif isinstance(self.mismatch, bool) or not (math.isfinite(float(self.mismatch)) and float(self.mismatch) >= 0):
+            raise ValueError(f"ml: mismatch = {self.mismatch!r}: must be 'none', 'auto', 'scenario' or a number >= 0")
+        levels = tuple(float(v) for v in self.mismatch_levels)
+        if not levels or min(levels) < 0 or not all(math.isfinite(v) for v in levels):
+            raise ValueError(f"ml: mismatch_levels = {self.mismatch_levels}: must be finite numbers >= 0")
+        if not (self.mismatch_penalty >= 0):
+            raise ValueError(f"ml: mismatch_penalty = {self.mismatch_penalty}: must be >= 0")
 
     def penalty(self, static: bool) -> float:
         """The order penalty tau of the likelihood in use."""
@@ -178,6 +205,9 @@ class _Problem:
     box: tuple[Tensor, Tensor]
     snr_db: Tensor | float | None
     opts: MLOptions
+    floor: Tensor | None = None
+    """Model-error floor f_l ``[B, L]`` added to the white noise of the stochastic likelihood
+    (:func:`risloc.estimators.ml_core.mismatch_floor`; None: the plain likelihood)."""
 
     @property
     def tau(self) -> float:
@@ -267,7 +297,8 @@ def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
         nll, g, F, amp = static_eval(state.phi, state.theta, state.rho, state.active, y, H, codes, sc, derivatives=derivatives)
         return nll, g, F, amp
     nll, g, F = stochastic_eval(
-        state.phi, state.theta, state.rho, state.logp, state.logs, state.active, y, H, codes, sc, derivatives=derivatives
+        state.phi, state.theta, state.rho, state.logp, state.logs, state.active, y, H, codes, sc, derivatives=derivatives,
+        floor=prob.floor,
     )
     return nll, g, F, None
 
@@ -419,18 +450,19 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         cd = y.dtype
         n = _slots_in_use(state.active)  # later slots are empty in every scene: their columns of B_l are 0
         act = state.active[:, :n]
-        s2 = torch.exp(state.logs)
+        s2 = torch.exp(state.logs).view(B, 1)
+        s2 = s2 if prob.floor is None else s2 + prob.floor  # white variance per snapshot, [B, 1 or L]
         A = physics.steering(state.phi[:, :n], state.theta[:, :n], 1.0 / state.rho[:, :n], sc, dtype=cd)
         Bm = measure(H, codes, A) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, n]
         logp = state.logp[:, :n]
-        pinv = torch.where(act, s2.view(B, 1) / torch.exp(logp), torch.ones_like(logp))
-        S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd)).unsqueeze(1)  # [B, L, n, n]
+        pinv = torch.where(act.unsqueeze(1), s2.unsqueeze(-1) / torch.exp(logp).unsqueeze(1), torch.ones_like(logp).unsqueeze(1))
+        S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd))  # [B, L, n, n]
         Lc, info = torch.linalg.cholesky_ex(S)  # S = Lc Lc^H (no host synchronisation)
         Lc = torch.where(info.ne(0).view(B, L, 1, 1), torch.full_like(Lc, float("nan")), Lc)  # NaN gains, as a singular S
         Bt = torch.linalg.solve_triangular(Lc, Bm.mH, upper=False)  # Lc^-1 B_l^H, [B, L, n, M]
         Et = dico.products(Bt.conj())  # Lc^-1 B_l^H Phi_l, [B, L, n, Q]
         v = Bt @ y.unsqueeze(-1)  # Lc^-1 B_l^H y_l, [B, L, n, 1]
-        s2v = s2.view(B, 1, 1)
+        s2v = s2.view(B, -1, 1)
         quad = Et.real.square().sum(2) + Et.imag.square().sum(2)  # |Lc^-1 B_l^H phi_lq|^2 = phi^H B S^-1 B^H phi
         alpha = ((n2 - quad) / s2v).clamp_min(1e-12 * n2 / s2v)
         beta = (c - (v.mH @ Et).squeeze(2).conj()).abs().square() / s2v**2  # |phi_lq^H C_l^-1 y_l|^2
@@ -561,6 +593,10 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         if not prob.static:
             st.logp, st.logs = _ls_powers(st, prob)
         st, nll, _, F = _refine(st, prob, opts.final_iterations)
+        if _robust(prob):
+            prob, level = _with_floor(st, prob)
+            new, nll_r, _, F_r = _refine(st, prob, _MISMATCH_ITERATIONS)
+            st, nll, F = _take(level > 0, (new, nll_r, F_r), (st, nll, F))
         if opts.init_grow or opts.init_relax:
             dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
             for _ in range(int(opts.init_grow)):
@@ -573,11 +609,16 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         for _ in range(int(opts.init_prune)):
             st, nll, F, kin = _prune(st, nll, F, kin, prob)
         st = _decide_range(st, F, prob)
-        return _output(st, kin, empty, K, method)
+        # a scene whose measurements are all zero has no source where ml may change the count
+        # (init_prune > 0); without pruning (the callers' known K) the given count is kept
+        return _output(st, kin, empty & bool(opts.init_prune), K, method)
 
     orders = K if known is None else int(known.max()) if B else 0
-    states, nll, dico = _path(prob, K, orders)
+    states, nll, dico = _path(prob, K, orders, top=known)
     khat = _select(states, nll, prob) if known is None else known
+    if _robust(prob):
+        states, nll, prob = _rescore(states, nll, khat, prob)
+        khat = _select(states, nll, prob) if known is None else known
     st = _gather(states, khat)
     del states
     for _ in range(int(opts.relax_cycles)):
@@ -586,6 +627,76 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     st, _, _, F = _refine(st, prob, opts.final_iterations)
     st = _decide_range(st, F, prob)
     return _output(st, khat, empty if known is None else torch.zeros_like(empty), K, method)
+
+
+# ------------------------------------------------------------------------------------------
+# model error (option ``mismatch``)
+# ------------------------------------------------------------------------------------------
+
+_MISMATCH_ITERATIONS = 4
+"""Refinement steps of a model re-scored under the mismatch-aware likelihood (and of each candidate
+level of ``mismatch="auto"``)."""
+
+
+def _robust(prob: _Problem) -> bool:
+    """Whether the mismatch-aware likelihood is in use (option ``mismatch``, stochastic only)."""
+    m = prob.opts.mismatch
+    if prob.static or m == "none":
+        return False
+    if m == "scenario":
+        return _scenario_level(prob.scenario) > 0
+    return m == "auto" or float(m) > 0
+
+
+def _scenario_level(sc: Scenario) -> float:
+    """e~ of the scenario's impairment fields (``csi_nmse_db``, ``ris_phase_noise_deg``; absent or
+    None: no error of that kind) for ``mismatch="scenario"``."""
+    csi = getattr(sc, "csi_nmse_db", None)
+    pn = getattr(sc, "ris_phase_noise_deg", None) or 0.0
+    return mismatch_level(None if csi is None or not math.isfinite(float(csi)) else float(csi), float(pn))
+
+
+def _with_floor(st: _State, prob: _Problem) -> tuple[_Problem, Tensor]:
+    """``prob`` with the model-error floor f_l = e~ q_l of option ``mismatch``: q_l the posterior
+    signal energy of each snapshot under the fitted model ``st`` (plain likelihood,
+    :func:`risloc.estimators.ml_core.signal_energy`), e~ known or (``"auto"``) per scene the level
+    of ``mismatch_levels`` of least NLL of ``st`` refined under it (``_MISMATCH_ITERATIONS`` steps),
+    a level > 0 only where it gains more than ``mismatch_penalty`` nats. Returns the problem and
+    e~ per scene ``[B]``."""
+    opts = prob.opts
+    q = signal_energy(st.phi, st.theta, st.rho, st.logp, st.logs, st.active, prob.y, prob.H, prob.codes, prob.scenario)
+    B = q.shape[0]
+    if opts.mismatch != "auto":
+        known = _scenario_level(prob.scenario) if opts.mismatch == "scenario" else float(opts.mismatch)
+        level = torch.full((B,), known, dtype=q.dtype, device=q.device)
+        return replace(prob, floor=mismatch_floor(level, q)), level
+    best = _evaluate(st, replace(prob, floor=None), derivatives=False)[0]
+    best = torch.nan_to_num(best, nan=float("inf"))
+    level = torch.zeros(B, dtype=q.dtype, device=q.device)
+    for lev in opts.mismatch_levels:
+        if lev <= 0:
+            continue
+        _, nll, _, _ = _refine(st, replace(prob, floor=mismatch_floor(float(lev), q)), _MISMATCH_ITERATIONS)
+        crit = torch.nan_to_num(nll, nan=float("inf")) + float(opts.mismatch_penalty)
+        better = crit < best
+        best = torch.where(better, crit, best)
+        level = torch.where(better, torch.full_like(level, float(lev)), level)
+    return replace(prob, floor=mismatch_floor(level, q)), level
+
+
+def _rescore(states: list, nll_plain: Tensor, khat: Tensor, prob: _Problem):
+    """Re-score the search path under the mismatch-aware likelihood: the floor from the plain
+    likelihood's choice ``khat`` (:func:`_with_floor`), then every order's model refined under it
+    (``_MISMATCH_ITERATIONS`` steps). Scenes whose level is 0 keep the plain path as it is.
+    Returns (states, NLLs ``[B, orders + 1]``, the problem with the floor)."""
+    prob, level = _with_floor(_gather(states, khat), prob)
+    keep = level > 0
+    out, nlls = [], []
+    for k, st in enumerate(states):
+        new, nll, _, _ = _refine(st, prob, _MISMATCH_ITERATIONS)
+        out.append(_where(keep, new, st))
+        nlls.append(torch.where(keep, torch.nan_to_num(nll, nan=float("inf")), nll_plain[:, k]))
+    return out, torch.stack(nlls, dim=1), prob
 
 
 # ------------------------------------------------------------------------------------------
@@ -734,13 +845,15 @@ def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico: _
     return st, nll, F, k + better.to(k.dtype)
 
 
-def _path(prob: _Problem, K: int, orders: int):
+def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
     """Candidate models for orders 0..``orders`` in ``K`` slots: a forward greedy pass, then a
     backward pass.
 
     Forward: add the best dictionary atom, refine all sources. Backward (from ``orders`` down):
     :func:`_drop_one`, and keep the result as the (k-1)-source candidate when its NLL beats the
-    forward one. Returns the list of states, the NLLs ``[B, orders + 1]`` and the dictionary
+    forward one. ``top`` ``[B]`` (a known K): each scene's own largest order; the "last" RELAX
+    cycle and the backward pass start there, so a scene's path does not depend on the largest
+    K of its batch. Returns the list of states, the NLLs ``[B, orders + 1]`` and the dictionary
     record (:class:`_Atoms`).
     """
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
@@ -772,7 +885,11 @@ def _path(prob: _Problem, K: int, orders: int):
         else:
             st = _add_stochastic(st, k, dico, prob, s2_grid, opts.top)
         st, nll, _, _ = _refine(st, prob, opts.greedy_iterations)
-        if k + 1 in relax_at:
+        if top is not None and opts.relax_at == "last":  # the scenes whose own last order this is
+            kk = torch.where(top == k + 1, k + 1, 0).to(device=device, dtype=torch.int64)
+            if bool(kk.any()):
+                st, nll = _relax(st, kk, prob, dico)
+        elif k + 1 in relax_at:
             kk = torch.full((B,), k + 1, dtype=torch.int64, device=device)
             st, nll = _relax(st, kk, prob, dico)
         nlls.append(torch.nan_to_num(nll, nan=float("inf")))
@@ -782,6 +899,8 @@ def _path(prob: _Problem, K: int, orders: int):
         for k in range(orders, 1, -1):
             cand, nll, _ = _drop_one(cur, k, prob, opts.greedy_iterations)
             better = nll < nlls[k - 1]
+            if top is not None:
+                better = better & (k <= top.to(device))
             states[k - 1] = _where(better, cand, states[k - 1])
             nlls[k - 1] = torch.where(better, nll, nlls[k - 1])
             cur = states[k - 1]

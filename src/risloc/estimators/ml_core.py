@@ -15,6 +15,8 @@ All functions are batched over leading dimensions and run on the tensors' device
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -123,6 +125,7 @@ def stochastic_eval(
     scenario: Scenario,
     *,
     derivatives: bool = True,
+    floor: Tensor | None = None,
 ):
     """Stochastic negative log-likelihood, its gradient and Fisher matrix (batched over scenes).
 
@@ -139,6 +142,11 @@ def stochastic_eval(
     Fisher    F_ij = sum_l Re tr(C^-1 C_i C^-1 C_j)          (Slepian-Bangs),
     with C_i = dC/d eta_i: p_k (b'_k b_k^H + b_k b'_k^H) for a position parameter,
     p_k b_k b_k^H for log p_k and sigma^2 I for log sigma^2.
+
+    ``floor`` ``[B, L]`` (optional): a known per-snapshot white variance f_l added to the noise,
+    C_l = B_l P B_l^H + (sigma^2 + f_l) I (the model-error floor of :func:`mismatch_floor`); f_l is a
+    constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
+    (dC/d log sigma^2 is still sigma^2 I).
     """
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
@@ -153,7 +161,8 @@ def stochastic_eval(
     p = torch.exp(logp) * act  # [B, K]
     s2 = torch.exp(logs)  # [B]
     eye = torch.eye(M, dtype=cd, device=y.device)
-    C = (Bm * p.to(cd).view(B, 1, 1, K)) @ Bm.mH + s2.to(cd).view(B, 1, 1, 1) * eye
+    v = s2.view(B, 1) if floor is None else s2.view(B, 1) + floor  # white variance per snapshot, [B, 1 or L]
+    C = (Bm * p.to(cd).view(B, 1, 1, K)) @ Bm.mH + v.to(cd).view(B, -1, 1, 1) * eye
     Cinv, logdet, info = hermitian_solve_parts(C)
     z = (Cinv @ y.unsqueeze(-1)).squeeze(-1)  # [B, L, M]
     quad = (y.conj() * z).real.sum(-1)  # [B, L]
@@ -239,3 +248,96 @@ def static_eval(
     mask = torch.cat([active, active, active], dim=1)
     grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F, g.squeeze(-1)
+
+
+def mismatch_level(csi_nmse_db: float | None = None, phase_noise_deg: float = 0.0) -> float:
+    """The model-error coefficient e~ of the mismatch floor (:func:`mismatch_floor`) for known
+    impairment levels: a CSI error of NMSE ``csi_nmse_db`` (H-hat = H + E, E_mn ~ CN(0, eps |H|_F^2 / (M N)),
+    eps = 10^(csi_nmse_db / 10)) and RIS phase noise of standard deviation ``phase_noise_deg``
+    (c~ = c exp(j delta), delta ~ N(0, s^2)):
+
+        e~ = eps / (1 + eps) + (exp(s^2) - 1).
+
+    Units: per unit of RIS-domain signal energy |diag(c_l) x_l|^2 and of the mean entry power of
+    the known channel H-hat. The CSI term: E is the part of H-hat the truth lacks; with H-hat's
+    mean power (1 + eps) |H|_F^2 / (M N) its variance is eps / (1 + eps) of that. The phase-noise
+    term: c~ = e^(-s^2/2) c + c w with E|w_n|^2 = 1 - e^(-s^2); the mean part scales the signal
+    (the fitted powers are e^(-s^2) of the true ones), so relative to the fitted powers the error
+    variance is (1 - e^(-s^2)) / e^(-s^2) = e^(s^2) - 1 (its white approximation: see
+    :func:`mismatch_floor`).
+    """
+    if phase_noise_deg < 0 or not math.isfinite(phase_noise_deg):
+        raise ValueError(f"ml: phase_noise_deg = {phase_noise_deg}: must be a finite number >= 0")
+    level = math.expm1(math.radians(phase_noise_deg) ** 2)
+    if csi_nmse_db is not None:
+        if not math.isfinite(csi_nmse_db):
+            raise ValueError(f"ml: csi_nmse_db = {csi_nmse_db}: must be finite (or None for exact CSI)")
+        eps = 10 ** (csi_nmse_db / 10)
+        level += eps / (1 + eps)
+    return level
+
+
+def signal_energy(
+    phi: Tensor,
+    theta: Tensor,
+    rho: Tensor,
+    logp: Tensor,
+    logs: Tensor,
+    active: Tensor,
+    y: Tensor,
+    H: Tensor,
+    codes: Tensor,
+    scenario: Scenario,
+    floor: Tensor | None = None,
+) -> Tensor:
+    """q_l = E[ |diag(c_l) x_l|^2 | y_l ] ``[B, L]``: the posterior mean of the RIS-domain signal
+    energy of each snapshot under the stochastic model of :func:`stochastic_eval` (same arguments).
+
+    With s(l) ~ CN(0, P) and y_l | s ~ CN(B_l s, v_l I), v_l = sigma^2 (+ floor_l), the posterior of
+    s(l) is CN(mu_l, Sigma_l) with S_l = v_l P^-1 + B_l^H B_l, mu_l = S_l^-1 B_l^H y_l and
+    Sigma_l = v_l S_l^-1; with A~_l = diag(c_l) [a_1 ... a_K] (N x K) and Gamma_l = A~_l^H A~_l,
+
+        q_l = mu_l^H Gamma_l mu_l + tr(Gamma_l Sigma_l).
+    """
+    B, K = phi.shape
+    L = y.shape[1]
+    cd = y.dtype
+    a = physics.steering(phi, theta, 1.0 / rho, scenario, dtype=cd) * active.to(cd).unsqueeze(-1)  # [B, K, N]
+    Bm = measure(H, codes, a)  # [B, L, M, K]
+    s2 = torch.exp(logs).view(B, 1)
+    v = (s2 if floor is None else s2 + floor).expand(B, L)
+    pinv = torch.where(active, 1.0 / torch.exp(logp), torch.ones_like(logp))  # [B, K]
+    S = Bm.mH @ Bm + torch.diag_embed((v.unsqueeze(-1) * pinv.unsqueeze(1)).to(cd))  # [B, L, K, K]
+    mu = solve(S, Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
+    Sig = v.to(cd).view(B, L, 1, 1) * inverse(S)
+    At = codes.unsqueeze(2) * a.unsqueeze(1)  # [B, L, K, N]: rows c_l * a_k
+    Gam = At.conj() @ At.transpose(-1, -2)  # Gamma_l[k, k'] = (c_l a_k)^H (c_l a_k'), [B, L, K, K]
+    quad = (mu.mH @ Gam @ mu).real.view(B, L)
+    tr = (Gam * Sig.transpose(-1, -2)).sum((-1, -2)).real  # tr(Gamma Sigma)
+    return torch.nan_to_num(quad + tr, nan=0.0).clamp_min(0.0)
+
+
+def mismatch_floor(level: Tensor, q: Tensor) -> Tensor:
+    """The model-error floor f_l = e~ q_l ``[B, L]`` of each snapshot: ``level`` e~ ``[B]`` (or a scalar)
+    times the posterior signal energy ``q`` ``[B, L]`` (:func:`signal_energy`).
+
+    Why: with the known channel H-hat = H + E and realised codes c~_l = c_l exp(j delta_l),
+
+        y_l = H-hat diag(c_l) x_l  - E diag(c_l) x_l  + H diag(c_l (e^(j delta_l) - 1)) x_l + n_l.
+
+    Given the signals, the CSI term -E u_l (u_l = diag(c_l) x_l) has covariance
+    E[E u_l u_l'^H E^H] = e^2 (u_l'^H u_l) I_M (e^2 the entry variance of E): white with variance
+    e^2 |u_l|^2 within a snapshot. E is shared by all snapshots, so two snapshots' errors correlate
+    by u_l'^H u_l = sum_n conj(c_l'n) c_ln |x_n|^2: zero in the mean for stochastic signals (independent
+    s(l)), and of relative size ~ N^-1/2 for static signals with random codes (neglected). The phase-noise
+    term has covariance (1 - e^(-s^2)) H diag(|u_l|^2) H^H, independent over snapshots and elements;
+    its white approximation (equal trace, |h_n|^2 ~ |H|_F^2 / N for every column) is again
+    proportional to |u_l|^2. Marginally over stochastic signals the floor averages to
+    e~ sum_k p_k |c_l a_k|^2, which a free sigma^2 would absorb; conditionally it is
+    signal-dependent: a snapshot carrying more source energy has a proportionally larger
+    model error. The likelihood takes the posterior mean of |u_l|^2 given y_l
+    (:func:`signal_energy`, from a fitted model held fixed), which keeps the Gaussian form
+    C_l = B_l P B_l^H + (sigma^2 + f_l) I.
+    """
+    level = torch.as_tensor(level, dtype=q.dtype, device=q.device)
+    return level.reshape(-1, 1) * q if level.ndim else level * q

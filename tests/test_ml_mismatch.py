@@ -1,0 +1,159 @@
+"""Tests of ``ml``'s model-error option (``mismatch``): the floor's formulas against direct
+computations and Monte Carlo, the plain likelihood at level 0, and the order decision on impaired scenes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import risloc
+from risloc import Estimates, Scenario, simulate
+from risloc.estimators import get
+from risloc.estimators.ml import MLOptions
+from risloc.estimators.ml_core import mismatch_floor, mismatch_level, signal_energy, stochastic_eval
+
+C128 = torch.complex128
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cn(g, *shape):
+    return torch.complex(torch.randn(*shape, generator=g, dtype=torch.float64),
+                         torch.randn(*shape, generator=g, dtype=torch.float64)) / math.sqrt(2)
+
+
+def test_csi_error_covariance_monte_carlo():
+    """E diag(c_l) x_l with E_mn ~ CN(0, e^2) i.i.d. (shared by the snapshots): covariance
+    e^2 |u_l|^2 I_M within a snapshot and e^2 (u_l'^H u_l) I_M across snapshots, u_l = c_l x_l."""
+    g = torch.Generator().manual_seed(3)
+    M, N, L, T = 3, 5, 2, 200_000
+    e2 = 0.7
+    c = torch.exp(1j * 2 * math.pi * torch.rand(L, N, generator=g, dtype=torch.float64))
+    x = _cn(g, L, N)
+    u = c * x  # [L, N]
+    E = _cn(g, T, M, N) * math.sqrt(e2)
+    w = (E @ u.T).transpose(1, 2)  # [T, L, M]: E u_l
+    emp = torch.einsum("tlm,tkn->lkmn", w, w.conj()) / T  # [L, L, M, M]
+    for l in range(L):
+        for k in range(L):
+            ref = e2 * (u[k].conj() @ u[l]) * torch.eye(M, dtype=C128)
+            scale = e2 * (u[l].abs().square().sum() * u[k].abs().square().sum()).sqrt()
+            assert (emp[l, k] - ref).abs().max() < 0.02 * scale
+
+
+def test_phase_noise_moments_monte_carlo():
+    """c~ = c exp(j delta), delta ~ N(0, s^2): mean c e^(-s^2/2); the error
+    H diag(c~ - E c~) x has covariance (1 - e^(-s^2)) H diag(|c x|^2) H^H."""
+    g = torch.Generator().manual_seed(4)
+    M, N, T = 3, 6, 200_000
+    s = math.radians(20)
+    c = torch.exp(1j * 2 * math.pi * torch.rand(N, generator=g, dtype=torch.float64))
+    x, H = _cn(g, N), _cn(g, M, N)
+    d = torch.randn(T, N, generator=g, dtype=torch.float64) * s
+    ct = c * torch.exp(1j * d)
+    mean = ct.mean(0)
+    assert (mean - c * math.exp(-s * s / 2)).abs().max() < 5e-3
+    err = (ct - c * math.exp(-s * s / 2)) * x  # [T, N]
+    w = err @ H.T  # [T, M]
+    emp = w.T @ w.conj() / T
+    ref = (1 - math.exp(-s * s)) * H @ torch.diag((c * x).abs().square().to(C128)) @ H.mH
+    assert (emp - ref).abs().max() < 0.03 * ref.abs().max()
+    # relative to the fitted (mean-scaled) signal the white level is exp(s^2) - 1 (mismatch_level)
+    level = (1 - math.exp(-s * s)) / math.exp(-s * s)
+    assert mismatch_level(None, 20.0) == pytest.approx(level, rel=1e-12)
+    eps = 10 ** (-1.5)
+    assert mismatch_level(-15.0, 0.0) == pytest.approx(eps / (1 + eps), rel=1e-12)
+    assert mismatch_level(-15.0, 20.0) == pytest.approx(eps / (1 + eps) + level, rel=1e-12)
+    assert mismatch_level() == 0.0
+
+
+def _small_model(seed=1, K=2):
+    sc = Scenario(k_fixed=K, snr_db_min=10, snr_db_max=10, n_h=4, n_v=3, m_bs=4, snapshots=3)
+    s = simulate(sc, 2, seed=seed)
+    t = s.truth
+    y, H, c = (v.to(C128) for v in (s.y, s.H, s.codes))
+    act = torch.isfinite(t.phi)
+    act[1, 1] = False  # one masked slot
+    z = lambda v, f: torch.nan_to_num(v.double(), f)
+    return sc, y, H, c, z(t.phi, 0.1), z(t.theta, 0.1), 1 / z(t.r, 2.0), z(t.power, 1.0).log(), t.noise_var.double().log(), act
+
+
+def test_signal_energy_direct():
+    """q_l = E[|diag(c_l) x_l|^2 | y_l] against the posterior of s(l) written with C_l^-1."""
+    sc, y, H, c, phi, theta, rho, logp, logs, act = _small_model()
+    q = signal_energy(phi, theta, rho, logp, logs, act, y, H, c, sc)
+    a = risloc.physics.steering(phi, theta, 1 / rho, sc, dtype=C128) * act.unsqueeze(-1)  # [B, K, N]
+    for b in range(y.shape[0]):
+        P = torch.diag(logp[b].exp() * act[b]).to(C128)
+        for l in range(y.shape[1]):
+            At = (c[b, l].unsqueeze(-1) * a[b].T)  # N x K, columns c_l * a_k
+            Bm = H[b] @ At
+            C = Bm @ P @ Bm.mH + logs[b].exp() * torch.eye(y.shape[2], dtype=C128)
+            Ci = torch.linalg.inv(C)
+            mu = P @ Bm.mH @ Ci @ y[b, l]
+            Sig = P - P @ Bm.mH @ Ci @ Bm @ P
+            ref = (At @ mu).abs().square().sum() + torch.trace(At @ Sig @ At.mH).real
+            assert q[b, l].item() == pytest.approx(ref.item(), rel=1e-9)
+
+
+def test_floor_likelihood_and_gradient():
+    """With the floor f_l: NLL = sum_l log det C_l + y_l^H C_l^-1 y_l, C_l = B P B^H + (sigma^2 + f_l) I
+    (direct), gradient = autograd; f = 0 gives the plain likelihood."""
+    sc, y, H, c, phi, theta, rho, logp, logs, act = _small_model()
+    B, L, M = y.shape
+    f = torch.tensor([[0.3, 0.0, 1.2], [0.05, 0.5, 0.0]], dtype=torch.float64) * logs.exp().view(B, 1)
+    nll, grad, F = stochastic_eval(phi, theta, rho, logp, logs, act, y, H, c, sc, floor=f)
+    a = risloc.physics.steering(phi, theta, 1 / rho, sc, dtype=C128) * act.unsqueeze(-1)
+    for b in range(B):
+        ref = 0.0
+        for l in range(L):
+            Bm = H[b] @ (c[b, l].unsqueeze(-1) * a[b].T)
+            C = Bm @ torch.diag(logp[b].exp() * act[b]).to(C128) @ Bm.mH + (logs[b].exp() + f[b, l]) * torch.eye(M, dtype=C128)
+            ref += torch.linalg.slogdet(C)[1].item() + (y[b, l].conj() @ torch.linalg.solve(C, y[b, l])).real.item()
+        assert nll[b].item() == pytest.approx(ref, rel=1e-10)
+    p = torch.cat([phi, theta, rho, logp, logs[:, None]], 1).requires_grad_(True)
+    K = phi.shape[1]
+    sp = lambda v: (v[:, :K], v[:, K:2 * K], v[:, 2 * K:3 * K], v[:, 3 * K:4 * K], v[:, 4 * K])
+    auto = torch.autograd.grad(stochastic_eval(*sp(p), act, y, H, c, sc, derivatives=False, floor=f)[0].sum(), p)[0]
+    mask = torch.cat([act] * 4 + [torch.ones(B, 1, dtype=torch.bool)], 1)
+    assert torch.allclose(grad[mask], auto[mask], rtol=1e-7, atol=1e-7 * auto.abs().max().item())
+    assert torch.isfinite(F).all()
+    plain = stochastic_eval(phi, theta, rho, logp, logs, act, y, H, c, sc)
+    zero = stochastic_eval(phi, theta, rho, logp, logs, act, y, H, c, sc, floor=torch.zeros(B, L, dtype=torch.float64))
+    for u, v in zip(plain, zero):
+        assert torch.equal(u, v)
+    assert torch.equal(mismatch_floor(torch.tensor([0.0, 2.0]), f), torch.stack([0 * f[0], 2 * f[1]]))
+
+
+def _same(a: Estimates, b: Estimates):
+    assert torch.equal(a.K, b.K)
+    for n in ("phi", "theta", "r"):
+        assert torch.equal(torch.nan_to_num(getattr(a, n), 9.0), torch.nan_to_num(getattr(b, n), 9.0))
+
+
+def test_level_zero_is_plain_ml():
+    """mismatch = 0 (a known zero level) and "none" give plain ml's answers exactly; so does "auto"
+    on the scenes where it keeps level 0."""
+    s = simulate(Scenario(snr_db_min=10, snr_db_max=20), 6, seed=11)
+    plain = get("ml")(s, grid_shape=(13, 7, 8))
+    _same(plain, get("ml")(s, grid_shape=(13, 7, 8), mismatch=0.0))
+    _same(plain, get("ml")(s, grid_shape=(13, 7, 8), mismatch="none"))
+
+
+def test_options_validated():
+    for bad in ("sometimes", -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="mismatch"):
+            MLOptions(mismatch=bad)
+    with pytest.raises(ValueError, match="mismatch_levels"):
+        MLOptions(mismatch_levels=(0.0, -1.0))
+    with pytest.raises(ValueError, match="phase_noise_deg"):
+        mismatch_level(None, -1.0)
