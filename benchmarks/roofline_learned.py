@@ -45,8 +45,10 @@ the Cholesky factorisations and triangular solves, and estimates of the elementw
   2 x 2 x 2 transposed one 2 * 8 C_in C_out c_in, the 1 x 1 x 1 head 2 * 5 w Q_f, the linear
   layers 2 n_in n_out (biases, normalisation and activations not counted, as in
   ``torch.utils.flop_counter.FlopCounterMode``, the cross-check); total
-  2 * 27 [(C w + 2 w^2 + 2 w^2 + 2 w^2 + 2 w^2) c_0 + (2 w^2 + 8 w^2 + 8 w^2 + 8 w^2) c_1
-  + (8 w^2 + 4 d 16 w^2) c_2] + 2 * 8 * 8 w^2 c_2 + 2 * 8 * 2 w^2 c_1 + 2 * 5 w c_0 + MLPs.
+  2 * 27 [(C w + 6 w^2) c_0 + 26 w^2 c_1 + (8 + 32 d) w^2 c_2] + 2 * 8 * 8 w^2 c_2
+  + 2 * 8 * 2 w^2 c_1 + 2 * 5 w c_0 + MLPs (stem, enc0, merge0, dec0 at c_0; down1, enc1,
+  merge1, dec1 at c_1; down2 and the 2 d bottleneck convolutions at c_2; the transposed up2, up1;
+  the head), 2.19 GFLOP per scene for the shipped network (C = 31, w = 32, d = 2, Q_f = 3 456).
 * one likelihood evaluation with derivatives (:func:`risloc.estimators.ml_core.stochastic_eval`):
   the measured steering vectors and derivatives V_l = G_l [A, dA] (4K columns), 32 L M N K; C_l,
   8 L M^2 K; C_l^-1 y_l, 8 L M^2; C^-1 V, 32 L M^2 K; W = V^H C^-1 V and V^H C^-2 V, 2 * 128 L K^2 M;
