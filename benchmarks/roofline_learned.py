@@ -78,9 +78,12 @@ the dictionary, shared by the batch, is not counted per scene):
   4 (J + L) Q_f.
 * network: each convolution reads its input activation and writes its output (4 bytes each,
   normalisation and activation fused into it), plus the weights divided by the batch.
-* likelihood pieces: their inputs (y, H, codes) and the products' operands and results (V, C,
-  C^-1, C^-1 V, W, V^H C^-2 V once each; the dictionary's split operand and result, n2 and c; a
-  scan's products [L, n, Q_d] complex, written and read, and its [L, Q_d] gain arrays).
+* likelihood pieces: their inputs (y, H, codes) and the products' operands and results, each
+  written and read: an evaluation's G (c_l * [A, dA]) [L 4K, N], V, C^-1 V, C, its factor and
+  inverse, W and V^H C^-2 V; the dictionary's split operands [L M, 6N] and [L, 6N] and results
+  [L M, 2 Q_d] and [L, 2 Q_d], then n2 and c written ((4 + 8) L Q_d); a scan's split operand
+  [L n, 6N], its products [L, n, Q_d] complex, the n2 and c it reads and four [L, Q_d] float32
+  gain arrays.
 
 Counted (an independent check, from the shapes of the operations that actually run, on the
 device and batch of the run): ``torch.utils.flop_counter.FlopCounterMode`` on the network; a
@@ -241,7 +244,7 @@ def dictionary_count(L: int, M: int, N: int, Q: int, split: bool) -> Count:
     s = 3 if split else 1
     dico = 8 * L * M * N * Q + 8 * L * N * Q
     small = 8 * L * M * N
-    byt = C64 * (L * M + M * N + L * N) + 2 * F32 * L * M * (6 * N + 2 * Q) + 2 * F32 * L * (2 * N + 2 * Q) + (F32 + C64) * L * Q
+    byt = C64 * (L * M + M * N + L * N) + 2 * F32 * L * M * (6 * N + 2 * Q) + 2 * F32 * L * (6 * N + 2 * Q) + (F32 + C64) * L * Q
     return Count(s * dico + small, 4 * L * M * Q, byt, dico + small)
 
 
@@ -251,7 +254,7 @@ def scan_count(L: int, M: int, N: int, Q: int, n: int, top: int, split: bool) ->
     dico = 8 * L * n * N * Q
     small = 8 * L * M * N * n + 8 * L * n * n * M + 8 * L * n * M * N + 8 * L * n * M + 8 * L * n * Q
     other = 4 * L * n * n * M + 40 * L * Q + 90 * L * top
-    byt = C64 * (L * M + M * N + L * N) + 2 * C64 * L * n * Q + 2 * F32 * L * n * (6 * N + 2 * Q) + (F32 + C64) * L * Q + 4 * F32 * L * Q
+    byt = C64 * (L * M + M * N + L * N) + 2 * F32 * L * n * 6 * N + 2 * C64 * L * n * Q + (F32 + C64) * L * Q + 4 * F32 * L * Q
     return Count(s * dico + small, other, byt, dico + small)
 
 
