@@ -157,3 +157,19 @@ def test_options_validated():
         MLOptions(mismatch_levels=(0.0, -1.0))
     with pytest.raises(ValueError, match="phase_noise_deg"):
         mismatch_level(None, -1.0)
+
+
+def test_amplitude_model_in_codes():
+    """amplitude="scenario" on scenes with the practical amplitude model = plain ml given the
+    realised codes (the scenes' true codes, stored in their truth)."""
+    sc = Scenario(snr_db_min=10, snr_db_max=20, ris_amplitude="practical")
+    s = simulate(sc, 4, seed=5)
+    assert s.truth.codes is not None
+    told = dataclasses.replace(s, codes=s.truth.codes, scenario=dataclasses.replace(sc, ris_amplitude="ideal"))
+    a = get("ml")(s, grid_shape=(13, 7, 8), amplitude="scenario")
+    b = get("ml")(told, grid_shape=(13, 7, 8))
+    assert torch.equal(a.K, b.K)
+    for n in ("phi", "theta", "r"):
+        assert torch.allclose(torch.nan_to_num(getattr(a, n), 9.0), torch.nan_to_num(getattr(b, n), 9.0), atol=1e-4)
+    with pytest.raises(ValueError, match="unit-modulus"):
+        get("ml")(dataclasses.replace(s, codes=s.codes * 0.5), amplitude="scenario")

@@ -143,6 +143,12 @@ class MLOptions:
     (``csi_nmse_db``, ``ris_phase_noise_deg``) when it has them. The orders of the search path are
     then re-scored and selected under this likelihood (docs/estimators-ml.md). The static likelihood
     ignores it (with unit-modulus codes the floor is the same in every snapshot: sigma^2 absorbs it)."""
+    amplitude: str = "given"
+    """RIS amplitudes of the codes the likelihood uses: ``"given"``, the codes as they are;
+    ``"scenario"``, the scenario's phase-dependent amplitude model applied to them where it is
+    ``ris_amplitude = "practical"`` (|c~| = (1 - beta_min) ((sin(theta - mu) + 1) / 2)^kappa + beta_min
+    of the commanded phase theta, :func:`risloc.physics.realised_codes`; the given codes must then be
+    unit-modulus)."""
     mismatch_levels: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)
     """Candidate coefficients e~ of ``mismatch="auto"``."""
     mismatch_penalty: float = 2.0
@@ -172,6 +178,8 @@ class MLOptions:
                 raise ValueError(f"ml: mismatch = {self.mismatch!r}: must be 'none', 'auto', 'scenario' or a number >= 0")
         elif isinstance(self.mismatch, bool) or not (math.isfinite(float(self.mismatch)) and float(self.mismatch) >= 0):
             raise ValueError(f"ml: mismatch = {self.mismatch!r}: must be 'none', 'auto', 'scenario' or a number >= 0")
+        if self.amplitude not in ("given", "scenario"):
+            raise ValueError(f"ml: amplitude = {self.amplitude!r}: must be 'given' or 'scenario'")
         levels = tuple(float(v) for v in self.mismatch_levels)
         if not levels or min(levels) < 0 or not all(math.isfinite(v) for v in levels):
             raise ValueError(f"ml: mismatch_levels = {self.mismatch_levels}: must be finite numbers >= 0")
@@ -568,6 +576,12 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     cd = opts.dtype
     rd = physics.real_dtype(cd)
     y, H, codes = scenes.y.to(cd), scenes.H.to(cd), scenes.codes.to(cd)
+    if opts.amplitude == "scenario" and getattr(sc, "ris_amplitude", "ideal") != "ideal":
+        off = ((codes.abs() - 1).abs() > 1e-3).flatten(1).any(1)
+        if bool(off.any()):
+            raise ValueError(f"ml: amplitude='scenario' needs unit-modulus commanded codes; scenes.codes of scene "
+                             f"{int(torch.nonzero(off)[0])} are not")
+        codes = physics.realised_codes(codes, sc)  # the amplitude model only (no phase error, no failures)
     B, L, M = y.shape
     y, H, empty = unit_power(y, H)  # scale invariance
     box = _box(sc, rd, device)
