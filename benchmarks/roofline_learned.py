@@ -490,11 +490,14 @@ def analytic(p: Pipeline, batch: int, calls: Counter, n_first_scan: int, device)
             "end_to_end": fe + net + stage}
 
 
-def peaks_for(device) -> tuple[str | None, dict | None]:
+def peaks_for(device, name: str = "auto") -> tuple[str | None, dict | None]:
+    """The peaks of ``name`` (a key of :data:`PEAKS`), or with "auto" those of the CUDA device
+    (an H200 by its name, else an H100 SXM; none on the CPU)."""
+    if name != "auto":
+        return name, PEAKS[name]
     if device.type != "cuda":
         return None, None
-    name = torch.cuda.get_device_name(device)
-    key = "H200" if "H200" in name else "H100 SXM"
+    key = "H200" if "H200" in torch.cuda.get_device_name(device) else "H100 SXM"
     return key, PEAKS[key]
 
 
@@ -522,6 +525,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-latency", action="store_true", help="skip the one-scene timings")
+    ap.add_argument("--peaks", default="auto", choices=["auto", *PEAKS],
+                    help="the peaks to compare with (auto: the CUDA device's; none on the CPU)")
     ap.add_argument("--out", default=None, help="write the JSON record here (atomically)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -531,7 +536,7 @@ def main(argv=None) -> dict:
     calls_fn, calls, n_first_scan = stage_calls(p, scenes, capture=True)
     counts = analytic(p, B, calls, n_first_scan, device)
     one = stage_calls(p, scenes[:1], capture=True)[0] if not args.no_latency else {}
-    peak_name, peak = peaks_for(device)
+    peak_name, peak = peaks_for(device, args.peaks)
 
     # the network's FLOPs by FlopCounterMode (the cross-check of the analytic count)
     fcm = FlopCounterMode(display=False)

@@ -35,7 +35,7 @@ R = _module()
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("roofline") / "roofline.json"
-    R.main(["--device", "cpu", "--batch", "3", "--repeats", "1", "--warmup", "0", "--no-latency", "--out", str(out), *SMALL])
+    R.main(["--device", "cpu", "--batch", "3", "--repeats", "1", "--warmup", "0", "--peaks", "H100 SXM", "--out", str(out), *SMALL])
     return json.loads(out.read_text())
 
 
@@ -87,6 +87,7 @@ def test_record_counts_agree_with_the_counters(record):
 
 def test_record_fields(record):
     assert record["batch"] == 3 and record["device"] == "cpu" and record["torch"] == torch.__version__
+    assert record["peaks"]["name"] == "H100 SXM" and record["peaks"]["hbm_tbs"] == 3.35
     assert isinstance(record["commit"], str) and record["commit"]
     assert record["shapes"] == {"L": 4, "M": 4, "N": 16, "K_max": 3, "Q_front_end": 128, "Q_dictionary": 21 * 11 * 12, "pursuit": 2,
                                 "split_tf32": False}
@@ -99,6 +100,14 @@ def test_record_fields(record):
             assert a["flops"] > 0 and a["bytes"] > 0 and a["intensity_flop_per_byte"] == pytest.approx(a["flops"] / a["bytes"])
             assert r["achieved_tflops"] == pytest.approx(a["flops"] * r["scenes_per_s"] / 1e12)
             assert r["achieved_gbs"] == pytest.approx(a["bytes"] * r["scenes_per_s"] / 1e9)
+            # the roofline against the named peaks (CPU timings: only the arithmetic is checked)
+            pk = record["peaks"]
+            t_c = a["flops_products"] / (pk["tf32_tensor_tflops"] * 1e12) + a["flops_other"] / (pk["fp32_tflops"] * 1e12)
+            assert r["t_compute_us_per_scene"] == pytest.approx(t_c * 1e6)
+            assert r["t_memory_us_per_scene"] == pytest.approx(r["counted"]["bytes_eager"] / (pk["hbm_tbs"] * 1e12) * 1e6)
+            assert r["latency_floor_us_per_scene"] > 0
+            assert r["bound"] == R.classify(r["us_per_scene"] / 1e6, t_c, r["t_memory_us_per_scene"] / 1e6,
+                                            r["latency_floor_us_per_scene"] / 1e6)
 
 
 def test_bound_classification():
