@@ -590,11 +590,11 @@ def main(argv=None) -> dict:
                       "split_tf32": device.type == "cuda"},
            "peaks": None if peak is None else {"name": peak_name, **peak}, "latency_factor": LATENCY_FACTOR,
            "repeats": args.repeats, "warmup": args.warmup, "stages": stages}
-    print(f"{'stage':<18}{'GFLOP/scene':>12}{'MB/scene':>10}{'MB eager':>10}{'us/scene':>10}{'scenes/s':>11}{'TFLOP/s':>9}{'GB/s eager':>11}  bound")
+    print(f"{'stage':<18}{'GFLOP/scene':>12}{'MB/scene':>10}{'MB eager':>10}{'us/scene':>13}{'scenes/s':>11}{'TFLOP/s':>9}{'GB/s eager':>11}  bound")
     for name, r in stages.items():
         a = r["analytic"]
         print(f"{name:<18}{(a['flops'] / 1e9 if a else float('nan')):>12.3f}{(a['bytes'] / 1e6 if a else float('nan')):>10.2f}"
-              f"{r['counted']['bytes_eager'] / 1e6:>10.2f}{r['us_per_scene']:>10.2f}{r['scenes_per_s']:>11.0f}"
+              f"{r['counted']['bytes_eager'] / 1e6:>10.2f}{r['us_per_scene']:>13.2f}{r['scenes_per_s']:>11.1f}"
               f"{r.get('achieved_tflops', float('nan')):>9.2f}{r.get('achieved_gbs_eager', float('nan')):>11.1f}  {r.get('bound', '-')}")
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
