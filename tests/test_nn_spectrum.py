@@ -249,7 +249,13 @@ def test_packaged_default_weights():
     assert est.method.startswith("learned:") and est.K.shape == (4,) and ((est.K >= 1) & (est.K <= SC.k_max)).all()
     k = est.K
     assert torch.isfinite(est.phi[torch.arange(SC.k_max).view(1, -1) < k.view(-1, 1)]).all()
-    assert get("subspacenet")(scenes).K.shape == (4,)
+    peer = get("subspacenet")(scenes)  # its docstring: K-hat in 1..K_max, sources in the prior box, NaN after
+    assert peer.method.startswith("subspacenet:") and ((peer.K >= 1) & (peer.K <= SC.k_max)).all()
+    on = torch.arange(SC.k_max).view(1, -1) < peer.K.view(-1, 1)
+    for q, lo, hi in (("phi", SC.phi_min, SC.phi_max), ("theta", SC.theta_min, SC.theta_max), ("r", SC.r_min, SC.r_max)):
+        t = getattr(peer, q)
+        assert torch.isfinite(t[on]).all() and torch.isnan(t[~on]).all(), q
+        assert ((t[on] >= lo - 1e-6) & (t[on] <= hi + 1e-6 * hi)).all(), (q, t[on])
 
 
 SHIPPED = Path(__file__).resolve().parent / "data" / "shipped_outputs.json"

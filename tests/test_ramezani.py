@@ -9,6 +9,7 @@ import torch
 import risloc
 from risloc import metrics, physics
 from risloc.covariance import as_low_rank
+from risloc.crb import crb_for_scenes
 from risloc.estimators import get
 from risloc.estimators import ramezani as rz
 
@@ -25,6 +26,20 @@ def _oracle(sc, n_scenes, seed, **options):
     s = risloc.simulate(sc, n_scenes, seed=seed)
     est = rz.estimate(s, covariance=risloc.source_factor(s.truth, sc), **options)
     return (est, *_matched_errors(s, est))
+
+
+def _errors_in_sqrt_crb(sc, n_scenes, seed, **options) -> tuple:
+    """(matching, the largest matched error over phi, theta and r in units of each true source's
+    sqrt(CRB) at its scene's simulated SNR) of the estimator on the exact source covariance."""
+    s = risloc.simulate(sc, n_scenes, seed=seed)
+    est = rz.estimate(s, covariance=risloc.source_factor(s.truth, sc), **options)
+    m = metrics.match(s.truth, est)
+    bound = crb_for_scenes(s)
+    worst = 0.0
+    for q, err in (("phi", m.dphi), ("theta", m.dtheta), ("r", m.dr)):
+        c = getattr(bound, q)[torch.as_tensor(m.scene), torch.as_tensor(m.truth_index)]
+        worst = max(worst, float((torch.as_tensor(err).abs() / c).max()))
+    return est, m, worst
 
 
 def test_anti_diagonal_cancels_range_under_fresnel():
@@ -46,11 +61,15 @@ def test_registered():
 
 
 def test_oracle_single_source_accurate():
+    """On the exact covariance the joint refinement lands on the source: measured up to 4e-6 deg
+    (1e-4 sqrt(CRB) at the scenes' SNR); asserted within 0.01 sqrt(CRB). Without the refinement
+    (the Fresnel decoupling alone) it is 0.5 deg off at short range: the test fails."""
     sc = risloc.Scenario(k_fixed=1)
-    est, m, dphi, dtheta, rel = _oracle(sc, 12, 11, n_sources=1)
+    est, m, worst = _errors_in_sqrt_crb(sc, 12, 11, n_sources=1)
     assert (est.K == 1).all() and len(m) == 12
-    print(f"oracle K=1 (r in [0.5, 10] m): max |dphi| {dphi.max():.4f} deg, |dtheta| {dtheta.max():.4f} deg, |dr/r| {rel.max():.4f}")
-    assert dphi.max() < 0.5 and dtheta.max() < 0.5 and rel.max() < 0.1
+    print(f"oracle K=1 (r in [0.5, 10] m): largest error {worst:.2e} sqrt(CRB)")
+    assert worst < 0.01
+    assert _errors_in_sqrt_crb(sc, 12, 11, n_sources=1, refine=False)[2] > 1.0  # the refinement is what makes it exact
 
 
 def test_oracle_paper_variant_fresnel_limited():
@@ -63,11 +82,14 @@ def test_oracle_paper_variant_fresnel_limited():
 
 
 def test_oracle_two_separated_sources():
+    """Two sources 20 deg apart or more, exact covariance: measured up to 7e-6 deg; asserted within
+    0.01 sqrt(CRB) (without the refinement: 6.5 deg, the test fails)."""
     sc = risloc.Scenario(k_fixed=2, min_separation=20 * DEG)
-    est, m, dphi, dtheta, rel = _oracle(sc, 12, 13, n_sources=2)
+    est, m, worst = _errors_in_sqrt_crb(sc, 12, 13, n_sources=2)
     assert (est.K == 2).all() and len(m) == 24
-    print(f"oracle K=2: max |dphi| {dphi.max():.4f} deg, |dtheta| {dtheta.max():.4f} deg, |dr/r| {rel.max():.4f}")
-    assert dphi.max() < 0.5 and dtheta.max() < 0.5 and rel.max() < 0.1
+    print(f"oracle K=2: largest error {worst:.2e} sqrt(CRB)")
+    assert worst < 0.01
+    assert _errors_in_sqrt_crb(sc, 12, 13, n_sources=2, refine=False)[2] > 1.0
 
 
 def test_measurements_20db_single_source_majority_hits():
@@ -76,7 +98,7 @@ def test_measurements_20db_single_source_majority_hits():
     est = rz.estimate(s)
     score = metrics.evaluate(s, est).overall
     print(f"20 dB, K=1, 60 scenes: success {score.success:.3f}, K_acc {score.K_acc:.3f}")
-    assert score.success > 0.5
+    assert score.success >= 0.9  # measured 55 of 60 (0.917); one scene of margin; 0.85 without the refinement
 
 
 def test_scale_invariance_and_nan_policy():

@@ -24,7 +24,9 @@ source when
     x >= floor_threshold      and      x - 1 >= rel_threshold (x_max - 1),
 
 at most ``k_max`` of them, deepest first, and at least ``k_min`` (default 1: the
-scenario always has a source, the strongest peak is kept). The defaults were tuned on
+scenario always has a source, the strongest peak is kept) where the covariance has any
+eigenvalue above its noise floor c. A white covariance (every Capon weight zero, e.g. the
+loading alone when the measurements are all zero) has a flat spectrum and no source: K-hat = 0. The defaults were tuned on
 simulated scenes with :func:`tune_thresholds` (see docs/estimators.md for the sweep and
 the command).
 
@@ -75,14 +77,16 @@ def mvdr_peaks(
     refine_iterations: int = 12,
     min_separation: float | None = None,
     chunk: int = 1024,
+    spectrum: NullSpectrum | None = None,
 ) -> SearchResult:
-    """Refined Capon peaks ``[B, n_candidates]`` (kept ones first, strongest first); ``1 / q`` is P/c."""
+    """Refined Capon peaks ``[B, n_candidates]`` (kept ones first, strongest first); ``1 / q`` is P/c.
+    ``spectrum``: R's Capon null spectrum when the caller has it already."""
     R = as_low_rank(R)
     k_max = scenario.k_max if k_max is None else k_max
     if R.n != scenario.n_elements:
         raise ValueError(f"mvdr: R is {R.n} x {R.n}, the scenario has {scenario.n_elements} elements")
     return subspace_search(
-        _capon_spectrum(R), scenario, n_candidates=n_candidates or (k_max + 3), grid=grid,
+        _capon_spectrum(R) if spectrum is None else spectrum, scenario, n_candidates=n_candidates or (k_max + 3), grid=grid,
         refine_iterations=refine_iterations, min_separation=min_separation, chunk=chunk,
     )
 
@@ -94,13 +98,16 @@ def detect(
     rel_threshold: float = REL_THRESHOLD,
     k_max: int = 5,
     k_min: int = 1,
+    signal: Tensor | None = None,
 ) -> Tensor:
     """``K_hat`` ``[B]`` from refined Capon peaks (kept ones first, strongest first).
 
     With ``P_0 = 1 / median_grid(q)`` the spectrum's floor (the median Capon power over the
     coarse grid) and ``x = P / P_0`` per peak, a peak is a source when
     ``x >= floor_threshold`` and ``x - 1 >= rel_threshold (x_max - 1)``. ``K_hat`` is the
-    length of the passing prefix, clipped to ``[min(k_min, peaks found), k_max]``.
+    length of the passing prefix, clipped to ``[min(k_min, peaks found), k_max]``; ``signal``
+    ``[B]`` (bool): the scenes whose spectrum is not flat (some Capon weight above zero), the
+    only ones ``k_min`` applies to (a flat spectrum has no source: K-hat = 0).
     """
     q0 = res.q_median if res.q_median is not None else torch.ones_like(res.q[:, 0])
     x = q0.unsqueeze(1) / res.q.clamp(min=1e-300)
@@ -108,7 +115,11 @@ def detect(
     ok = res.kept & (x >= floor_threshold) & (x - 1 >= rel_threshold * (xmax - 1))
     prefix = torch.cumprod(ok.to(torch.int64), dim=1).sum(1)
     K = prefix.clamp(max=k_max)
-    return torch.maximum(K, torch.minimum(res.count.to(K.dtype), torch.full_like(K, k_min)))
+    floor = torch.minimum(res.count.to(K.dtype), torch.full_like(K, k_min))
+    if signal is not None:
+        floor = torch.where(signal.to(K.device), floor, torch.zeros_like(floor))
+        K = torch.where(signal.to(K.device), K, torch.zeros_like(K))
+    return torch.maximum(K, floor)
 
 
 def mvdr_from_covariance(
@@ -129,13 +140,15 @@ def mvdr_from_covariance(
     R = as_low_rank(R)
     if R.factor.shape[0] == 0:
         return Estimates.empty(0, k_max, method=method, device=R.factor.device)
-    res = mvdr_peaks(R, scenario, k_max=k_max, **search_options)
+    spectrum = _capon_spectrum(R)
+    res = mvdr_peaks(R, scenario, k_max=k_max, spectrum=spectrum, **search_options)
     if K is not None:
         K = torch.as_tensor(K, device=res.phi.device).reshape(-1).to(torch.int64)
         if K.shape[0] != R.factor.shape[0]:
             raise ValueError(f"mvdr_from_covariance: K has {K.shape[0]} entries for {R.factor.shape[0]} scenes")
         return estimates_from_search(res, K, k_max, method, exact=True)
-    K = detect(res, floor_threshold=floor_threshold, rel_threshold=rel_threshold, k_max=k_max, k_min=k_min)
+    signal = (spectrum.d > 0).any(-1)  # not white: some eigenvalue above the noise floor c
+    K = detect(res, floor_threshold=floor_threshold, rel_threshold=rel_threshold, k_max=k_max, k_min=k_min, signal=signal)
     return estimates_from_search(res, K, k_max, method)
 
 

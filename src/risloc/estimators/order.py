@@ -27,6 +27,10 @@ does by default. Any other (p, n) can be passed.
 Eigengap: ``K_hat = argmax_{k_min <= k <= k_max} lam_k / lam_{k+1}`` (1-based), and
 ``K_hat = 0`` when that largest ratio is below ``gap_threshold`` (no eigenvalue stands
 out of the floor) and ``k_min = 0``.
+
+No energy: a scene whose eigenvalues are all zero (its measurements are all zero) has nothing
+to find, so every rule answers ``K_hat = 0`` there whatever ``k_min`` (:func:`no_energy`;
+the estimators that decide K otherwise apply the same test to their data).
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ import torch
 from torch import Tensor
 
 RULES = ("mdl", "aic", "eigengap")
+
+
+def no_energy(x: Tensor) -> Tensor:
+    """``[B]`` bool: the scenes whose data ``x`` ``[B, ...]`` (measurements, a covariance factor,
+    eigenvalues) is all zero. Such a scene carries no signal at all: K-hat is 0 there, whatever
+    a rule's lower bound ``k_min`` (which stands for "the scenario always has a source")."""
+    return ~(x.reshape(x.shape[0], -1).abs() > 0).any(-1)
 
 
 def information_criterion(eigenvalues: Tensor, n_snapshots: float, *, rule: str = "mdl") -> Tensor:
@@ -80,7 +91,8 @@ def estimate_order(
             for the dual choice used by the estimators). Required for 'mdl' and 'aic'.
         rule: 'mdl', 'aic' or 'eigengap'.
         k_max: largest order considered (default p - 1; clipped to p - 1).
-        k_min: smallest order returned (0 allows "no source").
+        k_min: smallest order returned (0 allows "no source"), except in scenes whose
+            eigenvalues are all zero (:func:`no_energy`): K-hat = 0 there.
         gap_threshold: eigengap only: below this largest ratio the answer is ``k_min``.
     """
     if rule not in RULES:
@@ -96,6 +108,13 @@ def estimate_order(
         bad = int((~torch.isfinite(eigenvalues)).any(-1).nonzero()[0, 0])
         raise ValueError(f"estimate_order: eigenvalues of scene {bad} are not finite")
     lam = eigenvalues.to(torch.float64).clamp(min=0)
+    return torch.where(no_energy(lam), torch.zeros(B, dtype=torch.int64, device=lam.device),
+                       _order(lam, n_snapshots, rule, k_max, k_min, gap_threshold))
+
+
+def _order(lam: Tensor, n_snapshots: float | None, rule: str, k_max: int, k_min: int, gap_threshold: float) -> Tensor:
+    """The rule of :func:`estimate_order` on non-negative eigenvalues ``[B, p]``."""
+    B = lam.shape[0]
     if rule == "eigengap":
         tiny = 1e-300
         ratio = lam[:, :-1] / lam[:, 1:].clamp(min=tiny)  # ratio[:, k-1] = lam_k / lam_{k+1}

@@ -74,7 +74,7 @@ from ..covariance import CovarianceOptions, LowRankCovariance, as_low_rank, dens
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register, search
-from .order import estimate_order
+from .order import estimate_order, no_energy
 
 __all__ = ["estimate", "anti_diagonal", "smoothed_covariance", "angle_spectrum"]
 
@@ -293,6 +293,7 @@ def estimate(
             R = fit.covariance()
             if n_sources is None:  # K-hat is the rank the order rule chose for the estimate
                 K_in = (fit.factor.abs().sum(1) > 0).sum(-1).clamp(min=min_sources)
+                K_in = torch.where(no_energy(scenes.y), torch.zeros_like(K_in), K_in)  # no measurement energy: no source
         else:
             R = sample_covariance(scenes.y, scenes.H, scenes.codes, regularisation=regularisation)
     else:
@@ -328,13 +329,16 @@ def _estimate_chunk(sc, R, n_sources, exact, sub, order_rule, grid, range_points
 
     if int(K.max()) == 0:
         return Estimates.empty(B, k_max, method="ramezani", device=dev)
-    kc = int(K.max())  # sources to place in this chunk
+    kc = int(K.max())  # the widest scene of this chunk (every scene uses only its own K slots)
     wq = (torch.arange(kq, device=dev).view(1, -1) < K.view(-1, 1)).to(rdtype)
 
     # --- step 3: 2-D virtual-frequency MUSIC on the torus ----------------------------------------
+    # K * candidates angle peaks per scene: the strongest P of the torus, those beyond a scene's own
+    # count marked invalid (so a scene's answer does not depend on the other scenes of the batch)
     P = min(kc * candidates, grid * grid)
     Sg = angle_spectrum(Eq, wq, sub, grid)  # [B, G, G]
     gy, gx, ok = _torus_peaks(Sg, P)  # [B, P]
+    ok = ok & (torch.arange(P, device=dev).view(1, -1) < (K * candidates).view(-1, 1))
     fx, fy = gx.to(rdtype) / grid, gy.to(rdtype) / grid
     h = 1.0 / grid
     off = torch.linspace(-1, 1, 5, device=dev, dtype=rdtype)
@@ -385,6 +389,7 @@ def _estimate_chunk(sc, R, n_sources, exact, sub, order_rule, grid, range_points
     sep = sc.min_separation / 2 if sc.min_separation > 0 else math.radians(1.0)
     phi, theta, r, qnull, kept = search.select_peaks(phi, theta, r, qnull, ok, min_separation=sep)
     phi, theta, r, qnull, kept = phi[:, :kc], theta[:, :kc], r[:, :kc], qnull[:, :kc], kept[:, :kc]
+    kept = kept & (torch.arange(kc, device=dev).view(1, -1) < K.view(-1, 1))  # each scene's own K best
 
     # --- step 6 (optional): joint local refinement (risloc.estimators.search), then NMS again ------
     if refine:

@@ -58,6 +58,7 @@ from .. import grids, physics
 from ..scenes import Estimates, Scenes
 from . import register
 from .ml_core import check_finite, unit_power
+from .order import no_energy
 
 __all__ = ["estimate", "sbl_gamma", "detect", "DEFAULTS"]
 
@@ -156,6 +157,8 @@ def _run_batch(scenes: Scenes, k_max: int, opts: dict, K_given: Tensor | None, e
         K = K_given.to(K.device).to(torch.int64).clamp(0, k_max)
     elif extra:
         K = (K + extra).clamp(max=k_max)
+    if K_given is None:  # no measurement energy: no source (detect's count is at least 1)
+        K = torch.where(no_energy(y).to(K.device), torch.zeros_like(K), K)
     return K, gp[idx], gt[idx], 1.0 / gr[idx]
 
 

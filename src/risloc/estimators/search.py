@@ -232,7 +232,9 @@ def refine_peaks(
         dx = -(A + mu diag(A))^-1 b,   |dx| <= 1 (one grid step),   x <- clamp(x + dx)
 
     accepting a step only when it lowers q (then ``mu /= 3``, else ``mu *= 4``); at most
-    ``iterations`` steps, fewer once every proposed step is below ``tol`` grid steps. With an
+    ``iterations`` steps; a candidate whose proposed step is below ``tol`` grid steps has converged
+    and stays where it is (so its answer does not depend on the other candidates and scenes of the
+    batch), and the loop ends once every candidate has. With an
     exact covariance the residual vanishes at a source and the iteration converges
     quadratically (Gauss-Newton). Float64 throughout. **Prior**: every point is clamped
     to the field of view and the range interval of the scenario (``grid.bounds``).
@@ -264,6 +266,7 @@ def refine_peaks(
     r0, J, q = evaluate(x)
     mu = torch.full((B, C), 1e-3, dtype=torch.float64, device=dev)
     eye = torch.eye(3, dtype=torch.float64, device=dev)
+    moving = torch.ones(B, C, dtype=torch.bool, device=dev)
     for _ in range(iterations):
         A = (J.mH @ J).real
         b = (J.mH @ r0.unsqueeze(-1)).real.squeeze(-1)
@@ -271,16 +274,17 @@ def refine_peaks(
         step = -torch.linalg.solve(A + damp, b.unsqueeze(-1)).squeeze(-1)
         step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)
         norm = torch.linalg.vector_norm(step, dim=-1, keepdim=True)
+        moving = moving & (norm.squeeze(-1) >= tol)  # converged candidates stay put
         step = step * torch.clamp(1.0 / norm.clamp(min=1e-30), max=1.0)
         x_try = torch.minimum(torch.maximum(x + step, lo), hi)
         r_try, J_try, q_try = evaluate(x_try)
-        ok = q_try < q
+        ok = (q_try < q) & moving
         x = torch.where(ok.unsqueeze(-1), x_try, x)
         r0 = torch.where(ok.unsqueeze(-1), r_try, r0)
         J = torch.where(ok.view(B, C, 1, 1), J_try, J)
         q = torch.where(ok, q_try, q)
         mu = torch.where(ok, mu / 3, mu * 4).clamp(1e-12, 1e12)
-        if float(norm.max()) < tol:  # every candidate has converged (one sync per iteration)
+        if not bool(moving.any()):  # every candidate has converged (one sync per iteration)
             break
     p = x * h
     return p[..., 0], p[..., 1], 1.0 / p[..., 2], q
@@ -420,7 +424,10 @@ def rap_search(
     closer than ~2 grid steps. Each pass costs one grid product of K columns.
 
     ``Es`` ``[B, N, k]`` orthonormal, ``n_sources`` ``[B]`` (K per scene, <= k). Returns
-    ``[B, k]`` results in the order found (``kept`` False where a pass found nothing).
+    ``[B, k]`` results, the distinct sources first in the order found (``kept`` True), then the
+    passes that found nothing distinct (``kept`` False): their position is the pass's deepest
+    refined candidate all the same (next to a found source), finite and inside the prior, so a
+    caller that needs exactly K sources has one; NaN only in the slots beyond a scene's K.
     """
     _check_subspace(Es, scenario, "rap_search")
     sep = _default_separation(scenario, min_separation)
@@ -455,18 +462,19 @@ def rap_search(
             chord = torch.linalg.vector_norm(u.unsqueeze(2) - uf.unsqueeze(1), dim=-1)  # [n, C, j]
             clash = ((chord < 2 * math.sin(sep / 2)) & kept[rows, :j].unsqueeze(1)).any(-1)
             ok = valid & ~clash
-            key = torch.where(ok, q, torch.full_like(q, math.inf))
+            # the deepest distinct candidate; where every candidate clashes, the deepest one all the
+            # same (a refined point of this pass, kept False), so every pass gives a finite position
+            key = torch.where(ok, q, torch.where(valid, q + 2.0, torch.full_like(q, 4.0)))
             best = key.argmin(1, keepdim=True)
             found = ok.gather(1, best).squeeze(1)
             pick = lambda t: t.gather(1, best).squeeze(1)
-            nan = torch.full_like(found, math.nan, dtype=torch.float64)
-            out["phi"][rows, j] = torch.where(found, pick(phi), nan)
-            out["theta"][rows, j] = torch.where(found, pick(theta), nan)
-            out["r"][rows, j] = torch.where(found, pick(r), nan)
-            out_q[rows, j] = torch.where(found, pick(q), torch.full_like(nan, math.inf))
+            out["phi"][rows, j] = pick(phi)
+            out["theta"][rows, j] = pick(theta)
+            out["r"][rows, j] = pick(r)
+            out_q[rows, j] = torch.where(found, pick(q), torch.full_like(pick(q), math.inf))
             kept[rows, j] = found
             # extend Q by the new steering vector (Gram-Schmidt; zero column where nothing was found)
-            a = _unit_steering(torch.nan_to_num(pick(phi)), torch.nan_to_num(pick(theta)), torch.nan_to_num(pick(r), nan=1.0), scenario, grid.approximation, torch.complex128)
+            a = _unit_steering(pick(phi), pick(theta), pick(r), scenario, grid.approximation, torch.complex128)
             v = a - (Qj @ (Qj.mH @ a.unsqueeze(-1))).squeeze(-1)
             nv = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
             v = torch.where(found.unsqueeze(-1) & (nv > 1e-6), v / nv.clamp(min=1e-6), torch.zeros_like(v))

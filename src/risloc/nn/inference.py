@@ -146,11 +146,13 @@ def count_sources(
     K: torch.Tensor | None = None,
     order_rule: str | None = None,
 ) -> torch.Tensor:
-    """K per scene ``[B]`` (int64, in 1..K_max): the given ``K``; else ``order_rule`` ('mdl',
+    """K per scene ``[B]`` (int64, in 0..K_max): the given ``K``; else ``order_rule`` ('mdl',
     'aic', 'eigengap') on the prediction's effective covariance; else the calibrated K head with
-    its fall-back (:func:`risloc.nn.calibrate.decide_k`)."""
+    its fall-back (:func:`risloc.nn.calibrate.decide_k`). Without a given K, a scene whose
+    measurements are all zero has no source: K = 0 there (:func:`risloc.estimators.order.no_energy`
+    of its sample covariance's factor, which is linear in y), whatever the network says."""
     if K is not None:
-        K_use = K.to(pred.k_logits.device, torch.int64)
+        return K.to(pred.k_logits.device, torch.int64).clamp(min=0, max=scenario.k_max)
     elif order_rule is not None:
         from ..estimators.music import order_from_covariance
 
@@ -159,7 +161,10 @@ def count_sources(
     else:
         fb = fallback_order(inputs, options, scenario, calibration.order_rule) if calibration.threshold > 0 else None
         K_use, _ = decide_k(pred.k_logits, calibration.temperature, calibration.threshold, fb)
-    return K_use.clamp(min=1, max=scenario.k_max)
+    from ..estimators.order import no_energy
+
+    K_use = K_use.clamp(min=1, max=scenario.k_max)
+    return torch.where(no_energy(inputs.sample.factor).to(K_use.device), torch.zeros_like(K_use), K_use)
 
 
 def k_confidence(pred: Prediction, calibration: Calibration) -> torch.Tensor:
