@@ -38,7 +38,8 @@ def files(tmp_path_factory):
         f.create_dataset("crb/theta", data=torch.ones(3, 5).numpy())
         f.create_dataset("crb/r", data=torch.ones(3, 5).numpy())
     (d / "crb-text.h5").write_text("not a CRB file\n")
-    main(["locate", str(good), "--out", str(d / "est.h5"), "--method", "music", "--no-progress"])
+    assert main(["locate", str(good), "--out", str(d / "est.h5"), "--method", "music", "--no-progress"]) == 0
+    assert io.load_estimates(d / "est.h5").K.shape == (3,)  # a real estimates file, for the tests that read one
     weights = DEFAULT_WEIGHTS.read_bytes()
     (d / "truncated.pt").write_bytes(weights[: len(weights) // 3])
     torch.save({"epoch": 3, "weights": torch.ones(2)}, d / "foreign.pt")

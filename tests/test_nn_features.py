@@ -58,7 +58,11 @@ def test_spectrum_run_curriculum_selection_and_calibration(tmp_path):
     # the curriculum: the K term from epoch 1, the eigengap term from epoch 2, beta rising from epoch 1
     assert "train_k" not in rec[0] and "train_k" in rec[1] and "train_gap" not in rec[1] and "train_gap" in rec[2]
     assert [r["beta"] for r in rec] == [0.0, 0.25, 0.25]
-    assert all(math.isfinite(r["val_nmse"]) and 0 <= r["k_loc"] <= 1 for r in rec)
+    for r in rec:  # scores of the 24 validation scenes, and the documented k_loc = (2 success + K_acc) / 3
+        assert math.isfinite(r["val_nmse"]) and r["val_nmse"] >= 0
+        for q in ("success", "K_acc"):
+            assert 0 <= r[q] <= 1 and r[q] * 24 == pytest.approx(round(r[q] * 24), abs=1e-6), (q, r[q])  # a share of 24 scenes
+        assert r["k_loc"] == pytest.approx((2 * r["success"] + r["K_acc"]) / 3, abs=1e-9)
     # metric-driven selection: best.pt holds the epoch with the highest k_loc (the first on ties)
     best = max(rec, key=lambda r: (r["k_loc"], -r["epoch"]))
     state = load_checkpoint(tmp_path / "run" / "best.pt")
