@@ -13,7 +13,7 @@ import risloc
 from risloc import Estimates, Scenario, simulate
 from risloc.estimators import get
 from risloc.estimators.ml import MLOptions
-from risloc.estimators.ml_core import mismatch_floor, mismatch_level, signal_energy, stochastic_eval
+from risloc.estimators.ml_core import coloured_floor, mismatch_floor, mismatch_level, signal_energy, stochastic_eval
 
 C128 = torch.complex128
 
@@ -65,7 +65,7 @@ def test_phase_noise_moments_monte_carlo():
     err = (ct - c * math.exp(-s * s / 2)) * x  # [T, N]
     w = err @ H.T  # [T, M]
     emp = w.T @ w.conj() / T
-    ref = (1 - math.exp(-s * s)) * H @ torch.diag((c * x).abs().square().to(C128)) @ H.mH
+    ref = coloured_floor(1 - math.exp(-s * s), H[None], (c * x).abs().square()[None, None])[0, 0]
     assert (emp - ref).abs().max() < 0.03 * ref.abs().max()
     # relative to the fitted (mean-scaled) signal the white level is exp(s^2) - 1 (mismatch_level)
     level = (1 - math.exp(-s * s)) / math.exp(-s * s)
@@ -91,6 +91,8 @@ def test_signal_energy_direct():
     """q_l = E[|diag(c_l) x_l|^2 | y_l] against the posterior of s(l) written with C_l^-1."""
     sc, y, H, c, phi, theta, rho, logp, logs, act = _small_model()
     q = signal_energy(phi, theta, rho, logp, logs, act, y, H, c, sc)
+    omega = signal_energy(phi, theta, rho, logp, logs, act, y, H, c, sc, per_element=True)
+    assert torch.allclose(omega.sum(-1), q, rtol=1e-10)
     a = risloc.physics.steering(phi, theta, 1 / rho, sc, dtype=C128) * act.unsqueeze(-1)  # [B, K, N]
     for b in range(y.shape[0]):
         P = torch.diag(logp[b].exp() * act[b]).to(C128)
@@ -103,6 +105,8 @@ def test_signal_energy_direct():
             Sig = P - P @ Bm.mH @ Ci @ Bm @ P
             ref = (At @ mu).abs().square().sum() + torch.trace(At @ Sig @ At.mH).real
             assert q[b, l].item() == pytest.approx(ref.item(), rel=1e-9)
+            om = torch.diagonal(At @ (Sig + torch.outer(mu, mu.conj())) @ At.mH).real  # E|c_ln x_ln|^2
+            assert torch.allclose(omega[b, l], om, rtol=1e-9, atol=1e-12 * om.max().item())
 
 
 def test_floor_likelihood_and_gradient():
@@ -132,6 +136,22 @@ def test_floor_likelihood_and_gradient():
     for u, v in zip(plain, zero):
         assert torch.equal(u, v)
     assert torch.equal(mismatch_floor(torch.tensor([0.0, 2.0]), f), torch.stack([0 * f[0], 2 * f[1]]))
+    # a matrix floor: f_l I as a matrix is the white floor; a general F_l against the direct NLL
+    eye = torch.eye(M, dtype=C128)
+    as_matrix = stochastic_eval(phi, theta, rho, logp, logs, act, y, H, c, sc, floor=f.to(C128)[..., None, None] * eye)
+    for u, v in zip((nll, grad, F), as_matrix):
+        assert torch.allclose(u, v, rtol=1e-10, atol=1e-10)
+    om = torch.rand(B, L, H.shape[2], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    Fm = coloured_floor(torch.tensor([0.2, 0.05], dtype=torch.float64), H, om)
+    nll_m = stochastic_eval(phi, theta, rho, logp, logs, act, y, H, c, sc, floor=Fm, derivatives=False)[0]
+    for b in range(B):
+        ref = 0.0
+        for l in range(L):
+            assert torch.allclose(Fm[b, l], [0.2, 0.05][b] * H[b] @ torch.diag(om[b, l].to(C128)) @ H[b].mH)
+            Bm = H[b] @ (c[b, l].unsqueeze(-1) * a[b].T)
+            C = Bm @ torch.diag(logp[b].exp() * act[b]).to(C128) @ Bm.mH + logs[b].exp() * eye + Fm[b, l]
+            ref += torch.linalg.slogdet(C)[1].item() + (y[b, l].conj() @ torch.linalg.solve(C, y[b, l])).real.item()
+        assert nll_m[b].item() == pytest.approx(ref, rel=1e-10)
 
 
 def _same(a: Estimates, b: Estimates):

@@ -78,8 +78,8 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (check_finite, inverse, measure, mismatch_floor, mismatch_level, signal_energy, solve, static_eval,
-                      stochastic_eval, unit_power)
+from .ml_core import (check_finite, coloured_floor, inverse, measure, mismatch_floor, mismatch_level, signal_energy, solve,
+                      static_eval, stochastic_eval, unit_power)
 
 
 @dataclass(frozen=True)
@@ -214,8 +214,9 @@ class _Problem:
     snr_db: Tensor | float | None
     opts: MLOptions
     floor: Tensor | None = None
-    """Model-error floor f_l ``[B, L]`` added to the white noise of the stochastic likelihood
-    (:func:`risloc.estimators.ml_core.mismatch_floor`; None: the plain likelihood)."""
+    """Model-error floor added to the noise of the stochastic likelihood: white f_l ``[B, L]``
+    (:func:`risloc.estimators.ml_core.mismatch_floor`) or a matrix F_l ``[B, L, M, M]``
+    (:func:`risloc.estimators.ml_core.coloured_floor`); None: the plain likelihood."""
 
     @property
     def tau(self) -> float:
@@ -459,7 +460,8 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         n = _slots_in_use(state.active)  # later slots are empty in every scene: their columns of B_l are 0
         act = state.active[:, :n]
         s2 = torch.exp(state.logs).view(B, 1)
-        s2 = s2 if prob.floor is None else s2 + prob.floor  # white variance per snapshot, [B, 1 or L]
+        if prob.floor is not None:  # white variance per snapshot [B, L]; a matrix floor by its mean eigenvalue
+            s2 = s2 + (prob.floor if prob.floor.ndim == 2 else torch.diagonal(prob.floor, dim1=-2, dim2=-1).real.mean(-1))
         A = physics.steering(state.phi[:, :n], state.theta[:, :n], 1.0 / state.rho[:, :n], sc, dtype=cd)
         Bm = measure(H, codes, A) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, n]
         logp = state.logp[:, :n]
@@ -658,44 +660,61 @@ def _robust(prob: _Problem) -> bool:
     if prob.static or m == "none":
         return False
     if m == "scenario":
-        return _scenario_level(prob.scenario) > 0
+        return sum(_scenario_levels(prob.scenario)) > 0
     return m == "auto" or float(m) > 0
 
 
-def _scenario_level(sc: Scenario) -> float:
-    """e~ of the scenario's impairment fields (``csi_nmse_db``, ``ris_phase_noise_deg``; absent or
-    None: no error of that kind) for ``mismatch="scenario"``."""
+def _scenario_levels(sc: Scenario) -> tuple[float, float]:
+    """(CSI, phase-noise) coefficients e~ of the scenario's impairment fields (``csi_nmse_db``,
+    ``ris_phase_noise_deg``; absent or None: no error of that kind) for ``mismatch="scenario"``."""
     csi = getattr(sc, "csi_nmse_db", None)
     pn = getattr(sc, "ris_phase_noise_deg", None) or 0.0
-    return mismatch_level(None if csi is None or not math.isfinite(float(csi)) else float(csi), float(pn))
+    return mismatch_level(None if csi is None else float(csi)), mismatch_level(None, float(pn))
+
+
+def _floor(white: Tensor, coloured: Tensor, omega: Tensor, H: Tensor) -> Tensor:
+    """The floor of levels ``white`` (CSI error) and ``coloured`` (phase noise) ``[B]``:
+    f_l = e~_w q_l ``[B, L]`` when no scene has phase noise, else the matrices
+    e~_w q_l I + e~_c H diag(omega_l) H^H ``[B, L, M, M]`` (q_l = sum_n omega_ln)."""
+    white_f = mismatch_floor(white, omega.sum(-1))
+    if not bool((coloured > 0).any()):
+        return white_f
+    eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
+    return coloured_floor(coloured, H, omega) + white_f.to(H.dtype).unsqueeze(-1).unsqueeze(-1) * eye
 
 
 def _with_floor(st: _State, prob: _Problem) -> tuple[_Problem, Tensor]:
-    """``prob`` with the model-error floor f_l = e~ q_l of option ``mismatch``: q_l the posterior
-    signal energy of each snapshot under the fitted model ``st`` (plain likelihood,
-    :func:`risloc.estimators.ml_core.signal_energy`), e~ known or (``"auto"``) per scene the level
-    of ``mismatch_levels`` of least NLL of ``st`` refined under it (``_MISMATCH_ITERATIONS`` steps),
+    """``prob`` with the model-error floor of option ``mismatch`` (:func:`_floor`): omega_ln the
+    posterior signal energies of the fitted model ``st`` (plain likelihood,
+    :func:`risloc.estimators.ml_core.signal_energy`), the levels known (a number: CSI-type white
+    floor; ``"scenario"``: the scenario's CSI and phase-noise levels) or, for ``"auto"``, per scene
+    the candidate of least NLL of ``st`` refined under it (``_MISMATCH_ITERATIONS`` steps) among
+    level 0 and each level > 0 of ``mismatch_levels`` as a white (CSI) or as a phase-noise floor,
     a level > 0 only where it gains more than ``mismatch_penalty`` nats. Returns the problem and
-    e~ per scene ``[B]``."""
+    the total level per scene ``[B]`` (0: the plain likelihood)."""
     opts = prob.opts
-    q = signal_energy(st.phi, st.theta, st.rho, st.logp, st.logs, st.active, prob.y, prob.H, prob.codes, prob.scenario)
-    B = q.shape[0]
+    omega = signal_energy(st.phi, st.theta, st.rho, st.logp, st.logs, st.active, prob.y, prob.H, prob.codes,
+                          prob.scenario, per_element=True)
+    B = omega.shape[0]
+    full = lambda v: torch.full((B,), float(v), dtype=omega.dtype, device=omega.device)
     if opts.mismatch != "auto":
-        known = _scenario_level(prob.scenario) if opts.mismatch == "scenario" else float(opts.mismatch)
-        level = torch.full((B,), known, dtype=q.dtype, device=q.device)
-        return replace(prob, floor=mismatch_floor(level, q)), level
+        w, c = _scenario_levels(prob.scenario) if opts.mismatch == "scenario" else (float(opts.mismatch), 0.0)
+        return replace(prob, floor=_floor(full(w), full(c), omega, prob.H)), full(w + c)
     best = _evaluate(st, replace(prob, floor=None), derivatives=False)[0]
     best = torch.nan_to_num(best, nan=float("inf"))
-    level = torch.zeros(B, dtype=q.dtype, device=q.device)
+    white, coloured = full(0), full(0)
     for lev in opts.mismatch_levels:
         if lev <= 0:
             continue
-        _, nll, _, _ = _refine(st, replace(prob, floor=mismatch_floor(float(lev), q)), _MISMATCH_ITERATIONS)
-        crit = torch.nan_to_num(nll, nan=float("inf")) + float(opts.mismatch_penalty)
-        better = crit < best
-        best = torch.where(better, crit, best)
-        level = torch.where(better, torch.full_like(level, float(lev)), level)
-    return replace(prob, floor=mismatch_floor(level, q)), level
+        for kind in ("white", "coloured"):
+            w, c = (full(lev), full(0)) if kind == "white" else (full(0), full(lev))
+            _, nll, _, _ = _refine(st, replace(prob, floor=_floor(w, c, omega, prob.H)), _MISMATCH_ITERATIONS)
+            crit = torch.nan_to_num(nll, nan=float("inf")) + float(opts.mismatch_penalty)
+            better = crit < best
+            best = torch.where(better, crit, best)
+            white = torch.where(better, w, white)
+            coloured = torch.where(better, c, coloured)
+    return replace(prob, floor=_floor(white, coloured, omega, prob.H)), white + coloured
 
 
 def _rescore(states: list, nll_plain: Tensor, khat: Tensor, prob: _Problem):

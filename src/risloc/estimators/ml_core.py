@@ -143,9 +143,10 @@ def stochastic_eval(
     with C_i = dC/d eta_i: p_k (b'_k b_k^H + b_k b'_k^H) for a position parameter,
     p_k b_k b_k^H for log p_k and sigma^2 I for log sigma^2.
 
-    ``floor`` ``[B, L]`` (optional): a known per-snapshot white variance f_l added to the noise,
-    C_l = B_l P B_l^H + (sigma^2 + f_l) I (the model-error floor of :func:`mismatch_floor`); f_l is a
-    constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
+    ``floor`` (optional): a known model-error covariance added to the noise, either a white
+    variance f_l per snapshot ``[B, L]``, C_l = B_l P B_l^H + (sigma^2 + f_l) I (:func:`mismatch_floor`),
+    or a matrix F_l ``[B, L, M, M]``, C_l = B_l P B_l^H + sigma^2 I + F_l (:func:`coloured_floor`); it is
+    a constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
     (dC/d log sigma^2 is still sigma^2 I).
     """
     B, K = phi.shape
@@ -161,8 +162,11 @@ def stochastic_eval(
     p = torch.exp(logp) * act  # [B, K]
     s2 = torch.exp(logs)  # [B]
     eye = torch.eye(M, dtype=cd, device=y.device)
-    v = s2.view(B, 1) if floor is None else s2.view(B, 1) + floor  # white variance per snapshot, [B, 1 or L]
+    coloured = floor is not None and floor.ndim == 4
+    v = s2.view(B, 1) if floor is None or coloured else s2.view(B, 1) + floor  # white variance per snapshot, [B, 1 or L]
     C = (Bm * p.to(cd).view(B, 1, 1, K)) @ Bm.mH + v.to(cd).view(B, -1, 1, 1) * eye
+    if coloured:
+        C = C + floor.to(cd)
     Cinv, logdet, info = hermitian_solve_parts(C)
     z = (Cinv @ y.unsqueeze(-1)).squeeze(-1)  # [B, L, M]
     quad = (y.conj() * z).real.sum(-1)  # [B, L]
@@ -289,9 +293,12 @@ def signal_energy(
     codes: Tensor,
     scenario: Scenario,
     floor: Tensor | None = None,
+    per_element: bool = False,
 ) -> Tensor:
     """q_l = E[ |diag(c_l) x_l|^2 | y_l ] ``[B, L]``: the posterior mean of the RIS-domain signal
-    energy of each snapshot under the stochastic model of :func:`stochastic_eval` (same arguments).
+    energy of each snapshot under the stochastic model of :func:`stochastic_eval` (same arguments;
+    a white ``floor`` ``[B, L]`` only). ``per_element``: its terms omega_ln = E[|c_ln x_ln|^2 | y_l]
+    ``[B, L, N]`` (q_l = sum_n omega_ln), the diagonal of A~_l (Sigma_l + mu_l mu_l^H) A~_l^H.
 
     With s(l) ~ CN(0, P) and y_l | s ~ CN(B_l s, v_l I), v_l = sigma^2 (+ floor_l), the posterior of
     s(l) is CN(mu_l, Sigma_l) with S_l = v_l P^-1 + B_l^H B_l, mu_l = S_l^-1 B_l^H y_l and
@@ -311,10 +318,27 @@ def signal_energy(
     mu = solve(S, Bm.mH @ y.unsqueeze(-1))  # [B, L, K, 1]
     Sig = v.to(cd).view(B, L, 1, 1) * inverse(S)
     At = codes.unsqueeze(2) * a.unsqueeze(1)  # [B, L, K, N]: rows c_l * a_k
+    if per_element:
+        um = (At.transpose(-1, -2) @ mu).squeeze(-1)  # A~_l mu_l, [B, L, N]
+        var = ((At.transpose(-1, -2) @ Sig) * At.conj().transpose(-1, -2)).sum(-1).real  # diag(A~ Sigma A~^H)
+        return torch.nan_to_num(um.abs().square() + var, nan=0.0).clamp_min(0.0)
     Gam = At.conj() @ At.transpose(-1, -2)  # Gamma_l[k, k'] = (c_l a_k)^H (c_l a_k'), [B, L, K, K]
     quad = (mu.mH @ Gam @ mu).real.view(B, L)
     tr = (Gam * Sig.transpose(-1, -2)).sum((-1, -2)).real  # tr(Gamma Sigma)
     return torch.nan_to_num(quad + tr, nan=0.0).clamp_min(0.0)
+
+
+def coloured_floor(level: Tensor, H: Tensor, omega: Tensor) -> Tensor:
+    """The phase-noise floor without the white approximation: F_l = e~ H diag(omega_l) H^H
+    ``[B, L, M, M]`` from ``level`` e~ ``[B]`` (or a scalar), the channel ``H`` ``[B, M, N]`` and the
+    posterior per-element signal energies ``omega`` ``[B, L, N]`` (:func:`signal_energy` with
+    ``per_element=True``). Same trace as :func:`mismatch_floor`'s e~ q_l I when every column of H
+    has the mean power; the phase-noise error (1 - e^(-s^2)) H diag(|u_l|^2) H^H lies along the
+    channel's strong directions, where the signals are too."""
+    level = torch.as_tensor(level, dtype=omega.dtype, device=omega.device)
+    Hw = H.unsqueeze(1) * omega.to(H.dtype).unsqueeze(-2)  # H diag(omega_l), [B, L, M, N]
+    F = Hw @ H.mH.unsqueeze(1)
+    return F * (level.reshape(-1, 1, 1, 1) if level.ndim else level).to(H.dtype)
 
 
 def mismatch_floor(level: Tensor, q: Tensor) -> Tensor:
