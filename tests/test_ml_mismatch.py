@@ -193,3 +193,25 @@ def test_amplitude_model_in_codes():
         assert torch.allclose(torch.nan_to_num(getattr(a, n), 9.0), torch.nan_to_num(getattr(b, n), 9.0), atol=1e-4)
     with pytest.raises(ValueError, match="unit-modulus"):
         get("ml")(dataclasses.replace(s, codes=s.codes * 0.5), amplitude="scenario")
+
+
+def test_finite_in_domain_answers_on_impaired_scenes():
+    """Every mode on impaired scenes (search, known K, init with growth and pruning as learned uses
+    it, static signals): K-hat in 0..k_max, finite positions inside the prior box, NaN after K-hat."""
+    sc = Scenario(snr_db_min=5, snr_db_max=20, csi_nmse_db=-12.0, ris_phase_noise_deg=8.0)
+    s = simulate(sc, 5, seed=21)
+    t = s.truth
+    init = Estimates(t.K, t.phi, t.theta, t.r, "truth")
+    small = dict(grid_shape=(13, 7, 8), iterations=6, greedy_iterations=4)
+    runs = [get("ml")(s, mismatch="auto", **small), get("ml")(s, mismatch="scenario", **small),
+            get("ml")(s, mismatch="auto", K=t.K, **small),
+            get("ml")(s, init=init, mismatch="auto", init_grow=1, init_relax=1, init_prune=2, **small),
+            get("ml")(dataclasses.replace(s, scenario=dataclasses.replace(sc, signal="static")), mismatch="auto", **small)]
+    for est in runs:
+        assert ((est.K >= 0) & (est.K <= sc.k_max)).all()
+        act = torch.arange(sc.k_max).view(1, -1) < est.K.view(-1, 1)
+        for name, lo, hi in (("phi", sc.phi_min, sc.phi_max), ("theta", sc.theta_min, sc.theta_max), ("r", sc.r_min, sc.r_max)):
+            v = getattr(est, name)
+            assert torch.isfinite(v[act]).all() and torch.isnan(v[~act]).all()
+            assert (v[act] >= lo - 1e-5).all() and (v[act] <= hi * (1 + 1e-5) + 1e-5).all()
+    assert torch.equal(runs[2].K, t.K)
