@@ -37,12 +37,21 @@ LEVELS = [
 ]
 
 
+def _key(fields: dict) -> str:
+    """Short name of a level for --levels: ideal, csi-15, pn10, ..."""
+    if "csi_nmse_db" in fields:
+        return f"csi{fields['csi_nmse_db']:g}"
+    if "ris_phase_noise_deg" in fields:
+        return f"pn{fields['ris_phase_noise_deg']:g}"
+    return "ideal"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=150)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--modes", default="none,auto", help="comma-separated values of ml's mismatch option")
-    ap.add_argument("--levels", default=None, help="comma-separated level names to run (default: all)")
+    ap.add_argument("--levels", default=None, help="comma-separated level keys to run, e.g. ideal,csi-15,pn10 (default: all)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
@@ -53,7 +62,7 @@ def main() -> None:
     ml = get("ml")
     rows = []
     for name, fields in LEVELS:
-        if wanted is not None and name not in wanted:
+        if wanted is not None and _key(fields) not in wanted:
             continue
         sc = risloc.Scenario(snr_db_min=10.0, snr_db_max=20.0, **fields)
         scenes = risloc.simulate(sc, args.scenes, seed=args.seed)
@@ -67,9 +76,9 @@ def main() -> None:
             rows.append(row)
             print(f"{name:20s} {mode:9s} success {m.success:.3f}  K_acc {m.K_acc:.3f}  over {m.K_over:.3f}  "
                   f"under {m.K_under:.3f}  {dt:.0f} s", flush=True)
-    if args.json:
-        out = {"provenance": stamp(seed=args.seed, device="cpu", config=vars(args)), "rows": rows}
-        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+        if args.json:  # rewritten after every level: an interrupted run keeps the levels it finished
+            out = {"provenance": stamp(seed=args.seed, device="cpu", config=vars(args)), "rows": rows}
+            atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,10 @@ def test_options_validated():
             MLOptions(mismatch=bad)
     with pytest.raises(ValueError, match="mismatch_levels"):
         MLOptions(mismatch_levels=(0.0, -1.0))
+    with pytest.raises(ValueError, match="mismatch_kinds"):
+        MLOptions(mismatch_kinds=("white", "pink"))
+    with pytest.raises(ValueError, match="amplitude"):
+        MLOptions(amplitude="practical")
     with pytest.raises(ValueError, match="phase_noise_deg"):
         mismatch_level(None, -1.0)
 

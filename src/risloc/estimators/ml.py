@@ -151,6 +151,9 @@ class MLOptions:
     unit-modulus)."""
     mismatch_levels: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)
     """Candidate coefficients e~ of ``mismatch="auto"``."""
+    mismatch_kinds: tuple[str, ...] = ("white", "coloured")
+    """Floors ``mismatch="auto"`` tries at each level: ``"white"`` (CSI error) and/or
+    ``"coloured"`` (phase noise)."""
     mismatch_penalty: float = 2.0
     """``mismatch="auto"``: a level e~ > 0 is taken only where it lowers the NLL of the plain fit by
     more than this [nats] (one extra parameter; keeps e~ = 0, the plain likelihood, on scenes
@@ -178,6 +181,8 @@ class MLOptions:
                 raise ValueError(f"ml: mismatch = {self.mismatch!r}: must be 'none', 'auto', 'scenario' or a number >= 0")
         elif isinstance(self.mismatch, bool) or not (math.isfinite(float(self.mismatch)) and float(self.mismatch) >= 0):
             raise ValueError(f"ml: mismatch = {self.mismatch!r}: must be 'none', 'auto', 'scenario' or a number >= 0")
+        if not self.mismatch_kinds or not set(self.mismatch_kinds) <= {"white", "coloured"}:
+            raise ValueError(f"ml: mismatch_kinds = {self.mismatch_kinds!r}: must be a non-empty subset of ('white', 'coloured')")
         if self.amplitude not in ("given", "scenario"):
             raise ValueError(f"ml: amplitude = {self.amplitude!r}: must be 'given' or 'scenario'")
         levels = tuple(float(v) for v in self.mismatch_levels)
@@ -706,7 +711,7 @@ def _with_floor(st: _State, prob: _Problem) -> tuple[_Problem, Tensor]:
     for lev in opts.mismatch_levels:
         if lev <= 0:
             continue
-        for kind in ("white", "coloured"):
+        for kind in opts.mismatch_kinds:
             w, c = (full(lev), full(0)) if kind == "white" else (full(0), full(lev))
             _, nll, _, _ = _refine(st, replace(prob, floor=_floor(w, c, omega, prob.H)), _MISMATCH_ITERATIONS)
             crit = torch.nan_to_num(nll, nan=float("inf")) + float(opts.mismatch_penalty)
