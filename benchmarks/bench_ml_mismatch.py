@@ -58,12 +58,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
-    wanted = None if args.levels is None else set(args.levels.split(","))
+    levels = LEVELS
+    if args.levels is not None:  # in the order given
+        by_key = {_key(f): (n, f) for n, f in LEVELS}
+        unknown = [k for k in args.levels.split(",") if k not in by_key]
+        if unknown:
+            raise SystemExit(f"unknown level(s) {unknown}; known: {list(by_key)}")
+        levels = [by_key[k] for k in args.levels.split(",")]
     ml = get("ml")
     rows = []
-    for name, fields in LEVELS:
-        if wanted is not None and _key(fields) not in wanted:
-            continue
+    for name, fields in levels:
         sc = risloc.Scenario(snr_db_min=10.0, snr_db_max=20.0, **fields)
         scenes = risloc.simulate(sc, args.scenes, seed=args.seed)
         for mode in modes:
