@@ -9,6 +9,11 @@ impairments are scenario fields, so the ideal part of every scene is the same at
 are located by ``ml`` with each ``--modes`` value of its ``mismatch`` option ("none" = plain
 ``ml``, "auto", "scenario" = the level the scene was made with) and scored by
 risloc.metrics.score: success, K_acc, K_over, K_under, and the seconds of each run.
+
+    python benchmarks/bench_ml_mismatch.py --summarise val_seed1000.json val_seed2026.json
+
+prints the Markdown table of several such files pooled (scene-weighted means per level and mode,
+the ratio of each mode's success to plain ml's, "none").
 """
 
 from __future__ import annotations
@@ -46,6 +51,39 @@ def _key(fields: dict) -> str:
     return "ideal"
 
 
+def summarise(paths: list[str]) -> str:
+    """Markdown table of the rows of ``paths`` pooled per (level, mode), levels in file order."""
+    pooled: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        with open(path) as fh:
+            for row in json.load(fh)["rows"]:
+                acc = pooled.setdefault((row["level"], row["mismatch"]), {"scenes": 0, "seconds": 0.0})
+                n = row["scenes"]
+                acc["scenes"] += n
+                acc["seconds"] += row["seconds"]
+                for key in ("success", "K_acc", "K_over", "K_under"):
+                    acc[key] = acc.get(key, 0.0) + row[key] * n
+    modes = list(dict.fromkeys(m for _, m in pooled))
+    lines = ["| level | n | " + " | ".join(f"{m}: success / K_acc / K_over / K_under" for m in modes)
+             + " | " + " | ".join(f"{m} / none" for m in modes if m != "none") + " |",
+             "| --- | ---: | " + " | ".join("---" for _ in modes) + " | " + " | ".join("---:" for m in modes if m != "none") + " |"]
+    for level in dict.fromkeys(lv for lv, _ in pooled):
+        cells, ratios, n = [], [], 0
+        for m in modes:
+            acc = pooled.get((level, m))
+            if acc is None:
+                cells.append("")
+                continue
+            n = acc["scenes"]
+            mean = {k: acc[k] / n for k in ("success", "K_acc", "K_over", "K_under")}
+            cells.append(f"{mean['success']:.3f} / {mean['K_acc']:.3f} / {mean['K_over']:.3f} / {mean['K_under']:.3f}")
+            if m != "none":
+                base = pooled.get((level, "none"))
+                ratios.append(f"{mean['success'] / (base['success'] / base['scenes']):.3f}" if base and base["success"] > 0 else "")
+        lines.append(f"| {level} | {n} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=150)
@@ -55,7 +93,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summarise", nargs="+", default=None, metavar="JSON", help="print the pooled table of these result files")
     args = ap.parse_args()
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
     torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
     levels = LEVELS
