@@ -7,8 +7,9 @@ the 144 x 144 test covariances took ~17 s instead of 0.02 s on the CI-sized VM).
 The ``numerical`` marker (registered in pyproject.toml) goes on every test of the files that
 compare numbers across code paths (a gain, a batch split, a device, the CPU's kernels): the
 physics, the CRB, the covariances, the estimators and their contract, and the rounding checks.
-``.ci/run`` runs ``pytest -m numerical`` once more with ``ATEN_CPU_CAPABILITY=avx2`` (other
-kernels, other summation orders than AVX-512), so a tolerance that only holds for one CPU's
+``.ci/run`` runs ``pytest -m numerical`` once more with ``ATEN_CPU_CAPABILITY=avx2`` and
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` (other kernels, other summation orders than AVX-512, for
+PyTorch's own kernels and MKL's matrix products), so a tolerance that only holds for one CPU's
 rounding fails in CI.
 """
 

@@ -10,6 +10,13 @@ asked) is multiplied by ``1 + 2^-23 e`` with ``e`` complex standard normal, i.e.
 float32 ulp, with a seeded draw. Running a comparison on the original scenes and on :data:`DRAWS`
 re-rounded copies (:func:`worst_over_draws`) measures its margin: the largest move, in units of
 the scene's smallest sqrt(CRB) (:func:`moved_in_sqrt_crb`), against the test's bound.
+
+How well it stands in for another CPU: on 4 default scenes of seed 21, the answers of an
+AVX-512 Intel CPU and of the same CPU on AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2``) differed by up to 0.005 / 0.005 / 0.24 / 0.007 sqrt(CRB) for
+music / mvdr / ramezani / ml; the five re-rounded draws of y moved the same estimators by up to
+0.002 / 0.002 / 0.46 / 0.011 (their scale invariance, 3 to 4 scenes of seed 21 or 3): the same
+order, estimator by estimator.
 """
 
 from __future__ import annotations
