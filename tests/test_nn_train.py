@@ -1,4 +1,4 @@
-"""The trainer: gradient gate, resume == uninterrupted, calibration, safe checkpoints, config, overfit probe."""
+"""The trainer: gradient gate, resume == uninterrupted, calibration, safe checkpoints, config (the overfit probe: tests/test_overfit.py)."""
 
 import json
 import math
@@ -180,15 +180,3 @@ def test_learned_estimator_and_missing_default(tmp_path):
             get("learned")(scenes)
     finally:
         inference.DEFAULT_WEIGHTS = real
-
-
-def test_small_overfit_run_under_a_minute(capsys):
-    from risloc.cli import main
-
-    rc = main(["overfit", "--model.kind", "covariance", "--train-scenes", "32", "--val-scenes", "32", "--batch", "32", "--steps-per-epoch", "4",
-               "--target", "0.6", "--budget", "45", "--model.width", "32", "--threads", "1"])
-    out = capsys.readouterr().out
-    assert "[SELFTEST] nmse(R,R)=0 nmse(0,R)=1" in out
-    for tag in ("[LR]", "[GRAD]", "[STEP] step", "dparam=", "[VAL]"):
-        assert tag in out
-    assert rc == 0, out[-2000:]

@@ -155,6 +155,10 @@ class LossConfig:
     """main = 'detect' only: weight of the position (hit-unit Huber) loss."""
     detect_power_weight: float = 0.1
     """main = 'detect' only: weight of the log-power loss."""
+    detect_cov_weight: float = 0.0
+    """main = 'detect' only: weight of the covariance NMSE of the detections' factor (the 'cov'
+    term, risloc.nn.loss.covariance_main_loss) added to the detection loss. 0 in the shipped run;
+    the overfit probe (risloc.cli.overfit) sets it, as its stop criterion is that NMSE."""
 
     # --- SNR-label robustness ----------------------------------------------------------------
     snr_noise_db: float = 1.5

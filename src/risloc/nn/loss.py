@@ -40,7 +40,9 @@ Auxiliary terms (each switchable, each with its own ramp, see :class:`~risloc.nn
 Alternative main term (``LossConfig.main = "music"``, the SubspaceNet-style peer,
 docs/learned-peer.md): :func:`music_null_loss`, the normalised MUSIC null spectrum of E(F-hat) at
 the true positions with the true K — no covariance target. It takes the slot (and the running
-magnitude) of ``cov`` and is logged as ``music``.
+magnitude) of ``cov`` and is logged as ``music``. With ``main = "detect"`` (the ``spectrum``
+kind's detection loss) ``detect_cov_weight`` c > 0 makes the main term ``detect + c NMSE``
+(logged as ``detect``); the overfit probe uses it, the shipped run does not (c = 0).
 
 Weights. With ``balance`` on, term t enters as  w_t ramp_t(epoch) * EMA(main) / EMA(t) * L_t,
 so ``w_t`` is its share of the main term (defaults 0.05-0.1); the running magnitudes are
@@ -338,6 +340,8 @@ class Objective(nn.Module):
         main = self.cfg.main
         w[main] = w.pop("cov")
         parts[main] = self.kind.main_loss(main, pred, inputs, options, truth, true_factor, self.cfg, self.scenario).mean()
+        if main == "detect" and self.cfg.detect_cov_weight > 0:  # part of the main term (LossConfig.detect_cov_weight)
+            parts[main] = parts[main] + self.cfg.detect_cov_weight * covariance_main_loss(pred, inputs, options, true_factor).mean()
         if w["raw"] > 0:
             parts["raw"] = raw_nmse(F, true_factor).mean()
         if w["k"] > 0:
