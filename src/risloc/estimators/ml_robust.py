@@ -1,0 +1,28 @@
+"""``ml-robust``: ``ml`` with its model-error option ``mismatch="auto"`` (docs/estimators-ml.md,
+"Model error").
+
+The receiver's channel and codes may be wrong (CSI error, RIS phase noise): ``ml``'s stochastic
+likelihood then gains a signal-dependent floor, C_l = B_l P B_l^H + sigma^2 I + F_l, with F_l the
+error covariance given the fitted signals (white e~ q_l I for CSI error, coloured
+e~ H diag(omega_l) H^H for phase noise), its level chosen per scene from the data; the orders of
+the search path are re-scored and K-hat selected under it. Where no floor gains more than
+``mismatch_penalty`` nats (scenes without model error) the answer is plain ``ml``'s, exactly.
+Every ``ml`` option applies (``mismatch`` too: ``mismatch="none"`` is ``ml``).
+"""
+
+from __future__ import annotations
+
+from ..scenes import Estimates, Scenes
+from . import ml, register
+
+DEFAULTS = {**ml.DEFAULTS, "mismatch": "auto"}
+"""``ml``'s option defaults with ``mismatch="auto"``."""
+
+
+@register("ml-robust")
+def estimate(scenes: Scenes, *, mismatch="auto", **options) -> Estimates:
+    """:func:`risloc.estimators.ml.estimate` with ``mismatch="auto"`` by default (module docstring);
+    the same arguments, options and output (``method`` "ml-robust")."""
+    est = ml.estimate(scenes, mismatch=mismatch, **options)
+    est.method = "ml-robust" + est.method[len("ml"):]
+    return est
