@@ -729,6 +729,8 @@ def _rescore(states: list, nll_plain: Tensor, khat: Tensor, prob: _Problem):
     Returns (states, NLLs ``[B, orders + 1]``, the problem with the floor)."""
     prob, level = _with_floor(_gather(states, khat), prob)
     keep = level > 0
+    if not bool(keep.any()):  # no floor anywhere in the batch: the plain path as it is
+        return states, nll_plain, prob
     out, nlls = [], []
     for k, st in enumerate(states):
         new, nll, _, _ = _refine(st, prob, _MISMATCH_ITERATIONS)
