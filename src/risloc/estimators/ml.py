@@ -614,10 +614,6 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         if not prob.static:
             st.logp, st.logs = _ls_powers(st, prob)
         st, nll, _, F = _refine(st, prob, opts.final_iterations)
-        if _robust(prob):
-            prob, level = _with_floor(st, prob)
-            new, nll_r, _, F_r = _refine(st, prob, _MISMATCH_ITERATIONS)
-            st, nll, F = _take(level > 0, (new, nll_r, F_r), (st, nll, F))
         if opts.init_grow or opts.init_relax:
             dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
             for _ in range(int(opts.init_grow)):
@@ -627,6 +623,10 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
             if opts.init_relax:
                 st, nll, _, F = _refine(st, prob, opts.final_iterations)
             del dico
+        if _robust(prob):  # the floor from the grown model (plain likelihood); the pruning decides under it
+            prob, level = _with_floor(st, prob)
+            new, nll_r, _, F_r = _refine(st, prob, _MISMATCH_ITERATIONS)
+            st, nll, F = _take(level > 0, (new, nll_r, F_r), (st, nll, F))
         for _ in range(int(opts.init_prune)):
             st, nll, F, kin = _prune(st, nll, F, kin, prob)
         st = _decide_range(st, F, prob)
