@@ -9,6 +9,8 @@ impairments are scenario fields, so the ideal part of every scene is the same at
 are located by ``ml`` with each ``--modes`` value of its ``mismatch`` option ("none" = plain
 ``ml``, "auto", "scenario" = the level the scene was made with) and scored by
 risloc.metrics.score: success, K_acc, K_over, K_under, and the seconds of each run.
+``--methods learned,learned+ml`` runs those instead, each mode given to their likelihood stage
+(``ml_options={"mismatch": mode}``).
 
     python benchmarks/bench_ml_mismatch.py --summarise val_seed1000.json val_seed2026.json
 
@@ -57,7 +59,8 @@ def summarise(paths: list[str]) -> str:
     for path in paths:
         with open(path) as fh:
             for row in json.load(fh)["rows"]:
-                acc = pooled.setdefault((row["level"], row["mismatch"]), {"scenes": 0, "seconds": 0.0})
+                label = row["mismatch"] if row.get("method", "ml") == "ml" else f"{row['method']} {row['mismatch']}"
+                acc = pooled.setdefault((row["level"], label), {"scenes": 0, "seconds": 0.0})
                 n = row["scenes"]
                 acc["scenes"] += n
                 acc["seconds"] += row["seconds"]
@@ -65,7 +68,7 @@ def summarise(paths: list[str]) -> str:
                     acc[key] = acc.get(key, 0.0) + row[key] * n
     modes = list(dict.fromkeys(m for _, m in pooled))
     lines = ["| level | n | " + " | ".join(f"{m}: success / K_acc / K_over / K_under" for m in modes)
-             + " | " + " | ".join(f"{m} / none" for m in modes if m != "none") + " |",
+             + " | " + " | ".join(f"{m} / {m.rsplit(' ', 1)[0] + ' none' if ' ' in m else 'none'}" for m in modes if m != "none") + " |",
              "| --- | ---: | " + " | ".join("---" for _ in modes) + " | " + " | ".join("---:" for m in modes if m != "none") + " |"]
     for level in dict.fromkeys(lv for lv, _ in pooled):
         cells, ratios, n = [], [], 0
@@ -78,7 +81,7 @@ def summarise(paths: list[str]) -> str:
             mean = {k: acc[k] / n for k in ("success", "K_acc", "K_over", "K_under")}
             cells.append(f"{mean['success']:.3f} / {mean['K_acc']:.3f} / {mean['K_over']:.3f} / {mean['K_under']:.3f}")
             if m != "none":
-                base = pooled.get((level, "none"))
+                base = pooled.get((level, m.rsplit(" ", 1)[0] + " none" if " " in m else "none"))
                 ratios.append(f"{mean['success'] / (base['success'] / base['scenes']):.3f}" if base and base["success"] > 0 else "")
         lines.append(f"| {level} | {n} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=150)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--modes", default="none,auto", help="comma-separated values of ml's mismatch option")
+    ap.add_argument("--methods", default="ml", help="comma-separated: ml, learned, learned+ml (these two get the mode "
+                    "through ml_options, their likelihood stage)")
     ap.add_argument("--levels", default=None, help="comma-separated level keys to run, e.g. ideal,csi-15,pn10 (default: all)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
@@ -107,20 +112,23 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown level(s) {unknown}; known: {list(by_key)}")
         levels = [by_key[k] for k in args.levels.split(",")]
-    ml = get("ml")
+    methods = args.methods.split(",")
     rows = []
     for name, fields in levels:
         sc = risloc.Scenario(snr_db_min=10.0, snr_db_max=20.0, **fields)
         scenes = risloc.simulate(sc, args.scenes, seed=args.seed)
-        for mode in modes:
+        for method, mode in ((me, mo) for me in methods for mo in modes):
             t0 = time.perf_counter()
-            est = ml(scenes, batch=args.batch, mismatch=mode)
+            if method == "ml":
+                est = get("ml")(scenes, batch=args.batch, mismatch=mode)
+            else:
+                est = get(method)(scenes, batch=args.batch, ml_options={"mismatch": mode})
             dt = time.perf_counter() - t0
             m = score(scenes, est).overall
-            row = {"level": name, "fields": fields, "mismatch": mode, "scenes": len(scenes), "success": m.success,
-                   "K_acc": m.K_acc, "K_over": m.K_over, "K_under": m.K_under, "seconds": round(dt, 1)}
+            row = {"level": name, "fields": fields, "method": method, "mismatch": mode, "scenes": len(scenes),
+                   "success": m.success, "K_acc": m.K_acc, "K_over": m.K_over, "K_under": m.K_under, "seconds": round(dt, 1)}
             rows.append(row)
-            print(f"{name:20s} {mode:9s} success {m.success:.3f}  K_acc {m.K_acc:.3f}  over {m.K_over:.3f}  "
+            print(f"{name:20s} {method:10s} {mode:9s} success {m.success:.3f}  K_acc {m.K_acc:.3f}  over {m.K_over:.3f}  "
                   f"under {m.K_under:.3f}  {dt:.0f} s", flush=True)
         if args.json:  # rewritten after every level: an interrupted run keeps the levels it finished
             out = {"provenance": stamp(seed=args.seed, device="cpu", config=vars(args)), "rows": rows}
