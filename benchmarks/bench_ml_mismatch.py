@@ -68,8 +68,8 @@ def summarise(paths: list[str]) -> str:
                     acc[key] = acc.get(key, 0.0) + row[key] * n
     modes = list(dict.fromkeys(m for _, m in pooled))
     lines = ["| level | n | " + " | ".join(f"{m}: success / K_acc / K_over / K_under" for m in modes)
-             + " | " + " | ".join(f"{m} / {m.rsplit(' ', 1)[0] + ' none' if ' ' in m else 'none'}" for m in modes if m != "none") + " |",
-             "| --- | ---: | " + " | ".join("---" for _ in modes) + " | " + " | ".join("---:" for m in modes if m != "none") + " |"]
+             + " | " + " | ".join(f"{m} / {m.rsplit(' ', 1)[0] + ' none' if ' ' in m else 'none'}" for m in modes if not m.endswith("none")) + " |",
+             "| --- | ---: | " + " | ".join("---" for _ in modes) + " | " + " | ".join("---:" for m in modes if not m.endswith("none")) + " |"]
     for level in dict.fromkeys(lv for lv, _ in pooled):
         cells, ratios, n = [], [], 0
         for m in modes:
@@ -80,7 +80,7 @@ def summarise(paths: list[str]) -> str:
             n = acc["scenes"]
             mean = {k: acc[k] / n for k in ("success", "K_acc", "K_over", "K_under")}
             cells.append(f"{mean['success']:.3f} / {mean['K_acc']:.3f} / {mean['K_over']:.3f} / {mean['K_under']:.3f}")
-            if m != "none":
+            if not m.endswith("none"):
                 base = pooled.get((level, m.rsplit(" ", 1)[0] + " none" if " " in m else "none"))
                 ratios.append(f"{mean['success'] / (base['success'] / base['scenes']):.3f}" if base and base["success"] > 0 else "")
         lines.append(f"| {level} | {n} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
