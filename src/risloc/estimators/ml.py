@@ -57,6 +57,16 @@ order rule of stage 4 prefers it) may follow, then ``init_relax`` RELAX cycles (
 final refinement, then ``init_prune = n`` pruning passes may drop sources by the order rule of
 stage 4; the range decision (stage 6) comes last, as usual.
 
+Model error (``mismatch``, off by default; ``ml-robust`` is ``mismatch="auto"``): CSI error and
+RIS phase noise enter the stochastic likelihood as a floor added to the noise,
+C_l = B_l P B_l^H + sigma^2 I + F_l, the error covariance given the signals with |diag(c_l) x_l|^2
+replaced by its posterior mean under the plain fit (white e~ q_l I for CSI error, coloured
+e~ H diag(omega_l) H^H for phase noise; :func:`risloc.estimators.ml_core.mismatch_floor`,
+:func:`~risloc.estimators.ml_core.coloured_floor`); after stage 3 every order of the path is
+re-scored under it and stage 4 selects K-hat on those likelihoods (``_rescore``); with ``init``
+it is built before the pruning passes. ``amplitude="scenario"``: the scenario's practical
+amplitude model applied to the codes.
+
 Code: the options are the frozen dataclass :class:`MLOptions` (every field documented;
 ``estimate`` accepts them as keywords too); one batch of the problem is the record
 ``_Problem`` (normalised y, the maps through H and the codes, the likelihood, the prior box,
