@@ -48,7 +48,7 @@ from ..seeds import HELD_OUT_SEED
 
 LEARNED_PIPELINE = ("learned", "learned+ml")
 """Methods that read the learned pipeline's checkpoint (``--checkpoint``)."""
-DEFAULT_METHODS = ("learned", "learned+ml", "ml", "sbl", "music", "music+ml", "mvdr", "ramezani", "subspacenet")
+DEFAULT_METHODS = ("learned", "learned+ml", "ml", "ml-robust", "sbl", "music", "music+ml", "mvdr", "ramezani", "subspacenet")
 """Methods run when none are named (those missing are reported as not run)."""
 
 QUICK_SCENES = 200
