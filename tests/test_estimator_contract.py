@@ -137,10 +137,10 @@ def moved(a, b, scenes: Scenes) -> torch.Tensor:
     return out
 
 
-def assert_same_answer(a, b, scenes: Scenes, what: str) -> None:
-    """Same K-hat in every scene; sources matched to the same true source within :data:`FRACTION` sqrt(CRB)."""
+def assert_same_answer(a, b, scenes: Scenes, what: str, fraction: float = FRACTION) -> None:
+    """Same K-hat in every scene; sources matched to the same true source within ``fraction`` sqrt(CRB)."""
     m = moved(a, b, scenes)
-    bad = [(LABELS[i] if len(scenes) == len(LABELS) else i, float(m[i]), a.K[i].item(), b.K[i].item()) for i in range(len(m)) if not m[i] <= FRACTION]
+    bad = [(LABELS[i] if len(scenes) == len(LABELS) else i, float(m[i]), a.K[i].item(), b.K[i].item()) for i in range(len(m)) if not m[i] <= fraction]
     assert not bad, f"{what}: (scene, moved in sqrt(CRB), K-hat a, K-hat b): {bad}"
 
 
@@ -162,32 +162,41 @@ def test_contract_on_hard_scenes(name, hard, tmp_path):
     _same_or_known_shortfall(name, est, one, hard, f"{name}: default batch against batch 1", ROUNDING_AMPLIFIED)
 
 
-def _same_or_known_shortfall(name, a, b, scenes, what, known: set[str]) -> None:
-    """:func:`assert_same_answer`; for the estimators of ``known`` a failure is reported as an
-    expected one, with its numbers (every other check of them still has to pass)."""
+def _same_or_known_shortfall(name, a, b, scenes, what, known: dict[str, float]) -> None:
+    """:func:`assert_same_answer`; for the estimators of ``known`` a miss of :data:`FRACTION` is
+    reported as an expected failure, with its numbers, as long as the answers stay within the
+    ceiling ``known[name]`` sqrt(CRB) (a few times the move measured on Intel and AMD vector
+    paths); beyond it the test fails (every other check of them still has to pass)."""
     try:
         assert_same_answer(a, b, scenes, what)
     except AssertionError as exc:
-        if name in known:
-            pytest.xfail(str(exc).splitlines()[0])
-        raise
+        if name not in known:
+            raise
+        assert_same_answer(a, b, scenes, what + f" (known shortfall, ceiling {known[name]} sqrt(CRB))", known[name])
+        pytest.xfail(str(exc).splitlines()[0])
 
 
-ROUNDING_AMPLIFIED = {"learned", "learned+ml"}
-"""Known shortfall: the network's float32 forward pass rounds differently at another batch size
-(oneDNN picks its 3-D convolution algorithm by the batch: the stem's output moves by 4e-5, the
-detections by ~1e-6 rad) and the short likelihood stage that follows (3 and 8 Fisher-scoring
-steps with accept/reject decisions, pruning and a gridded range decision) can amplify that
-beyond a hundredth of sqrt(CRB) on hard scenes (measured: learned+ml 0.03 sqrt(CRB) on the two
-sources 5 deg apart; learned within 0.01 on these scenes)."""
+ROUNDING_AMPLIFIED = {"learned": 1.0, "learned+ml": 0.2, "ml": 0.05, "ml-robust": 0.05}
+"""Known shortfalls, with their ceilings in sqrt(CRB). ``learned``, ``learned+ml``: the network's
+float32 forward pass rounds differently at another batch size (oneDNN picks its 3-D convolution
+algorithm by the batch: the stem's output moves by 4e-5, the detections by ~1e-6 rad) and the
+short likelihood stage that follows (3 and 8 Fisher-scoring steps with accept/reject decisions,
+pruning and a gridded range decision) can amplify that beyond a hundredth of sqrt(CRB) on hard
+scenes (measured: learned+ml 0.03 sqrt(CRB) on the two sources 5 deg apart; learned within 0.01
+on these scenes, up to 0.2 on default scenes at 20-30 dB). ``ml``, ``ml-robust``: bit-identical
+at both batch sizes with the AVX-512 kernels; with the AVX2 kernels of PyTorch and MKL
+(``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``) the batched float32 products round
+differently at batch 1 and batch 5 and the two sources 5 deg apart at 0.5 m move by 0.0124
+sqrt(CRB)."""
 
 
-ILL_POSED = ROUNDING_AMPLIFIED | {"music+ml"}
+ILL_POSED = {**ROUNDING_AMPLIFIED, "music+ml": 10.0}
 """Known shortfall with a known K larger than the scene's: the extra source lands next to a true
 one of the close pair, the likelihood is then nearly degenerate, and the likelihood refinement
 (8 Fisher-scoring steps and a range decision on a 512-point grid, 0.6 % of r apart) turns starts
 that differ by float32 rounding (MUSIC's answer at batch 1 and 3: 4e-9 rad apart) into answers
-up to 2.4 sqrt(CRB) apart (one range cell at 0.5 m, 0.7 sqrt(CRB) in phi)."""
+2.4 sqrt(CRB) apart with the AVX-512 kernels, 3.8 with the AVX2 ones (one range cell at 0.5 m,
+0.7 sqrt(CRB) in phi); ``learned+ml`` there 0.015."""
 
 
 KNOWN_K_SCENES = [1, 3, 4]
