@@ -12,6 +12,8 @@ Every ``ml`` option applies (``mismatch`` too: ``mismatch="none"`` is ``ml``).
 
 from __future__ import annotations
 
+import inspect
+
 from ..scenes import Estimates, Scenes
 from . import ml, register
 
@@ -19,10 +21,21 @@ DEFAULTS = {**ml.DEFAULTS, "mismatch": "auto"}
 """``ml``'s option defaults with ``mismatch="auto"``."""
 
 
-@register("ml-robust")
+def _signature() -> inspect.Signature:
+    """``ml.estimate``'s signature with the keyword ``mismatch="auto"`` before its ``**overrides``
+    (so the registry sees every keyword of ``ml``, the known ``K`` among them)."""
+    params = list(inspect.signature(ml.estimate).parameters.values())
+    mismatch = inspect.Parameter("mismatch", inspect.Parameter.KEYWORD_ONLY, default="auto")
+    return inspect.signature(ml.estimate).replace(parameters=params[:-1] + [mismatch, params[-1]])
+
+
 def estimate(scenes: Scenes, *, mismatch="auto", **options) -> Estimates:
     """:func:`risloc.estimators.ml.estimate` with ``mismatch="auto"`` by default (module docstring);
     the same arguments, options and output (``method`` "ml-robust")."""
     est = ml.estimate(scenes, mismatch=mismatch, **options)
     est.method = "ml-robust" + est.method[len("ml"):]
     return est
+
+
+estimate.__signature__ = _signature()
+estimate = register("ml-robust")(estimate)
