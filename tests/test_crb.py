@@ -13,13 +13,7 @@ from risloc.crb import crb, crb_for_scenes, fisher_information
 f64, c128 = torch.float64, torch.complex128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batched ops: one intra-op thread is as fast idle and far faster on a loaded CI CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _t(*rows, dtype=f64):

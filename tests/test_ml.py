@@ -18,13 +18,7 @@ from risloc.estimators.ml_core import stochastic_eval, static_eval
 DEG = math.pi / 180
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box has 2 shared cores; one thread is much faster than two for these small batched ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _hits(truth, est, s):

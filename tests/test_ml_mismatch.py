@@ -18,12 +18,7 @@ from risloc.estimators.ml_core import coloured_floor, mismatch_floor, mismatch_l
 C128 = torch.complex128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cn(g, *shape):
