@@ -185,6 +185,11 @@ class ScenarioMixture:
             combos = [c + a for c in combos for a in term]
         self.components = [base.with_overrides(c) for c in combos]
         self.labels = [";".join(c) or "-" for c in combos]
+        distinct = [comp for c, comp in enumerate(self.components) if comp not in self.components[:c]]
+        self._groups = [(comp, torch.tensor([c for c, other in enumerate(self.components) if other == comp]))
+                        for comp in distinct]
+        """Each distinct scenario with the indices of the components that are it (a scenario
+        listed twice is simulated once)."""
         for comp, label in zip(self.components, self.labels):
             for name in self.SHAPE_FIELDS:
                 if getattr(comp, name) != getattr(base, name):
@@ -223,9 +228,7 @@ class ScenarioMixture:
         rows = torch.arange(start, start + n_scenes)
         which = self.component(rows)
         parts, order = [], []
-        distinct = [comp for c, comp in enumerate(self.components) if comp not in self.components[:c]]
-        for comp in distinct:  # a scenario listed twice is simulated once
-            same = torch.tensor([c for c, other in enumerate(self.components) if other == comp])
+        for comp, same in self._groups:
             keep = torch.isin(which, same).nonzero().flatten()
             if len(keep) == 0:
                 continue
@@ -233,9 +236,9 @@ class ScenarioMixture:
             part = simulate(comp, hi - lo, seed=seed, start=start + lo, device=device, **kwargs)
             parts.append(part[(keep - lo).to(part.device)])
             order.append(keep)
-        for name, known in (("H", "H"), ("codes", "codes")):  # true channel / realised codes where any component has them
+        for name in ("H", "codes"):  # true channel / realised codes where any component has them
             if any(getattr(p.truth, name) is not None for p in parts):
                 parts = [p if getattr(p.truth, name) is not None else
-                         dataclasses.replace(p, truth=dataclasses.replace(p.truth, **{name: getattr(p, known)})) for p in parts]
+                         dataclasses.replace(p, truth=dataclasses.replace(p.truth, **{name: getattr(p, name)})) for p in parts]
         out = Scenes.cat(parts)[torch.argsort(torch.cat(order)).to(device)]
         return dataclasses.replace(out, scenario=self.base)
