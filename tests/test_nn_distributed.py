@@ -73,7 +73,10 @@ def test_rank_shares_make_up_the_single_process_batch():
             full, parts = one.batch(step), [d.batch(step) for d in ranks]
             assert all(len(p.inputs) == 4 for p in parts)
             cat = lambda f: torch.cat([f(p) for p in parts])  # noqa: E731
-            torch.testing.assert_close(cat(lambda p: p.inputs.snr_db), full.inputs.snr_db, rtol=0, atol=0)
+            # the SNR of scenes whose label is withheld is estimated from the data (an eigen-decomposition
+            # whose last float32 bits may depend on the batch size): 1e-4 dB is far below anything the
+            # network resolves (its SNR labels are perturbed by snr_noise_db = 1.5 dB in training)
+            torch.testing.assert_close(cat(lambda p: p.inputs.snr_db), full.inputs.snr_db, rtol=0, atol=1e-4)
             torch.testing.assert_close(cat(lambda p: p.inputs.snr_known), full.inputs.snr_known, rtol=0, atol=0)
             torch.testing.assert_close(cat(lambda p: p.true_factor), full.true_factor, rtol=0, atol=0)
             torch.testing.assert_close(cat(lambda p: p.truth.phi), full.truth.phi, rtol=0, atol=0, equal_nan=True)
