@@ -202,3 +202,13 @@ def test_packaged_weights_reproduce_their_reference():
         est = get(method)(scenes)
         stored = risloc.Estimates(r["K"], r["phi"], r["theta"], r["r"])
         assert_same_positions(est[keep], stored[keep], scenes[keep], 0.1)
+
+
+def test_a_bare_checkpoint_name_is_a_packaged_model():
+    from risloc.nn.inference import DEFAULT_WEIGHTS, packaged_or_given
+
+    assert packaged_or_given("learned", None, DEFAULT_WEIGHTS, "") == DEFAULT_WEIGHTS
+    assert packaged_or_given("learned", "default", DEFAULT_WEIGHTS, "") == DEFAULT_WEIGHTS
+    assert packaged_or_given("learned", "runs/a/weights.pt", DEFAULT_WEIGHTS, "") == "runs/a/weights.pt"
+    with pytest.raises(ValueError, match="neither a file nor a packaged model.*'default'"):
+        packaged_or_given("learned", "no_such_model", DEFAULT_WEIGHTS, "")

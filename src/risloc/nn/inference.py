@@ -233,8 +233,18 @@ def run_model(
 
 def packaged_or_given(method: str, checkpoint, default: Path, hint: str):
     """``checkpoint``, or the packaged weights ``default`` when it is None (an error naming
-    ``--checkpoint`` and ``hint`` when the package has none)."""
+    ``--checkpoint`` and ``hint`` when the package has none). A bare name (no folder, no
+    suffix, not a file here), e.g. ``"mixed"``, names a packaged model:
+    ``src/risloc/weights/<name>.pt``."""
     if checkpoint is not None:
+        name = str(checkpoint)
+        bare = isinstance(checkpoint, str) and "/" not in name and "\\" not in name and "." not in name
+        if bare and not Path(name).exists():
+            packaged = default.parent / f"{name}.pt"
+            if not packaged.is_file():
+                known = sorted(p.stem for p in default.parent.glob("*.pt"))
+                raise ValueError(f"{method}: checkpoint {name!r} is neither a file nor a packaged model (packaged: {known})")
+            return packaged
         return checkpoint
     if not default.is_file():
         raise ValueError(f"{method}: no checkpoint given and no packaged weights ({default}); "
