@@ -106,6 +106,8 @@ _INFO: dict[str, EstimatorInfo] = {
         EstimatorInfo("ml-robust", "risloc.estimators.ml_robust", batch=16, batch_cuda=1024, k_option="K",
                       per_scene=("init", "snr_db", "atoms"),
                       summary="ml with a model-error floor (CSI error, RIS phase noise) of a level estimated per scene"),
+        EstimatorInfo("ml-joint", "risloc.estimators.ml_joint", batch=16, batch_cuda=1024, k_option="K", per_scene=("snr_db",),
+                      summary="ml-robust, then the RIS hardware (per-level amplitudes, failed elements) and the positions estimated jointly where the likelihood gains"),
         EstimatorInfo("sbl", "risloc.estimators.sbl", batch=16, batch_cuda=256, k_option="K",
                       summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),
         # learned / learned+ml: 2 048 scenes per CUDA call (peak 7.7 / 12.3 GiB on an H100; 1.2 x the
