@@ -18,42 +18,52 @@ Steps (all batched over scenes; one batch of scenes, the registry chunks):
    by :func:`criterion` (the likelihood refined from the answer, the order penalty of stage 4).
 1. For i = 1..``joint_iterations``, from the current positions p^(i-1):
 
-   a. the hardware by :func:`estimate_hardware` (positions fixed): alternately the signals by least
-      squares, s_l = (B_l^H B_l)^-1 B_l^H y_l with B_l = H diag(w_l c_l) A(p), x_l = A(p) s_l, and
-      the hardware given x_l by linear least squares (below);
+   a. the hardware by :func:`estimate_hardware` at the positions p^(i-1) (below);
    b. the positions: ``ml.estimate`` on the scenes with the codes replaced by the estimated
       realised codes w_ln c_ln, started from p^(i-1) (its ``init`` path: refinement, ``init_grow``
       greedy additions, ``init_relax`` RELAX cycles, ``init_prune`` pruning passes, all under the
-      model-error floor of ``mismatch="auto"``; with a known K no growth and no pruning), giving p^(i);
+      model-error floor of ``mismatch="auto"``; with a known K no growth and no pruning), giving p^(i)
+      (and, refined by :func:`criterion`, the positions of step a of the next iteration);
    c. its criterion J^(i) = criterion(scenes with codes w c, p^(i)) + the hardware penalty
-      P = ``hardware_penalty`` x (amplitude parameters: Q - 1 per-level amplitudes, or 3 for the
-      parametric model) + ``failed_penalty`` x (elements declared failed).
+      P = ``hardware_penalty`` x (amplitude parameters: Q - 1 per-level amplitudes, 3 for the
+      parametric model, 0 where the amplitudes are left ideal) + ``failed_penalty`` x (elements
+      declared failed). A hardware with neither (the ideal one) is ``ml-robust``'s own model: not a
+      candidate.
 
 2. Per scene, the answer of least J over i = 0..``joint_iterations``; i = 0, ``ml-robust``'s answer
    as it is, wherever no joint model gains more than its penalty (ideal scenes: ``ml-robust``'s
    answer exactly).
 
-The hardware least squares (:func:`estimate_hardware`), per scene, with u_ln = c_ln x_ln:
+The hardware fit (:func:`estimate_hardware`), per scene, positions p fixed, theta = (alpha, g) real:
 
-* per-level amplitudes given g: y_l = sum_q alpha_q z_lq, z_lq = sum_(n: q(l,n) = q) H[:, n] g_n u_ln,
-  alpha = Re(sum_l Z_l^H Z_l)^-1 Re(sum_l Z_l^H y_l) (real least squares), then alpha <- max(alpha, 0);
-* element gains given alpha: y_l = V_l g, V_l = H diag(v_l), v_ln = alpha_q(l,n) u_ln,
-  g = R^-1 r with R_nm = Re((H^H H)_nm sum_l conj(v_ln) v_lm), r_n = Re(sum_l conj(v_ln) (H^H y_l)_n),
-  then g <- max(g, 0);
+* variable projection: the signals are the least-squares ones of the hardware,
+  s_l(theta) = B_l^+ y_l with B_l = H diag(w_l c_l) A(p), x_l = A(p) s_l, and the residual
+  r_l = P_perp,l y_l = y_l - B_l s_l, RSS(theta) = sum_l |r_l|^2 (y and H at unit mean power);
+* given the signals the model is linear in each part of theta, with u_ln = c_ln x_ln:
+  sum_q alpha_q z_lq, z_lq = sum_(n: q(l,n) = q) H[:, n] g_n u_ln, and V_l g, V_l = H diag(alpha_q(l,n) u_l);
+* Levenberg-Marquardt on RSS with Kaufman's Jacobian J_l = P_perp,l [Z_l, V_l]:
+  (Re sum_l J_l^H J_l + lambda diag) delta = Re sum_l J_l^H r_l, theta <- max(theta + delta, 0), a step
+  kept per scene where RSS drops (lambda / 3; else lambda x 5); from alpha = 1, g = 1,
+  ``hardware_iterations`` steps with alpha and g free, then g rescaled to median 1;
+* candidates: the failed sets F_t = {n : g_n < t} for t = 0, ``failed_ratio`` / 2, ``failed_ratio``,
+  each with the ideal amplitudes (alpha = 1) or with alpha refitted (``hardware_iterations`` / 2
+  steps, alpha only) under the binary gains g_n = 1 - f_n; per scene the candidate of least
+  L M log RSS + ``hardware_penalty`` n_amplitude + ``failed_penalty`` |F| (L M log RSS: the
+  likelihood of deterministic signals, sigma^2 concentrated out) is the hardware; the LS gains g_n
+  serve only this decision, the realised codes estimated are w_ln c_ln, w_ln = alpha_q(l,n) (1 - f_n).
 
-(each with a ridge of 1e-6 of its mean diagonal towards the current value; ``inner`` alternations).
-The global scale is the signals' (alpha and g are rescaled: max_q alpha_q = 1, median_n g_n = 1).
-An element is declared failed where g_n < ``failed_ratio`` x median_n g_n; the realised codes
-estimated are then w_ln c_ln with w_ln = alpha_q(l,n) (1 - f_n) (binary gains: the LS gains g_n are
-used only for the decision), alpha refitted with those gains. The parametric amplitude
+The global scale is the signals' (alpha is rescaled to max_q alpha_q = 1). The parametric amplitude
 (beta_min, mu, kappa) (:func:`risloc.physics.practical_amplitude`) is fitted to the per-level
-amplitudes by weighted least squares, alpha_q ~ s ((1 - beta_min) ((sin(theta_q - mu) + 1) / 2)^kappa
-+ beta_min) (grid over mu and kappa, s and beta_min in closed form); with more than 16 phase levels
-(``amplitude_model="auto"``, code_bits > 4) or ``amplitude_model="parametric"`` the codes use the
-parametric amplitude of each commanded phase (3 parameters) instead of the per-level ones.
+amplitudes by least squares weighted by the level counts, alpha_q ~ s ((1 - beta_min)
+((sin(theta_q - mu) + 1) / 2)^kappa + beta_min) (grid over mu and kappa, s and beta_min in closed
+form); with more than 16 phase levels (``amplitude_model="auto"``, code_bits > 4) or
+``amplitude_model="parametric"`` the codes use the parametric amplitude of each commanded phase
+(3 parameters; the RSS of the candidates is still that of the 16 phase bins) instead of the
+per-level ones.
 
-Cost: one ``ml-robust`` search, then per joint iteration one hardware fit (a few N x N real solves
-per scene) and one ``ml`` init-path pass, and 1 + ``joint_iterations`` likelihood evaluations
+Cost: one ``ml-robust`` search, then per joint iteration one hardware fit (about 2
+``hardware_iterations`` Levenberg-Marquardt steps, each a (Q + N)-square real Cholesky solve per
+scene) and one ``ml`` init-path pass, and 1 + ``joint_iterations`` likelihood evaluations
 (:func:`criterion`: ``final_iterations`` refinement steps plus the model-error levels).
 """
 
@@ -84,13 +94,16 @@ class JointOptions:
     joint_iterations: int = 2
     """Alternations hardware -> positions (step 1); 0 gives ``ml-robust``'s answer."""
     hardware_iterations: int = 8
-    """Alternations signals -> hardware inside :func:`estimate_hardware` (positions fixed)."""
+    """Levenberg-Marquardt steps of the hardware fit with amplitudes and gains free (half as many
+    for each candidate's amplitudes; :func:`estimate_hardware`)."""
     hardware_penalty: float = 2.0
-    """Penalty [nats] per amplitude parameter of the joint model (Q - 1 levels or 3 parametric)."""
+    """Penalty [nats] per amplitude parameter of the joint model (Q - 1 levels or 3 parametric; as
+    ``mismatch_penalty`` for the one parameter of the model-error floor)."""
     failed_penalty: float = 5.0
     """Penalty [nats] per element declared failed (about log N: which element)."""
     failed_ratio: float = 0.5
-    """An element is declared failed where its least-squares gain is below this fraction of the median."""
+    """Failed-set candidates: the elements whose least-squares gain is below this fraction of the
+    median, and below half of it (and none); the penalised fit chooses."""
     amplitude_model: str = "auto"
     """``"levels"``: one amplitude per phase level; ``"parametric"``: (beta_min, mu, kappa) fitted to
     them; ``"auto"``: levels up to code_bits = 4 (16 levels), parametric beyond."""
@@ -275,14 +288,15 @@ def _fit_parametric(levels: Tensor, phases: Tensor, counts: Tensor):
 
 def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: int = 8, hardware_penalty: float = 2.0,
                       failed_penalty: float = 5.0, failed_ratio: float = 0.5, amplitude_model: str = "auto") -> Hardware:
-    """The RIS hardware of each scene given source positions ``est`` (module docstring, the hardware
-    least squares): per-level amplitudes, element gains, failed elements, the parametric fit.
+    """The RIS hardware of each scene given source positions ``est`` (module docstring, "The hardware
+    fit"): per-level amplitudes, least-squares element gains, failed elements, the parametric fit.
 
-    ``hardware_iterations`` alternations of (signals by least squares given the hardware; the
-    hardware given the signals, ``inner`` alternations of amplitudes and gains), starting from the
-    ideal hardware (alpha = 1, g = 1). Scenes without a source (K-hat = 0) get the ideal hardware.
-    Computed in double precision on the scenes' device; positions ``est.phi/theta/r`` ``[S, K]``
-    (the first ``est.K`` of each scene)."""
+    Variable projection (signals by least squares given the hardware) and Levenberg-Marquardt from
+    the ideal hardware (alpha = 1, g = 1), then the choice among the candidate failed sets and
+    ideal or fitted amplitudes by L M log RSS + the penalties. Scenes without a source (K-hat = 0)
+    get the ideal hardware. Computed in double precision on the scenes' device; positions
+    ``est.phi/theta/r`` ``[S, K]`` (the first ``est.K`` of each scene). The options are those of
+    :class:`JointOptions`."""
     JointOptions(hardware_iterations=hardware_iterations, hardware_penalty=hardware_penalty, failed_penalty=failed_penalty,
                  failed_ratio=failed_ratio,
                  amplitude_model=amplitude_model)  # validation
