@@ -45,7 +45,7 @@ def test_realised_codes_of_a_known_hardware():
     for parametric in (False, True):
         got = dataclasses.replace(hw, parametric=parametric).realised(s.codes.to(torch.complex128))
         assert torch.allclose(got, s.truth.codes.to(torch.complex128), atol=1e-6), parametric
-    assert hw.n_parameters()[:, 0].tolist() == [Q - 1] * S
+    assert hw.n_parameters()[:, 0].tolist() == [Q - 1] * S  # random codes: every level occurs
     assert torch.equal(hw.n_parameters()[:, 1], _true_failed(s).sum(1))
 
 
@@ -91,6 +91,21 @@ def test_parametric_amplitude_beyond_16_levels():
     ratio = hw.amplitude(s.codes.to(torch.complex128)) / (s.truth.codes / s.codes).abs().double()
     ratio = ratio / ratio.flatten(1).median(1).values.view(-1, 1, 1)
     assert ((ratio - 1).abs() < 0.15).all(), (ratio.min(), ratio.max())
+
+
+def test_dft_codebook_levels_that_occur():
+    """The dft codebook on 12 x 12 commands 4 of the 8 phase levels: those 4 amplitudes within 15 %
+    of the true ones at 30 dB from the true positions, and 3 amplitude parameters counted, not 7."""
+    sc = Scenario(snr_db_min=30, snr_db_max=30, ris_amplitude="practical", codebook="dft")
+    s = simulate(sc, 4, seed=5)
+    hw = estimate_hardware(s, _truth_estimates(s))
+    used = hw.counts > 0
+    assert used.sum(1).tolist() == [4] * 4
+    true = physics.practical_amplitude(hw.phases.double(), sc)
+    ratio = (hw.levels / true)[used].view(4, 4)
+    ratio = ratio / ratio.amax(1, keepdim=True)  # the scale: the largest used level is the reference
+    assert ((ratio - 1).abs() < 0.15).all(), ratio
+    assert hw.n_parameters()[:, 0].tolist() == [3] * 4
 
 
 def test_ideal_scenes_get_ml_robust_answer():

@@ -25,8 +25,8 @@ Steps (all batched over scenes; one batch of scenes, the registry chunks):
       model-error floor of ``mismatch="auto"``; with a known K no growth and no pruning), giving p^(i)
       (and, refined by :func:`criterion`, the positions of step a of the next iteration);
    c. its criterion J^(i) = criterion(scenes with codes w c, p^(i)) + the hardware penalty
-      P = ``hardware_penalty`` x (amplitude parameters: Q - 1 per-level amplitudes, 3 for the
-      parametric model, 0 where the amplitudes are left ideal) + ``failed_penalty`` x (elements
+      P = ``hardware_penalty`` x (amplitude parameters: one per phase level that occurs less one for
+      the scale, at most 3 for the parametric model, 0 where the amplitudes are left ideal) + ``failed_penalty`` x (elements
       declared failed). A hardware with neither (the ideal one) is ``ml-robust``'s own model: not a
       candidate.
 
@@ -97,7 +97,7 @@ class JointOptions:
     """Levenberg-Marquardt steps of the hardware fit with amplitudes and gains free (half as many
     for each candidate's amplitudes; :func:`estimate_hardware`)."""
     hardware_penalty: float = 2.0
-    """Penalty [nats] per amplitude parameter of the joint model (Q - 1 levels or 3 parametric; as
+    """Penalty [nats] per amplitude parameter of the joint model (the levels that occur less one, or 3 parametric; as
     ``mismatch_penalty`` for the one parameter of the model-error floor)."""
     failed_penalty: float = 5.0
     """Penalty [nats] per element declared failed (about log N: which element)."""
@@ -137,7 +137,8 @@ class Hardware(_Batched):
     """The RIS hardware estimated per scene (:func:`estimate_hardware`); S scenes, Q levels, N elements."""
 
     levels: Tensor
-    """Per-level amplitudes alpha_q ``[S, Q]`` (real >= 0, max 1), of the level phases ``phases``."""
+    """Per-level amplitudes alpha_q ``[S, Q]`` (real >= 0, max 1 over the levels that occur; 1 for a
+    level no code of the scene commands), of the level phases ``phases``."""
     phases: Tensor
     """The level phases 2 pi q / Q [rad] ``[S, Q]`` (the same in every scene)."""
     counts: Tensor
@@ -179,10 +180,11 @@ class Hardware(_Batched):
         return codes * self.amplitude(codes).to(codes.dtype)
 
     def n_parameters(self) -> Tensor:
-        """(amplitude parameters, elements declared failed) ``[S, 2]`` (int64): Q - 1 (or 3 for the
-        parametric model) and the failed count."""
-        S, Q = self.levels.shape
-        amp = self.fitted.to(torch.int64) * (3 if self.parametric else Q - 1)
+        """(amplitude parameters, elements declared failed) ``[S, 2]`` (int64): the levels that occur
+        less one (the scale; 3 at most for the parametric model), 0 where not ``fitted``, and the
+        failed count."""
+        used = (self.counts > 0).sum(1) - 1  # levels that occur (the dft codebook uses 4 of 8), less the scale
+        amp = self.fitted.to(torch.int64) * (used.clamp(max=3) if self.parametric else used)
         return torch.stack([amp, self.failed.sum(1)], dim=1)
 
 
@@ -318,6 +320,7 @@ def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: in
     onehot = torch.nn.functional.one_hot(q, Q).to(cd)  # [S, L, N, Q]
     counts = onehot.real.sum((1, 2)).to(torch.int64)  # [S, Q]
     phases = (torch.arange(Q, dtype=rd, device=dev) * (2 * math.pi / Q)).expand(S, Q)
+    used = (counts > 0).sum(1) - 1  # amplitude parameters: the levels that occur, less the scale
     args = (y, H, codes, A, act, q, onehot)
     ones = torch.ones(S, Q + N, dtype=rd, device=dev)
     theta = _levenberg_marquardt(ones, torch.ones(Q + N, dtype=torch.bool, device=dev), hardware_iterations, *args)
@@ -335,7 +338,7 @@ def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: in
             if fitted:
                 th = _levenberg_marquardt(th, levels_only, max(1, int(hardware_iterations) // 2), *args)
             rss = _vp_step(th, levels_only, torch.ones(S, dtype=rd, device=dev), *args)[0]
-            n_amp = (3 if parametric else Q - 1) if fitted else 0
+            n_amp = (used.clamp(max=3) if parametric else used) if fitted else 0
             crit = LM * torch.log(rss.clamp_min(1e-300)) + float(hardware_penalty) * n_amp + float(failed_penalty) * f.sum(1)
             crit = torch.nan_to_num(crit, nan=float("inf"))
             cand = (crit, th[:, :Q], f, torch.full((S,), fitted, device=dev))
@@ -345,7 +348,8 @@ def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: in
                 take = cand[0] < best[0]
                 best = tuple(torch.where(take.view(-1, *([1] * (u.ndim - 1))), u, v) for u, v in zip(cand, best))
     _, alpha, failed, fitted = best
-    alpha = alpha / alpha.max(1, keepdim=True).values.clamp_min(1e-30)
+    alpha = alpha / alpha.masked_fill(counts == 0, 0).max(1, keepdim=True).values.clamp_min(1e-30)
+    alpha = torch.where(counts == 0, torch.ones_like(alpha), alpha)  # a level that never occurs: not identifiable
     ideal = ~has.view(-1)
     g = torch.where(ideal.view(-1, 1), torch.ones_like(g), g)
     beta, mu, kappa, scale = _fit_parametric(alpha, phases, counts)
