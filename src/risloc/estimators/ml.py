@@ -315,6 +315,28 @@ class _State:
         return _State(*(t.clone() for t in (self.phi, self.theta, self.rho, self.logp, self.logs, self.active)))
 
 
+def _init_state(init: Estimates, box, K: int, rd, device) -> _State:
+    """The ``K``-slot state of an answer ``init``: its first min(K-hat, K) sources active, their
+    positions clipped into the prior ``box`` (a NaN, and every inactive slot, at the middle of the
+    box; range as rho = 1 / r); powers and sigma^2 zero (the ``init`` path and
+    :func:`risloc.estimators.ml_joint.criterion` set them by least squares)."""
+    B = len(init)
+    kin = init.K.to(device).clamp(0, K)
+    act = torch.arange(K, device=device).view(1, -1) < kin.view(-1, 1)
+    lo, hi = box
+    mid = (lo + hi) / 2
+    z = torch.zeros(B, K, dtype=rd, device=device)
+    take = lambda t, m: torch.where(act, torch.nan_to_num(t[:, :K].to(device, rd), nan=float(m)), torch.full_like(z, float(m)))  # noqa: E731
+    return _State(
+        take(init.phi, mid[0]).clamp(lo[0], hi[0]),
+        take(init.theta, mid[1]).clamp(lo[1], hi[1]),
+        (1.0 / take(init.r, 1.0 / mid[2])).clamp(lo[2], hi[2]),
+        z,
+        torch.zeros(B, dtype=rd, device=device),
+        act,
+    )
+
+
 def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     if prob.static:
@@ -604,23 +626,11 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     box = _box(sc, rd, device)
     prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts)
     K = k_max
-    mid = (box[0] + box[1]) / 2
-    z = torch.zeros(B, K, dtype=rd, device=device)
     method = "ml" + ("" if init is None else "+init")
 
     if init is not None:
         kin = init.K.to(device).clamp(0, K)
-        idx = torch.arange(K, device=device)
-        act = idx.view(1, -1) < kin.view(-1, 1)
-        take = lambda t, m: torch.where(act, torch.nan_to_num(t[:, :K].to(device, rd), nan=float(m)), torch.full_like(z, float(m)))
-        st = _State(
-            take(init.phi, mid[0]).clamp(box[0][0], box[1][0]),
-            take(init.theta, mid[1]).clamp(box[0][1], box[1][1]),
-            (1.0 / take(init.r, 1.0 / mid[2])).clamp(box[0][2], box[1][2]),
-            z.clone(),
-            torch.zeros(B, dtype=rd, device=device),
-            act,
-        )
+        st = _init_state(init, box, K, rd, device)
         if not prob.static:
             st.logp, st.logs = _ls_powers(st, prob)
         st, nll, _, F = _refine(st, prob, opts.final_iterations)

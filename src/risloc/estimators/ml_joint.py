@@ -183,9 +183,16 @@ class Hardware(_Batched):
         """(amplitude parameters, elements declared failed) ``[S, 2]`` (int64): the levels that occur
         less one (the scale; 3 at most for the parametric model), 0 where not ``fitted``, and the
         failed count."""
-        used = (self.counts > 0).sum(1) - 1  # levels that occur (the dft codebook uses 4 of 8), less the scale
-        amp = self.fitted.to(torch.int64) * (used.clamp(max=3) if self.parametric else used)
+        amp = self.fitted.to(torch.int64) * _amplitude_parameters(self.counts, self.parametric)
         return torch.stack([amp, self.failed.sum(1)], dim=1)
+
+
+def _amplitude_parameters(counts: Tensor, parametric: bool) -> Tensor:
+    """Free parameters of fitted amplitudes ``[S]`` (int64): the phase levels that occur (``counts``
+    ``[S, Q]`` > 0; the dft codebook commands 4 of 8) less one (the scale belongs to the signals),
+    at most 3 for the parametric model (beta_min, mu, kappa)."""
+    used = (counts > 0).sum(1) - 1
+    return used.clamp(max=3) if parametric else used
 
 
 def _n_levels(code_bits: int) -> int:
@@ -198,13 +205,12 @@ def _level_index(codes: Tensor, Q: int) -> Tensor:
     return torch.remainder(torch.round(torch.angle(codes) * (Q / (2 * math.pi))), Q).to(torch.int64)
 
 
-def _vp_step(theta: Tensor, free: Tensor, lam: Tensor, y: Tensor, H: Tensor, codes: Tensor, A: Tensor, act: Tensor,
-             q: Tensor, onehot: Tensor):
-    """The variable-projection residual of the hardware theta = (alpha ``[S, Q]``, g ``[S, N]``) and its
-    Levenberg-Marquardt step (module docstring): returns (RSS ``[S]``, the step ``[S, Q + N]``, zero
-    on the parameters not ``free``)."""
+def _vp_residual(theta: Tensor, y: Tensor, H: Tensor, codes: Tensor, A: Tensor, act: Tensor, q: Tensor):
+    """The variable-projection fit of the hardware theta = (alpha ``[S, Q]``, g ``[S, N]``) with Q =
+    theta's columns less N (module docstring): returns (RSS ``[S]``, and for the step, alpha_q(l,n)
+    ``[S, L, N]``, B_l ``[S, L, M, K]``, (B_l^H B_l)^-1, s_l ``[S, L, K, 1]``, r_l ``[S, L, M]``)."""
     S, L, N = codes.shape
-    Q = onehot.shape[-1]
+    Q = theta.shape[1] - N
     K = A.shape[1]
     alpha, g = theta[:, :Q], theta[:, Q:]
     aq = alpha.gather(1, q.flatten(1)).view(S, L, N)  # alpha_q(l,n)
@@ -215,7 +221,16 @@ def _vp_step(theta: Tensor, free: Tensor, lam: Tensor, y: Tensor, H: Tensor, cod
     Gi = torch.linalg.inv(G)
     s = Gi @ (Bm.mH @ y.unsqueeze(-1))  # s_l = B_l^+ y_l, [S, L, K, 1]
     r = y - (Bm @ s).squeeze(-1)  # P_perp y_l, [S, L, M]
-    rss = r.abs().square().sum((1, 2))
+    return r.abs().square().sum((1, 2)), aq, Bm, Gi, s, r
+
+
+def _vp_step(theta: Tensor, free: Tensor, lam: Tensor, y: Tensor, H: Tensor, codes: Tensor, A: Tensor, act: Tensor,
+             q: Tensor, onehot: Tensor):
+    """The variable-projection residual of the hardware theta (:func:`_vp_residual`) and its
+    Levenberg-Marquardt step (module docstring): returns (RSS ``[S]``, the step ``[S, Q + N]``, zero
+    on the parameters not ``free``)."""
+    rss, aq, Bm, Gi, s, r = _vp_residual(theta, y, H, codes, A, act, q)
+    g = theta[:, onehot.shape[-1]:]
     u = codes * (s.squeeze(-1) @ A)  # u_ln = c_ln x_ln, x_l = A s_l
     Z = H.unsqueeze(1) @ ((g.unsqueeze(1) * u).unsqueeze(-1) * onehot.to(u.dtype))  # d model / d alpha_q, [S, L, M, Q]
     V = H.unsqueeze(1) * (aq * u).unsqueeze(2)  # d model / d g_n, [S, L, M, N]
@@ -234,10 +249,10 @@ def _vp_step(theta: Tensor, free: Tensor, lam: Tensor, y: Tensor, H: Tensor, cod
     return rss, torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0) * keep
 
 
-def _levenberg_marquardt(theta: Tensor, free: Tensor, iterations: int, *args) -> Tensor:
+def _levenberg_marquardt(theta: Tensor, free: Tensor, iterations: int, *args) -> tuple[Tensor, Tensor]:
     """``iterations`` Levenberg-Marquardt steps on the variable-projection RSS (:func:`_vp_step`),
     projected on theta >= 0; a step is kept per scene where it lowers the RSS (lambda / 3), else
-    lambda x 5."""
+    lambda x 5. Returns (theta, its RSS)."""
     lam = torch.full((theta.shape[0],), 1e-3, dtype=theta.dtype, device=theta.device)
     rss, step = _vp_step(theta, free, lam, *args)
     for _ in range(int(iterations)):
@@ -249,7 +264,7 @@ def _levenberg_marquardt(theta: Tensor, free: Tensor, iterations: int, *args) ->
         lam = torch.where(ok, lam / 3, lam * 5).clamp(1e-9, 1e9)
         _, step_o = _vp_step(theta, free, lam, *args) if not bool(ok.all()) else (None, step_t)
         step = torch.where(ok.view(-1, 1), step_t, step_o)
-    return theta
+    return theta, rss
 
 
 def _fit_parametric(levels: Tensor, phases: Tensor, counts: Tensor):
@@ -320,14 +335,14 @@ def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: in
     onehot = torch.nn.functional.one_hot(q, Q).to(cd)  # [S, L, N, Q]
     counts = onehot.real.sum((1, 2)).to(torch.int64)  # [S, Q]
     phases = (torch.arange(Q, dtype=rd, device=dev) * (2 * math.pi / Q)).expand(S, Q)
-    used = (counts > 0).sum(1) - 1  # amplitude parameters: the levels that occur, less the scale
     args = (y, H, codes, A, act, q, onehot)
     ones = torch.ones(S, Q + N, dtype=rd, device=dev)
-    theta = _levenberg_marquardt(ones, torch.ones(Q + N, dtype=torch.bool, device=dev), hardware_iterations, *args)
+    theta, _ = _levenberg_marquardt(ones, torch.ones(Q + N, dtype=torch.bool, device=dev), hardware_iterations, *args)
     g = theta[:, Q:] / theta[:, Q:].median(1, keepdim=True).values.clamp_min(1e-30)
     has = act.any(1, keepdim=True)
     levels_only = torch.arange(Q + N, device=dev) < Q
     LM = float(y.shape[1] * y.shape[2])
+    n_fitted = _amplitude_parameters(counts, parametric)  # amplitude parameters of a fitted candidate
     best = None
     for ratio in (0.0, 0.5 * float(failed_ratio), float(failed_ratio)):  # the candidate failed sets
         f = (g < ratio) & has
@@ -336,9 +351,10 @@ def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: in
         for fitted in (False, True):  # ideal amplitudes, or one per level
             th = torch.cat([theta[:, :Q] if fitted else ones[:, :Q], work], dim=1)
             if fitted:
-                th = _levenberg_marquardt(th, levels_only, max(1, int(hardware_iterations) // 2), *args)
-            rss = _vp_step(th, levels_only, torch.ones(S, dtype=rd, device=dev), *args)[0]
-            n_amp = (used.clamp(max=3) if parametric else used) if fitted else 0
+                th, rss = _levenberg_marquardt(th, levels_only, max(1, int(hardware_iterations) // 2), *args)
+            else:
+                rss = _vp_residual(th, *args[:-1])[0]
+            n_amp = n_fitted if fitted else 0
             crit = LM * torch.log(rss.clamp_min(1e-300)) + float(hardware_penalty) * n_amp + float(failed_penalty) * f.sum(1)
             crit = torch.nan_to_num(crit, nan=float("inf"))
             cand = (crit, th[:, :Q], f, torch.full((S,), fitted, device=dev))
@@ -371,7 +387,7 @@ def criterion(scenes: Scenes, est: Estimates, options: ml.MLOptions | None = Non
     y, H, empty = unit_power(scenes.y.to(cd), scenes.H.to(cd))
     box = ml._box(sc, rd, dev)
     prob = ml._Problem(y, H, scenes.codes.to(cd), sc, (model or sc.signal) == "static", box, None, opts)
-    st = _state(est, box, len(scenes), rd, dev)
+    st = ml._init_state(est, box, est.phi.shape[1], rd, dev)
     if not prob.static:
         st.logp, st.logs = ml._ls_powers(st, prob)
     st, nll, _, _ = ml._refine(st, prob, opts.final_iterations)
@@ -385,19 +401,6 @@ def criterion(scenes: Scenes, est: Estimates, options: ml.MLOptions | None = Non
         nll = torch.where(take, nll_f, nll)
     crit = nll + prob.tau * est.K.to(dev, rd)
     return crit, ml._output(st, est.K.to(dev), empty, st.phi.shape[1], est.method)
-
-
-def _state(est: Estimates, box, S: int, rd, dev) -> "ml._State":
-    """ml's per-scene state of the answer ``est`` (its first K-hat sources, clipped into the prior box)."""
-    lo, hi = box
-    K = est.phi.shape[1]
-    kin = est.K.to(dev)
-    act = torch.arange(K, device=dev).view(1, -1) < kin.view(-1, 1)
-    mid = (lo + hi) / 2
-    z = torch.zeros(S, K, dtype=rd, device=dev)
-    take = lambda t, m: torch.where(act, torch.nan_to_num(t.to(dev, rd), nan=float(m)), torch.full_like(z, float(m)))
-    return ml._State(take(est.phi, mid[0]).clamp(lo[0], hi[0]), take(est.theta, mid[1]).clamp(lo[1], hi[1]),
-                     (1.0 / take(est.r, 1.0 / mid[2])).clamp(lo[2], hi[2]), z.clone(), torch.zeros(S, dtype=rd, device=dev), act)
 
 
 def _pick(cond: Tensor, a: Estimates, b: Estimates) -> Estimates:
