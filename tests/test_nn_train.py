@@ -180,3 +180,22 @@ def test_learned_estimator_and_missing_default(tmp_path):
             get("learned")(scenes)
     finally:
         inference.DEFAULT_WEIGHTS = real
+
+
+def test_init_starts_from_a_checkpoints_weights(tmp_path):
+    """``init`` (fine-tuning): the run starts from the checkpoint's EMA weights (at lr = 0 they
+    are its final weights); another [model] is refused naming the field."""
+    quiet = lambda s: None  # noqa: E731
+    train(tiny_config(epochs=1), tmp_path / "a", log=quiet)
+    source = load_checkpoint(tmp_path / "a" / "last.pt")["ema"]
+    fresh = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    assert not _state_equal(source, fresh)  # the EMA weights, not the raw ones, are what init takes
+    lines = []
+    train(tiny_config(epochs=1, lr=0.0, min_lr=0.0, weight_decay=0.0, init=str(tmp_path / "a" / "last.pt")),
+          tmp_path / "b", log=lines.append)
+    assert any(line.startswith("[INIT]") for line in lines)
+    assert _state_equal(load_checkpoint(tmp_path / "b" / "last.pt")["model"], source)
+    with pytest.raises(ValueError, match=r"TrainConfig.init .*\['width'\]"):
+        train(tiny_config(epochs=1, init=str(tmp_path / "a" / "last.pt"), **{"model.width": 8}), tmp_path / "c", log=quiet)
+    with pytest.raises(ValueError, match="TrainConfig.init.*neither a file nor a packaged model"):
+        train(tiny_config(epochs=1, init="no-such-model"), tmp_path / "d", log=quiet)

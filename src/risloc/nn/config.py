@@ -205,6 +205,11 @@ class TrainConfig:
     ``"FIELD=V1,V2,...;FIELD=..."`` (every combination of the values, each the [scenario] with
     those fields set, interleaved scene by scene: :class:`risloc.data.ScenarioMixture`);
     empty: the [scenario] alone."""
+    init: str = ""
+    """Start the network from this checkpoint's weights (its EMA weights where it has them) instead
+    of a random initialisation: fine-tuning. A file written by ``risloc train`` or the name of a
+    packaged model (e.g. ``"default"``); its [model] section must equal this run's (the optimiser,
+    schedule and EMA start afresh). Empty: random initialisation."""
     val_scenes: int = 2048
     val_file: str = ""
     """Validate on this scene file instead of simulating ``val_scenes``."""

@@ -59,7 +59,7 @@ from .._provenance import git_commit
 from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
-from .inference import INFERENCE_AUTOCAST, Calibration, fallback_order, locate_from_prediction
+from .inference import DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, Calibration, fallback_order, locate_from_prediction, packaged_or_given
 from .inputs import ModelInputs, effective, forward, prepare_inputs
 from .loss import Objective, covariance_nmse, format_selftest, selftest, zero_prediction
 from .networks import get_network
@@ -476,6 +476,8 @@ loop with it).
         torch.manual_seed(cfg.seed)
         kind = get_network(cfg.model.kind)
         model = kind.build(cfg.scenario, cfg.model).to(device)
+        if cfg.init and state is None:
+            log(_initialise(model, cfg))
         ema = copy.deepcopy(model) if cfg.ema > 0 else None
         objective = Objective(cfg.loss, cfg.scenario, kind).to(device)
         optimizer = make_optimizer(model, objective, cfg)
@@ -578,6 +580,26 @@ def _amp(cfg: TrainConfig, device: torch.device):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none")
+
+
+def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
+    """Load the network weights of ``cfg.init`` (a checkpoint file or a packaged model's name) into
+    ``model`` (fine-tuning): its EMA weights where it has them. A ValueError naming
+    ``TrainConfig.init`` when its [model] section differs from ``cfg.model`` or its weights do not fit
+    (another geometry). Returns the log line."""
+    path = packaged_or_given("TrainConfig.init", cfg.init, DEFAULT_WEIGHTS, "")
+    state = load_checkpoint(path)
+    theirs = TrainConfig.from_toml(state["config"]).model
+    if theirs != cfg.model:
+        differ = [f.name for f in dataclasses.fields(theirs) if getattr(theirs, f.name) != getattr(cfg.model, f.name)]
+        raise ValueError(f"TrainConfig.init = {cfg.init!r}: its [model] differs from this run's in {differ}")
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"TrainConfig.init = {cfg.init!r}: its weights do not fit this run's network "
+                         f"(another scenario geometry?): {str(err).splitlines()[-1].strip()}") from None
+    return f"[INIT] network weights from {path}"
 
 
 def _restore(state, model, ema, objective, optimizer, schedule, scaler, device, spe) -> Progress:
