@@ -14,6 +14,7 @@ import torch
 import risloc
 from risloc import bench, metrics
 from risloc.estimators import register
+from risloc.nn.checkpoint import PACKAGED_MODELS
 from risloc.scenes import Estimates
 
 N_SCENES = 16
@@ -266,6 +267,10 @@ def test_method_checkpoints(tmp_path):
     res = bench.run_benchmark(bench.BenchConfig(**base, method_checkpoints={"bench-test-needs-checkpoint": str(ckpt)}))
     assert res.methods["bench-test-needs-checkpoint"].status == bench.OK
     assert _SEEN_CHECKPOINTS and set(_SEEN_CHECKPOINTS) == {str(ckpt)}
+    _SEEN_CHECKPOINTS.clear()  # a packaged model's name reaches the method as its file
+    res = bench.run_benchmark(bench.BenchConfig(**base, method_checkpoints={"bench-test-needs-checkpoint": "mixed"}))
+    assert res.methods["bench-test-needs-checkpoint"].status == bench.OK
+    assert _SEEN_CHECKPOINTS and set(_SEEN_CHECKPOINTS) == {str(PACKAGED_MODELS / "mixed.pt")}
     with pytest.raises(FileNotFoundError, match="--method-checkpoint"):
         bench.run_benchmark(bench.BenchConfig(**base, method_checkpoints={"bench-test-needs-checkpoint": str(tmp_path / "missing.pt")}))
 

@@ -153,3 +153,34 @@ def test_locate_refuses_a_known_k_outside_the_scenario(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--k 9" in err[0] and "scene 0" in err[0] and "Traceback" not in err[0]
     assert not out.exists()
+
+
+def test_a_packaged_model_name_is_a_checkpoint_and_an_unknown_name_is_refused(files, tmp_path, capsys):
+    """`--checkpoint NAME` (locate, bench) and `--method-checkpoint METHOD=NAME` (bench): a bare
+    name is the packaged model src/risloc/weights/NAME.pt; an unknown name is refused, one line
+    naming the flag and listing the packaged models; a missing path keeps its own message."""
+    from risloc.bench import BenchConfig
+    from risloc.bench.run import checkpoint_files
+    from risloc.nn.checkpoint import PACKAGED_MODELS, file_sha256, packaged_models
+
+    mixed = PACKAGED_MODELS / "mixed.pt"
+    assert "mixed" in packaged_models() and mixed.is_file()
+    out = tmp_path / "est.h5"
+    assert main(["locate", str(files / "scenes.h5"), "--out", str(out), "--method", "learned", "--checkpoint", "mixed",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert io.load_estimates(out).method == f"learned:{file_sha256(mixed)[:12]}"  # the packaged model's weights ran
+    out.unlink()
+    # bench's argument check: names become the packaged files, which the methods then read
+    cfg = checkpoint_files(BenchConfig(checkpoint="mixed", method_checkpoints={"subspacenet": "subspacenet"}))
+    assert Path(cfg.checkpoint) == mixed and cfg.method_checkpoints == {"subspacenet": str(PACKAGED_MODELS / "subspacenet.pt")}
+    listed = str(packaged_models())
+    report = tmp_path / "report"
+    for argv, flag in ((["bench", "--checkpoint", "no_such_model"], "--checkpoint 'no_such_model'"),
+                       (["bench", "--method-checkpoint", "subspacenet=no_such_model"], "--method-checkpoint subspacenet: 'no_such_model'"),
+                       (["locate", str(files / "scenes.h5"), "--method", "learned", "--checkpoint", "no_such_model"],
+                        "--checkpoint 'no_such_model'")):
+        err = _refused(capsys, tmp_path, [*argv, "--out", str(report if argv[0] == "bench" else out), "--no-progress"], flag)
+        assert f"neither a file nor a packaged model (packaged: {listed})" in err
+    err = _refused(capsys, tmp_path, ["bench", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(report)], "missing.pt")
+    assert err.endswith("no such file")

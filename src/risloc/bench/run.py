@@ -589,6 +589,26 @@ def _run_method(name: str, cfg: BenchConfig, scenes_dev: Scenes, truth_cpu, snr_
     return res
 
 
+def checkpoint_files(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with its checkpoints (``checkpoint``, ``method_checkpoints``) as files: a bare name
+    such as ``"mixed"`` becomes the packaged model's file
+    (:func:`risloc.nn.checkpoint.named_checkpoint`). An unknown name (ValueError listing the
+    packaged models) or a missing file (FileNotFoundError) is refused naming the flag."""
+    from ..nn.checkpoint import named_checkpoint
+
+    checkpoint = cfg.checkpoint
+    if checkpoint is not None:
+        checkpoint = named_checkpoint(checkpoint, "--checkpoint")
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
+    files = {}
+    for name, path in cfg.method_checkpoints.items():
+        files[name] = str(named_checkpoint(path, f"--method-checkpoint {name}:"))
+        if not Path(files[name]).is_file():
+            raise FileNotFoundError(f"--method-checkpoint {name}={path}: no such file")
+    return dataclasses.replace(cfg, checkpoint=checkpoint, method_checkpoints=files)
+
+
 def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     """Simulate the held-out scenes, run the CRB and every method on them, score, write the report.
 
@@ -599,11 +619,7 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     cfg = dataclasses.replace(config, **changes) if config is not None else BenchConfig(**changes)
     if cfg.sweeps:
         raise ValueError("BenchConfig.sweeps is set: run the sweeps with risloc.bench.run_sweeps (one benchmark per level)")
-    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
-        raise FileNotFoundError(f"--checkpoint {cfg.checkpoint}: no such file")
-    for name, path in cfg.method_checkpoints.items():
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--method-checkpoint {name}={path}: no such file")
+    cfg = checkpoint_files(cfg)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -47,9 +47,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"scenes per estimator call, the timing unit (default 256; {QUICK_BATCH} with --quick)")
     p.add_argument("--out", default="bench-report", metavar="DIR", help="report folder (default bench-report)")
     p.add_argument("--quick", action="store_true", help=f"small run: {QUICK_SCENES} scenes, batch {QUICK_BATCH}, default method options, 1 CPU thread")
-    p.add_argument("--checkpoint", default=None, metavar="CKPT", help="checkpoint of the learned pipeline: learned, learned+ml (default: packaged weights, if any)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="checkpoint of the learned pipeline: learned, learned+ml; a file or a packaged model's name, e.g. mixed "
+                        "(default: packaged weights, if any)")
     p.add_argument("--method-checkpoint", action="append", default=[], metavar="NAME=CKPT",
-                   help="checkpoint of another learned method, e.g. subspacenet=runs/ssn/best.pt (repeatable)")
+                   help="checkpoint of another learned method (a file or a packaged model's name), e.g. subspacenet=runs/ssn/best.pt (repeatable)")
     p.add_argument("--method-option", action="append", default=[], metavar="NAME:KEY=VALUE", dest="method_options",
                    help="an option of one method (repeatable; VALUE read as JSON where it parses; recorded in the report), "
                         "e.g. learned:grow=0")

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="scenes per chunk (default: the estimator's batch size)")
     p.add_argument("--k", type=int, default=None, metavar="N", dest="k",
                    help="known number of sources of every scene (methods that accept a known K)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for learned methods")
+    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint for learned methods: a file or a packaged model's name, e.g. mixed")
     p.add_argument("--order-rule", choices=("mdl", "aic", "eigengap"), help="model-order rule for methods that estimate K from eigenvalues")
     p.add_argument("--no-snr", action="store_true", help="ignore the files' SNR label (estimate it from the data)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
@@ -134,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"--k {args.k}: {exc}") from None
     if args.checkpoint is not None:
-        from risloc.nn.checkpoint import load_checkpoint
+        from risloc.nn.checkpoint import load_checkpoint, named_checkpoint
 
-        load_checkpoint(args.checkpoint)  # a damaged or foreign checkpoint, too
+        opts["checkpoint"] = named_checkpoint(args.checkpoint, "--checkpoint")  # a packaged model's name, or a file
+        load_checkpoint(opts["checkpoint"])  # a damaged or foreign checkpoint, too
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm

@@ -35,6 +35,32 @@ from .._files import InputError
 FORMAT = "risloc-learned"
 VERSION = 1
 
+PACKAGED_MODELS = Path(__file__).resolve().parent.parent / "weights"
+"""The folder of the packaged models: ``<name>.pt`` is the packaged model ``name``."""
+
+
+def packaged_models() -> list[str]:
+    """The names of the packaged models (the stems of ``PACKAGED_MODELS/*.pt``), sorted."""
+    return sorted(p.stem for p in PACKAGED_MODELS.glob("*.pt"))
+
+
+def named_checkpoint(checkpoint, what: str):
+    """``checkpoint`` as given, or for a bare name (a string with no folder and no suffix that is
+    not a file here), e.g. ``"mixed"``, the packaged model ``PACKAGED_MODELS/<name>.pt``.
+
+    The one rule for naming a packaged model, wherever a checkpoint is given. An unknown bare
+    name is a ValueError that starts with ``what`` (e.g. ``"--checkpoint"``) and lists the
+    packaged models; a path is returned unchanged (whether it exists is the caller's check)."""
+    if not isinstance(checkpoint, str):
+        return checkpoint
+    bare = "/" not in checkpoint and "\\" not in checkpoint and "." not in checkpoint
+    if not bare or Path(checkpoint).exists():
+        return checkpoint
+    packaged = PACKAGED_MODELS / f"{checkpoint}.pt"
+    if not packaged.is_file():
+        raise ValueError(f"{what} {checkpoint!r} is neither a file nor a packaged model (packaged: {packaged_models()})")
+    return packaged
+
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (:func:`risloc._files.atomic_path`)."""

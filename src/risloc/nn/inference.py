@@ -26,12 +26,12 @@ from ..estimators import register
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from .calibrate import decide_k
-from .checkpoint import file_sha256, load_checkpoint
+from .checkpoint import PACKAGED_MODELS, file_sha256, load_checkpoint, named_checkpoint
 from .config import TrainConfig
 from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import build_model, get_network
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.pt"
+DEFAULT_WEIGHTS = PACKAGED_MODELS / "default.pt"
 """The packaged default model (the ``spectrum`` network, docs/learned.md; ``risloc train --config
 configs/default.toml --stop-after-epoch 6`` reproduces it)."""
 
@@ -235,17 +235,9 @@ def packaged_or_given(method: str, checkpoint, default: Path, hint: str):
     """``checkpoint``, or the packaged weights ``default`` when it is None (an error naming
     ``--checkpoint`` and ``hint`` when the package has none). A bare name (no folder, no
     suffix, not a file here), e.g. ``"mixed"``, names a packaged model:
-    ``src/risloc/weights/<name>.pt``."""
+    ``src/risloc/weights/<name>.pt`` (:func:`risloc.nn.checkpoint.named_checkpoint`)."""
     if checkpoint is not None:
-        name = str(checkpoint)
-        bare = isinstance(checkpoint, str) and "/" not in name and "\\" not in name and "." not in name
-        if bare and not Path(name).exists():
-            packaged = default.parent / f"{name}.pt"
-            if not packaged.is_file():
-                known = sorted(p.stem for p in default.parent.glob("*.pt"))
-                raise ValueError(f"{method}: checkpoint {name!r} is neither a file nor a packaged model (packaged: {known})")
-            return packaged
-        return checkpoint
+        return named_checkpoint(checkpoint, f"{method}: checkpoint")
     if not default.is_file():
         raise ValueError(f"{method}: no checkpoint given and no packaged weights ({default}); "
                          f"pass --checkpoint FILE (checkpoint=...) or {hint}")
