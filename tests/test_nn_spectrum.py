@@ -1,6 +1,7 @@
 """The spectrum network (the shipped default): matched-filter front end and pursuit against
 direct formulas, invariances, decoding, the detection loss, local MUSIC, the packaged weights."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -239,7 +240,7 @@ def test_packaged_default_weights():
     from risloc.nn.inference import DEFAULT_WEIGHTS
     from risloc.nn.subspacenet import DEFAULT_WEIGHTS as PEER_WEIGHTS
 
-    for path in (DEFAULT_WEIGHTS, PEER_WEIGHTS):
+    for path in (DEFAULT_WEIGHTS, PEER_WEIGHTS, DEFAULT_WEIGHTS.with_name("mixed.pt")):
         assert path.is_file() and path.stat().st_size <= 20 * 2**20, path
         state = load_checkpoint(path)
         assert state["git"] not in ("", "unknown") and "success" in state["metrics"]
@@ -256,6 +257,24 @@ def test_packaged_default_weights():
         t = getattr(peer, q)
         assert torch.isfinite(t[on]).all() and torch.isnan(t[~on]).all(), q
         assert ((t[on] >= lo - 1e-6) & (t[on] <= hi + 1e-6 * hi)).all(), (q, t[on])
+
+
+def test_one_scene_alone_gets_its_answer_in_a_batch():
+    """A scene located alone (on the CPU the network's finer convolutions then run through oneDNN,
+    risloc.nn.networks.spectrum._Conv3d) gets the detections it gets inside a batch of four (PyTorch's
+    own kernel choice): the same K-hat and positions within 1e-4 rad and 1e-4 relative range, far
+    below the CRB of any scene (tests/test_crb.py)."""
+    from risloc.nn.inference import _learned
+
+    scenes = risloc.simulate(dataclasses.replace(SC, snr_db_min=15.0, snr_db_max=15.0), 4, seed=21)
+    batch = _learned(scenes, None, None, True, None, stage="detections")[0]
+    for i in range(4):
+        one = _learned(scenes[i : i + 1], None, None, True, None, stage="detections")[0]
+        assert one.K.item() == batch.K[i].item(), i
+        k = int(one.K.item())
+        assert torch.allclose(one.phi[0, :k], batch.phi[i, :k], atol=1e-4, rtol=0), i
+        assert torch.allclose(one.theta[0, :k], batch.theta[i, :k], atol=1e-4, rtol=0), i
+        assert torch.allclose(one.r[0, :k], batch.r[i, :k], atol=0, rtol=1e-4), i
 
 
 SHIPPED = Path(__file__).resolve().parent / "data" / "shipped_outputs.json"
