@@ -28,7 +28,8 @@ Steps (all batched over scenes; one batch of scenes, the registry chunks):
       P = ``hardware_penalty`` x (amplitude parameters: one per phase level that occurs less one for
       the scale, at most 3 for the parametric model, 0 where the amplitudes are left ideal) + ``failed_penalty`` x (elements
       declared failed). A hardware with neither (the ideal one) is ``ml-robust``'s own model: not a
-      candidate.
+      candidate, so steps b and c run only on the scenes whose fitted hardware is not ideal (the
+      iterations stop where none is left).
 
 2. Per scene, the answer of least J over i = 0..``joint_iterations``; i = 0, ``ml-robust``'s answer
    as it is, wherever no joint model gains more than its penalty (ideal scenes: ``ml-robust``'s
@@ -63,7 +64,8 @@ per-level ones.
 
 Cost: one ``ml-robust`` search, then per joint iteration one hardware fit (about 2
 ``hardware_iterations`` Levenberg-Marquardt steps, each a (Q + N)-square real Cholesky solve per
-scene) and one ``ml`` init-path pass, and 1 + ``joint_iterations`` likelihood evaluations
+scene) and, on the scenes with a non-ideal fitted hardware, one ``ml`` init-path pass; and
+1 + ``joint_iterations`` likelihood evaluations
 (:func:`criterion`: ``final_iterations`` refinement steps plus the model-error levels).
 """
 
@@ -403,6 +405,17 @@ def criterion(scenes: Scenes, est: Estimates, options: ml.MLOptions | None = Non
     return crit, ml._output(st, est.K.to(dev), empty, st.phi.shape[1], est.method)
 
 
+def _scatter(part: Estimates, idx: Tensor, whole: Estimates) -> Estimates:
+    """``whole`` with its scenes ``idx`` replaced by ``part`` (the estimates of those scenes, in order)."""
+    def put(a: Tensor, b: Tensor) -> Tensor:
+        out = b.clone()
+        out[idx] = a.to(b.dtype)
+        return out
+
+    return Estimates(put(part.K, whole.K), *(put(getattr(part, n), getattr(whole, n)) for n in ("phi", "theta", "r")),
+                     whole.method)
+
+
 def _pick(cond: Tensor, a: Estimates, b: Estimates) -> Estimates:
     """Per scene: ``a`` where ``cond``, else ``b``."""
     c = cond.view(-1, 1)
@@ -451,14 +464,23 @@ def estimate(scenes: Scenes, *, k_max: int | None = None, K: int | Tensor | None
             hw = estimate_hardware(scenes, cur, hardware_iterations=jo.hardware_iterations, hardware_penalty=jo.hardware_penalty,
                                    failed_penalty=jo.failed_penalty,
                                    failed_ratio=jo.failed_ratio, amplitude_model=jo.amplitude_model)
-            told = replace(scenes, codes=hw.realised(scenes.codes.to(torch.complex128)).to(scenes.codes.dtype), truth=None)
-            cand = ml.estimate(told, k_max=k_max, snr_db=snr_db, model=model, init=cur, options=replace(opts, **grow))
-            crit, cur = criterion(told, cand, opts, model=model)
-            n = hw.n_parameters().to(crit.dtype)
+            n = hw.n_parameters()
+            # the ideal hardware is ml-robust's model: the joint pass runs only where the fit found another
+            idx = torch.nonzero((n.sum(1) > 0) & ~empty).flatten()
+            if idx.numel() == 0:
+                break
+            sub = scenes[idx]
+            told = replace(sub, codes=hw.realised(scenes.codes.to(torch.complex128))[idx].to(scenes.codes.dtype), truth=None)
+            snr_sub = snr_db[idx] if isinstance(snr_db, Tensor) and snr_db.dim() > 0 else snr_db
+            cand = ml.estimate(told, k_max=k_max, snr_db=snr_sub, model=model, init=cur[idx], options=replace(opts, **grow))
+            crit, refined = criterion(told, cand, opts, model=model)
+            n = n[idx].to(crit.dtype)
             crit = crit + jo.hardware_penalty * n[:, 0] + jo.failed_penalty * n[:, 1]
-            better = (crit < best_crit) & ~empty & (n.sum(1) > 0)  # the ideal hardware is ml-robust's model
-            best = _pick(better, cand, best)
-            best_crit = torch.where(better, crit, best_crit)
+            better = torch.zeros(S, dtype=torch.bool, device=crit.device)
+            better[idx] = crit < best_crit[idx]
+            best = _pick(better, _scatter(cand, idx, best), best)
+            best_crit = best_crit.index_put((idx,), torch.where(better[idx], crit, best_crit[idx]))
+            cur = _scatter(refined, idx, cur)
     best.method = "ml-joint"
     return best
 
