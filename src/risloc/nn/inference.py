@@ -295,7 +295,7 @@ LEARNED_OVER = 1
 """Extra detections of ``learned``'s start (``over``): the network's min(K-hat + 1, K_max)
 strongest detections are refined, and ``over + prune`` pruning passes follow (the likelihood
 drops the extra one where it is not a source). The extra detection stands in for the growth
-step's dictionary search (:data:`LEARNED_GROW` = 0). Chosen on 4 000 scenes of each validation
+step's dictionary search (:data:`LEARNED_GROW`: none for stochastic signals). Chosen on 4 000 scenes of each validation
 seed, 1000 and 2026, on one H100 (benchmarks/results/h100/learned-stage/over_val1000.json,
 over_val2026.json), success over all SNRs / at 10-20 dB, K_acc at 10-20 dB, the stage's
 scenes/s at batch 1 024: one growth, no extra detection (the previous default) 0.4253 / 0.704 /
@@ -305,15 +305,20 @@ detection and one growth 0.425 / 0.705 / 0.985 at 6 010 and 0.428 / 0.707 / 0.98
 extra detections and one growth 0.426 / 0.705 / 0.984 at 4 560 and 0.427 / 0.707 / 0.981 at
 5 030. ``ml`` itself: 0.428 / 0.706 / 0.989 and 0.430 / 0.710 / 0.989."""
 
-LEARNED_GROW = 0
-"""Greedy additions of ``learned``'s likelihood stage (``ml``'s ``init_grow``; the option
-``grow``): the atom of a near-field dictionary of largest likelihood gain is added where the
-penalised likelihood prefers one source more. The network misses sources that no detection is
-near (docs/learned.md): on the validation seed 1000 (8 refinement steps, no RELAX or pruning,
+LEARNED_GROW = {"stochastic": 0, "static": 1}
+"""Greedy additions of ``learned``'s likelihood stage by the scenes' signal model (``ml``'s
+``init_grow``; the option ``grow`` overrides it): the atom of a near-field dictionary of largest
+likelihood gain is added where the penalised likelihood prefers one source more. The network
+misses sources that no detection is near (docs/learned.md).
+
+Stochastic signals: none. On the validation seed 1000 (8 refinement steps, no RELAX or pruning,
 benchmarks/results/h100/learned-speed/grow_val1000.json) success at 10-20 dB / all SNRs and
-K_acc at 10-20 dB 0.647 / 0.389 / 0.890 without, 0.680 / 0.406 / 0.959 with one. With the
+K_acc at 10-20 dB were 0.647 / 0.389 / 0.890 without, 0.680 / 0.406 / 0.959 with one; with the
 RELAX re-search and the pruning passes, one extra detection (:data:`LEARNED_OVER`) does as well
-for less time, so by default there is none."""
+for less time.
+
+Static signals: one, with every source re-searched (:data:`LEARNED_RELAX_SOURCES`, where the
+measurements are)."""
 
 LEARNED_RELAX = 1
 """RELAX cycles of ``learned`` (``ml``'s ``init_relax``; with :data:`LEARNED_RELAX_SOURCES`'s
@@ -335,16 +340,17 @@ Stochastic signals: the weakest. On 4 000 scenes of the validation seed 1000 (on
 10-20 dB / all SNRs, K_acc at 10-20 dB) against 0.706 / 0.427 / 0.984 for the weakest, at half
 the speed.
 
-Static signals: every source. There the network's K head under-counts and its detections of
-coherent, unchanging sources are less accurate, so that the weakest source is not the only one
-to move. 400 static scenes at 10-20 dB of each validation seed, 1000 and 2026, the packaged
-``mixed`` network, one thread of a 2-core CPU (benchmarks/results/cpu/learned-static-relax/),
-success / K_acc / K_under: the weakest 0.595 / 0.755 / 0.237 and 0.618 / 0.780 / 0.215; every
-source 0.748 / 0.927 / 0.063 and 0.772 / 0.945 / 0.045; ``ml`` on the same scenes 0.755 / 0.963 /
-0.030 and 0.782 / 0.965 / 0.025. The alternatives measured on those scenes did less: one growth
-step (``grow=1``) 0.708 / 0.868 and 0.705 / 0.873 (with every source re-searched as well: the
-same as every source alone), two growth steps 0.715 and 0.718, two extra detections
-(``over=2``) 0.615 and 0.630; 8 refinement steps with one growth 0.713 (seed 1000)."""
+Static signals: every source, after one growth step (:data:`LEARNED_GROW`). There the network's
+K head under-counts and its detections of coherent, unchanging sources are less accurate, so that
+the weakest source is not the only one to move. 400 static scenes at 10-20 dB of each validation
+seed, 1000 and 2026, the packaged ``mixed`` network, one thread of a 2-core CPU
+(benchmarks/results/cpu/learned-static-relax/), success / K_acc / K_under: the stochastic
+defaults (no growth, the weakest) 0.595 / 0.755 / 0.237 and 0.618 / 0.780 / 0.215; one growth
+0.708 / 0.868 / 0.120 and 0.705 / 0.873 / 0.120; every source re-searched 0.713 / 0.848 / 0.150 and
+0.735 / 0.877 / 0.115; both 0.748 / 0.927 / 0.063 and 0.772 / 0.945 / 0.045; ``ml`` on the same
+scenes 0.755 / 0.963 / 0.030 and 0.782 / 0.965 / 0.025. Less: two growth steps 0.715 and 0.718,
+two extra detections (``over=2``) 0.615 and 0.630, one growth with 8 refinement steps 0.713 or
+``ml``'s 25 x 13 x 14 dictionary 0.710 (seed 1000)."""
 
 LEARNED_PRUNE = 1
 """Pruning passes of ``learned`` beyond ``over`` (``ml``'s ``init_prune`` = over + prune): the
@@ -385,7 +391,7 @@ def estimate(
     music_options: dict | None = None,
     refine: str = "likelihood",
     over: int = LEARNED_OVER,
-    grow: int = LEARNED_GROW,
+    grow: int | None = None,
     relax: int = LEARNED_RELAX,
     prune: int = LEARNED_PRUNE,
     ml_options: dict | None = None,
@@ -401,7 +407,8 @@ def estimate(
 
     1. their positions, powers and sigma^2 take a few joint Fisher-scoring steps on the exact
        likelihood of the measurements y_l ~ CN(0, G_l R G_l^H + sigma^2 I) (no search);
-    2. ``grow`` (default :data:`LEARNED_GROW`, none) greedy additions: the atom of a near-field
+    2. ``grow`` (default :data:`LEARNED_GROW` of the scenes' signal model: none for stochastic
+       signals, one for static ones) greedy additions: the atom of a near-field
        dictionary (``grid_shape`` of :data:`LEARNED_DEFAULTS`) of largest likelihood gain given
        those sources is added and all are refined; the larger model is kept only where
        ``ml``'s penalised likelihood and power rule prefer it;
@@ -438,6 +445,8 @@ def estimate(
     """
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
+    if grow is None:
+        grow = LEARNED_GROW[scenes.scenario.signal]
     counts = _counts("learned", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned", K, scenes)
     if refine == "music":
