@@ -11,7 +11,7 @@ from risloc.nn.train import train
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     from risloc.nn.inference import (LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_PRUNE, LEARNED_RELAX,
-                                     _learned, k_confidence, load_model, over_init, run_model)
+                                     LEARNED_RELAX_SOURCES, _learned, k_confidence, load_model, over_init, run_model)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -34,13 +34,18 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     conf = k_confidence(pred, loaded.calibration)  # the calibrated K head's confidence
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
     # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
-    again = get("ml")(scenes, init=over_init(cand, first.K, LEARNED_OVER), **LEARNED_DEFAULTS, init_grow=LEARNED_GROW,
-                      init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
-    learned = get("learned")(scenes, checkpoint=ckpt, music_options=music)
-    assert learned.method == network.method and torch.equal(learned.K, again.K)
-    assert bool(((learned.K >= first.K - LEARNED_PRUNE) & (learned.K <= first.K + LEARNED_OVER + LEARNED_GROW)).all())
-    for name in ("phi", "theta", "r"):
-        assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True)
+    # (stochastic signals: no growth, the weakest source re-searched; static: one growth, every source)
+    for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (1, 0)}.items():
+        assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal]) == (grow, relax_sources)
+        these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
+        f, c = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
+        again = get("ml")(these, init=over_init(c, f.K, LEARNED_OVER), **LEARNED_DEFAULTS, init_grow=grow, relax_sources=relax_sources,
+                          init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
+        learned = get("learned")(these, checkpoint=ckpt, music_options=music)
+        assert learned.method == network.method and torch.equal(learned.K, again.K), signal
+        assert bool(((learned.K >= f.K - LEARNED_PRUNE) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
+        for name in ("phi", "theta", "r"):
+            assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True), (signal, name)
     # the counts and ml_options reach ml; with a known K no growth or pruning
     plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, over=0, grow=1, relax=0, prune=0, ml_options={"iterations": 2})
     ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, init_grow=1)
