@@ -10,9 +10,8 @@ checkpoint's autocast (bf16 on CUDA), the network with the K decision and detect
 the MUSIC step on the detections' effective covariance) in the precision of inference
 (``INFERENCE_AUTOCAST``), the likelihood refinement (``ml`` from the detections,
 ``LEARNED_DEFAULTS["iterations"]`` steps), ``learned``'s whole likelihood stage (from its start,
-the K-hat + ``LEARNED_OVER`` strongest detections: refinement, growth, RELAX of the weakest
-source, pruning: ``LEARNED_DEFAULTS``, ``LEARNED_GROW``, ``LEARNED_RELAX``, ``LEARNED_OVER`` +
-``LEARNED_PRUNE`` passes), and ``learned`` / ``learned+ml`` end to end through the registry
+the K-hat + ``LEARNED_OVER`` strongest detections: refinement, growth, RELAX, pruning, with the
+options of ``risloc.nn.inference.stage_options`` for the scenes' signal model), and ``learned`` / ``learned+ml`` end to end through the registry
 (simulation excluded). With ``--accuracy-scenes N`` it scores on N scenes of the same seed the
 variants float32/autocast forward x MUSIC step before the refinement or not (refinement only,
 no growth step). ``--profile`` adds
@@ -33,8 +32,8 @@ from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.estimators import get
 from risloc.metrics import score
-from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_OVER, LEARNED_PRUNE,
-                                 LEARNED_RELAX, _start, load_model, run_model)
+from risloc.nn.inference import (DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, LEARNED_DEFAULTS, LEARNED_OVER, _start, load_model, run_model,
+                                 stage_options)
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks.spectrum import matched_filter_spectra
 
@@ -97,7 +96,7 @@ def main(argv=None):
     steps = LEARNED_DEFAULTS["iterations"]
     refine = lambda p: ml(p[0], init=p[1], iterations=steps, init_prune=0, batch=args.batch)
     rates["refinement"] = rate(refine, pairs)
-    stage = {**LEARNED_DEFAULTS, "init_grow": LEARNED_GROW, "init_relax": LEARNED_RELAX, "init_prune": LEARNED_OVER + LEARNED_PRUNE}
+    stage = stage_options(batches[0].scenario.signal)
     rates["likelihood_stage"] = rate(lambda p: ml(p[0], init=p[1], batch=args.batch, **stage), list(zip(batches, starts)))
     for name in ("learned", "learned+ml"):
         est = get(name)

@@ -18,7 +18,7 @@ import torch
 import risloc
 from risloc._files import atomic_write_text
 from risloc.estimators import get, ml as M
-from risloc.nn.inference import _start, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_OVER, LEARNED_PRUNE, LEARNED_RELAX
+from risloc.nn.inference import LEARNED_OVER, _start, stage_options
 from risloc.scenes import Estimates
 dev = torch.device("cuda")
 scenes = risloc.simulate(risloc.Scenario(), 8192, seed=1000).to(dev)
@@ -35,7 +35,7 @@ def wrap(name):
 for n in ["_measured_dictionary", "_add_stochastic", "_refine", "_drop_one", "_ls_powers", "_decide_range", "_grow", "_relax", "_prune", "_evaluate", "unit_power"]:
     wrap(n)
 ml = get("ml")
-opts = {**LEARNED_DEFAULTS, "init_grow": LEARNED_GROW, "init_relax": LEARNED_RELAX, "init_prune": LEARNED_OVER + LEARNED_PRUNE}
+opts = stage_options("stochastic")
 res = {}
 for B in (1024, 4096):
     ml(scenes[:B], init=first[:B], batch=B, **opts)

@@ -382,17 +382,16 @@ class Pipeline:
 
 def build_pipeline(args, device) -> Pipeline:
     """The packaged (or ``--checkpoint``) model, or an untrained network of ``--config`` with the ``--set`` overrides."""
-    stage = {**inf.LEARNED_DEFAULTS, "init_grow": inf.LEARNED_GROW, "init_relax": inf.LEARNED_RELAX,
-             "init_prune": inf.LEARNED_OVER + inf.LEARNED_PRUNE}
     if args.config is None:
         loaded = inf.load_model(args.checkpoint or inf.DEFAULT_WEIGHTS, device=device)
-        return Pipeline(loaded.model, loaded.options, loaded.calibration, loaded.config.scenario, stage)
+        return Pipeline(loaded.model, loaded.options, loaded.calibration, loaded.config.scenario,
+                        inf.stage_options(loaded.config.scenario.signal))
     from risloc.nn.config import config_from_args
 
     cfg = config_from_args(args)
     torch.manual_seed(0)
     model = build_model(cfg.scenario, cfg.model).to(device).eval()
-    return Pipeline(model, cfg.covariance_options(cfg.loss.beta), inf.Calibration(), cfg.scenario, stage)
+    return Pipeline(model, cfg.covariance_options(cfg.loss.beta), inf.Calibration(), cfg.scenario, inf.stage_options(cfg.scenario.signal))
 
 
 def _wrapped(calls: Counter, captured: dict):

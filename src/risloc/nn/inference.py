@@ -359,6 +359,17 @@ power rule prefers one source fewer; it removes the extra detection of :data:`LE
 where it is not a source and corrects the K head's over-counts (see :data:`LEARNED_RELAX`)."""
 
 
+def stage_options(signal: str, *, over: int = LEARNED_OVER, grow: int | None = None, relax: int = LEARNED_RELAX,
+                  prune: int = LEARNED_PRUNE) -> dict:
+    """The ``ml`` options of ``learned``'s likelihood stage (:func:`estimate`) for scenes of the
+    signal model ``signal`` ("stochastic" or "static"): :data:`LEARNED_DEFAULTS`, the RELAX sources
+    of :data:`LEARNED_RELAX_SOURCES`, ``grow`` greedy additions (default :data:`LEARNED_GROW` of
+    the signal model), ``relax`` RELAX cycles and ``over + prune`` pruning passes."""
+    grow = LEARNED_GROW[signal] if grow is None else grow
+    return {**LEARNED_DEFAULTS, "relax_sources": LEARNED_RELAX_SOURCES[signal], "init_grow": grow, "init_relax": relax,
+            "init_prune": over + prune}
+
+
 def _counts(method: str, **counts) -> dict[str, int]:
     """The stage counts (``grow``, ``relax``, ...) as ints, each >= 0 (a ValueError naming ``method`` and the option)."""
     out = {}
@@ -445,16 +456,13 @@ def estimate(
     """
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    if grow is None:
-        grow = LEARNED_GROW[scenes.scenario.signal]
-    counts = _counts("learned", over=over, grow=grow, relax=relax, prune=prune)
+    counts = _counts("learned", over=over, relax=relax, prune=prune,
+                     grow=LEARNED_GROW[scenes.scenario.signal] if grow is None else grow)
     K = known_k("learned", K, scenes)
     if refine == "music":
         return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
     first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
-    options = {**LEARNED_DEFAULTS, "relax_sources": LEARNED_RELAX_SOURCES[scenes.scenario.signal],
-               "init_grow": counts["grow"], "init_relax": counts["relax"],
-               "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
+    options = {**stage_options(scenes.scenario.signal, **counts), **(ml_options or {})}
     est = _likelihood_stage(scenes, init, K, use_snr, options)
     est.method = first.method
     return est
