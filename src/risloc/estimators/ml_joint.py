@@ -470,7 +470,7 @@ def estimate(scenes: Scenes, *, k_max: int | None = None, K: int | Tensor | None
             if idx.numel() == 0:
                 break
             sub = scenes[idx]
-            told = replace(sub, codes=hw.realised(scenes.codes.to(torch.complex128))[idx].to(scenes.codes.dtype), truth=None)
+            told = replace(sub, codes=hw[idx].realised(sub.codes.to(torch.complex128)).to(sub.codes.dtype), truth=None)
             snr_sub = snr_db[idx] if isinstance(snr_db, Tensor) and snr_db.dim() > 0 else snr_db
             cand = ml.estimate(told, k_max=k_max, snr_db=snr_sub, model=model, init=cur[idx], options=replace(opts, **grow))
             crit, refined = criterion(told, cand, opts, model=model)

@@ -62,6 +62,11 @@ def named_checkpoint(checkpoint, what: str):
     return packaged
 
 
+def network_weights(state: dict) -> dict:
+    """The network weights of a checkpoint ``state``: its EMA weights where it has them, else the raw ones."""
+    return state["ema"] if state.get("ema") is not None else state["model"]
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (:func:`risloc._files.atomic_path`)."""
     path = Path(path)
@@ -120,7 +125,7 @@ def export_weights(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     (``src/risloc/weights/default.pt``); it loads like any checkpoint. Returns the written dict."""
     state = load_checkpoint(src)
     out = {k: state[k] for k in INFERENCE_KEYS if k in state}
-    out["model"] = state["ema"] if state.get("ema") is not None else state["model"]
+    out["model"] = network_weights(state)
     out["ema"] = None
     out["exported_from"] = {"file": Path(src).name, "sha256": file_sha256(src)}
     save_checkpoint(dst, out)

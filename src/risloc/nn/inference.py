@@ -26,7 +26,7 @@ from ..estimators import register
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from .calibrate import decide_k
-from .checkpoint import PACKAGED_MODELS, file_sha256, load_checkpoint, named_checkpoint
+from .checkpoint import PACKAGED_MODELS, file_sha256, load_checkpoint, named_checkpoint, network_weights
 from .config import TrainConfig
 from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import build_model, get_network
@@ -63,7 +63,7 @@ def load_model(checkpoint: str | Path, *, device=None) -> LoadedModel:
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_toml(state["config"])
     model = build_model(cfg.scenario, cfg.model)
-    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    model.load_state_dict(network_weights(state))
     model.eval()
     if device is not None:
         model.to(device)
@@ -456,8 +456,7 @@ def estimate(
     """
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    counts = _counts("learned", over=over, relax=relax, prune=prune,
-                     grow=LEARNED_GROW[scenes.scenario.signal] if grow is None else grow)
+    counts = _counts("learned", over=over, relax=relax, prune=prune, **({} if grow is None else {"grow": grow}))
     K = known_k("learned", K, scenes)
     if refine == "music":
         return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]

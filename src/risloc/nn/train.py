@@ -56,10 +56,10 @@ from ..simulate import source_factor
 from . import calibrate
 from .._files import atomic_write_text
 from .._provenance import git_commit
-from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, VERSION, export_weights, load_checkpoint, named_checkpoint, network_weights, save_checkpoint
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, Dist, parameter_digest, session
-from .inference import DEFAULT_WEIGHTS, INFERENCE_AUTOCAST, Calibration, fallback_order, locate_from_prediction, packaged_or_given
+from .inference import INFERENCE_AUTOCAST, Calibration, fallback_order, locate_from_prediction
 from .inputs import ModelInputs, effective, forward, prepare_inputs
 from .loss import Objective, covariance_nmse, format_selftest, selftest, zero_prediction
 from .networks import get_network
@@ -587,15 +587,14 @@ def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
     ``model`` (fine-tuning): its EMA weights where it has them. A ValueError naming
     ``TrainConfig.init`` when its [model] section differs from ``cfg.model`` or its weights do not fit
     (another geometry). Returns the log line."""
-    path = packaged_or_given("TrainConfig.init", cfg.init, DEFAULT_WEIGHTS, "")
+    path = named_checkpoint(cfg.init, "TrainConfig.init =")
     state = load_checkpoint(path)
     theirs = TrainConfig.from_toml(state["config"]).model
     if theirs != cfg.model:
         differ = [f.name for f in dataclasses.fields(theirs) if getattr(theirs, f.name) != getattr(cfg.model, f.name)]
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its [model] differs from this run's in {differ}")
-    weights = state["ema"] if state.get("ema") is not None else state["model"]
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(network_weights(state))
     except RuntimeError as err:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its weights do not fit this run's network "
                          f"(another scenario geometry?): {str(err).splitlines()[-1].strip()}") from None
