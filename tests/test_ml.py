@@ -11,6 +11,7 @@ import torch
 
 import risloc
 from risloc import Estimates, Scenario, simulate
+from risloc.scenes import Scenes
 from risloc.estimators import get
 from helpers import assert_same_positions
 from risloc.estimators.ml_core import stochastic_eval, static_eval
@@ -148,6 +149,26 @@ def test_init_prune_drops_a_spurious_source_and_keeps_true_ones():
     assert torch.equal(kept.K, t.K + 1)
     truth_init = Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone())
     assert torch.equal(get("ml")(s, init=truth_init, init_prune=2).K, t.K)  # true sources are never pruned here
+
+
+def test_init_path_answers_noise_alone_with_no_source():
+    # three proposed sources on noise alone: the pruning passes stop at one source, the order rule
+    # against the empty model then removes it; without pruning the proposed count is kept
+    sc = Scenario(k_fixed=1, snr_db_min=20, snr_db_max=20)
+    s = simulate(sc, 3, seed=12)
+    g = torch.Generator().manual_seed(12)
+    noise = torch.complex(torch.randn(s.y.shape, generator=g), torch.randn(s.y.shape, generator=g))
+    alone = Scenes(noise.to(s.y.dtype), s.H, s.codes, sc, s.snr_db, None)
+    nan = torch.full((3, sc.k_max - 3), math.nan)
+    spread = torch.tensor([-30.0, 0.0, 30.0]) * DEG
+    init = Estimates(torch.full((3,), 3), torch.cat([spread.expand(3, 3), nan], 1), torch.cat([torch.zeros(3, 3), nan], 1),
+                     torch.cat([torch.full((3, 3), 2.0), nan], 1))
+    assert torch.equal(get("ml")(alone, init=init, init_prune=2).K, torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(get("ml")(alone, init=init).K, torch.full((3,), 3))
+    # one true source at 20 dB started at its position: the empty model is not preferred
+    t = s.truth
+    truth_init = Estimates(t.K.clone(), t.phi.clone(), t.theta.clone(), t.r.clone())
+    assert torch.equal(get("ml")(s, init=truth_init, init_prune=2).K, t.K)
 
 
 def _three_sources_and_the_first_two(n: int):

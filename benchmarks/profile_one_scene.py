@@ -1,0 +1,98 @@
+"""What one scene costs: the host-side work behind ``risloc.locate`` on a single scene.
+
+    python benchmarks/profile_one_scene.py --device cuda --methods ml,learned,learned+ml --out one_scene_profile.json
+
+For each method, on one scene of the default scenario (``--seed``): the median wall time of
+``--calls`` calls after one warm-up call, then one call under ``torch.profiler`` with the counts
+that bound a one-scene call on a GPU: operators dispatched (``aten::`` calls), CUDA kernels
+launched, host reads of device values (``aten::item`` / ``aten::_local_scalar_dense``, each a wait
+for the device) and the device time of the kernels against the call's wall time. A call whose
+kernels keep the GPU busy for a small fraction of its wall time is bound by the host: by Python
+and operator dispatch (about 5-20 us per operator) and by its waits, not by the GPU. The top
+operators by host time are listed. On the CPU the kernel counts are zero and the operator counts
+still hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import risloc
+from risloc._files import atomic_write_text
+from risloc._provenance import stamp
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_ms(f, calls: int, device: str) -> float:
+    times = []
+    for _ in range(calls):
+        _sync(device)
+        t = time.perf_counter()
+        f()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def profile_call(f, device: str, top: int) -> dict:
+    """One call of ``f`` under the profiler: operator, kernel and host-read counts, device time."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        f()
+        _sync(device)
+    wall = time.perf_counter() - t
+    events = prof.events()
+    ops = [e for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"]
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    reads = sum(1 for e in ops if e.name == "aten::_local_scalar_dense")  # .item(), bool(t), int(t) of a tensor
+    device_us = sum(e.time_range.elapsed_us() for e in kernels)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    return {
+        "profiled_wall_ms": 1e3 * wall,
+        "aten_ops": len(ops),
+        "top_level_aten_ops": sum(1 for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")),
+        "cuda_kernels": len(kernels),
+        "host_reads": reads,
+        "kernel_time_ms": device_us / 1e3,
+        "top_ops": table,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--methods", default="ml,learned,learned+ml")
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default="one_scene_profile.json")
+    args = ap.parse_args()
+    scene = risloc.simulate(risloc.Scenario(), 1, seed=args.seed, device=args.device)
+    out = {"calls": args.calls, "methods": {}, **stamp(seed=args.seed, device=args.device, config=vars(args))}
+    for name in args.methods.split(","):
+        f = lambda: risloc.locate(scene, name)  # noqa: E731
+        f()  # warm-up: model loading, kernels' first launches
+        rec = {"median_ms": _median_ms(f, args.calls, args.device)}
+        rec.update(profile_call(f, args.device, args.top))
+        out["methods"][name] = rec
+        print(f"{name}: {rec['median_ms']:.1f} ms median; profiled call: {rec['aten_ops']} aten ops "
+              f"({rec['top_level_aten_ops']} top-level), {rec['cuda_kernels']} CUDA kernels, {rec['host_reads']} host reads, "
+              f"kernel time {rec['kernel_time_ms']:.1f} ms of {rec['profiled_wall_ms']:.1f} ms", flush=True)
+        print(rec["top_ops"], flush=True)
+    atomic_write_text(args.out, json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
