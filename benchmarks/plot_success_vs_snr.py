@@ -7,7 +7,7 @@ Cramér–Rao bound with the right K would have on the same scenes (``crb.refere
 The plot is drawn by :func:`risloc.bench.figures.success_vs_snr`, the function behind the
 report's own ``success_vs_snr.png``.
 
-    python benchmarks/plot_success_vs_snr.py benchmarks/results/h100/bench-heldout-b4e2a56/results.json \
+    python benchmarks/plot_success_vs_snr.py benchmarks/results/h100/bench-heldout-15dfe39/results.json \
         docs/img/success_vs_snr.png
 
 Success of a scene: K̂ = K and every source within 2° in φ and θ and 10 % of its range

@@ -5,7 +5,7 @@ Every row of the table under "Which method" names, in its last column, a results
 a file in it); every number of the row must equal the value in that folder's ``results.json``
 (written by ``risloc bench``) with the README's rounding: success and K accuracy to three
 decimals as Python formats the stored float (``f"{x:.3f}"``, so 0.1415 reads 0.141, as in the
-run's report.md), scenes/s to three significant figures, the one-scene latency (median) in whole ms. A row labelled "held-out" must come from a run
+run's report.md), scenes/s to three significant figures, the one-scene latency (median) in whole ms, "–" where the run made no latency calls. A row labelled "held-out" must come from a run
 on the held-out seed. A stale figure, a mistyped one or a wrong folder fails here.
 """
 
@@ -105,7 +105,7 @@ def expected(header: str, method: str, res: dict) -> str:
         return repr(_sig3(m["timing"]["scenes_per_s"]))
     if h.startswith("one-scene latency"):
         latency = m.get("latency_ms")
-        return f"{latency['median']:.0f}" if latency else "(no latency in the file)"
+        return f"{latency['median']:.0f}" if latency else DASH  # a run without latency calls
     raise AssertionError(f"README table: no rule for column {header!r}")
 
 
