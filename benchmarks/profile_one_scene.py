@@ -1,6 +1,11 @@
 """What one scene costs: the host-side work behind ``risloc.locate`` on a single scene.
 
     python benchmarks/profile_one_scene.py --device cuda --methods ml,learned,learned+ml --out one_scene_profile.json
+    python benchmarks/profile_one_scene.py --device cuda --methods learned,learned:fixed,learned:network --out parts.json
+
+``learned:fixed`` is ``learned`` with the refinement steps alone (``over=0, grow=0, relax=0,
+prune=0``: no dictionary search, no pruning) and ``learned:network`` the network's own positions
+(``refine="music"``), so the rows split a one-scene call into its parts.
 
 For each method, on one scene of the default scenario (``--seed``): the median wall time of
 ``--calls`` calls after one warm-up call, then one call under ``torch.profiler`` with the counts
@@ -44,6 +49,13 @@ def _median_ms(f, calls: int, device: str) -> float:
     return 1e3 * statistics.median(times)
 
 
+VARIANTS = {
+    "learned:fixed": ("learned", {"over": 0, "grow": 0, "relax": 0, "prune": 0}),
+    "learned:network": ("learned", {"refine": "music"}),
+}
+"""Named variants of a method: (method, options)."""
+
+
 def profile_call(f, device: str, top: int) -> dict:
     """One call of ``f`` under the profiler: operator, kernel and host-read counts, device time."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -82,7 +94,8 @@ def main() -> None:
     scene = risloc.simulate(risloc.Scenario(), 1, seed=args.seed, device=args.device)
     out = {"calls": args.calls, "methods": {}, **stamp(seed=args.seed, device=args.device, config=vars(args))}
     for name in args.methods.split(","):
-        f = lambda: risloc.locate(scene, name)  # noqa: E731
+        method, options = VARIANTS.get(name, (name, {}))
+        f = lambda: risloc.locate(scene, method, **options)  # noqa: E731
         f()  # warm-up: model loading, kernels' first launches
         rec = {"median_ms": _median_ms(f, args.calls, args.device)}
         rec.update(profile_call(f, args.device, args.top))
