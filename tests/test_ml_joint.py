@@ -120,13 +120,14 @@ def test_ideal_scenes_get_ml_robust_answer():
 
 
 def test_better_than_ml_robust_under_practical_amplitude():
-    """Practical amplitude at 20 dB, 16 scenes: ml-joint's successes (right K, every source a hit)
-    at least 4 more than ml-robust's (measured on these scenes: 8 and 15)."""
+    """Practical amplitude at 20 dB, 8 scenes (K = 2, 4, 3, 5, 2, 3, 3, 2): ml-joint's successes
+    (right K, every source a hit) at least 3 more than ml-robust's (measured on these scenes: 4
+    and 8; on the first 16 scenes of the seed 8 and 15)."""
     sc = Scenario(snr_db_min=20, snr_db_max=20, ris_amplitude="practical")
-    s = simulate(sc, 16, seed=8)
+    s = simulate(sc, 8, seed=8)
     robust = success_mask(s.truth, get("ml-robust")(s, **SMALL))
     joint = success_mask(s.truth, get("ml-joint")(s, **SMALL))
-    assert int(joint.sum()) >= int(robust.sum()) + 4, (int(joint.sum()), int(robust.sum()))
+    assert int(joint.sum()) >= int(robust.sum()) + 3, (int(joint.sum()), int(robust.sum()))
 
 
 def test_options_validated():

@@ -108,10 +108,11 @@ def test_every_estimator_of_the_package_accepts_k():
 
 @pytest.mark.parametrize("method", ACCEPTS_K)
 def test_known_k_honoured(method, scenes):
-    """K-hat == K in every scene, int and per-scene tensor forms, sources finite, padding NaN."""
-    truth_k = scenes.truth.K
-    for K in (2, truth_k, torch.tensor([5, 1, 3, 2, 4, 1, 5])):
-        est = risloc.locate(scenes, method, K=K, batch=4)
+    """K-hat == K in every scene, int and per-scene tensor forms (split over two batches of the
+    registry), sources finite, padding NaN."""
+    scenes = scenes[:5]
+    for K in (2, torch.tensor([5, 1, 3, 2, 4])):
+        est = risloc.locate(scenes, method, K=K, batch=3)
         want = torch.as_tensor(K).expand(len(scenes))
         assert torch.equal(est.K, want), (method, K)
         active = torch.arange(SC.k_max).view(1, -1) < want.view(-1, 1)
