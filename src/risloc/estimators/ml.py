@@ -857,16 +857,26 @@ def _prune(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem):
     return st, nll, F, k - take.to(k.dtype)
 
 
+def _empty_nll(like: _State, prob: _Problem) -> Tensor:
+    """NLL ``[B]`` of the model without sources (in the slots of ``like``). With the plain
+    likelihood in closed form: y is scaled to unit mean power, so sigma^2 = 1 and NLL_0 = L M
+    (stochastic; the static NLL L M log(RSS) has RSS = L M). Under a mismatch floor sigma^2 is
+    refined (``final_iterations`` steps)."""
+    B, K = like.phi.shape
+    if prob.floor is not None:
+        empty = _empty_state(B, K, prob.box, like.phi.dtype, like.phi.device)
+        return torch.nan_to_num(_refine(empty, prob, prob.opts.final_iterations)[1], nan=float("inf"))
+    LM = float(prob.y.shape[1] * prob.y.shape[2])
+    return torch.full((B,), LM * math.log(LM) if prob.static else LM, dtype=like.phi.dtype, device=like.phi.device)
+
+
 def _none_if_better(st: _State, nll: Tensor, k: Tensor, prob: _Problem) -> Tensor:
     """The order rule of :func:`_select` between a scene's model of order ``k`` ``[B]`` and the
-    model without sources: K-hat = 0 where NLL_0 <= NLL_k + tau k (ties go to the smaller order,
-    as in :func:`_select`). NLL_0 is the empty model's, its sigma^2 refined
-    (``final_iterations`` steps; under a mismatch floor it is not 1). The ``init`` path's
-    pruning passes drop one source each and stop at one; this is its last step, so that noise
-    alone is answered with no source, as the search path answers it."""
-    B, K = st.phi.shape
-    nll0 = _refine(_empty_state(B, K, prob.box, st.phi.dtype, st.phi.device), prob, prob.opts.final_iterations)[1]
-    nll0 = torch.nan_to_num(nll0, nan=float("inf"))
+    model without sources (:func:`_empty_nll`): K-hat = 0 where NLL_0 <= NLL_k + tau k (ties go to
+    the smaller order, as in :func:`_select`). The ``init`` path's pruning passes drop one source
+    each and stop at one; this is its last step, so that noise alone is answered with no source,
+    as the search path answers it."""
+    nll0 = _empty_nll(st, prob)
     none = nll0 <= torch.nan_to_num(nll, nan=float("inf")) + prob.tau * k
     return torch.where(none, torch.zeros_like(k), k)
 
@@ -959,11 +969,7 @@ def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
         s2_grid = (1.0 / (1.0 + 10 ** (snr / 10))).view(B, 1)
     else:
         s2_grid = torch.tensor([0.7, 0.3, 0.1, 0.03, 0.01], dtype=rd, device=device).expand(B, -1)
-    LM = float(L * M)
-    nll0 = torch.full((B,), LM, dtype=rd, device=device)  # sigma^2 = mean |y|^2 = 1
-    if static:
-        nll0 = LM * torch.log(torch.full((B,), LM, dtype=rd, device=device))
-    nlls = [nll0]
+    nlls = [_empty_nll(st, prob)]
     states = [st.clone()]
     relax_at = (orders,) if opts.relax_at == "last" else tuple(opts.relax_at)
     for k in range(orders):
