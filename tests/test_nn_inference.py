@@ -34,8 +34,8 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     conf = k_confidence(pred, loaded.calibration)  # the calibrated K head's confidence
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
     # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
-    # (stochastic signals: no growth, the weakest source re-searched; static: one growth, every source)
-    for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (1, 0)}.items():
+    # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source)
+    for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (2, 0)}.items():
         assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal]) == (grow, relax_sources)
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
         f, c = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
