@@ -956,12 +956,9 @@ def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
     K of its batch. Returns the list of states, the NLLs ``[B, orders + 1]`` and the dictionary
     record (:class:`_Atoms`).
     """
-    y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
-    opts, static = prob.opts, prob.static
-    B, L, M = y.shape
-    device = y.device
-    cd = y.dtype
-    rd = physics.real_dtype(cd)
+    y, opts, static = prob.y, prob.opts, prob.static
+    B, device = y.shape[0], y.device
+    rd = physics.real_dtype(y.dtype)
     dico = _measured_dictionary(prob)
     st = _empty_state(B, K, prob.box, rd, device)
     if prob.snr_db is not None:
