@@ -242,6 +242,12 @@ class _Problem:
     def tau(self) -> float:
         return self.opts.penalty(self.static)
 
+    def repeat(self, n: int) -> "_Problem":
+        """The batch ``n`` times over, stacked along the batch (for evaluating n models of every
+        scene in one likelihood call); the nominal SNR is not carried (only the search uses it)."""
+        rep = lambda t: None if t is None else t.repeat(n, *[1] * (t.ndim - 1))  # noqa: E731
+        return replace(self, y=rep(self.y), H=rep(self.H), codes=rep(self.codes), floor=rep(self.floor), snr_db=None)
+
 
 @dataclass
 class _Atoms:
@@ -318,6 +324,10 @@ class _State:
 
     def clone(self) -> "_State":
         return _State(*(t.clone() for t in (self.phi, self.theta, self.rho, self.logp, self.logs, self.active)))
+
+    def repeat(self, n: int) -> "_State":
+        """``n`` copies of every scene's model, stacked along the batch (copy i of scene b at i B + b)."""
+        return _State(*(t.repeat(n, *[1] * (t.ndim - 1)) for t in (self.phi, self.theta, self.rho, self.logp, self.logs, self.active)))
 
 
 def _init_state(init: Estimates, box, K: int, rd, device) -> _State:
@@ -796,19 +806,21 @@ def _drop_one(st: _State, k, prob: _Problem, iterations: int) -> tuple[_State, T
     """THE pruning step: drop the source whose removal costs least likelihood and refine the rest.
 
     For every source j < k (k an int or per scene ``[B]``) the NLL of the model without it is
-    evaluated (no refinement); the cheapest removal is refined (``iterations`` steps). Returns the
+    evaluated (no refinement; all removals of all scenes in one likelihood call); the cheapest
+    removal is refined (``iterations`` steps). Returns the
     (k-1)-source state, its NLL (NaN -> inf) and Fisher matrix. Used by the backward pass
     (stage 3) and the ``init`` path's pruning (:func:`_prune`).
     """
     B = st.phi.shape[0]
     dev = st.phi.device
     n = k if isinstance(k, int) else max(1, int(k.max()))
-    vals = []
-    for j in range(n):
-        v = _evaluate(_remove(st, torch.full((B,), j, dtype=torch.int64, device=dev), k), prob, derivatives=False)[0]
-        v = torch.nan_to_num(v, nan=float("inf"))
-        vals.append(v if isinstance(k, int) else torch.where(j < k, v, torch.full_like(v, float("inf"))))
-    j = torch.argmin(torch.stack(vals, dim=1), dim=1)
+    # every removal j < n at once: n copies of the batch, copy j without source j (one evaluation)
+    each = _remove(st.repeat(n), torch.arange(n, device=dev).repeat_interleave(B), k if isinstance(k, int) else k.repeat(n))
+    vals = _evaluate(each, prob.repeat(n), derivatives=False)[0]
+    vals = torch.nan_to_num(vals, nan=float("inf")).view(n, B).T  # [B, n]
+    if not isinstance(k, int):
+        vals = torch.where(torch.arange(n, device=dev).view(1, -1) < k.view(-1, 1), vals, torch.full_like(vals, float("inf")))
+    j = torch.argmin(vals, dim=1)
     cand, nll, _, F = _refine(_remove(st, j, k), prob, iterations)
     return cand, torch.nan_to_num(nll, nan=float("inf")), F
 
