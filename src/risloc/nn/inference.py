@@ -28,6 +28,7 @@ from ..scenes import Estimates, Scenes
 from .calibrate import decide_k
 from .checkpoint import PACKAGED_MODELS, file_sha256, load_checkpoint, named_checkpoint, network_weights
 from .config import TrainConfig
+from .graphs import graphable, graphed_forward
 from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import build_model, get_network
 
@@ -219,7 +220,10 @@ def run_model(
     :func:`locate_from_prediction` (for callers that refine them on the likelihood next)."""
     s = scenes.to(next(model.parameters()).device)
     inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
-    pred = forward(model, inputs, options, autocast)
+    if graphable(model, len(inputs), s.device):  # a few scenes on CUDA: the forward as one replayed graph
+        pred = graphed_forward(model, lambda x: forward(model, x, options, autocast), inputs, (options, autocast))
+    else:
+        pred = forward(model, inputs, options, autocast)
     K = K.to(s.device) if K is not None else None
     if stage not in ("music", "detections"):
         raise ValueError(f"run_model: stage = {stage!r}: must be 'music' or 'detections'")

@@ -1,0 +1,56 @@
+"""The network's forward pass as a replayed CUDA graph (risloc.nn.graphs): the tree helpers on
+any device; on CUDA, the graphed answers against the eager ones, one capture per batch signature,
+and a second scene through the same graph getting its own answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import risloc
+from risloc.nn import graphs
+from risloc.nn.inputs import prepare_inputs
+
+
+def _inputs(n: int, seed: int = 1):
+    s = risloc.simulate(risloc.Scenario(), n, seed=seed)
+    return prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=1e-3)
+
+
+def test_tree_helpers_walk_the_dataclasses_of_the_inputs():
+    x = _inputs(2)
+    leaves = graphs.tree_tensors(x)
+    assert len(leaves) == 7  # sample factor and diagonal, SNR, known flags, y, H, codes
+    copy = graphs.tree_map(torch.clone, x)
+    assert type(copy) is type(x) and type(copy.sample) is type(x.sample)
+    for a, b in zip(graphs.tree_tensors(copy), leaves):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert graphs.signature(x) == graphs.signature(copy)
+    assert graphs.signature(x) != graphs.signature(_inputs(3))  # another batch size
+    no_y = graphs.tree_map(lambda t: t, x)
+    no_y.y = None
+    assert graphs.signature(no_y) != graphs.signature(x)  # a missing field is another signature
+
+
+def test_not_graphed_on_the_cpu_or_for_large_batches():
+    model = torch.nn.Linear(2, 2).eval()
+    with torch.no_grad():
+        assert not graphs.graphable(model, 1, torch.device("cpu"))
+        assert not graphs.graphable(model, graphs.GRAPH_MAX_SCENES + 1, torch.device("cuda"))
+        assert graphs.graphable(model, 1, torch.device("cuda"))
+    assert not graphs.graphable(model, 1, torch.device("cuda"))  # autograd on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_learned_answers_as_eager(monkeypatch):
+    scenes = risloc.simulate(risloc.Scenario(), 3, seed=4, device="cuda")
+    graphs._GRAPHS.clear()
+    one, two = risloc.locate(scenes[0:1], "learned"), risloc.locate(scenes[1:2], "learned")
+    assert len(graphs._GRAPHS) == 1  # one capture for both single scenes
+    monkeypatch.setattr(graphs, "GRAPH_MAX_SCENES", 0)
+    for got, s in ((one, scenes[0:1]), (two, scenes[1:2])):
+        want = risloc.locate(s, "learned")
+        assert torch.equal(got.K, want.K)
+        for q in ("phi", "theta"):
+            assert torch.allclose(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0), atol=1e-5, rtol=0), q
+        assert torch.allclose(got.r.nan_to_num(9.0), want.r.nan_to_num(9.0), rtol=1e-4, atol=0)
