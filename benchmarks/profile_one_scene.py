@@ -90,11 +90,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--graph-max-scenes", type=int, default=None,
-                    help="risloc.nn.graphs.GRAPH_MAX_SCENES for this run (0: the network's forward eagerly)")
+                    help="risloc.cuda_graphs.GRAPH_MAX_SCENES for this run (0: everything eagerly)")
     ap.add_argument("--out", default="one_scene_profile.json")
     args = ap.parse_args()
     if args.graph_max_scenes is not None:
-        from risloc.nn import graphs
+        from risloc import cuda_graphs as graphs
 
         graphs.GRAPH_MAX_SCENES = args.graph_max_scenes
     scene = risloc.simulate(risloc.Scenario(), 1, seed=args.seed, device=args.device)

@@ -85,7 +85,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from .. import grids, physics
+from .. import cuda_graphs, grids, physics
 from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
@@ -378,7 +378,26 @@ def _refine(state: _State, prob: _Problem, iterations: int):
 
     Step: (F + lambda diag(F)) delta = -grad; a step is kept (per scene) only when it lowers
     the NLL, and lambda is divided by 3 after a kept step and multiplied by 5 otherwise.
+    A fixed number of steps that reads no device value: a few scenes on CUDA replay it as one
+    captured graph (:mod:`risloc.cuda_graphs`). Returns (state, NLL, static amplitudes or None,
+    Fisher matrix).
     """
+    if not cuda_graphs.graphable(state.phi.shape[0], state.phi.device):
+        return _refine_steps(state, prob, iterations)
+
+    def call(x):
+        st, (y, H, codes, floor, box) = _State(*x[0]), x[1]
+        out_state, nll, amp, F = _refine_steps(st, replace(prob, y=y, H=H, codes=codes, floor=floor, box=box), iterations)
+        return (out_state.phi, out_state.theta, out_state.rho, out_state.logp, out_state.logs, out_state.active), nll, amp, F
+
+    parts = (state.phi, state.theta, state.rho, state.logp, state.logs, state.active)
+    key = ("ml._refine", iterations, prob.static, prob.scenario.to_json())
+    out, nll, amp, F = cuda_graphs.graphed(call, (parts, (prob.y, prob.H, prob.codes, prob.floor, prob.box)), key)
+    return _State(*out), nll, amp, F
+
+
+def _refine_steps(state: _State, prob: _Problem, iterations: int):
+    """The steps of :func:`_refine`, eagerly."""
     K = state.phi.shape[1]
     lo, hi = prob.box
     static = prob.static

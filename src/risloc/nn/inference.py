@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from .. import covariance as cv
+from ..cuda_graphs import graphable, graphed
 from ..estimators import register
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from .calibrate import decide_k
 from .checkpoint import PACKAGED_MODELS, file_sha256, load_checkpoint, named_checkpoint, network_weights
 from .config import TrainConfig
-from .graphs import graphable, graphed_forward
 from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import build_model, get_network
 
@@ -220,8 +220,8 @@ def run_model(
     :func:`locate_from_prediction` (for callers that refine them on the likelihood next)."""
     s = scenes.to(next(model.parameters()).device)
     inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
-    if graphable(model, len(inputs), s.device):  # a few scenes on CUDA: the forward as one replayed graph
-        pred = graphed_forward(model, lambda x: forward(model, x, options, autocast), inputs, (options, autocast))
+    if graphable(len(inputs), s.device, model):  # a few scenes on CUDA: the forward as one replayed graph
+        pred = graphed(lambda x: forward(model, x, options, autocast), inputs, ("forward", options, autocast), owner=model)
     else:
         pred = forward(model, inputs, options, autocast)
     K = K.to(s.device) if K is not None else None

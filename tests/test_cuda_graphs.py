@@ -1,4 +1,4 @@
-"""The network's forward pass as a replayed CUDA graph (risloc.nn.graphs): the tree helpers on
+"""Small CUDA batches as replayed CUDA graphs (risloc.cuda_graphs): the tree helpers on
 any device; on CUDA, the graphed answers against the eager ones, one capture per batch signature,
 and a second scene through the same graph getting its own answer."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import risloc
-from risloc.nn import graphs
+from risloc import cuda_graphs as graphs
 from risloc.nn.inputs import prepare_inputs
 
 
@@ -34,22 +34,26 @@ def test_tree_helpers_walk_the_dataclasses_of_the_inputs():
 
 def test_not_graphed_on_the_cpu_or_for_large_batches():
     model = torch.nn.Linear(2, 2).eval()
+    cuda = torch.device("cuda")
     with torch.no_grad():
-        assert not graphs.graphable(model, 1, torch.device("cpu"))
-        assert not graphs.graphable(model, graphs.GRAPH_MAX_SCENES + 1, torch.device("cuda"))
-        assert graphs.graphable(model, 1, torch.device("cuda"))
-    assert not graphs.graphable(model, 1, torch.device("cuda"))  # autograd on
+        assert not graphs.graphable(1, torch.device("cpu"), model)
+        assert not graphs.graphable(graphs.GRAPH_MAX_SCENES + 1, cuda, model)
+        assert graphs.graphable(1, cuda, model) and graphs.graphable(1, cuda)
+        assert not graphs.graphable(1, cuda, model.train())  # a model in training mode
+    assert not graphs.graphable(1, cuda)  # autograd on
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graphed_learned_answers_as_eager(monkeypatch):
+@pytest.mark.parametrize("method", ["learned", "ml"])
+def test_graphed_answers_as_eager(method, monkeypatch):
     scenes = risloc.simulate(risloc.Scenario(), 3, seed=4, device="cuda")
     graphs._GRAPHS.clear()
-    one, two = risloc.locate(scenes[0:1], "learned"), risloc.locate(scenes[1:2], "learned")
-    assert len(graphs._GRAPHS) == 1  # one capture for both single scenes
+    one, two = risloc.locate(scenes[0:1], method), risloc.locate(scenes[1:2], method)
+    keys = [k[2][0] for k in graphs._GRAPHS]
+    assert "ml._refine" in keys and keys.count("forward") == (method == "learned")  # one forward capture for both scenes
     monkeypatch.setattr(graphs, "GRAPH_MAX_SCENES", 0)
     for got, s in ((one, scenes[0:1]), (two, scenes[1:2])):
-        want = risloc.locate(s, "learned")
+        want = risloc.locate(s, method)
         assert torch.equal(got.K, want.K)
         for q in ("phi", "theta"):
             assert torch.allclose(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0), atol=1e-5, rtol=0), q

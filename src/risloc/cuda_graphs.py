@@ -1,0 +1,117 @@
+"""Small batches on CUDA as replayed CUDA graphs: the network's forward pass and ``ml``'s refinement.
+
+One scene through ``learned`` launches thousands of CUDA kernels, each a few microseconds of GPU
+work but 10-20 microseconds of Python and operator dispatch on the host: one scene is bound by
+the host (benchmarks/results/h100/one-scene-profile-15dfe39). A CUDA graph
+(``torch.cuda.CUDAGraph``) records the kernels of one call once and replays them with a single
+launch. :func:`graphed` keeps one graph per call site, signature of the inputs (the shapes,
+dtypes and devices of every tensor in them) and key (the call's other arguments, which the
+graph bakes in); the first call with a new signature runs the call twice on a side stream
+(warm-up: cuDNN's and risloc's caches are filled outside the capture), captures a third run,
+and every later call copies its inputs into the graph's input buffers, replays the graph and
+returns a copy of its outputs. The answers are those of the eager call (the same kernels).
+
+Used for CUDA batches of at most :data:`GRAPH_MAX_SCENES` scenes (each graph keeps its own
+memory; large batches are not launch-bound), outside autograd: the spectrum network's forward
+pass (:func:`risloc.nn.inference.run_model`) and ``ml``'s Fisher-scoring refinement
+(:func:`risloc.estimators.ml._refine`), whose steps have a fixed count and read no device value.
+A capture that fails (an operation that waits for the device, or one CUDA graphs do not
+support) raises, naming the cause: set :data:`GRAPH_MAX_SCENES` to 0 to run everything eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+GRAPH_MAX_SCENES = 8
+"""CUDA batches of at most this many scenes run as replayed CUDA graphs (:func:`graphed`); 0
+runs everything eagerly."""
+
+_MAX_GRAPHS = 16
+"""Graphs kept at most (the oldest is dropped first)."""
+
+_GRAPHS: dict[tuple, "_Graph"] = {}
+
+
+def tree_map(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it: tensors, dataclasses (field by field),
+    tuples, lists and dicts are walked; anything else is kept as it is."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: tree_map(fn, getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(tree_map(fn, v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: tree_map(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def tree_tensors(obj: Any) -> list[Tensor]:
+    """Every tensor in ``obj``, in the order :func:`tree_map` visits them."""
+    out: list[Tensor] = []
+    tree_map(lambda t: out.append(t) or t, obj)
+    return out
+
+
+def signature(obj: Any) -> tuple:
+    """Shapes, dtypes and devices of the tensors in ``obj`` and where they are (None fields differ)."""
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tree_tensors(obj)) + (repr(tree_map(lambda t: 0, obj)),)
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: Any
+    outputs: Any
+    owner: Callable[[], Any] | None
+
+
+def graphable(batch: int, device: torch.device, model: torch.nn.Module | None = None) -> bool:
+    """Whether :func:`graphed` should replay a graph for a call on ``batch`` scenes on ``device``
+    (CUDA, at most :data:`GRAPH_MAX_SCENES` scenes, autograd off, ``model`` in eval mode)."""
+    return (device.type == "cuda" and 0 < batch <= GRAPH_MAX_SCENES and not (model is not None and model.training)
+            and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
+
+
+def graphed(call: Callable[[Any], Any], inputs: Any, key: tuple, owner: Any = None) -> Any:
+    """``call(inputs)`` through a CUDA graph captured for ``key`` (the call site and the arguments
+    it bakes in), the signature of ``inputs`` and ``owner`` (an object whose state the call reads
+    in place, e.g. the network: its parameters); see the module docstring. ``inputs``: tensors,
+    dataclasses, tuples, lists or dicts of them (:func:`tree_map`); so is the returned copy."""
+    full_key = (None if owner is None else id(owner), signature(inputs), key)
+    entry = _GRAPHS.get(full_key)
+    if entry is not None and entry.owner is not None and entry.owner() is not owner:  # another owner at a recycled id
+        entry = None
+    if entry is None:
+        entry = _capture(call, inputs, owner)
+        if len(_GRAPHS) >= _MAX_GRAPHS:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[full_key] = entry
+    for buf, new in zip(tree_tensors(entry.inputs), tree_tensors(inputs)):
+        buf.copy_(new)
+    entry.graph.replay()
+    return tree_map(torch.clone, entry.outputs)
+
+
+def _capture(call: Callable[[Any], Any], inputs: Any, owner: Any) -> _Graph:
+    static = tree_map(torch.clone, inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            outputs = call(static)
+    except RuntimeError as exc:
+        raise RuntimeError(f"capturing a small CUDA batch as a CUDA graph failed ({exc}); "
+                           "set risloc.cuda_graphs.GRAPH_MAX_SCENES = 0 to run it eagerly") from exc
+    return _Graph(graph, static, outputs, None if owner is None else weakref.ref(owner))
