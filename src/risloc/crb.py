@@ -182,9 +182,10 @@ def stochastic_fisher(W: Tensor, U: Tensor, trC2: Tensor, p: Tensor, s2: Tensor,
         + B0.reshape(S, L, n, K, 1, K) * B0.permute(0, 1, 4, 2, 3).reshape(S, L, 1, K, n, K)
     ).real.sum(1)  # [S, i, a, J, c]
     Fs = 2 * torch.diagonal(Ur, dim1=-3, dim2=-1).real.sum(1)  # [S, i, a]
-    order = [*range(1, n), 0]  # positions first, then the powers
-    Fl = Fl[:, order][:, :, :, order].reshape(S, n * K, n * K)
-    Fs = Fs[:, order].reshape(S, n * K)
+    # positions first, then the powers: blocks (b, b'_xi1, ..., b'_xiP) -> (xi_1, ..., xi_P, p), a roll
+    # (not an index list, which would be copied from the host at every call)
+    Fl = torch.roll(Fl, (-1, -1), dims=(1, 3)).reshape(S, n * K, n * K)
+    Fs = torch.roll(Fs, -1, dims=1).reshape(S, n * K)
     if log_params:
         coef = torch.cat([p] * P + [0.5 * p], dim=1)  # [S, nK]
         c_s2 = s2

@@ -184,8 +184,7 @@ def stochastic_eval(
     wr = (V.mH @ z.unsqueeze(-1)).view(B, L, 4, K)
     # gradient: C_i = c_i (v_i b_a^H + b_a v_i^H), tr(C^-1 v_x v_y^H) = W[y, x], z^H v_x v_y^H z = conj(w_x) w_y
     gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1).real - (wr.conj() * wr[:, :, :1]).real).sum(1)  # [B, i, a]
-    order = [1, 2, 3, 0]  # parameter order phi, theta, rho, log p
-    gl = gl[:, order].reshape(B, 4 * K)
+    gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)  # blocks (b, b'_phi, b'_theta, b'_rho) -> parameters phi, theta, rho, log p
     coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
     trC2 = Cinv.abs().square().sum((-1, -2))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
