@@ -50,10 +50,10 @@ def test_registered_runs_without_nan_inside():
 
 def test_single_sources_at_20_db():
     """MVDR with its own K-hat on single sources at 20 dB (sample covariance, 16 snapshots):
-    these 200 scenes (seed 2) give K-hat = 1 for 0.995 and success 0.755 (the same with and
-    without the files' SNR label). With a binomial sd of 0.03, >= 0.65 is ~3.5 sd below."""
+    these 100 scenes (seed 2) give K-hat = 1 for all and success 0.98 (the first 200: 1 and
+    0.945). With a binomial sd of about 0.023 at 0.945, >= 0.85 is 4 sd below."""
     sc = SC.replace(k_fixed=1, snr_db_min=20.0, snr_db_max=20.0)
-    scenes = risloc.simulate(sc, 200, seed=2)
+    scenes = risloc.simulate(sc, 100, seed=2)
     est = get("mvdr")(scenes, use_snr=False)
     t = scenes.truth
     assert (est.K == 1).float().mean() >= 0.95
@@ -64,4 +64,4 @@ def test_single_sources_at_20_db():
         & ((est.theta[:, 0] - t.theta[:, 0]).abs().rad2deg() <= 2)
         & (((est.r[:, 0] - t.r[:, 0]) / t.r[:, 0]).abs() <= 0.1)
     )
-    assert hit.float().mean() >= 0.65
+    assert hit.float().mean() >= 0.85
