@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -31,22 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 import risloc
 from risloc._files import atomic_write_text
 from risloc._provenance import stamp
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _median_ms(f, calls: int, device: str) -> float:
-    times = []
-    for _ in range(calls):
-        _sync(device)
-        t = time.perf_counter()
-        f()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+from risloc.bench.run import one_scene_latency, sync_device
 
 
 VARIANTS = {
@@ -59,11 +43,11 @@ VARIANTS = {
 def profile_call(f, device: str, top: int) -> dict:
     """One call of ``f`` under the profiler: operator, kernel and host-read counts, device time."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    _sync(device)
+    sync_device(device)
     t = time.perf_counter()
     with profile(activities=acts) as prof:
         f()
-        _sync(device)
+        sync_device(device)
     wall = time.perf_counter() - t
     events = prof.events()
     ops = [e for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"]
@@ -101,10 +85,11 @@ def main() -> None:
     out = {"calls": args.calls, "methods": {}, **stamp(seed=args.seed, device=args.device, config=vars(args))}
     for name in args.methods.split(","):
         method, options = VARIANTS.get(name, (name, {}))
-        f = lambda: risloc.locate(scene, method, **options)  # noqa: E731
-        f()  # warm-up: model loading, kernels' first launches
-        rec = {"median_ms": _median_ms(f, args.calls, args.device)}
-        rec.update(profile_call(f, args.device, args.top))
+        # the bench's one-scene latency: one warm-up call (model loading, first launches, graph
+        # captures), then each call timed alone
+        lat = one_scene_latency(lambda one: risloc.locate(one, method, **options), scene, args.calls, torch.device(args.device))
+        rec = {"median_ms": lat.median_ms}
+        rec.update(profile_call(lambda: risloc.locate(scene, method, **options), args.device, args.top))
         out["methods"][name] = rec
         print(f"{name}: {rec['median_ms']:.1f} ms median; profiled call: {rec['aten_ops']} aten ops "
               f"({rec['top_level_aten_ops']} top-level), {rec['cuda_kernels']} CUDA kernels, {rec['host_reads']} host reads, "
