@@ -52,22 +52,29 @@ def tree_map(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     return obj
 
 
+def _flatten(obj: Any) -> tuple[list[Tensor], tuple]:
+    """One walk of ``obj`` (:func:`tree_map`): its tensors in visiting order and its signature, the
+    shapes, dtypes and devices of those tensors and where they are (a None field differs)."""
+    leaves: list[Tensor] = []
+    skeleton = tree_map(lambda t: leaves.append(t) or 0, obj)
+    return leaves, tuple((tuple(t.shape), t.dtype, t.device) for t in leaves) + (repr(skeleton),)
+
+
 def tree_tensors(obj: Any) -> list[Tensor]:
     """Every tensor in ``obj``, in the order :func:`tree_map` visits them."""
-    out: list[Tensor] = []
-    tree_map(lambda t: out.append(t) or t, obj)
-    return out
+    return _flatten(obj)[0]
 
 
 def signature(obj: Any) -> tuple:
     """Shapes, dtypes and devices of the tensors in ``obj`` and where they are (None fields differ)."""
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in tree_tensors(obj)) + (repr(tree_map(lambda t: 0, obj)),)
+    return _flatten(obj)[1]
 
 
 @dataclasses.dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: Any
+    inputs: list[Tensor]
+    """The graph's input buffers, in the order :func:`_flatten` visits the inputs."""
     outputs: Any
     owner: Callable[[], Any] | None
 
@@ -84,7 +91,8 @@ def graphed(call: Callable[[Any], Any], inputs: Any, key: tuple, owner: Any = No
     it bakes in), the signature of ``inputs`` and ``owner`` (an object whose state the call reads
     in place, e.g. the network: its parameters); see the module docstring. ``inputs``: tensors,
     dataclasses, tuples, lists or dicts of them (:func:`tree_map`); so is the returned copy."""
-    full_key = (None if owner is None else id(owner), signature(inputs), key)
+    leaves, sig = _flatten(inputs)
+    full_key = (None if owner is None else id(owner), sig, key)
     entry = _GRAPHS.get(full_key)
     if entry is not None and entry.owner is not None and entry.owner() is not owner:  # another owner at a recycled id
         entry = None
@@ -93,7 +101,7 @@ def graphed(call: Callable[[Any], Any], inputs: Any, key: tuple, owner: Any = No
         if len(_GRAPHS) >= _MAX_GRAPHS:
             _GRAPHS.pop(next(iter(_GRAPHS)))
         _GRAPHS[full_key] = entry
-    for buf, new in zip(tree_tensors(entry.inputs), tree_tensors(inputs)):
+    for buf, new in zip(entry.inputs, leaves):
         buf.copy_(new)
     entry.graph.replay()
     return tree_map(torch.clone, entry.outputs)
@@ -114,4 +122,4 @@ def _capture(call: Callable[[Any], Any], inputs: Any, owner: Any) -> _Graph:
     except RuntimeError as exc:
         raise RuntimeError(f"capturing a small CUDA batch as a CUDA graph failed ({exc}); "
                            "set risloc.cuda_graphs.GRAPH_MAX_SCENES = 0 to run it eagerly") from exc
-    return _Graph(graph, static, outputs, None if owner is None else weakref.ref(owner))
+    return _Graph(graph, tree_tensors(static), outputs, None if owner is None else weakref.ref(owner))
