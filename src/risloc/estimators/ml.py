@@ -215,6 +215,11 @@ DEFAULTS = {f.name: getattr(MLOptions(), f.name) for f in fields(MLOptions) if f
 """The defaults of :class:`MLOptions` as a dict (without ``dtype``)."""
 
 
+def _repeat_batch(t: Tensor, n: int) -> Tensor:
+    """``n`` copies of the batch ``t`` ``[B, ...]`` stacked along it: ``[n B, ...]``, copy i at i B + b."""
+    return t.repeat(n, *[1] * (t.ndim - 1))
+
+
 @dataclass
 class _Problem:
     """One batch of the localisation problem, as the likelihood sees it.
@@ -245,7 +250,7 @@ class _Problem:
     def repeat(self, n: int) -> "_Problem":
         """The batch ``n`` times over, stacked along the batch (for evaluating n models of every
         scene in one likelihood call); the nominal SNR is not carried (only the search uses it)."""
-        rep = lambda t: None if t is None else t.repeat(n, *[1] * (t.ndim - 1))  # noqa: E731
+        rep = lambda t: None if t is None else _repeat_batch(t, n)  # noqa: E731
         return replace(self, y=rep(self.y), H=rep(self.H), codes=rep(self.codes), floor=rep(self.floor), snr_db=None)
 
 
@@ -327,7 +332,7 @@ class _State:
 
     def repeat(self, n: int) -> "_State":
         """``n`` copies of every scene's model, stacked along the batch (copy i of scene b at i B + b)."""
-        return _State(*(t.repeat(n, *[1] * (t.ndim - 1)) for t in (self.phi, self.theta, self.rho, self.logp, self.logs, self.active)))
+        return _State(*(_repeat_batch(t, n) for t in (self.phi, self.theta, self.rho, self.logp, self.logs, self.active)))
 
 
 def _init_state(init: Estimates, box, K: int, rd, device) -> _State:
