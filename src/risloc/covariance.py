@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import physics
+from .cuda_graphs import register_cache
 
 
 @dataclass
@@ -343,7 +344,7 @@ def scene_covariance(
 # ----------------------------------------------------------------------------------------------
 # Maximum-likelihood estimate of the RIS-domain covariance from the measurements
 # ----------------------------------------------------------------------------------------------
-_PRIOR_CACHE: dict = {}
+_PRIOR_CACHE: dict = register_cache({})  # graphs keep what they read from it (risloc.cuda_graphs)
 
 
 def prior_subspace(scenario, *, energy: float = 0.99, device=None, dtype: torch.dtype = torch.complex128) -> Tensor:

@@ -13,10 +13,18 @@ returns a copy of its outputs. The answers are those of the eager call (the same
 
 Used for CUDA batches of at most :data:`GRAPH_MAX_SCENES` scenes (each graph keeps its own
 memory; large batches are not launch-bound), outside autograd: the spectrum network's forward
-pass (:func:`risloc.nn.inference.run_model`) and ``ml``'s Fisher-scoring refinement
-(:func:`risloc.estimators.ml._refine`), whose steps have a fixed count and read no device value.
+pass (:func:`risloc.nn.inference.run_model`) and ``ml``'s stages (:mod:`risloc.estimators.ml`:
+the whole ``init`` path, the search path up to the selected order and the selected model's
+re-search and refinement), whose loops have fixed counts and read no device value. A graphed
+call made while another is being captured runs inside that capture (one graph for both).
 A capture that fails (an operation that waits for the device, or one CUDA graphs do not
 support) raises, naming the cause: set :data:`GRAPH_MAX_SCENES` to 0 to run everything eagerly.
+
+A graph reads the memory its kernels were recorded with. Tensors that a call takes from a
+module-level cache (the dictionaries of :mod:`risloc.grids`, the network's grids) live outside
+the graph's memory: such caches are registered with :func:`register_cache`, and every graph
+keeps the tensors those caches held when it was captured, so that clearing a cache cannot free
+memory a graph still reads.
 """
 
 from __future__ import annotations
@@ -36,6 +44,18 @@ _MAX_GRAPHS = 16
 """Graphs kept at most (the oldest is dropped first)."""
 
 _GRAPHS: dict[tuple, "_Graph"] = {}
+
+_CACHES: list[dict] = []
+
+_capturing = False
+"""True while :func:`_capture` runs a call (warm-up and capture): nested graphed calls run inside it."""
+
+
+def register_cache(cache: dict) -> dict:
+    """Register a module-level cache of tensors (a dict) whose entries graphed calls may read;
+    every graph keeps the entries present at its capture alive (module docstring). Returns ``cache``."""
+    _CACHES.append(cache)
+    return cache
 
 
 def tree_map(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
@@ -77,6 +97,8 @@ class _Graph:
     """The graph's input buffers, in the order :func:`_flatten` visits the inputs."""
     outputs: Any
     owner: Callable[[], Any] | None
+    keep: tuple = ()
+    """The entries of the registered caches at capture time (:func:`register_cache`)."""
 
 
 def graphable(batch: int, device: torch.device, model: torch.nn.Module | None = None) -> bool:
@@ -90,7 +112,10 @@ def graphed(call: Callable[[Any], Any], inputs: Any, key: tuple, owner: Any = No
     """``call(inputs)`` through a CUDA graph captured for ``key`` (the call site and the arguments
     it bakes in), the signature of ``inputs`` and ``owner`` (an object whose state the call reads
     in place, e.g. the network: its parameters); see the module docstring. ``inputs``: tensors,
-    dataclasses, tuples, lists or dicts of them (:func:`tree_map`); so is the returned copy."""
+    dataclasses, tuples, lists or dicts of them (:func:`tree_map`); so is the returned copy.
+    Called while another call is being captured, ``call(inputs)`` runs as it is (into that graph)."""
+    if _capturing:
+        return call(inputs)
     leaves, sig = _flatten(inputs)
     full_key = (None if owner is None else id(owner), sig, key)
     entry = _GRAPHS.get(full_key)
@@ -108,18 +133,23 @@ def graphed(call: Callable[[Any], Any], inputs: Any, key: tuple, owner: Any = No
 
 
 def _capture(call: Callable[[Any], Any], inputs: Any, owner: Any) -> _Graph:
+    global _capturing
     static = tree_map(torch.clone, inputs)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call(static)
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    _capturing = True
     try:
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call(static)
+        torch.cuda.current_stream().wait_stream(side)
+        keep = tuple(v for cache in _CACHES for v in cache.values())
         with torch.cuda.graph(graph):
             outputs = call(static)
     except RuntimeError as exc:
         raise RuntimeError(f"capturing a small CUDA batch as a CUDA graph failed ({exc}); "
                            "set risloc.cuda_graphs.GRAPH_MAX_SCENES = 0 to run it eagerly") from exc
-    return _Graph(graph, tree_tensors(static), outputs, None if owner is None else weakref.ref(owner))
+    finally:
+        _capturing = False
+    return _Graph(graph, tree_tensors(static), outputs, None if owner is None else weakref.ref(owner), keep)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from . import physics
+from .cuda_graphs import register_cache
 from .scenario import Scenario
 
 __all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary", "dictionary_product",
@@ -104,7 +105,7 @@ def grid_points(scenario: Scenario, spec: GridSpec = GridSpec()) -> tuple[Tensor
     return P.reshape(-1), T.reshape(-1), R.reshape(-1)
 
 
-_CACHE: dict = {}
+_CACHE: dict = register_cache({})  # graphs keep what they read from it (risloc.cuda_graphs)
 
 
 def _cached(key, build):
@@ -225,7 +226,7 @@ def _tf32_split(x: Tensor) -> tuple[Tensor, Tensor]:
     return hi, x - hi
 
 
-_SPLIT_CACHE: dict = {}
+_SPLIT_CACHE: dict = register_cache({})  # graphs keep what they read from it (risloc.cuda_graphs)
 
 
 def _split_real_dictionary(D: Tensor, interleaved: bool = False) -> Tensor:

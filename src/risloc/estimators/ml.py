@@ -311,11 +311,16 @@ def _box(scenario, dtype, device):
     return lo, hi
 
 
+@dataclass(eq=False)
 class _State:
     """Per-scene parameters of a K_max-slot model: phi, theta, rho, logp ``[B, K]``, logs ``[B]``, active ``[B, K]``."""
 
-    def __init__(self, phi, theta, rho, logp, logs, active):
-        self.phi, self.theta, self.rho, self.logp, self.logs, self.active = phi, theta, rho, logp, logs, active
+    phi: Tensor
+    theta: Tensor
+    rho: Tensor
+    logp: Tensor
+    logs: Tensor
+    active: Tensor
 
     def vector(self, static: bool) -> Tensor:
         parts = [self.phi, self.theta, self.rho] + ([] if static else [self.logp, self.logs.unsqueeze(-1)])
@@ -346,7 +351,11 @@ def _init_state(init: Estimates, box, K: int, rd, device) -> _State:
     lo, hi = box
     mid = (lo + hi) / 2
     z = torch.zeros(B, K, dtype=rd, device=device)
-    take = lambda t, m: torch.where(act, torch.nan_to_num(t[:, :K].to(device, rd), nan=float(m)), torch.full_like(z, float(m)))  # noqa: E731
+
+    def take(t, m):  # the given value where the slot is active and the value finite, else m (no host read)
+        t = t[:, :K].to(device, rd)
+        return torch.where(act & ~torch.isnan(t), t, z + m)
+
     return _State(
         take(init.phi, mid[0]).clamp(lo[0], hi[0]),
         take(init.theta, mid[1]).clamp(lo[1], hi[1]),
@@ -378,27 +387,36 @@ def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
     return nll, g, F, None
 
 
+def _graphed(name: str, stage, prob: _Problem, **args):
+    """``stage(prob=prob, **args)`` -- a stage that reads no device value -- replayed as a CUDA graph
+    for a few scenes on CUDA (:func:`risloc.cuda_graphs.graphed`), else run as it is. The tensors
+    of ``args`` (tensors, states, dictionaries, estimates) and of ``prob`` (y, H, codes, floor,
+    box) are the graph's inputs; the other arguments (counts, the likelihood, the options, the
+    scenario) are baked into the graph and key it. The nominal SNR is not passed (the search's
+    first step takes it as ``s2_grid``)."""
+    if not cuda_graphs.graphable(prob.y.shape[0], prob.y.device):
+        return stage(prob=prob, **args)
+    given = {k: v for k, v in args.items() if isinstance(v, (Tensor, _State, _Atoms, Estimates))}
+    baked = tuple(sorted((k, v) for k, v in args.items() if k not in given))
+
+    def call(x):
+        (y, H, codes, floor, box), inputs = x
+        return stage(prob=replace(prob, y=y, H=H, codes=codes, floor=floor, box=box, snr_db=None), **inputs, **dict(baked))
+
+    key = (name, baked, prob.static, repr(prob.opts), prob.scenario.to_json())
+    return cuda_graphs.graphed(call, ((prob.y, prob.H, prob.codes, prob.floor, prob.box), given), key)
+
+
 def _refine(state: _State, prob: _Problem, iterations: int):
     """Levenberg-Marquardt-damped Fisher scoring / Gauss-Newton, projected on the prior box.
 
     Step: (F + lambda diag(F)) delta = -grad; a step is kept (per scene) only when it lowers
     the NLL, and lambda is divided by 3 after a kept step and multiplied by 5 otherwise.
     A fixed number of steps that reads no device value: a few scenes on CUDA replay it as one
-    captured graph (:mod:`risloc.cuda_graphs`). Returns (state, NLL, static amplitudes or None,
+    captured graph (:func:`_graphed`). Returns (state, NLL, static amplitudes or None,
     Fisher matrix).
     """
-    if not cuda_graphs.graphable(state.phi.shape[0], state.phi.device):
-        return _refine_steps(state, prob, iterations)
-
-    def call(x):
-        st, (y, H, codes, floor, box) = _State(*x[0]), x[1]
-        out_state, nll, amp, F = _refine_steps(st, replace(prob, y=y, H=H, codes=codes, floor=floor, box=box), iterations)
-        return (out_state.phi, out_state.theta, out_state.rho, out_state.logp, out_state.logs, out_state.active), nll, amp, F
-
-    parts = (state.phi, state.theta, state.rho, state.logp, state.logs, state.active)
-    key = ("ml._refine", iterations, prob.static, prob.scenario.to_json())
-    out, nll, amp, F = cuda_graphs.graphed(call, (parts, (prob.y, prob.H, prob.codes, prob.floor, prob.box)), key)
-    return _State(*out), nll, amp, F
+    return _graphed("ml._refine", _refine_steps, prob, state=state, iterations=iterations)
 
 
 def _refine_steps(state: _State, prob: _Problem, iterations: int):
@@ -462,8 +480,9 @@ def _stochastic_gain(alpha: Tensor, beta: Tensor):
         t = 1 + p * alpha
         return (torch.log(t) - p * beta / t).sum(1)
 
-    vals = torch.stack([f(torch.full_like(amean, x)) for x in _P_GRID], dim=-1)  # [B, Q, G]
+    grid = torch.stack([torch.full_like(amean, x) for x in _P_GRID], dim=-1)  # [B, Q, G] (filled on the device)
     G = len(_P_GRID)
+    vals = torch.stack([f(grid[..., i]) for i in range(G)], dim=-1)  # [B, Q, G]
     h = _P_GRID[1] - _P_GRID[0]
     j = torch.argmin(vals, dim=-1).clamp(1, G - 2)
     f0 = vals.gather(-1, (j - 1).unsqueeze(-1)).squeeze(-1)
@@ -471,10 +490,10 @@ def _stochastic_gain(alpha: Tensor, beta: Tensor):
     f2 = vals.gather(-1, (j + 1).unsqueeze(-1)).squeeze(-1)
     curv = f0 - 2 * f1 + f2
     off = torch.where(curv > 0, 0.5 * (f0 - f2) / curv.clamp_min(1e-30), torch.zeros_like(curv)).clamp(-1, 1)
-    lx = torch.as_tensor(_P_GRID, dtype=amean.dtype, device=amean.device)[j] + off * h
+    lx = grid.gather(-1, j.unsqueeze(-1)).squeeze(-1) + off * h
     fr = f(lx)
     best_g, jg = vals.min(-1)
-    lx_g = torch.as_tensor(_P_GRID, dtype=amean.dtype, device=amean.device)[jg]
+    lx_g = grid.gather(-1, jg.unsqueeze(-1)).squeeze(-1)
     use_r = fr < best_g
     best = torch.minimum(torch.where(use_r, fr, best_g), torch.zeros_like(fr))
     lx = torch.where(use_r, lx, lx_g)
@@ -499,8 +518,11 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         sigma^2 phi_l^H C_l^-1 y_l = phi_l^H y_l - (Lc^-1 B_l^H phi_l)^H (Lc^-1 B_l^H y_l),
 
     i.e. the products of the K rows of Lc^-1 B_l^H with every atom: one product with the
-    dictionary (:meth:`_Atoms.products`; O(L N K) per atom; slots empty in every scene left
-    out) and no K x K matrix applied to the [K, Q] products. All atoms are screened with a
+    dictionary (:meth:`_Atoms.products`; O(L N K) per atom) and no K x K matrix applied to the
+    [K, Q] products. An empty slot adds a zero column to B_l and a unit diagonal entry to S,
+    i.e. exactly nothing to the scores: for an int ``k`` (the search path, whose slots k, k+1,
+    ... are empty in every scene) those slots are left out; for a per-scene ``k`` ``[B]`` all K
+    are kept (no host read of which are in use). All atoms are screened with a
     one-point proxy of the gain; the ``top`` best are scored exactly (grid + parabola in log p).
     For the first source sigma^2 is searched on ``s2_grid`` too. From ``dico``:
     n2 = |phi_l|^2 and c = phi_l^H y_l ``[B, L, Q]``.
@@ -542,7 +564,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         pk = best_p[ar, t]
     else:
         cd = y.dtype
-        n = _slots_in_use(state.active)  # later slots are empty in every scene: their columns of B_l are 0
+        n = k if isinstance(k, int) else state.phi.shape[1]  # an int k (the search): slots k.. are empty in every scene
         act = state.active[:, :n]
         s2 = torch.exp(state.logs).view(B, 1)
         if prob.floor is not None:  # white variance per snapshot [B, L]; a matrix floor by its mean eigenvalue
@@ -575,14 +597,6 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
     return out
 
 
-def _slots_in_use(active: Tensor) -> int:
-    """1 + the last source slot that is active in some scene (at least 1). An empty slot adds a
-    zero column to B_l and a unit diagonal entry to S, i.e. exactly nothing to the stochastic
-    greedy scores, so :func:`_add_stochastic` leaves the slots beyond this out."""
-    used = torch.nonzero(active.any(0))
-    return int(used.max()) + 1 if used.numel() else 1
-
-
 def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     """Add the atom with the largest RSS reduction (orthogonal least squares) as slot k (int or ``[B]``).
 
@@ -613,10 +627,18 @@ def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     return _set_slot(state, k, *dico.atom(q), None)
 
 
+def _slots(k, B: int, device) -> Tensor:
+    """A slot or order ``k`` (an int or ``[B]``) as an int64 tensor ``[B]`` on ``device`` (an int is
+    filled on the device: no copy from the host)."""
+    if isinstance(k, int):
+        return torch.full((B,), k, dtype=torch.int64, device=device)
+    return k.to(device=device, dtype=torch.int64).expand(B)
+
+
 def _set_slot(state: _State, k, phi, theta, rho, logp) -> _State:
     """Write one source per scene into slot k (int or ``[B]`` tensor) and mark it active."""
     B = state.phi.shape[0]
-    kk = torch.as_tensor(k, device=state.phi.device).expand(B).reshape(B, 1)
+    kk = _slots(k, B, state.phi.device).view(B, 1)
     put = lambda t, v: t.scatter(1, kk, v.to(t.dtype).view(B, 1))
     return _State(
         put(state.phi, phi), put(state.theta, theta), put(state.rho, rho),
@@ -679,45 +701,78 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     if init is not None:
         kin = init.K.to(device).clamp(0, K)
         st = _init_state(init, box, K, rd, device)
-        if not prob.static:
-            st.logp, st.logs = _ls_powers(st, prob)
-        st, nll, _, F = _refine(st, prob, opts.final_iterations)
-        if opts.init_grow or opts.init_relax:
-            dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
-            for _ in range(int(opts.init_grow)):
-                st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
-            for _ in range(int(opts.init_relax)):
-                st, nll = _relax(st, kin, prob, dico)
-            if opts.init_relax:
-                st, nll, _, F = _refine(st, prob, opts.final_iterations)
-            del dico
-        if _robust(prob):  # the floor from the grown model (plain likelihood); the pruning decides under it
-            prob, level = _with_floor(st, prob)
-            new, nll_r, _, F_r = _refine(st, prob, _MISMATCH_ITERATIONS)
-            st, nll, F = _take(level > 0, (new, nll_r, F_r), (st, nll, F))
-        for _ in range(int(opts.init_prune)):
-            st, nll, F, kin = _prune(st, nll, F, kin, prob)
-        if opts.init_prune:
-            kin = _none_if_better(st, nll, kin, prob)
-        st = _decide_range(st, F, prob)
+        if _robust(prob):  # the floor's levels are chosen with host reads: eagerly
+            st, kin = _init_path(st, kin, atoms, prob)
+        else:  # reads no device value: one graph for a few scenes on CUDA
+            st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms)
         # a scene whose measurements are all zero has no source where ml may change the count
         # (init_prune > 0); without pruning (the callers' known K) the given count is kept
         return _output(st, kin, empty & bool(opts.init_prune), K, method)
 
+    s2_grid = _s2_grid(prob)
+    if known is None and not _robust(prob):  # two graphs for a few scenes on CUDA, one host read between them
+        st, khat, dico = _graphed("ml._search", _search, prob, K=K, s2_grid=s2_grid)
+        most = int(khat.max()) if B else 0  # the re-search passes needed
+        st = _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, most=most)
+        return _output(st, khat, empty, K, method)
     orders = K if known is None else int(known.max()) if B else 0
-    states, nll, dico = _path(prob, K, orders, top=known)
+    states, nll, dico = _path(prob, K, orders, s2_grid, top=known)
     khat = _select(states, nll, prob) if known is None else known
     if _robust(prob):
         states, nll, prob = _rescore(states, nll, khat, prob)
         khat = _select(states, nll, prob) if known is None else known
     st = _gather(states, khat)
     del states
-    for _ in range(int(opts.relax_cycles)):
-        st, _ = _relax(st, khat, prob, dico)
-    del dico
-    st, _, _, F = _refine(st, prob, opts.final_iterations)
-    st = _decide_range(st, F, prob)
+    st = _finish(st, khat, dico, int(khat.max()) if B else 0, prob)
     return _output(st, khat, empty if known is None else torch.zeros_like(empty), K, method)
+
+
+def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem) -> tuple[_State, Tensor]:
+    """The ``init`` path from the given sources ``st`` of per-scene order ``kin`` ``[B]``: least-
+    squares powers, refinement, ``init_grow`` greedy additions, ``init_relax`` RELAX cycles and a
+    refinement, ``init_prune`` pruning passes and the empty-model rule, the range decision.
+    Reads no device value unless the mismatch-aware likelihood is on. Returns (state, K-hat)."""
+    opts = prob.opts
+    if not prob.static:
+        logp, logs = _ls_powers(st, prob)
+        st = replace(st, logp=logp, logs=logs)
+    st, nll, _, F = _refine(st, prob, opts.final_iterations)
+    if opts.init_grow or opts.init_relax:
+        dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
+        for _ in range(int(opts.init_grow)):
+            st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
+        for _ in range(int(opts.init_relax)):
+            st, nll = _relax(st, kin, prob, dico)
+        if opts.init_relax:
+            st, nll, _, F = _refine(st, prob, opts.final_iterations)
+        del dico
+    if _robust(prob):  # the floor from the grown model (plain likelihood); the pruning decides under it
+        prob, level = _with_floor(st, prob)
+        new, nll_r, _, F_r = _refine(st, prob, _MISMATCH_ITERATIONS)
+        st, nll, F = _take(level > 0, (new, nll_r, F_r), (st, nll, F))
+    for _ in range(int(opts.init_prune)):
+        st, nll, F, kin = _prune(st, nll, F, kin, prob)
+    if opts.init_prune:
+        kin = _none_if_better(st, nll, kin, prob)
+    return _decide_range(st, F, prob), kin
+
+
+def _search(K: int, s2_grid: Tensor, prob: _Problem) -> tuple[_State, Tensor, _Atoms]:
+    """Stages 2-4 without a known K and with the plain likelihood (reads no device value): the
+    candidate path, K-hat by the order rule and the selected model. Returns (state, K-hat, the
+    dictionary record)."""
+    states, nll, dico = _path(prob, K, K, s2_grid)
+    khat = _select(states, nll, prob)
+    return _gather(states, khat), khat, dico
+
+
+def _finish(st: _State, khat: Tensor, dico: _Atoms, most: int, prob: _Problem) -> _State:
+    """Stages 5-6 on the selected model of order ``khat`` (at most ``most`` in the batch): RELAX
+    cycles, the final refinement and the range decision."""
+    for _ in range(int(prob.opts.relax_cycles)):
+        st, _ = _relax(st, khat, prob, dico, most=most)
+    st, _, _, F = _refine(st, prob, prob.opts.final_iterations)
+    return _decide_range(st, F, prob)
 
 
 # ------------------------------------------------------------------------------------------
@@ -818,7 +873,7 @@ def _remove(st: _State, j: Tensor, k) -> _State:
     """Drop source slot j ``[B]`` of a k-source model (k int or ``[B]``; the others move to slots 0..k-2)."""
     B, K = st.phi.shape
     idx = torch.arange(K, device=j.device).view(1, -1).expand(B, K)
-    k = torch.as_tensor(k, device=j.device).expand(B).view(B, 1)
+    k = _slots(k, B, j.device).view(B, 1)
     perm = idx + (idx >= j.view(-1, 1)).to(idx.dtype)  # skip slot j
     perm = torch.where(idx >= k - 1, idx, perm).clamp(max=K - 1)
     g = lambda t: t.gather(1, perm)
@@ -830,14 +885,15 @@ def _drop_one(st: _State, k, prob: _Problem, iterations: int) -> tuple[_State, T
     """THE pruning step: drop the source whose removal costs least likelihood and refine the rest.
 
     For every source j < k (k an int or per scene ``[B]``) the NLL of the model without it is
-    evaluated (no refinement; all removals of all scenes in one likelihood call); the cheapest
+    evaluated (no refinement; all removals of all scenes in one likelihood call, for a per-scene
+    k every slot j < K_max, those with j >= k at infinite cost); the cheapest
     removal is refined (``iterations`` steps). Returns the
     (k-1)-source state, its NLL (NaN -> inf) and Fisher matrix. Used by the backward pass
     (stage 3) and the ``init`` path's pruning (:func:`_prune`).
     """
-    B = st.phi.shape[0]
+    B, K = st.phi.shape
     dev = st.phi.device
-    n = k if isinstance(k, int) else max(1, int(k.max()))
+    n = k if isinstance(k, int) else K  # per scene: every slot (no host read of the largest k)
     # every removal j < n at once: n copies of the batch, copy j without source j (one evaluation)
     each = _remove(st.repeat(n), torch.arange(n, device=dev).repeat_interleave(B), k if isinstance(k, int) else k.repeat(n))
     vals = _evaluate(each, prob.repeat(n), derivatives=False)[0]
@@ -981,9 +1037,20 @@ def _grow(st: _State, nll: Tensor, F: Tensor, k: Tensor, prob: _Problem, dico: _
     return st, nll, F, k + better.to(k.dtype)
 
 
-def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
+def _s2_grid(prob: _Problem) -> Tensor:
+    """The noise variances ``[B, J]`` the first greedy step tries (y has unit mean power): 1 / (1 +
+    SNR) from the nominal SNR, or five values from 0.7 to 0.01 without one."""
+    B, device = prob.y.shape[0], prob.y.device
+    rd = physics.real_dtype(prob.y.dtype)
+    if prob.snr_db is not None:
+        snr = torch.as_tensor(prob.snr_db, dtype=rd, device=device).expand(B)
+        return (1.0 / (1.0 + 10 ** (snr / 10))).view(B, 1)
+    return torch.stack([torch.full((B,), v, dtype=rd, device=device) for v in (0.7, 0.3, 0.1, 0.03, 0.01)], dim=1)
+
+
+def _path(prob: _Problem, K: int, orders: int, s2_grid: Tensor, top: Tensor | None = None):
     """Candidate models for orders 0..``orders`` in ``K`` slots: a forward greedy pass, then a
-    backward pass.
+    backward pass. ``s2_grid``: :func:`_s2_grid`.
 
     Forward: add the best dictionary atom, refine all sources. Backward (from ``orders`` down):
     :func:`_drop_one`, and keep the result as the (k-1)-source candidate when its NLL beats the
@@ -997,11 +1064,6 @@ def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
     rd = physics.real_dtype(y.dtype)
     dico = _measured_dictionary(prob)
     st = _empty_state(B, K, prob.box, rd, device)
-    if prob.snr_db is not None:
-        snr = torch.as_tensor(prob.snr_db, dtype=rd, device=device).expand(B)
-        s2_grid = (1.0 / (1.0 + 10 ** (snr / 10))).view(B, 1)
-    else:
-        s2_grid = torch.tensor([0.7, 0.3, 0.1, 0.03, 0.01], dtype=rd, device=device).expand(B, -1)
     nlls = [_empty_nll(st, prob)]
     states = [st.clone()]
     relax_at = (orders,) if opts.relax_at == "last" else tuple(opts.relax_at)
@@ -1014,10 +1076,10 @@ def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
         if top is not None and opts.relax_at == "last":  # the scenes whose own last order this is
             kk = torch.where(top == k + 1, k + 1, 0).to(device=device, dtype=torch.int64)
             if bool(kk.any()):
-                st, nll = _relax(st, kk, prob, dico)
+                st, nll = _relax(st, kk, prob, dico, most=k + 1)
         elif k + 1 in relax_at:
             kk = torch.full((B,), k + 1, dtype=torch.int64, device=device)
-            st, nll = _relax(st, kk, prob, dico)
+            st, nll = _relax(st, kk, prob, dico, most=k + 1)
         nlls.append(torch.nan_to_num(nll, nan=float("inf")))
         states.append(st.clone())
     if opts.backward:
@@ -1033,19 +1095,20 @@ def _path(prob: _Problem, K: int, orders: int, top: Tensor | None = None):
     return states, torch.stack(nlls, dim=1), dico
 
 
-def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms) -> _State:
+def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | None = None) -> _State:
     """One cycle of RELAX-style re-search (Li & Stoica 1996) on the selected model.
 
     For each source j in turn (weakest first by estimated power; only the
     ``opts.relax_sources`` weakest when that is > 0): remove it, add the best dictionary atom
     given the other sources (same greedy rule), refine all, and keep the new model if its NLL
-    is lower.
+    is lower. ``most``: an upper bound on K-hat in the batch, when the caller knows one (passes
+    beyond a scene's K-hat change nothing; default K_max, which reads no device value).
     """
     B, K = st.phi.shape
     nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
-    n = min(int(prob.opts.relax_sources) or K, int(khat.max()) if B else 0)  # no pass for slots empty in every scene
+    n = min(int(prob.opts.relax_sources) or K, K if most is None else int(most))
     power = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf))
     order = torch.argsort(power, dim=1, stable=True)  # weakest active source first, inactive slots last
     for i in range(n):

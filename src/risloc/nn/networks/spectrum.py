@@ -56,6 +56,7 @@ from torch.nn import functional as Fn
 
 from ... import covariance as cv
 from ... import physics
+from ...cuda_graphs import register_cache
 from ...grids import GridSpec, atom_norms, back_project, dictionary_product, grid_points
 from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ...scenario import Scenario
@@ -87,7 +88,7 @@ class SpectrumGrid:
         return ijk.to(self.lo.dtype)
 
 
-_GRID_CACHE: dict = {}
+_GRID_CACHE: dict = register_cache({})  # graphs keep what they read from it (risloc.cuda_graphs)
 
 
 def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=None) -> SpectrumGrid:
