@@ -50,7 +50,19 @@ def test_graphed_answers_as_eager(method, monkeypatch):
     graphs._GRAPHS.clear()
     one, two = risloc.locate(scenes[0:1], method), risloc.locate(scenes[1:2], method)
     keys = [k[2][0] for k in graphs._GRAPHS]
-    assert "ml._refine" in keys and keys.count("forward") == (method == "learned")  # one forward capture for both scenes
+    stages = {"ml._init_path"} if method == "learned" else {"ml._search", "ml._finish"}
+    assert stages <= set(keys) and "ml._refine" not in keys  # the refinement runs inside the stages' graphs
+    assert keys.count("forward") == (method == "learned")  # one forward capture for both scenes
+    assert keys.count("ml._init_path") + keys.count("ml._search") == 1  # the second scene replays the first's graph
+    # the graphs keep what they read from the caches: clear them, reuse the freed memory, replay
+    from risloc import grids
+
+    grids._CACHE.clear(), grids._SPLIT_CACHE.clear()
+    torch.cuda.empty_cache()
+    junk = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(16)]
+    again = risloc.locate(scenes[0:1], method)
+    del junk
+    assert torch.equal(again.K, one.K) and torch.equal(again.phi.nan_to_num(9.0), one.phi.nan_to_num(9.0))
     monkeypatch.setattr(graphs, "GRAPH_MAX_SCENES", 0)
     for got, s in ((one, scenes[0:1]), (two, scenes[1:2])):
         want = risloc.locate(s, method)
