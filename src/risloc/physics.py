@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .cuda_graphs import register_cache
 from .scenario import Scenario
 
 Approximation = Literal["exact", "fresnel"]
@@ -55,6 +56,22 @@ def element_positions(scenario: Scenario, *, dtype: torch.dtype = torch.float32,
     y = (j - (scenario.n_v - 1) / 2) * scenario.spacing_v
     yy, xx = torch.meshgrid(y, x, indexing="ij")  # [n_v, n_h]: row j, column i -> flat j*n_h + i
     return torch.stack([xx.reshape(-1), yy.reshape(-1), torch.zeros_like(xx).reshape(-1)], dim=-1)
+
+
+_GEOMETRY: dict = register_cache({})
+
+
+def _element_geometry(scenario: Scenario, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """(:func:`element_positions` ``[N, 3]``, their squared norms |e_n|^2 ``[N]``), cached per
+    array, dtype and device: every steering call of the likelihood's refinement needs them and
+    they would otherwise cost a dozen small operations (device kernels) each time."""
+    key = (scenario.n_h, scenario.n_v, scenario.spacing_h, scenario.spacing_v, dtype, str(device))
+    if key not in _GEOMETRY:
+        if len(_GEOMETRY) > 16:
+            _GEOMETRY.clear()
+        e = element_positions(scenario, dtype=dtype, device=device)
+        _GEOMETRY[key] = (e, (e * e).sum(-1))
+    return _GEOMETRY[key]
 
 
 def direction(phi: Tensor, theta: Tensor) -> Tensor:
@@ -125,10 +142,9 @@ def steering(
 def _path_difference(phi: Tensor, theta: Tensor, r: Tensor, scenario: Scenario, approximation: Approximation) -> tuple[Tensor, Tensor]:
     """Path difference ``d_n - r`` [m] and amplitude ``r / d_n`` (1 for Fresnel), each ``[..., N]``."""
     rd = phi.dtype
-    e = element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3]
+    e, e2 = _element_geometry(scenario, rd, phi.device)  # [N, 3], |e_n|^2 [N]
     u = direction(phi, theta)  # [..., 3]
     ue = u @ e.T  # [..., N]
-    e2 = (e * e).sum(-1)  # [N]
     rr = r.unsqueeze(-1)
     if approximation == "exact":
         # d_n^2 = r^2 - 2 r u.e + |e|^2
@@ -191,9 +207,8 @@ def steering_with_derivatives(
         raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
     phi, theta, x = _as_tensors(phi, theta, r_or_rho, dtype, device)
     rd = phi.dtype
-    e = element_positions(scenario, dtype=rd, device=phi.device)  # [N, 3], e_z = 0
+    e, e2 = _element_geometry(scenario, rd, phi.device)  # [N, 3] (e_z = 0), |e_n|^2 [N]
     ex, ey = e[:, 0], e[:, 1]
-    e2 = (e * e).sum(-1)
     k = 2 * math.pi / scenario.wavelength
     sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
     r = (1.0 / x if range_param == "rho" else x).unsqueeze(-1)
