@@ -40,7 +40,25 @@ def test_not_graphed_on_the_cpu_or_for_large_batches():
         assert not graphs.graphable(graphs.GRAPH_MAX_SCENES + 1, cuda, model)
         assert graphs.graphable(1, cuda, model) and graphs.graphable(1, cuda)
         assert not graphs.graphable(1, cuda, model.train())  # a model in training mode
+        from risloc.nn.networks.covariance import RisCovarianceNet
+        from risloc.nn.networks.subspacenet import SubspaceNet
+
+        for cls in (SubspaceNet, RisCovarianceNet):  # their forward passes wait for the device (eigh)
+            assert not cls.capturable
+            frozen = torch.nn.Linear(2, 2).eval()
+            frozen.capturable = cls.capturable
+            assert not graphs.graphable(1, cuda, frozen)
     assert not graphs.graphable(1, cuda)  # autograd on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_networks_that_wait_for_the_device_run_eagerly():
+    scenes = risloc.simulate(risloc.Scenario(), 2, seed=4, device="cuda")
+    before = set(graphs._GRAPHS)
+    one = risloc.locate(scenes[0:1], "subspacenet")  # its forward takes eigenvectors: not captured
+    assert len(one) == 1 and set(graphs._GRAPHS) == before
+    both = risloc.locate(scenes, "subspacenet")
+    assert torch.equal(both.K[:1], one.K)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -54,6 +72,8 @@ def test_graphed_answers_as_eager(method, monkeypatch):
     assert stages <= set(keys) and "ml._refine" not in keys  # the refinement runs inside the stages' graphs
     assert keys.count("forward") == (method == "learned")  # one forward capture for both scenes
     assert keys.count("ml._init_path") + keys.count("ml._search") == 1  # the second scene replays the first's graph
+    # the finish of ml: one graph per bound on K-hat, all captured at the first call
+    assert keys.count("ml._finish") == (0 if method == "learned" else scenes.scenario.k_max + 1)
     # the graphs keep what they read from the caches: clear them, reuse the freed memory, replay
     from risloc import grids
 

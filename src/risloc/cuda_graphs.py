@@ -40,7 +40,7 @@ GRAPH_MAX_SCENES = 8
 """CUDA batches of at most this many scenes run as replayed CUDA graphs (:func:`graphed`); 0
 runs everything eagerly."""
 
-_MAX_GRAPHS = 16
+_MAX_GRAPHS = 32
 """Graphs kept at most (the oldest is dropped first)."""
 
 _GRAPHS: dict[tuple, "_Graph"] = {}
@@ -103,9 +103,14 @@ class _Graph:
 
 def graphable(batch: int, device: torch.device, model: torch.nn.Module | None = None) -> bool:
     """Whether :func:`graphed` should replay a graph for a call on ``batch`` scenes on ``device``
-    (CUDA, at most :data:`GRAPH_MAX_SCENES` scenes, autograd off, ``model`` in eval mode)."""
-    return (device.type == "cuda" and 0 < batch <= GRAPH_MAX_SCENES and not (model is not None and model.training)
-            and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
+    (CUDA, at most :data:`GRAPH_MAX_SCENES` scenes, autograd off, ``model`` in eval mode and
+    capturable: a network whose forward pass waits for the device, e.g. through
+    ``torch.linalg.eigh``, which synchronises on CUDA, says so with a class attribute
+    ``capturable = False``)."""
+    if model is not None and (model.training or not getattr(model, "capturable", True)):
+        return False
+    return (device.type == "cuda" and 0 < batch <= GRAPH_MAX_SCENES and not torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled())
 
 
 def graphed(call: Callable[[Any], Any], inputs: Any, key: tuple, owner: Any = None) -> Any:

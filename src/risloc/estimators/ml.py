@@ -713,6 +713,8 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     if known is None and not _robust(prob):  # two graphs for a few scenes on CUDA, one host read between them
         st, khat, dico = _graphed("ml._search", _search, prob, K=K, s2_grid=s2_grid)
         most = int(khat.max()) if B else 0  # the re-search passes needed
+        if cuda_graphs.graphable(B, device):
+            _prime_finish(st, khat, dico, K, prob)
         st = _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, most=most)
         return _output(st, khat, empty, K, method)
     orders = K if known is None else int(known.max()) if B else 0
@@ -764,6 +766,21 @@ def _search(K: int, s2_grid: Tensor, prob: _Problem) -> tuple[_State, Tensor, _A
     states, nll, dico = _path(prob, K, K, s2_grid)
     khat = _select(states, nll, prob)
     return _gather(states, khat), khat, dico
+
+
+_PRIMED: set = set()
+
+
+def _prime_finish(st: _State, khat: Tensor, dico: _Atoms, K: int, prob: _Problem) -> None:
+    """Capture the graphs of :func:`_finish` for every bound 0..K on K-hat at the first graphed
+    call of a batch shape, likelihood, options and scenario (answers discarded), so that a stream
+    of single scenes whose K-hat differ pays no further capture."""
+    family = (tuple(prob.y.shape), K, prob.static, repr(prob.opts), prob.scenario.to_json(), str(prob.y.device))
+    if family in _PRIMED:
+        return
+    for most in range(K + 1):
+        _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, most=most)
+    _PRIMED.add(family)
 
 
 def _finish(st: _State, khat: Tensor, dico: _Atoms, most: int, prob: _Problem) -> _State:

@@ -54,6 +54,10 @@ def _from_tokens(x: Tensor, p: int, th: int, tv: int) -> Tensor:
 class RisCovarianceNet(nn.Module):
     """Transformer over the RIS elements; see the module docstring."""
 
+    capturable = False
+    """Not replayed as a CUDA graph (:func:`risloc.cuda_graphs.graphable`): the forward pass takes
+    eigenvectors (``torch.linalg.eigh``), which wait for the device on CUDA."""
+
     def __init__(self, scenario: Scenario, cfg: ModelConfig):
         super().__init__()
         self.scenario, self.cfg = scenario, cfg

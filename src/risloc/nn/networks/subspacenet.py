@@ -51,6 +51,10 @@ from . import NetworkKind, register_network
 class SubspaceNet(nn.Module):
     """Convolutional encoder-decoder over the RIS element grid -> surrogate factor Z, K logits."""
 
+    capturable = False
+    """Not replayed as a CUDA graph (:func:`risloc.cuda_graphs.graphable`): the forward pass takes
+    eigenvectors (``torch.linalg.eigh``), which wait for the device on CUDA."""
+
     def __init__(self, scenario: Scenario, cfg: ModelConfig):
         super().__init__()
         self.scenario, self.cfg = scenario, cfg
