@@ -216,16 +216,17 @@ def steering_with_derivatives(
     up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi.e
     ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta.e
     if approximation == "exact":
-        d = torch.sqrt(torch.clamp(r * r - 2 * r * ue + e2, min=torch.finfo(rd).tiny))
-        path = (e2 - 2 * r * ue) / (d + r)
+        r2, rue2 = r * r, 2 * r * ue
+        d = torch.sqrt(torch.clamp(r2 - rue2 + e2, min=torch.finfo(rd).tiny))
+        path = (e2 - rue2) / (d + r)
         a = torch.polar(r / d, -k * path)
         gp = r * up_e / d  # -dd/dphi
         gt = r * ut_e / d  # -dd/dtheta
         lp = torch.complex(gp / d, k * gp)
         lt = torch.complex(gt / d, k * gt)
         q = (r - ue) / d  # dd/dr
-        if range_param == "rho":  # d/drho = -r^2 d/dr
-            lr = torch.complex(-(r * r) * (1.0 / r - q / d), (r * r) * k * (q - 1.0))
+        if range_param == "rho":  # d/drho = -r^2 d/dr: -r^2 (1/r - q/d) = r^2 q/d - r
+            lr = torch.complex(r2 * q / d - r, (k * r2) * (q - 1.0))
         else:
             lr = torch.complex(1.0 / r - q / d, -k * (q - 1.0))
     else:

@@ -161,10 +161,10 @@ def stochastic_eval(
         Bm = measure(H, codes, a)
     p = torch.exp(logp) * act  # [B, K]
     s2 = torch.exp(logs)  # [B]
-    eye = torch.eye(M, dtype=cd, device=y.device)
     coloured = floor is not None and floor.ndim == 4
     v = s2.view(B, 1) if floor is None or coloured else s2.view(B, 1) + floor  # white variance per snapshot, [B, 1 or L]
-    C = (Bm * p.to(cd).view(B, 1, 1, K)) @ Bm.mH + v.to(cd).view(B, -1, 1, 1) * eye
+    C = (Bm * p.to(cd).view(B, 1, 1, K)) @ Bm.mH
+    C.diagonal(dim1=-2, dim2=-1).add_(v.view(B, -1, 1))  # + v I
     if coloured:
         C = C + floor.to(cd)
     Cinv, logdet, info = hermitian_solve_parts(C)
