@@ -73,7 +73,12 @@ Code: the options are the frozen dataclass :class:`MLOptions` (every field docum
 ``estimate`` accepts them as keywords too); one batch of the problem is the record
 ``_Problem`` (normalised y, the maps through H and the codes, the likelihood, the prior box,
 the nominal SNR, the options); the likelihoods, their gradients and Fisher matrices are in
-:mod:`risloc.estimators.ml_core`, the dictionary in :mod:`risloc.grids`.
+:mod:`risloc.estimators.ml_core`, the dictionary in :mod:`risloc.grids`. The stages read no
+device value (their loops run over all K_max slots; a pass beyond a scene's K-hat changes
+nothing), so a few scenes on CUDA replay them as CUDA graphs (:func:`_graphed`,
+:mod:`risloc.cuda_graphs`): the ``init`` path as one graph, the search as two (up to K-hat, and
+after one host read of the largest K-hat the RELAX cycle, refinement and range decision). Known K
+and the mismatch-aware likelihood run these stages eagerly.
 """
 
 from __future__ import annotations
@@ -508,7 +513,8 @@ def _proxy_gain(alpha: Tensor, beta: Tensor):
     return torch.clamp((torch.log(t) - p * beta / t).sum(1), max=0.0)
 
 
-def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid: Tensor | None, top: int):
+def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid: Tensor | None, top: int,
+                    slots: int | None = None):
     """Add the best dictionary atom as source slot k (stochastic likelihood).
 
     alpha_l = phi_l^H C_l^-1 phi_l and beta_l = |phi_l^H C_l^-1 y_l|^2 come from the Woodbury form
@@ -520,9 +526,9 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
     i.e. the products of the K rows of Lc^-1 B_l^H with every atom: one product with the
     dictionary (:meth:`_Atoms.products`; O(L N K) per atom) and no K x K matrix applied to the
     [K, Q] products. An empty slot adds a zero column to B_l and a unit diagonal entry to S,
-    i.e. exactly nothing to the scores: for an int ``k`` (the search path, whose slots k, k+1,
-    ... are empty in every scene) those slots are left out; for a per-scene ``k`` ``[B]`` all K
-    are kept (no host read of which are in use). All atoms are screened with a
+    i.e. exactly nothing to the scores: the slots from ``slots`` on (a bound the caller knows:
+    default ``k`` for an int ``k``, the search path's, else K_max) are left out; no host read of
+    which slots are in use. All atoms are screened with a
     one-point proxy of the gain; the ``top`` best are scored exactly (grid + parabola in log p).
     For the first source sigma^2 is searched on ``s2_grid`` too. From ``dico``:
     n2 = |phi_l|^2 and c = phi_l^H y_l ``[B, L, Q]``.
@@ -564,7 +570,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         pk = best_p[ar, t]
     else:
         cd = y.dtype
-        n = k if isinstance(k, int) else state.phi.shape[1]  # an int k (the search): slots k.. are empty in every scene
+        n = slots if slots is not None else k if isinstance(k, int) else state.phi.shape[1]  # slots n.. empty in every scene
         act = state.active[:, :n]
         s2 = torch.exp(state.logs).view(B, 1)
         if prob.floor is not None:  # white variance per snapshot [B, L]; a matrix floor by its mean eigenvalue
@@ -1118,13 +1124,15 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | N
     For each source j in turn (weakest first by estimated power; only the
     ``opts.relax_sources`` weakest when that is > 0): remove it, add the best dictionary atom
     given the other sources (same greedy rule), refine all, and keep the new model if its NLL
-    is lower. ``most``: an upper bound on K-hat in the batch, when the caller knows one (passes
-    beyond a scene's K-hat change nothing; default K_max, which reads no device value).
+    is lower. ``most``: an upper bound on K-hat in the batch, when the caller knows one: the
+    number of passes (a pass beyond a scene's K-hat changes nothing) and of slots the greedy
+    step scores with (default K_max for both, which reads no device value).
     """
     B, K = st.phi.shape
     nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
+    bound = K if most is None else max(1, min(int(most), K))  # slots bound.. are empty in every scene
     n = min(int(prob.opts.relax_sources) or K, K if most is None else int(most))
     power = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf))
     order = torch.argsort(power, dim=1, stable=True)  # weakest active source first, inactive slots last
@@ -1135,7 +1143,7 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | N
         if prob.static:
             cand = _add_static(cand, slot, dico, prob)
         else:
-            cand = _add_stochastic(cand, slot, dico, prob, None, prob.opts.top)
+            cand = _add_stochastic(cand, slot, dico, prob, None, prob.opts.top, slots=bound)
         cand.active = st.active.clone()
         cand, nll_c, _, _ = _refine(cand, prob, prob.opts.greedy_iterations)
         better = valid & torch.isfinite(nll_c) & (nll_c < nll - 1e-3)
