@@ -192,11 +192,10 @@ def stochastic_fisher(W: Tensor, U: Tensor, trC2: Tensor, p: Tensor, s2: Tensor,
     else:
         coef = torch.cat([p] * P + [torch.full_like(p, 0.5)], dim=1)
         c_s2 = torch.ones_like(s2)
-    F = torch.zeros(S, n * K + 1, n * K + 1, dtype=Fl.dtype, device=W.device)
-    F[:, :-1, :-1] = coef.unsqueeze(-1) * coef.unsqueeze(-2) * Fl
-    F[:, :-1, -1] = coef * c_s2.view(S, 1) * Fs
-    F[:, -1, :-1] = F[:, :-1, -1]
-    F[:, -1, -1] = c_s2 * c_s2 * trC2
+    # F = (c c^T) * [[Fl, Fs], [Fs^T, tr C^-2]] elementwise, c = (coef, c_s2): the scales of the parameters
+    c = torch.cat([coef, c_s2.view(S, 1)], dim=1)  # [S, nK + 1]
+    G = torch.cat([torch.cat([Fl, Fs.unsqueeze(-1)], -1), torch.cat([Fs, trC2.view(S, 1)], -1).unsqueeze(1)], 1)
+    F = c.unsqueeze(-1) * c.unsqueeze(-2) * G
     return 0.5 * (F + F.transpose(-1, -2))
 
 

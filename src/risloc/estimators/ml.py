@@ -429,18 +429,15 @@ def _refine_steps(state: _State, prob: _Problem, iterations: int):
     K = state.phi.shape[1]
     lo, hi = prob.box
     static = prob.static
-    rd = state.phi.dtype
     lo_v = torch.cat([lo[i].expand(K) for i in range(3)])
     hi_v = torch.cat([hi[i].expand(K) for i in range(3)])
     logp_lim = (-25.0, 10.0)
     nll, g, F, amp = _evaluate(state, prob)
     x = state.vector(static)
-    P = x.shape[1]
     lam = torch.full_like(nll, 1e-2)
-    eye = torch.eye(P, dtype=rd, device=x.device)
     for _ in range(iterations):
         dF = torch.diagonal(F, dim1=-2, dim2=-1)
-        Ad = F + lam.view(-1, 1, 1) * torch.diag_embed(dF) + 1e-9 * (dF.mean(-1).view(-1, 1, 1) + 1e-12) * eye
+        Ad = F + torch.diag_embed(lam.view(-1, 1) * dF + 1e-9 * (dF.mean(-1, keepdim=True) + 1e-12))
         delta = -solve(Ad, g.unsqueeze(-1)).squeeze(-1)
         delta = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
         xt = x + delta

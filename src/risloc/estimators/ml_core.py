@@ -108,8 +108,7 @@ def _mask_parameters(grad: Tensor, F: Tensor, mask: Tensor) -> tuple[Tensor, Ten
     Fisher rows and columns those of the identity."""
     grad = grad * mask
     mm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
-    F = torch.where(mm, F, torch.zeros_like(F)) + torch.diag_embed((~mask).to(F.dtype))
-    return grad, F
+    return grad, torch.where(mm, F, torch.diag_embed((~mask).to(F.dtype)))
 
 
 def stochastic_eval(
@@ -171,7 +170,7 @@ def stochastic_eval(
     z = (Cinv @ y.unsqueeze(-1)).squeeze(-1)  # [B, L, M]
     quad = (y.conj() * z).real.sum(-1)  # [B, L]
     nll = (logdet + quad).sum(-1)
-    nll = torch.where(info.ne(0).any(-1), torch.full_like(nll, float("inf")), nll)
+    nll = nll.masked_fill(info.ne(0).any(-1), float("inf"))
     if not derivatives:
         return nll, None, None
     # Every C_i (i < 4K) is c_i (v_x1 v_y1^H + v_x2 v_y2^H) with v's columns of V, so with
@@ -187,9 +186,9 @@ def stochastic_eval(
     gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)  # blocks (b, b'_phi, b'_theta, b'_rho) -> parameters phi, theta, rho, log p
     coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
-    trC2 = Cinv.abs().square().sum((-1, -2))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
+    trC2 = torch.view_as_real(Cinv).square().sum((-1, -2, -3))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
     g_pos = coef * gl
-    g_s = s2 * (trC - z.abs().square().sum(-1)).sum(1)
+    g_s = s2 * (trC - torch.view_as_real(z).square().sum((-1, -2))).sum(1)
     grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
     F = stochastic_fisher(W, CV.mH @ CV, trC2.sum(1), p, s2, 3, log_params=True)
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
