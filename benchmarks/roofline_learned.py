@@ -409,11 +409,13 @@ def _wrapped(calls: Counter, captured: dict):
         captured.setdefault("dictionary", ((prob,), {}))
         return orig["_measured_dictionary"](prob)
 
-    def scan(state, k, dico, prob, s2_grid, top):
+    def scan(state, k, dico, prob, s2_grid, top, slots=None):
         first = isinstance(k, int) and k == 0  # the first source of ml's own search (not on learned's path)
-        calls["scan_first" if first else f"scan_n{ml_module._slots_in_use(state.active)}"] += 1
-        captured.setdefault("scan", ((state, k, dico, prob, s2_grid, top), {}))
-        return orig["_add_stochastic"](state, k, dico, prob, s2_grid, top)
+        n = ml_module._scan_slots(k, state.phi.shape[1], slots)
+        calls["scan_first" if first else f"scan_n{n}"] += 1
+        captured.setdefault("scan", ((state, k, dico, prob, s2_grid, top), {"slots": slots}))
+        captured.setdefault("scan_slots", n)
+        return orig["_add_stochastic"](state, k, dico, prob, s2_grid, top, slots=slots)
 
     return [mock.patch.object(ml_module, "_evaluate", evaluate), mock.patch.object(ml_module, "_measured_dictionary", dictionary),
             mock.patch.object(ml_module, "_add_stochastic", scan)], orig
@@ -465,7 +467,7 @@ def stage_calls(p: Pipeline, scenes, *, capture: bool = False):
             a, kw = captured[fn]
             f = orig["_evaluate" if fn.startswith("eval") else "_measured_dictionary" if fn == "dictionary" else "_add_stochastic"]
             out[name] = (lambda f=f, a=a, kw=kw: f(*a, **kw))
-    n_first_scan = ml_module._slots_in_use(captured["scan"][0][0].active) if "scan" in captured else None
+    n_first_scan = captured.get("scan_slots")
     return out, calls, n_first_scan
 
 

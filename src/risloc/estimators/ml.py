@@ -73,12 +73,14 @@ Code: the options are the frozen dataclass :class:`MLOptions` (every field docum
 ``estimate`` accepts them as keywords too); one batch of the problem is the record
 ``_Problem`` (normalised y, the maps through H and the codes, the likelihood, the prior box,
 the nominal SNR, the options); the likelihoods, their gradients and Fisher matrices are in
-:mod:`risloc.estimators.ml_core`, the dictionary in :mod:`risloc.grids`. The stages read no
-device value (their loops run over all K_max slots; a pass beyond a scene's K-hat changes
-nothing), so a few scenes on CUDA replay them as CUDA graphs (:func:`_graphed`,
-:mod:`risloc.cuda_graphs`): the ``init`` path as one graph, the search as two (up to K-hat, and
-after one host read of the largest K-hat the RELAX cycle, refinement and range decision). Known K
-and the mismatch-aware likelihood run these stages eagerly.
+:mod:`risloc.estimators.ml_core`, the dictionary in :mod:`risloc.grids`. The stages can run
+without reading a device value (a loop over sources runs over all K_max slots where no bound on
+K-hat is known on the host; a pass beyond a scene's K-hat changes nothing), so a few scenes on
+CUDA replay them as CUDA graphs (:func:`_graphed`, :mod:`risloc.cuda_graphs`): the ``init`` path
+as one graph, the search as two (up to K-hat, and after one host read of the largest K-hat the
+RELAX cycle, refinement and range decision). Known K and the mismatch-aware likelihood run these
+stages eagerly; so does everything off CUDA or beyond a few scenes, where the ``init`` path reads
+its largest order once to bound its RELAX passes.
 """
 
 from __future__ import annotations
@@ -567,7 +569,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         pk = best_p[ar, t]
     else:
         cd = y.dtype
-        n = slots if slots is not None else k if isinstance(k, int) else state.phi.shape[1]  # slots n.. empty in every scene
+        n = _scan_slots(k, state.phi.shape[1], slots)  # slots n.. are empty in every scene
         act = state.active[:, :n]
         s2 = torch.exp(state.logs).view(B, 1)
         if prob.floor is not None:  # white variance per snapshot [B, L]; a matrix floor by its mean eigenvalue
@@ -598,6 +600,13 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
     if isinstance(k, int) and k == 0:
         out.logs = logs_new
     return out
+
+
+def _scan_slots(k, K: int, slots: int | None) -> int:
+    """The source slots :func:`_add_stochastic` scores with (the later ones are empty in every
+    scene): ``slots`` when the caller knows that bound, ``k`` for an int ``k`` (the search path),
+    else all ``K``."""
+    return slots if slots is not None else k if isinstance(k, int) else K
 
 
 def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
@@ -704,10 +713,11 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     if init is not None:
         kin = init.K.to(device).clamp(0, K)
         st = _init_state(init, box, K, rd, device)
-        if _robust(prob):  # the floor's levels are chosen with host reads: eagerly
-            st, kin = _init_path(st, kin, atoms, prob)
-        else:  # reads no device value: one graph for a few scenes on CUDA
-            st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms)
+        if _robust(prob) or not cuda_graphs.graphable(B, device):  # eagerly (the floor's levels need host reads)
+            most = min(K, int(kin.max()) + int(opts.init_grow)) if B else 0  # one read bounds the RELAX passes
+            st, kin = _init_path(st, kin, atoms, prob, most=most)
+        else:  # reads no device value: one graph for a few scenes on CUDA (RELAX over all K_max slots)
+            st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms, most=None)
         # a scene whose measurements are all zero has no source where ml may change the count
         # (init_prune > 0); without pruning (the callers' known K) the given count is kept
         return _output(st, kin, empty & bool(opts.init_prune), K, method)
@@ -732,11 +742,14 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     return _output(st, khat, empty if known is None else torch.zeros_like(empty), K, method)
 
 
-def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem) -> tuple[_State, Tensor]:
+def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem,
+               most: int | None = None) -> tuple[_State, Tensor]:
     """The ``init`` path from the given sources ``st`` of per-scene order ``kin`` ``[B]``: least-
     squares powers, refinement, ``init_grow`` greedy additions, ``init_relax`` RELAX cycles and a
     refinement, ``init_prune`` pruning passes and the empty-model rule, the range decision.
-    Reads no device value unless the mismatch-aware likelihood is on. Returns (state, K-hat)."""
+    ``most``: a bound on the order after the growth, when the caller read one (the RELAX passes
+    and slots, :func:`_relax`; None: K_max). Reads no device value unless the mismatch-aware
+    likelihood is on. Returns (state, K-hat)."""
     opts = prob.opts
     if not prob.static:
         logp, logs = _ls_powers(st, prob)
@@ -747,7 +760,7 @@ def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem)
         for _ in range(int(opts.init_grow)):
             st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
         for _ in range(int(opts.init_relax)):
-            st, nll = _relax(st, kin, prob, dico)
+            st, nll = _relax(st, kin, prob, dico, most=most)
         if opts.init_relax:
             st, nll, _, F = _refine(st, prob, opts.final_iterations)
         del dico
