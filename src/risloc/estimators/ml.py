@@ -714,7 +714,9 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         kin = init.K.to(device).clamp(0, K)
         st = _init_state(init, box, K, rd, device)
         if _robust(prob) or not cuda_graphs.graphable(B, device):  # eagerly (the floor's levels need host reads)
-            most = min(K, int(kin.max()) + int(opts.init_grow)) if B else 0  # one read bounds the RELAX passes
+            # one read bounds the RELAX passes: each growth step adds at most one source to max(k, 1)
+            grow = int(opts.init_grow)
+            most = min(K, (max(int(kin.max()), 1) if grow else int(kin.max())) + grow) if B else 0
             st, kin = _init_path(st, kin, atoms, prob, most=most)
         else:  # reads no device value: one graph for a few scenes on CUDA (RELAX over all K_max slots)
             st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms, most=None)
