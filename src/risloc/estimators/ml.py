@@ -716,7 +716,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         if _robust(prob) or not cuda_graphs.graphable(B, device):  # eagerly (the floor's levels need host reads)
             # one read bounds the RELAX passes: each growth step adds at most one source to max(k, 1)
             grow = int(opts.init_grow)
-            most = min(K, (max(int(kin.max()), 1) if grow else int(kin.max())) + grow) if B else 0
+            most = min(K, (max(_largest(kin), 1) if grow else _largest(kin)) + grow) if B else 0
             st, kin = _init_path(st, kin, atoms, prob, most=most)
         else:  # reads no device value: one graph for a few scenes on CUDA (RELAX over all K_max slots)
             st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms, most=None)
@@ -727,12 +727,12 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     s2_grid = _s2_grid(prob)
     if known is None and not _robust(prob):  # two graphs for a few scenes on CUDA, one host read between them
         st, khat, dico = _graphed("ml._search", _search, prob, K=K, s2_grid=s2_grid)
-        most = int(khat.max()) if B else 0  # the re-search passes needed
+        most = _largest(khat)  # the re-search passes needed
         if cuda_graphs.graphable(B, device):
             _prime_finish(st, khat, dico, K, prob)
         st = _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, most=most)
         return _output(st, khat, empty, K, method)
-    orders = K if known is None else int(known.max()) if B else 0
+    orders = K if known is None else _largest(known)
     states, nll, dico = _path(prob, K, orders, s2_grid, top=known)
     khat = _select(states, nll, prob) if known is None else known
     if _robust(prob):
@@ -740,8 +740,13 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         khat = _select(states, nll, prob) if known is None else known
     st = _gather(states, khat)
     del states
-    st = _finish(st, khat, dico, int(khat.max()) if B else 0, prob)
+    st = _finish(st, khat, dico, _largest(khat), prob)
     return _output(st, khat, empty if known is None else torch.zeros_like(empty), K, method)
+
+
+def _largest(k: Tensor) -> int:
+    """The largest order ``k`` ``[B]`` of the batch (0 for no scene): one host read."""
+    return int(k.max()) if k.numel() else 0
 
 
 def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem,
@@ -1144,8 +1149,9 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | N
     nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
-    bound = K if most is None else max(1, min(int(most), K))  # slots bound.. are empty in every scene
-    n = min(int(prob.opts.relax_sources) or K, K if most is None else int(most))
+    most = K if most is None else min(int(most), K)
+    n = min(int(prob.opts.relax_sources) or K, most)  # passes
+    bound = max(1, most)  # slots bound.. are empty in every scene
     power = torch.where(st.active, st.logp, torch.full_like(st.logp, math.inf))
     order = torch.argsort(power, dim=1, stable=True)  # weakest active source first, inactive slots last
     for i in range(n):
