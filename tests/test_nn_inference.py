@@ -10,8 +10,10 @@ from risloc.nn.train import train
 
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
-    from risloc.nn.inference import (LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_PRUNE, LEARNED_RELAX,
-                                     LEARNED_RELAX_SOURCES, _learned, k_confidence, load_model, over_init, run_model)
+    from risloc.estimators import ml as ml_module
+    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_PRUNE,
+                                     LEARNED_RELAX, LEARNED_RELAX_SOURCES, _learned, default_search, k_confidence, load_model, over_init,
+                                     run_model, second_look)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -34,20 +36,44 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     conf = k_confidence(pred, loaded.calibration)  # the calibrated K head's confidence
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
     # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
-    # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source)
+    # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source); the growth and
+    # RELAX steps search the network's second look (default) or a dictionary
+    assert [default_search(risloc.Scenario(signal=g, codebook=c)) for g in ("stochastic", "static") for c in ("random", "dft")] == [
+        "network", "dictionary", "dictionary", "dictionary"]
     for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (2, 0)}.items():
         assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal]) == (grow, relax_sources)
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
         f, c = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
-        again = get("ml")(these, init=over_init(c, f.K, LEARNED_OVER), **LEARNED_DEFAULTS, init_grow=grow, relax_sources=relax_sources,
-                          init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
-        learned = get("learned")(these, checkpoint=ckpt, music_options=music)
-        assert learned.method == network.method and torch.equal(learned.K, again.K), signal
-        assert bool(((learned.K >= f.K - LEARNED_PRUNE) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
-        for name in ("phi", "theta", "r"):
-            assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True), (signal, name)
+        counts = dict(**LEARNED_DEFAULTS, relax_sources=relax_sources)
+        stage = dict(init_grow=grow, init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
+        start = over_init(c, f.K, LEARNED_OVER)
+        on_grid = get("ml")(these, init=start, **counts, **stage)
+        found = get("ml")(these, init=start, **counts, init_grow=0, init_relax=0, init_prune=0)  # the start, refined
+        atoms = second_look(loaded.model, these, found, LEARNED_CANDIDATES, options=loaded.options)
+        assert atoms.phi.shape == (4, LEARNED_CANDIDATES) and bool(torch.isfinite(atoms.phi).all())
+        on_network = get("ml")(these, init=found, atoms=atoms, **counts, **stage)
+        for search, again in (("dictionary", on_grid), ("network", on_network), (None, on_network if signal == "stochastic" else on_grid)):
+            learned = get("learned")(these, checkpoint=ckpt, music_options=music, **({} if search is None else {"search": search}))
+            assert learned.method == network.method and torch.equal(learned.K, again.K), (signal, search)
+            assert bool(((learned.K >= f.K - LEARNED_PRUNE) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
+            for name in ("phi", "theta", "r"):
+                assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True), (signal, search, name)
+    # the default builds no dictionary: its searches score the network's candidates only
+    built = []
+    measured = ml_module._measured_dictionary
+    ml_module._measured_dictionary = lambda *a, **k: built.append(1) or measured(*a, **k)
+    try:
+        get("learned")(scenes, checkpoint=ckpt, music_options=music)
+        assert built == []
+        get("learned")(scenes, checkpoint=ckpt, music_options=music, search="dictionary")
+        assert built == [1]
+    finally:
+        ml_module._measured_dictionary = measured
+    with pytest.raises(ValueError, match="learned: search"):
+        get("learned")(scenes, checkpoint=ckpt, search="grid")
     # the counts and ml_options reach ml; with a known K no growth or pruning
-    plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, over=0, grow=1, relax=0, prune=0, ml_options={"iterations": 2})
+    plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, over=0, grow=1, relax=0, prune=0, ml_options={"iterations": 2},
+                           search="dictionary")
     ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, init_grow=1)
     assert torch.equal(plain.K, ref.K) and torch.allclose(plain.phi, ref.phi, equal_nan=True)
     known = get("learned")(scenes, checkpoint=ckpt, music_options=music, K=2)

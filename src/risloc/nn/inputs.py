@@ -41,6 +41,9 @@ class ModelInputs:
     """The BS-RIS channels ``[B, M, N]``."""
     codes: Tensor | None = None
     """The RIS codes ``[B, L, N]``."""
+    cancel: Tensor | None = None
+    """Steering vectors ``[B, J, N]`` of sources already found, which a ``spectrum`` network's front
+    end cancels before its own picks (the second look of ``learned``; zero rows: none); None on the first look."""
 
     def __len__(self) -> int:
         return self.snr_db.shape[0]

@@ -71,8 +71,9 @@ class NetworkKind:
         R = cv.LowRankCovariance(pred.covariance.factor.detach(), pred.covariance.diag.detach())
         return music_from_covariance(R, scenario, K=K, **dict(music_options or {}))
 
-    def candidates(self, pred: Prediction) -> Estimates | None:
-        """Ranked position candidates of the prediction (strongest first), ``None`` if the kind has none."""
+    def candidates(self, pred: Prediction, n: int | None = None) -> Estimates | None:
+        """Ranked position candidates of the prediction (strongest first; ``n`` of them, default
+        the kind's own number), ``None`` if the kind has none."""
         return None
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:

@@ -132,7 +132,7 @@ class Spectra:
 
 @torch.no_grad()
 def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int | None = None,
-                           tensor_cores: bool | None = None) -> Spectra:
+                           tensor_cores: bool | None = None, cancel: Tensor | None = None) -> Spectra:
     """The matched-filter spectra of the module docstring, and ``picks`` steps of orthogonal
     matching pursuit on them (Pati, Rezaiifar & Krishnaprasad 1993), all per snapshot:
 
@@ -154,6 +154,12 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     cost O(L N Q) per pick. Only the norms |phi_lq|^2 need Phi itself (:func:`risloc.grids.atom_norms`, the
     dominant cost). With ``tensor_cores`` (default on CUDA) both kinds of product are split-TF32
     products on the tensor cores, as accurate as float32 (:func:`risloc.grids.dictionary_product`).
+
+    ``cancel`` ``[B, J, N]`` (the network's second look, :func:`risloc.nn.inference.second_look`):
+    steering vectors a_j of sources already found (e.g. refined on the likelihood), cancelled as
+    picks 1..J in that order instead of the grid atoms q_j (b_l = G_l a_j); a zero row, and every
+    pick beyond J, takes the argmax pick. Cancelling a source at its own position removes it
+    from every S_j (a grid atom next to it leaves a residue where a weaker neighbour hides).
     """
     B, L, M = y.shape
     Q = grid.D.shape[1]
@@ -182,7 +188,11 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         left = ynorm
         for j in range(picks):
             q = S.argmax(1)  # [b]
-            bvec = torch.einsum("bmn,bln->blm", Hb, cb * D.T[q].unsqueeze(1))  # G_l d_q, [b, L, M]
+            d = D.T[q]  # [b, N]
+            if cancel is not None and j < cancel.shape[1]:  # a given source where its row is not zero
+                a_j = cancel[a : a + chunk, j].to(d.dtype)
+                d = torch.where((a_j.abs().sum(-1) > 0).unsqueeze(-1), a_j, d)
+            bvec = torch.einsum("bmn,bln->blm", Hb, cb * d.unsqueeze(1))  # G_l d, [b, L, M]
             for e in basis:  # Gram-Schmidt against the earlier picks
                 bvec = bvec - e * (e.conj() * bvec).sum(-1, keepdim=True)
             e = bvec / torch.linalg.vector_norm(bvec, dim=-1, keepdim=True).clamp(min=1e-30)
@@ -261,6 +271,8 @@ class Detections:
     """``[B, Q]``."""
     grid_shape: tuple[int, int, int]
     """(n_phi, n_theta, n_rho) of the grid the cells index."""
+    scenario: Scenario | None = None
+    """The scenario whose grid and prior box the cells index (for decoding more of them)."""
 
 
 class SpectrumNet(nn.Module):
@@ -314,7 +326,7 @@ class SpectrumNet(nn.Module):
             raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.inputs.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
         with torch.autocast(inputs.y.device.type, enabled=False):
-            sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit)
+            sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit, cancel=inputs.cancel)
         snr = torch.stack([inputs.snr_db.float() / 10.0, inputs.snr_known.float()], -1)  # [B, 2]
         MS = M * sp.S[:, : self.n_spectra]
         parts = [MS, torch.log(MS.clamp(min=1e-6))]
@@ -391,7 +403,7 @@ def decode(heat: Tensor, offset: Tensor, cell_logp: Tensor, grid: SpectrumGrid, 
     phi, theta, r = cell_positions(off, idx, grid, scenario)
     score = torch.gather(heat, 1, idx)
     logp = torch.gather(cell_logp, 1, idx)
-    return Detections(phi, theta, r, score, logp, heat, offset, cell_logp, tuple(shape))
+    return Detections(phi, theta, r, score, logp, heat, offset, cell_logp, tuple(shape), scenario)
 
 
 def detection_factor(det: Detections, scenario: Scenario, K: Tensor | None = None) -> Tensor:
@@ -506,9 +518,13 @@ class SpectrumKind(NetworkKind):
             opts["init"] = (det.phi.detach(), det.theta.detach(), det.r.detach())
         return music_from_covariance(R, scenario, K=K, **opts)
 
-    def candidates(self, pred: Prediction) -> Estimates:
-        """Every decoded detection (K = K_max, strongest heat first)."""
+    def candidates(self, pred: Prediction, n: int | None = None) -> Estimates:
+        """The decoded detections (K = K_max of them, or the ``n`` strongest local maxima of the
+        heat map, :func:`decode`), strongest heat first."""
         d = pred.detections
+        if n is not None and n != d.phi.shape[1]:
+            grid = spectrum_grid(d.scenario, d.grid_shape, device=d.heat.device)
+            d = decode(d.heat.detach(), d.offset.detach(), d.cell_log_power.detach(), grid, d.scenario, int(n))
         full = torch.full((d.phi.shape[0],), d.phi.shape[1], dtype=torch.int64, device=d.phi.device)
         return Estimates(full, d.phi.float().detach(), d.theta.float().detach(), d.r.float().detach(), method="candidates")
 
