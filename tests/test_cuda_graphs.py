@@ -62,16 +62,17 @@ def test_networks_that_wait_for_the_device_run_eagerly():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", ["learned", "ml"])
-def test_graphed_answers_as_eager(method, monkeypatch):
+@pytest.mark.parametrize("method, options, looks", [("learned", {}, 1), ("learned", {"search": "network"}, 2), ("ml", {}, 0)])
+def test_graphed_answers_as_eager(method, options, looks, monkeypatch):
     scenes = risloc.simulate(risloc.Scenario(), 3, seed=4, device="cuda")
     graphs._GRAPHS.clear()
-    one, two = risloc.locate(scenes[0:1], method), risloc.locate(scenes[1:2], method)
+    one, two = risloc.locate(scenes[0:1], method, **options), risloc.locate(scenes[1:2], method, **options)
     keys = [k[2][0] for k in graphs._GRAPHS]
     stages = {"ml._init_path"} if method == "learned" else {"ml._search", "ml._finish"}
     assert stages <= set(keys) and "ml._refine" not in keys  # the refinement runs inside the stages' graphs
-    assert keys.count("forward") == (method == "learned")  # one forward capture for both scenes
-    assert keys.count("ml._init_path") + keys.count("ml._search") == 1  # the second scene replays the first's graph
+    # one capture per network pass (the second look's inputs differ) and likelihood stage, for both scenes
+    assert keys.count("forward") == looks
+    assert keys.count("ml._init_path") + keys.count("ml._search") == max(looks, 1)  # the second scene replays the first's graphs
     # the finish of ml: one graph per bound on K-hat, all captured at the first call
     assert keys.count("ml._finish") == (0 if method == "learned" else scenes.scenario.k_max + 1)
     # the graphs keep what they read from the caches: clear them, reuse the freed memory, replay
@@ -80,12 +81,12 @@ def test_graphed_answers_as_eager(method, monkeypatch):
     grids._CACHE.clear(), grids._SPLIT_CACHE.clear()
     torch.cuda.empty_cache()
     junk = [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(16)]
-    again = risloc.locate(scenes[0:1], method)
+    again = risloc.locate(scenes[0:1], method, **options)
     del junk
     assert torch.equal(again.K, one.K) and torch.equal(again.phi.nan_to_num(9.0), one.phi.nan_to_num(9.0))
     monkeypatch.setattr(graphs, "GRAPH_MAX_SCENES", 0)
     for got, s in ((one, scenes[0:1]), (two, scenes[1:2])):
-        want = risloc.locate(s, method)
+        want = risloc.locate(s, method, **options)
         assert torch.equal(got.K, want.K)
         for q in ("phi", "theta"):
             assert torch.allclose(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0), atol=1e-5, rtol=0), q

@@ -12,7 +12,7 @@ from risloc.nn.train import train
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     from risloc.estimators import ml as ml_module
     from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_PRUNE,
-                                     LEARNED_RELAX, LEARNED_RELAX_SOURCES, _learned, default_search, k_confidence, load_model, over_init,
+                                     LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, k_confidence, load_model, over_init,
                                      run_model, second_look)
 
     cfg = apply_overrides(
@@ -38,8 +38,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
     # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source); the growth and
     # RELAX steps search the network's second look (default) or a dictionary
-    assert [default_search(risloc.Scenario(signal=g, codebook=c)) for g in ("stochastic", "static") for c in ("random", "dft")] == [
-        "network", "dictionary", "dictionary", "dictionary"]
+    assert LEARNED_SEARCH == "dictionary"
     for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (2, 0)}.items():
         assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal]) == (grow, relax_sources)
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
@@ -52,20 +51,20 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
         atoms = second_look(loaded.model, these, found, LEARNED_CANDIDATES, options=loaded.options)
         assert atoms.phi.shape == (4, LEARNED_CANDIDATES) and bool(torch.isfinite(atoms.phi).all())
         on_network = get("ml")(these, init=found, atoms=atoms, **counts, **stage)
-        for search, again in (("dictionary", on_grid), ("network", on_network), (None, on_network if signal == "stochastic" else on_grid)):
+        for search, again in (("dictionary", on_grid), ("network", on_network), (None, on_grid)):
             learned = get("learned")(these, checkpoint=ckpt, music_options=music, **({} if search is None else {"search": search}))
             assert learned.method == network.method and torch.equal(learned.K, again.K), (signal, search)
             assert bool(((learned.K >= f.K - LEARNED_PRUNE) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
             for name in ("phi", "theta", "r"):
                 assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True), (signal, search, name)
-    # the default builds no dictionary: its searches score the network's candidates only
+    # the second look builds no dictionary: its searches score the network's candidates only
     built = []
     measured = ml_module._measured_dictionary
     ml_module._measured_dictionary = lambda *a, **k: built.append(1) or measured(*a, **k)
     try:
-        get("learned")(scenes, checkpoint=ckpt, music_options=music)
+        get("learned")(scenes, checkpoint=ckpt, music_options=music, search="network")
         assert built == []
-        get("learned")(scenes, checkpoint=ckpt, music_options=music, search="dictionary")
+        get("learned")(scenes, checkpoint=ckpt, music_options=music)
         assert built == [1]
     finally:
         ml_module._measured_dictionary = measured
