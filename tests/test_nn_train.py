@@ -199,3 +199,90 @@ def test_init_starts_from_a_checkpoints_weights(tmp_path):
         train(tiny_config(epochs=1, init=str(tmp_path / "a" / "last.pt"), **{"model.width": 8}), tmp_path / "c", log=quiet)
     with pytest.raises(ValueError, match="TrainConfig.init.*neither a file nor a packaged model"):
         train(tiny_config(epochs=1, init="no-such-model"), tmp_path / "d", log=quiet)
+
+
+def test_second_look_view_cancels_the_found_sources_and_keeps_the_rest():
+    """TrainConfig.second_look: each second-look scene's cancel rows are steering vectors close to
+    the true sources it no longer has as targets (strongest first, at most one spurious row after
+    them, zeros after), its truth keeps the 0-2 sources left; fraction 0 changes nothing; the
+    union over two ranks' slices is the single-process batch."""
+    from risloc import physics
+    from risloc.nn.inputs import prepare_inputs
+    from risloc.nn.train import SECOND_LOOK_LEFT, second_look_view
+
+    sc = risloc.Scenario()
+    s = risloc.simulate(sc, 64, seed=21)
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=1e-3)
+    gen = lambda: torch.Generator().manual_seed(5)
+    same, truth0 = second_look_view(inputs, s.truth, sc, 0.0, gen())
+    assert torch.equal(same.cancel, torch.zeros_like(same.cancel)) and torch.equal(truth0.K, s.truth.K)
+    assert torch.equal(truth0.phi.nan_to_num(9.0), s.truth.phi.nan_to_num(9.0))
+    view, rest = second_look_view(inputs, s.truth, sc, 1.0, gen())
+    assert view.cancel.shape == (64, sc.k_max + 1, sc.n_elements)
+    a_true = physics.steering(s.truth.phi.nan_to_num(0.0), s.truth.theta.nan_to_num(0.0), s.truth.r.nan_to_num(1.0), sc,
+                              dtype=torch.complex64)  # [64, K, N]
+    n_rows = (view.cancel.abs().sum(-1) > 0).sum(1)
+    for b in range(64):
+        K, left, n = int(s.truth.K[b]), int(rest.K[b]), int(n_rows[b])
+        assert 0 <= left <= min(K, SECOND_LOOK_LEFT - 1)
+        assert bool((view.cancel[b, n:] == 0).all())  # contiguous rows, then the front end's own picks
+        assert K - left <= n <= K - left + 1  # the found sources, and at most one spurious
+        kept = [k for k in range(K) if any(math.isclose(float(s.truth.phi[b, k]), float(p)) for p in rest.phi[b, :left])]
+        assert len(kept) == left and bool(torch.isnan(rest.phi[b, left:]).all())
+        found = [k for k in range(K) if k not in kept]
+        if found:  # row j is close to the j-th strongest found source
+            match = (view.cancel[b, : len(found)].conj() @ a_true[b, found].T).abs() / sc.n_elements  # [rows, found]
+            assert bool((match.max(1).values > 0.5).all())
+            order = [found[int(match[j].argmax())] for j in range(len(found))]
+            assert sorted(order) == found
+            p = s.truth.power[b, order]
+            assert bool((p[:-1] >= p[1:]).all())
+    # two ranks, each its half of the same global batch: the single-process rows
+    half = lambda a, b: prepare_inputs(s.y[a:b], s.H[a:b], s.codes[a:b], s.snr_db[a:b], regularisation=1e-3)
+    lo = second_look_view(half(0, 32), s.truth[:32], sc, 1.0, gen(), start=0, total=64)
+    hi = second_look_view(half(32, 64), s.truth[32:], sc, 1.0, gen(), start=32, total=64)
+    torch.testing.assert_close(torch.cat([lo[0].cancel, hi[0].cancel]), view.cancel)
+    assert torch.equal(torch.cat([lo[1].K, hi[1].K]), rest.K)
+
+
+def test_the_k_head_is_not_trained_on_second_looks():
+    """The objective's K term is the cross-entropy averaged over the first looks of a batch only
+    (a scene with a non-zero cancel row is a second look, whose truth is what is left)."""
+    import dataclasses
+
+    from risloc import covariance as cv
+    from risloc.nn.config import LossConfig
+    from risloc.nn.inputs import Prediction, effective, prepare_inputs
+    from risloc.nn.loss import Objective
+    from risloc.nn.networks import get_network
+    from risloc.simulate import source_factor
+
+    sc = risloc.Scenario()
+    s = risloc.simulate(sc, 4, seed=22)
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=1e-3)
+    cancel = torch.zeros(4, sc.k_max + 1, sc.n_elements, dtype=torch.complex64)
+    cancel[1, 0, 0] = cancel[3, 2, 5] = 1.0  # scenes 1 and 3: second looks
+    logits = torch.randn(4, sc.k_max, generator=torch.Generator().manual_seed(0))
+    F = source_factor(s.truth, sc)
+    options = cv.CovarianceOptions()
+    obj = Objective(LossConfig(main="cov", k_weight=1.0, k_start=0.0), sc, get_network("covariance"))
+    ce = torch.nn.functional.cross_entropy(logits, (s.truth.K - 1).clamp(0, sc.k_max - 1), reduction="none")
+    for c, scenes in ((None, [0, 1, 2, 3]), (cancel, [0, 2])):
+        x = dataclasses.replace(inputs, cancel=c)
+        pred = Prediction(F, effective(F, x, options), logits, kind="covariance")
+        _, parts = obj(pred, x, options, s.truth, F, 5.0)
+        assert math.isclose(float(parts["k"]), float(ce[scenes].mean()), rel_tol=1e-5)
+
+
+def test_a_second_look_run_trains(tmp_path):
+    """A spectrum run with second looks in its batches trains and writes a usable checkpoint."""
+    cfg = apply_overrides(TrainConfig(), {
+        "device": "cpu", "amp": "none", "threads": 1, "epochs": 1, "steps_per_epoch": 2, "batch": 8, "train_scenes": 16,
+        "val_scenes": 8, "val_batch": 8, "val_locate": False, "calibrate": False, "val_primary": "loss", "second_look": 0.5,
+        "model.width": 8, "model.depth": 1, "model.k_hidden": 16,
+    })
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    scenes = risloc.simulate(risloc.Scenario(), 2, seed=23)
+    est = risloc.locate(scenes, "learned", checkpoint=tmp_path / "run" / "best.pt", search="network")
+    assert est.K.shape == (2,)
+    assert TrainConfig.from_toml(load_checkpoint(tmp_path / "run" / "best.pt")["config"]).second_look == 0.5

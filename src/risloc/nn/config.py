@@ -205,6 +205,12 @@ class TrainConfig:
     ``"FIELD=V1,V2,...;FIELD=..."`` (every combination of the values, each the [scenario] with
     those fields set, interleaved scene by scene: :class:`risloc.data.ScenarioMixture`);
     empty: the [scenario] alone."""
+    second_look: float = 0.0
+    """Fraction of each training batch seen as the network's second look (the ``search="network"``
+    option of ``learned``; :func:`risloc.nn.train.second_look_view`): the front end cancels the
+    scene's true sources but 0-2 of them, at slightly perturbed positions (with, at times, one
+    spurious source), and the detection targets are the sources left; the K head is not trained
+    on those scenes. 0: every scene is a first look."""
     init: str = ""
     """Start the network from this checkpoint's weights (its EMA weights where it has them) instead
     of a random initialisation: fine-tuning. A file written by ``risloc train`` or the name of a

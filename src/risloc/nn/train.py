@@ -170,7 +170,77 @@ class TrainData:
         label_ok = torch.isfinite(snr) & ~drop
         snr_used = torch.where(label_ok, snr + noise, est)
         inputs = ModelInputs(S, snr_used, label_ok.float(), y, H, codes)
+        if cfg.second_look > 0:
+            inputs, truth = second_look_view(inputs, truth, cfg.scenario, cfg.second_look, gen, start=lo, total=B)
+            F = source_factor(truth, cfg.scenario)
         return Batch(inputs, truth, F)
+
+
+SECOND_LOOK_LEFT = 3
+"""Sources a second-look training scene leaves uncancelled: uniform on 0 .. SECOND_LOOK_LEFT - 1 (at most K)."""
+SECOND_LOOK_JITTER = (math.radians(0.5), math.radians(0.5), 0.03)
+"""Standard deviations of the perturbation of a cancelled source: phi, theta (rad) and r (relative),
+about the errors a few Fisher-scoring steps leave at 10-20 dB, and larger."""
+SECOND_LOOK_SPURIOUS = 0.3
+"""Probability that a second-look training scene also cancels one spurious source (uniform in the prior box)."""
+
+
+def second_look_view(inputs: ModelInputs, truth: Truth, scenario, fraction: float, gen: torch.Generator, *,
+                     start: int = 0, total: int | None = None) -> tuple[ModelInputs, Truth]:
+    """A batch as the network's second look sees it (``TrainConfig.second_look``; inference:
+    :func:`risloc.nn.inference.second_look`).
+
+    Each scene is a second look with probability ``fraction``. There, all true sources but
+    0 .. SECOND_LOOK_LEFT - 1 of them (chosen at random) are *found*: their steering vectors, at
+    positions perturbed by SECOND_LOOK_JITTER, strongest first, and with probability
+    SECOND_LOOK_SPURIOUS one spurious source after them, become ``inputs.cancel`` (the front end
+    cancels them as its first pursuit picks; the rows after them are zero: its own picks, as at
+    inference). The returned truth keeps only the sources left, so that the detection loss teaches
+    the network to find what the found sources do not explain; a scene whose cancel rows are all
+    zero is a first look with its full truth. Draws from ``gen`` (the batch's generator) for the
+    ``total`` scenes of the global batch and uses those of this rank's slice, from ``start``."""
+    from .. import physics
+
+    B, K = truth.phi.shape
+    dev = truth.phi.device
+    total = B if total is None else total
+    rand = lambda *shape: torch.rand(total, *shape[1:], generator=gen, device=dev)[start : start + B]
+    randn = lambda *shape: torch.randn(total, *shape[1:], generator=gen, device=dev)[start : start + B]
+    k_true = truth.K.to(dev, torch.int64)
+    slot = torch.arange(K, device=dev).view(1, -1)
+    active = slot < k_true.view(-1, 1)
+    seen = rand(B) < fraction
+    n_left = torch.where(seen, torch.minimum((rand(B) * SECOND_LOOK_LEFT).long(), k_true), k_true)
+    rank = torch.argsort(torch.argsort(torch.where(active, rand(B, K), 2.0), dim=1), dim=1)  # a random order, active first
+    left = active & (rank < n_left.view(-1, 1))
+    found = active & ~left
+    # the found sources as a refinement leaves them, strongest first
+    jitter = torch.tensor(SECOND_LOOK_JITTER, device=dev)
+    phi = torch.nan_to_num(truth.phi.to(dev).float()) + jitter[0] * randn(B, K)
+    theta = torch.nan_to_num(truth.theta.to(dev).float()) + jitter[1] * randn(B, K)
+    r = torch.nan_to_num(truth.r.to(dev).float(), nan=1.0) * (1 + jitter[2] * randn(B, K)).clamp(min=0.5)
+    a = physics.steering(phi, theta, r, scenario, dtype=torch.complex64)  # [B, K, N]
+    power = torch.nan_to_num(truth.power.to(dev).float())
+    by_power = torch.argsort(torch.where(found, -power, torch.inf), dim=1)
+    a = torch.gather(a, 1, by_power.unsqueeze(-1).expand_as(a))
+    n_found = found.sum(1)
+    rows = torch.arange(K + 1, device=dev).view(1, -1)
+    cancel = torch.where((rows[:, :K] < n_found.view(-1, 1)).unsqueeze(-1), a, torch.zeros_like(a))
+    cancel = torch.cat([cancel, torch.zeros_like(cancel[:, :1])], 1)  # [B, K + 1, N]
+    sc = scenario
+    u = torch.sin(torch.tensor(sc.phi_min)) + rand(B) * (math.sin(sc.phi_max) - math.sin(sc.phi_min))
+    v = torch.sin(torch.tensor(sc.theta_min)) + rand(B) * (math.sin(sc.theta_max) - math.sin(sc.theta_min))
+    rho = 1 / sc.r_max + rand(B) * (1 / sc.r_min - 1 / sc.r_max)
+    spurious = physics.steering(torch.asin(u), torch.asin(v), 1 / rho, scenario, dtype=torch.complex64)  # [B, N]
+    put = (seen & (rand(B) < SECOND_LOOK_SPURIOUS)).view(-1, 1) & (rows == n_found.view(-1, 1))
+    cancel = torch.where(put.unsqueeze(-1), spurious.unsqueeze(1), cancel)
+    # the truth of what is left, its sources first
+    keep = torch.argsort(torch.where(seen.view(-1, 1), torch.where(left, rank, rank + K), slot), dim=1)  # first looks: as they were
+    nan = torch.tensor(float("nan"), device=dev)
+    take = lambda t: torch.where(slot < n_left.view(-1, 1), torch.gather(t.to(dev), 1, keep), nan)
+    rest = dataclasses.replace(truth, K=n_left.to(truth.K.dtype), phi=take(truth.phi), theta=take(truth.theta), r=take(truth.r),
+                               power=take(truth.power), covariance=None)
+    return dataclasses.replace(inputs, cancel=cancel), rest
 
 
 # ----------------------------------------------------------------------------------------------
