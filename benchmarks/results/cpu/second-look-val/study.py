@@ -1,16 +1,6 @@
-"""The network's second look on what the refined sources leave: variants of learned's likelihood
-stage on validation scenes at 10-20 dB (CPU, one torch thread).
+"""Second network pass on what the refined sources leave: study on validation scenes (CPU).
 
-    python study.py SEED N VARIANT[,VARIANT...] [SIGNAL] [CODEBOOK]
-
-Variants: default (risloc.locate "learned"), dict / net (learned with search="dictionary" /
-"network"), fixed (K-hat + 1 detections refined, 2 pruning passes, no search), p1cC (RELAX of the
-weakest over the first look's C strongest heat maxima), p2cC (the same over the second look's),
-p2fullC (the second look's C candidates with the signal model's growth/RELAX/pruning counts),
-p2add1 (the second look's strongest candidate away from the refined sources added, then 3
-pruning passes), ml. The p* variants build the second look with this script's own copy of the
-cancelling front end (mfs_cancel; written before the package had one); dict / net use the package.
-Writes p2_SIGNAL_CODEBOOK_SEED_VARIANTS.json (printed as it goes).
+python study.py SEED N VARIANTS
 """
 import json, sys, time, dataclasses
 import torch
@@ -122,6 +112,8 @@ def run(name):
     ml = lambda init, **o: ML(scenes, init=init, snr_db=True, **{**base, **o})
     if name == "default":
         return risloc.locate(scenes, "learned")
+    if name == "mixed":
+        return risloc.locate(scenes, "learned", checkpoint="mixed")
     if name in ("dict", "net"):
         return risloc.locate(scenes, "learned", search={"dict": "dictionary", "net": "network"}[name])
     if name == "fixed":  # K+1 detections, refinement, 2 prunes
