@@ -166,6 +166,8 @@ def test_learned_estimator_and_missing_default(tmp_path):
         assert torch.isfinite(t[inside]).all() and torch.isnan(t[~inside]).all()
     again = get("learned")(scenes, **opts)  # deterministic
     assert torch.equal(again.K, est.K) and torch.allclose(again.phi, est.phi, equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="search = 'network' needs a network with candidates"):  # a covariance network has none
+        get("learned")(scenes, search="network", **opts)
     # use_snr=False is exactly "the scenes carry no SNR label"
     no_snr = get("learned")(scenes, use_snr=False, **opts)
     unlabelled = risloc.Scenes(scenes.y, scenes.H, scenes.codes, sc)
