@@ -11,9 +11,9 @@ from risloc.nn.train import train
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     from risloc.estimators import ml as ml_module
-    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_PRUNE,
-                                     LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, k_confidence, load_model, over_init,
-                                     run_model, second_look)
+    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_OVER_DFT,
+                                     LEARNED_PRUNE, LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, default_over,
+                                     k_confidence, load_model, over_init, run_model, second_look)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -39,6 +39,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source); the growth and
     # RELAX steps search the network's second look (default) or a dictionary
     assert LEARNED_SEARCH == "dictionary"
+    assert (default_over(risloc.Scenario()), default_over(risloc.Scenario(codebook="dft"))) == (LEARNED_OVER, LEARNED_OVER_DFT) == (1, 2)
     for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (2, 0)}.items():
         assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal]) == (grow, relax_sources)
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
@@ -57,6 +58,10 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
             assert bool(((learned.K >= f.K - LEARNED_PRUNE) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
             for name in ("phi", "theta", "r"):
                 assert torch.allclose(getattr(learned, name), getattr(again, name), equal_nan=True), (signal, search, name)
+    # dft codes: two extra detections (and three pruning passes) by default
+    dft = risloc.simulate(risloc.Scenario(codebook="dft"), 4, seed=5)
+    by_default, two = (get("learned")(dft, checkpoint=ckpt, music_options=music, **o) for o in ({}, {"over": 2}))
+    assert torch.equal(by_default.K, two.K) and torch.allclose(by_default.phi, two.phi, equal_nan=True)
     # the second look builds no dictionary: its searches score the network's candidates only
     built = []
     measured = ml_module._measured_dictionary

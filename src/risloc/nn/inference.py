@@ -374,6 +374,25 @@ LEARNED_CANDIDATES = 8
 """Candidates of the network's second look that ``learned`` scores (``search = "network"``,
 :data:`LEARNED_SEARCH`)."""
 
+LEARNED_OVER_DFT = 2
+"""Extra detections of ``learned``'s start for scenes with ``dft`` codes (``over``; its pruning passes
+are ``over`` + :data:`LEARNED_PRUNE`, so three). With ``dft`` codes the network misses more
+sources (K_acc 0.970 on 1 000 validation scenes at 10-20 dB, ``ml`` 0.975-0.980 on 400); a second extra
+detection, moved by the RELAX re-search, finds some of them. 400 ``dft``-code scenes at 10-20 dB of
+each validation seed, 1000 and 2026 (the packaged default network, 2-core CPU,
+benchmarks/results/cpu/learned-dft-over/), success / K_acc: one extra detection 0.683 / 0.953 and
+0.708 / 0.965; two 0.688 / 0.963 and 0.715 / 0.975; every source re-searched by RELAX instead
+0.688 / 0.963 and 0.715 / 0.973 (about 1.4 x the time of two extra detections); two RELAX cycles
+0.680 / 0.965 and 0.715 / 0.973; ``ml`` 0.693 / 0.975 and 0.720 / 0.980. (Earlier, one growth step
+or ``ml``'s dictionary moved at most two scenes of 400: benchmarks/results/cpu/learned-dft-k/.)"""
+
+
+def default_over(scenario: Scenario) -> int:
+    """Extra detections of ``learned``'s start for scenes of ``scenario``: :data:`LEARNED_OVER_DFT`
+    with ``dft`` codes, else :data:`LEARNED_OVER`."""
+    return LEARNED_OVER_DFT if scenario.codebook == "dft" else LEARNED_OVER
+
+
 LEARNED_GROW = {"stochastic": 0, "static": 2}
 """Greedy additions of ``learned``'s likelihood stage by the scenes' signal model (``ml``'s
 ``init_grow``; the option ``grow`` overrides it): the atom of a near-field dictionary of largest
@@ -477,7 +496,7 @@ def estimate(
     use_snr: bool = True,
     music_options: dict | None = None,
     refine: str = "likelihood",
-    over: int = LEARNED_OVER,
+    over: int | None = None,
     grow: int | None = None,
     relax: int = LEARNED_RELAX,
     prune: int = LEARNED_PRUNE,
@@ -490,8 +509,8 @@ def estimate(
     Stages: the network reads the scene and predicts its sources (a ``spectrum`` network: the
     detections and a K head giving K-hat). With ``refine="likelihood"`` (default) ``ml``'s
     ``init`` path (:func:`risloc.estimators.ml.estimate`) takes the min(K-hat + ``over``, K_max)
-    strongest detections (``over`` default :data:`LEARNED_OVER`; a network without detections
-    gives its K-hat estimates):
+    strongest detections (``over`` default :func:`default_over`: :data:`LEARNED_OVER`, with
+    ``dft`` codes :data:`LEARNED_OVER_DFT`; a network without detections gives its K-hat estimates):
 
     1. their positions, powers and sigma^2 take a few joint Fisher-scoring steps on the exact
        likelihood of the measurements y_l ~ CN(0, G_l R G_l^H + sigma^2 I) (no search);
@@ -542,6 +561,7 @@ def estimate(
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
     if search not in (None, "network", "dictionary"):
         raise ValueError(f"learned: search = {search!r}: must be 'network' or 'dictionary'")
+    over = default_over(scenes.scenario) if over is None else over
     counts = _counts("learned", over=over, relax=relax, prune=prune, **({} if grow is None else {"grow": grow}))
     K = known_k("learned", K, scenes)
     if refine == "music":

@@ -1,6 +1,16 @@
-"""Second network pass on what the refined sources leave: study on validation scenes (CPU).
+"""Variants of learned's likelihood stage (and network) on validation scenes at 10-20 dB (CPU, one torch thread).
 
-python study.py SEED N VARIANTS
+    python study.py SEED N VARIANT[,VARIANT...] [SIGNAL] [CODEBOOK]
+
+Variants: default (risloc.locate "learned"), mixed (the same with checkpoint="mixed"), relax_all
+(ml_options relax_sources=0), over2 (over=2, prune=1), relax2 (relax=2), dict / net (learned with
+search="dictionary" / "network"), fixed (K-hat + 1 detections refined, 2 pruning passes, no
+search), p1cC (RELAX of the weakest over the first look's C strongest heat maxima), p2cC (the same
+over the second look's), p2fullC (the second look's C candidates with the signal model's
+growth/RELAX/pruning counts), p2add1 (the second look's strongest candidate away from the refined
+sources added, then 3 pruning passes), ml. The p* variants build the second look with this
+script's own copy of the cancelling front end (mfs_cancel; written before the package had one);
+dict / net use the package. Writes p2_SIGNAL_CODEBOOK_SEED_VARIANTS.json (printed as it goes).
 """
 import json, sys, time, dataclasses
 import torch
@@ -112,6 +122,12 @@ def run(name):
     ml = lambda init, **o: ML(scenes, init=init, snr_db=True, **{**base, **o})
     if name == "default":
         return risloc.locate(scenes, "learned")
+    if name == "relax_all":
+        return risloc.locate(scenes, "learned", ml_options={"relax_sources": 0})
+    if name == "over2":
+        return risloc.locate(scenes, "learned", over=2, prune=1)
+    if name == "relax2":
+        return risloc.locate(scenes, "learned", relax=2)
     if name == "mixed":
         return risloc.locate(scenes, "learned", checkpoint="mixed")
     if name in ("dict", "net"):
