@@ -228,8 +228,8 @@ def second_look_view(inputs: ModelInputs, truth: Truth, scenario, fraction: floa
     cancel = torch.where((rows[:, :K] < n_found.view(-1, 1)).unsqueeze(-1), a, torch.zeros_like(a))
     cancel = torch.cat([cancel, torch.zeros_like(cancel[:, :1])], 1)  # [B, K + 1, N]
     sc = scenario
-    u = torch.sin(torch.tensor(sc.phi_min)) + rand(B) * (math.sin(sc.phi_max) - math.sin(sc.phi_min))
-    v = torch.sin(torch.tensor(sc.theta_min)) + rand(B) * (math.sin(sc.theta_max) - math.sin(sc.theta_min))
+    u = math.sin(sc.phi_min) + rand(B) * (math.sin(sc.phi_max) - math.sin(sc.phi_min))
+    v = math.sin(sc.theta_min) + rand(B) * (math.sin(sc.theta_max) - math.sin(sc.theta_min))
     rho = 1 / sc.r_max + rand(B) * (1 / sc.r_min - 1 / sc.r_max)
     spurious = physics.steering(torch.asin(u), torch.asin(v), 1 / rho, scenario, dtype=torch.complex64)  # [B, N]
     put = (seen & (rand(B) < SECOND_LOOK_SPURIOUS)).view(-1, 1) & (rows == n_found.view(-1, 1))
