@@ -9,7 +9,7 @@ from risloc.nn.config import TrainConfig, apply_overrides
 from risloc.nn.train import train
 
 
-def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
+def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monkeypatch):
     from risloc.estimators import ml as ml_module
     from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_OVER_DFT,
                                      LEARNED_PRUNE, LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, default_over,
@@ -37,7 +37,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
     # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
     # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source); the growth and
-    # RELAX steps search the network's second look (default) or a dictionary
+    # RELAX steps search a dictionary (default) or the network's second look
     assert LEARNED_SEARCH == "dictionary"
     assert (default_over(risloc.Scenario()), default_over(risloc.Scenario(codebook="dft"))) == (LEARNED_OVER, LEARNED_OVER_DFT) == (1, 2)
     for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (2, 0)}.items():
@@ -63,16 +63,12 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path):
     by_default, two = (get("learned")(dft, checkpoint=ckpt, music_options=music, **o) for o in ({}, {"over": 2}))
     assert torch.equal(by_default.K, two.K) and torch.allclose(by_default.phi, two.phi, equal_nan=True)
     # the second look builds no dictionary: its searches score the network's candidates only
-    built = []
-    measured = ml_module._measured_dictionary
-    ml_module._measured_dictionary = lambda *a, **k: built.append(1) or measured(*a, **k)
-    try:
-        get("learned")(scenes, checkpoint=ckpt, music_options=music, search="network")
-        assert built == []
-        get("learned")(scenes, checkpoint=ckpt, music_options=music)
-        assert built == [1]
-    finally:
-        ml_module._measured_dictionary = measured
+    built, measured = [], ml_module._measured_dictionary
+    monkeypatch.setattr(ml_module, "_measured_dictionary", lambda *a, **k: built.append(1) or measured(*a, **k))
+    get("learned")(scenes, checkpoint=ckpt, music_options=music, search="network")
+    assert built == []
+    get("learned")(scenes, checkpoint=ckpt, music_options=music)
+    assert built == [1]
     with pytest.raises(ValueError, match="learned: search"):
         get("learned")(scenes, checkpoint=ckpt, search="grid")
     # the counts and ml_options reach ml; with a known K no growth or pruning

@@ -472,18 +472,15 @@ def _counts(method: str, **counts) -> dict[str, int]:
     return out
 
 
-def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, use_snr: bool, options: dict,
-                      atoms: Estimates | None = None) -> Estimates:
-    """``ml`` from ``init`` with ``options`` (its ``init_*`` counts, iterations, ...), on the same
-    batch; with a known ``K`` no growth and no pruning (the RELAX re-search keeps the count).
-    ``atoms``: the candidates its growth and RELAX searches score instead of a dictionary."""
+def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, use_snr: bool, options: dict) -> Estimates:
+    """``ml`` from ``init`` with ``options`` (its ``init_*`` counts, iterations, ``atoms``, ...), on the
+    same batch; with a known ``K`` no growth and no pruning (the RELAX re-search keeps the count)."""
     from ..estimators import get
 
     options = {"batch": len(scenes), **options}
     if K is not None:
         options["init_grow"] = options["init_prune"] = 0
-    extra = {} if atoms is None else {"atoms": atoms}
-    return get("ml")(_snr_labels(scenes, use_snr), init=init, **options, **extra)
+    return get("ml")(_snr_labels(scenes, use_snr), init=init, **options)
 
 
 @register("learned")
@@ -530,8 +527,8 @@ def estimate(
     search: ``"network"``, the network's second look (:func:`second_look`): after step 1 the
     network runs again with the refined sources cancelled in its front end, and its
     :data:`LEARNED_CANDIDATES` strongest candidates are scored (by the same exact likelihood
-    gain) instead of a dictionary, so the stage has no dictionary search; ``"dictionary"``, the
-    near-field dictionary. A network kind without candidates (``covariance``) searches the dictionary.
+    gain) instead of a dictionary, so the stage has no dictionary search (it needs a network with
+    candidates, a ``spectrum`` one); ``"dictionary"``, the near-field dictionary.
 
     So the network proposes and the likelihood decides K within K-hat - prune ... K-hat + over + grow.
     Step counts and the other ``ml`` options: :data:`LEARNED_DEFAULTS`, updated by
@@ -568,22 +565,18 @@ def estimate(
         return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
     first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
     options = {**stage_options(scenes.scenario.signal, **counts), **(ml_options or {})}
-    checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
-    loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
-    has_candidates = type(get_network(loaded.config.model.kind)).candidates is not NetworkKind.candidates
-    search = search or (LEARNED_SEARCH if has_candidates else "dictionary")
-    searches = options.get("init_grow", 0) or options.get("init_relax", 0)
-    if search == "network" and not has_candidates:
-        raise ValueError(f"learned: search = 'network' needs a network with candidates (a 'spectrum' network); "
-                         f"this checkpoint holds a {loaded.config.model.kind!r} network: use search='dictionary'")
-    if search == "network" and searches and len(scenes):
-        # refine the start, let the network look again with those sources removed, then search its candidates
-        found = _likelihood_stage(scenes, init, K, use_snr, {**options, "init_grow": 0, "init_relax": 0, "init_prune": 0})
-        atoms = second_look(loaded.model, scenes, found, LEARNED_CANDIDATES, options=net_options, use_snr=use_snr,
-                            autocast=INFERENCE_AUTOCAST)
-        est = _likelihood_stage(scenes, found, K, use_snr, options, atoms=atoms)
-    else:
-        est = _likelihood_stage(scenes, init, K, use_snr, options)
+    if (search or LEARNED_SEARCH) == "network":  # the network again, on what its refined start leaves
+        checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
+        loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
+        if type(get_network(loaded.config.model.kind)).candidates is NetworkKind.candidates:
+            raise ValueError(f"learned: search = 'network' needs a network with candidates (a 'spectrum' network); "
+                             f"this checkpoint holds a {loaded.config.model.kind!r} network: use search='dictionary'")
+        if (options.get("init_grow", 0) or options.get("init_relax", 0)) and len(scenes):  # steps that search
+            found = _likelihood_stage(scenes, init, K, use_snr, {**options, "init_grow": 0, "init_relax": 0, "init_prune": 0})
+            atoms = second_look(loaded.model, scenes, found, LEARNED_CANDIDATES, options=net_options, use_snr=use_snr,
+                                autocast=INFERENCE_AUTOCAST)
+            init, options = found, {**options, "atoms": atoms}
+    est = _likelihood_stage(scenes, init, K, use_snr, options)
     est.method = first.method
     return est
 

@@ -346,12 +346,10 @@ class Objective(nn.Module):
             parts["raw"] = raw_nmse(F, true_factor).mean()
         if w["k"] > 0:
             target = (truth.K.to(F.device) - 1).clamp(0, self.scenario.k_max - 1)
-            if inputs.cancel is None:
-                parts["k"] = nn.functional.cross_entropy(pred.k_logits.float(), target)
-            else:  # a second look's truth is what is left: its K head is not trained there (risloc.nn.train.second_look_view)
-                first = (inputs.cancel.abs().flatten(1).sum(1) == 0).float()
-                ce = nn.functional.cross_entropy(pred.k_logits.float(), target, reduction="none")
-                parts["k"] = (ce * first).sum() / first.sum().clamp(min=1)
+            ce = nn.functional.cross_entropy(pred.k_logits.float(), target, reduction="none")
+            # over the first looks: a second look's truth is what is left (risloc.nn.train.second_look_view)
+            first = torch.ones_like(ce) if inputs.cancel is None else (inputs.cancel.abs().flatten(1).sum(1) == 0).float()
+            parts["k"] = (ce * first).sum() / first.sum().clamp(min=1)
         if w["gap"] > 0:
             parts["gap"] = eigengap_loss(F, truth.K).mean()
         if w["sub"] > 0:
