@@ -288,3 +288,6 @@ def test_a_second_look_run_trains(tmp_path):
     est = risloc.locate(scenes, "learned", checkpoint=tmp_path / "run" / "best.pt", search="network")
     assert est.K.shape == (2,)
     assert TrainConfig.from_toml(load_checkpoint(tmp_path / "run" / "best.pt")["config"]).second_look == 0.5
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="TrainConfig.second_look"):
+            apply_overrides(TrainConfig(), {"second_look": bad})

@@ -258,6 +258,8 @@ class TrainConfig:
         for name in ("epochs", "steps_per_epoch", "batch", "val_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.second_look <= 1.0:
+            raise ValueError(f"TrainConfig.second_look = {self.second_look}: must be a fraction in [0, 1]")
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:
