@@ -110,7 +110,7 @@ def test_calibrate_refuses_bad_input(stopped_run, tmp_path, capsys, argv, names)
 
 
 def test_the_shipped_model_carries_its_fitted_calibration():
-    """default.pt was calibrated on the trainer's validation scenes of its own configuration
+    """The packaged default (mixed.pt) was calibrated on the trainer's validation scenes of its own configuration
     (all of them): the recorded k NLL and K accuracy did not get worse, and on the first
     validation scenes, recomputed here, its T gives no higher K-head NLL than T = 1."""
     state = load_checkpoint(DEFAULT_WEIGHTS)

@@ -113,9 +113,15 @@ sys.exit(1 if failed else 0)
 
 
 def test_code_defaults_are_the_shipped_model():
-    shipped = TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"])
+    """The code's training defaults are the base network's run (configs/default.toml, default.pt);
+    the packaged default of learned is that network fine-tuned by configs/mixed.toml (mixed.pt)."""
+    from risloc.nn.inference import BASE_WEIGHTS
+
+    shipped = TrainConfig.from_toml(load_checkpoint(BASE_WEIGHTS)["config"])
     assert TrainConfig().to_dict() == shipped.to_dict()
     assert TrainConfig.load(ROOT / "configs" / "default.toml").to_dict() == shipped.to_dict()
+    mixed = TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"])
+    assert DEFAULT_WEIGHTS.name == "mixed.pt" and mixed.init == "default" and mixed.model == shipped.model
 
 
 def _tiny_model_config(kind: str) -> TrainConfig:
@@ -208,7 +214,8 @@ def test_a_bare_checkpoint_name_is_a_packaged_model():
     from risloc.nn.inference import DEFAULT_WEIGHTS, packaged_or_given
 
     assert packaged_or_given("learned", None, DEFAULT_WEIGHTS, "") == DEFAULT_WEIGHTS
-    assert packaged_or_given("learned", "default", DEFAULT_WEIGHTS, "") == DEFAULT_WEIGHTS
+    assert packaged_or_given("learned", "mixed", DEFAULT_WEIGHTS, "") == DEFAULT_WEIGHTS
+    assert packaged_or_given("learned", "default", DEFAULT_WEIGHTS, "") == DEFAULT_WEIGHTS.with_name("default.pt")
     assert packaged_or_given("learned", "runs/a/weights.pt", DEFAULT_WEIGHTS, "") == "runs/a/weights.pt"
     with pytest.raises(ValueError, match="neither a file nor a packaged model.*'default'"):
         packaged_or_given("learned", "no_such_model", DEFAULT_WEIGHTS, "")

@@ -334,16 +334,19 @@ def test_shipped_models_answer_as_recorded(name):
 
 
 def test_shipped_configs_reproduce_the_packaged_model():
-    """configs/default.toml is exactly the packaged model's training configuration, and the
-    default network's search space parses against it."""
+    """configs/default.toml is exactly the packaged base network's training configuration,
+    configs/mixed.toml that of the packaged default (the base fine-tuned), and the default
+    network's search space parses against the first."""
     from pathlib import Path
 
     from risloc.nn.hpo import load_space
-    from risloc.nn.inference import DEFAULT_WEIGHTS
+    from risloc.nn.inference import BASE_WEIGHTS, DEFAULT_WEIGHTS
 
     root = Path(__file__).resolve().parent.parent
     cfg = TrainConfig.load(root / "configs" / "default.toml")
-    shipped = TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"])
+    shipped = TrainConfig.from_toml(load_checkpoint(BASE_WEIGHTS)["config"])
     assert shipped.to_dict() == cfg.to_dict()
+    mixed = TrainConfig.from_toml(load_checkpoint(DEFAULT_WEIGHTS)["config"])  # the packaged default: fine-tuned from the base
+    assert mixed.to_dict() == TrainConfig.load(root / "configs" / "mixed.toml").to_dict()
     assert cfg.model.kind == "spectrum" and cfg.loss.main == "detect"
     load_space(root / "configs" / "hpo-spectrum.toml", cfg)

@@ -112,9 +112,9 @@ _INFO: dict[str, EstimatorInfo] = {
                       summary="sparse Bayesian learning on a near-field dictionary, off-grid refinement"),
         # learned / learned+ml: 2 048 scenes per CUDA call (peak 7.7 / 12.3 GiB on an H100; 1.2 x the
         # scenes/s of 1 024, benchmarks/results/h100/learned-stage/batch_memory.json)
-        EstimatorInfo("learned", "risloc.nn.inference", batch_cuda=2048, k_option="K", learned=True, default_weights="weights/default.pt",
+        EstimatorInfo("learned", "risloc.nn.inference", batch_cuda=2048, k_option="K", learned=True, default_weights="weights/mixed.pt",
                       summary="the learned pipeline: network detections (K head + 1) -> likelihood refinement, a new search of the weakest source, two pruning passes"),
-        EstimatorInfo("learned+ml", "risloc.nn.inference", batch_cuda=2048, k_option="K", learned=True, default_weights="weights/default.pt",
+        EstimatorInfo("learned+ml", "risloc.nn.inference", batch_cuda=2048, k_option="K", learned=True, default_weights="weights/mixed.pt",
                       summary="the network's detections (K head + 1), then ml's refinement, one further source, a RELAX cycle of every source and two pruning passes"),
         EstimatorInfo("subspacenet", "risloc.nn.subspacenet", k_option="K", learned=True, default_weights="weights/subspacenet.pt",
                       summary="SubspaceNet-style surrogate covariance -> MUSIC"),

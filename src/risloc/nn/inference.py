@@ -32,9 +32,21 @@ from .config import TrainConfig
 from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import NetworkKind, build_model, get_network
 
-DEFAULT_WEIGHTS = PACKAGED_MODELS / "default.pt"
-"""The packaged default model (the ``spectrum`` network, docs/learned.md; ``risloc train --config
-configs/default.toml --stop-after-epoch 6`` reproduces it)."""
+BASE_WEIGHTS = PACKAGED_MODELS / "default.pt"
+"""The packaged base network (the ``spectrum`` network trained on default-scenario scenes,
+docs/learned.md; ``risloc train --config configs/default.toml --stop-after-epoch 6`` reproduces it;
+``checkpoint="default"``)."""
+
+DEFAULT_WEIGHTS = PACKAGED_MODELS / "mixed.pt"
+"""The packaged default model of ``learned`` and ``learned+ml``: the ``mixed`` network, i.e. the base
+network (:data:`BASE_WEIGHTS`) fine-tuned on stochastic and static signals, random and ``dft`` codes
+and impaired scenes (``risloc train --config configs/mixed.toml`` reproduces it from the base
+network; ``checkpoint="mixed"``). Chosen on the validation seed 1000 (one H100,
+benchmarks/results/h100/validation-dft-mixed-e0d1e64/): ``learned`` success at 10-20 dB / over
+-5...20 dB, K_acc at 10-20 dB, with the base network and with this one: default scenes 0.705 /
+0.425 / 0.984 and 0.704 / 0.425 / 0.981; static signals 0.782 / 0.502 / 0.947 and 0.787 / 0.505 /
+0.952; ``dft`` codes 0.734 / 0.436 / 0.975 and 0.739 / 0.439 / 0.982 (on 400 CPU validation scenes
+per seed, benchmarks/results/cpu/mixed-default-val/: -1 and -1 scenes, -1 and -2, +3 and +4)."""
 
 
 @dataclass
@@ -548,7 +560,7 @@ def estimate(
     missing ones come from its next detections by heat).
 
     ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
-    ``src/risloc/weights/default.pt``. ``use_snr=False`` ignores the scenes' SNR labels
+    ``src/risloc/weights/mixed.pt`` (:data:`DEFAULT_WEIGHTS`). ``use_snr=False`` ignores the scenes' SNR labels
     (estimated from the data instead). One batch, on the scenes' device (the registry,
     ``risloc.locate(scenes, "learned", batch=..., device=...)``, runs large scene sets in batches
     of 1024 and on another device); the likelihood stage goes through the registry's ``ml``, on
