@@ -12,10 +12,12 @@ import torch
 from risloc.crb import crb_for_scenes
 
 
-def assert_same_positions(a, b, scenes, fraction: float = 0.1) -> None:
+def assert_same_positions(a, b, scenes, fraction: float = 0.1, *, range_cell: float = 0.0) -> None:
     """``a`` and ``b`` (Estimates of ``scenes``) have the same K-hat and positions that agree,
     column by column, within ``fraction`` * the scene's smallest sqrt(CRB) (over its true
-    sources; so it also holds for estimates beyond the true K)."""
+    sources; so it also holds for estimates beyond the true K). ``range_cell``: a relative
+    tolerance on r allowed besides (e.g. :func:`range_decision_cell` for estimators whose range is a
+    choice on a geometric grid, where a rounding-level change can pick the neighbouring range)."""
     assert torch.equal(a.K, b.K), (a.K, b.K)
     bound = crb_for_scenes(scenes)
     for q in ("phi", "theta", "r"):
@@ -23,10 +25,24 @@ def assert_same_positions(a, b, scenes, fraction: float = 0.1) -> None:
         per_source = getattr(bound, q).double().cpu()
         smallest = torch.where(per_source.isfinite(), per_source, torch.inf).amin(1, keepdim=True)
         tol = (fraction * smallest).expand_as(x)
+        if q == "r":
+            tol = torch.maximum(tol, range_cell * y.abs().nan_to_num(0.0))
         assert torch.equal(x.isnan(), y.isnan()), q
         on = ~x.isnan()
         err = (x - y).abs()
         assert (err[on] <= tol[on]).all(), f"{q}: |a - b| up to {(err[on] / tol[on] * fraction).max():.3g} sqrt(CRB) > {fraction}"
+
+
+def range_decision_cell(scenario) -> float:
+    """Relative width of one cell of ``ml``'s range decision (the geometric grid of
+    ``MLOptions.range_grid`` ranges on [r_min, r_max], :func:`risloc.estimators.ml._decide_range`):
+    the reported range is a choice among near-equal hit probabilities on that grid, which a
+    rounding-level change can move to the neighbouring range (0.6 % of r by default)."""
+    import math
+
+    from risloc.estimators.ml import MLOptions
+
+    return math.exp(math.log(scenario.r_max / scenario.r_min) / (MLOptions().range_grid - 1)) - 1 + 1e-6
 
 
 # Re-rounding (what another CPU's float32 rounding does to the inputs) and moves in sqrt(CRB)

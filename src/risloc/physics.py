@@ -215,15 +215,15 @@ def steering_with_derivatives(
     ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e
     up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi.e
     ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta.e
+    u_xi_e = torch.stack([up_e, ut_e])  # [2, ..., N]: u_phi.e, u_theta.e
     if approximation == "exact":
         r2, rue2 = r * r, 2 * r * ue
         d = torch.sqrt(torch.clamp(r2 - rue2 + e2, min=torch.finfo(rd).tiny))
         path = (e2 - rue2) / (d + r)
-        a = torch.polar(r / d, -k * path)
-        gp = r * up_e / d  # -dd/dphi
-        gt = r * ut_e / d  # -dd/dtheta
-        lp = torch.complex(gp / d, k * gp)
-        lt = torch.complex(gt / d, k * gt)
+        amp = r / d
+        a = torch.polar(amp, -k * path)
+        g = u_xi_e * amp  # -dd/dxi = r (u_xi.e) / d, xi in {phi, theta}
+        l_angles = torch.complex(g / d, k * g)
         q = (r - ue) / d  # dd/dr
         if range_param == "rho":  # d/drho = -r^2 d/dr: -r^2 (1/r - q/d) = r^2 q/d - r
             lr = torch.complex(r2 * q / d - r, (k * r2) * (q - 1.0))
@@ -232,13 +232,11 @@ def steering_with_derivatives(
     else:
         path = -ue + (e2 - ue * ue) / (2 * r)
         a = torch.polar(torch.ones_like(path), -k * path)
-        fac = k * (1 + ue / r)
-        zero = torch.zeros_like(path)
-        lp = torch.complex(zero, up_e * fac)
-        lt = torch.complex(zero, ut_e * fac)
+        l_angles = torch.complex(torch.zeros_like(u_xi_e), u_xi_e * (k * (1 + ue / r)))
         half_e = (e2 - ue * ue) / 2
-        lr = torch.complex(zero, -k * half_e if range_param == "rho" else k * half_e / (r * r))
-    return a, a * lp, a * lt, a * lr
+        lr = torch.complex(torch.zeros_like(path), -k * half_e if range_param == "rho" else k * half_e / (r * r))
+    da = a * torch.cat([l_angles, lr.unsqueeze(0)])  # [3, ..., N]: a d log a / d(phi, theta, r or rho)
+    return a, da[0], da[1], da[2]
 
 
 def far_field_steering(phi, theta, scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:

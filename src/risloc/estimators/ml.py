@@ -431,23 +431,19 @@ def _refine_steps(state: _State, prob: _Problem, iterations: int):
     K = state.phi.shape[1]
     lo, hi = prob.box
     static = prob.static
-    lo_v = torch.cat([lo[i].expand(K) for i in range(3)])
+    lo_v = torch.cat([lo[i].expand(K) for i in range(3)])  # the positions' box, then (stochastic) log p and log sigma^2
     hi_v = torch.cat([hi[i].expand(K) for i in range(3)])
-    logp_lim = (-25.0, 10.0)
+    if not static:
+        lo_v = torch.cat([lo_v, lo_v.new_full((K,), _LOGP_MIN), lo_v.new_full((1,), _LOGS_MIN)])
+        hi_v = torch.cat([hi_v, hi_v.new_full((K,), _LOGP_MAX), hi_v.new_full((1,), _LOGS_MAX)])
     nll, g, F, amp = _evaluate(state, prob)
     x = state.vector(static)
     lam = torch.full_like(nll, 1e-2)
     for _ in range(iterations):
         dF = torch.diagonal(F, dim1=-2, dim2=-1)
         Ad = F + torch.diag_embed(lam.view(-1, 1) * dF + 1e-9 * (dF.mean(-1, keepdim=True) + 1e-12))
-        delta = -solve(Ad, g.unsqueeze(-1)).squeeze(-1)
-        delta = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
-        xt = x + delta
-        pos = torch.minimum(torch.maximum(xt[:, : 3 * K], lo_v), hi_v)
-        if static:
-            xt = pos
-        else:
-            xt = torch.cat([pos, xt[:, 3 * K : 4 * K].clamp(*logp_lim), xt[:, 4 * K :].clamp(_LOGS_MIN, 5.0)], dim=1)
+        step = torch.nan_to_num(solve(Ad, g.unsqueeze(-1)).squeeze(-1), nan=0.0, posinf=0.0, neginf=0.0)
+        xt = torch.minimum(torch.maximum(x - step, lo_v), hi_v)  # projected on the box
         trial = _State.from_vector(xt, K, state, static)
         nll_t, g_t, F_t, amp_t = _evaluate(trial, prob)
         ok = torch.isfinite(nll_t) & (nll_t < nll)
@@ -467,6 +463,8 @@ def _refine_steps(state: _State, prob: _Problem, iterations: int):
 # ------------------------------------------------------------------------------------------
 
 _LOGS_MIN = math.log(1e-5)  # sigma^2 floor relative to the mean power of y (float32-safe Cholesky)
+_LOGS_MAX = 5.0
+_LOGP_MIN, _LOGP_MAX = -25.0, 10.0  # the refinement's bounds on log p (powers relative to the mean power of y)
 _P_GRID = torch.linspace(-1.5, 3.0, 8).tolist()  # log10 of p * mean_l(alpha_l): whitened per-snapshot SNR of the new source
 
 
