@@ -210,11 +210,12 @@ def steering_with_derivatives(
     e, e2 = _element_geometry(scenario, rd, phi.device)  # [N, 3] (e_z = 0), |e_n|^2 [N]
     ex, ey = e[:, 0], e[:, 1]
     k = 2 * math.pi / scenario.wavelength
-    sp, cp, st, ct = torch.sin(phi), torch.cos(phi), torch.sin(theta), torch.cos(theta)
+    angles = torch.stack([phi, theta])
+    (sp, st), (cp, ct) = torch.sin(angles), torch.cos(angles)
     r = (1.0 / x if range_param == "rho" else x).unsqueeze(-1)
     ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e
     up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi.e
-    ut_e = (-st * sp).unsqueeze(-1) * ex + ct.unsqueeze(-1) * ey  # u_theta.e
+    ut_e = ct.unsqueeze(-1) * ey - (st * sp).unsqueeze(-1) * ex  # u_theta.e
     u_xi_e = torch.stack([up_e, ut_e])  # [2, ..., N]: u_phi.e, u_theta.e
     if approximation == "exact":
         r2, rue2 = r * r, 2 * r * ue
