@@ -23,7 +23,7 @@ batch of ``--batch`` scenes goes through ``learned``'s stages (:mod:`risloc.nn.i
 
 Symbols (per scene): L snapshots, M base-station antennas, N RIS elements, Q_f atoms of the
 network's grid, J = ``pursuit`` picks, Q_d atoms of the likelihood stage's dictionary
-(``LEARNED_DEFAULTS["grid_shape"]``), K = K_max slots, n the slots in use at a scan, T = ``top``;
+(``LEARNED_GRID`` of the signal model), K = K_max slots, n the slots in use at a scan, T = ``top``;
 s = 3 where a dictionary product runs as the split-TF32 ("3xTF32") product on the tensor cores
 (:func:`risloc.grids.dictionary_product`, :func:`risloc.grids.atom_norms`: [x_hi, x_hi, x_lo] times
 [D_hi; D_lo; D_hi], three TF32 products in one), s = 1 where it runs as a complex matmul (CPU).

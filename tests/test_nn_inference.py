@@ -11,7 +11,7 @@ from risloc.nn.train import train
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monkeypatch):
     from risloc.estimators import ml as ml_module
-    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_OVER_DFT,
+    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GRID, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_OVER_DFT,
                                      LEARNED_PRUNE, LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, default_over,
                                      k_confidence, load_model, over_init, run_model, second_look)
 
@@ -36,15 +36,15 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
     conf = k_confidence(pred, loaded.calibration)  # the calibrated K head's confidence
     assert conf.shape == (4,) and bool(((conf > 0) & (conf <= 1)).all())
     # learned = ml's init path from the network's K-hat + over detections: refine, grow, RELAX of the weakest, over + prune pruning passes
-    # (stochastic signals: no growth, the weakest source re-searched; static: two growth steps, every source); the growth and
-    # RELAX steps search a dictionary (default) or the network's second look
+    # (stochastic signals: no growth, the weakest source re-searched; static: three growth steps, every source); the growth and
+    # RELAX steps search a dictionary (default; static signals: ml's own) or the network's second look
     assert LEARNED_SEARCH == "dictionary"
     assert (default_over(risloc.Scenario()), default_over(risloc.Scenario(codebook="dft"))) == (LEARNED_OVER, LEARNED_OVER_DFT) == (1, 2)
-    for signal, (grow, relax_sources) in {"stochastic": (0, 1), "static": (2, 0)}.items():
-        assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal]) == (grow, relax_sources)
+    for signal, (grow, relax_sources, grid) in {"stochastic": (0, 1, (21, 11, 12)), "static": (3, 0, (25, 13, 14))}.items():
+        assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal], LEARNED_GRID[signal]) == (grow, relax_sources, grid)
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
         f, c = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
-        counts = dict(**LEARNED_DEFAULTS, relax_sources=relax_sources)
+        counts = dict(**LEARNED_DEFAULTS, grid_shape=grid, relax_sources=relax_sources)
         stage = dict(init_grow=grow, init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
         start = over_init(c, f.K, LEARNED_OVER)
         on_grid = get("ml")(these, init=start, **counts, **stage)
@@ -74,7 +74,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
     # the counts and ml_options reach ml; with a known K no growth or pruning
     plain = get("learned")(scenes, checkpoint=ckpt, music_options=music, over=0, grow=1, relax=0, prune=0, ml_options={"iterations": 2},
                            search="dictionary")
-    ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, init_grow=1)
+    ref = get("ml")(scenes, init=first, **{**LEARNED_DEFAULTS, "iterations": 2}, grid_shape=LEARNED_GRID["stochastic"], init_grow=1)
     assert torch.equal(plain.K, ref.K) and torch.allclose(plain.phi, ref.phi, equal_nan=True)
     known = get("learned")(scenes, checkpoint=ckpt, music_options=music, K=2)
     assert bool((known.K == 2).all()) and bool(torch.isfinite(known.phi[:, :2]).all())
