@@ -361,7 +361,7 @@ growth steps on the 21 x 11 x 12 dictionary (the previous default) 0.758 / 0.940
 benchmarks/results/cpu/learned-static-penalty/, the same picture: 0.760 / 0.953 -> 0.760 / 0.963
 and 0.785 / 0.955 -> 0.785 / 0.963). Adopted by the rule set
 before the run: success summed over both seeds not lower by more than one scene, K accuracy
-higher. A later check on 1 000 static scenes of seed 1000 over -5-20 dB (same folder) did not
+higher. A later check on 1 000 static scenes of seed 1000 over -5..20 dB (same folder) did not
 confirm the K gain: K-hat = K in 380 of 399 scenes at 10-20 dB with either stage, success 504
 against 506 of 1 000, 1.6 x the time on the CPU."""
 
