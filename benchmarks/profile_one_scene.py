@@ -2,6 +2,7 @@
 
     python benchmarks/profile_one_scene.py --device cuda --methods ml,learned,learned+ml --out one_scene_profile.json
     python benchmarks/profile_one_scene.py --device cuda --methods learned,learned:fixed,learned:network --out parts.json
+    python benchmarks/profile_one_scene.py --device cuda --methods ml --graph-max-scenes 0 --top 40 --out ml_eager.json
 
 ``learned:fixed`` is ``learned`` with the refinement steps alone (``over=0, grow=0, relax=0,
 prune=0``: no dictionary search, no pruning) and ``learned:network`` the network's own positions
@@ -11,16 +12,19 @@ For each method, on one scene of the default scenario (``--seed``): the median w
 ``--calls`` calls after one warm-up call, then one call under ``torch.profiler`` with the counts
 that bound a one-scene call on a GPU: operators dispatched (``aten::`` calls), CUDA kernels
 launched, host reads of device values (``aten::item`` / ``aten::_local_scalar_dense``, each a wait
-for the device) and the device time of the kernels against the call's wall time. A call whose
-kernels keep the GPU busy for a small fraction of its wall time is bound by the host: by Python
-and operator dispatch (about 5-20 us per operator) and by its waits, not by the GPU. The top
-operators by host time are listed. On the CPU the kernel counts are zero and the operator counts
-still hold.
+for the device) and the device time of the kernels against the call's wall time; then the
+``--top`` operators by host time and the ``--top`` most frequent CUDA kernels by name, with their
+count and summed device time (with ``--graph-max-scenes 0`` the call runs eagerly, so every kernel
+carries its own name: where the kernels of a one-scene call come from). A call whose kernels keep
+the GPU busy for a small fraction of its wall time is bound by the host: by Python and operator
+dispatch (about 5-20 us per operator) and by its waits, not by the GPU. On the CPU the kernel counts
+are zero and the operator counts still hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
 
@@ -55,6 +59,10 @@ def profile_call(f, device: str, top: int) -> dict:
     reads = sum(1 for e in ops if e.name == "aten::_local_scalar_dense")  # .item(), bool(t), int(t) of a tensor
     device_us = sum(e.time_range.elapsed_us() for e in kernels)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    count, kernel_us = collections.Counter(), collections.Counter()
+    for e in kernels:
+        count[e.name] += 1
+        kernel_us[e.name] += e.time_range.elapsed_us()
     return {
         "profiled_wall_ms": 1e3 * wall,
         "aten_ops": len(ops),
@@ -63,6 +71,7 @@ def profile_call(f, device: str, top: int) -> dict:
         "host_reads": reads,
         "kernel_time_ms": device_us / 1e3,
         "top_ops": table,
+        "top_kernels": [{"name": name, "count": n, "time_ms": kernel_us[name] / 1e3} for name, n in count.most_common(top)],
     }
 
 
@@ -95,6 +104,8 @@ def main() -> None:
               f"({rec['top_level_aten_ops']} top-level), {rec['cuda_kernels']} CUDA kernels, {rec['host_reads']} host reads, "
               f"kernel time {rec['kernel_time_ms']:.1f} ms of {rec['profiled_wall_ms']:.1f} ms", flush=True)
         print(rec["top_ops"], flush=True)
+        for k in rec["top_kernels"]:
+            print(f"{k['count']:7d} {k['time_ms']:8.2f} ms  {k['name'][:90]}", flush=True)
     atomic_write_text(args.out, json.dumps(out, indent=1))
 
 
