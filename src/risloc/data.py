@@ -179,10 +179,7 @@ class ScenarioMixture:
 
     def __init__(self, base: Scenario, spec: str = ""):
         self.base, self.spec = base, spec.strip()
-        terms = [self._alternatives(t) for t in filter(None, (t.strip() for t in self.spec.split(";")))]
-        combos: list[list[str]] = [[]]
-        for term in terms:
-            combos = [c + a for c in combos for a in term]
+        combos = self.combinations(self.spec)
         self.components = [base.with_overrides(c) for c in combos]
         self.labels = [";".join(c) or "-" for c in combos]
         distinct = [comp for c, comp in enumerate(self.components) if comp not in self.components[:c]]
@@ -195,6 +192,16 @@ class ScenarioMixture:
                 if getattr(comp, name) != getattr(base, name):
                     raise ValueError(f"scenario mixture component {label!r}: {name} = {getattr(comp, name)} differs from the base's "
                                      f"{getattr(base, name)}; components must share the scene shapes")
+
+    @classmethod
+    def combinations(cls, spec: str) -> list[list[str]]:
+        """The ``FIELD=VALUE`` assignments of every component of ``spec`` (the cross product of its
+        terms, in the order written; ``[[]]`` for an empty spec)."""
+        terms = [cls._alternatives(t) for t in filter(None, (t.strip() for t in spec.split(";")))]
+        combos: list[list[str]] = [[]]
+        for term in terms:
+            combos = [c + a for c in combos for a in term]
+        return combos
 
     @staticmethod
     def _alternatives(term: str) -> list[list[str]]:
@@ -242,3 +249,23 @@ class ScenarioMixture:
                          dataclasses.replace(p, truth=dataclasses.replace(p.truth, **{name: getattr(p, name)})) for p in parts]
         out = Scenes.cat(parts)[torch.argsort(torch.cat(order)).to(device)]
         return dataclasses.replace(out, scenario=self.base)
+
+
+GEOMETRY_FIELDS = ("n_h", "n_v", "m_bs", "snapshots")
+"""The fields of a :func:`geometry_family`: the shapes of a scene (K_max stays the base's)."""
+
+
+def geometry_family(base: Scenario, spec: str = "") -> list[Scenario]:
+    """The geometries of ``spec`` (the syntax of :class:`ScenarioMixture`, over the fields of
+    :data:`GEOMETRY_FIELDS` only), each the ``base`` scenario with those fields set; ``[base]``
+    for an empty spec. ``"n_h=8,12;m_bs=8,16"`` is four geometries. A scene batch has one
+    geometry (the shapes of its arrays), so a training run over a family draws each batch from
+    one of them (``TrainConfig.geometries``)."""
+    combos = ScenarioMixture.combinations(spec.strip())
+    for combo in combos:
+        for item in combo:
+            name = item.split("=", 1)[0].strip().replace("-", "_")
+            if name not in GEOMETRY_FIELDS:
+                raise ValueError(f"geometry family {spec!r}: {name!r} is not a geometry field; "
+                                 f"only {', '.join(GEOMETRY_FIELDS)} may vary (other fields: a scenario mixture)")
+    return [base.with_overrides(c) for c in combos]

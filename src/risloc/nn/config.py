@@ -69,6 +69,12 @@ class ModelConfig:
     """spectrum only: grid points in 1/r over [1/r_max, 1/r_min] (a multiple of 4)."""
     snapshot_channels: bool = True
     """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean)."""
+    snapshot_quantiles: int = 0
+    """spectrum only: > 0 feeds that many quantiles over the snapshots of the per-snapshot matched
+    filters (their sorted values, interpolated to evenly spaced levels) instead of one channel
+    per snapshot, so that no input of the network depends on the geometry (N, M, L): one network
+    for scenes of any RIS size, antenna count and snapshot count (``TrainConfig.geometries``).
+    0: one channel per snapshot (``snapshot_channels``)."""
     pursuit: int = 5
     """spectrum only: orthogonal-matching-pursuit picks of the front end (0: the matched filter
     alone); the network sees S_0..S_{pursuit-1} and the residual power after 1..pursuit picks."""
@@ -82,6 +88,15 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.pursuit = {self.pursuit}: must be >= 0")
         if self.rank_extra < 0:
             raise ValueError(f"ModelConfig.rank_extra = {self.rank_extra}: must be >= 0")
+        if self.snapshot_quantiles < 0:
+            raise ValueError(f"ModelConfig.snapshot_quantiles = {self.snapshot_quantiles}: must be >= 0")
+
+    @property
+    def geometry_free(self) -> bool:
+        """Whether a network of this configuration reads scenes of any geometry: a ``spectrum``
+        network whose inputs do not depend on the snapshot count (``snapshot_quantiles`` > 0 or no
+        snapshot channels). The others are tied to the N and L they were trained for."""
+        return self.kind == "spectrum" and (self.snapshot_quantiles > 0 or not self.snapshot_channels)
 
 
 @dataclass
@@ -205,6 +220,13 @@ class TrainConfig:
     ``"FIELD=V1,V2,...;FIELD=..."`` (every combination of the values, each the [scenario] with
     those fields set, interleaved scene by scene: :class:`risloc.data.ScenarioMixture`);
     empty: the [scenario] alone."""
+    geometries: str = ""
+    """Train one network for a family of geometries, ``"FIELD=V1,V2,...;FIELD=..."`` over n_h, n_v,
+    m_bs and snapshots (every combination, each the [scenario] with those fields set:
+    :func:`risloc.data.geometry_family`); step g draws its whole batch from geometry g mod G (a batch
+    has one geometry) and validation stays on the [scenario]. Needs a network that reads every
+    geometry (``ModelConfig.geometry_free``: ``model.snapshot_quantiles`` > 0) and the simulated
+    stream (no ``train_scenes`` pool, no ``train_file``). Empty: the [scenario]'s geometry alone."""
     second_look: float = 0.0
     """Fraction of each training batch seen as the network's second look (the ``search="network"``
     option of ``learned``; :func:`risloc.nn.train.second_look_view`): the front end cancels the

@@ -214,8 +214,8 @@ def predict(model: torch.nn.Module, scenes: Scenes, *, options: cv.CovarianceOpt
     ``cancel``: :attr:`ModelInputs.cancel` (the second look, :func:`second_look`)."""
     s = scenes.to(next(model.parameters()).device)
     inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
-    if cancel is not None:
-        inputs = dataclasses.replace(inputs, cancel=cancel.to(s.device))
+    inputs = dataclasses.replace(inputs, scenario=s.scenario,
+                                 cancel=None if cancel is None else cancel.to(s.device))
     if graphable(len(inputs), s.device, model):
         pred = graphed(lambda x: forward(model, x, options, autocast), inputs, ("forward", options, autocast), owner=model)
     else:
@@ -303,7 +303,7 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta,
     the model on the scenes' device.
 
     Refuses a checkpoint of another network kind (``model.kind``; ``kind`` is one name or a tuple) or one trained for another
-    N or L than the scenes; ``beta`` overrides the checkpoint's blend weight and
+    N or L than the scenes (unless its network reads every geometry, ``ModelConfig.geometry_free``); ``beta`` overrides the checkpoint's blend weight and
     ``music_options`` update the checkpoint's MUSIC options.
     """
     loaded = _cached_model(checkpoint, scenes.device)
@@ -311,7 +311,8 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta,
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     if cfg.model.kind not in kinds:
         raise ValueError(f"{method}: checkpoint {checkpoint} holds a model.kind = {cfg.model.kind!r} network, not {' or '.join(map(repr, kinds))}")
-    if scenes.scenario.n_elements != cfg.scenario.n_elements or scenes.scenario.snapshots != cfg.scenario.snapshots:
+    if not cfg.model.geometry_free and (scenes.scenario.n_elements != cfg.scenario.n_elements
+                                        or scenes.scenario.snapshots != cfg.scenario.snapshots):
         raise ValueError(
             f"{method}: checkpoint {checkpoint} was trained for N = {cfg.scenario.n_elements}, L = {cfg.scenario.snapshots}; "
             f"the scenes have N = {scenes.scenario.n_elements}, L = {scenes.scenario.snapshots}"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import covariance as cv
+from ..scenario import Scenario
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelInputs:
     cancel: Tensor | None = None
     """Steering vectors ``[B, J, N]`` of sources already found, which a ``spectrum`` network's front
     end cancels before its own picks (the second look of ``learned``; zero rows: none); None on the first look."""
+    scenario: Scenario | None = None
+    """The scenes' scenario (geometry, physics, prior box), which a ``spectrum`` network uses for its
+    dictionary, decoding and factor; None: the network's own (the scenario it was built for)."""
 
     def __len__(self) -> int:
         return self.snr_db.shape[0]

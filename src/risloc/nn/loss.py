@@ -336,10 +336,11 @@ class Objective(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         w = self.weights(epoch)
         F = pred.factor
+        scenario = inputs.scenario or self.scenario  # the batch's geometry (a family of geometries: TrainConfig.geometries)
         parts: dict[str, Tensor] = {}
         main = self.cfg.main
         w[main] = w.pop("cov")
-        parts[main] = self.kind.main_loss(main, pred, inputs, options, truth, true_factor, self.cfg, self.scenario).mean()
+        parts[main] = self.kind.main_loss(main, pred, inputs, options, truth, true_factor, self.cfg, scenario).mean()
         if main == "detect" and self.cfg.detect_cov_weight > 0:  # part of the main term (LossConfig.detect_cov_weight)
             parts[main] = parts[main] + self.cfg.detect_cov_weight * covariance_main_loss(pred, inputs, options, true_factor).mean()
         if w["raw"] > 0:
@@ -355,7 +356,7 @@ class Objective(nn.Module):
         if w["sub"] > 0:
             parts["sub"] = subspace_loss(F, true_factor).mean()
         if w["peak"] > 0:
-            parts["peak"] = peak_contrast_loss(pred.covariance, truth, self.scenario, self.cfg.peak_margin).mean()
+            parts["peak"] = peak_contrast_loss(pred.covariance, truth, scenario, self.cfg.peak_margin).mean()
         if w["orth"] > 0:
             parts["orth"] = orthogonality_loss(F).mean()
 

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .. import covariance as cv
-from ..data import ScenarioMixture
+from ..data import ScenarioMixture, geometry_family
 from ..scenes import Scenes, Truth
 from ..simulate import source_factor
 from . import calibrate
@@ -72,6 +72,21 @@ def scene_source(cfg: TrainConfig) -> ScenarioMixture:
     """Where simulated training and validation scenes come from: the [scenario], or the mixture
     ``cfg.mix`` of scenarios built on it (one component when ``mix`` is empty)."""
     return ScenarioMixture(cfg.scenario, cfg.mix)
+
+
+def geometry_sources(cfg: TrainConfig) -> list[ScenarioMixture]:
+    """The scene sources of a run over a family of geometries (``cfg.geometries``): one
+    :class:`ScenarioMixture` of ``cfg.mix`` per geometry of :func:`risloc.data.geometry_family`.
+    Refused (naming the fields) for a network tied to one geometry and for a fixed pool or file."""
+    family = geometry_family(cfg.scenario, cfg.geometries)
+    if len(family) > 1:
+        if not cfg.model.geometry_free:
+            raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: the {cfg.model.kind!r} network of this "
+                             f"configuration is tied to one geometry; set model.snapshot_quantiles > 0 (a spectrum network)")
+        if cfg.train_scenes > 0 or cfg.train_file:
+            raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: needs the simulated stream "
+                             f"(train_scenes = 0, no train_file)")
+    return [ScenarioMixture(g, cfg.mix) for g in family]
 
 
 @dataclass
@@ -103,6 +118,8 @@ class TrainData:
         self.rank, self.world, self.local_batch = rank, world, cfg.batch // world
         self.pool: Scenes | None = None
         self.source = scene_source(cfg)
+        self.sources = [self.source] if not cfg.geometries.strip() else geometry_sources(cfg)
+        """One scene source per geometry of ``cfg.geometries``; step g draws from source g mod G."""
         if cfg.train_file:
             from ..io import load_scenes
 
@@ -144,8 +161,10 @@ class TrainData:
         lo = self.rank * b  # this rank's slice [lo, lo + b) of the global batch
         gen = torch.Generator(device=self.device)
         gen.manual_seed(hash((cfg.seed, 7919, step)) & 0x7FFFFFFFFFFFFFFF)
+        source = self.sources[step % len(self.sources)]
+        scenario = source.base  # the batch's geometry
         if self.pool is None:
-            s = self.source.simulate(b, seed=cfg.seed, start=step * B + lo, device=self.device)
+            s = source.simulate(b, seed=cfg.seed, start=step * B + lo, device=self.device)
             S = cv.sample_covariance(s.y, s.H, s.codes, regularisation=cfg.loss.regularisation)
             snr = s.snr_db.float()
             n_drop = int(round(cfg.loss.snr_drop * B))  # the first n_drop scenes of the global batch (scenes are i.i.d.)
@@ -153,7 +172,7 @@ class TrainData:
             est = snr.clone()
             if n_loc > 0:
                 est[:n_loc] = cv.estimate_snr_db(s.y[:n_loc], s.H[:n_loc], s.codes[:n_loc], regularisation=cfg.loss.regularisation).float()
-            truth, F = s.truth, source_factor(s.truth, cfg.scenario)
+            truth, F = s.truth, source_factor(s.truth, scenario)
             drop = lo + torch.arange(b, device=self.device) < n_drop
             y, H, codes = s.y, s.H, s.codes
         else:
@@ -169,10 +188,10 @@ class TrainData:
         noise = torch.randn(B, generator=gen, device=self.device)[lo : lo + b] * cfg.loss.snr_noise_db
         label_ok = torch.isfinite(snr) & ~drop
         snr_used = torch.where(label_ok, snr + noise, est)
-        inputs = ModelInputs(S, snr_used, label_ok.float(), y, H, codes)
+        inputs = ModelInputs(S, snr_used, label_ok.float(), y, H, codes, scenario=scenario if len(self.sources) > 1 else None)
         if cfg.second_look > 0:
-            inputs, truth = second_look_view(inputs, truth, cfg.scenario, cfg.second_look, gen, start=lo, total=B)
-            F = source_factor(truth, cfg.scenario)
+            inputs, truth = second_look_view(inputs, truth, scenario, cfg.second_look, gen, start=lo, total=B)
+            F = source_factor(truth, scenario)
         return Batch(inputs, truth, F)
 
 
@@ -652,16 +671,23 @@ def _amp(cfg: TrainConfig, device: torch.device):
     return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none")
 
 
+INIT_FREE_FIELDS = ("snapshot_quantiles",)
+"""[model] fields in which a fine-tuning run (``TrainConfig.init``) may differ from the checkpoint it
+starts from: what the snapshot channels hold (one per snapshot, or as many quantiles over the
+snapshots), not the network; the weights must still fit (e.g. 16 quantiles in place of 16 snapshots)."""
+
+
 def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
     """Load the network weights of ``cfg.init`` (a checkpoint file or a packaged model's name) into
     ``model`` (fine-tuning): its EMA weights where it has them. A ValueError naming
-    ``TrainConfig.init`` when its [model] section differs from ``cfg.model`` or its weights do not fit
-    (another geometry). Returns the log line."""
+    ``TrainConfig.init`` when its [model] section differs from ``cfg.model`` (but in
+    :data:`INIT_FREE_FIELDS`) or its weights do not fit (another geometry). Returns the log line."""
     path = named_checkpoint(cfg.init, "TrainConfig.init =")
     state = load_checkpoint(path)
     theirs = TrainConfig.from_toml(state["config"]).model
-    if theirs != cfg.model:
-        differ = [f.name for f in dataclasses.fields(theirs) if getattr(theirs, f.name) != getattr(cfg.model, f.name)]
+    differ = [f.name for f in dataclasses.fields(theirs)
+              if getattr(theirs, f.name) != getattr(cfg.model, f.name) and f.name not in INIT_FREE_FIELDS]
+    if differ:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its [model] differs from this run's in {differ}")
     try:
         model.load_state_dict(network_weights(state))

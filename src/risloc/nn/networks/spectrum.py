@@ -17,7 +17,13 @@ source and no noise S_q = 1 at the source; for noise alone E S_q = 1/M). Both ar
 a global gain on y. The grid ("dictionary") is uniform in (sin phi, sin theta, 1/r) like
 ``ml``'s. Input channels, on a ``[n_phi, n_theta, n_rho]`` volume: M S, log(M S), the L values
 M c_l (the per-snapshot profile, which tells a source from a sidelobe of another source), the
-SNR features (SNR/10 dB, "label known") and the three grid coordinates.
+SNR features (SNR/10 dB, "label known") and the three grid coordinates. With
+``ModelConfig.snapshot_quantiles`` = n > 0 the L per-snapshot channels are replaced by n quantiles
+over the snapshots of M c_l at every cell (the sorted values, linearly interpolated to the
+levels 0, 1/(n-1), ..., 1): the snapshots are exchangeable, so the sorted values keep what the
+per-snapshot profile says at a cell, and no input then depends on N, M or L; such a network
+reads scenes of any geometry (it builds its dictionary, decoding and factor from the scenes'
+scenario, :attr:`risloc.nn.inputs.ModelInputs.scenario`).
 
 Network: a 3-D U-Net (pre-activation residual blocks, GroupNorm, GELU; two stride-2 levels, a
 global-context bottleneck) with a per-cell head (CenterNet-style detection, Zhou et al. 2019):
@@ -289,7 +295,8 @@ class SpectrumNet(nn.Module):
         w = cfg.width
         L = scenario.snapshots
         self.n_spectra = max(1, cfg.pursuit)  # S_0 .. S_{pursuit - 1}
-        self.c_in = 2 * self.n_spectra + (L if cfg.snapshot_channels else 0) + 2 + 3
+        self.n_snapshot = cfg.snapshot_quantiles if cfg.snapshot_quantiles > 0 else (L if cfg.snapshot_channels else 0)
+        self.c_in = 2 * self.n_spectra + self.n_snapshot + 2 + 3
         n_scene = 2 + cfg.pursuit  # SNR features + log residual fractions after 1..pursuit picks
         self.stem = _Conv3d(self.c_in, w, 3, padding=1)
         self.enc0 = _ResBlock(w)
@@ -316,8 +323,21 @@ class SpectrumNet(nn.Module):
         self.k_head = nn.Sequential(nn.LayerNorm(n_k), nn.Linear(n_k, cfg.k_hidden), nn.GELU(), nn.Linear(cfg.k_hidden, cfg.k_hidden), nn.GELU(),
                                     nn.Linear(cfg.k_hidden, self.k_max))
 
-    def grid(self, device) -> SpectrumGrid:
-        return spectrum_grid(self.scenario, self.shape, device=device)
+    def grid(self, device, scenario: Scenario | None = None) -> SpectrumGrid:
+        return spectrum_grid(scenario or self.scenario, self.shape, device=device)
+
+    def scenario_of(self, inputs) -> Scenario:
+        """The scenario the network reads ``inputs`` with: ``inputs.scenario`` where given, else its
+        own. A network tied to its geometry (``ModelConfig.geometry_free`` false) refuses scenes
+        of another N or L."""
+        sc = getattr(inputs, "scenario", None)
+        if sc is None or sc is self.scenario:
+            return self.scenario
+        if not self.cfg.geometry_free and (sc.n_elements, sc.snapshots) != (self.scenario.n_elements, self.scenario.snapshots):
+            raise ValueError(f"spectrum network: built for N = {self.scenario.n_elements}, L = {self.scenario.snapshots}; "
+                             f"the scenes have N = {sc.n_elements}, L = {sc.snapshots} (a network for every geometry: "
+                             f"ModelConfig.snapshot_quantiles > 0)")
+        return sc
 
     def features(self, inputs, grid: SpectrumGrid) -> tuple[Tensor, Tensor]:
         """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + pursuit]``
@@ -330,7 +350,9 @@ class SpectrumNet(nn.Module):
         snr = torch.stack([inputs.snr_db.float() / 10.0, inputs.snr_known.float()], -1)  # [B, 2]
         MS = M * sp.S[:, : self.n_spectra]
         parts = [MS, torch.log(MS.clamp(min=1e-6))]
-        if self.cfg.snapshot_channels:
+        if self.cfg.snapshot_quantiles > 0:
+            parts.append(snapshot_quantiles(M * sp.c, self.cfg.snapshot_quantiles))
+        elif self.cfg.snapshot_channels:
             parts.append(M * sp.c)
         x = torch.cat(parts, 1).view(B, -1, *self.shape)
         x = torch.cat([x, snr.view(B, 2, 1, 1, 1).expand(B, 2, *self.shape), grid.coords.unsqueeze(0).expand(B, -1, -1, -1, -1)], 1)
@@ -338,7 +360,8 @@ class SpectrumNet(nn.Module):
         return x, scene
 
     def forward(self, inputs, options):
-        grid = self.grid(inputs.y.device if inputs.y is not None else None)
+        scenario = self.scenario_of(inputs)
+        grid = self.grid(inputs.y.device if inputs.y is not None else None, scenario)
         x, scene = self.features(inputs, grid)
         if self.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -356,13 +379,13 @@ class SpectrumNet(nn.Module):
         heat, offset, cell_logp = out[:, 0], out[:, 1:4].transpose(1, 2), out[:, 4]
 
         peaks = _local_max_scores(heat.detach(), self.shape)  # once, for the decoder and the K head
-        det = decode(heat, offset, cell_logp, grid, self.scenario, self.k_max, peaks=peaks)
+        det = decode(heat, offset, cell_logp, grid, scenario, self.k_max, peaks=peaks)
         top = torch.topk(peaks, self.n_top, dim=1).values
         top = torch.where(torch.isfinite(top), top, torch.full_like(top, -20.0))  # fewer maxima: pad
         pooled = torch.cat([h2.float().mean((2, 3, 4)), h2.float().amax((2, 3, 4))], -1)
         logits = self.k_head(torch.cat([pooled, top, scene], -1)).float()
 
-        F = detection_factor(det, self.scenario)
+        F = detection_factor(det, scenario)
         R = effective(F, inputs, options)
         return Prediction(F, R, logits, detections=det, kind="spectrum")
 
@@ -370,6 +393,22 @@ class SpectrumNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # decoding and the factor
 # ----------------------------------------------------------------------------------------------
+def snapshot_quantiles(c: Tensor, n: int) -> Tensor:
+    """``n`` quantiles over the snapshots of ``c`` ``[B, L, Q]`` -> ``[B, n, Q]``: the values of every
+    cell sorted over l and linearly interpolated at the positions (L - 1) j / (n - 1), j = 0..n-1
+    (the sorted values themselves when n = L; the median for n = 1)."""
+    L = c.shape[1]
+    s = c.sort(dim=1).values
+    if n == 1:
+        pos = torch.full((1,), 0.5 * (L - 1), device=c.device)
+    else:
+        pos = torch.linspace(0.0, float(L - 1), n, device=c.device)
+    lo = pos.floor().long().clamp(max=L - 1)
+    hi = (lo + 1).clamp(max=L - 1)
+    w = (pos - lo.to(pos.dtype)).to(c.dtype).view(1, n, 1)
+    return torch.lerp(s[:, lo], s[:, hi], w)
+
+
 def _local_max_scores(heat: Tensor, shape) -> Tensor:
     """``heat`` ``[B, Q]`` where the cell is a 3x3x3 local maximum, -inf elsewhere."""
     B = heat.shape[0]
