@@ -1,5 +1,10 @@
 """Train the learned estimator (`learned`) for your own geometry, then locate with it.
 
+(No training is needed to run ``learned`` on another geometry: the packaged ``family`` network
+reads scenes of any RIS size, antenna count and snapshot count, ``risloc.locate(scenes,
+"learned", checkpoint="family")``; docs/learned.md. A network trained for your geometry alone
+may do a little better.)
+
 By default a tiny run on the CPU (the default network made small, 3 epochs of 60 steps of 64
 scenes: a smoke test of your set-up, not a useful model):
 

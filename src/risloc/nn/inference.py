@@ -316,6 +316,8 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta,
         raise ValueError(
             f"{method}: checkpoint {checkpoint} was trained for N = {cfg.scenario.n_elements}, L = {cfg.scenario.snapshots}; "
             f"the scenes have N = {scenes.scenario.n_elements}, L = {scenes.scenario.snapshots}"
+            + (" (the packaged 'family' network reads every geometry: checkpoint='family', --checkpoint family; "
+               "or train one for this geometry)" if "spectrum" in kinds else "")
         )
     options = loaded.options if beta is None else dataclasses.replace(loaded.options, beta=float(beta))
     music = dict(cfg.music_options)
