@@ -82,14 +82,17 @@ def test_a_network_tied_to_its_geometry_refuses_another(tmp_path):
     inputs.scenario = other
     with pytest.raises(ValueError, match="snapshot_quantiles"):
         model(inputs, cfg.covariance_options(0.0))
-    with pytest.raises(ValueError, match="TrainConfig.geometries.*snapshot_quantiles"):
-        train(_tiny(**{"model.snapshot_quantiles": 0, "geometries": "n_h=4,5"}), tmp_path / "run", log=lambda s: None)
+    for family in ("n_h=4,5", "n_h=5"):  # one geometry other than the [scenario]'s is a family too
+        with pytest.raises(ValueError, match="TrainConfig.geometries.*snapshot_quantiles"):
+            train(_tiny(**{"model.snapshot_quantiles": 0, "geometries": family}), tmp_path / "run", log=lambda s: None)
+    data = TrainData(_tiny(**{"model.snapshot_quantiles": 0, "geometries": "n_h=4"}), torch.device("cpu"), lambda s: None)
+    assert data.batch(0).inputs.scenario is None  # the [scenario]'s own geometry: the network's
 
 
 def test_a_run_over_a_family_of_geometries_serves_a_geometry_it_never_saw(tmp_path):
     cfg = _tiny(geometries="n_h=3,4; snapshots=4,6")
     data = TrainData(cfg, torch.device("cpu"), lambda s: None)
-    shapes = [(tuple(b.inputs.codes.shape[1:]), b.inputs.scenario.n_h) for b in map(data.batch, range(5))]
+    shapes = [(tuple(b.inputs.codes.shape[1:]), (b.inputs.scenario or cfg.scenario).n_h) for b in map(data.batch, range(5))]
     assert shapes == [((4, 12), 3), ((6, 12), 3), ((4, 16), 4), ((6, 16), 4), ((4, 12), 3)]  # step g: geometry g mod 4
     train(cfg, tmp_path / "run", log=lambda s: None)
     ckpt = tmp_path / "run" / "best.pt"

@@ -79,13 +79,12 @@ def geometry_sources(cfg: TrainConfig) -> list[ScenarioMixture]:
     :class:`ScenarioMixture` of ``cfg.mix`` per geometry of :func:`risloc.data.geometry_family`.
     Refused (naming the fields) for a network tied to one geometry and for a fixed pool or file."""
     family = geometry_family(cfg.scenario, cfg.geometries)
-    if len(family) > 1:
-        if not cfg.model.geometry_free:
-            raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: the {cfg.model.kind!r} network of this "
-                             f"configuration is tied to one geometry; set model.snapshot_quantiles > 0 (a spectrum network)")
-        if cfg.train_scenes > 0 or cfg.train_file:
-            raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: needs the simulated stream "
-                             f"(train_scenes = 0, no train_file)")
+    if any(g != cfg.scenario for g in family) and not cfg.model.geometry_free:
+        raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: the {cfg.model.kind!r} network of this "
+                         f"configuration is tied to one geometry; set model.snapshot_quantiles > 0 (a spectrum network)")
+    if cfg.train_scenes > 0 or cfg.train_file:
+        raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: needs the simulated stream "
+                         f"(train_scenes = 0, no train_file)")
     return [ScenarioMixture(g, cfg.mix) for g in family]
 
 
@@ -188,7 +187,7 @@ class TrainData:
         noise = torch.randn(B, generator=gen, device=self.device)[lo : lo + b] * cfg.loss.snr_noise_db
         label_ok = torch.isfinite(snr) & ~drop
         snr_used = torch.where(label_ok, snr + noise, est)
-        inputs = ModelInputs(S, snr_used, label_ok.float(), y, H, codes, scenario=scenario if len(self.sources) > 1 else None)
+        inputs = ModelInputs(S, snr_used, label_ok.float(), y, H, codes, scenario=None if scenario == cfg.scenario else scenario)
         if cfg.second_look > 0:
             inputs, truth = second_look_view(inputs, truth, scenario, cfg.second_look, gen, start=lo, total=B)
             F = source_factor(truth, scenario)
