@@ -65,8 +65,8 @@ def _assert_progress(a: dict, b: dict) -> None:
 
 
 def test_rank_shares_make_up_the_single_process_batch():
-    for pool in (0, 64):
-        cfg = ddp_config(train_scenes=pool)
+    for pool, family in ((0, ""), (64, ""), (0, "n_h=4,5;snapshots=4,6")):  # a family: every rank draws step g's geometry
+        cfg = ddp_config(train_scenes=pool, geometries=family, **({"model.kind": "spectrum", "model.snapshot_quantiles": 4} if family else {}))
         one = TrainData(cfg, torch.device("cpu"), QUIET)
         ranks = [TrainData(cfg, torch.device("cpu"), QUIET, rank=r, world=2) for r in range(2)]
         for step in (0, 5, 9):  # 9: the pool wraps into its second pass
@@ -81,6 +81,7 @@ def test_rank_shares_make_up_the_single_process_batch():
             torch.testing.assert_close(cat(lambda p: p.true_factor), full.true_factor, rtol=0, atol=0)
             torch.testing.assert_close(cat(lambda p: p.truth.phi), full.truth.phi, rtol=0, atol=0, equal_nan=True)
             torch.testing.assert_close(cat(lambda p: p.inputs.sample.factor), full.inputs.sample.factor, rtol=1e-5, atol=1e-6)
+            assert all(p.inputs.scenario == full.inputs.scenario for p in parts)
     with pytest.raises(ValueError, match="not divisible"):
         TrainData(ddp_config(batch=9), torch.device("cpu"), QUIET, rank=0, world=2)
 
