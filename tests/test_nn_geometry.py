@@ -13,7 +13,8 @@ from risloc.nn.config import TrainConfig, apply_overrides
 from risloc.nn.inputs import prepare_inputs
 from risloc.nn.networks import build_model
 from risloc.nn.networks.spectrum import snapshot_quantiles
-from risloc.nn.train import TrainData, train
+from risloc.bench.figures import _learned_covariance
+from risloc.nn.train import TrainData, calibrate_checkpoint, train
 
 SMALL = risloc.Scenario(n_h=4, n_v=4, m_bs=4, snapshots=6)
 
@@ -104,6 +105,10 @@ def test_a_run_over_a_family_of_geometries_serves_a_geometry_it_never_saw(tmp_pa
     k = est.K.clamp(max=est.phi.shape[1])
     slots = torch.arange(est.phi.shape[1]).view(1, -1) < k.view(-1, 1)
     assert bool(torch.isfinite(est.phi[slots]).all()) and bool(torch.isfinite(est.r[slots]).all())
+    # calibration and the bench's covariance figure read the scenes with their own geometry too
+    calibrate_checkpoint(ckpt, risloc.simulate(unseen, 8, seed=34), log=lambda s: None)
+    R = _learned_covariance(scenes[:1], ckpt)
+    assert R.factor.shape[1] == unseen.n_elements
     with pytest.raises(ValueError, match="train_scenes = 0"):
         train(_tiny(geometries="n_h=3,4", train_scenes=16), tmp_path / "pool", log=lambda s: None)
 

@@ -206,7 +206,10 @@ def estimate_snr_db(y: Tensor, H: Tensor, codes: Tensor, *, rank: int = 5, regul
     estimate is compressed towards the middle (medians of 40 default scenes: -5 dB reads 6 dB, 20 dB
     reads 14 dB), i.e. it ranks scenes by SNR rather than measuring it. Clamped to [-20, 50] dB. The subspace has
     at most min(M, L) - 1 dimensions (at least 1): with fewer snapshots than ``rank`` the sample
-    covariance has rank L, and a subspace of all L snapshots would fit the noise too.
+    covariance has rank L, and a subspace of all L snapshots would fit the noise too. With few
+    snapshots the bias grows (40 scenes per level: L = 2 reads -5 / 20 dB as 4 / 12 dB, L = 4 as
+    12 / 20 dB); with one snapshot the subspace is that snapshot and the estimate saturates high
+    (about 30 dB whatever the SNR): give such scenes their SNR labels.
     """
     B, L, M = y.shape
     rank = max(1, min(rank, M - 1, L - 1))

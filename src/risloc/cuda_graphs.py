@@ -36,6 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .scenario import Scenario
+
 GRAPH_MAX_SCENES = 8
 """CUDA batches of at most this many scenes run as replayed CUDA graphs (:func:`graphed`); 0
 runs everything eagerly."""
@@ -60,9 +62,12 @@ def register_cache(cache: dict) -> dict:
 
 def tree_map(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     """``obj`` with ``fn`` applied to every tensor in it: tensors, dataclasses (field by field),
-    tuples, lists and dicts are walked; anything else is kept as it is."""
+    tuples, lists and dicts are walked; anything else, and a :class:`~risloc.scenario.Scenario`
+    (no tensors), is kept as it is."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if isinstance(obj, Scenario):  # no tensors in it: kept as it is (its repr is part of a signature)
+        return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: tree_map(fn, getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, (tuple, list)):

@@ -305,7 +305,7 @@ def _learned_covariance(s: Scenes, checkpoint):
     ckpt = checkpoint or estimators.info("learned").default_weights_path()
     loaded = load_model(ckpt, device="cpu")
     with torch.no_grad():
-        inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=loaded.options.regularisation)
+        inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=loaded.options.regularisation, scenario=s.scenario)
         pred = loaded.model(inputs, loaded.options)
     from ..covariance import LowRankCovariance
 

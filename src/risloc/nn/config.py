@@ -68,7 +68,8 @@ class ModelConfig:
     grid_rho: int = 12
     """spectrum only: grid points in 1/r over [1/r_max, 1/r_min] (a multiple of 4)."""
     snapshot_channels: bool = True
-    """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean)."""
+    """spectrum only: feed the per-snapshot matched filters c_l as channels (besides their mean);
+    ignored when ``snapshot_quantiles`` > 0. A network without them reads every geometry too."""
     snapshot_quantiles: int = 0
     """spectrum only: > 0 feeds that many quantiles over the snapshots of the per-snapshot matched
     filters (their sorted values, interpolated to evenly spaced levels) instead of one channel

@@ -213,9 +213,10 @@ def predict(model: torch.nn.Module, scenes: Scenes, *, options: cv.CovarianceOpt
     scenes on CUDA run the forward pass as one replayed CUDA graph (:mod:`risloc.cuda_graphs`).
     ``cancel``: :attr:`ModelInputs.cancel` (the second look, :func:`second_look`)."""
     s = scenes.to(next(model.parameters()).device)
-    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation)
-    inputs = dataclasses.replace(inputs, scenario=s.scenario,
-                                 cancel=None if cancel is None else cancel.to(s.device))
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation,
+                            scenario=s.scenario)
+    if cancel is not None:
+        inputs = dataclasses.replace(inputs, cancel=cancel.to(s.device))
     if graphable(len(inputs), s.device, model):
         pred = graphed(lambda x: forward(model, x, options, autocast), inputs, ("forward", options, autocast), owner=model)
     else:

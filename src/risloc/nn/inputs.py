@@ -53,9 +53,11 @@ class ModelInputs:
         return self.snr_db.shape[0]
 
 
-def prepare_inputs(y: Tensor, H: Tensor, codes: Tensor, snr_db: Tensor | None, *, regularisation: float) -> ModelInputs:
+def prepare_inputs(y: Tensor, H: Tensor, codes: Tensor, snr_db: Tensor | None, *, regularisation: float,
+                   scenario: Scenario | None = None) -> ModelInputs:
     """Sample covariance and SNR of a batch. A missing label (``None`` or NaN entries) is
-    replaced by :func:`risloc.covariance.estimate_snr_db` and flagged as unknown."""
+    replaced by :func:`risloc.covariance.estimate_snr_db` and flagged as unknown. ``scenario``:
+    the scenes' scenario (:attr:`ModelInputs.scenario`; None: the network's own)."""
     sample = cv.sample_covariance(y, H, codes, regularisation=regularisation)
     rd = sample.diag.dtype
     if snr_db is None:
@@ -67,7 +69,7 @@ def prepare_inputs(y: Tensor, H: Tensor, codes: Tensor, snr_db: Tensor | None, *
         snr = snr_db
         if not bool(known.all()):
             snr = torch.where(known > 0, snr_db, cv.estimate_snr_db(y, H, codes, regularisation=regularisation).to(rd))
-    return ModelInputs(sample, snr, known, y, H, codes)
+    return ModelInputs(sample, snr, known, y, H, codes, scenario=scenario)
 
 
 def effective(prediction, inputs: ModelInputs, options: cv.CovarianceOptions) -> cv.LowRankCovariance:

@@ -81,7 +81,8 @@ def geometry_sources(cfg: TrainConfig) -> list[ScenarioMixture]:
     family = geometry_family(cfg.scenario, cfg.geometries)
     if any(g != cfg.scenario for g in family) and not cfg.model.geometry_free:
         raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: the {cfg.model.kind!r} network of this "
-                         f"configuration is tied to one geometry; set model.snapshot_quantiles > 0 (a spectrum network)")
+                         f"configuration is tied to one geometry; a network for every geometry is model.kind = "
+                         f"'spectrum' with model.snapshot_quantiles > 0")
     if cfg.train_scenes > 0 or cfg.train_file:
         raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: needs the simulated stream "
                          f"(train_scenes = 0, no train_file)")
@@ -96,8 +97,9 @@ class Batch:
 
 
 def _batch_from_scenes(s: Scenes, cfg: TrainConfig) -> Batch:
-    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=cfg.loss.regularisation)
-    return Batch(inputs, s.truth, source_factor(s.truth, cfg.scenario))
+    """A batch of given scenes (validation, calibration), read with their own scenario."""
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=cfg.loss.regularisation, scenario=s.scenario)
+    return Batch(inputs, s.truth, source_factor(s.truth, s.scenario))
 
 
 class TrainData:
@@ -373,10 +375,10 @@ def validate(model, scenes: Scenes, cfg: TrainConfig, options: cv.CovarianceOpti
         nmse.append(covariance_nmse(pred.covariance, R_true, effective(zero_prediction(b.true_factor), b.inputs, options)))
         logits.append(pred.k_logits.float())
         if with_locations:
-            ests.append(locate_from_prediction(pred, b.inputs, options, cfg.scenario, calibration, cfg.music_options))
+            ests.append(locate_from_prediction(pred, b.inputs, options, s.scenario, calibration, cfg.music_options))
         if cfg.calibrate:
             try:
-                fbs.append(fallback_order(b.inputs, options, cfg.scenario, cfg.order_rule))
+                fbs.append(fallback_order(b.inputs, options, s.scenario, cfg.order_rule))
             except ImportError:
                 pass
         if bar is not None:
@@ -692,7 +694,9 @@ def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
         model.load_state_dict(network_weights(state))
     except RuntimeError as err:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its weights do not fit this run's network "
-                         f"(another scenario geometry?): {str(err).splitlines()[-1].strip()}") from None
+                         f"(another scenario geometry, or another number of snapshot channels: model.snapshot_quantiles "
+                         f"= {cfg.model.snapshot_quantiles} against {theirs.snapshot_quantiles}?): "
+                         f"{str(err).splitlines()[-1].strip()}") from None
     return f"[INIT] network weights from {path}"
 
 
