@@ -4,6 +4,8 @@ and a second scene through the same graph getting its own answer."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,6 +32,14 @@ def test_tree_helpers_walk_the_dataclasses_of_the_inputs():
     no_y = graphs.tree_map(lambda t: t, x)
     no_y.y = None
     assert graphs.signature(no_y) != graphs.signature(x)  # a missing field is another signature
+    # the scenes' scenario is kept whole (no tensors in it) and is part of the signature: a graph
+    # bakes in the grid and steering of its geometry
+    sc = risloc.Scenario()
+    with_sc = dataclasses.replace(x, scenario=sc)
+    assert graphs.tree_map(torch.clone, with_sc).scenario is sc and len(graphs.tree_tensors(with_sc)) == 7
+    assert graphs.signature(with_sc) != graphs.signature(x)
+    assert graphs.signature(with_sc) == graphs.signature(dataclasses.replace(x, scenario=risloc.Scenario()))
+    assert graphs.signature(with_sc) != graphs.signature(dataclasses.replace(x, scenario=risloc.Scenario(snr_db_min=0.0)))
 
 
 def test_not_graphed_on_the_cpu_or_for_large_batches():
