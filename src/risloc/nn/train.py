@@ -75,9 +75,12 @@ def scene_source(cfg: TrainConfig) -> ScenarioMixture:
 
 
 def geometry_sources(cfg: TrainConfig) -> list[ScenarioMixture]:
-    """The scene sources of a run over a family of geometries (``cfg.geometries``): one
-    :class:`ScenarioMixture` of ``cfg.mix`` per geometry of :func:`risloc.data.geometry_family`.
-    Refused (naming the fields) for a network tied to one geometry and for a fixed pool or file."""
+    """The training scene sources, one per geometry: :func:`scene_source` alone without
+    ``cfg.geometries``, else one :class:`ScenarioMixture` of ``cfg.mix`` per geometry of
+    :func:`risloc.data.geometry_family` (refused, naming the fields, for a network tied to one
+    geometry and for a fixed pool or file)."""
+    if not cfg.geometries.strip():
+        return [scene_source(cfg)]
     family = geometry_family(cfg.scenario, cfg.geometries)
     if any(g != cfg.scenario for g in family) and not cfg.model.geometry_free:
         raise ValueError(f"TrainConfig.geometries = {cfg.geometries!r}: the {cfg.model.kind!r} network of this "
@@ -118,9 +121,8 @@ class TrainData:
         self.cfg, self.device = cfg, device
         self.rank, self.world, self.local_batch = rank, world, cfg.batch // world
         self.pool: Scenes | None = None
-        self.source = scene_source(cfg)
-        self.sources = [self.source] if not cfg.geometries.strip() else geometry_sources(cfg)
-        """One scene source per geometry of ``cfg.geometries``; step g draws from source g mod G."""
+        self.sources = geometry_sources(cfg)
+        """One scene source per geometry (:func:`geometry_sources`); step g draws from source g mod G."""
         if cfg.train_file:
             from ..io import load_scenes
 
@@ -129,7 +131,7 @@ class TrainData:
                 raise ValueError(f"train_file {cfg.train_file}: has no truth group; training needs it")
         elif cfg.train_scenes > 0:
             t = time.time()
-            self.pool = Scenes.cat([self.source.simulate(min(4096, cfg.train_scenes - a), seed=cfg.seed, start=a, device=device)
+            self.pool = Scenes.cat([self.sources[0].simulate(min(4096, cfg.train_scenes - a), seed=cfg.seed, start=a, device=device)
                                     for a in range(0, cfg.train_scenes, 4096)])
             log(f"[DATA] pool of {len(self.pool)} scenes (seed {cfg.seed}) simulated in {time.time() - t:.1f} s")
         if self.pool is not None:
