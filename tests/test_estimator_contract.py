@@ -182,7 +182,7 @@ def _same_or_known_shortfall(name, a, b, scenes, what, known: dict[str, float]) 
         pytest.xfail(str(exc).splitlines()[0])
 
 
-ROUNDING_AMPLIFIED = {"learned": 1.0, "learned+ml": 0.2, "ml": 0.05, "ml-robust": 0.05, "ml-joint": 0.05}
+ROUNDING_AMPLIFIED = {"learned": 1.0, "learned+ml": 0.2, "ml": 0.05, "ml-robust": 0.05, "ml-joint": 0.05, "sbl": 0.25}
 """Known shortfalls, with their ceilings in sqrt(CRB). ``learned``, ``learned+ml``: the network's
 float32 forward pass rounds differently at another batch size (oneDNN picks its 3-D convolution
 algorithm by the batch: the stem's output moves by 4e-5, the detections by ~1e-6 rad) and the
@@ -193,7 +193,12 @@ on these scenes, up to 0.2 on default scenes at 20-30 dB). ``ml``, ``ml-robust``
 at both batch sizes with the AVX-512 kernels; with the AVX2 kernels of PyTorch and MKL
 (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``) the batched float32 products round
 differently at batch 1 and batch 5 and the two sources 5 deg apart at 0.5 m move by 0.0124
-sqrt(CRB). ``ml-joint`` (which starts from ``ml-robust``'s answer) moves there by 0.0123 sqrt(CRB) with the AVX2 kernels."""
+sqrt(CRB). ``ml-joint`` (which starts from ``ml-robust``'s answer) moves there by 0.0123 sqrt(CRB) with the AVX2 kernels.
+``sbl``: its 20 evidence iterations and the 25 Fisher-scoring steps of ``ml``'s refinement after them
+carry batch-dependent float32 rounding further: on an AMD EPYC CPU, with its AVX-512 kernels and with
+``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` alike, the two sources 5 deg apart at 0.5 m
+moved by 0.051 sqrt(CRB) between batch 5 and batch 1, and by 0.118 with a known K one larger than
+the scene's (on the Intel CPUs of earlier runs: within 0.01)."""
 
 
 ILL_POSED = {**ROUNDING_AMPLIFIED, "music+ml": 10.0}

@@ -78,7 +78,9 @@ def test_rank_shares_make_up_the_single_process_batch():
             # network resolves (its SNR labels are perturbed by snr_noise_db = 1.5 dB in training)
             torch.testing.assert_close(cat(lambda p: p.inputs.snr_db), full.inputs.snr_db, rtol=0, atol=1e-4)
             torch.testing.assert_close(cat(lambda p: p.inputs.snr_known), full.inputs.snr_known, rtol=0, atol=0)
-            torch.testing.assert_close(cat(lambda p: p.true_factor), full.true_factor, rtol=0, atol=0)
+            # the true factor is computed from the (exactly equal) draws; sin/cos of a 4- and an 8-scene batch may
+            # take different vector paths (e.g. ATEN_CPU_CAPABILITY=avx2) and differ in the last float32 bit
+            torch.testing.assert_close(cat(lambda p: p.true_factor), full.true_factor, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(cat(lambda p: p.truth.phi), full.truth.phi, rtol=0, atol=0, equal_nan=True)
             torch.testing.assert_close(cat(lambda p: p.inputs.sample.factor), full.inputs.sample.factor, rtol=1e-5, atol=1e-6)
             assert all(p.inputs.scenario == full.inputs.scenario for p in parts)
