@@ -198,7 +198,7 @@ sqrt(CRB). ``ml-joint`` (which starts from ``ml-robust``'s answer) moves there b
 carry batch-dependent float32 rounding further: on an AMD EPYC CPU, with its AVX-512 kernels and with
 ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` alike, the two sources 5 deg apart at 0.5 m
 moved by 0.051 sqrt(CRB) between batch 5 and batch 1, and by 0.118 with a known K one larger than
-the scene's (on the Intel CPUs of earlier runs: within 0.01)."""
+the scene's (on the CPUs of earlier CI runs: within 0.01)."""
 
 
 ILL_POSED = {**ROUNDING_AMPLIFIED, "music+ml": 10.0}
