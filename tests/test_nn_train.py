@@ -168,11 +168,17 @@ def test_learned_estimator_and_missing_default(tmp_path):
     assert torch.equal(again.K, est.K) and torch.allclose(again.phi, est.phi, equal_nan=True, rtol=0, atol=0)
     with pytest.raises(ValueError, match="search = 'network' needs a network with candidates"):  # a covariance network has none
         get("learned")(scenes, search="network", **opts)
-    # use_snr=False is exactly "the scenes carry no SNR label"
+    # use_snr=False is "the scenes carry no SNR label": the same computation on the same numbers. Compared at
+    # 1e-4 (rad, m), far below any hit window, not bit for bit: once, in a whole-suite run with the AVX2
+    # kernels on an AMD CPU, the two calls differed in the last digits (not reproduced in isolation; MKL's
+    # kernels may round differently with the alignment of their buffers)
     no_snr = get("learned")(scenes, use_snr=False, **opts)
     unlabelled = risloc.Scenes(scenes.y, scenes.H, scenes.codes, sc)
     blind = get("learned")(unlabelled, **opts)
-    assert torch.equal(no_snr.K, blind.K) and torch.allclose(no_snr.phi, blind.phi, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(no_snr.K, blind.K)
+    for q in ("phi", "theta", "r"):
+        torch.testing.assert_close(getattr(no_snr, q), getattr(blind, q), rtol=0, atol=1e-4, equal_nan=True,
+                                   msg=lambda m, q=q: f"use_snr=False against unlabelled scenes, {q}: {m}")
     import risloc.nn.inference as inference
 
     real = inference.DEFAULT_WEIGHTS
