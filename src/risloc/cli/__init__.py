@@ -23,6 +23,25 @@ INPUT_ERRORS = (InputError, ValueError, FileNotFoundError, IsADirectoryError, No
 """What :func:`main` reports as bad input (one line, exit status 2); InputError is a ValueError,
 named for the reader."""
 
+def device_arg(text: str) -> str:
+    """The argparse type of every ``--device`` flag: a torch device this machine has (``cpu``,
+    ``cuda``, ``cuda:1``), else a usage error naming it (exit status 2) before any work starts."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: risloc runs on cpu or cuda")
+    return text
+
+
 # Order is the order of `risloc --help`.
 SUBCOMMANDS = ("simulate", "locate", "evaluate", "crb", "train", "calibrate", "overfit", "bench", "hpo")
 

@@ -113,7 +113,14 @@ def device_for(name: str, dist: Dist) -> torch.device:
     if name == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        kind = torch.device(name).type
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            raise ValueError(f"TrainConfig.device = {name!r}: not a device (use auto, cpu or cuda)") from None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device = {name!r}: risloc trains on cpu or cuda")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device = {name!r}: no CUDA device is available on this machine (use cpu or auto)")
     if not dist.enabled:
         return torch.device(name if name != "auto" else kind)
     if kind == "cuda":
