@@ -184,3 +184,96 @@ def test_a_packaged_model_name_is_a_checkpoint_and_an_unknown_name_is_refused(fi
         assert f"neither a file nor a packaged model (packaged: {listed})" in err
     err = _refused(capsys, tmp_path, ["bench", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(report)], "missing.pt")
     assert err.endswith("no such file")
+
+
+@pytest.mark.parametrize("device, names", [("gpu", "'gpu' is not a device"), ("cuda", "cuda: no CUDA device is available")])
+@pytest.mark.parametrize("command", ["simulate", "locate", "crb", "bench", "calibrate"])
+def test_a_device_this_machine_lacks_is_a_usage_error(files, tmp_path, capsys, monkeypatch, command, device, names):
+    """Every --device is checked by the parser (exit 2, one line naming it) before any work; the
+    parser's own error lines are 'risloc COMMAND: error: argument --device: ...'."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = {"simulate": ["simulate", "--out", str(tmp_path / "s.h5"), "--scenes", "2"],
+            "locate": ["locate", str(files / "scenes.h5"), "--out", str(tmp_path / "e.h5")],
+            "crb": ["crb", str(files / "scenes.h5"), "--out", str(tmp_path / "c.h5")],
+            "bench": ["bench", "--quick", "--out", str(tmp_path / "b")],
+            "calibrate": ["calibrate", str(files / "truncated.pt")]}[command] + ["--device", device]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device" in err and names in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_training_on_a_device_this_machine_lacks_is_refused(monkeypatch):
+    from risloc.nn.distributed import Dist, device_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    single = Dist()
+    with pytest.raises(ValueError, match="TrainConfig.device = 'cuda': no CUDA device"):
+        device_for("cuda", single)
+    with pytest.raises(ValueError, match="TrainConfig.device = 'gpu': not a device"):
+        device_for("gpu", single)
+    assert device_for("auto", single) == torch.device("cpu")
+
+
+def test_an_option_of_the_wrong_kind_is_refused_naming_it(files, tmp_path, capsys):
+    good = str(files / "scenes.h5")
+    out = tmp_path / "e.h5"
+    for method, item, names in [("learned", "ml_options=notjson", "ml_options = 'notjson': expected an object"),
+                                ("learned", "ml_options=[1,2]", "expected an object"),
+                                ("music", "options=foo", "options = 'foo': expected an object of its fields"),
+                                ("music", 'options={"bta": 0.5}', "no field(s) bta"),
+                                ("sbl", "keep=foo", "keep = 'foo': expected an integer"),
+                                ("ml", "penalty_stochastic=foo", "expected a number"),
+                                ("ml", "grid_shape=[3,3]", "expected a list of 3 integers"),
+                                ("learned", "beta=true", "beta = True: expected a number"),
+                                ("ml", "iterations=-3", "ml: iterations = -3: must be >= 0")]:
+        _refused(capsys, tmp_path, ["locate", good, "--out", str(out), "--method", method, "--option", item, "--no-progress"], names)
+
+
+def test_options_of_the_right_kind_pass_and_an_object_builds_a_dataclass_option():
+    from risloc import estimators
+    from risloc.cli.locate import parse_options
+    from risloc.covariance import CovarianceOptions
+
+    opts = parse_options(estimators.get("music"), ['options={"beta": 0.5}', "refine=ml"])
+    assert opts["options"] == CovarianceOptions(beta=0.5) and opts["refine"] == "ml"
+    opts = parse_options(estimators.get("ml"), ["grid_shape=[9,5,6]", "penalty_stochastic=8", 'mismatch_kinds=["white"]',
+                                                "iterations=4"])
+    assert opts == {"grid_shape": (9, 5, 6), "penalty_stochastic": 8, "mismatch_kinds": ("white",), "iterations": 4}
+    assert parse_options(estimators.get("learned"), ['ml_options={"relax_sources": 0}', "over=2"]) == {
+        "ml_options": {"relax_sources": 0}, "over": 2}
+
+
+@pytest.mark.parametrize("command", ["locate", "crb"])
+def test_an_output_that_is_the_input_is_refused(files, tmp_path, capsys, command):
+    scenes = tmp_path / "scenes.h5"
+    scenes.write_bytes((files / "scenes.h5").read_bytes())
+    before = scenes.read_bytes()
+    rc = main([command, str(scenes), "--out", str(tmp_path / "." / "scenes.h5"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is the scene file itself" in err, err
+    assert scenes.read_bytes() == before
+
+
+def test_an_impossible_separation_is_refused_naming_the_field(tmp_path, capsys):
+    _refused(capsys, tmp_path, ["simulate", "--out", str(tmp_path / "s.h5"), "--scenes", "3", "--set", "min_separation=3",
+                                "--quiet"], "Scenario.min_separation = 3 rad")
+
+
+def test_learned_refuses_scenes_that_allow_more_sources_than_its_k_head_counts(tmp_path):
+    scenes = risloc.simulate(risloc.Scenario(k_max=6), 2, seed=1)
+    with pytest.raises(ValueError, match="counts at most k_max = 5 sources .* the scenes allow k_max = 6"):
+        risloc.locate(scenes, "learned")
+    est = risloc.locate(risloc.simulate(risloc.Scenario(k_max=3), 2, seed=1), "learned")  # fewer: answered within 0..3
+    assert ((est.K >= 0) & (est.K <= 3)).all()
+
+
+def test_crb_of_an_empty_scene_file_is_an_empty_crb_file(files, tmp_path):
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes((files / "scenes.h5").read_bytes())
+    with h5py.File(empty, "a") as f:
+        f.visititems(lambda name, d: d.resize(0, axis=0) if isinstance(d, h5py.Dataset) and d.maxshape[:1] == (None,) else None)
+    assert main(["crb", str(empty), "--out", str(tmp_path / "c.h5"), "--no-progress"]) == 0
+    assert io.load_crb(tmp_path / "c.h5").phi.shape == (0, 5)

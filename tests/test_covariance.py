@@ -203,3 +203,23 @@ def test_snr_estimate_for_any_snapshot_count(L):
     # scenes without SNR labels through the network that reads every snapshot count (it estimates them)
     unlabelled = risloc.Scenes(low.y[:2], low.H[:2], low.codes[:2], low.scenario)
     assert risloc.locate(unlabelled, "learned", checkpoint="family").K.shape == (2,)
+
+
+@pytest.mark.parametrize("estimate", ["ml", "back_projection"])
+def test_scene_covariance_reads_a_nan_snr_label_as_none(estimate):
+    """A NaN SNR label means 'no label' for that scene only: its covariance is the unlabelled one,
+    the other scenes keep their labelled ones (music and mvdr had answered from a NaN shrinkage)."""
+    import dataclasses
+
+    scenes = risloc.simulate(risloc.Scenario(), 3, seed=4)
+    options = cv.CovarianceOptions(estimate=estimate)
+    some = dataclasses.replace(scenes, snr_db=scenes.snr_db.clone())
+    some.snr_db[1] = float("nan")
+    mixed = cv.scene_covariance(some, options=options)
+    labelled = cv.scene_covariance(scenes, options=options)
+    unlabelled = cv.scene_covariance(dataclasses.replace(scenes, snr_db=None), options=options)
+    for i, ref in ((0, labelled), (1, unlabelled), (2, labelled)):
+        assert torch.isfinite(mixed.factor[i]).all()
+        torch.testing.assert_close(mixed.dense()[i], ref.dense()[i], rtol=1e-4, atol=1e-5)
+    est = risloc.locate(some, "mvdr")
+    assert torch.equal(est.K[1:2], risloc.locate(dataclasses.replace(scenes, snr_db=None)[1:2], "mvdr").K)

@@ -64,6 +64,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def refuse_overwriting(out: str | os.PathLike, inputs: dict[str, str | os.PathLike], *, flag: str = "--out") -> None:
+    """ValueError when the output path ``out`` is one of the command's input files (``inputs``:
+    what each is called -> its path), which the atomic replacement would otherwise destroy."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if Path(path).resolve() == target:
+            raise ValueError(f"{flag} {out} is the {what} itself: writing it would replace the {what}; choose another file")
+
+
 def nan_to_none(o: Any) -> Any:
     """NaN/inf floats -> None, recursively through dicts and lists (for strict JSON)."""
     if isinstance(o, float) and not math.isfinite(o):

@@ -331,19 +331,24 @@ def scene_covariance(
     RIS-domain covariance (:func:`ml_covariance`; its rank from ``options.rank_rule``, or ``K``
     ``[B]`` / an int when the number of sources is known), fed to :func:`effective_covariance`
     as its prediction; the SNR of the shrinkage is the scene's label when ``use_snr`` and
-    present, else the fit's own (signal power over its noise variance).
+    present (a NaN label: that scene has none), else the fit's own (signal power over its noise
+    variance).
     ``'back_projection'``: the sample covariance of the back-projected snapshots
     (:func:`sample_covariance`), the SNR label or :func:`estimate_snr_db`.
     """
     snr = scenes.snr_db if use_snr else None
     if options.estimate == "back_projection":
+        if snr is not None:
+            unlabelled = ~torch.isfinite(snr)
+            if bool(unlabelled.any()):
+                snr = torch.where(unlabelled, estimate_snr_db(scenes.y, scenes.H, scenes.codes, regularisation=options.regularisation), snr)
         return effective_covariance(None, snr_db=snr, options=options, y=scenes.y, H=scenes.H, codes=scenes.codes)
     fit = ml_covariance(scenes.y, scenes.H, scenes.codes, scenes.scenario, K=K, options=options)
-    if snr is None:
-        L, M = scenes.y.shape[1], scenes.y.shape[2]
-        power = scenes.y.abs().square().sum((1, 2)) / (L * M)
-        tiny = torch.finfo(power.dtype).tiny
-        snr = 10 * torch.log10(((power - fit.noise_var).clamp(min=tiny) / fit.noise_var.clamp(min=tiny))).clamp(-20.0, 50.0)
+    L, M = scenes.y.shape[1], scenes.y.shape[2]
+    power = scenes.y.abs().square().sum((1, 2)) / (L * M)
+    tiny = torch.finfo(power.dtype).tiny
+    own = 10 * torch.log10(((power - fit.noise_var).clamp(min=tiny) / fit.noise_var.clamp(min=tiny))).clamp(-20.0, 50.0)
+    snr = own if snr is None else torch.where(torch.isfinite(snr), snr.to(own.dtype), own)
     return effective_covariance(fit.factor, snr_db=snr, options=options)
 
 

@@ -612,9 +612,9 @@ def crb_file(
             out.attrs["content"] = CRB_CONTENT
             out.attrs["signal"] = signal
             out.attrs["scenes"] = scenes_path.name
-            chunks = (max(1, min(S, 4096)), K_max)
+            chunks = (min(S, 4096), K_max) if S else None  # an empty dataset cannot be chunked
             ds = {q: out.create_dataset(f"crb/{q}", shape=(S, K_max), dtype="float32", chunks=chunks) for q in POSITION_PARAMS}
-            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(max(1, min(S, 65536)),))
+            ds_reg = out.create_dataset("crb/regular", shape=(S,), dtype="int8", chunks=(min(S, 65536),) if S else None)
             if progress:
                 from tqdm.auto import tqdm
 

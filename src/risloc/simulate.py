@@ -242,9 +242,10 @@ def _draw_sources(u_pos: Tensor, K: Tensor, sc: Scenario, seed: int, index: Tens
                 phi[row], theta[row], r[row] = p[0, j], t[0, j], rr[0, j]
                 break
         else:
-            raise RuntimeError(
-                f"scene {int(index[row])}: no source set with separation {math.degrees(sc.min_separation):.2f} deg "
-                "found after 80 000 candidates; the field of view is too small for k_max sources"
+            raise ValueError(
+                f"Scenario.min_separation = {sc.min_separation:g} rad ({math.degrees(sc.min_separation):.2f} deg): scene "
+                f"{int(index[row])} found no set of {int(K[row])} sources that far apart in 80 000 candidates; the field "
+                "of view is too small for that separation (the field is in radians: 5 deg is 0.0873)"
             )
     return phi, theta, r
 

@@ -38,6 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from risloc._files import refuse_overwriting
     from risloc.io import crb_file
 
     if args.batch < 1:
@@ -48,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    refuse_overwriting(args.out, {"scene file": args.scenes})
     crb_file(args.scenes, args.out, signal=args.signal, device=args.device, batch=args.batch, progress=not args.no_progress)
     return 0

@@ -72,7 +72,8 @@ def parse_options(estimator, items, *, flag: str = "--option", reserved: dict[st
     JSON where it parses (``0``, ``0.7``, ``true``, ``{"iterations": 2}``), else kept as text
     (``refine=music``). Refused, naming ``flag`` and the item: no ``=``, an option the estimator
     does not take, one the command sets with a flag of its own (``reserved``: option -> flag;
-    default: ``risloc locate``'s), one with a value per scene."""
+    default: ``risloc locate``'s), one with a value per scene, a value of the wrong kind
+    (:meth:`~risloc.estimators.Estimator.check_option`)."""
     import json
 
     name = estimator.info.name
@@ -89,9 +90,13 @@ def parse_options(estimator, items, *, flag: str = "--option", reserved: dict[st
         if not estimator.accepts(key):
             raise ValueError(f"{flag} {item!r}: {name} has no option {key!r}; its options: {', '.join(sorted(estimator.options))}")
         try:
-            out[key] = json.loads(text)
+            value = json.loads(text)
         except ValueError:
-            out[key] = text
+            value = text
+        try:
+            out[key] = estimator.check_option(key, value)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {item!r}: {exc}") from None
     return out
 
 
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from risloc import estimators, io
+    from risloc._files import refuse_overwriting
     from risloc.scenes import Estimates
 
     if args.batch is not None and args.batch < 1:
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     batch = args.batch if args.batch is not None else estimator.info.batch_for(device)
 
+    refuse_overwriting(args.out, {"scene file": args.scenes})
     info = io.validate_scenes_file(args.scenes)  # refuses bad files before any work
     if args.k is not None:  # a bad --k is refused before the progress bar starts (the one K validation)
         try:

@@ -123,6 +123,55 @@ _INFO: dict[str, EstimatorInfo] = {
 _REGISTRY: dict[str, "Estimator"] = {}
 
 
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "tuple": tuple, "list": tuple, "Mapping": dict}
+
+
+def _like(value, default) -> bool:
+    """Whether the list ``value`` is of the kind of the tuple ``default``: numbers for numbers
+    (as many for a shape, a tuple of ints such as ``grid_shape``), texts for texts; any list
+    when the default is no tuple."""
+    if not isinstance(default, tuple) or not default:
+        return True
+    if all(isinstance(d, str) for d in default):
+        return all(isinstance(v, str) for v in value)
+    numeric = all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in value)
+    shape = all(isinstance(d, int) and not isinstance(d, bool) for d in default)
+    return numeric and (not shape or len(value) == len(default))
+
+
+def _list_kind(default) -> str:
+    """How :meth:`Estimator.check_option` names the list a tuple option takes."""
+    if not isinstance(default, tuple) or not default:
+        return "a list"
+    if all(isinstance(d, str) for d in default):
+        return "a list of texts"
+    if all(isinstance(d, int) and not isinstance(d, bool) for d in default):
+        return f"a list of {len(default)} integers"
+    return "a list of numbers"
+
+
+def _option_kinds(fn: Callable, option: str, default: Any) -> tuple[type, ...]:
+    """The value kinds an option takes (:meth:`Estimator.check_option`): the builtin names in its
+    annotation (``int | None`` -> int; a path, tensor or other class name adds none and leaves the
+    option unchecked), else the kind of its default; () when neither tells."""
+    try:
+        param = inspect.signature(fn).parameters.get(option)
+    except (TypeError, ValueError):
+        param = None
+    if param is not None and param.annotation is not inspect.Parameter.empty:
+        words = [w.strip().split("[")[0] for w in str(param.annotation).replace("typing.", "").split("|")]
+        words = [w for w in words if w not in ("None", "NoneType")]
+        if words and all(w in _KINDS for w in words):
+            return tuple(dict.fromkeys(_KINDS[w] for w in words))
+        return ()
+    if isinstance(default, bool):
+        return (bool,)
+    for kind in (int, float, str, dict, tuple):
+        if isinstance(default, kind):
+            return (kind,)
+    return ()
+
+
 def _keyword_defaults(fn: Callable) -> dict[str, Any]:
     """The options of ``fn`` with their defaults, read once at registration: its keyword
     arguments, plus its module's documented ``DEFAULTS`` dict when it has one (options that
@@ -193,6 +242,43 @@ class Estimator:
     def accepts(self, option: str) -> bool:
         """Whether the estimator takes the keyword ``option``."""
         return option in self.options
+
+    def check_option(self, option: str, value: Any) -> Any:
+        """``value`` for the keyword ``option`` as the estimator takes it, or a ValueError naming
+        both: the kind is read from the option's annotation (``int | None``, ``dict | None``) or,
+        where it has none, from its default (``12`` an int, ``(25, 13, 14)`` a list of as many
+        ints). None passes where the default is None; an int passes for a float; a dict of field
+        values builds an option whose default is a dataclass (``music``'s ``options``). For values
+        typed on a command line, so that a wrong kind is refused before any work instead of
+        failing inside the estimator."""
+        name = self.info.name
+        default = self.options[option]
+        if value is None and default is None:
+            return None
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            if isinstance(value, dict):
+                fields = {f.name for f in dataclasses.fields(default)}
+                unknown = sorted(set(value) - fields)
+                if unknown:
+                    raise ValueError(f"{name}: option {option}: no field(s) {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
+                return dataclasses.replace(default, **value)
+            raise ValueError(f"{name}: option {option} = {value!r}: expected an object of its fields, e.g. {{\"beta\": 0.5}}")
+        kinds = _option_kinds(self.fn, option, default)
+        if not kinds:
+            return value  # no annotation and no default to read a kind from
+        ok = (
+            (bool in kinds and isinstance(value, bool))
+            or (int in kinds and isinstance(value, int) and not isinstance(value, bool))
+            or (float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (str in kinds and isinstance(value, str))
+            or (dict in kinds and isinstance(value, dict))
+            or (tuple in kinds and isinstance(value, (list, tuple)) and _like(value, default))
+        )
+        if not ok:
+            want = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a text", dict: "an object",
+                                tuple: _list_kind(default)}[k] for k in kinds)
+            raise ValueError(f"{name}: option {option} = {value!r}: expected {want}")
+        return tuple(value) if isinstance(value, list) else value
 
     def __call__(self, scenes: Scenes, *, K: int | Tensor | None = None, batch: int | None = None,
                  progress: bool = False, device=None, **options) -> Estimates:

@@ -1306,6 +1306,8 @@ def estimate(
         raise ValueError(f"ml: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
     opts = replace(options if options is not None else MLOptions(), **overrides)
     if iterations is not None:
+        if int(iterations) < 0:
+            raise ValueError(f"ml: iterations = {iterations}: must be >= 0 (the final refinement's steps)")
         opts = replace(opts, final_iterations=int(iterations))
     check_finite(scenes, "ml")
     S = len(scenes)
