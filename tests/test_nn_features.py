@@ -111,6 +111,15 @@ def test_time_budget_segments_resume_exactly(tmp_path, capsys):
         assert x["val_nmse"] == y["val_nmse"] and x["train_detect"] == y["train_detect"]
     assert main(["train", "--out", str(tmp_path / "x"), "--time-budget", "0"]) == 2  # one error line, exit 2
     assert "--time-budget" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a folder that holds a run is neither continued nor replaced without being asked to
+    before = (tmp_path / "cut" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "holds a run" in capsys.readouterr().err and (tmp_path / "cut" / "last.pt").read_bytes() == before
+    assert main(args + ["--resume", "--overwrite"]) == 2
+    assert main(args + ["--overwrite"]) == 0  # a new run: stopped after its first step again, nothing of the old one left
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["progress"]["step"] == 1
+    assert not any((tmp_path / "cut" / name).exists() for name in ("best.pt", "weights.pt", "summary.json"))
 
 
 def test_train_scaling_benchmark_writes_its_record(tmp_path):

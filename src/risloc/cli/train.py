@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..nn.config import TrainConfig, add_config_flags, config_from_args
 
@@ -34,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", help="TOML configuration file (default: the built-in defaults)")
     p.add_argument("--out", required=True, help="run folder (created; checkpoints, metrics.jsonl, config.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one (its checkpoints and metrics are replaced); without"
+                        " it such an --out is refused")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="E",
                    help="end the run after epoch E (0-based) of the configured schedule, as if stopped there (--resume"
@@ -67,6 +71,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_toml())
         return 0
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite starts it again: give one of them")
+    held = [name for name in ("last.pt", "best.pt", "metrics.jsonl") if (Path(args.out) / name).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues it, --overwrite starts it again,"
+                         " or choose another folder")
+    if args.overwrite and os.environ.get("RANK", "0") == "0":  # what a new run might not rewrite (best.pt: no validation yet)
+        for name in ("last.pt", "best.pt", "weights.pt", "summary.json"):
+            (Path(args.out) / name).unlink(missing_ok=True)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, log=lambda s: print(s, flush=True),
                     stop_after_epoch=args.stop_after_epoch,
                     dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, time_budget_s=args.time_budget,
