@@ -56,6 +56,7 @@ def test_round_trip(tmp_path, scenes):
         assert f["truth/K"].dtype == np.int32 and f["truth/phi"].dtype == np.float32 and f["snr_db"].dtype == np.float32
         assert f["truth/phi"].shape == (40, 5) and f["truth/noise_var"].shape == (40,)
         assert f["H"].chunks is not None and f["H"].maxshape[0] is None  # chunked, resizable
+        assert f["H"].chunks[0] <= 64  # no chunk larger than the file needs (40 scenes): each is allocated whole
         assert f["H"].dtype.names is None or set(f["H"].dtype.names) == {"r", "i"}
     back = io.load_scenes(path)
     assert back.y.dtype == torch.complex64 and back.truth.K.dtype == torch.int64

@@ -201,6 +201,8 @@ class ScenesWriter:
             specs.update({f"truth/{q}": (_input_shapes(sc)[q], np.complex64) for q in truth_inputs})
         for name, (shape, dtype) in specs.items():
             rows = _rows_per_chunk(shape, np.dtype(dtype).itemsize)
+            if size:  # no chunk larger than the file will be: a chunk is allocated whole (1 scene took 8 MB)
+                rows = min(rows, 1 << max(0, (size - 1).bit_length()))
             f.create_dataset(name, shape=(size, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape))
         self.scenario, self._has_snr, self._has_truth = sc, snr, truth
         self._truth_inputs = tuple(truth_inputs) if truth else ()
