@@ -46,6 +46,7 @@ from .run import (
     MethodResult,
     Sweep,
     Timing,
+    check_method_options,
     crb_reference,
     one_scene_latency,
     resolve_method,
@@ -56,7 +57,7 @@ from .run import (
 from .sweep import CRB_LABEL, SweepResult, run_sweep, run_sweeps
 
 __all__ = [
-    "BenchConfig", "BenchResult", "MethodResult", "Timing", "run_benchmark", "write_report", "render_report",
+    "BenchConfig", "BenchResult", "MethodResult", "Timing", "run_benchmark", "check_method_options", "write_report", "render_report",
     "crb_reference", "device_info", "sync_device", "git_info", "versions", "resolve_method", "timed_batches", "spectrum_data",
     "HELD_OUT_SEED", "VALIDATION_SEEDS", "DEFAULT_METHODS", "OK", "NOT_RUN", "FAILED", "QUICK_SCENES", "QUICK_BATCH", "SNR_RANGES",
     "RANGE_BUCKETS_M", "SEPARATION_BUCKETS", "beamwidth",

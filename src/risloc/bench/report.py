@@ -32,7 +32,7 @@ from .._files import atomic_write_text, nan_to_none
 from ..scenario import Scenario
 from ..seeds import role as seed_role
 from .figures import make_figures
-from .run import OK, SNR_RANGES, BenchResult, _np, _truth_n
+from .run import FAILED, OK, SNR_RANGES, BenchResult, _np, _truth_n
 
 RANGE_BUCKETS_M = ((0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 10.0))
 """Range buckets [lo, hi) in metres (the last one closed), for the farthest source of a scene
@@ -207,6 +207,10 @@ def summary(res) -> str:
         parts.append(f"WARNING: {r.name}: {r.status_text}")
     if res.crb_status != OK:
         parts.append(f"WARNING: CRB: {res.crb_status}")
+    if res.order_status.startswith(FAILED):
+        parts.append(f"WARNING: order rules: {res.order_status}")
+    if "error" in res.spectrum:
+        parts.append(f"WARNING: spectrum plot failed: {res.spectrum['error']}")
     if res.files:
         parts.append(f"report: {Path(res.files[0]).parent}")
     return "\n".join(parts)

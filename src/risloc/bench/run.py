@@ -33,9 +33,10 @@ import statistics
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -165,9 +166,11 @@ class BenchConfig:
     method_checkpoints: dict[str, str] = field(default_factory=dict)
     """Checkpoints of other learned methods by name, e.g. ``{"subspacenet": "runs/ssn/best.pt"}``."""
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Extra keyword options per method, e.g. ``{"ml": {"batch": 32}}`` (recorded in results.json)."""
+    """Extra keyword options per method of ``methods``, e.g. ``{"ml": {"iterations": 2}}`` (recorded in
+    results.json). A value the estimator refuses makes the method fail when it runs;
+    :func:`check_method_options` refuses it up front (``risloc bench`` does)."""
     limits: dict[str, int] = field(default_factory=dict)
-    """Optional per-method scene caps (the first n scenes only); stated in the report. Avoid."""
+    """Optional per-method scene caps (the first n scenes only) of methods of ``methods``; stated in the report. Avoid."""
     crb: bool = True
     strict: bool = False
     """Re-raise an exception inside a method (or the CRB) instead of reporting it as failed."""
@@ -175,7 +178,7 @@ class BenchConfig:
     """Marks the run as the ``--quick`` configuration in the report (see :meth:`quick_preset`)."""
     plots: bool = True
     spectrum_scene: int | None = None
-    """Scene of the MUSIC-spectrum plot; None: the first scene with K >= 2 and 10 <= SNR <= 20 dB."""
+    """Scene of the MUSIC-spectrum plot (0 .. scenes - 1); None: the first scene with K >= 2 and 10 <= SNR <= 20 dB."""
     threads: int | None = None
     """torch intra-op CPU threads during the run (``torch.set_num_threads``, restored after); None: unchanged."""
     spectrum_grid: tuple[int, int, int] = (97, 49, 16)
@@ -211,9 +214,16 @@ class BenchConfig:
             raise ValueError("BenchConfig.methods: name at least one method")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"BenchConfig.threads = {self.threads}: must be >= 1")
+        for what, per_method in (("limits", self.limits), ("method_options", self.method_options)):
+            for name in per_method:
+                if name not in self.methods:
+                    raise ValueError(f"BenchConfig.{what}[{name!r}]: {name!r} is not one of methods ({', '.join(self.methods)})")
         for name, n in self.limits.items():
             if int(n) < 1:
                 raise ValueError(f"BenchConfig.limits[{name!r}] = {n}: must be >= 1")
+        if self.spectrum_scene is not None and not 0 <= self.spectrum_scene < self.scenes:
+            raise ValueError(f"BenchConfig.spectrum_scene = {self.spectrum_scene}: the benchmark has {self.scenes} scenes "
+                             f"(0..{self.scenes - 1})")
         if isinstance(self.latency_calls, bool) or not isinstance(self.latency_calls, int) or self.latency_calls < 0:
             raise ValueError(f"BenchConfig.latency_calls = {self.latency_calls!r}: must be an integer >= 0 (0: no latency)")
         if isinstance(self.sweeps, (str, Sweep)):
@@ -620,13 +630,59 @@ def run_benchmark(config: BenchConfig | None = None, **changes) -> BenchResult:
     if cfg.sweeps:
         raise ValueError("BenchConfig.sweeps is set: run the sweeps with risloc.bench.run_sweeps (one benchmark per level)")
     cfg = checkpoint_files(cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with _torch_threads(cfg.threads):
         return _run_benchmark(cfg)
-    finally:
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``threads`` inside the block (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_method_options(config: BenchConfig, *, flag: str = "BenchConfig.method_options") -> None:
+    """Refuse, before any benchmark work, an option value that its method refuses (``learned``'s
+    ``over = -1``), as ``risloc locate`` refuses it on its first batch; the benchmark itself would
+    report the method as failed.
+
+    The estimators check their option values when called, so every method with options in
+    ``config.method_options`` is called once with them on one scene (scene 0 of the benchmark's
+    stream). A ``ValueError`` there is raised again here, after ``flag``, unless the same call
+    without the options fails too: then the options are not at fault, and the benchmark reports
+    the method as failed. Methods that will not run (:func:`resolve_method`) are skipped; the
+    benchmark reports them as not run.
+    """
+    from ..simulate import simulate
+
+    given = {name: opts for name, opts in config.method_options.items() if opts}
+    if not given:
+        return
+    cfg = checkpoint_files(config)
+    device = cfg.resolved_device()
+    with _torch_threads(cfg.threads):
+        scene = dataclasses.replace(simulate(cfg.scenario, 1, seed=cfg.seed, device="cpu").to(device), truth=None)
+        for name, opts in given.items():
+            est_fn, options, _ = resolve_method(name, cfg.checkpoint_for(name))
+            if est_fn is None:
+                continue
+            try:
+                est_fn(scene, **options, **opts)
+                continue
+            except ValueError as exc:
+                refused = exc
+            except Exception:  # noqa: BLE001 - not a refused value: the benchmark reports it
+                continue
+            try:
+                est_fn(scene, **options)
+            except Exception:  # noqa: BLE001 - it fails without the options too: the benchmark reports it
+                continue
+            raise ValueError(f"{flag}: {refused}") from None
 
 
 def _run_benchmark(cfg: BenchConfig) -> BenchResult:

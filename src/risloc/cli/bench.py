@@ -55,20 +55,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method-checkpoint", action="append", default=[], metavar="NAME=CKPT",
                    help="checkpoint of another learned method (a file or a packaged model's name), e.g. subspacenet=runs/ssn/best.pt (repeatable)")
     p.add_argument("--method-option", action="append", default=[], metavar="NAME:KEY=VALUE", dest="method_options",
-                   help="an option of one method (repeatable; VALUE read as JSON where it parses; recorded in the report), "
-                        "e.g. learned:grow=0")
+                   help="an option of one method (repeatable; VALUE read as JSON where it parses; recorded in the report; "
+                        "tried on one scene before the run, so a value the method refuses ends the command), e.g. learned:grow=0")
     p.add_argument("--signal", choices=("stochastic", "static"), default=None, help="signal model of the scenes (default: the scenario's)")
     p.add_argument("--config", default=None, metavar="SCENARIO.toml", help="scenario TOML (default: the default scenario of docs/model.md)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
                    help="override a scenario field (repeatable), e.g. --set k_max=3")
     p.add_argument("--limit", action="append", default=[], metavar="METHOD=N",
-                   help="score METHOD on the first N scenes only (stated in the report; repeatable)")
+                   help="score METHOD of --methods on the first N scenes only (stated in the report; repeatable)")
     p.add_argument("--oracle-k", action="store_true",
                    help="also run every method that accepts a known K with the true K (rows 'METHOD (K known)')")
     p.add_argument("--no-crb", action="store_true", help="skip the CRB (no RMSE/√CRB ratios)")
     p.add_argument("--no-order-rules", action="store_true", help="skip the source-counting table of the order rules")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
-    p.add_argument("--spectrum-scene", type=int, default=None, metavar="I", help="scene of the MUSIC-spectrum plot")
+    p.add_argument("--spectrum-scene", type=int, default=None, metavar="I", help="scene of the MUSIC-spectrum plot, 0..S-1 (default: the first with K >= 2 and an SNR of 10-20 dB)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads for the run (default: torch's default, 1 with --quick on the CPU)")
     p.add_argument("--strict", action="store_true", help="an exception inside a method (or the CRB) is fatal")
@@ -85,25 +85,43 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _limits(items: list[str]) -> dict[str, int]:
+def _methods(text: str) -> list[str]:
+    """The names of ``--methods``."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _limits(items: list[str], methods: str) -> dict[str, int]:
+    """``METHOD=N`` texts -> ``{METHOD: N}`` for methods of ``--methods``, each N >= 1."""
+    names = _methods(methods)
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--limit {item!r}: expected METHOD=N")
         name, n = item.split("=", 1)
+        name = name.strip()
+        if name not in names:
+            raise ValueError(f"--limit {item!r}: {name!r} is not one of --methods ({', '.join(names)})")
         try:
-            out[name.strip()] = int(n)
+            out[name] = int(n)
         except ValueError:
             raise ValueError(f"--limit {item!r}: N must be an integer") from None
+        if out[name] < 1:
+            raise ValueError(f"--limit {item!r}: N must be >= 1")
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from risloc.bench import LATENCY_CALLS, QUICK_BATCH, QUICK_LATENCY_CALLS, QUICK_SCENES, BenchConfig, run_benchmark, run_sweeps
+    from risloc.bench import (LATENCY_CALLS, QUICK_BATCH, QUICK_LATENCY_CALLS, QUICK_SCENES, BenchConfig, check_method_options,
+                              run_benchmark, run_sweeps)
     from risloc.scenario import Scenario
 
+    n_scenes = args.scenes if args.scenes is not None else (QUICK_SCENES if args.quick else 2000)
+    if n_scenes < 1:
+        raise ValueError(f"--scenes must be >= 1, got {n_scenes}")
+    if args.spectrum_scene is not None and not 0 <= args.spectrum_scene < n_scenes:
+        raise ValueError(f"--spectrum-scene {args.spectrum_scene}: the benchmark has {n_scenes} scenes (0..{n_scenes - 1})")
     scenario = Scenario.load(args.config) if args.config else Scenario()
     if args.overrides:
         scenario = scenario.with_overrides(args.overrides)
@@ -111,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         scenario = scenario.replace(signal=args.signal)
     make = BenchConfig.quick_preset if args.quick else BenchConfig
     cfg = make(
-        scenes=args.scenes if args.scenes is not None else (QUICK_SCENES if args.quick else 2000),
+        scenes=n_scenes,
         seed=args.seed,
         methods=args.methods,
         device=args.device,
@@ -121,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         method_checkpoints=_method_checkpoints(args.method_checkpoint),
         method_options=_method_options(args.method_options, args.methods),
-        limits=_limits(args.limit),
+        limits=_limits(args.limit, args.methods),
         crb=not args.no_crb,
         strict=args.strict,
         quick=args.quick,
@@ -135,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         latency_calls=args.latency_calls if args.latency_calls is not None else (QUICK_LATENCY_CALLS if args.quick else LATENCY_CALLS),
         sweeps=tuple(args.sweeps),
     )
+    check_method_options(cfg, flag="--method-option")  # a value the method refuses, before any work (as risloc locate)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -179,7 +198,7 @@ def _method_options(items: list[str], methods: str) -> dict[str, dict]:
     from risloc import estimators
     from risloc.cli.locate import parse_options
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = _methods(methods)
     out: dict[str, dict] = {}
     for item in items:
         name, sep, option = item.partition(":")

@@ -4,6 +4,9 @@ Prints the Markdown tables of risloc.metrics (overall, per SNR bin, per true K);
 --json PATH also writes them as JSON, --json - writes only the JSON, to stdout.
 The optional CRB file (as written by `risloc crb`) holds crb/phi, crb/theta, crb/r
 (float [S, K_max], standard deviations in rad / m, NaN padded). Definitions: docs/metrics.md.
+The estimates file must be for the scenes of the scene file: as many scenes, and the same
+arrays, snapshots, position box and k_max in its scenario attribute (risloc locate copies the
+scene file's); otherwise the command stops before scoring.
 """
 
 from __future__ import annotations
@@ -29,6 +32,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+SCORING_FIELDS = ("wavelength", "n_h", "n_v", "spacing_h", "spacing_v", "m_bs", "bs_spacing", "snapshots",
+                  "phi_min", "phi_max", "theta_min", "theta_max", "r_min", "r_max", "k_max")
+"""The scenario fields in which an estimates file must agree with its scene file: the arrays and
+the snapshots (the shape of the data: estimates for another surface, base station or L answered
+other scenes), the prior box of the positions and k_max (the most sources either file counts).
+The other fields may legitimately differ, and are not compared: they describe how the scenes
+were drawn (SNR range, signal model, codebook, channel statistics, impairments, ...), which an
+estimator run from Python may assume otherwise, e.g. an ideal surface on scenes with phase
+noise. ``risloc locate`` copies the scene file's scenario."""
+
+
+def check_same_scenario(scenes_scenario, est_scenario, scenes_path: str, est_path: str) -> None:
+    """ValueError naming the :data:`SCORING_FIELDS` in which the two files' scenarios differ, and both files."""
+    differ = [f"{name} ({getattr(scenes_scenario, name)!r} vs {getattr(est_scenario, name)!r})"
+              for name in SCORING_FIELDS if getattr(scenes_scenario, name) != getattr(est_scenario, name)]
+    if differ:
+        raise ValueError(f"{est_path} does not hold estimates for {scenes_path}: their scenarios differ in {', '.join(differ)} "
+                         "(scene file vs estimates file)")
+
+
 def read_crb(path: str, n_scenes: int):
     """The CRB file (as written by ``risloc crb``) through :func:`risloc.io.load_crb`, checked
     to hold ``n_scenes`` scenes."""
@@ -41,11 +64,17 @@ def read_crb(path: str, n_scenes: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from risloc import io, metrics
 
+    if args.json and args.json != "-" and not Path(args.json).parent.is_dir():
+        raise FileNotFoundError(f"--json: folder {Path(args.json).parent} does not exist (for {args.json})")
     info = io.scenes_file_info(args.scenes)  # header and shapes only: fail fast on the cheap checks
     if not info.has_truth:
         raise ValueError(f"{args.scenes}: no truth/ group; a file without truth cannot be scored")
+    est_info = io.validate_estimates_file(args.est)
+    check_same_scenario(info.scenario, est_info.scenario, args.scenes, args.est)
     est = io.load_estimates(args.est)
     n_s, n_e = info.n_scenes, len(est)
     if n_s != n_e:
