@@ -98,3 +98,16 @@ def test_detect_cov_weight_adds_the_covariance_nmse():
     nmse = covariance_main_loss(pred, inputs, options, F).mean().double().detach()
     assert 0.1 < float(nmse) < 10
     assert torch.allclose(terms[2.5] - terms[0.0], 2.5 * nmse, rtol=1e-5)
+
+
+def test_probe_names_the_time_budget_when_it_stops_on_it(tmp_path, capsys):
+    """A budget that one epoch exhausts ends the probe after epoch 0 with FAIL, and both the stop
+    line and the verdict say it was the time budget, not the target."""
+    rc = main(["overfit", "--model.kind", "covariance", "--train-scenes", "8", "--val-scenes", "8", "--batch", "8",
+               "--steps-per-epoch", "1", "--epochs", "5", "--budget", "0.01", "--model.width", "8", "--model.depth", "1",
+               "--threads", "1", "--out", str(tmp_path / "of")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "target reached" not in out, out[-2000:]
+    assert "[STOP] time budget of 0.01 s would run out during the next epoch after epoch 0" in out, out[-2000:]
+    assert re.search(r"\[OVERFIT\] FAIL: best val NMSE [0-9.]+ \(target 0.1\) in \d+ s \(time budget of 0.01 s would run out "
+                     r"during the next epoch\)", out), out[-2000:]

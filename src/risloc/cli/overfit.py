@@ -6,7 +6,8 @@ criterion is the validation covariance NMSE of the prediction's effective covari
 every kind. Prints the loss self-test ``[SELFTEST]``, then per epoch ``[LR]``, ``[GRAD]``,
 ``[STEP] dparam`` and ``[VAL]``; stops as soon as the validation NMSE is <= the target (0.1) and
 exits 0, or exits 1 when the epochs or the time budget (:data:`PROBE_BUDGET`) run out first
-(it stops when the next epoch would not fit).
+(it stops when the next epoch would not fit). The last line, ``[OVERFIT] PASS`` or ``FAIL``,
+says which of these ended the probe.
 
 Per kind (:data:`PROBE_MODEL`, :data:`PROBE_LOSS`):
 
@@ -141,15 +142,30 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     deadline = t0 + budget
     best = {"nmse": float("inf")}
+    stopped = {"why": ""}
+    target_reached = "target reached"
 
-    def stop_when(m: dict) -> bool:
+    def stop_when(m: dict) -> str:
+        """Why the probe stops after this epoch ("": it goes on); a reason is true, so train() stops."""
         best["nmse"] = min(best["nmse"], m["val_nmse"])
         now = time.time()
         epoch_s, best["t"] = now - best.get("t", t0), now
-        return m["val_nmse"] <= args.target or now + epoch_s > deadline  # stop when the next epoch would not fit
+        if m["val_nmse"] <= args.target:
+            stopped["why"] = target_reached
+        elif now + epoch_s > deadline:  # stop when the next epoch would not fit
+            stopped["why"] = f"time budget of {budget:g} s would run out during the next epoch"
+        return stopped["why"]
+
+    def log(line: str) -> None:
+        # train() announces a stop asked by stop_when as "target reached"; name the probe's true reason
+        if line.startswith(f"[STOP] {target_reached}") and stopped["why"] != target_reached:
+            line = line.replace(target_reached, stopped["why"], 1)
+        print(line, flush=True)
 
     out = args.out or tempfile.mkdtemp(prefix="risloc-overfit-")
-    train(cfg, out, val_scenes=val, stop_when=stop_when, log=lambda s: print(s, flush=True))
+    train(cfg, out, val_scenes=val, stop_when=stop_when, log=log)
     ok = best["nmse"] <= args.target
-    print(f"[OVERFIT] {'PASS' if ok else 'FAIL'}: best val NMSE {best['nmse']:.4f} (target {args.target}) in {time.time() - t0:.0f} s; run folder {out}", flush=True)
+    why = stopped["why"] or "training ended without reaching the target"
+    print(f"[OVERFIT] {'PASS' if ok else 'FAIL'}: best val NMSE {best['nmse']:.4f} (target {args.target}) in {time.time() - t0:.0f} s"
+          f" ({why}); run folder {out}", flush=True)
     return 0 if ok else 1
