@@ -143,27 +143,20 @@ def run(args: argparse.Namespace) -> int:
     deadline = t0 + budget
     best = {"nmse": float("inf")}
     stopped = {"why": ""}
-    target_reached = "target reached"
 
     def stop_when(m: dict) -> str:
-        """Why the probe stops after this epoch ("": it goes on); a reason is true, so train() stops."""
+        """Why the probe stops after this epoch ("": it goes on); train() logs it in its [STOP] line."""
         best["nmse"] = min(best["nmse"], m["val_nmse"])
         now = time.time()
         epoch_s, best["t"] = now - best.get("t", t0), now
         if m["val_nmse"] <= args.target:
-            stopped["why"] = target_reached
+            stopped["why"] = "target reached"
         elif now + epoch_s > deadline:  # stop when the next epoch would not fit
             stopped["why"] = f"time budget of {budget:g} s would run out during the next epoch"
         return stopped["why"]
 
-    def log(line: str) -> None:
-        # train() announces a stop asked by stop_when as "target reached"; name the probe's true reason
-        if line.startswith(f"[STOP] {target_reached}") and stopped["why"] != target_reached:
-            line = line.replace(target_reached, stopped["why"], 1)
-        print(line, flush=True)
-
     out = args.out or tempfile.mkdtemp(prefix="risloc-overfit-")
-    train(cfg, out, val_scenes=val, stop_when=stop_when, log=log)
+    train(cfg, out, val_scenes=val, stop_when=stop_when, log=lambda s: print(s, flush=True))
     ok = best["nmse"] <= args.target
     why = stopped["why"] or "training ended without reaching the target"
     print(f"[OVERFIT] {'PASS' if ok else 'FAIL'}: best val NMSE {best['nmse']:.4f} (target {args.target}) in {time.time() - t0:.0f} s"

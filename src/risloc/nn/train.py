@@ -516,7 +516,7 @@ def train(
     progress: bool = False,
     stop_after_epoch: int | None = None,
     val_scenes: Scenes | None = None,
-    stop_when: Callable[[dict], bool] | None = None,
+    stop_when: Callable[[dict], bool | str] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     dist_timeout_s: float = DEFAULT_TIMEOUT_S,
     time_budget_s: float | None = None,
@@ -528,7 +528,8 @@ def train(
     ``stop_after_epoch`` ends the run after that epoch as if stopped there (``last.pt`` resumes
     it), then calibrates ``best.pt`` and exports ``weights.pt`` as at the end of the schedule;
     ``val_scenes`` replaces the simulated validation set (the overfit probe);
-    ``stop_when(metrics)`` returning True ends training after that epoch (then calibration and
+    ``stop_when(metrics)`` returning True or a non-empty reason ends training after that epoch,
+    logged as ``[STOP] <reason> after epoch N`` ("target reached" for True) (then calibration and
     export as usual); ``on_epoch(epoch, record)`` is called
     after each epoch's validation and checkpoints with that epoch's metrics.jsonl record; an
     exception it raises (e.g. ``optuna.TrialPruned``) ends the run and propagates.
@@ -899,8 +900,8 @@ def _end_epoch(run: _Run, epoch: int, stop_after_epoch, stop_when, on_epoch):
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 log(f"[STOP] stopping after epoch {epoch} as asked")
                 action = "return"
-            elif stop_when is not None and stop_when(metrics):
-                log(f"[STOP] target reached after epoch {epoch}")
+            elif stop_when is not None and (why := stop_when(metrics)):
+                log(f"[STOP] {why if isinstance(why, str) else 'target reached'} after epoch {epoch}")
                 action = "stop"
             elif cfg.patience > 0 and prog.bad_epochs >= cfg.patience:
                 log(f"[STOP] no better {cfg.val_primary} for {prog.bad_epochs} epochs; early stop")
