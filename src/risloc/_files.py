@@ -64,6 +64,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def require_folder(path: str | os.PathLike, flag: str = "") -> None:
+    """FileNotFoundError when the folder an output file ``path`` goes into does not exist (checked
+    before any work, so that a run is not lost at its end); ``flag`` names the option it came from."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag + ': ' if flag else ''}folder {folder} does not exist (for {path})")
+
+
 def refuse_overwriting(out: str | os.PathLike, inputs: dict[str, str | os.PathLike], *, flag: str = "--out") -> None:
     """ValueError when the output path ``out`` is one of the command's input files (``inputs``:
     what each is called -> its path), which the atomic replacement would otherwise destroy."""

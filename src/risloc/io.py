@@ -45,7 +45,7 @@ import h5py
 import numpy as np
 import torch
 
-from ._files import InputError, atomic_path, temporary_sibling
+from ._files import InputError, atomic_path, require_folder, temporary_sibling
 from .crb import POSITION_PARAMS, CRBResult, crb_for_scenes
 from .scenario import SIGNAL_MODELS, Scenario
 from .scenes import Estimates, Scenes, Truth
@@ -104,8 +104,7 @@ class _AtomicH5:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"folder {self.path.parent} does not exist (for {self.path})")
+        require_folder(self.path)
         self.tmp = temporary_sibling(self.path)
         try:
             self.file = h5py.File(self.tmp, "w")
@@ -596,8 +595,7 @@ def crb_file(
     info = validate_scenes_file(scenes_path)  # refuses a bad file before any work
     if not info.has_truth:
         raise InputError(f"{scenes_path}: no truth/ group; the CRB needs the true positions, powers and noise_var")
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"folder {out_path.parent} does not exist (for {out_path})")
+    require_folder(out_path)
     with h5py.File(scenes_path, "r") as f:
         attrs = {k: f.attrs[k] for k in ("format", "version", "scenario") if k in f.attrs}
     S, K_max = info.n_scenes, info.scenario.k_max

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from risloc._files import refuse_overwriting
+    from risloc._files import refuse_overwriting, require_folder
     from risloc.io import crb_file
 
     if args.batch < 1:
@@ -50,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     refuse_overwriting(args.out, {"scene file": args.scenes})
+    require_folder(args.out, "--out")
     crb_file(args.scenes, args.out, signal=args.signal, device=args.device, batch=args.batch, progress=not args.no_progress)
     return 0

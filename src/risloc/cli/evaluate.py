@@ -64,12 +64,11 @@ def read_crb(path: str, n_scenes: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from risloc import io, metrics
+    from risloc._files import require_folder
 
-    if args.json and args.json != "-" and not Path(args.json).parent.is_dir():
-        raise FileNotFoundError(f"--json: folder {Path(args.json).parent} does not exist (for {args.json})")
+    if args.json and args.json != "-":
+        require_folder(args.json, "--json")
     info = io.scenes_file_info(args.scenes)  # header and shapes only: fail fast on the cheap checks
     if not info.has_truth:
         raise ValueError(f"{args.scenes}: no truth/ group; a file without truth cannot be scored")

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from risloc import estimators, io
-    from risloc._files import refuse_overwriting
+    from risloc._files import refuse_overwriting, require_folder
     from risloc.scenes import Estimates
 
     if args.batch is not None and args.batch < 1:
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch if args.batch is not None else estimator.info.batch_for(device)
 
     refuse_overwriting(args.out, {"scene file": args.scenes})
+    require_folder(args.out, "--out")
     info = io.validate_scenes_file(args.scenes)  # refuses bad files before any work
     if args.k is not None:  # a bad --k is refused before the progress bar starts (the one K validation)
         try:
