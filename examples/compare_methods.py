@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
 
+    if args.scenes is not None and args.scenes < 1:
+        raise SystemExit(f"--scenes {args.scenes}: must be >= 1")
     scenes = risloc.load(args.scene_file, 0, args.scenes, device=args.device)
+    if len(scenes) == 0:
+        raise SystemExit(f"{args.scene_file}: the file holds no scenes")
     truth = scenes.truth is not None
     crb = crb_for_scenes(scenes) if truth else None
     K = scenes.truth.K if (truth and args.k_known) else None
