@@ -24,8 +24,6 @@ import argparse
 import sys
 import time
 
-from risloc.cli import device_arg
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from risloc.bench import DEFAULT_METHODS, LATENCY_CALLS, QUICK_BATCH, QUICK_LATENCY_CALLS, QUICK_SCENES
@@ -44,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"choose defaults on the validation seeds {', '.join(map(str, VALIDATION_SEEDS))})")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="M1,M2,...",
                    help=f"comma-separated estimators (default {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--device", type=device_arg, default=None, help="torch device of the estimators and the CRB (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device of the estimators and the CRB (default: cuda if available, else cpu)")
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help=f"scenes per estimator call, the timing unit (default 256; {QUICK_BATCH} with --quick)")
     p.add_argument("--out", default="bench-report", metavar="DIR", help="report folder (default bench-report)")

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from risloc.cli import device_arg
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="fit the K-head calibration (T, tau) of a learned checkpoint",
@@ -27,7 +25,7 @@ def add_parser(subparsers) -> None:
                    help="validation scenes to fit on (default: the checkpoint's val_scenes, as in training)")
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help="scenes per forward pass (default: the checkpoint's val_batch; memory only, same result)")
-    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -43,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--scenes {args.scenes}: must be >= 1")
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be >= 1")
-    device = torch.device(args.device)  # checked by the parser (device_arg)
+    device = torch.device(args.device)  # checked by risloc.cli.main (check_device)
     state = load_checkpoint(args.checkpoint)  # a missing, damaged or foreign file is refused before any work
     cfg = TrainConfig.from_toml(state["config"])
     del state

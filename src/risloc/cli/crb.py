@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 
-from risloc.cli import device_arg
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -28,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="CRB file to write (HDF5)")
     p.add_argument("--signal", choices=("stochastic", "static"), default=None,
                    help="signal model (default: the scenario's 'signal')")
-    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch", type=int, default=4096, help="scenes read per chunk (default 4096)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a loaded, shared CPU, 1 can be much faster")

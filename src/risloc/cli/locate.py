@@ -20,8 +20,6 @@ import argparse
 import sys
 import time
 
-from risloc.cli import device_arg
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -34,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", metavar="EST", required=True, help="estimates file to write (HDF5, risloc-estimates)")
     p.add_argument("--method", "-m", default="music", help="estimator name (default music; see --list)")
     p.add_argument("--list", action=_ListEstimators, help="list the registered estimators and exit")
-    p.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch", type=int, default=None, help="scenes per chunk (default: the estimator's batch size)")
     p.add_argument("--k", type=int, default=None, metavar="N", dest="k",
                    help="known number of sources of every scene (methods that accept a known K)")

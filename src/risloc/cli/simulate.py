@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 
-from risloc.cli import device_arg
 
 EPILOG = """\
 examples:
@@ -63,7 +62,7 @@ def add_parser(subparsers) -> None:
         metavar="FIELD=VALUE",
         help="override any Scenario field, e.g. --set k_max=3 --set r_max=5 (repeatable; radians, metres)",
     )
-    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--chunk", type=int, default=8192, metavar="C", help="scenes per simulate/write step (default 8192)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run)
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.start < 0:
         raise ValueError(f"--start must be >= 0, got {args.start}")
     sc = scenario_from_args(args)
-    device = torch.device(args.device)  # checked by the parser (device_arg)
+    device = torch.device(args.device)  # checked by risloc.cli.main (check_device)
 
     t0 = time.perf_counter()
     bar = tqdm(total=args.scenes, unit="scene", desc="simulate", disable=args.quiet, file=sys.stderr)
