@@ -206,9 +206,9 @@ def test_training_on_a_device_this_machine_lacks_is_refused(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     single = Dist()
-    with pytest.raises(ValueError, match="TrainConfig.device = 'cuda': no CUDA device"):
+    with pytest.raises(ValueError, match="TrainConfig.device = cuda: no CUDA device"):
         device_for("cuda", single)
-    with pytest.raises(ValueError, match="TrainConfig.device = 'gpu': not a device"):
+    with pytest.raises(ValueError, match="TrainConfig.device = 'gpu' is not a device"):
         device_for("gpu", single)
     assert device_for("auto", single) == torch.device("cpu")
 
@@ -240,6 +240,25 @@ def test_options_of_the_right_kind_pass_and_an_object_builds_a_dataclass_option(
     assert opts == {"grid_shape": (9, 5, 6), "penalty_stochastic": 8, "mismatch_kinds": ("white",), "iterations": 4}
     assert parse_options(estimators.get("learned"), ['ml_options={"relax_sources": 0}', "over=2"]) == {
         "ml_options": {"relax_sources": 0}, "over": 2}
+    # what the options' own annotations admit (MLOptions and sbl's OPTION_TYPES for options taken through **options)
+    for method, item, value in [("ml", "power_margin_db=null", None), ("ml", "relax_at=[2,3]", (2, 3)),
+                                ("ml", "mismatch=0.01", 0.01), ("ml-robust", "mismatch=0.01", 0.01),
+                                ("ml-joint", "mismatch=0.01", 0.01), ("sbl", "keep=null", None),
+                                ("ramezani", "full_rank=null", None), ("ml-joint", "hardware_penalty=3", 3)]:
+        key = item.split("=")[0]
+        assert parse_options(estimators.get(method), [item]) == {key: value}, (method, item)
+    for method, item, names in [("sbl", "iterations=null", "takes no null"), ("ml", 'options={"top": 3}', "Python object"),
+                                ("music", 'options={"beta": "x"}', "option options")]:
+        with pytest.raises(ValueError, match=names):
+            parse_options(estimators.get(method), [item])
+
+
+def test_evaluate_json_that_is_an_input_is_refused(files, tmp_path, capsys):
+    est = tmp_path / "est.h5"
+    est.write_bytes((files / "est.h5").read_bytes())
+    before = est.read_bytes()
+    assert main(["evaluate", str(files / "scenes.h5"), str(est), "--json", str(est)]) == 2
+    assert "is the estimates file itself" in capsys.readouterr().err and est.read_bytes() == before
 
 
 @pytest.mark.parametrize("command", ["locate", "crb"])

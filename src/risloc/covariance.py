@@ -349,7 +349,7 @@ def scene_covariance(
     tiny = torch.finfo(power.dtype).tiny
     own = 10 * torch.log10(((power - fit.noise_var).clamp(min=tiny) / fit.noise_var.clamp(min=tiny))).clamp(-20.0, 50.0)
     snr = own if snr is None else torch.where(torch.isfinite(snr), snr.to(own.dtype), own)
-    return effective_covariance(fit.factor, snr_db=snr, options=options)
+    return effective_covariance(fit.factor, snr_db=snr, options=options, y=scenes.y, H=scenes.H, codes=scenes.codes)
 
 
 # ----------------------------------------------------------------------------------------------

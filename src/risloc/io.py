@@ -139,7 +139,9 @@ class ScenesWriter:
     raises, the temporary file is deleted and ``path`` is left as it was. Whether
     ``snr_db``, ``truth/`` and the optional ``truth/H``, ``truth/codes`` (``Truth.H``,
     ``Truth.codes`` not None) are written is fixed by the first chunk; later chunks must
-    agree (and have the same scenario). ``expected`` (optional) pre-sizes the datasets.
+    agree (and have the same scenario). ``expected`` (optional) pre-sizes the datasets and caps
+    their HDF5 chunks at the power of two at or above it (a chunk is allocated whole; more scenes
+    than expected are still written, in those smaller chunks).
     """
 
     def __init__(self, path: str | os.PathLike, scenario: Scenario | None = None, *, expected: int | None = None):

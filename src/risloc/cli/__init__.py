@@ -23,25 +23,6 @@ INPUT_ERRORS = (InputError, ValueError, FileNotFoundError, IsADirectoryError, No
 """What :func:`main` reports as bad input (one line, exit status 2); InputError is a ValueError,
 named for the reader."""
 
-def check_device(text: str) -> None:
-    """``--device``: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``), else a
-    ValueError naming it, so that :func:`main` refuses it before any work (every sub-command's
-    ``args.device``; the training commands check ``TrainConfig.device`` the same way)."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a device: use cpu or cuda (cuda:N for the N-th GPU)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {text}: no CUDA device is available on this machine (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {text}: risloc runs on cpu or cuda")
-
-
 # Order is the order of `risloc --help`.
 SUBCOMMANDS = ("simulate", "locate", "evaluate", "crb", "train", "calibrate", "overfit", "bench", "hpo")
 
@@ -74,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if isinstance(getattr(args, "device", None), str):
-            check_device(args.device)
+            from risloc._devices import check_device
+
+            check_device(args.device)  # before any work
         return int(args.func(args) or 0)
     except INPUT_ERRORS as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message

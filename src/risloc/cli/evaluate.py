@@ -65,9 +65,11 @@ def read_crb(path: str, n_scenes: int):
 
 def run(args: argparse.Namespace) -> int:
     from risloc import io, metrics
-    from risloc._files import require_folder
+    from risloc._files import refuse_overwriting, require_folder
 
     if args.json and args.json != "-":
+        inputs = {"scene file": args.scenes, "estimates file": args.est, **({"CRB file": args.crb} if args.crb else {})}
+        refuse_overwriting(args.json, inputs, flag="--json")
         require_folder(args.json, "--json")
     info = io.scenes_file_info(args.scenes)  # header and shapes only: fail fast on the cheap checks
     if not info.has_truth:

@@ -150,26 +150,38 @@ def _list_kind(default) -> str:
     return "a list of numbers"
 
 
-def _option_kinds(fn: Callable, option: str, default: Any) -> tuple[type, ...]:
-    """The value kinds an option takes (:meth:`Estimator.check_option`): the builtin names in its
-    annotation (``int | None`` -> int; a path, tensor or other class name adds none and leaves the
-    option unchecked), else the kind of its default; () when neither tells."""
+def _option_annotation(fn: Callable, option: str) -> str | None:
+    """The annotation of an option: its parameter's in ``fn``'s signature, else its entry in the
+    module's ``OPTION_TYPES`` (for options taken through ``**options``, e.g. ``ml``'s fields of
+    :class:`~risloc.estimators.ml.MLOptions`); None when neither has one."""
     try:
         param = inspect.signature(fn).parameters.get(option)
     except (TypeError, ValueError):
         param = None
     if param is not None and param.annotation is not inspect.Parameter.empty:
-        words = [w.strip().split("[")[0] for w in str(param.annotation).replace("typing.", "").split("|")]
+        return str(param.annotation)
+    types = getattr(sys.modules.get(getattr(fn, "__module__", ""), None), "OPTION_TYPES", None)
+    return str(types[option]) if isinstance(types, dict) and option in types else None
+
+
+def _option_kinds(fn: Callable, option: str, default: Any) -> tuple[tuple[type, ...], bool]:
+    """``(kinds, nullable)`` of an option (:meth:`Estimator.check_option`): the builtin names in its
+    annotation (``int | None`` -> (int,), nullable; a class of its own, e.g. a tensor or a path, leaves
+    the option unchecked: ()), else the kind of its default (nullable when the default is None)."""
+    annotation = _option_annotation(fn, option)
+    if annotation is not None:
+        words = [w.strip().split("[")[0] for w in annotation.replace("typing.", "").replace("Optional", "").split("|")]
+        nullable = any(w in ("None", "NoneType") for w in words) or default is None
         words = [w for w in words if w not in ("None", "NoneType")]
         if words and all(w in _KINDS for w in words):
-            return tuple(dict.fromkeys(_KINDS[w] for w in words))
-        return ()
+            return tuple(dict.fromkeys(_KINDS[w] for w in words)), nullable
+        return (), nullable
     if isinstance(default, bool):
-        return (bool,)
+        return (bool,), False
     for kind in (int, float, str, dict, tuple):
         if isinstance(default, kind):
-            return (kind,)
-    return ()
+            return (kind,), False
+    return (), default is None
 
 
 def _keyword_defaults(fn: Callable) -> dict[str, Any]:
@@ -247,25 +259,34 @@ class Estimator:
         """``value`` for the keyword ``option`` as the estimator takes it, or a ValueError naming
         both: the kind is read from the option's annotation (``int | None``, ``dict | None``) or,
         where it has none, from its default (``12`` an int, ``(25, 13, 14)`` a list of as many
-        ints). None passes where the default is None; an int passes for a float; a dict of field
-        values builds an option whose default is a dataclass (``music``'s ``options``). For values
+        ints). None (null) passes where the annotation admits None or the default is None; an int
+        passes for a float; a dict of field values builds an option whose default is a dataclass
+        (``music``'s ``options``). For values
         typed on a command line, so that a wrong kind is refused before any work instead of
         failing inside the estimator."""
         name = self.info.name
         default = self.options[option]
-        if value is None and default is None:
-            return None
         if dataclasses.is_dataclass(default) and not isinstance(default, type):
             if isinstance(value, dict):
                 fields = {f.name for f in dataclasses.fields(default)}
                 unknown = sorted(set(value) - fields)
                 if unknown:
                     raise ValueError(f"{name}: option {option}: no field(s) {', '.join(unknown)}; its fields: {', '.join(sorted(fields))}")
-                return dataclasses.replace(default, **value)
+                try:
+                    return dataclasses.replace(default, **value)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{name}: option {option} = {value!r}: {exc}") from None
             raise ValueError(f"{name}: option {option} = {value!r}: expected an object of its fields, e.g. {{\"beta\": 0.5}}")
-        kinds = _option_kinds(self.fn, option, default)
-        if not kinds:
-            return value  # no annotation and no default to read a kind from
+        kinds, nullable = _option_kinds(self.fn, option, default)
+        if value is None:
+            if nullable:
+                return None
+            raise ValueError(f"{name}: option {option} = null: it takes no null (default {default!r})")
+        if not kinds:  # a class of its own (a tensor, estimates, MLOptions) or nothing to read a kind from
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"{name}: option {option} takes a Python object, not {value!r}"
+                                 + ("; set its fields as options of their own" if isinstance(value, dict) else ""))
+            return value
         ok = (
             (bool in kinds and isinstance(value, bool))
             or (int in kinds and isinstance(value, int) and not isinstance(value, bool))

@@ -221,6 +221,9 @@ class MLOptions:
 DEFAULTS = {f.name: getattr(MLOptions(), f.name) for f in fields(MLOptions) if f.name != "dtype"}
 """The defaults of :class:`MLOptions` as a dict (without ``dtype``)."""
 
+OPTION_TYPES = {f.name: f.type for f in fields(MLOptions) if f.name != "dtype"}
+"""The annotations of :class:`MLOptions`'s fields (the registry checks command-line values against them)."""
+
 
 def _repeat_batch(t: Tensor, n: int) -> Tensor:
     """``n`` copies of the batch ``t`` ``[B, ...]`` stacked along it: ``[n B, ...]``, copy i at i B + b."""

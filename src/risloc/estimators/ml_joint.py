@@ -132,6 +132,8 @@ DEFAULTS = {**ml_robust.DEFAULTS, "init_grow": 1, "init_relax": 1, "init_prune":
             **{f.name: getattr(JointOptions(), f.name) for f in fields(JointOptions)}}
 """``ml``'s option defaults with ``mismatch="auto"`` and the ``init`` path of step 1b
 (``init_grow=1, init_relax=1, init_prune=2``), and the options of :class:`JointOptions`."""
+OPTION_TYPES = {**ml_robust.OPTION_TYPES, **{f.name: f.type for f in fields(JointOptions)}}
+"""The annotations of those options."""
 
 
 @dataclass
@@ -424,7 +426,7 @@ def _pick(cond: Tensor, a: Estimates, b: Estimates) -> Estimates:
 
 
 def estimate(scenes: Scenes, *, k_max: int | None = None, K: int | Tensor | None = None, snr_db=None,
-             model: str | None = None, options: ml.MLOptions | None = None, mismatch="auto",
+             model: str | None = None, options: ml.MLOptions | None = None, mismatch: str | float = "auto",
              joint_iterations: int = 2, hardware_iterations: int = 8, hardware_penalty: float = 2.0,
              failed_penalty: float = 5.0, failed_ratio: float = 0.5, amplitude_model: str = "auto",
              **overrides) -> Estimates:

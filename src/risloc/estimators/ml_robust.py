@@ -19,6 +19,8 @@ from . import ml, register
 
 DEFAULTS = {**ml.DEFAULTS, "mismatch": "auto"}
 """``ml``'s option defaults with ``mismatch="auto"``."""
+OPTION_TYPES = ml.OPTION_TYPES
+"""``ml``'s option annotations."""
 
 
 def _signature() -> inspect.Signature:
@@ -29,7 +31,7 @@ def _signature() -> inspect.Signature:
     return inspect.signature(ml.estimate).replace(parameters=params[:-1] + [mismatch, params[-1]])
 
 
-def estimate(scenes: Scenes, *, mismatch="auto", **options) -> Estimates:
+def estimate(scenes: Scenes, *, mismatch: str | float = "auto", **options) -> Estimates:
     """:func:`risloc.estimators.ml.estimate` with ``mismatch="auto"`` by default (module docstring);
     the same arguments, options and output (``method`` "ml-robust")."""
     est = ml.estimate(scenes, mismatch=mismatch, **options)

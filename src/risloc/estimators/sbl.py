@@ -73,6 +73,9 @@ DEFAULTS = dict(
     prune=3,  # backward pruning passes of the refinement (penalised likelihood of ml)
     refine_iterations=25,
 )
+OPTION_TYPES = {"grid_shape": "tuple[int, int, int]", "iterations": "int", "prune_after": "int", "keep": "int | None",
+                "threshold": "float", "rel_threshold": "float", "extra": "int", "prune": "int", "refine_iterations": "int"}
+"""The kinds of :data:`DEFAULTS` (the registry checks command-line values against them)."""
 
 def sbl_gamma(
     y: Tensor, Phi: Tensor, iterations: int, *, keep: int | None = 256, prune_after: int = 8, noise_floor: float = 1e-6

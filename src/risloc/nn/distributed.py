@@ -38,6 +38,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
+from .._devices import check_device
+
 DEFAULT_TIMEOUT_S = 1800.0
 """Default collective timeout (s). Ranks 1.. wait this long for rank 0's validation and
 calibration; a rank that died makes the others fail after it instead of hanging forever."""
@@ -113,14 +115,7 @@ def device_for(name: str, dist: Dist) -> torch.device:
     if name == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        try:
-            kind = torch.device(name).type
-        except RuntimeError:
-            raise ValueError(f"TrainConfig.device = {name!r}: not a device (use auto, cpu or cuda)") from None
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"TrainConfig.device = {name!r}: risloc trains on cpu or cuda")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device = {name!r}: no CUDA device is available on this machine (use cpu or auto)")
+        kind = check_device(name, "TrainConfig.device =").type
     if not dist.enabled:
         return torch.device(name if name != "auto" else kind)
     if kind == "cuda":

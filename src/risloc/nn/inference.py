@@ -305,7 +305,7 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta,
 
     Refuses a checkpoint of another network kind (``model.kind``; ``kind`` is one name or a tuple), one trained for another
     N or L than the scenes (unless its network reads every geometry, ``ModelConfig.geometry_free``), and a network with a
-    K head (``spectrum``, ``covariance``) trained for a smaller k_max than the scenes'; ``beta`` overrides the checkpoint's blend weight and
+    K head (``spectrum``, ``covariance``, ``subspacenet``) trained for a smaller k_max than the scenes'; ``beta`` overrides the checkpoint's blend weight and
     ``music_options`` update the checkpoint's MUSIC options.
     """
     loaded = _cached_model(checkpoint, scenes.device)
@@ -321,7 +321,7 @@ def prepare_checkpoint(method: str, kind: str, checkpoint, scenes: Scenes, beta,
             + (" (the packaged 'family' network reads every geometry: checkpoint='family', --checkpoint family; "
                "or train one for this geometry)" if "spectrum" in kinds else "")
         )
-    if cfg.model.kind in ("spectrum", "covariance") and scenes.scenario.k_max > cfg.scenario.k_max:
+    if cfg.model.kind in ("spectrum", "covariance", "subspacenet") and scenes.scenario.k_max > cfg.scenario.k_max:
         raise ValueError(
             f"{method}: checkpoint {checkpoint} counts at most k_max = {cfg.scenario.k_max} sources (its K head); "
             f"the scenes allow k_max = {scenes.scenario.k_max}: train a network with --scenario.k_max "
