@@ -12,7 +12,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "risloc"
 
 LAYERS = [
-    {"scenario", "physics", "grids", "_files", "_toml", "_provenance", "seeds", "cuda_graphs"},
+    {"scenario", "physics", "grids", "_files", "_toml", "_provenance", "_devices", "seeds", "cuda_graphs"},
     {"simulate", "scenes", "io", "data"},
     {"covariance"},
     {"crb", "metrics", "estimators"},
