@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--order-rule", choices=("mdl", "aic", "eigengap"), help="model-order rule for methods that estimate K from eigenvalues")
     p.add_argument("--no-snr", action="store_true", help="ignore the files' SNR label (estimate it from the data)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
-                   help="an option of the estimator (repeatable; VALUE read as JSON where it parses), "
+                   help="an option of the estimator (repeatable; VALUE read as JSON where it parses, and refused before any"
+                        " work when it is not of the option's kind: a number, true/false, a list, an object of fields), "
                         "e.g. --method learned --option grow=0 --option relax=0 --option prune=0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
