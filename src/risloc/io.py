@@ -447,16 +447,17 @@ def _truth_inputs_in(f: h5py.File) -> tuple[str, ...]:
     return tuple(q for q in TRUTH_INPUTS if f"truth/{q}" in f)
 
 
-def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK * 16) -> FileInfo:
+def validate_estimates_file(path: str | os.PathLike, *, chunk: int = READ_CHUNK * 16, scan: bool = True) -> FileInfo:
     """Check an estimates file: format/version/scenario, ``est/K`` in 0..k_max, positions
-    ``[S, K_max]`` finite for the first K-hat and NaN after (``ValueError`` naming dataset and scene)."""
+    ``[S, K_max]`` finite for the first K-hat and NaN after (``ValueError`` naming dataset and scene).
+    ``scan=False``: header and layout only, without the value scan (:func:`estimates_file_info`)."""
     path = Path(path)
     with open_h5(path, "estimates file") as f:
         sc = _header(f, path, ESTIMATES_FORMAT)
         K_ds = _dataset(f, path, "est/K", (), "i", None)
         S = K_ds.shape[0]
         pos = {q: _dataset(f, path, f"est/{q}", (sc.k_max,), "f", S) for q in EST_PER_SOURCE}
-        for a in range(0, S, chunk):
+        for a in range(0, S if scan else 0, chunk):
             b = min(S, a + chunk)
             K = K_ds[a:b]
             bad = _first((K < 0) | (K > sc.k_max))
@@ -538,6 +539,11 @@ def iter_scenes(
                 yield _read(f, info, slice(a, min(b0, a + chunk)), device)
 
     return gen()
+
+
+def estimates_file_info(path: str | os.PathLike) -> FileInfo:
+    """Header and layout of an estimates file without the value scan (shapes and format still checked)."""
+    return validate_estimates_file(path, scan=False)
 
 
 def scenes_file_info(path: str | os.PathLike) -> FileInfo:

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from risloc._files import refuse_overwriting, require_folder
+    from risloc._files import refuse_overwriting
     from risloc.io import crb_file
 
     if args.batch < 1:
@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    refuse_overwriting(args.out, {"scene file": args.scenes})
-    require_folder(args.out, "--out")
+    refuse_overwriting(args.out, {"scene file": args.scenes})  # crb_file checks the folder before any work
     crb_file(args.scenes, args.out, signal=args.signal, device=args.device, batch=args.batch, progress=not args.no_progress)
     return 0

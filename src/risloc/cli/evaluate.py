@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
     info = io.scenes_file_info(args.scenes)  # header and shapes only: fail fast on the cheap checks
     if not info.has_truth:
         raise ValueError(f"{args.scenes}: no truth/ group; a file without truth cannot be scored")
-    est_info = io.validate_estimates_file(args.est)
-    check_same_scenario(info.scenario, est_info.scenario, args.scenes, args.est)
-    est = io.load_estimates(args.est)
+    check_same_scenario(info.scenario, io.estimates_file_info(args.est).scenario, args.scenes, args.est)
+    est = io.load_estimates(args.est)  # validated as it is read
     n_s, n_e = info.n_scenes, len(est)
     if n_s != n_e:
         raise ValueError(

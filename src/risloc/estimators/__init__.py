@@ -126,28 +126,30 @@ _REGISTRY: dict[str, "Estimator"] = {}
 _KINDS = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "tuple": tuple, "list": tuple, "Mapping": dict}
 
 
-def _like(value, default) -> bool:
-    """Whether the list ``value`` is of the kind of the tuple ``default``: numbers for numbers
-    (as many for a shape, a tuple of ints such as ``grid_shape``), texts for texts; any list
-    when the default is no tuple."""
+def _list_of(default) -> str:
+    """What a list option whose default is ``default`` holds: "texts" (a tuple of texts), "shape"
+    (a tuple of ints, e.g. ``grid_shape``: as many), "numbers" (a tuple of other numbers) or ""
+    (anything: the default is no tuple, or an empty one)."""
     if not isinstance(default, tuple) or not default:
-        return True
+        return ""
     if all(isinstance(d, str) for d in default):
+        return "texts"
+    return "shape" if all(isinstance(d, int) and not isinstance(d, bool) for d in default) else "numbers"
+
+
+def _like(value, default) -> bool:
+    """Whether the list ``value`` is of the kind of the tuple ``default`` (:func:`_list_of`)."""
+    kind = _list_of(default)
+    if kind == "texts":
         return all(isinstance(v, str) for v in value)
     numeric = all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in value)
-    shape = all(isinstance(d, int) and not isinstance(d, bool) for d in default)
-    return numeric and (not shape or len(value) == len(default))
+    return not kind or (numeric and (kind == "numbers" or len(value) == len(default)))
 
 
 def _list_kind(default) -> str:
-    """How :meth:`Estimator.check_option` names the list a tuple option takes."""
-    if not isinstance(default, tuple) or not default:
-        return "a list"
-    if all(isinstance(d, str) for d in default):
-        return "a list of texts"
-    if all(isinstance(d, int) and not isinstance(d, bool) for d in default):
-        return f"a list of {len(default)} integers"
-    return "a list of numbers"
+    """How :meth:`Estimator.check_option` names the list a tuple option takes (:func:`_list_of`)."""
+    kind = _list_of(default)
+    return f"a list of {len(default)} integers" if kind == "shape" else f"a list of {kind}" if kind else "a list"
 
 
 def _option_annotation(fn: Callable, option: str) -> str | None:

@@ -118,14 +118,10 @@ def device_for(name: str, dist: Dist) -> torch.device:
         kind = check_device(name, "TrainConfig.device =").type
     if not dist.enabled:
         return torch.device(name if name != "auto" else kind)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device = {name!r}: CUDA is not available on rank {dist.rank}")
+    if kind == "cuda":  # available: checked above
         if dist.local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK {dist.local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device("cuda", dist.local_rank)
-    if kind != "cpu":
-        raise ValueError(f"TrainConfig.device = {name!r}: distributed training runs on cuda or cpu")
     return torch.device("cpu")
 
 
