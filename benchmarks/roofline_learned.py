@@ -443,14 +443,14 @@ def stage_calls(p: Pipeline, scenes, *, capture: bool = False):
         k = inf.count_sources(pred, inputs, options, p.scenario, p.calibration)
         return inf.over_init(get_network(pred.kind).candidates(pred), k, inf.LEARNED_OVER)
 
-    stage = lambda: inf._likelihood_stage(scenes, start, None, True, p.stage_options)
+    stage = lambda: inf._likelihood_stage(scenes, start, None, p.stage_options)
 
     def end_to_end():
         inp = prepare_inputs(scenes.y, scenes.H, scenes.codes, scenes.snr_db, regularisation=options.regularisation)
         pr = forward(model, inp, options, inf.INFERENCE_AUTOCAST)
         k = inf.count_sources(pr, inp, options, p.scenario, p.calibration)
         st = inf.over_init(get_network(pr.kind).candidates(pr), k, inf.LEARNED_OVER)
-        return inf._likelihood_stage(scenes, st, None, True, p.stage_options)
+        return inf._likelihood_stage(scenes, st, None, p.stage_options)
 
     out = {"front_end": lambda: matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=cfg.pursuit),
            "network": network, "start": start_fn, "likelihood_stage": stage, "end_to_end": end_to_end}

@@ -126,5 +126,5 @@ def test_bad_input():
         rz.estimate(s, variant="other")
     y = s.y.clone()
     y[1, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="scene 1"):
-        rz.estimate(risloc.Scenes(y=y, H=s.H, codes=s.codes, scenario=sc))
+    with pytest.raises(ValueError, match=r"ramezani: scenes\.y of scene 1"):  # the registry's input check
+        risloc.locate(risloc.Scenes(y=y, H=s.H, codes=s.codes, scenario=sc), "ramezani")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -139,6 +140,27 @@ def test_the_registry_is_the_only_place_that_chunks(method, scenes, monkeypatch)
     assert torch.equal(out.K, want.K), method
     for name in ("phi", "theta", "r"):
         assert torch.equal(getattr(out, name).nan_to_num(-9.0), getattr(want, name).nan_to_num(-9.0)), (method, name)
+
+
+@pytest.mark.parametrize("method", _PACKAGE)
+def test_non_finite_scenes_refused_at_the_edge(method, scenes, monkeypatch):
+    """A NaN or an infinity in y, H or the codes of one scene: every estimator of the package
+    refuses the call before running any batch, naming itself, the field and the scene (its index
+    in the whole set, not in its batch); NaN SNR labels are no error (they mean "no label")."""
+    est = estimators.get(method)
+    calls = []
+    monkeypatch.setattr(est, "fn", lambda s, **options: calls.append(len(s)) or Estimates.empty(len(s), SC.k_max))
+    for name, value in (("y", complex(math.nan, 0)), ("H", complex(0, math.inf)), ("codes", complex(math.nan, math.nan))):
+        bad = scenes[:5]
+        bad = type(bad)(**{**bad.__dict__, name: getattr(bad, name).clone()})
+        getattr(bad, name)[3, 0, 1] = value
+        with pytest.raises(ValueError, match=rf"^{re.escape(method)}: scenes\.{name} of scene 3 has non-finite values$"):
+            risloc.locate(bad, method, batch=2)
+    assert calls == []
+    labels = scenes[:2]
+    labels = type(labels)(**{**labels.__dict__, "snr_db": torch.tensor([math.nan, 10.0])})
+    risloc.locate(labels, method, batch=2)
+    assert calls == [2]
 
 
 def test_chunking_does_not_change_music(scenes):

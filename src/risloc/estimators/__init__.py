@@ -10,6 +10,9 @@ The registry does the rest once for every estimator (:meth:`Estimator.__call__`)
 * chunks the scenes into batches of ``batch`` scenes (default :attr:`EstimatorInfo.batch`,
   or :attr:`EstimatorInfo.batch_cuda` on CUDA), slices the per-scene options with them, shows
   one tqdm bar over the batches when ``progress`` and concatenates the results;
+* refuses scenes whose measurements ``y``, channel ``H`` or codes hold a non-finite value
+  (:func:`check_finite`: a ValueError naming the method, the field and the scene), so no
+  estimator answers NaN input with NaN, a linear-algebra traceback or a silent K-hat;
 * routes a known ``K`` (an int, or a per-scene integer tensor ``[S]``, each in
   ``0..scenario.k_max``) to the estimator's K keyword, refuses it for an estimator that does
   not accept it, and checks that the answer has ``K_hat == K`` in every scene (an estimate
@@ -36,7 +39,8 @@ from torch import Tensor
 
 from ..scenes import Estimates, Scenes
 
-__all__ = ["EstimatorInfo", "Estimator", "BatchEstimator", "register", "get", "info", "available", "locate", "known_k"]
+__all__ = ["EstimatorInfo", "Estimator", "BatchEstimator", "register", "get", "info", "available", "locate", "known_k",
+           "check_finite"]
 
 
 class BatchEstimator(Protocol):
@@ -226,6 +230,18 @@ def known_k(K: int | Tensor, n_scenes: int, k_max: int, *, device=None) -> Tenso
     return t.contiguous()
 
 
+def check_finite(scenes: Scenes, who: str) -> None:
+    """ValueError naming ``who``, the field and the first scene whose ``y``, ``H`` or ``codes`` hold a
+    non-finite value: the registry's input check of every estimator (:meth:`Estimator.__call__`).
+    One host read for the three fields (a wait for the device only where they are on CUDA)."""
+    fields_ = ("y", "H", "codes")
+    bad = torch.stack([~torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).flatten(1).all(1)
+                       for t in (getattr(scenes, name) for name in fields_)])  # [3, S]
+    if bool(bad.any()):
+        f, i = (int(v) for v in torch.nonzero(bad)[0])
+        raise ValueError(f"{who}: scenes.{fields_[f]} of scene {i} has non-finite values")
+
+
 def _slice(v: Any, a: int, b: int) -> Any:
     """Scenes ``[a, b)`` of a per-scene option (a tensor, Estimates, a covariance; scalars pass)."""
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -319,6 +335,8 @@ class Estimator:
         if unknown:
             raise ValueError(f"{info.name}: unknown option(s) {sorted(unknown)}; known: {sorted(self.options)}")
         S = len(scenes)
+        if S:
+            check_finite(scenes, info.name)
         Ks = None
         if K is not None:
             if not info.accepts_k:

@@ -97,7 +97,7 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (check_finite, coloured_floor, inverse, measure, mismatch_floor, mismatch_level, signal_energy, solve,
+from .ml_core import (coloured_floor, inverse, measure, mismatch_floor, mismatch_level, signal_energy, solve,
                       static_eval, stochastic_eval, unit_power)
 
 
@@ -314,11 +314,21 @@ class _Atoms:
         return pick(gp), pick(gt), pick(gr)
 
 
-def _box(scenario, dtype, device):
+_BOXES: dict = cuda_graphs.register_cache({})
+
+
+def _box(scenario, dtype, device) -> tuple[Tensor, Tensor]:
+    """The prior box of (phi, theta, rho = 1/r): lower and upper corners ``[3]`` (read only), cached
+    per box, dtype and device, so that a call inside a CUDA-graph capture copies nothing from the host."""
     sc = scenario
-    lo = torch.tensor([sc.phi_min, sc.theta_min, 1.0 / sc.r_max], dtype=dtype, device=device)
-    hi = torch.tensor([sc.phi_max, sc.theta_max, 1.0 / sc.r_min], dtype=dtype, device=device)
-    return lo, hi
+    lo = (sc.phi_min, sc.theta_min, 1.0 / sc.r_max)
+    hi = (sc.phi_max, sc.theta_max, 1.0 / sc.r_min)
+    key = (lo, hi, dtype, str(device))
+    if key not in _BOXES:
+        if len(_BOXES) > 16:
+            _BOXES.clear()
+        _BOXES[key] = (torch.tensor(lo, dtype=dtype, device=device), torch.tensor(hi, dtype=dtype, device=device))
+    return _BOXES[key]
 
 
 @dataclass(eq=False)
@@ -827,11 +837,16 @@ level of ``mismatch="auto"``)."""
 
 def _robust(prob: _Problem) -> bool:
     """Whether the mismatch-aware likelihood is in use (option ``mismatch``, stochastic only)."""
-    m = prob.opts.mismatch
-    if prob.static or m == "none":
+    return _robust_likelihood(prob.opts, prob.static, prob.scenario)
+
+
+def _robust_likelihood(opts: MLOptions, static: bool, scenario: Scenario) -> bool:
+    """:func:`_robust` from the options, the likelihood (static or not) and the scenario."""
+    m = opts.mismatch
+    if static or m == "none":
         return False
     if m == "scenario":
-        return sum(_scenario_levels(prob.scenario)) > 0
+        return sum(_scenario_levels(scenario)) > 0
     return m == "auto" or float(m) > 0
 
 
@@ -1247,8 +1262,7 @@ def _decide_range(st: _State, F: Tensor, prob: _Problem) -> _State:
 def _output(st: _State, khat: Tensor, empty: Tensor, K: int, method: str) -> Estimates:
     khat = torch.where(empty, torch.zeros_like(khat), khat).to(torch.int64)
     act = torch.arange(K, device=khat.device).view(1, -1) < khat.view(-1, 1)
-    nan = torch.tensor(float("nan"), device=khat.device)
-    f = lambda t: torch.where(act, t.float(), nan)
+    f = lambda t: torch.where(act, t.float(), float("nan"))
     return Estimates(khat, f(st.phi), f(st.theta), f(1.0 / st.rho), method)
 
 
@@ -1303,16 +1317,7 @@ def estimate(
     model = model or sc.signal
     if model not in ("stochastic", "static"):
         raise ValueError(f"ml: model must be 'stochastic' or 'static', not {model!r}")
-    names = [f.name for f in fields(MLOptions)]
-    unknown = set(overrides) - set(names)
-    if unknown:
-        raise ValueError(f"ml: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
-    opts = replace(options if options is not None else MLOptions(), **overrides)
-    if iterations is not None:
-        if int(iterations) < 0:
-            raise ValueError(f"ml: iterations = {iterations}: must be >= 0 (the final refinement's steps)")
-        opts = replace(opts, final_iterations=int(iterations))
-    check_finite(scenes, "ml")
+    opts = _options(options, iterations, overrides)
     S = len(scenes)
     if atoms is not None:
         if init is None:
@@ -1330,6 +1335,37 @@ def estimate(
         snr_db = scenes.snr_db
     with torch.no_grad():
         return _run_batch(scenes, k_max, model, init, snr_db, opts, known, atoms)
+
+
+def _options(options: MLOptions | None, iterations: int | None, overrides: dict) -> MLOptions:
+    """``options`` (default ``MLOptions()``) with the field ``overrides`` (a ValueError names an
+    unknown one) and ``iterations`` as ``final_iterations``: :func:`estimate`'s options."""
+    names = [f.name for f in fields(MLOptions)]
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ValueError(f"ml: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
+    opts = replace(options if options is not None else MLOptions(), **overrides)
+    if iterations is not None:
+        if int(iterations) < 0:
+            raise ValueError(f"ml: iterations = {iterations}: must be >= 0 (the final refinement's steps)")
+        opts = replace(opts, final_iterations=int(iterations))
+    return opts
+
+
+def init_path_reads(scenario: Scenario, *, model: str | None = None, options: MLOptions | None = None,
+                    iterations: int | None = None, **keywords) -> bool:
+    """Whether :func:`estimate` with ``init`` (and neither ``atoms`` nor ``K``) and these keywords
+    reads device values on scenes of ``scenario``: the mismatch-aware likelihood does (its
+    levels, option ``mismatch``), and so does the amplitude model's check of the codes
+    (``amplitude = "scenario"`` on a scenario with RIS amplitudes); otherwise the call reads none,
+    so that a caller may capture it inside its own CUDA graph (:mod:`risloc.cuda_graphs`;
+    ``learned``). Keywords that are not fields of :class:`MLOptions` do not bear on it (and are
+    left to :func:`estimate` to accept or refuse)."""
+    names = {f.name for f in fields(MLOptions)}
+    opts = _options(options, iterations, {k: v for k, v in keywords.items() if k in names})
+    static = (model or scenario.signal) == "static"
+    amplitude = opts.amplitude == "scenario" and getattr(scenario, "ris_amplitude", "ideal") != "ideal"
+    return amplitude or _robust_likelihood(opts, static, scenario)
 
 
 def _known_K(K, S: int, k_max: int, init, device) -> Tensor | None:

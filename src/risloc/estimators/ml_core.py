@@ -43,17 +43,6 @@ def inverse(A: Tensor) -> Tensor:
     return torch.where(bad, torch.full_like(X, float("nan")), X)
 
 
-def check_finite(scenes, who: str) -> None:
-    """ValueError naming ``who``, the field and the first scene whose y, H or codes hold a
-    non-finite value (the likelihood estimators' input check)."""
-    for name in ("y", "H", "codes"):
-        t = getattr(scenes, name)
-        bad = ~torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).flatten(1).all(1)
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0])
-            raise ValueError(f"{who}: scenes.{name} of scene {i} has non-finite values")
-
-
 def unit_power(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``y`` and ``H`` ``[B, ...]`` scaled per scene to unit mean power (the likelihood estimators'
     scale invariance: a global gain on y or H does not change the answer), and the mask ``[B]`` of

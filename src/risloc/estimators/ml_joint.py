@@ -81,7 +81,7 @@ from torch import Tensor
 from .. import physics
 from ..scenes import Estimates, Scenes, _Batched
 from . import ml, ml_robust, register
-from .ml_core import check_finite, measure, unit_power
+from .ml_core import measure, unit_power
 
 __all__ = ["Hardware", "JointOptions", "estimate_hardware", "criterion", "estimate"]
 
@@ -321,7 +321,6 @@ def estimate_hardware(scenes: Scenes, est: Estimates, *, hardware_iterations: in
     JointOptions(hardware_iterations=hardware_iterations, hardware_penalty=hardware_penalty, failed_penalty=failed_penalty,
                  failed_ratio=failed_ratio,
                  amplitude_model=amplitude_model)  # validation
-    check_finite(scenes, "ml-joint")
     sc = scenes.scenario
     S, L, N = scenes.codes.shape
     dev = scenes.device

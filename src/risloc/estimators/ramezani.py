@@ -278,10 +278,6 @@ def estimate(
             R_all = as_low_rank(covariance)
         if tuple(R_all.factor.shape[:2]) != (S, N):
             raise ValueError(f"covariance: expected {S} scenes of {N} elements, got factor shape {tuple(R_all.factor.shape)}")
-    else:
-        bad = ~torch.isfinite(torch.view_as_real(scenes.y)).flatten(1).all(-1)
-        if bad.any():
-            raise ValueError(f"y: non-finite values in scene {int(torch.nonzero(bad)[0])}")
     if n_sources is not None:
         n_sources = torch.as_tensor(n_sources, device=scenes.device).to(torch.int64).expand(S)
     if S == 0:

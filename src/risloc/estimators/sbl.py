@@ -57,7 +57,7 @@ from torch import Tensor
 from .. import grids, physics
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import check_finite, unit_power
+from .ml_core import unit_power
 from .order import no_energy
 
 __all__ = ["estimate", "sbl_gamma", "detect", "DEFAULTS"]
@@ -204,7 +204,6 @@ def estimate(
     S = len(scenes)
     if S == 0:
         return Estimates.empty(0, k_max, method="sbl", device=scenes.device)
-    check_finite(scenes, "sbl")
     if K is not None:
         K = torch.as_tensor(K, device=scenes.device).to(torch.int64).reshape(-1).expand(S)
     with torch.no_grad():

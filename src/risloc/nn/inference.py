@@ -208,13 +208,15 @@ def locate_from_prediction(
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, scenes: Scenes, *, options: cv.CovarianceOptions, use_snr: bool = True,
-            autocast: torch.dtype | None = None, cancel: torch.Tensor | None = None) -> tuple[ModelInputs, Prediction]:
+            autocast: torch.dtype | None = None, cancel: torch.Tensor | None = None,
+            inputs: ModelInputs | None = None) -> tuple[ModelInputs, Prediction]:
     """The network's inputs and :class:`Prediction` for ``scenes`` (on the model's device); a few
     scenes on CUDA run the forward pass as one replayed CUDA graph (:mod:`risloc.cuda_graphs`).
-    ``cancel``: :attr:`ModelInputs.cancel` (the second look, :func:`second_look`)."""
+    ``cancel``: :attr:`ModelInputs.cancel` (the second look, :func:`second_look`). ``inputs``: the
+    scenes' :func:`~risloc.nn.inputs.prepare_inputs`, where the caller has made them."""
     s = scenes.to(next(model.parameters()).device)
-    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db if use_snr else None, regularisation=options.regularisation,
-                            scenario=s.scenario)
+    if inputs is None:
+        inputs = _inputs(s, options, use_snr)
     if cancel is not None:
         inputs = dataclasses.replace(inputs, cancel=cancel.to(s.device))
     if graphable(len(inputs), s.device, model):
@@ -222,6 +224,12 @@ def predict(model: torch.nn.Module, scenes: Scenes, *, options: cv.CovarianceOpt
     else:
         pred = forward(model, inputs, options, autocast)
     return inputs, pred
+
+
+def _inputs(scenes: Scenes, options: cv.CovarianceOptions, use_snr: bool) -> ModelInputs:
+    """The network's inputs of ``scenes`` (their SNR labels unless ``use_snr`` is False)."""
+    return prepare_inputs(scenes.y, scenes.H, scenes.codes, scenes.snr_db if use_snr else None,
+                          regularisation=options.regularisation, scenario=scenes.scenario)
 
 
 @torch.no_grad()
@@ -262,6 +270,7 @@ def run_model(
     order_rule: str | None = None,
     autocast: torch.dtype | None = None,
     stage: str = "music",
+    inputs: ModelInputs | None = None,
 ) -> tuple[Estimates, Prediction]:
     """One batch of ``scenes`` through the network, on the model's device: its estimates
     (:func:`locate_from_prediction`) and the network's :class:`Prediction` (K logits, and the
@@ -272,9 +281,10 @@ def run_model(
     precision of the forward pass (None: float32, :data:`INFERENCE_AUTOCAST`).
     ``stage="detections"``: for a kind with candidates, the estimates are its K strongest
     detections themselves (K from :func:`count_sources`), without the MUSIC step of
-    :func:`locate_from_prediction` (for callers that refine them on the likelihood next)."""
+    :func:`locate_from_prediction` (for callers that refine them on the likelihood next).
+    ``inputs``: the scenes' network inputs where the caller has prepared them (:func:`predict`)."""
     s = scenes.to(next(model.parameters()).device)
-    inputs, pred = predict(model, s, options=options, use_snr=use_snr, autocast=autocast)
+    inputs, pred = predict(model, s, options=options, use_snr=use_snr, autocast=autocast, inputs=inputs)
     K = K.to(s.device) if K is not None else None
     if stage not in ("music", "detections"):
         raise ValueError(f"run_model: stage = {stage!r}: must be 'music' or 'detections'")
@@ -516,15 +526,53 @@ def _counts(method: str, **counts) -> dict[str, int]:
     return out
 
 
-def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, use_snr: bool, options: dict) -> Estimates:
+def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, options: dict) -> Estimates:
     """``ml`` from ``init`` with ``options`` (its ``init_*`` counts, iterations, ``atoms``, ...), on the
-    same batch; with a known ``K`` no growth and no pruning (the RELAX re-search keeps the count)."""
-    from ..estimators import get
+    same batch; with a known ``K`` no growth and no pruning (the RELAX re-search keeps the count).
+    ``ml``'s batch function itself (:func:`risloc.estimators.ml.estimate`: the registry's call of
+    the learned estimator has checked the scenes), or the registry's ``ml`` in batches of
+    ``options["batch"]`` scenes where that is given. The stage does not read the SNR labels."""
+    from ..estimators import get, ml
 
-    options = {"batch": len(scenes), **options}
+    options = dict(options)
     if K is not None:
         options["init_grow"] = options["init_prune"] = 0
-    return get("ml")(_snr_labels(scenes, use_snr), init=init, **options)
+    if "batch" in options:
+        return get("ml")(scenes, init=init, **options)
+    return ml.estimate(scenes, init=init, **options)
+
+
+def _refined(scenes: Scenes, checkpoint, beta, use_snr: bool, music_options, K: torch.Tensor | None, over: int,
+             options: dict) -> Estimates:
+    """The network's start (:func:`_start`, ``over`` extra detections) and the likelihood stage
+    from it (:func:`_likelihood_stage` with ``options``), named after the network (``learned:<sha>``).
+
+    A few scenes on CUDA (:func:`risloc.cuda_graphs.graphable`) run both stages as ONE replayed
+    CUDA graph: the network's inputs are prepared first (a missing SNR label is estimated there,
+    which waits for the device), then the forward pass, the K head, the start and ``ml``'s
+    ``init`` path, none of which reads a device value, are captured together. A stream of single
+    scenes then pays neither the dispatch of the operators between the two stages nor a wait for
+    the device between them. The stages run one after the other, as they are, where a step would
+    wait for the device: the K head's fall-back order rule (a calibration threshold > 0, an
+    eigen-decomposition), ``ml`` options under which its ``init`` path reads device values
+    (:func:`risloc.estimators.ml.init_path_reads`) or runs in batches (``batch``)."""
+    from ..estimators import ml
+
+    def run(x):
+        s, inputs, k = x
+        first, init = _start(s, checkpoint, beta, use_snr, music_options, k, over, inputs=inputs)
+        est = _likelihood_stage(s, init, k, options)
+        est.method = first.method
+        return est
+
+    path = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
+    loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), path, scenes, beta, music_options)
+    if ("batch" in options or loaded.calibration.threshold > 0 or not graphable(len(scenes), scenes.device, loaded.model)
+            or ml.init_path_reads(scenes.scenario, **options)):
+        return run((scenes, None, K))
+    s = dataclasses.replace(scenes, truth=None)  # what the stages read: the graph copies no truth
+    key = ("learned", beta, use_snr, repr(music_options), over, repr(sorted(options.items())))
+    return graphed(run, (s, _inputs(s, net_options, use_snr), K), key, owner=loaded.model)
 
 
 @register("learned")
@@ -595,8 +643,8 @@ def estimate(
     ``src/risloc/weights/mixed.pt`` (:data:`DEFAULT_WEIGHTS`). ``use_snr=False`` ignores the scenes' SNR labels
     (estimated from the data instead). One batch, on the scenes' device (the registry,
     ``risloc.locate(scenes, "learned", batch=..., device=...)``, runs large scene sets in batches
-    of 1024 and on another device); the likelihood stage goes through the registry's ``ml``, on
-    the same batch. Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
+    of 1024 and on another device); the likelihood stage is ``ml``'s, on the same batch (a few
+    scenes on CUDA: the network and the stage as one replayed CUDA graph, :func:`_refined`). Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
     if refine not in ("likelihood", "music"):
         raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
@@ -607,40 +655,36 @@ def estimate(
     K = known_k("learned", K, scenes)
     if refine == "music":
         return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
-    first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
     options = {**stage_options(scenes.scenario.signal, **counts), **(ml_options or {})}
-    if (search or LEARNED_SEARCH) == "network":  # the network again, on what its refined start leaves
-        checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
-        loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
-        if type(get_network(loaded.config.model.kind)).candidates is NetworkKind.candidates:
-            raise ValueError(f"learned: search = 'network' needs a network with candidates (a 'spectrum' network); "
-                             f"this checkpoint holds a {loaded.config.model.kind!r} network: use search='dictionary'")
-        if (options.get("init_grow", 0) or options.get("init_relax", 0)) and len(scenes):  # steps that search
-            found = _likelihood_stage(scenes, init, K, use_snr, {**options, "init_grow": 0, "init_relax": 0, "init_prune": 0})
-            atoms = second_look(loaded.model, scenes, found, LEARNED_CANDIDATES, options=net_options, use_snr=use_snr,
-                                autocast=INFERENCE_AUTOCAST)
-            init, options = found, {**options, "atoms": atoms}
-    est = _likelihood_stage(scenes, init, K, use_snr, options)
+    if (search or LEARNED_SEARCH) != "network":
+        return _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
+    # the second look: the network again, on what its refined start leaves
+    first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
+    checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
+    loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
+    if type(get_network(loaded.config.model.kind)).candidates is NetworkKind.candidates:
+        raise ValueError(f"learned: search = 'network' needs a network with candidates (a 'spectrum' network); "
+                         f"this checkpoint holds a {loaded.config.model.kind!r} network: use search='dictionary'")
+    if (options.get("init_grow", 0) or options.get("init_relax", 0)) and len(scenes):  # steps that search
+        found = _likelihood_stage(scenes, init, K, {**options, "init_grow": 0, "init_relax": 0, "init_prune": 0})
+        atoms = second_look(loaded.model, scenes, found, LEARNED_CANDIDATES, options=net_options, use_snr=use_snr,
+                            autocast=INFERENCE_AUTOCAST)
+        init, options = found, {**options, "atoms": atoms}
+    est = _likelihood_stage(scenes, init, K, options)
     est.method = first.method
     return est
 
 
-def _snr_labels(scenes: Scenes, use_snr: bool) -> Scenes:
-    """``scenes``, without their SNR labels when ``use_snr`` is False (the likelihood stage then
-    ignores them too)."""
-    return scenes if use_snr else dataclasses.replace(scenes, snr_db=None)
-
-
 def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
-             stage: str = "music"):
+             stage: str = "music", inputs: ModelInputs | None = None):
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
     candidates or None)`` on the scenes' device; the candidates only when asked for and when the
     network kind has them (a ``spectrum`` network's decoded detections, strongest first).
-    ``stage``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
+    ``stage``, ``inputs``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
-                          use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage)
+                          use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage, inputs=inputs)
     est.method = f"learned:{loaded.sha256[:12]}"
     return est, (get_network(pred.kind).candidates(pred) if candidates else None)
 
@@ -656,13 +700,16 @@ def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
     return Estimates(K, pick(candidates.phi), pick(candidates.theta), pick(candidates.r), method=candidates.method)
 
 
-def _start(scenes, checkpoint, beta, use_snr, music_options, K: torch.Tensor | None, over: int) -> tuple[Estimates, Estimates]:
+def _start(scenes, checkpoint, beta, use_snr, music_options, K: torch.Tensor | None, over: int,
+           inputs: ModelInputs | None = None) -> tuple[Estimates, Estimates]:
     """The network stage and the start of the likelihood stage of ``learned`` / ``learned+ml``:
     ``(the K-hat strongest detections, the start)``; the start is :func:`over_init` of the
     network's ranked detections with ``over`` extra ones, or the K-hat detections themselves
-    where ``over`` is 0, K is known or the network kind has no ranked detections."""
+    where ``over`` is 0, K is known or the network kind has no ranked detections. ``inputs``: see
+    :func:`run_model`."""
     over_propose = K is None and over > 0  # the network's further detections are needed only then
-    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K, stage="detections")
+    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K, stage="detections",
+                           inputs=inputs)
     return first, (over_init(cand, first.K, over) if cand is not None else first)
 
 
@@ -726,7 +773,7 @@ def estimate_learned_ml(
     drop the source whose removal costs least where ``ml``'s penalised likelihood (or its power
     rule) prefers one source fewer (``init_prune``). So the likelihood, not the K head, has the
     last word on K. Defaults :data:`LEARNED_ML_OVER`, :data:`LEARNED_ML_GROW`,
-    :data:`LEARNED_ML_RELAX`, :data:`LEARNED_ML_PRUNE` (chosen on validation scenes). ``ml_options`` go to the registry's ``ml`` on top of these and of
+    :data:`LEARNED_ML_RELAX`, :data:`LEARNED_ML_PRUNE` (chosen on validation scenes). ``ml_options`` go to ``ml`` on top of these and of
     :data:`LEARNED_ML_DEFAULTS` (``iterations``, ``init_prune``, ...; ``batch``: scenes per
     ``ml`` call, default all of this batch). Networks without detections (``covariance``) start
     from the first stage's K-hat estimates. One batch, on the scenes' device (the registry runs
@@ -737,9 +784,8 @@ def estimate_learned_ml(
     """
     counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned+ml", K, scenes)
-    first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
     options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
                "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
-    refined = _likelihood_stage(scenes, init, K, use_snr, options)
-    refined.method = first.method.replace("learned:", "learned+ml:", 1)
+    refined = _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
+    refined.method = refined.method.replace("learned:", "learned+ml:", 1)
     return refined
