@@ -45,6 +45,40 @@ def range_decision_cell(scenario) -> float:
     return math.exp(math.log(scenario.r_max / scenario.r_min) / (MLOptions().range_grid - 1)) - 1 + 1e-6
 
 
+class NoHostReads:
+    """Within it, reading a tensor's value on the host (bool, int, float, index, item, tolist,
+    numpy) raises: what waits for the device on CUDA and breaks a CUDA graph capture. With
+    ``copies=True`` so does ``torch.tensor`` (on CUDA a copy from the host, which a capture
+    cannot hold either). Checks on the CPU what a few CUDA scenes replay as graphs."""
+
+    def __init__(self, copies: bool = False):
+        self.copies = copies
+
+    names = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a host read of a device value in a graphed stage")
+
+        for n in self.names:
+            setattr(torch.Tensor, n, refuse)
+        if self.copies:
+            self.tensor = torch.tensor
+
+            def copy(*args, **kwargs):
+                raise AssertionError("a copy from the host (torch.tensor) in a graphed stage")
+
+            torch.tensor = copy
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+        if self.copies:
+            torch.tensor = self.tensor
+
+
 # Re-rounding (what another CPU's float32 rounding does to the inputs) and moves in sqrt(CRB)
 # live in tests/rounding.py; the data scripts of tests/data import them from here too.
 from rounding import moved_in_sqrt_crb, rerounded as rounded_differently  # noqa: E402,F401

@@ -13,6 +13,7 @@ import torch
 import risloc
 from risloc import cuda_graphs as graphs
 from risloc.nn.inputs import prepare_inputs
+from helpers import NoHostReads
 
 
 def _inputs(n: int, seed: int = 1):
@@ -60,6 +61,45 @@ def test_not_graphed_on_the_cpu_or_for_large_batches():
             frozen.capturable = cls.capturable
             assert not graphs.graphable(1, cuda, frozen)
     assert not graphs.graphable(1, cuda)  # autograd on
+
+
+@pytest.mark.parametrize("method, options", [("learned", {}), ("learned+ml", {}), ("learned", {"K": 2}),
+                                             ("learned", {"use_snr": False})])
+def test_the_learned_graph_reads_no_device_value(method, options, monkeypatch):
+    """What a few CUDA scenes of ``learned`` and ``learned+ml`` capture as ONE graph (the network,
+    its K head and start, ``ml``'s init path) runs without a host read and without a copy from
+    the host, checked on the CPU: every graphed call runs as it is under the guard, after a first
+    call has filled the caches (a capture's warm-up does the same)."""
+    from risloc.estimators import ml
+    from risloc.nn import inference
+
+    scenes = risloc.simulate(risloc.Scenario(), 2, seed=4)
+    want = risloc.locate(scenes, method, **options)  # eagerly, as on the CPU; fills the caches
+    seen = []
+
+    def strict(call, inputs, key, owner=None):  # a capture's rules, on the CPU
+        seen.append(key[0])
+        with NoHostReads(copies=True):
+            return call(inputs)
+
+    monkeypatch.setattr(graphs, "graphable", lambda *args, **kwargs: True)
+    for module in (graphs, inference):
+        monkeypatch.setattr(module, "graphed", strict)
+    monkeypatch.setattr(inference, "graphable", lambda *args, **kwargs: True)
+    got = risloc.locate(scenes, method, **options)
+    assert seen[0] == "learned" and {"forward", "ml._init_path"} <= set(seen[1:])  # nested: inside the one graph
+    assert torch.equal(got.K, want.K) and got.method == want.method
+    for q in ("phi", "theta", "r"):
+        assert torch.equal(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0)), q
+    # the stages run one after the other, not as one graph, where a step waits for the device
+    seen.clear()
+    risloc.locate(scenes, "learned", checkpoint="default")  # its K head's fall-back rule: an eigen-decomposition
+    risloc.locate(scenes, "learned", ml_options={"mismatch": "auto"})  # the mismatch levels are read
+    risloc.locate(scenes, "learned", ml_options={"batch": 1})  # ml in batches, through the registry
+    assert "learned" not in seen and "forward" in seen
+    assert ml.init_path_reads(risloc.Scenario(), mismatch="auto") and not ml.init_path_reads(risloc.Scenario())
+    assert ml.init_path_reads(risloc.Scenario(ris_amplitude="practical"), amplitude="scenario")
+    assert not ml.init_path_reads(risloc.Scenario(ris_amplitude="practical"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

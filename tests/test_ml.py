@@ -14,7 +14,7 @@ import risloc
 from risloc import Estimates, Scenario, simulate
 from risloc.scenes import Scenes
 from risloc.estimators import get
-from helpers import assert_same_positions
+from helpers import NoHostReads as _NoHostReads, assert_same_positions
 from risloc.estimators.ml_core import stochastic_eval, static_eval
 
 DEG = math.pi / 180
@@ -337,26 +337,6 @@ def test_empty_slots_change_nothing_in_the_stochastic_greedy_step():
     b = ml._add_stochastic(st, torch.full((4,), 2), dico, prob, None, 8)
     for name in ("phi", "theta", "rho", "logp", "active"):
         assert torch.allclose(getattr(a, name).double(), getattr(b, name).double(), rtol=1e-9, atol=1e-9), name
-
-
-class _NoHostReads:
-    """Within it, reading a tensor's value on the host (bool, int, float, index, item, tolist,
-    numpy) raises: what waits for the device on CUDA and breaks a CUDA graph capture."""
-
-    names = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
-
-    def __enter__(self):
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
-
-        def refuse(*args, **kwargs):
-            raise AssertionError("a host read of a device value in a graphed stage")
-
-        for n in self.names:
-            setattr(torch.Tensor, n, refuse)
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def test_the_graphed_stages_read_no_device_value(monkeypatch):
