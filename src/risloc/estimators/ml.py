@@ -1288,7 +1288,8 @@ def estimate(
     CPU and 1024 on CUDA by default.
 
     Args:
-        scenes: the batch (y ``[S, L, M]``, H ``[S, M, N]``, codes ``[S, L, N]``); any device.
+        scenes: the batch (y ``[S, L, M]``, H ``[S, M, N]``, codes ``[S, L, N]``, finite: the registry
+            checks them); any device.
         k_max: largest K considered (default ``scenes.scenario.k_max``).
         K: known number of sources, an int or an integer tensor ``[S]`` with values in 0..k_max:
             the greedy path runs up to max(K) sources and the order rule (stage 4) is skipped,
