@@ -82,15 +82,19 @@ def test_the_learned_graph_reads_no_device_value(method, options, monkeypatch):
         with NoHostReads(copies=True):
             return call(inputs)
 
-    monkeypatch.setattr(graphs, "graphable", lambda *args, **kwargs: True)
+    rule = graphs.graphable  # its own rule (batch size, autograd off, the model), as if on CUDA
+    as_cuda = lambda batch, device, model=None: rule(batch, torch.device("cuda"), model)  # noqa: E731
     for module in (graphs, inference):
         monkeypatch.setattr(module, "graphed", strict)
-    monkeypatch.setattr(inference, "graphable", lambda *args, **kwargs: True)
+        monkeypatch.setattr(module, "graphable", as_cuda)
     got = risloc.locate(scenes, method, **options)
     assert seen[0] == "learned" and {"forward", "ml._init_path"} <= set(seen[1:])  # nested: inside the one graph
+    # the same answers; the graphed init path runs its passes over all K_max slots (eagerly: up to
+    # the largest K-hat), so the positions may differ in rounding, as on CUDA
     assert torch.equal(got.K, want.K) and got.method == want.method
-    for q in ("phi", "theta", "r"):
-        assert torch.equal(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0)), q
+    for q in ("phi", "theta"):
+        assert torch.allclose(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0), atol=1e-5, rtol=0), q
+    assert torch.allclose(got.r.nan_to_num(9.0), want.r.nan_to_num(9.0), rtol=1e-4, atol=0)
     # the stages run one after the other, not as one graph, where a step waits for the device
     seen.clear()
     risloc.locate(scenes, "learned", checkpoint="default")  # its K head's fall-back rule: an eigen-decomposition

@@ -542,6 +542,7 @@ def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, o
     return ml.estimate(scenes, init=init, **options)
 
 
+@torch.no_grad()
 def _refined(scenes: Scenes, checkpoint, beta, use_snr: bool, music_options, K: torch.Tensor | None, over: int,
              options: dict) -> Estimates:
     """The network's start (:func:`_start`, ``over`` extra detections) and the likelihood stage
