@@ -233,10 +233,13 @@ def known_k(K: int | Tensor, n_scenes: int, k_max: int, *, device=None) -> Tenso
 def check_finite(scenes: Scenes, who: str) -> None:
     """ValueError naming ``who``, the field and the first scene whose ``y``, ``H`` or ``codes`` hold a
     non-finite value: the registry's input check of every estimator (:meth:`Estimator.__call__`).
-    One host read for the three fields (a wait for the device only where they are on CUDA)."""
+    One host read for the three fields (a wait for the device only where they are on CUDA); the
+    scenes are scanned 4 096 at a time, so the check's working memory stays small."""
     fields_ = ("y", "H", "codes")
-    bad = torch.stack([~torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).flatten(1).all(1)
-                       for t in (getattr(scenes, name) for name in fields_)])  # [3, S]
+    step = 4096
+    finite = lambda t: torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).flatten(1).all(1)  # noqa: E731
+    bad = ~torch.cat([torch.stack([finite(getattr(scenes, name)[a : a + step]) for name in fields_])
+                      for a in range(0, len(scenes), step)], dim=1)  # [3, S]
     if bool(bad.any()):
         f, i = (int(v) for v in torch.nonzero(bad)[0])
         raise ValueError(f"{who}: scenes.{fields_[f]} of scene {i} has non-finite values")
