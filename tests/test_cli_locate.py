@@ -35,6 +35,16 @@ def test_locate_writes_estimates(scene_file, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "est.h5"]  # no temporary left behind
 
 
+def test_the_default_method_is_learned(scene_file, tmp_path):
+    """Without --method (and in Python without ``method``) the recommended estimator runs: ``learned``."""
+    out = tmp_path / "est.h5"
+    assert main(["locate", str(scene_file), "--out", str(out), "--no-progress"]) == 0
+    est = io.load_estimates(out)
+    assert est.method.startswith("learned:")
+    again = risloc.locate(io.load_scenes(scene_file))
+    assert again.method == est.method and torch.equal(again.K, est.K)
+
+
 def test_option_routing():
     music, mvdr = get("music"), get("mvdr")
     assert estimator_options(music, order_rule="aic", no_snr=True) == {"order_rule": "aic", "use_snr": False}
@@ -72,7 +82,8 @@ def test_refusals(scene_file, tmp_path, capsys):
     out = tmp_path / "est.h5"
     assert main(["locate", str(scene_file), "--out", str(out), "--method", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
-    assert main(["locate", str(scene_file), "--out", str(out), "--checkpoint", "c.pt", "--no-progress"]) == 2
+    assert main(["locate", str(scene_file), "--out", str(out), "--method", "music", "--checkpoint", "c.pt", "--no-progress"]) == 2
+    assert "checkpoint" in capsys.readouterr().err  # music reads no network
     bad = tmp_path / "bad.h5"
     with h5py.File(bad, "w") as f:
         f.attrs["format"] = "something-else"

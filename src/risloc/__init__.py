@@ -20,10 +20,11 @@ from .simulate import simulate, simulate_chunks, source_covariance, source_facto
 __version__ = "0.1.0"
 
 
-def locate(scenes: Scenes, method: str = "music", *, K=None, batch: int | None = None, progress: bool = False,
+def locate(scenes: Scenes, method: str = "learned", *, K=None, batch: int | None = None, progress: bool = False,
            device=None, **options) -> Estimates:
-    """Run the estimator registered as ``method`` (see :func:`risloc.estimators.available`) in
-    batches of ``batch`` scenes (default: the estimator's own). ``K``: known source counts (an
+    """Run the estimator registered as ``method`` (see :func:`risloc.estimators.available`; default
+    ``learned``, the packaged network and a short likelihood stage) in batches of ``batch`` scenes
+    (default: the estimator's own). ``K``: known source counts (an
     int or a per-scene integer tensor) for estimators that accept them; the answer then has
     exactly K sources per scene. Other keywords are the estimator's options."""
     from .estimators import locate as _locate

@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("scenes", metavar="SCENES", help="scene file (HDF5, risloc-scenes)")
     p.add_argument("--out", "-o", metavar="EST", required=True, help="estimates file to write (HDF5, risloc-estimates)")
-    p.add_argument("--method", "-m", default="music", help="estimator name (default music; see --list)")
+    p.add_argument("--method", "-m", default="learned", help="estimator name (default learned, the packaged network and a short likelihood stage; see --list)")
     p.add_argument("--list", action=_ListEstimators, help="list the registered estimators and exit")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--batch", type=int, default=None, help="scenes per chunk (default: the estimator's batch size)")

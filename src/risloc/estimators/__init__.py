@@ -423,7 +423,7 @@ def available() -> list[str]:
     return names + sorted(set(_REGISTRY) - set(names))
 
 
-def locate(scenes: Scenes, method: str = "music", *, K: int | Tensor | None = None, batch: int | None = None,
+def locate(scenes: Scenes, method: str = "learned", *, K: int | Tensor | None = None, batch: int | None = None,
            progress: bool = False, device=None, **options) -> Estimates:
     """Run the estimator ``method`` on ``scenes`` (see :meth:`Estimator.__call__`)."""
     return get(method)(scenes, K=K, batch=batch, progress=progress, device=device, **options)
