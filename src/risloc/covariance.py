@@ -224,6 +224,18 @@ def estimate_snr_db(y: Tensor, H: Tensor, codes: Tensor, *, rank: int = 5, regul
     return (10 * torch.log10(snr)).clamp(-20.0, 50.0)
 
 
+def labelled_snr_db(snr_db: Tensor | None, y: Tensor, H: Tensor, codes: Tensor, *, regularisation: float = 1e-2) -> Tensor:
+    """The SNR labels ``snr_db`` ``[B]`` [dB] with each missing one (a NaN entry; every one when
+    ``snr_db`` is None) replaced by :func:`estimate_snr_db`, which runs only where a label is missing
+    (one host read to know it)."""
+    if snr_db is None:
+        return estimate_snr_db(y, H, codes, regularisation=regularisation)
+    missing = ~torch.isfinite(snr_db)
+    if not bool(missing.any()):
+        return snr_db
+    return torch.where(missing, estimate_snr_db(y, H, codes, regularisation=regularisation).to(snr_db.dtype), snr_db)
+
+
 def shrinkage_weight(snr_db: Tensor, strength: float = 1.0) -> Tensor:
     """alpha = strength / (1 + 10^(SNR/10)), clamped to [0, 1]: the noise share of the total power."""
     return (strength / (1 + 10 ** (snr_db / 10))).clamp(0.0, 1.0)
@@ -339,9 +351,7 @@ def scene_covariance(
     snr = scenes.snr_db if use_snr else None
     if options.estimate == "back_projection":
         if snr is not None:
-            unlabelled = ~torch.isfinite(snr)
-            if bool(unlabelled.any()):
-                snr = torch.where(unlabelled, estimate_snr_db(scenes.y, scenes.H, scenes.codes, regularisation=options.regularisation), snr)
+            snr = labelled_snr_db(snr, scenes.y, scenes.H, scenes.codes, regularisation=options.regularisation)
         return effective_covariance(None, snr_db=snr, options=options, y=scenes.y, H=scenes.H, codes=scenes.codes)
     fit = ml_covariance(scenes.y, scenes.H, scenes.codes, scenes.scenario, K=K, options=options)
     L, M = scenes.y.shape[1], scenes.y.shape[2]

@@ -62,13 +62,10 @@ def prepare_inputs(y: Tensor, H: Tensor, codes: Tensor, snr_db: Tensor | None, *
     rd = sample.diag.dtype
     if snr_db is None:
         known = torch.zeros(y.shape[0], dtype=rd, device=y.device)
-        snr = cv.estimate_snr_db(y, H, codes, regularisation=regularisation).to(rd)
     else:
         snr_db = snr_db.to(device=y.device, dtype=rd)
         known = torch.isfinite(snr_db).to(rd)
-        snr = snr_db
-        if not bool(known.all()):
-            snr = torch.where(known > 0, snr_db, cv.estimate_snr_db(y, H, codes, regularisation=regularisation).to(rd))
+    snr = cv.labelled_snr_db(snr_db, y, H, codes, regularisation=regularisation).to(rd)
     return ModelInputs(sample, snr, known, y, H, codes, scenario=scenario)
 
 
