@@ -350,3 +350,74 @@ def test_shipped_configs_reproduce_the_packaged_model():
     assert mixed.to_dict() == TrainConfig.load(root / "configs" / "mixed.toml").to_dict()
     assert cfg.model.kind == "spectrum" and cfg.loss.main == "detect"
     load_space(root / "configs" / "hpo-spectrum.toml", cfg)
+
+
+def test_coherent_spectra_match_the_formula_and_find_a_static_source():
+    """C_j = |sum_l phi_lq^H P_l y_l|^2 / sum_l |P_l phi_lq|^2 / sum_l |y_l|^2 against explicit
+    projections (complex128); a noise-free source on an atom with ONE amplitude held over the
+    snapshots scores C_0 = 1 there, and a source whose amplitude changes scores far less."""
+    s = risloc.simulate(SC.replace(k_fixed=2, signal="static"), 2, seed=19)
+    g = _grid()
+    sp = matched_filter_spectra(s.y, s.H, s.codes, g, picks=3, tensor_cores=False, coherent=True)
+    plain = matched_filter_spectra(s.y, s.H, s.codes, g, picks=3, tensor_cores=False)
+    assert torch.equal(sp.S, plain.S) and plain.C is None  # the other outputs do not change
+    y, H, C = s.y.numpy().astype(np.complex128), s.H.numpy().astype(np.complex128), s.codes.numpy().astype(np.complex128)
+    D = g.D.numpy().astype(np.complex128)
+    for b in range(2):
+        Phi = [H[b] @ (C[b, l][:, None] * D) for l in range(SC.snapshots)]
+        E = [np.zeros((H.shape[1], 0), complex) for _ in Phi]
+        tot = sum(np.sum(np.abs(y[b, l]) ** 2) for l in range(SC.snapshots))
+        for j in range(3):
+            if j:
+                q = int(sp.S[b, j - 1].argmax())
+                E = [np.linalg.qr(np.concatenate([e, P[:, q : q + 1]], 1))[0] for e, P in zip(E, Phi)]
+            t, n, n0 = 0, 0, 0
+            for l, P in enumerate(Phi):
+                Pp = np.eye(P.shape[0]) - E[l] @ E[l].conj().T
+                t = t + (Pp @ P).conj().T @ (Pp @ y[b, l])
+                n = n + np.sum(np.abs(Pp @ P) ** 2, 0)
+                n0 = n0 + np.sum(np.abs(P) ** 2, 0)
+            want = np.where(n > 1e-3 * n0, np.abs(t) ** 2 / n, 0.0) / tot
+            np.testing.assert_allclose(sp.C[b, j].numpy(), want, rtol=1e-3, atol=1e-5)
+    q = torch.tensor([17, 70])
+    gen = torch.Generator().manual_seed(0)
+    amp = torch.complex(torch.randn(2, SC.snapshots, generator=gen), torch.randn(2, SC.snapshots, generator=gen))
+    for held, value in ((True, 1.0), (False, 0.5)):
+        a = amp[:, :1].expand(-1, SC.snapshots) if held else amp
+        x = g.D.T[q].unsqueeze(1) * a.unsqueeze(-1)  # [2, L, N]
+        y = torch.einsum("bmn,bln->blm", s.H, s.codes * x)
+        C0 = matched_filter_spectra(y, s.H, s.codes, g, coherent=True).C[torch.arange(2), 0, q]
+        if held:
+            torch.testing.assert_close(C0, torch.ones(2), rtol=1e-4, atol=1e-4)
+        else:
+            assert (C0 < value).all()
+
+
+def test_a_network_gains_coherent_channels_without_changing_its_answers(tmp_path):
+    """Fine-tuning (``TrainConfig.init``) a network without the coherent spectra into one with
+    them (``model.coherent``) appends their input channels with zero weights: the network starts
+    as it was."""
+    from risloc.nn.train import _initialise
+
+    base = apply_overrides(TrainConfig(), {"model.kind": "spectrum", "model.width": 4, "model.depth": 1, "model.k_hidden": 8,
+                                          "model.grid_phi": 8, "model.grid_theta": 4, "model.grid_rho": 4, "model.pursuit": 2})
+    old = build_model(SC, base.model).eval()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path / "old.pt"
+    from risloc.nn.checkpoint import FORMAT, VERSION
+
+    torch.save({"format": FORMAT, "version": VERSION, "config": base.to_toml(), "model": old.state_dict(), "ema": None}, path)
+    cfg = apply_overrides(base, {"init": str(path), "model.coherent": True})
+    new = build_model(SC, cfg.model).eval()
+    _initialise(new, cfg)
+    assert new.stem.weight.shape[1] == old.stem.weight.shape[1] + 2 * 2
+    s = risloc.simulate(SC.replace(signal="static"), 3, seed=20)
+    inputs = prepare_inputs(s.y, s.H, s.codes, s.snr_db, regularisation=1e-2)
+    with torch.no_grad():
+        a, b = old(inputs, base.covariance_options(0.0)), new(inputs, cfg.covariance_options(0.0))
+    torch.testing.assert_close(b.detections.heat, a.detections.heat)
+    torch.testing.assert_close(b.k_logits, a.k_logits)
+    with pytest.raises(ValueError, match="differs"):  # other [model] fields must still match
+        _initialise(new, apply_overrides(cfg, {"model.width": 8}))

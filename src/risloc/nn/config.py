@@ -81,6 +81,11 @@ class ModelConfig:
     alone); the network sees S_0..S_{pursuit-1} and the residual power after 1..pursuit picks."""
     channels_last: bool = True
     """spectrum only: run the 3-D convolutions in channels-last layout on CUDA (speed only; same weights)."""
+    coherent: bool = False
+    """spectrum only: also feed the coherent spectra C_0..C_{pursuit-1} (one amplitude per source held
+    over the snapshots: the static signal model's matched filter, whose sidelobes are about L times
+    weaker than those of S; :func:`risloc.nn.networks.spectrum.matched_filter_spectra`), as
+    2 (pursuit) more input channels after the others."""
 
     def __post_init__(self):
         if not self.kind or not isinstance(self.kind, str):

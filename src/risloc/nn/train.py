@@ -675,10 +675,12 @@ def _amp(cfg: TrainConfig, device: torch.device):
     return dtype, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "none")
 
 
-INIT_FREE_FIELDS = ("snapshot_quantiles",)
+INIT_FREE_FIELDS = ("snapshot_quantiles", "coherent")
 """[model] fields in which a fine-tuning run (``TrainConfig.init``) may differ from the checkpoint it
 starts from: what the snapshot channels hold (one per snapshot, or as many quantiles over the
-snapshots), not the network; the weights must still fit (e.g. 16 quantiles in place of 16 snapshots)."""
+snapshots), not the network; the weights must still fit (e.g. 16 quantiles in place of 16 snapshots);
+and the coherent spectra (``coherent``): a network without them gets them as new input channels
+of its stem with zero weights, so that it starts as the network it was."""
 
 
 def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
@@ -693,8 +695,13 @@ def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
               if getattr(theirs, f.name) != getattr(cfg.model, f.name) and f.name not in INIT_FREE_FIELDS]
     if differ:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its [model] differs from this run's in {differ}")
+    weights = dict(network_weights(state))
+    if cfg.model.coherent and not getattr(theirs, "coherent", False) and "stem.weight" in weights:
+        w = weights["stem.weight"]  # [out, c_in, 3, 3, 3]: the coherent channels come last, with zero weights
+        extra = model.stem.weight.shape[1] - w.shape[1]
+        weights["stem.weight"] = torch.cat([w, w.new_zeros(w.shape[0], max(extra, 0), *w.shape[2:])], 1)
     try:
-        model.load_state_dict(network_weights(state))
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its weights do not fit this run's network "
                          f"(another scenario geometry, or another number of snapshot channels: model.snapshot_quantiles "

@@ -17,7 +17,9 @@ source and no noise S_q = 1 at the source; for noise alone E S_q = 1/M). Both ar
 a global gain on y. The grid ("dictionary") is uniform in (sin phi, sin theta, 1/r) like
 ``ml``'s. Input channels, on a ``[n_phi, n_theta, n_rho]`` volume: M S, log(M S), the L values
 M c_l (the per-snapshot profile, which tells a source from a sidelobe of another source), the
-SNR features (SNR/10 dB, "label known") and the three grid coordinates. With
+SNR features (SNR/10 dB, "label known") and the three grid coordinates; with
+``ModelConfig.coherent`` also L M C_j and log(L M C_j) of the coherent spectra C_j (one amplitude
+held over the snapshots, the static signal model's statistic: :func:`matched_filter_spectra`). With
 ``ModelConfig.snapshot_quantiles`` = n > 0 the L per-snapshot channels are replaced by n quantiles
 over the snapshots of M c_l at every cell (the sorted values, linearly interpolated to the
 levels 0, 1/(n-1), ..., 1): the snapshots are exchangeable, so the sorted values keep what the
@@ -134,11 +136,13 @@ class Spectra:
     """``[B, L, Q]``: the per-snapshot normalised matched filter of S_0."""
     residual: Tensor
     """``[B, 1 + J']``: fraction of the total power left after j = 0..J' cancellations (J' = picks)."""
+    C: Tensor | None = None
+    """``[B, 1 + J, Q]`` (``coherent=True``): the coherent spectra C_0 .. C_J."""
 
 
 @torch.no_grad()
 def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int | None = None,
-                           tensor_cores: bool | None = None, cancel: Tensor | None = None) -> Spectra:
+                           tensor_cores: bool | None = None, cancel: Tensor | None = None, coherent: bool = False) -> Spectra:
     """The matched-filter spectra of the module docstring, and ``picks`` steps of orthogonal
     matching pursuit on them (Pati, Rezaiifar & Krishnaprasad 1993), all per snapshot:
 
@@ -166,6 +170,16 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     picks 1..J in that order instead of the grid atoms q_j (b_l = G_l a_j); a zero row, and every
     pick beyond J, takes the argmax pick. Cancelling a source at its own position removes it
     from every S_j (a grid atom next to it leaves a residue where a weaker neighbour hides).
+
+    ``coherent``: also the coherent spectra (:attr:`Spectra.C`), from the same products,
+
+        C_j(q) = |sum_l phi_lq^H P_l y_l|^2 / sum_l |P_l phi_lq|^2 / sum_l |y_l|^2,
+
+    the fraction of the power that one source at q explains with ONE amplitude held over the
+    snapshots (the static signal model's one-source statistic; S_j lets the amplitude change
+    from snapshot to snapshot). With random codes another source's leakage into C adds with a
+    random phase per snapshot, so C's sidelobes are about L times weaker than S's; for noise
+    alone E C_0 = 1/(L M).
     """
     B, L, M = y.shape
     Q = grid.D.shape[1]
@@ -176,6 +190,11 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     S_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device)
     c_out = torch.empty(B, L, Q, dtype=torch.float32, device=y.device)
     res_out = torch.ones(B, picks + 1, dtype=torch.float32, device=y.device)
+    C_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device) if coherent else None
+
+    def coherent_spectrum(tc: Tensor, n: Tensor, floor: Tensor, total: Tensor) -> Tensor:  # C_j of the docstring, [b, Q]
+        n_sum = n.sum(1)  # sum_l |P_l phi_lq|^2; atoms (nearly) explained in every snapshot score 0, as in S
+        return torch.where(n_sum > floor.sum(1), tc.sum(1).abs().square() / n_sum.clamp(min=1e-30), 0.0) / total
     for a in range(0, B, chunk):
         yb = y[a : a + chunk].to(torch.complex64)
         Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
@@ -190,6 +209,8 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         c_out[a : a + chunk] = mf / ynorm.unsqueeze(-1).clamp(min=1e-30)
         S = mf.sum(1) / total
         S_out[a : a + chunk, 0] = S
+        if coherent:
+            C_out[a : a + chunk, 0] = coherent_spectrum(tc, n0, floor, total)
         basis: list[Tensor] = []
         left = ynorm
         for j in range(picks):
@@ -214,7 +235,9 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
             S = (tc.abs().square_() / torch.where(n > floor, n, torch.inf)).sum(1) / total
             if j + 1 < n_s:
                 S_out[a : a + chunk, j + 1] = S
-    return Spectra(S_out, c_out, res_out)
+                if coherent:
+                    C_out[a : a + chunk, j + 1] = coherent_spectrum(tc, n, floor, total)
+    return Spectra(S_out, c_out, res_out, C_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +319,7 @@ class SpectrumNet(nn.Module):
         L = scenario.snapshots
         self.n_spectra = max(1, cfg.pursuit)  # S_0 .. S_{pursuit - 1}
         self.n_snapshot = cfg.snapshot_quantiles if cfg.snapshot_quantiles > 0 else (L if cfg.snapshot_channels else 0)
-        self.c_in = 2 * self.n_spectra + self.n_snapshot + 2 + 3
+        self.c_in = 2 * self.n_spectra + self.n_snapshot + 2 + 3 + (2 * self.n_spectra if cfg.coherent else 0)
         n_scene = 2 + cfg.pursuit  # SNR features + log residual fractions after 1..pursuit picks
         self.stem = _Conv3d(self.c_in, w, 3, padding=1)
         self.enc0 = _ResBlock(w)
@@ -346,7 +369,8 @@ class SpectrumNet(nn.Module):
             raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.inputs.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
         with torch.autocast(inputs.y.device.type, enabled=False):
-            sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit, cancel=inputs.cancel)
+            sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit, cancel=inputs.cancel,
+                                        coherent=self.cfg.coherent)
         snr = torch.stack([inputs.snr_db.float() / 10.0, inputs.snr_known.float()], -1)  # [B, 2]
         MS = M * sp.S[:, : self.n_spectra]
         parts = [MS, torch.log(MS.clamp(min=1e-6))]
@@ -356,6 +380,9 @@ class SpectrumNet(nn.Module):
             parts.append(M * sp.c)
         x = torch.cat(parts, 1).view(B, -1, *self.shape)
         x = torch.cat([x, snr.view(B, 2, 1, 1, 1).expand(B, 2, *self.shape), grid.coords.unsqueeze(0).expand(B, -1, -1, -1, -1)], 1)
+        if self.cfg.coherent:  # last, so that a network without them widens its stem by zero weights (fine-tuning)
+            LMC = inputs.y.shape[1] * M * sp.C[:, : self.n_spectra]  # L M C: 1 for noise alone
+            x = torch.cat([x, torch.cat([LMC, torch.log(LMC.clamp(min=1e-6))], 1).view(B, -1, *self.shape)], 1)
         scene = torch.cat([snr, torch.log(sp.residual[:, 1:].clamp(min=1e-6))], -1)
         return x, scene
 
