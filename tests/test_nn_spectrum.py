@@ -421,3 +421,7 @@ def test_a_network_gains_coherent_channels_without_changing_its_answers(tmp_path
     torch.testing.assert_close(b.k_logits, a.k_logits)
     with pytest.raises(ValueError, match="differs"):  # other [model] fields must still match
         _initialise(new, apply_overrides(cfg, {"model.width": 8}))
+    back = tmp_path / "new.pt"  # and a network with them cannot drop them
+    torch.save({"format": FORMAT, "version": VERSION, "config": cfg.to_toml(), "model": new.state_dict(), "ema": None}, back)
+    with pytest.raises(ValueError, match="model.coherent = False against True"):
+        _initialise(build_model(SC, base.model), apply_overrides(base, {"init": str(back)}))

@@ -705,7 +705,8 @@ def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
     except RuntimeError as err:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its weights do not fit this run's network "
                          f"(another scenario geometry, or another number of snapshot channels: model.snapshot_quantiles "
-                         f"= {cfg.model.snapshot_quantiles} against {theirs.snapshot_quantiles}?): "
+                         f"= {cfg.model.snapshot_quantiles} against {theirs.snapshot_quantiles}?; a network with the coherent "
+                         f"spectra cannot drop them: model.coherent = {cfg.model.coherent} against {theirs.coherent}): "
                          f"{str(err).splitlines()[-1].strip()}") from None
     return f"[INIT] network weights from {path}"
 
