@@ -17,10 +17,11 @@ from helpers import assert_same_positions
 from risloc.estimators import get
 from risloc.scenes import Estimates
 from risloc.estimators.music import music_from_covariance
-from risloc.nn.checkpoint import export_weights, file_sha256, load_checkpoint
+from risloc.nn.checkpoint import FORMAT, VERSION, export_weights, file_sha256, load_checkpoint
 from risloc.nn.config import TrainConfig, apply_overrides
 from risloc.nn.inputs import prepare_inputs
 from risloc.nn.networks import build_model, get_network
+from risloc.nn.train import _initialise
 from risloc.nn.networks.spectrum import (
     Detections,
     decode,
@@ -382,34 +383,33 @@ def test_coherent_spectra_match_the_formula_and_find_a_static_source():
     q = torch.tensor([17, 70])
     gen = torch.Generator().manual_seed(0)
     amp = torch.complex(torch.randn(2, SC.snapshots, generator=gen), torch.randn(2, SC.snapshots, generator=gen))
-    for held, value in ((True, 1.0), (False, 0.5)):
-        a = amp[:, :1].expand(-1, SC.snapshots) if held else amp
+
+    def C0_at_source(a):  # C_0 at atom q of a noise-free source on it with amplitudes a [2, L]
         x = g.D.T[q].unsqueeze(1) * a.unsqueeze(-1)  # [2, L, N]
         y = torch.einsum("bmn,bln->blm", s.H, s.codes * x)
-        C0 = matched_filter_spectra(y, s.H, s.codes, g, coherent=True).C[torch.arange(2), 0, q]
-        if held:
-            torch.testing.assert_close(C0, torch.ones(2), rtol=1e-4, atol=1e-4)
-        else:
-            assert (C0 < value).all()
+        return matched_filter_spectra(y, s.H, s.codes, g, coherent=True).C[torch.arange(2), 0, q]
+
+    torch.testing.assert_close(C0_at_source(amp[:, :1].expand(-1, SC.snapshots)), torch.ones(2), rtol=1e-4, atol=1e-4)
+    assert (C0_at_source(amp) < 0.5).all()
 
 
 def test_a_network_gains_coherent_channels_without_changing_its_answers(tmp_path):
     """Fine-tuning (``TrainConfig.init``) a network without the coherent spectra into one with
     them (``model.coherent``) appends their input channels with zero weights: the network starts
     as it was."""
-    from risloc.nn.train import _initialise
-
     base = apply_overrides(TrainConfig(), {"model.kind": "spectrum", "model.width": 4, "model.depth": 1, "model.k_hidden": 8,
                                           "model.grid_phi": 8, "model.grid_theta": 4, "model.grid_rho": 4, "model.pursuit": 2})
     old = build_model(SC, base.model).eval()
     with torch.no_grad():
         for p in old.parameters():
             p.normal_(0, 0.1)
-    path = tmp_path / "old.pt"
-    from risloc.nn.checkpoint import FORMAT, VERSION
 
-    torch.save({"format": FORMAT, "version": VERSION, "config": base.to_toml(), "model": old.state_dict(), "ema": None}, path)
-    cfg = apply_overrides(base, {"init": str(path), "model.coherent": True})
+    def saved(name, config, model):  # a checkpoint of ``model`` as load_checkpoint reads it
+        path = tmp_path / name
+        torch.save({"format": FORMAT, "version": VERSION, "config": config.to_toml(), "model": model.state_dict(), "ema": None}, path)
+        return str(path)
+
+    cfg = apply_overrides(base, {"init": saved("old.pt", base, old), "model.coherent": True})
     new = build_model(SC, cfg.model).eval()
     _initialise(new, cfg)
     assert new.stem.weight.shape[1] == old.stem.weight.shape[1] + 2 * 2
@@ -421,7 +421,5 @@ def test_a_network_gains_coherent_channels_without_changing_its_answers(tmp_path
     torch.testing.assert_close(b.k_logits, a.k_logits)
     with pytest.raises(ValueError, match="differs"):  # other [model] fields must still match
         _initialise(new, apply_overrides(cfg, {"model.width": 8}))
-    back = tmp_path / "new.pt"  # and a network with them cannot drop them
-    torch.save({"format": FORMAT, "version": VERSION, "config": cfg.to_toml(), "model": new.state_dict(), "ema": None}, back)
-    with pytest.raises(ValueError, match="model.coherent = False against True"):
-        _initialise(build_model(SC, base.model), apply_overrides(base, {"init": str(back)}))
+    with pytest.raises(ValueError, match="model.coherent = False against True"):  # and a network with them cannot drop them
+        _initialise(build_model(SC, base.model), apply_overrides(base, {"init": saved("new.pt", cfg, new)}))

@@ -696,7 +696,7 @@ def _initialise(model: torch.nn.Module, cfg: TrainConfig) -> str:
     if differ:
         raise ValueError(f"TrainConfig.init = {cfg.init!r}: its [model] differs from this run's in {differ}")
     weights = dict(network_weights(state))
-    if cfg.model.coherent and not getattr(theirs, "coherent", False) and "stem.weight" in weights:
+    if cfg.model.coherent and not theirs.coherent and "stem.weight" in weights:
         w = weights["stem.weight"]  # [out, c_in, 3, 3, 3]: the coherent channels come last, with zero weights
         extra = model.stem.weight.shape[1] - w.shape[1]
         weights["stem.weight"] = torch.cat([w, w.new_zeros(w.shape[0], max(extra, 0), *w.shape[2:])], 1)

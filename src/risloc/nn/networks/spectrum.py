@@ -192,9 +192,9 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     res_out = torch.ones(B, picks + 1, dtype=torch.float32, device=y.device)
     C_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device) if coherent else None
 
-    def coherent_spectrum(tc: Tensor, n: Tensor, floor: Tensor, total: Tensor) -> Tensor:  # C_j of the docstring, [b, Q]
+    def coherent_spectrum(tc: Tensor, n: Tensor, floor_sum: Tensor, total: Tensor) -> Tensor:  # C_j of the docstring, [b, Q]
         n_sum = n.sum(1)  # sum_l |P_l phi_lq|^2; atoms (nearly) explained in every snapshot score 0, as in S
-        return torch.where(n_sum > floor.sum(1), tc.sum(1).abs().square() / n_sum.clamp(min=1e-30), 0.0) / total
+        return torch.where(n_sum > floor_sum, tc.sum(1).abs().square() / n_sum.clamp(min=1e-30), 0.0) / total
     for a in range(0, B, chunk):
         yb = y[a : a + chunk].to(torch.complex64)
         Hb, cb = H[a : a + chunk].to(torch.complex64), codes[a : a + chunk].to(torch.complex64)
@@ -210,7 +210,8 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         S = mf.sum(1) / total
         S_out[a : a + chunk, 0] = S
         if coherent:
-            C_out[a : a + chunk, 0] = coherent_spectrum(tc, n0, floor, total)
+            floor_sum = floor.sum(1)  # [b, Q], the same for every pick
+            C_out[a : a + chunk, 0] = coherent_spectrum(tc, n0, floor_sum, total)
         basis: list[Tensor] = []
         left = ynorm
         for j in range(picks):
@@ -236,7 +237,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
             if j + 1 < n_s:
                 S_out[a : a + chunk, j + 1] = S
                 if coherent:
-                    C_out[a : a + chunk, j + 1] = coherent_spectrum(tc, n, floor, total)
+                    C_out[a : a + chunk, j + 1] = coherent_spectrum(tc, n, floor_sum, total)
     return Spectra(S_out, c_out, res_out, C_out)
 
 
