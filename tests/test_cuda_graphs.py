@@ -12,6 +12,7 @@ import torch
 
 import risloc
 from risloc import cuda_graphs as graphs
+from risloc import estimators
 from risloc.nn.inputs import prepare_inputs
 from helpers import NoHostReads
 
@@ -87,6 +88,7 @@ def test_the_learned_graph_reads_no_device_value(method, options, monkeypatch):
     for module in (graphs, inference):
         monkeypatch.setattr(module, "graphed", strict)
         monkeypatch.setattr(module, "graphable", as_cuda)
+    monkeypatch.setattr(estimators, "uses_inference_mode", lambda device: False)  # as on CUDA
     got = risloc.locate(scenes, method, **options)
     assert seen[0] == "learned" and {"forward", "ml._init_path"} <= set(seen[1:])  # nested: inside the one graph
     # the same answers; the graphed init path runs its passes over all K_max slots (eagerly: up to

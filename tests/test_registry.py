@@ -169,3 +169,33 @@ def test_chunking_does_not_change_music(scenes):
     a = risloc.locate(scenes, "music", batch=3)
     b = risloc.locate(scenes, "music", batch=64)
     assert_same_positions(a, b, scenes, 0.01)
+
+
+def test_cpu_calls_leave_ordinary_tensors_for_autograd(tmp_path):
+    """Off CUDA the registry runs estimators in inference mode. Their estimates come back as
+    ordinary tensors (changed in place, used by autograd), and the module caches they fill hold
+    ordinary tensors: a training run after the calls, in the same process, trains. (Cached
+    inference tensors made such a run fail: autograd refuses to save them for backward.)"""
+    from risloc import cuda_graphs
+    from risloc.nn import inference
+    from risloc.nn.config import TrainConfig, apply_overrides
+    from risloc.nn.train import train
+
+    for cache in cuda_graphs._CACHES:  # so that the calls below fill them
+        cache.clear()
+    inference._CACHE.clear()
+    scenes = risloc.simulate(SC, 2, seed=5)
+    for method in ("learned", "ml", "music"):
+        est = risloc.locate(scenes, method)
+        assert not any(t.is_inference() for t in (est.K, est.phi, est.theta, est.r)), method
+        est.phi.mul_(1.0)  # in place, outside inference mode
+    cached = [t for cache in cuda_graphs._CACHES for entry in cache.values() for t in cuda_graphs.tree_tensors(entry)]
+    assert cached and not any(t.is_inference() for t in cached)
+    assert not any(p.is_inference() for entry in inference._CACHE.values() for p in entry.model.parameters())
+    cfg = apply_overrides(TrainConfig(), {
+        "device": "cpu", "amp": "none", "threads": 1, "epochs": 1, "steps_per_epoch": 2, "batch": 4, "train_scenes": 8,
+        "val_scenes": 4, "val_batch": 4, "calibrate": False, "val_primary": "loss",
+        "model.width": 8, "model.depth": 1, "model.k_hidden": 16,
+    })
+    train(cfg, tmp_path / "run", log=lambda s: None)
+    assert (tmp_path / "run" / "best.pt").is_file()

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import physics
-from .cuda_graphs import register_cache
+from .cuda_graphs import cache_entry, register_cache
 
 
 @dataclass
@@ -384,8 +384,7 @@ def prior_subspace(scenario, *, energy: float = 0.99, device=None, dtype: torch.
         return torch.eye(n, dtype=dtype, device=device)
     if not 0.0 < energy:
         raise ValueError(f"prior_subspace: energy = {energy}: must be in (0, 1]")
-    key = (scenario.to_json(), float(energy))
-    if key not in _PRIOR_CACHE:
+    def build() -> Tensor:
         sc = scenario
 
         def mid(lo, hi, k):
@@ -397,10 +396,9 @@ def prior_subspace(scenario, *, energy: float = 0.99, device=None, dtype: torch.
         lam, V = torch.linalg.eigh(R0)
         lam, V = lam.flip(-1), V.flip(-1)
         d = int((lam.cumsum(0) / lam.sum() < energy).sum()) + 1
-        if len(_PRIOR_CACHE) > 8:
-            _PRIOR_CACHE.clear()
-        _PRIOR_CACHE[key] = V[:, :d].contiguous()
-    return _PRIOR_CACHE[key].to(device=device, dtype=dtype)
+        return V[:, :d].contiguous()
+
+    return cache_entry(_PRIOR_CACHE, (scenario.to_json(), float(energy)), build, limit=8).to(device=device, dtype=dtype)
 
 
 @dataclass

@@ -60,6 +60,22 @@ def register_cache(cache: dict) -> dict:
     return cache
 
 
+def cache_entry(cache: dict, key, build: Callable[[], Any], limit: int = 16) -> Any:
+    """``cache[key]``, made by ``build()`` on a miss (the cache is emptied first when it holds more
+    than ``limit`` entries): the one way risloc's module-level caches of tensors are filled.
+
+    The entry is built with inference mode off, even inside an estimator's call (which runs in
+    inference mode on the CPU, :meth:`risloc.estimators.Estimator.__call__`): a cached tensor made
+    there would be an inference tensor, which autograd refuses to save for a backward pass, so a
+    training step run after an estimator in the same process would fail on it."""
+    if key not in cache:
+        if len(cache) > limit:
+            cache.clear()
+        with torch.inference_mode(False):
+            cache[key] = build()
+    return cache[key]
+
+
 def tree_map(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     """``obj`` with ``fn`` applied to every tensor in it: tensors, dataclasses (field by field),
     tuples, lists and dicts are walked; anything else, and a :class:`~risloc.scenario.Scenario`

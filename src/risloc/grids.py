@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import physics
-from .cuda_graphs import register_cache
+from .cuda_graphs import cache_entry, register_cache
 from .scenario import Scenario
 
 __all__ = ["GridSpec", "SearchGrid", "Dictionary", "grid_axes", "grid_points", "search_grid", "dictionary", "measure_dictionary", "dictionary_product",
@@ -109,11 +109,7 @@ _CACHE: dict = register_cache({})  # graphs keep what they read from it (risloc.
 
 
 def _cached(key, build):
-    if key not in _CACHE:
-        if len(_CACHE) > 16:
-            _CACHE.clear()
-        _CACHE[key] = build()
-    return _CACHE[key]
+    return cache_entry(_CACHE, key, build)
 
 
 @dataclass
@@ -237,18 +233,18 @@ def _split_real_dictionary(D: Tensor, interleaved: bool = False) -> Tensor:
     ``view_as_real(G)`` is ``view_as_real(G D)`` (:func:`dictionary_product`). Cached per tensor
     ``D`` (its storage, shape, strides, device, dtype and version; the cache holds ``D`` so its
     storage is not reused)."""
-    key = (D.data_ptr(), tuple(D.shape), D.stride(), str(D.device), D.dtype, D._version, interleaved)
-    if key not in _SPLIT_CACHE:
-        if len(_SPLIT_CACHE) > 8:
-            _SPLIT_CACHE.clear()
+    key = (D.data_ptr(), tuple(D.shape), D.stride(), str(D.device), D.dtype, 0 if D.is_inference() else D._version, interleaved)
+
+    def build():
         if interleaved:  # Dr[(n, i), (q, o)]: input part i (Re, Im) of element n to output part o of atom q
             re, im = D.real.to(torch.float32), D.imag.to(torch.float32)
             Dr = torch.stack([torch.stack([re, im], -1), torch.stack([-im, re], -1)], 1).reshape(2 * D.shape[0], 2 * D.shape[1])
         else:
             Dr = torch.cat([torch.cat([D.real, D.imag], 1), torch.cat([-D.imag, D.real], 1)], 0).to(torch.float32)
         hi, lo = _tf32_split(Dr)
-        _SPLIT_CACHE[key] = (D, torch.cat([hi, lo, hi], 0).contiguous())
-    return _SPLIT_CACHE[key][1]
+        return D, torch.cat([hi, lo, hi], 0).contiguous()
+
+    return cache_entry(_SPLIT_CACHE, key, build, limit=8)[1]
 
 
 def _split_tf32_matmul(x: Tensor, Ds: Tensor) -> Tensor:

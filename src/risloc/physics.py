@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .cuda_graphs import register_cache
+from .cuda_graphs import cache_entry, register_cache
 from .scenario import Scenario
 
 Approximation = Literal["exact", "fresnel"]
@@ -66,12 +66,12 @@ def _element_geometry(scenario: Scenario, dtype: torch.dtype, device) -> tuple[T
     array, dtype and device: every steering call of the likelihood's refinement needs them and
     they would otherwise cost a dozen small operations (device kernels) each time."""
     key = (scenario.n_h, scenario.n_v, scenario.spacing_h, scenario.spacing_v, dtype, str(device))
-    if key not in _GEOMETRY:
-        if len(_GEOMETRY) > 16:
-            _GEOMETRY.clear()
+
+    def build():
         e = element_positions(scenario, dtype=dtype, device=device)
-        _GEOMETRY[key] = (e, (e * e).sum(-1))
-    return _GEOMETRY[key]
+        return e, (e * e).sum(-1)
+
+    return cache_entry(_GEOMETRY, key, build)
 
 
 def direction(phi: Tensor, theta: Tensor) -> Tensor:

@@ -167,9 +167,10 @@ def packed_code_table(bits: int, group: int, *, dtype: torch.dtype = torch.compl
     ``c_t = exp(j 2 pi q_t / 2^b)`` (physics.phase_codes). A word uniform on [0, 2^(g b))
     gives g independent uniform levels.
     """
-    words = torch.arange(2 ** (group * bits), device=device).unsqueeze(-1)
-    q = (words >> (bits * torch.arange(group, device=device))) & (2**bits - 1)  # [2^(g b), g]
-    return torch.view_as_real(physics.phase_codes(q, bits, dtype=dtype)).reshape(len(words), 2 * group)
+    with torch.inference_mode(False):  # cached: a normal tensor even when called in inference mode
+        words = torch.arange(2 ** (group * bits), device=device).unsqueeze(-1)
+        q = (words >> (bits * torch.arange(group, device=device))) & (2**bits - 1)  # [2^(g b), g]
+        return torch.view_as_real(physics.phase_codes(q, bits, dtype=dtype)).reshape(len(words), 2 * group)
 
 
 def _random_codes(words: Tensor, lay: _Layout, sc: Scenario, out: Tensor) -> None:

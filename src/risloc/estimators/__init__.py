@@ -328,6 +328,14 @@ class Estimator:
 
         ``K``: known source counts (int or ``[S]``); ``device``: where to run (default: the
         scenes' device; the estimates come back on it). Other keywords go to the estimator.
+
+        Off CUDA the estimator runs in inference mode (``torch.inference_mode``), which skips
+        autograd's bookkeeping on every operation: one scene through ``learned``, ``ml`` or
+        ``music`` on a 2-core CPU takes 10-20 % less time than under ``torch.no_grad``. The
+        estimates come back as ordinary tensors (copied out of inference mode), and the module
+        caches are filled outside it (:func:`risloc.cuda_graphs.cache_entry`), so autograd can use
+        both afterwards. On CUDA it is off: small batches there replay CUDA graphs, which are
+        captured outside inference mode.
         """
         info = self.info
         device = torch.device(device) if device is not None else scenes.device
@@ -351,33 +359,44 @@ class Estimator:
 
             starts = tqdm(starts, desc=info.name, unit="batch")
         parts = []
-        for a in starts:
-            b = min(a + batch, S)
-            sub = scenes[a:b].to(device)
-            opts = {k: (_slice(v, a, b) if k in info.per_scene else v) for k, v in options.items()}
-            if Ks is not None:
-                opts[info.k_option] = Ks[a:b]
-            est = self.fn(sub, **opts)
-            if len(est) != b - a:
-                raise RuntimeError(f"{info.name}: returned {len(est)} estimates for a batch of {b - a} scenes")
-            if Ks is not None:
-                bad = est.K.to(device=Ks.device, dtype=torch.int64) != Ks[a:b]
-                if bool(bad.any()):
-                    i = int(torch.nonzero(bad)[0])
-                    raise RuntimeError(f"{info.name}: given K = {int(Ks[a + i])} for scene {a + i}, "
-                                       f"it returned K_hat = {int(est.K[i])}")
-            parts.append(est)
+        with torch.inference_mode(uses_inference_mode(device)):
+            for a in starts:
+                b = min(a + batch, S)
+                sub = scenes[a:b].to(device)
+                opts = {k: (_slice(v, a, b) if k in info.per_scene else v) for k, v in options.items()}
+                if Ks is not None:
+                    opts[info.k_option] = Ks[a:b]
+                est = self.fn(sub, **opts)
+                if len(est) != b - a:
+                    raise RuntimeError(f"{info.name}: returned {len(est)} estimates for a batch of {b - a} scenes")
+                if Ks is not None:
+                    bad = est.K.to(device=Ks.device, dtype=torch.int64) != Ks[a:b]
+                    if bool(bad.any()):
+                        i = int(torch.nonzero(bad)[0])
+                        raise RuntimeError(f"{info.name}: given K = {int(Ks[a + i])} for scene {a + i}, "
+                                           f"it returned K_hat = {int(est.K[i])}")
+                parts.append(est)
         if not parts:  # an empty batch is answered here, so no estimator needs a case for it
             return Estimates.empty(0, scenes.scenario.k_max, method=info.name, device=scenes.device)
         out = Estimates.cat(parts) if len(parts) > 1 else parts[0]
+        out = out.to(scenes.device)
+        if out.K.is_inference():  # made in inference mode: copied into ordinary tensors
+            out = out.to(scenes.device, copy=True)
         out.method = parts[0].method or info.name
-        return out.to(scenes.device)
+        return out
 
     def _takes_var_keywords(self) -> bool:
         try:
             return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.fn).parameters.values())
         except (TypeError, ValueError):
             return True
+
+
+def uses_inference_mode(device: torch.device) -> bool:
+    """Whether the registry runs an estimator on ``device`` in inference mode: everywhere but on
+    CUDA, where small batches replay CUDA graphs, which are captured outside it
+    (:meth:`Estimator.__call__`)."""
+    return device.type != "cuda"
 
 
 def register(name: str, **meta) -> Callable[[BatchEstimator], BatchEstimator]:

@@ -323,12 +323,8 @@ def _box(scenario, dtype, device) -> tuple[Tensor, Tensor]:
     sc = scenario
     lo = (sc.phi_min, sc.theta_min, 1.0 / sc.r_max)
     hi = (sc.phi_max, sc.theta_max, 1.0 / sc.r_min)
-    key = (lo, hi, dtype, str(device))
-    if key not in _BOXES:
-        if len(_BOXES) > 16:
-            _BOXES.clear()
-        _BOXES[key] = (torch.tensor(lo, dtype=dtype, device=device), torch.tensor(hi, dtype=dtype, device=device))
-    return _BOXES[key]
+    build = lambda: (torch.tensor(lo, dtype=dtype, device=device), torch.tensor(hi, dtype=dtype, device=device))
+    return cuda_graphs.cache_entry(_BOXES, (lo, hi, dtype, str(device)), build)
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import covariance as cv
-from ..cuda_graphs import graphable, graphed
+from ..cuda_graphs import cache_entry, graphable, graphed
 from ..estimators import register
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
@@ -93,10 +93,7 @@ def _cached_model(checkpoint, device) -> LoadedModel:
     the registry calls a learned estimator once per batch of scenes."""
     st = Path(checkpoint).stat()
     key = (str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, str(device))
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = load_model(checkpoint, device=device)
-    return _CACHE[key]
+    return cache_entry(_CACHE, key, lambda: load_model(checkpoint, device=device), limit=0)
 
 
 def fallback_order(inputs: ModelInputs, options: cv.CovarianceOptions, scenario: Scenario, rule: str) -> torch.Tensor:

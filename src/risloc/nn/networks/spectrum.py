@@ -64,7 +64,7 @@ from torch.nn import functional as Fn
 
 from ... import covariance as cv
 from ... import physics
-from ...cuda_graphs import register_cache
+from ...cuda_graphs import cache_entry, register_cache
 from ...grids import GridSpec, atom_norms, back_project, dictionary_product, grid_points
 from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ...scenario import Scenario
@@ -104,8 +104,7 @@ def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=Non
     shape = tuple(int(s) for s in shape)
     if min(shape) < 2:
         raise ValueError(f"spectrum grid shape {shape}: every axis needs >= 2 points")
-    key = (scenario.to_json(), shape, str(device))
-    if key not in _GRID_CACHE:
+    def build() -> SpectrumGrid:
         sc = scenario
         gp, gt, gr = (t.to(device) for t in grid_points(sc, GridSpec(*shape)))
         D = physics.steering(gp, gt, 1.0 / gr, sc, dtype=torch.complex64, device=device).T.contiguous()  # [N, Q]
@@ -115,10 +114,9 @@ def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=Non
         step = (hi - lo) / (n - 1)
         axes = [torch.linspace(-1.0, 1.0, s, device=device) for s in shape]
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-        if len(_GRID_CACHE) > 8:
-            _GRID_CACHE.clear()
-        _GRID_CACHE[key] = SpectrumGrid(shape, lo, step, D, coords)
-    return _GRID_CACHE[key]
+        return SpectrumGrid(shape, lo, step, D, coords)
+
+    return cache_entry(_GRID_CACHE, (scenario.to_json(), shape, str(device)), build, limit=8)
 
 
 FRONT_END_CHUNK = 256
