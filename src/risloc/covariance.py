@@ -384,6 +384,7 @@ def prior_subspace(scenario, *, energy: float = 0.99, device=None, dtype: torch.
         return torch.eye(n, dtype=dtype, device=device)
     if not 0.0 < energy:
         raise ValueError(f"prior_subspace: energy = {energy}: must be in (0, 1]")
+
     def build() -> Tensor:
         sc = scenario
 

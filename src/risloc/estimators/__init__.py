@@ -331,7 +331,7 @@ class Estimator:
 
         Off CUDA the estimator runs in inference mode (``torch.inference_mode``), which skips
         autograd's bookkeeping on every operation: one scene through ``learned``, ``ml`` or
-        ``music`` on a 2-core CPU takes 10-20 % less time than under ``torch.no_grad``. The
+        ``music`` on a 2-core CPU takes 6-22 % less time than under ``torch.no_grad``. The
         estimates come back as ordinary tensors (copied out of inference mode), and the module
         caches are filled outside it (:func:`risloc.cuda_graphs.cache_entry`), so autograd can use
         both afterwards. On CUDA it is off: small batches there replay CUDA graphs, which are

@@ -104,6 +104,7 @@ def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=Non
     shape = tuple(int(s) for s in shape)
     if min(shape) < 2:
         raise ValueError(f"spectrum grid shape {shape}: every axis needs >= 2 points")
+
     def build() -> SpectrumGrid:
         sc = scenario
         gp, gt, gr = (t.to(device) for t in grid_points(sc, GridSpec(*shape)))
