@@ -24,7 +24,7 @@ A graph reads the memory its kernels were recorded with. Tensors that a call tak
 module-level cache (the dictionaries of :mod:`risloc.grids`, the network's grids) live outside
 the graph's memory: such caches are registered with :func:`register_cache`, and every graph
 keeps the tensors those caches held when it was captured, so that clearing a cache cannot free
-memory a graph still reads.
+memory a graph still reads. They are filled through :func:`cache_entry`, outside inference mode.
 """
 
 from __future__ import annotations
