@@ -199,3 +199,25 @@ def test_cpu_calls_leave_ordinary_tensors_for_autograd(tmp_path):
     })
     train(cfg, tmp_path / "run", log=lambda s: None)
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+@register("registry-test-autograd")
+def _gradient_steps(scenes):
+    """A user's estimator that uses autograd inside: a few gradient steps towards phi = 0.1 (a test double)."""
+    phi = torch.zeros(len(scenes), 1, requires_grad=True)
+    for _ in range(3):
+        loss = ((phi - 0.1) ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, phi)
+        phi = (phi - 0.5 * grad).detach().requires_grad_(True)
+    n = len(scenes)
+    nan = torch.full((n, 1), math.nan)
+    return Estimates(torch.ones(n, dtype=torch.int64), phi.detach(), nan.clone(), nan.clone(), method="autograd")
+
+
+def test_inference_mode_only_for_the_package_estimators(scenes):
+    """The package's estimators run in inference mode off CUDA; one registered by a user does not
+    (its EstimatorInfo says so), so autograd works inside it through the registry."""
+    assert all(estimators.info(name).inference_mode for name in estimators.available() if not name.startswith("registry-test"))
+    assert not estimators.info("registry-test-autograd").inference_mode
+    est = risloc.locate(scenes, "registry-test-autograd")
+    assert torch.allclose(est.phi[:, 0], torch.full((len(scenes),), 0.1))

@@ -65,6 +65,10 @@ class EstimatorInfo:
             (learned estimators only); None: no packaged weights.
         per_scene: options holding one entry per scene (sliced with the scenes' batches).
         summary: one line for listings.
+        inference_mode: whether the registry runs it in ``torch.inference_mode()`` off CUDA (faster
+            on one scene; :meth:`Estimator.__call__`): only for estimators that need no autograd.
+            True for the package's own; False by default, so that an estimator registered by a user
+            may use autograd inside.
     """
 
     name: str
@@ -76,6 +80,7 @@ class EstimatorInfo:
     default_weights: str | None = None
     per_scene: tuple[str, ...] = ()
     summary: str = ""
+    inference_mode: bool = False
 
     @property
     def accepts_k(self) -> bool:
@@ -93,9 +98,9 @@ class EstimatorInfo:
         return self.batch_cuda if torch.device(device).type == "cuda" else self.batch
 
 
-# The estimators of this package, by name.
+# The estimators of this package, by name (none of them uses autograd: all run in inference mode off CUDA).
 _INFO: dict[str, EstimatorInfo] = {
-    i.name: i
+    i.name: dataclasses.replace(i, inference_mode=True)
     for i in (
         EstimatorInfo("music", "risloc.estimators.music", k_option="K", per_scene=("init",),
                       summary="MUSIC on the effective covariance, RAP peak search (K from an order rule)"),
@@ -329,13 +334,13 @@ class Estimator:
         ``K``: known source counts (int or ``[S]``); ``device``: where to run (default: the
         scenes' device; the estimates come back on it). Other keywords go to the estimator.
 
-        Off CUDA the estimator runs in inference mode (``torch.inference_mode``), which skips
-        autograd's bookkeeping on every operation: one scene through ``learned``, ``ml`` or
-        ``music`` on a 2-core CPU takes 6-22 % less time than under ``torch.no_grad``. The
-        estimates come back as ordinary tensors (copied out of inference mode), and the module
-        caches are filled outside it (:func:`risloc.cuda_graphs.cache_entry`), so autograd can use
-        both afterwards. On CUDA it is off: small batches there replay CUDA graphs, which are
-        captured outside inference mode.
+        Off CUDA an estimator whose :attr:`EstimatorInfo.inference_mode` is set (the package's
+        own) runs in inference mode (``torch.inference_mode``), which skips autograd's bookkeeping
+        on every operation: one scene through ``learned``, ``ml`` or ``music`` on a 2-core CPU
+        takes 6-22 % less time than under ``torch.no_grad``. The estimates come back as ordinary
+        tensors (copied out of inference mode), and the module caches are filled outside it
+        (:func:`risloc.cuda_graphs.cache_entry`), so autograd can use both afterwards. On CUDA it
+        is off: small batches there replay CUDA graphs, which are captured outside inference mode.
         """
         info = self.info
         device = torch.device(device) if device is not None else scenes.device
@@ -359,7 +364,7 @@ class Estimator:
 
             starts = tqdm(starts, desc=info.name, unit="batch")
         parts = []
-        with torch.inference_mode(uses_inference_mode(device)):
+        with torch.inference_mode(info.inference_mode and uses_inference_mode(device)):
             for a in starts:
                 b = min(a + batch, S)
                 sub = scenes[a:b].to(device)
@@ -393,9 +398,9 @@ class Estimator:
 
 
 def uses_inference_mode(device: torch.device) -> bool:
-    """Whether the registry runs an estimator on ``device`` in inference mode: everywhere but on
-    CUDA, where small batches replay CUDA graphs, which are captured outside it
-    (:meth:`Estimator.__call__`)."""
+    """Whether the registry runs an estimator that allows it (:attr:`EstimatorInfo.inference_mode`)
+    in inference mode on ``device``: everywhere but on CUDA, where small batches replay CUDA
+    graphs, which are captured outside it (:meth:`Estimator.__call__`)."""
     return device.type != "cuda"
 
 
