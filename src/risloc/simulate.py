@@ -40,7 +40,6 @@ rather than one float per element; the line-of-sight part is added by a rank-one
 
 from __future__ import annotations
 
-import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import physics
+from .cuda_graphs import cache_entry
 from .scenario import Scenario
 from .scenes import Scenes, Truth
 
@@ -158,19 +158,24 @@ def _failed_mask(u: Tensor, n_failed: int) -> Tensor:
     return torch.zeros(u.shape, dtype=torch.bool, device=u.device).scatter_(-1, pick, True)
 
 
-@functools.lru_cache(maxsize=16)
+_CODE_TABLES: dict = {}
+
+
 def packed_code_table(bits: int, group: int, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:
     """Look-up table ``[2^(g b), 2 g]`` from a packed word to the codes of its ``g`` elements.
 
     Word w holds the levels ``q_t = (w >> (t b)) & (2^b - 1)``, t = 0..g-1, of g consecutive
     elements; row w of the table is ``(Re c_0, Im c_0, ..., Re c_{g-1}, Im c_{g-1})`` with
     ``c_t = exp(j 2 pi q_t / 2^b)`` (physics.phase_codes). A word uniform on [0, 2^(g b))
-    gives g independent uniform levels.
+    gives g independent uniform levels. Cached per bits, group, dtype and device.
     """
-    with torch.inference_mode(False):  # cached: a normal tensor even when called in inference mode
+
+    def build() -> Tensor:
         words = torch.arange(2 ** (group * bits), device=device).unsqueeze(-1)
         q = (words >> (bits * torch.arange(group, device=device))) & (2**bits - 1)  # [2^(g b), g]
         return torch.view_as_real(physics.phase_codes(q, bits, dtype=dtype)).reshape(len(words), 2 * group)
+
+    return cache_entry(_CODE_TABLES, (bits, group, dtype, str(device)), build)
 
 
 def _random_codes(words: Tensor, lay: _Layout, sc: Scenario, out: Tensor) -> None:
