@@ -84,19 +84,44 @@ def _numpy_norms(H, codes, D):
     return out
 
 
-@pytest.mark.parametrize("dtype, tensor_cores, rtol", [
-    (torch.complex128, False, 1e-12),
-    (torch.complex64, False, 2e-6),
-    (torch.complex64, True, 2e-6),  # split-TF32 product: float32-accurate (on the CPU, plain float32 with split operands)
+@pytest.mark.parametrize("dtype, tensor_cores, onednn, rtol", [
+    (torch.complex128, False, False, 1e-12),
+    (torch.complex64, False, False, 2e-6),  # the complex matmul
+    (torch.complex64, False, True, 2e-6),  # oneDNN's real product (the CPU's default for complex64)
+    (torch.complex64, True, False, 2e-6),  # split-TF32 product: float32-accurate (on the CPU, plain float32 with split operands)
 ])
-def test_atom_norms_are_the_measured_atoms_norms(dtype, tensor_cores, rtol):
+def test_atom_norms_are_the_measured_atoms_norms(dtype, tensor_cores, onednn, rtol):
+    if onednn and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
     H, codes, D = _maps()
     ref = _numpy_norms(H, codes, D)
-    n = grids.atom_norms(H.to(dtype), codes.to(dtype), D.to(dtype), tensor_cores=tensor_cores, chunk=2)  # chunks of 2 of 3 scenes
-    assert n.dtype == physics.real_dtype(dtype) and n.shape == ref.shape
-    assert np.abs(n.double().numpy() - ref).max() / ref.max() < rtol
+    for chunk in (2, None):  # chunks of 2 of 3 scenes, and the default
+        n = grids.atom_norms(H.to(dtype), codes.to(dtype), D.to(dtype), tensor_cores=tensor_cores, onednn=onednn, chunk=chunk)
+        assert n.dtype == physics.real_dtype(dtype) and n.shape == ref.shape and n.is_contiguous()
+        assert np.abs(n.double().numpy() - ref).max() / ref.max() < rtol
     with pytest.raises(ValueError, match="complex64"):
         grids.atom_norms(H, codes, D, tensor_cores=True)
+    with pytest.raises(ValueError, match="onednn needs a complex64 dictionary on the CPU"):
+        grids.atom_norms(H, codes, D, onednn=True)  # complex128
+
+
+def test_atom_norms_route_on_the_cpu(monkeypatch):
+    """complex64 on the CPU takes oneDNN's product unless an input needs a gradient (then the
+    complex matmul, through which the gradient flows)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    H, codes, D = (t.to(torch.complex64) for t in _maps())
+    calls = []
+    conv = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or conv(*a))
+    grids.atom_norms(H, codes, D)
+    assert calls, "the default route on the CPU is oneDNN's product"
+    calls.clear()
+    Hg = H.clone().requires_grad_()
+    n = grids.atom_norms(Hg, codes, D)
+    assert not calls
+    n.sum().backward()
+    assert Hg.grad is not None and torch.isfinite(Hg.grad).all()
 
 
 def test_split_dictionary_cache_follows_the_tensor():

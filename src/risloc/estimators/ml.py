@@ -1030,18 +1030,12 @@ def _none_if_better(st: _State, nll: Tensor, k: Tensor, prob: _Problem) -> Tenso
 # ------------------------------------------------------------------------------------------
 
 
-_NORM_CHUNK = 4
-"""Scenes per product of :func:`risloc.grids.atom_norms` on the CPU: Phi of 4 scenes (~37 MB in
-complex64 with the default grid) at a time (on CUDA its default chunks)."""
-
-
 def _measured_dictionary(prob: _Problem) -> _Atoms:
     """The dictionary on the grid ``opts.grid_shape`` as an :class:`_Atoms` record: |phi_l|^2
     (:func:`risloc.grids.atom_norms`) and phi_l^H y_l = conj(y_l^H Phi_l) ``[B, L, Q]``, no Phi."""
     grid = grids.dictionary(prob.scenario, prob.opts.grid_shape, device=prob.y.device, dtype=prob.y.dtype)
     dico = _Atoms(grid.D, prob.H, prob.codes, None, None, (grid.phi, grid.theta, grid.rho))
-    chunk = None if prob.y.device.type == "cuda" else _NORM_CHUNK
-    dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D, chunk=chunk)  # |phi_l|^2, [B, L, Q]
+    dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D)  # |phi_l|^2, [B, L, Q]
     dico.c = dico.products(prob.y).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
     return dico
 
