@@ -101,15 +101,25 @@ t(1 scene) / B per scene). On the CPU: ``time.perf_counter``.
 
 Peaks (NVIDIA H100 Tensor Core GPU datasheet, H100 SXM5, dense, without sparsity): BF16/FP16
 tensor 989 TFLOP/s, TF32 tensor 494 TFLOP/s, FP32 (CUDA cores) 67 TFLOP/s, HBM3 3.35 TB/s;
-an H200 has the same compute and 4.8 TB/s (H200 datasheet). The products and the network's
+an H200 has the same compute and 4.8 TB/s (H200 datasheet). ``--peaks measured`` (the
+default on the CPU) measures them on the machine instead (:func:`measured_peaks`): the float32
+matrix-product rate (a 2 048 x 2 048 product, on the CPU the faster of MKL and oneDNN) for the
+products and the other FLOPs alike, the
+bandwidth of a 256 MiB copy, and the cost of dispatching one operator (a tiny addition); the
+record keeps the GPU's key names for these (``tf32_tensor_tflops``, ``fp32_tflops``,
+``hbm_tbs``) and adds ``op_us``. The products and the network's
 convolutions run on the TF32 tensor cores (split-TF32 products; cuDNN's float32 convolutions
 with ``torch.backends.cudnn.allow_tf32``, PyTorch's default), everything else on the FP32 cores.
 Per stage: t_compute = products / TF32 peak + other / FP32 peak, t_memory = bytes_eager / HBM
 bandwidth; the stage is compute- or memory-bound by the larger where the measured time is within
 3 x of it; else launch/latency-bound (its kernels too small or too many to fill the GPU), unless
 the one-scene latency floor explains less than half of its time: then "kernel efficiency" (large
-kernels running below both roofs). Prints the table and one JSON record (``--out`` writes it
-atomically).
+kernels running below both roofs). With a measured dispatch cost, t_dispatch = the operators one
+call dispatches (views not counted) x ``op_us`` / scenes: the host's floor for them, without the
+Python between them.
+The stages are timed in the grad mode of the registry on that device (inference mode off CUDA,
+:func:`risloc.estimators.uses_inference_mode`). Prints the table and one JSON record (``--out``
+writes it atomically).
 """
 
 from __future__ import annotations
@@ -134,6 +144,7 @@ import risloc
 from risloc._files import atomic_write_text
 from risloc._provenance import git_commit
 from risloc.estimators import ml as ml_module
+from risloc.estimators import uses_inference_mode
 from risloc.nn import inference as inf
 from risloc.nn.inputs import forward, prepare_inputs
 from risloc.nn.networks import build_model, get_network
@@ -268,8 +279,9 @@ output whose size depends on the data): each is a host synchronisation on CUDA."
 
 class OpCounter(TorchDispatchMode):
     """Adds up, for every ATen operation that runs inside it: the operations (``ops``), the matmul
-    FLOPs (2 m k n per real product, 8 m k n per complex one: ``matmul_flops``), the convolutions'
-    FLOPs (``conv_flops``, as ``FlopCounterMode``), the bytes of its tensor inputs and outputs
+    FLOPs (2 m k n per real product, 8 m k n per complex one, and oneDNN's 1 x 1 x 1 convolutions,
+    the atom norms' product on the CPU: ``matmul_flops``), the convolutions' FLOPs
+    (``conv_flops``, as ``FlopCounterMode``), the bytes of its tensor inputs and outputs
     (``bytes``; views and allocations move nothing and are skipped; an expanded input counts its
     storage at most), the linear-algebra calls by name (``linalg``) and the operations that make
     the host wait for the device (``host_reads``, :data:`_HOST_READS`)."""
@@ -312,6 +324,12 @@ class OpCounter(TorchDispatchMode):
             self.matmul_flops += cplx * 2 * a.numel()
         elif name in ("convolution", "_convolution"):
             self.conv_flops += conv_flop_count(list(args[0].shape), list(args[1].shape), list(out.shape), bool(args[6]))
+        elif name == "mkldnn_convolution":  # oneDNN on the CPU: a 1 x 1 x 1 kernel is a product (risloc.grids.atom_norms)
+            flops = conv_flop_count(list(args[0].shape), list(args[1].shape), list(out.shape), False)
+            if math.prod(args[1].shape[2:]) == 1:
+                self.matmul_flops += flops
+            else:
+                self.conv_flops += flops
         elif name.startswith(("linalg_", "cholesky", "triangular_solve")):
             self.linalg[name] += 1
         seen = set()
@@ -320,6 +338,12 @@ class OpCounter(TorchDispatchMode):
                 seen.add((t.data_ptr(), t.shape))
                 self.bytes += self._nbytes(t)
         return out
+
+
+def grad_mode(device):
+    """The grad mode the registry runs the package's estimators in on ``device``: inference mode
+    off CUDA, else ``no_grad``."""
+    return torch.inference_mode() if uses_inference_mode(device) else torch.no_grad()
 
 
 def count_ops(fn) -> OpCounter:
@@ -346,8 +370,9 @@ def host_syncs(fn, device) -> int | None:
 
 
 def median_time(fn, device, repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls (CUDA events on CUDA)."""
-    with torch.no_grad():
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls (CUDA events on CUDA),
+    in the registry's grad mode (:func:`grad_mode`)."""
+    with grad_mode(device):
         for _ in range(warmup):
             fn()
         times = []
@@ -492,21 +517,62 @@ def analytic(p: Pipeline, batch: int, calls: Counter, n_first_scan: int, device)
 
 
 def peaks_for(device, name: str = "auto") -> tuple[str | None, dict | None]:
-    """The peaks of ``name`` (a key of :data:`PEAKS`), or with "auto" those of the CUDA device
-    (an H200 by its name, else an H100 SXM; none on the CPU)."""
+    """The peaks of ``name`` (a key of :data:`PEAKS`, or "measured": :func:`measured_peaks`), or
+    with "auto" those of the CUDA device (an H200 by its name, else an H100 SXM; measured on the CPU)."""
+    if name == "measured" or (name == "auto" and device.type != "cuda"):
+        return "measured", measured_peaks(device)
     if name != "auto":
         return name, PEAKS[name]
-    if device.type != "cuda":
-        return None, None
     key = "H200" if "H200" in torch.cuda.get_device_name(device) else "H100 SXM"
     return key, PEAKS[key]
 
 
+def measured_peaks(device) -> dict:
+    """The peaks of ``device`` measured on it (module docstring), in the keys of :data:`PEAKS`:
+    ``tf32_tensor_tflops`` and ``fp32_tflops`` both the float32 rate of a 2 048 x 2 048 matrix
+    product (the median of 5 after one warm-up; on the CPU the faster of ``matmul`` and the same
+    product as a 1 x 1 x 1 oneDNN convolution, the two routes of the code's products, and the
+    products and the elementwise passes use the same vector units), ``hbm_tbs`` the bandwidth of a 256 MiB copy (bytes read
+    and written), and ``op_us`` the median time of one dispatched operator (an addition on a
+    one-element tensor, in the registry's grad mode)."""
+    def med(f, n):
+        f()
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        times = []
+        for _ in range(n):
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with grad_mode(device):
+        a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+        gemm = 2 * 2048 ** 3 / med(lambda: a @ b, 5)
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():  # the same product through oneDNN
+            x, w = a.view(1, 2048, 2048, 1, 1), b.view(2048, 2048, 1, 1, 1)
+            gemm = max(gemm, 2 * 2048 ** 3 / med(lambda: torch.mkldnn_convolution(x, w, None, (0, 0, 0), (1, 1, 1), (1, 1, 1), 1), 5))
+        x = torch.randn(64 * 2 ** 20, device=device)
+        y = torch.empty_like(x)
+        copy = 2 * x.numel() * 4 / med(lambda: y.copy_(x), 5)
+        one = torch.zeros(1, device=device)
+
+        def ops():
+            for _ in range(100):
+                one.add(1.0)
+
+        op = med(ops, 21) / 100
+    return {"tf32_tensor_tflops": gemm / 1e12, "fp32_tflops": gemm / 1e12, "hbm_tbs": copy / 1e12, "op_us": op * 1e6,
+            "source": f"measured on this {device.type} device: float32 2048 x 2048 product, 256 MiB copy, one tiny operator"}
+
+
 def classify(t: float, t_compute: float, t_memory: float, t_latency: float | None = None) -> str:
     """What bounds a stage of measured time ``t`` per scene: "compute" or "memory bandwidth" (the
-    larger floor) where ``t`` is within :data:`LATENCY_FACTOR` of it; else "launch/latency", or,
-    where the one-scene latency floor ``t_latency`` is known and explains less than half of ``t``,
-    "kernel efficiency" (large kernels that run below both roofs)."""
+    larger floor) where ``t`` is within :data:`LATENCY_FACTOR` of it; else "launch/latency" (on
+    the CPU: the host's Python and operator dispatch), or, where the one-scene latency floor
+    ``t_latency`` is known and explains less than half of ``t``, "kernel efficiency" (large
+    kernels that run below both roofs)."""
     floor = max(t_compute, t_memory)
     if t <= LATENCY_FACTOR * floor:
         return "compute" if t_compute >= t_memory else "memory bandwidth"
@@ -526,8 +592,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-latency", action="store_true", help="skip the one-scene timings")
-    ap.add_argument("--peaks", default="auto", choices=["auto", *PEAKS],
-                    help="the peaks to compare with (auto: the CUDA device's; none on the CPU)")
+    ap.add_argument("--peaks", default="auto", choices=["auto", "measured", *PEAKS],
+                    help="the peaks to compare with (auto: the CUDA device's datasheet; measured on the CPU)")
     ap.add_argument("--out", default=None, help="write the JSON record here (atomically)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -577,6 +643,9 @@ def main(argv=None) -> dict:
                 rec["t_memory_analytic_us_per_scene"] = c.bytes / (peak["hbm_tbs"] * 1e12) * 1e6
                 rec["fraction_of_tf32_peak"] = c.products * B / t / (peak["tf32_tensor_tflops"] * 1e12)
                 rec["fraction_of_hbm"] = oc.bytes / t / (peak["hbm_tbs"] * 1e12)
+                td = oc.ops * peak["op_us"] / 1e6 / B if "op_us" in peak else None
+                if td is not None:
+                    rec["t_dispatch_us_per_scene"] = td * 1e6
                 rec["bound"] = classify(t / B, tc, tm, None if t1 is None else t1 / B)
         stages[name] = rec
     stages["likelihood_stage"]["calls"] = dict(calls)
@@ -584,19 +653,24 @@ def main(argv=None) -> dict:
     sc = p.scenario
     out = {"commit": git_commit(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "batch": B, "seed": args.seed,
-           "checkpoint": None if args.config else str(args.checkpoint or inf.DEFAULT_WEIGHTS), "config": args.config, "set": args.set,
+           "checkpoint": None if args.config else (args.checkpoint or f"packaged {inf.DEFAULT_WEIGHTS.name}"), "config": args.config, "set": args.set,
            "shapes": {"L": sc.snapshots, "M": sc.m_bs, "N": sc.n_elements, "K_max": sc.k_max,
                       "Q_front_end": int(math.prod(p.model.shape)),
                       "Q_dictionary": int(math.prod(p.stage_options["grid_shape"])), "pursuit": p.model.cfg.pursuit,
                       "split_tf32": device.type == "cuda"},
            "peaks": None if peak is None else {"name": peak_name, **peak}, "latency_factor": LATENCY_FACTOR,
            "repeats": args.repeats, "warmup": args.warmup, "stages": stages}
-    print(f"{'stage':<18}{'GFLOP/scene':>12}{'MB/scene':>10}{'MB eager':>10}{'us/scene':>13}{'scenes/s':>11}{'TFLOP/s':>9}{'GB/s eager':>11}  bound")
+    if peak is not None:
+        print(f"peaks ({peak_name}): products {peak['tf32_tensor_tflops']:.3f} TFLOP/s, other {peak['fp32_tflops']:.3f} TFLOP/s, "
+              f"memory {peak['hbm_tbs']:.3f} TB/s" + (f", {peak['op_us']:.2f} us per dispatched operator" if "op_us" in peak else ""))
+    print(f"{'stage':<18}{'GFLOP/scene':>12}{'MB/scene':>10}{'MB eager':>10}{'us/scene':>13}{'scenes/s':>11}{'TFLOP/s':>9}{'GB/s eager':>11}"
+          f"{'floors c/m/d, us':>26}  bound")
     for name, r in stages.items():
         a = r["analytic"]
+        floors = "/".join(f"{r[k]:.1f}" if k in r else "-" for k in ("t_compute_us_per_scene", "t_memory_us_per_scene", "t_dispatch_us_per_scene"))
         print(f"{name:<18}{(a['flops'] / 1e9 if a else float('nan')):>12.3f}{(a['bytes'] / 1e6 if a else float('nan')):>10.2f}"
               f"{r['counted']['bytes_eager'] / 1e6:>10.2f}{r['us_per_scene']:>13.2f}{r['scenes_per_s']:>11.1f}"
-              f"{r.get('achieved_tflops', float('nan')):>9.2f}{r.get('achieved_gbs_eager', float('nan')):>11.1f}  {r.get('bound', '-')}")
+              f"{r.get('achieved_tflops', float('nan')):>9.2f}{r.get('achieved_gbs_eager', float('nan')):>11.1f}{floors:>26}  {r.get('bound', '-')}")
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     return out

@@ -116,3 +116,18 @@ def test_bound_classification():
     assert R.classify(10.0, 1.0, 2.0) == "launch/latency"
     assert R.classify(10.0, 1.0, 2.0, 8.0) == "launch/latency"
     assert R.classify(10.0, 1.0, 2.0, 1.0) == "kernel efficiency"
+
+
+def test_measured_peaks_give_a_dispatch_floor(tmp_path):
+    """``--peaks measured`` (the CPU's default): rates measured on the machine, and each stage's
+    dispatch floor = the operators one call dispatches x the measured cost of one, per scene."""
+    out = tmp_path / "measured.json"
+    R.main(["--device", "cpu", "--batch", "2", "--repeats", "1", "--warmup", "0", "--no-latency", "--out", str(out), *SMALL])
+    rec = json.loads(out.read_text())
+    pk = rec["peaks"]
+    assert pk["name"] == "measured" and pk["tf32_tensor_tflops"] == pk["fp32_tflops"] > 0 and pk["hbm_tbs"] > 0
+    assert 0 < pk["op_us"] < 1e3
+    for name in ("front_end", "network", "likelihood_stage", "end_to_end"):
+        r = rec["stages"][name]
+        assert r["t_dispatch_us_per_scene"] == pytest.approx(r["counted"]["ops_per_call"] * pk["op_us"] / 2)
+        assert r["bound"] in ("compute", "memory bandwidth", "launch/latency", "kernel efficiency")
