@@ -7,10 +7,10 @@ the 144 x 144 test covariances took ~17 s instead of 0.02 s on the CI-sized VM).
 The ``numerical`` marker (registered in pyproject.toml) goes on every test of the files that
 compare numbers across code paths (a gain, a batch split, a device, the CPU's kernels): the
 physics, the CRB, the covariances, the estimators and their contract, and the rounding checks.
-``.ci/run`` runs ``pytest -m numerical`` once more with ``ATEN_CPU_CAPABILITY=avx2`` and
-``MKL_ENABLE_INSTRUCTIONS=AVX2`` (other kernels, other summation orders than AVX-512, for
-PyTorch's own kernels and MKL's matrix products), so a tolerance that only holds for one CPU's
-rounding fails in CI.
+``.ci/run`` runs ``pytest -m numerical`` once more with ``ATEN_CPU_CAPABILITY=avx2``,
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` (other kernels, other summation
+orders than AVX-512, for PyTorch's own kernels, MKL's matrix products and oneDNN's convolutions
+and atom norms), so a tolerance that only holds for one CPU's rounding fails in CI.
 """
 
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 torch.set_num_threads(1)
 
 NUMERICAL_FILES = frozenset({
-    "test_physics.py", "test_crb.py", "test_covariance.py", "test_music.py", "test_ml.py",
+    "test_physics.py", "test_grids.py", "test_crb.py", "test_covariance.py", "test_music.py", "test_ml.py",
     "test_registry.py", "test_estimators_contract.py", "test_estimator_contract.py", "test_rounding.py",
 })
 """Test files whose tests carry the ``numerical`` marker."""

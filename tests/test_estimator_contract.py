@@ -189,11 +189,14 @@ algorithm by the batch: the stem's output moves by 4e-5, the detections by ~1e-6
 short likelihood stage that follows (3 and 8 Fisher-scoring steps with accept/reject decisions,
 pruning and a gridded range decision) can amplify that beyond a hundredth of sqrt(CRB) on hard
 scenes (measured: learned+ml 0.03 sqrt(CRB) on the two sources 5 deg apart; learned within 0.01
-on these scenes, up to 0.2 on default scenes at 20-30 dB). ``ml``, ``ml-robust``: bit-identical
-at both batch sizes with the AVX-512 kernels; with the AVX2 kernels of PyTorch and MKL
-(``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``) the batched float32 products round
-differently at batch 1 and batch 5 and the two sources 5 deg apart at 0.5 m move by 0.0124
-sqrt(CRB). ``ml-joint`` (which starts from ``ml-robust``'s answer) moves there by 0.0123 sqrt(CRB) with the AVX2 kernels.
+on these scenes, up to 0.2 on default scenes at 20-30 dB). ``ml``, ``ml-robust``, ``ml-joint``
+(which starts from ``ml-robust``'s answer): bit-identical at both batch sizes with the AVX-512
+kernels. With the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2``), when the atom norms were a complex matmul in chunks of 4 scenes,
+the two sources 5 deg apart at 0.5 m moved by 0.0124 sqrt(CRB) between batch 1 and batch 5; with
+the atom norms through oneDNN in chunks of 2 they stay bit-identical there, and with oneDNN on
+AVX2 too (``ONEDNN_MAX_CPU_ISA=AVX2``) the scene of a known K one larger than its own moves by
+0.018 sqrt(CRB) (AMD EPYC VM).
 ``sbl``: its 20 evidence iterations and the 25 Fisher-scoring steps of ``ml``'s refinement after them
 carry batch-dependent float32 rounding further: on an AMD EPYC CPU, with its AVX-512 kernels and with
 ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2`` alike, the two sources 5 deg apart at 0.5 m
