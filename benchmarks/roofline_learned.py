@@ -104,10 +104,9 @@ tensor 989 TFLOP/s, TF32 tensor 494 TFLOP/s, FP32 (CUDA cores) 67 TFLOP/s, HBM3 
 an H200 has the same compute and 4.8 TB/s (H200 datasheet). ``--peaks measured`` (the
 default on the CPU) measures them on the machine instead (:func:`measured_peaks`): the float32
 matrix-product rate (a 2 048 x 2 048 product, on the CPU the faster of MKL and oneDNN) for the
-products and the other FLOPs alike, the
-bandwidth of a 256 MiB copy, and the cost of dispatching one operator (a tiny addition); the
-record keeps the GPU's key names for these (``tf32_tensor_tflops``, ``fp32_tflops``,
-``hbm_tbs``) and adds ``op_us``. The products and the network's
+products and the other FLOPs alike, the bandwidth of a 256 MiB copy, and the cost of
+dispatching one operator (a tiny addition); the record keeps the GPU's key names for these
+(``tf32_tensor_tflops``, ``fp32_tflops``, ``hbm_tbs``) and adds ``op_us``. The products and the network's
 convolutions run on the TF32 tensor cores (split-TF32 products; cuDNN's float32 convolutions
 with ``torch.backends.cudnn.allow_tf32``, PyTorch's default), everything else on the FP32 cores.
 Per stage: t_compute = products / TF32 peak + other / FP32 peak, t_memory = bytes_eager / HBM
@@ -116,8 +115,7 @@ bandwidth; the stage is compute- or memory-bound by the larger where the measure
 the one-scene latency floor explains less than half of its time: then "kernel efficiency" (large
 kernels running below both roofs). With a measured dispatch cost, t_dispatch = the operators one
 call dispatches (views not counted) x ``op_us`` / scenes: the host's floor for them, without the
-Python between them.
-The stages are timed in the grad mode of the registry on that device (inference mode off CUDA,
+Python between them. The stages are timed in the grad mode of the registry on that device (inference mode off CUDA,
 :func:`risloc.estimators.uses_inference_mode`). Prints the table and one JSON record (``--out``
 writes it atomically).
 """
@@ -532,8 +530,8 @@ def measured_peaks(device) -> dict:
     ``tf32_tensor_tflops`` and ``fp32_tflops`` both the float32 rate of a 2 048 x 2 048 matrix
     product (the median of 5 after one warm-up; on the CPU the faster of ``matmul`` and the same
     product as a 1 x 1 x 1 oneDNN convolution, the two routes of the code's products, and the
-    products and the elementwise passes use the same vector units), ``hbm_tbs`` the bandwidth of a 256 MiB copy (bytes read
-    and written), and ``op_us`` the median time of one dispatched operator (an addition on a
+    products and the elementwise passes use the same vector units), ``hbm_tbs`` the bandwidth
+    of a 256 MiB copy (bytes read and written), and ``op_us`` the median time of one dispatched operator (an addition on a
     one-element tensor, in the registry's grad mode)."""
     def med(f, n):
         f()
