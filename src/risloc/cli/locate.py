@@ -172,5 +172,6 @@ def run(args: argparse.Namespace) -> int:
     est.method = method
     io.save_estimates(est, args.out, info.scenario)
     dt = time.perf_counter() - t0
-    print(f"risloc locate: {len(est)} scenes with {method} in {dt:.1f} s -> {args.out}", file=sys.stderr)
+    n = len(est)
+    print(f"risloc locate: {n} scene{'' if n == 1 else 's'} with {method} in {dt:.1f} s -> {args.out}", file=sys.stderr)
     return 0

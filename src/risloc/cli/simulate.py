@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     dt = time.perf_counter() - t0
     if not args.quiet:
-        print(f"wrote {args.scenes} scenes (seed {args.seed}, scenes {args.start}..{args.start + args.scenes - 1}) to {args.out} "
-              f"in {dt:.1f} s ({args.scenes / dt:.0f} scenes/s)")
+        n, last = args.scenes, args.start + args.scenes - 1
+        which = f"scene {args.start}" if n == 1 else f"scenes {args.start}..{last}"
+        print(f"wrote {n} scene{'' if n == 1 else 's'} (seed {args.seed}, {which}) to {args.out} in {dt:.1f} s ({n / dt:.0f} scenes/s)")
     return 0
