@@ -384,9 +384,7 @@ class Estimator:
         if not parts:  # an empty batch is answered here, so no estimator needs a case for it
             return Estimates.empty(0, scenes.scenario.k_max, method=info.name, device=scenes.device)
         out = Estimates.cat(parts) if len(parts) > 1 else parts[0]
-        out = out.to(scenes.device)
-        if out.K.is_inference():  # made in inference mode: copied into ordinary tensors
-            out = out.to(scenes.device, copy=True)
+        out = out.to(scenes.device, copy=out.K.is_inference())  # made in inference mode: copied into ordinary tensors
         out.method = parts[0].method or info.name
         return out
 
