@@ -89,8 +89,8 @@ def main(argv=None):
         rates["network_and_detections"] = rate(lambda s: run_model(model, s, stage="detections", **kw), batches)
         rates["network_and_music"] = rate(lambda s: run_model(model, s, stage="music", **kw), batches)
         firsts = [_start(s, args.checkpoint, None, True, None, None, LEARNED_OVER) for s in batches]
-        dets = [first for first, _ in firsts]  # the K-hat strongest detections
-        starts = [start for _, start in firsts]  # learned's start: K-hat + LEARNED_OVER detections
+        dets = [first for first, _, _ in firsts]  # the K-hat strongest detections
+        starts = [start for _, start, _ in firsts]  # learned's start: K-hat + LEARNED_OVER detections
     ml = get("ml")
     pairs = list(zip(batches, dets))
     steps = LEARNED_DEFAULTS["iterations"]

@@ -422,3 +422,29 @@ def test_per_scene_atoms_search_like_the_dictionary_they_copy():
     bad.phi[2, 1] = math.nan
     with pytest.raises(ValueError, match=r"atoms.phi of scene 2"):
         get("ml")(s, init=init, atoms=bad, init_grow=1)
+
+
+def test_a_measured_dictionary_searches_like_the_grid_it_was_measured_on():
+    from risloc import grids
+    from risloc.estimators import ml
+
+    sc, s, t, init = _three_sources_and_the_first_two(4)
+    # the record is of the scenes as given: other gains on y and H than ml's unit-power frame
+    s = dataclasses.replace(s, y=s.y * 3.0, H=s.H * 0.25)
+    shape = (12, 6, 6)
+    D = grids.dictionary(sc, shape, dtype=torch.complex64).D
+    Phi = grids.measure_dictionary(s.H, s.codes, D)  # [B, L, M, Q]
+    given = grids.MeasuredDictionary(shape, Phi.abs().square().sum(2), (s.y.conj().unsqueeze(-1) * Phi).sum(2))
+    opts = dict(init_grow=1, init_relax=1, iterations=4, greedy_iterations=4)
+    on_grid = ml.estimate(s, init=init, grid_shape=shape, **opts)
+    read = ml.estimate(s, init=init, dictionary=given, **opts)  # its grid is the record's, whatever grid_shape says
+    assert torch.equal(on_grid.K, t.K) and torch.equal(read.K, on_grid.K)
+    assert all(_hits(t, read, i) for i in range(4))
+    assert_same_positions(on_grid, read, s, 0.1)
+    with pytest.raises(ValueError, match="needs init"):
+        ml.estimate(s, dictionary=given)
+    short = grids.MeasuredDictionary(shape, given.norms[..., :-1], given.y_products)
+    with pytest.raises(ValueError, match=r"dictionary.norms has shape \[4, 16, 431\]"):
+        ml.estimate(s, init=init, dictionary=short, **opts)
+    with pytest.raises(ValueError, match="dictionary.y_products"):
+        ml.estimate(s, init=init, dictionary=grids.MeasuredDictionary(shape, given.norms, given.norms), **opts)

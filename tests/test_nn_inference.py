@@ -28,7 +28,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
     scenes = risloc.simulate(risloc.Scenario(), 4, seed=5)
     music = {"refine_iterations": 2}
     network = get("learned")(scenes, checkpoint=ckpt, music_options=music, refine="music")
-    first, cand = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
+    first, cand, _ = _learned(scenes, ckpt, None, True, music, candidates=True, stage="detections")
     assert torch.equal(first.K, network.K)  # the K-hat of the K head either way
     assert torch.equal(first.phi[:, :1], cand.phi[:, :1])  # the K-hat strongest detections themselves
     loaded = load_model(ckpt)
@@ -43,7 +43,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
     for signal, (grow, relax_sources, grid) in {"stochastic": (0, 1, (21, 11, 12)), "static": (3, 0, (25, 13, 14))}.items():
         assert (LEARNED_GROW[signal], LEARNED_RELAX_SOURCES[signal], LEARNED_GRID[signal]) == (grow, relax_sources, grid)
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
-        f, c = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
+        f, c, _ = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
         counts = dict(**LEARNED_DEFAULTS, grid_shape=grid, relax_sources=relax_sources)
         stage = dict(init_grow=grow, init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
         start = over_init(c, f.K, LEARNED_OVER)
@@ -62,13 +62,22 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
     dft = risloc.simulate(risloc.Scenario(codebook="dft"), 4, seed=5)
     by_default, two = (get("learned")(dft, checkpoint=ckpt, music_options=music, **o) for o in ({}, {"over": 2}))
     assert torch.equal(by_default.K, two.K) and torch.allclose(by_default.phi, two.phi, equal_nan=True)
-    # the second look builds no dictionary: its searches score the network's candidates only
+    # the second look builds no dictionary: its searches score the network's candidates only; the dictionary search
+    # measures its own, except on the network's own grid, where it reads what the front end measured (not in batches)
     built, measured = [], ml_module._measured_dictionary
     monkeypatch.setattr(ml_module, "_measured_dictionary", lambda *a, **k: built.append(1) or measured(*a, **k))
     get("learned")(scenes, checkpoint=ckpt, music_options=music, search="network")
     assert built == []
     get("learned")(scenes, checkpoint=ckpt, music_options=music)
     assert built == [1]
+    assert loaded.model.shape == (24, 12, 12)
+    on_net = {"grid_shape": (24, 12, 12)}
+    reused = get("learned")(scenes, checkpoint=ckpt, music_options=music, ml_options=on_net)
+    assert built == [1]
+    own = get("learned")(scenes, checkpoint=ckpt, music_options=music, ml_options={**on_net, "batch": 2})
+    assert built == [1, 1, 1] and torch.equal(reused.K, own.K)
+    for name in ("phi", "theta", "r"):  # float32 rounding of the same products
+        assert torch.allclose(getattr(reused, name), getattr(own, name), rtol=1e-4, atol=1e-5, equal_nan=True), name
     with pytest.raises(ValueError, match="learned: search"):
         get("learned")(scenes, checkpoint=ckpt, search="grid")
     # the counts and ml_options reach ml; with a known K no growth or pruning

@@ -173,13 +173,15 @@ def stochastic_fisher(W: Tensor, U: Tensor, trC2: Tensor, p: Tensor, s2: Tensor,
     Wr = W.view(S, L, n, K, n, K)  # blocks (b, b'_xi1, ..., b'_xiP) x (same)
     Ur = U[..., :K, :].reshape(S, L, K, n, K)  # rows b of V^H C^-2 V
     A0 = Wr[:, :, 0]  # [S, L, a, J, c]
-    B0 = Wr[:, :, :, :, 0]  # [S, L, i, a, c]
     Wbb = A0[:, :, :, 0]  # [S, L, a, c]
-    Fl = (
+    # For the position blocks i, J and sources a, c the four terms of tr(C^-1 C_i C^-1 C_j) are
+    #   W[(0,a),(J,c)] W[(0,c),(i,a)] + W[(0,a),(0,c)] W[(J,c),(i,a)]
+    #   + W[(i,a),(J,c)] W[(0,c),(0,a)] + W[(i,a),(0,c)] W[(J,c),(0,a)];
+    # W is Hermitian, so the fourth is the conjugate of the first and the second of the third:
+    # the real part is twice that of the first plus the third.
+    Fl = 2 * (
         A0.view(S, L, 1, K, n, K) * A0.permute(0, 1, 3, 4, 2).reshape(S, L, n, K, 1, K)
-        + Wbb.view(S, L, 1, K, 1, K) * Wr.permute(0, 1, 4, 5, 2, 3)
         + Wr * Wbb.transpose(-1, -2).reshape(S, L, 1, K, 1, K)
-        + B0.reshape(S, L, n, K, 1, K) * B0.permute(0, 1, 4, 2, 3).reshape(S, L, 1, K, n, K)
     ).real.sum(1)  # [S, i, a, J, c]
     Fs = 2 * torch.diagonal(Ur, dim1=-3, dim2=-1).real.sum(1)  # [S, i, a]
     # positions first, then the powers: blocks (b, b'_xi1, ..., b'_xiP) -> (xi_1, ..., xi_P, p), a roll

@@ -25,7 +25,10 @@ On that grid:
 * the same products without storing Phi: :func:`back_project` (G_l^H v, so that every inner
   product with an atom is one product with D: phi_lq^H v = d_q^H G_l^H v) and
   :func:`atom_norms` (|phi_lq|^2, the one quantity that needs every entry of Phi, computed
-  in chunks of scenes; on CUDA as one split-TF32 real product, float32-accurate).
+  in chunks of scenes; on CUDA as one split-TF32 real product, float32-accurate);
+* :class:`MeasuredDictionary`: |phi_lq|^2 and y_l^H phi_lq of a batch of scenes on one grid,
+  measured once (by the spectrum network's front end) and read again by ``learned``'s
+  likelihood stage, which then measures no dictionary of its own.
 
 Built grids are cached per (scenario, shape, device, dtype).
 """
@@ -171,6 +174,23 @@ class Dictionary:
     rho: Tensor
     D: Tensor
     shape: tuple[int, int, int]
+
+
+@dataclass
+class MeasuredDictionary:
+    """The dictionary of the grid ``shape`` (:func:`dictionary`) measured through a batch of
+    scenes, as the scenes were given (no scaling): per scene, snapshot l and atom q,
+
+        norms[b, l, q] = |phi_lq|^2,   y_products[b, l, q] = y_l^H phi_lq,   phi_lq = G_l d_q,
+
+    ``[B, L, Q]`` each (float32 and complex64). Made by the spectrum network's front end
+    (:func:`risloc.nn.networks.spectrum.matched_filter_spectra`, ``keep_dictionary=True``, its
+    first two products) and read by ``ml``'s ``init`` path (:func:`risloc.estimators.ml.estimate`,
+    ``dictionary=``), whose growth and RELAX searches then measure no dictionary of their own."""
+
+    shape: tuple[int, int, int]
+    norms: Tensor
+    y_products: Tensor
 
 
 def dictionary(scenario: Scenario, shape: tuple[int, int, int], *, device=None, dtype: torch.dtype = torch.complex64) -> Dictionary:

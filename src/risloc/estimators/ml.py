@@ -97,7 +97,7 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (coloured_floor, inverse, measure, mismatch_floor, mismatch_level, signal_energy, solve,
+from .ml_core import (coloured_floor, inverse, measure, mismatch_floor, mismatch_level, power_scales, signal_energy, solve,
                       static_eval, stochastic_eval, unit_power)
 
 
@@ -698,7 +698,8 @@ def _ls_powers(state: _State, prob: _Problem):
 
 
 def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, snr_db, opts: MLOptions,
-               known: Tensor | None, atoms: Estimates | None = None) -> Estimates:
+               known: Tensor | None, atoms: Estimates | None = None,
+               measured: grids.MeasuredDictionary | None = None) -> Estimates:
     sc = scenes.scenario
     device = scenes.device
     cd = opts.dtype
@@ -711,9 +712,17 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
                              f"{int(torch.nonzero(off)[0])} are not")
         codes = physics.realised_codes(codes, sc)  # the amplitude model only (no phase error, no failures)
     B, L, M = y.shape
+    if measured is not None:  # into the unit-power frame below: |phi|^2 / P_H, phi^H y / sqrt(P_y P_H)
+        ypow, hpow, _ = power_scales(y, H)
+        n2 = measured.norms.to(device=device, dtype=rd) / hpow.view(B, 1, 1)
+        c = measured.y_products.to(device=device, dtype=cd).conj() / torch.sqrt(ypow * hpow).to(cd).view(B, 1, 1)
     y, H, empty = unit_power(y, H)  # scale invariance
     box = _box(sc, rd, device)
     prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts)
+    dico = None
+    if measured is not None:
+        grid = grids.dictionary(sc, opts.grid_shape, device=device, dtype=cd)
+        dico = _Atoms(grid.D, H, codes, n2, c, (grid.phi, grid.theta, grid.rho))
     K = k_max
     method = "ml" + ("" if init is None else "+init")
 
@@ -724,20 +733,20 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
             # one read bounds the RELAX passes: each growth step adds at most one source to max(k, 1)
             grow = int(opts.init_grow)
             most = min(K, (max(_largest(kin), 1) if grow else _largest(kin)) + grow) if B else 0
-            st, kin = _init_path(st, kin, atoms, prob, most=most)
+            st, kin = _init_path(st, kin, atoms, prob, most=most, dico=dico)
         else:  # reads no device value: one graph for a few scenes on CUDA (RELAX over all K_max slots)
-            st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms, most=None)
+            st, kin = _graphed("ml._init_path", _init_path, prob, st=st, kin=kin, atoms=atoms, most=None, dico=dico)
         # a scene whose measurements are all zero has no source where ml may change the count
         # (init_prune > 0); without pruning (the callers' known K) the given count is kept
         return _output(st, kin, empty & bool(opts.init_prune), K, method)
 
     s2_grid = _s2_grid(prob)
     if known is None and not _robust(prob):  # two graphs for a few scenes on CUDA, one host read between them
-        st, khat, dico = _graphed("ml._search", _search, prob, K=K, s2_grid=s2_grid)
+        st, khat, dico, nll = _graphed("ml._search", _search, prob, K=K, s2_grid=s2_grid)
         most = _largest(khat)  # the re-search passes needed
         if cuda_graphs.graphable(B, device):
-            _prime_finish(st, khat, dico, K, prob)
-        st = _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, most=most)
+            _prime_finish(st, khat, dico, nll, K, prob)
+        st = _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, nll=nll, most=most)
         return _output(st, khat, empty, K, method)
     orders = K if known is None else _largest(known)
     states, nll, dico = _path(prob, K, orders, s2_grid, top=known)
@@ -747,7 +756,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         khat = _select(states, nll, prob) if known is None else known
     st = _gather(states, khat)
     del states
-    st = _finish(st, khat, dico, _largest(khat), prob)
+    st = _finish(st, khat, dico, _largest(khat), prob, nll=nll.gather(1, khat.view(-1, 1)).squeeze(1))
     return _output(st, khat, empty if known is None else torch.zeros_like(empty), K, method)
 
 
@@ -757,24 +766,27 @@ def _largest(k: Tensor) -> int:
 
 
 def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem,
-               most: int | None = None) -> tuple[_State, Tensor]:
+               most: int | None = None, dico: _Atoms | None = None) -> tuple[_State, Tensor]:
     """The ``init`` path from the given sources ``st`` of per-scene order ``kin`` ``[B]``: least-
     squares powers, refinement, ``init_grow`` greedy additions, ``init_relax`` RELAX cycles and a
     refinement, ``init_prune`` pruning passes and the empty-model rule, the range decision.
     ``most``: a bound on the order after the growth, when the caller read one (the RELAX passes
-    and slots, :func:`_relax`; None: K_max). Reads no device value unless the mismatch-aware
-    likelihood is on. Returns (state, K-hat)."""
+    and slots, :func:`_relax`; None: K_max). ``dico``: the dictionary record the searches read,
+    where the caller has it (a measured dictionary, :func:`estimate`'s ``dictionary``); else
+    measured here on ``grid_shape`` (or the ``atoms``). Reads no device value unless the
+    mismatch-aware likelihood is on. Returns (state, K-hat)."""
     opts = prob.opts
     if not prob.static:
         logp, logs = _ls_powers(st, prob)
         st = replace(st, logp=logp, logs=logs)
     st, nll, _, F = _refine(st, prob, opts.final_iterations)
     if opts.init_grow or opts.init_relax:
-        dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
+        if dico is None:
+            dico = _measured_dictionary(prob) if atoms is None else _candidate_dictionary(prob, atoms)
         for _ in range(int(opts.init_grow)):
             st, nll, F, kin = _grow(st, nll, F, kin.clamp(min=1), prob, dico)
         for _ in range(int(opts.init_relax)):
-            st, nll = _relax(st, kin, prob, dico, most=most)
+            st, nll = _relax(st, kin, prob, dico, most=most, nll=nll)
         if opts.init_relax:
             st, nll, _, F = _refine(st, prob, opts.final_iterations)
         del dico
@@ -789,19 +801,19 @@ def _init_path(st: _State, kin: Tensor, atoms: Estimates | None, prob: _Problem,
     return _decide_range(st, F, prob), kin
 
 
-def _search(K: int, s2_grid: Tensor, prob: _Problem) -> tuple[_State, Tensor, _Atoms]:
+def _search(K: int, s2_grid: Tensor, prob: _Problem) -> tuple[_State, Tensor, _Atoms, Tensor]:
     """Stages 2-4 without a known K and with the plain likelihood (reads no device value): the
     candidate path, K-hat by the order rule and the selected model. Returns (state, K-hat, the
-    dictionary record)."""
+    dictionary record, the state's NLL)."""
     states, nll, dico = _path(prob, K, K, s2_grid)
     khat = _select(states, nll, prob)
-    return _gather(states, khat), khat, dico
+    return _gather(states, khat), khat, dico, nll.gather(1, khat.view(-1, 1)).squeeze(1)
 
 
 _PRIMED: set = set()
 
 
-def _prime_finish(st: _State, khat: Tensor, dico: _Atoms, K: int, prob: _Problem) -> None:
+def _prime_finish(st: _State, khat: Tensor, dico: _Atoms, nll: Tensor, K: int, prob: _Problem) -> None:
     """Capture the graphs of :func:`_finish` for every bound 0..K on K-hat at the first graphed
     call of a batch shape, likelihood, options and scenario (answers discarded), so that a stream
     of single scenes whose K-hat differ pays no further capture."""
@@ -809,15 +821,16 @@ def _prime_finish(st: _State, khat: Tensor, dico: _Atoms, K: int, prob: _Problem
     if family in _PRIMED:
         return
     for most in range(K + 1):
-        _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, most=most)
+        _graphed("ml._finish", _finish, prob, st=st, khat=khat, dico=dico, nll=nll, most=most)
     _PRIMED.add(family)
 
 
-def _finish(st: _State, khat: Tensor, dico: _Atoms, most: int, prob: _Problem) -> _State:
+def _finish(st: _State, khat: Tensor, dico: _Atoms, most: int, prob: _Problem, nll: Tensor | None = None) -> _State:
     """Stages 5-6 on the selected model of order ``khat`` (at most ``most`` in the batch): RELAX
-    cycles, the final refinement and the range decision."""
+    cycles, the final refinement and the range decision. ``nll``: the selected model's NLL under
+    ``prob``'s likelihood, where the caller has it."""
     for _ in range(int(prob.opts.relax_cycles)):
-        st, _ = _relax(st, khat, prob, dico, most=most)
+        st, nll = _relax(st, khat, prob, dico, most=most, nll=nll)
     st, _, _, F = _refine(st, prob, prob.opts.final_iterations)
     return _decide_range(st, F, prob)
 
@@ -1122,10 +1135,10 @@ def _path(prob: _Problem, K: int, orders: int, s2_grid: Tensor, top: Tensor | No
         if top is not None and opts.relax_at == "last":  # the scenes whose own last order this is
             kk = torch.where(top == k + 1, k + 1, 0).to(device=device, dtype=torch.int64)
             if bool(kk.any()):
-                st, nll = _relax(st, kk, prob, dico, most=k + 1)
+                st, nll = _relax(st, kk, prob, dico, most=k + 1, nll=nll)
         elif k + 1 in relax_at:
             kk = torch.full((B,), k + 1, dtype=torch.int64, device=device)
-            st, nll = _relax(st, kk, prob, dico, most=k + 1)
+            st, nll = _relax(st, kk, prob, dico, most=k + 1, nll=nll)
         nlls.append(torch.nan_to_num(nll, nan=float("inf")))
         states.append(st.clone())
     if opts.backward:
@@ -1141,7 +1154,8 @@ def _path(prob: _Problem, K: int, orders: int, s2_grid: Tensor, top: Tensor | No
     return states, torch.stack(nlls, dim=1), dico
 
 
-def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | None = None) -> _State:
+def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | None = None,
+           nll: Tensor | None = None) -> tuple[_State, Tensor]:
     """One cycle of RELAX-style re-search (Li & Stoica 1996) on the selected model.
 
     For each source j in turn (weakest first by estimated power; only the
@@ -1149,10 +1163,13 @@ def _relax(st: _State, khat: Tensor, prob: _Problem, dico: _Atoms, most: int | N
     given the other sources (same greedy rule), refine all, and keep the new model if its NLL
     is lower. ``most``: an upper bound on K-hat in the batch, when the caller knows one: the
     number of passes (a pass beyond a scene's K-hat changes nothing) and of slots the greedy
-    step scores with (default K_max for both, which reads no device value).
+    step scores with (default K_max for both, which reads no device value). ``nll``: the NLL
+    ``[B]`` of ``st`` where the caller has it (from the refinement or growth step that made
+    ``st``), else it is evaluated. Returns (state, NLL).
     """
     B, K = st.phi.shape
-    nll = _evaluate(st, prob, derivatives=False)[0]
+    if nll is None:
+        nll = _evaluate(st, prob, derivatives=False)[0]
     nll = torch.nan_to_num(nll, nan=float("inf"))
     slot = (khat - 1).clamp_min(0)
     most = K if most is None else min(int(most), K)
@@ -1265,6 +1282,7 @@ def estimate(
     snr_db=None,
     init: Estimates | None = None,
     atoms: Estimates | None = None,
+    dictionary: grids.MeasuredDictionary | None = None,
     iterations: int | None = None,
     model: str | None = None,
     options: MLOptions | None = None,
@@ -1292,6 +1310,11 @@ def estimate(
             ``[S, C]`` phi, theta, r are all finite, e.g. a network's ranked detections) that the
             growth and RELAX searches (``init_grow``, ``init_relax``) score instead of the
             dictionary of ``grid_shape``: C atoms per scene instead of the grid's.
+        dictionary: ``init`` path only: the dictionary of the grid ``dictionary.shape`` already
+            measured through these scenes (:class:`risloc.grids.MeasuredDictionary`, e.g. by the
+            spectrum network's front end), which the growth and RELAX searches then read instead
+            of measuring ``grid_shape``'s (the grid is ``dictionary.shape``; its precision is the
+            record's). Not with ``atoms``.
         iterations: refinement steps of the final model (``options.final_iterations``).
         model: ``"stochastic"`` or ``"static"`` likelihood (default: ``scenes.scenario.signal``).
         options: :class:`MLOptions` (default ``MLOptions()``).
@@ -1321,11 +1344,31 @@ def estimate(
             bad = ~torch.isfinite(t).all(1)
             if bool(bad.any()):
                 raise ValueError(f"ml: atoms.{name} of scene {int(torch.nonzero(bad)[0])} has non-finite values")
+    if dictionary is not None:
+        _check_dictionary(dictionary, scenes, init, atoms)
+        opts = replace(opts, grid_shape=tuple(dictionary.shape))
     known = _known_K(K, S, k_max, init, scenes.device)
     if snr_db is True:
         snr_db = scenes.snr_db
     with torch.no_grad():
-        return _run_batch(scenes, k_max, model, init, snr_db, opts, known, atoms)
+        return _run_batch(scenes, k_max, model, init, snr_db, opts, known, atoms, dictionary)
+
+
+def _check_dictionary(dictionary: grids.MeasuredDictionary, scenes: Scenes, init, atoms) -> None:
+    """ValueErrors for a measured dictionary :func:`estimate` cannot use (naming the field)."""
+    if init is None or atoms is not None:
+        raise ValueError("ml: dictionary (a measured dictionary) serves the init path's searches: it needs init and no atoms")
+    shape = tuple(int(n) for n in dictionary.shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"ml: dictionary.shape = {dictionary.shape}: expected (n_phi, n_theta, n_r), each >= 1")
+    want = (len(scenes), scenes.scenario.snapshots, math.prod(shape))
+    for name in ("norms", "y_products"):
+        t = getattr(dictionary, name)
+        if tuple(t.shape) != want:
+            raise ValueError(f"ml: dictionary.{name} has shape {list(t.shape)}, expected {list(want)} "
+                             f"(scenes, snapshots, atoms of the grid {shape})")
+    if dictionary.norms.is_complex() or not dictionary.y_products.is_complex():
+        raise ValueError("ml: dictionary.norms must be real and dictionary.y_products complex")
 
 
 def _options(options: MLOptions | None, iterations: int | None, overrides: dict) -> MLOptions:

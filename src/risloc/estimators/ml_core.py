@@ -43,16 +43,23 @@ def inverse(A: Tensor) -> Tensor:
     return torch.where(bad, torch.full_like(X, float("nan")), X)
 
 
+def power_scales(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-scene mean powers of ``y`` and ``H`` ``[B, ...]`` that :func:`unit_power` divides by
+    (1 where a power is 0), each ``[B]``, and the mask ``[B]`` of scenes whose y is all zero."""
+    ypow = y.abs().square().mean((1, 2))  # [B]
+    empty = ~(ypow > 0)
+    hpow = H.abs().square().mean((1, 2))
+    return torch.where(empty, torch.ones_like(ypow), ypow), torch.where(hpow > 0, hpow, torch.ones_like(hpow)), empty
+
+
 def unit_power(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``y`` and ``H`` ``[B, ...]`` scaled per scene to unit mean power (the likelihood estimators'
     scale invariance: a global gain on y or H does not change the answer), and the mask ``[B]`` of
     scenes whose y is all zero (left as they are)."""
     B = y.shape[0]
-    ypow = y.abs().square().mean((1, 2))  # [B]
-    empty = ~(ypow > 0)
-    y = y / torch.sqrt(torch.where(empty, torch.ones_like(ypow), ypow)).to(y.dtype).view(B, 1, 1)
-    hpow = H.abs().square().mean((1, 2))
-    H = H / torch.sqrt(torch.where(hpow > 0, hpow, torch.ones_like(hpow))).to(H.dtype).view(B, 1, 1)
+    ypow, hpow, empty = power_scales(y, H)
+    y = y / torch.sqrt(ypow).to(y.dtype).view(B, 1, 1)
+    H = H / torch.sqrt(hpow).to(H.dtype).view(B, 1, 1)
     return y, H, empty
 
 

@@ -366,7 +366,14 @@ LEARNED_GRID = {"stochastic": (21, 11, 12), "static": (25, 13, 14)}
 and RELAX steps search, by the scenes' signal model; ``ml_options={"grid_shape": ...}`` overrides it.
 
 Stochastic signals: 21 x 11 x 12 (2 772 atoms; ``ml``'s own is 25 x 13 x 14, 4 550), chosen with
-the step counts (:data:`LEARNED_DEFAULTS`, whose docstring has the measurements).
+the step counts (:data:`LEARNED_DEFAULTS`, whose docstring has the measurements). The packaged
+networks' own grid, 24 x 12 x 12 (3 456 atoms), lets the stage read the dictionary their front
+end has already measured instead of measuring one (:func:`reuses_dictionary`;
+``ml_options={"grid_shape": (24, 12, 12)}``); measured, not adopted: on 2 000 default scenes of
+each validation seed, 1000 and 2026, and 1 000 scenes with ``dft`` codes of each (the ``mixed``
+network, 2-core CPU, benchmarks/results/cpu/learned-network-grid/), it had 1 success fewer at
+10-20 dB, 9 fewer over -5..20 dB (of 6 000 scenes) and 4 fewer correct counts at 10-20 dB than
+21 x 11 x 12, for one scene on that CPU 46.0 -> 42.2 ms.
 
 Static signals: ``ml``'s 25 x 13 x 14, with three growth steps (:data:`LEARNED_GROW`). There the
 stage's K accuracy stayed below ``ml``'s because it missed more sources. On 400 static scenes at
@@ -523,20 +530,40 @@ def _counts(method: str, **counts) -> dict[str, int]:
     return out
 
 
-def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, options: dict) -> Estimates:
+def _likelihood_stage(scenes: Scenes, init: Estimates, K: torch.Tensor | None, options: dict,
+                      dictionary=None) -> Estimates:
     """``ml`` from ``init`` with ``options`` (its ``init_*`` counts, iterations, ``atoms``, ...), on the
     same batch; with a known ``K`` no growth and no pruning (the RELAX re-search keeps the count).
     ``ml``'s batch function itself (:func:`risloc.estimators.ml.estimate`: the registry's call of
     the learned estimator has checked the scenes), or the registry's ``ml`` in batches of
-    ``options["batch"]`` scenes where that is given. The stage does not read the SNR labels."""
+    ``options["batch"]`` scenes where that is given. ``dictionary``: the network's measured
+    dictionary (:class:`risloc.grids.MeasuredDictionary`) that the searches read instead of
+    measuring their own (one ``ml`` call only). The stage does not read the SNR labels."""
     from ..estimators import get, ml
 
     options = dict(options)
     if K is not None:
         options["init_grow"] = options["init_prune"] = 0
     if "batch" in options:
+        if dictionary is not None:
+            raise ValueError("learned: a measured dictionary serves one ml call; not with the option batch")
         return get("ml")(scenes, init=init, **options)
-    return ml.estimate(scenes, init=init, **options)
+    return ml.estimate(scenes, init=init, dictionary=dictionary, **options)
+
+
+def reuses_dictionary(options: dict, model: torch.nn.Module) -> bool:
+    """Whether ``learned``'s likelihood stage with the ``ml`` ``options`` reads the network's own
+    measured dictionary (:class:`risloc.grids.MeasuredDictionary`: |phi_lq|^2 and y_l^H phi_lq,
+    what a ``spectrum`` network's front end measures first) instead of measuring its dictionary
+    again: where its grid (``grid_shape``, :data:`LEARNED_GRID`) is the network's (``model.shape``)
+    and it runs as one ``ml`` call (no ``batch``) in complex64, without ``atoms``. The answers are
+    those of the stage measuring the same grid itself, to float32 rounding."""
+    from ..estimators import ml
+
+    net = getattr(model, "shape", None)
+    grid = options.get("grid_shape", ml.MLOptions().grid_shape)
+    return (net is not None and tuple(int(n) for n in grid) == tuple(int(n) for n in net) and "batch" not in options
+            and "atoms" not in options and options.get("dtype", torch.complex64) == torch.complex64)
 
 
 @torch.no_grad()
@@ -558,19 +585,21 @@ def _refined(scenes: Scenes, checkpoint, beta, use_snr: bool, music_options, K: 
 
     def run(x):
         s, inputs, k = x
-        first, init = _start(s, checkpoint, beta, use_snr, music_options, k, over, inputs=inputs)
-        est = _likelihood_stage(s, init, k, options)
+        first, init, dictionary = _start(s, checkpoint, beta, use_snr, music_options, k, over, inputs=inputs)
+        est = _likelihood_stage(s, init, k, options, dictionary=dictionary)
         est.method = first.method
         return est
 
     path = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), path, scenes, beta, music_options)
+    reuse = reuses_dictionary(options, loaded.model)
+    inputs = lambda s: dataclasses.replace(_inputs(s, net_options, use_snr), keep_dictionary=reuse)  # noqa: E731
     if ("batch" in options or loaded.calibration.threshold > 0 or not graphable(len(scenes), scenes.device, loaded.model)
             or ml.init_path_reads(scenes.scenario, **options)):
-        return run((scenes, None, K))
+        return run((scenes, inputs(scenes) if reuse else None, K))
     s = dataclasses.replace(scenes, truth=None)  # what the stages read: the graph copies no truth
     key = ("learned", beta, use_snr, repr(music_options), over, repr(sorted(options.items())))
-    return graphed(run, (s, _inputs(s, net_options, use_snr), K), key, owner=loaded.model)
+    return graphed(run, (s, inputs(s), K), key, owner=loaded.model)
 
 
 @register("learned")
@@ -657,7 +686,7 @@ def estimate(
     if (search or LEARNED_SEARCH) != "network":
         return _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
     # the second look: the network again, on what its refined start leaves
-    first, init = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
+    first, init, _ = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
     if type(get_network(loaded.config.model.kind)).candidates is NetworkKind.candidates:
@@ -676,15 +705,17 @@ def estimate(
 def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
              stage: str = "music", inputs: ModelInputs | None = None):
     """The network stage of ``learned`` on one batch: ``(estimates, the network's ranked
-    candidates or None)`` on the scenes' device; the candidates only when asked for and when the
-    network kind has them (a ``spectrum`` network's decoded detections, strongest first).
-    ``stage``, ``inputs``: see :func:`run_model`; the forward pass runs in :data:`INFERENCE_AUTOCAST` precision."""
+    candidates or None, its measured dictionary or None)`` on the scenes' device; the candidates
+    only when asked for and when the network kind has them (a ``spectrum`` network's decoded
+    detections, strongest first), the dictionary only where ``inputs.keep_dictionary``
+    (:attr:`Prediction.dictionary`). ``stage``, ``inputs``: see :func:`run_model`; the forward
+    pass runs in :data:`INFERENCE_AUTOCAST` precision."""
     checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
     loaded, options, music = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, music_options)
     est, pred = run_model(loaded.model, scenes, options=options, calibration=loaded.calibration, music_options=music,
                           use_snr=use_snr, K=K, autocast=INFERENCE_AUTOCAST, stage=stage, inputs=inputs)
     est.method = f"learned:{loaded.sha256[:12]}"
-    return est, (get_network(pred.kind).candidates(pred) if candidates else None)
+    return est, (get_network(pred.kind).candidates(pred) if candidates else None), pred.dictionary
 
 
 def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
@@ -699,16 +730,16 @@ def over_init(candidates: Estimates, K: torch.Tensor, extra: int) -> Estimates:
 
 
 def _start(scenes, checkpoint, beta, use_snr, music_options, K: torch.Tensor | None, over: int,
-           inputs: ModelInputs | None = None) -> tuple[Estimates, Estimates]:
+           inputs: ModelInputs | None = None) -> tuple[Estimates, Estimates, object]:
     """The network stage and the start of the likelihood stage of ``learned`` / ``learned+ml``:
-    ``(the K-hat strongest detections, the start)``; the start is :func:`over_init` of the
-    network's ranked detections with ``over`` extra ones, or the K-hat detections themselves
-    where ``over`` is 0, K is known or the network kind has no ranked detections. ``inputs``: see
-    :func:`run_model`."""
+    ``(the K-hat strongest detections, the start, the network's measured dictionary or None)``;
+    the start is :func:`over_init` of the network's ranked detections with ``over`` extra ones, or
+    the K-hat detections themselves where ``over`` is 0, K is known or the network kind has no
+    ranked detections. ``inputs``: see :func:`run_model` (and :func:`_learned` for the dictionary)."""
     over_propose = K is None and over > 0  # the network's further detections are needed only then
-    first, cand = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K, stage="detections",
-                           inputs=inputs)
-    return first, (over_init(cand, first.K, over) if cand is not None else first)
+    first, cand, dictionary = _learned(scenes, checkpoint, beta, use_snr, music_options, candidates=over_propose, K=K,
+                                       stage="detections", inputs=inputs)
+    return first, (over_init(cand, first.K, over) if cand is not None else first), dictionary
 
 
 LEARNED_ML_DEFAULTS = {"iterations": 8, "greedy_iterations": 8}

@@ -48,6 +48,10 @@ class ModelInputs:
     scenario: Scenario | None = None
     """The scenes' scenario (geometry, physics, prior box), which a ``spectrum`` network uses for its
     dictionary, decoding and factor; None: the network's own (the scenario it was built for)."""
+    keep_dictionary: bool = False
+    """Inference: a ``spectrum`` network returns its front end's measured dictionary (atom norms
+    and products with y, :class:`risloc.grids.MeasuredDictionary`) in :attr:`Prediction.dictionary`,
+    for ``learned``'s likelihood stage."""
 
     def __len__(self) -> int:
         return self.snr_db.shape[0]
@@ -126,6 +130,9 @@ class Prediction:
     """The kind's own extra outputs (``spectrum``: its :class:`risloc.nn.networks.spectrum.Detections`)."""
     kind: str = "covariance"
     """Name of the network kind (:mod:`risloc.nn.networks`) that made this prediction."""
+    dictionary: Any = None
+    """A ``spectrum`` network's measured dictionary (:class:`risloc.grids.MeasuredDictionary`) where
+    the inputs asked for it (:attr:`ModelInputs.keep_dictionary`), else None."""
 
 
 def forward(model, inputs: ModelInputs, options: cv.CovarianceOptions, autocast: torch.dtype | None) -> Prediction:

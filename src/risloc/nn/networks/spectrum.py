@@ -65,7 +65,7 @@ from torch.nn import functional as Fn
 from ... import covariance as cv
 from ... import physics
 from ...cuda_graphs import cache_entry, register_cache
-from ...grids import GridSpec, atom_norms, back_project, dictionary_product, grid_points
+from ...grids import MeasuredDictionary, atom_norms, back_project, dictionary, dictionary_product
 from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ...scenario import Scenario
 from ...scenes import Estimates, Truth
@@ -107,8 +107,7 @@ def spectrum_grid(scenario: Scenario, shape: tuple[int, int, int], *, device=Non
 
     def build() -> SpectrumGrid:
         sc = scenario
-        gp, gt, gr = (t.to(device) for t in grid_points(sc, GridSpec(*shape)))
-        D = physics.steering(gp, gt, 1.0 / gr, sc, dtype=torch.complex64, device=device).T.contiguous()  # [N, Q]
+        D = dictionary(sc, shape, device=device, dtype=torch.complex64).D  # [N, Q], the one ml's searches use too
         lo = torch.tensor([math.sin(sc.phi_min), math.sin(sc.theta_min), 1.0 / sc.r_max], dtype=torch.float32, device=device)
         hi = torch.tensor([math.sin(sc.phi_max), math.sin(sc.theta_max), 1.0 / sc.r_min], dtype=torch.float32, device=device)
         n = torch.tensor(shape, dtype=torch.float32, device=device)
@@ -137,11 +136,14 @@ class Spectra:
     """``[B, 1 + J']``: fraction of the total power left after j = 0..J' cancellations (J' = picks)."""
     C: Tensor | None = None
     """``[B, 1 + J, Q]`` (``coherent=True``): the coherent spectra C_0 .. C_J."""
+    dictionary: MeasuredDictionary | None = None
+    """(``keep_dictionary=True``) |phi_lq|^2 and y_l^H phi_lq ``[B, L, Q]``, the products every spectrum starts from."""
 
 
 @torch.no_grad()
 def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGrid, *, picks: int = 0, chunk: int | None = None,
-                           tensor_cores: bool | None = None, cancel: Tensor | None = None, coherent: bool = False) -> Spectra:
+                           tensor_cores: bool | None = None, cancel: Tensor | None = None, coherent: bool = False,
+                           keep_dictionary: bool = False) -> Spectra:
     """The matched-filter spectra of the module docstring, and ``picks`` steps of orthogonal
     matching pursuit on them (Pati, Rezaiifar & Krishnaprasad 1993), all per snapshot:
 
@@ -179,6 +181,10 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     from snapshot to snapshot). With random codes another source's leakage into C adds with a
     random phase per snapshot, so C's sidelobes are about L times weaker than S's; for noise
     alone E C_0 = 1/(L M).
+
+    ``keep_dictionary``: also return the first two products, |phi_lq|^2 and y_l^H phi_lq
+    (:attr:`Spectra.dictionary`, a :class:`risloc.grids.MeasuredDictionary`), for ``learned``'s
+    likelihood stage (which then searches this grid without measuring it again).
     """
     B, L, M = y.shape
     Q = grid.D.shape[1]
@@ -190,6 +196,8 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
     c_out = torch.empty(B, L, Q, dtype=torch.float32, device=y.device)
     res_out = torch.ones(B, picks + 1, dtype=torch.float32, device=y.device)
     C_out = torch.zeros(B, n_s, Q, dtype=torch.float32, device=y.device) if coherent else None
+    kept = (MeasuredDictionary(tuple(grid.shape), torch.empty(B, L, Q, dtype=torch.float32, device=y.device),
+                               torch.empty(B, L, Q, dtype=torch.complex64, device=y.device)) if keep_dictionary else None)
 
     def coherent_spectrum(tc: Tensor, n: Tensor, floor_sum: Tensor, total: Tensor) -> Tensor:  # C_j of the docstring, [b, Q]
         n_sum = n.sum(1)  # sum_l |P_l phi_lq|^2; atoms (nearly) explained in every snapshot score 0, as in S
@@ -200,6 +208,9 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         b = yb.shape[0]
         n0 = atom_norms(Hb, cb, D, tensor_cores=tensor_cores)  # |phi|^2, [b, L, Q]
         tc = dictionary_product(back_project(yb, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # y^H phi = conj(t), [b, L, Q]
+        if kept is not None:
+            kept.norms[a : a + chunk] = n0
+            kept.y_products[a : a + chunk] = tc
         n = n0  # |P phi|^2: replaced (never modified in place) at every pick
         floor = 1e-3 * n0  # atoms whose |P phi|^2 falls to this are explained: score 0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
@@ -237,7 +248,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
                 S_out[a : a + chunk, j + 1] = S
                 if coherent:
                     C_out[a : a + chunk, j + 1] = coherent_spectrum(tc, n, floor_sum, total)
-    return Spectra(S_out, c_out, res_out, C_out)
+    return Spectra(S_out, c_out, res_out, C_out, kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,15 +373,16 @@ class SpectrumNet(nn.Module):
                              f"ModelConfig.snapshot_quantiles > 0)")
         return sc
 
-    def features(self, inputs, grid: SpectrumGrid) -> tuple[Tensor, Tensor]:
-        """Network input ``[B, C, n_phi, n_theta, n_rho]`` and the scene features ``[B, 2 + pursuit]``
-        (SNR/10 dB, label known, log residual power fractions after 1..pursuit picks)."""
+    def features(self, inputs, grid: SpectrumGrid) -> tuple[Tensor, Tensor, MeasuredDictionary | None]:
+        """Network input ``[B, C, n_phi, n_theta, n_rho]``, the scene features ``[B, 2 + pursuit]``
+        (SNR/10 dB, label known, log residual power fractions after 1..pursuit picks) and, where
+        ``inputs.keep_dictionary``, the front end's measured dictionary (else None)."""
         if inputs.y is None:
             raise ValueError("SpectrumNet: ModelInputs.y/H/codes are missing (build the inputs with risloc.nn.inputs.prepare_inputs)")
         B, M = len(inputs), inputs.y.shape[-1]
         with torch.autocast(inputs.y.device.type, enabled=False):
             sp = matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=self.cfg.pursuit, cancel=inputs.cancel,
-                                        coherent=self.cfg.coherent)
+                                        coherent=self.cfg.coherent, keep_dictionary=getattr(inputs, "keep_dictionary", False))
         snr = torch.stack([inputs.snr_db.float() / 10.0, inputs.snr_known.float()], -1)  # [B, 2]
         MS = M * sp.S[:, : self.n_spectra]
         parts = [MS, torch.log(MS.clamp(min=1e-6))]
@@ -384,12 +396,12 @@ class SpectrumNet(nn.Module):
             LMC = inputs.y.shape[1] * M * sp.C[:, : self.n_spectra]  # L M C: 1 for noise alone
             x = torch.cat([x, torch.cat([LMC, torch.log(LMC.clamp(min=1e-6))], 1).view(B, -1, *self.shape)], 1)
         scene = torch.cat([snr, torch.log(sp.residual[:, 1:].clamp(min=1e-6))], -1)
-        return x, scene
+        return x, scene, sp.dictionary
 
     def forward(self, inputs, options):
         scenario = self.scenario_of(inputs)
         grid = self.grid(inputs.y.device if inputs.y is not None else None, scenario)
-        x, scene = self.features(inputs, grid)
+        x, scene, measured = self.features(inputs, grid)
         if self.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         B = x.shape[0]
@@ -414,7 +426,7 @@ class SpectrumNet(nn.Module):
 
         F = detection_factor(det, scenario)
         R = effective(F, inputs, options)
-        return Prediction(F, R, logits, detections=det, kind="spectrum")
+        return Prediction(F, R, logits, detections=det, kind="spectrum", dictionary=measured)
 
 
 # ----------------------------------------------------------------------------------------------
