@@ -97,8 +97,8 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (coloured_floor, inverse, measure, mismatch_floor, mismatch_level, power_scales, signal_energy, solve,
-                      static_eval, stochastic_eval, unit_power)
+from .ml_core import (coloured_floor, inverse, maps, measure, mismatch_floor, mismatch_level, power_scales, signal_energy,
+                      solve, static_eval, stochastic_eval, unit_power)
 
 
 @dataclass(frozen=True)
@@ -252,6 +252,10 @@ class _Problem:
     """Model-error floor added to the noise of the stochastic likelihood: white f_l ``[B, L]``
     (:func:`risloc.estimators.ml_core.mismatch_floor`) or a matrix F_l ``[B, L, M, M]``
     (:func:`risloc.estimators.ml_core.coloured_floor`); None: the plain likelihood."""
+    G: Tensor | None = None
+    """The stacked maps G_l = H diag(c_l) ``[B, L M, N]`` (:func:`risloc.estimators.ml_core.maps`),
+    made once for the many likelihood evaluations of a batch; None: each evaluation applies H and
+    the codes itself (a problem repeated for many models, :meth:`repeat`)."""
 
     @property
     def tau(self) -> float:
@@ -261,7 +265,7 @@ class _Problem:
         """The batch ``n`` times over, stacked along the batch (for evaluating n models of every
         scene in one likelihood call); the nominal SNR is not carried (only the search uses it)."""
         rep = lambda t: None if t is None else _repeat_batch(t, n)  # noqa: E731
-        return replace(self, y=rep(self.y), H=rep(self.H), codes=rep(self.codes), floor=rep(self.floor), snr_db=None)
+        return replace(self, y=rep(self.y), H=rep(self.H), codes=rep(self.codes), floor=rep(self.floor), snr_db=None, G=None)
 
 
 @dataclass
@@ -394,11 +398,12 @@ def _empty_state(B: int, K: int, box, rd, device) -> _State:
 def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     if prob.static:
-        nll, g, F, amp = static_eval(state.phi, state.theta, state.rho, state.active, y, H, codes, sc, derivatives=derivatives)
+        nll, g, F, amp = static_eval(state.phi, state.theta, state.rho, state.active, y, H, codes, sc, derivatives=derivatives,
+                                     G=prob.G)
         return nll, g, F, amp
     nll, g, F = stochastic_eval(
         state.phi, state.theta, state.rho, state.logp, state.logs, state.active, y, H, codes, sc, derivatives=derivatives,
-        floor=prob.floor,
+        floor=prob.floor, G=prob.G,
     )
     return nll, g, F, None
 
@@ -407,7 +412,7 @@ def _graphed(name: str, stage, prob: _Problem, **args):
     """``stage(prob=prob, **args)`` -- a stage that reads no device value -- replayed as a CUDA graph
     for a few scenes on CUDA (:func:`risloc.cuda_graphs.graphed`), else run as it is. The tensors
     of ``args`` (tensors, states, dictionaries, estimates) and of ``prob`` (y, H, codes, floor,
-    box) are the graph's inputs; the other arguments (counts, the likelihood, the options, the
+    box, maps) are the graph's inputs; the other arguments (counts, the likelihood, the options, the
     scenario) are baked into the graph and key it. The nominal SNR is not passed (the search's
     first step takes it as ``s2_grid``)."""
     if not cuda_graphs.graphable(prob.y.shape[0], prob.y.device):
@@ -416,11 +421,11 @@ def _graphed(name: str, stage, prob: _Problem, **args):
     baked = tuple(sorted((k, v) for k, v in args.items() if k not in given))
 
     def call(x):
-        (y, H, codes, floor, box), inputs = x
-        return stage(prob=replace(prob, y=y, H=H, codes=codes, floor=floor, box=box, snr_db=None), **inputs, **dict(baked))
+        (y, H, codes, floor, box, G), inputs = x
+        return stage(prob=replace(prob, y=y, H=H, codes=codes, floor=floor, box=box, snr_db=None, G=G), **inputs, **dict(baked))
 
     key = (name, baked, prob.static, repr(prob.opts), prob.scenario.to_json())
-    return cuda_graphs.graphed(call, ((prob.y, prob.H, prob.codes, prob.floor, prob.box), given), key)
+    return cuda_graphs.graphed(call, ((prob.y, prob.H, prob.codes, prob.floor, prob.box, prob.G), given), key)
 
 
 def _refine(state: _State, prob: _Problem, iterations: int):
@@ -582,7 +587,7 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         if prob.floor is not None:  # white variance per snapshot [B, L]; a matrix floor by its mean eigenvalue
             s2 = s2 + (prob.floor if prob.floor.ndim == 2 else torch.diagonal(prob.floor, dim1=-2, dim2=-1).real.mean(-1))
         A = physics.steering(state.phi[:, :n], state.theta[:, :n], 1.0 / state.rho[:, :n], sc, dtype=cd)
-        Bm = measure(H, codes, A) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, n]
+        Bm = measure(H, codes, A, prob.G) * act.to(cd).view(B, 1, 1, -1)  # [B, L, M, n]
         logp = state.logp[:, :n]
         pinv = torch.where(act.unsqueeze(1), s2.unsqueeze(-1) / torch.exp(logp).unsqueeze(1), torch.ones_like(logp).unsqueeze(1))
         S = Bm.mH @ Bm + torch.diag_embed(pinv.to(cd))  # [B, L, n, n]
@@ -632,7 +637,7 @@ def _add_static(state: _State, k, dico: _Atoms, prob: _Problem):
     n2 = dico.n2.sum(1)  # [B, Q]
     act = state.active.to(cd).view(B, 1, K)
     A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
-    Psi = measure(H, codes, A).reshape(B, L * M, K) * act
+    Psi = measure(H, codes, A, prob.G).reshape(B, L * M, K) * act
     Gm = Psi.mH @ Psi
     scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean(-1).clamp_min(1e-30)
     Gm = Gm + torch.diag_embed((1 - act.view(B, K)) + (1e-6 * scale).to(cd).view(B, 1))
@@ -678,7 +683,7 @@ def _ls_powers(state: _State, prob: _Problem):
     K = state.phi.shape[1]
     cd = y.dtype
     A = physics.steering(state.phi, state.theta, 1.0 / state.rho, sc, dtype=cd)
-    Bm = measure(H, codes, A) * state.active.to(cd).view(B, 1, 1, K)  # [B, L, M, K]
+    Bm = measure(H, codes, A, prob.G) * state.active.to(cd).view(B, 1, 1, K)  # [B, L, M, K]
     Gm = Bm.mH @ Bm
     scale = torch.diagonal(Gm, dim1=-2, dim2=-1).real.mean((-1, -2)).clamp_min(1e-30)
     inactive = (~state.active).to(cd).view(B, 1, K)
@@ -718,7 +723,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
         c = measured.y_products.to(device=device, dtype=cd).conj() / torch.sqrt(ypow * hpow).to(cd).view(B, 1, 1)
     y, H, empty = unit_power(y, H)  # scale invariance
     box = _box(sc, rd, device)
-    prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts)
+    prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts, G=maps(H, codes))
     dico = None
     if measured is not None:
         grid = grids.dictionary(sc, opts.grid_shape, device=device, dtype=cd)

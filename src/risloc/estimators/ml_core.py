@@ -63,13 +63,24 @@ def unit_power(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return y, H, empty
 
 
-def measure(H: Tensor, codes: Tensor, vectors: Tensor) -> Tensor:
+def maps(H: Tensor, codes: Tensor) -> Tensor:
+    """The stacked maps G_l = H diag(c_l) of every snapshot: H ``[B, M, N]``, codes ``[B, L, N]`` ->
+    ``[B, L M, N]`` (rows of G_1, then of G_2, ...), for :func:`measure` to reuse."""
+    B, L, N = codes.shape
+    return (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B, L * H.shape[1], N)
+
+
+def measure(H: Tensor, codes: Tensor, vectors: Tensor, G: Tensor | None = None) -> Tensor:
     """``G_l v`` for every snapshot: H ``[B, M, N]``, codes ``[B, L, N]``, vectors ``[B, P, N]`` -> ``[B, L, M, P]``.
 
-    G_l = H diag(c_l); computed as H (c_l * v) with one batched matmul.
+    G_l = H diag(c_l); computed as H (c_l * v) with one batched matmul, or, where the caller has
+    the stacked maps ``G`` (:func:`maps`, e.g. once for many evaluations on the same scenes), as
+    G v with one batched matmul that writes no [B, L P, N] intermediate.
     """
     B, L, N = codes.shape
     P = vectors.shape[1]
+    if G is not None:
+        return (G @ vectors.transpose(-1, -2)).view(B, L, -1, P)
     X = (codes.unsqueeze(2) * vectors.unsqueeze(1)).reshape(B, L * P, N)  # [B, L P, N]
     return (H @ X.transpose(-1, -2)).view(B, -1, L, P).transpose(1, 2)  # [B, L, M, P]
 
@@ -121,6 +132,7 @@ def stochastic_eval(
     *,
     derivatives: bool = True,
     floor: Tensor | None = None,
+    G: Tensor | None = None,
 ):
     """Stochastic negative log-likelihood, its gradient and Fisher matrix (batched over scenes).
 
@@ -142,7 +154,8 @@ def stochastic_eval(
     variance f_l per snapshot ``[B, L]``, C_l = B_l P B_l^H + (sigma^2 + f_l) I (:func:`mismatch_floor`),
     or a matrix F_l ``[B, L, M, M]``, C_l = B_l P B_l^H + sigma^2 I + F_l (:func:`coloured_floor`); it is
     a constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
-    (dC/d log sigma^2 is still sigma^2 I).
+    (dC/d log sigma^2 is still sigma^2 I). ``G``: the scenes' stacked maps (:func:`maps`), where
+    the caller keeps them.
     """
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
@@ -150,10 +163,10 @@ def stochastic_eval(
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(phi.dtype)
     if derivatives:
-        V = measure(H, codes, torch.cat([a, da_p, da_t, da_r], dim=1))  # [B, L, M, 4K]
+        V = measure(H, codes, torch.cat([a, da_p, da_t, da_r], dim=1), G)  # [B, L, M, 4K]
         Bm = V[..., :K]
     else:
-        Bm = measure(H, codes, a)
+        Bm = measure(H, codes, a, G)
     p = torch.exp(logp) * act  # [B, K]
     s2 = torch.exp(logs)  # [B]
     coloured = floor is not None and floor.ndim == 4
@@ -204,6 +217,7 @@ def static_eval(
     *,
     derivatives: bool = True,
     ridge: float = 1e-6,
+    G: Tensor | None = None,
 ):
     """Static (deterministic) model with the amplitudes and sigma^2 concentrated out.
 
@@ -216,6 +230,7 @@ def static_eval(
     Gauss-Newton (variable projection, Kaufman's approximation): J_i = P_perp dPsi/d eta_i g,
     gradient of RSS = -2 Re(J^H r), normal matrix 2 Re(J^H J); returned scaled to the NLL
     (times L M / RSS). Parameters [phi_1..K, theta_1..K, rho_1..K]. Also returns g ``[B, K]``.
+    ``G``: the scenes' stacked maps (:func:`maps`), where the caller keeps them.
     """
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
@@ -223,7 +238,7 @@ def static_eval(
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(cd).view(B, 1, K)
     vecs = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
-    V = measure(H, codes, vecs).reshape(B, L * M, -1)  # [B, LM, 4K]
+    V = measure(H, codes, vecs, G).reshape(B, L * M, -1)  # [B, LM, 4K]
     Psi = V[..., :K] * act
     yv = y.reshape(B, L * M, 1)
     Gm = Psi.mH @ Psi
