@@ -448,3 +448,6 @@ def test_a_measured_dictionary_searches_like_the_grid_it_was_measured_on():
         ml.estimate(s, init=init, dictionary=short, **opts)
     with pytest.raises(ValueError, match="dictionary.y_products"):
         ml.estimate(s, init=init, dictionary=grids.MeasuredDictionary(shape, given.norms, given.norms), **opts)
+    practical = dataclasses.replace(s, scenario=dataclasses.replace(sc, ris_amplitude="practical"))
+    with pytest.raises(ValueError, match="amplitude='scenario' changes them"):  # other codes than the record's
+        ml.estimate(practical, init=init, dictionary=given, amplitude="scenario", **opts)

@@ -13,7 +13,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
     from risloc.estimators import ml as ml_module
     from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GRID, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_OVER_DFT,
                                      LEARNED_PRUNE, LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, default_over,
-                                     k_confidence, load_model, over_init, run_model, second_look)
+                                     k_confidence, load_model, over_init, reuses_dictionary, run_model, second_look)
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -78,6 +78,10 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
         assert torch.allclose(getattr(reused, name), getattr(own, name), rtol=1e-4, atol=1e-5, equal_nan=True), name
     get("learned")(scenes, checkpoint=ckpt, music_options=music, ml_options={"grid_shape": (21, 11, 12)})
     assert built == [1, 1, 1]
+    on_net = {"grid_shape": (24, 12, 12)}
+    assert reuses_dictionary(on_net, loaded.model)
+    for other in ({"grid_shape": (21, 11, 12)}, {"batch": 2}, {"amplitude": "scenario"}, {"dtype": torch.complex128}):
+        assert not reuses_dictionary({**on_net, **other}, loaded.model), other
     with pytest.raises(ValueError, match="learned: search"):
         get("learned")(scenes, checkpoint=ckpt, search="grid")
     # the counts and ml_options reach ml; with a known K no growth or pruning

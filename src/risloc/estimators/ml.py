@@ -1351,6 +1351,9 @@ def estimate(
                 raise ValueError(f"ml: atoms.{name} of scene {int(torch.nonzero(bad)[0])} has non-finite values")
     if dictionary is not None:
         _check_dictionary(dictionary, scenes, init, atoms)
+        if opts.amplitude != "given" and getattr(sc, "ris_amplitude", "ideal") != "ideal":
+            raise ValueError("ml: dictionary was measured with the codes as given; amplitude='scenario' changes them "
+                             "(measure the dictionary with the realised codes, or leave dictionary out)")
         opts = replace(opts, grid_shape=tuple(dictionary.shape))
     known = _known_K(K, S, k_max, init, scenes.device)
     if snr_db is True:

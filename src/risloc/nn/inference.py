@@ -561,14 +561,16 @@ def reuses_dictionary(options: dict, model: torch.nn.Module) -> bool:
     measured dictionary (:class:`risloc.grids.MeasuredDictionary`: |phi_lq|^2 and y_l^H phi_lq,
     what a ``spectrum`` network's front end measures first) instead of measuring its dictionary
     again: where its grid (``grid_shape``, :data:`LEARNED_GRID`) is the network's (``model.shape``)
-    and it runs as one ``ml`` call (no ``batch``) in complex64, without ``atoms``. The answers are
-    those of the stage measuring the same grid itself, to float32 rounding."""
+    and it runs as one ``ml`` call (no ``batch``) in complex64, without ``atoms``, on the codes as
+    given (``amplitude="given"``, what the front end measured with). The answers are those of the
+    stage measuring the same grid itself, to float32 rounding."""
     from ..estimators import ml
 
     net = getattr(model, "shape", None)
     grid = options.get("grid_shape", ml.MLOptions().grid_shape)
     return (net is not None and tuple(int(n) for n in grid) == tuple(int(n) for n in net) and "batch" not in options
-            and "atoms" not in options and options.get("dtype", torch.complex64) == torch.complex64)
+            and "atoms" not in options and options.get("dtype", torch.complex64) == torch.complex64
+            and options.get("amplitude", "given") == "given")
 
 
 @torch.no_grad()
