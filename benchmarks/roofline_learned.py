@@ -54,7 +54,8 @@ the Cholesky factorisations and triangular solves, and estimates of the elementw
   8 L M^2 K; C_l^-1 y_l, 8 L M^2; C^-1 V, 32 L M^2 K; W = V^H C^-1 V and V^H C^-2 V, 2 * 128 L K^2 M;
   V^H z, 32 L K M; on CUDA the inverse's product Li^H Li, 8 L M^3; other: the Cholesky factor
   (8/3) L M^3 and the triangular inverse 4 L M^3 (CUDA; ``cholesky_inverse`` on the CPU, the
-  same count taken) and the Fisher matrix's products, 4 * 8 L (4K)^2. Without derivatives
+  same count taken) and the Fisher matrix's products, 2 * 8 L (4K)^2 (two of the four trace terms
+  are the conjugates of the other two). Without derivatives
   (the pruning's trial models): V = G A only, 8 L M N K + 8 L M^2 K + 8 L M^2 (+ 8 L M^3 CUDA).
 * the dictionary (:func:`risloc.estimators.ml._measured_dictionary`): s 8 L M N Q_d (atom norms)
   + s 8 L N Q_d + 8 L M N (its products with y); other 4 L M Q_d.
@@ -79,7 +80,8 @@ the dictionary, shared by the batch, is not counted per scene):
 * network: each convolution reads its input activation and writes its output (4 bytes each,
   normalisation and activation fused into it), plus the weights divided by the batch.
 * likelihood pieces: their inputs (y, H, codes) and the products' operands and results, each
-  written and read: an evaluation's G (c_l * [A, dA]) [L 4K, N], V, C^-1 V, C, its factor and
+  written and read: an evaluation reads the stacked maps G_l = H diag(c_l) [L M, N] (made once per
+  ``ml`` call: 8 (L M N) written, counted once in the stage) and writes and reads V, C^-1 V, C, its factor and
   inverse, W and V^H C^-2 V; the dictionary's split operands [L M, 6N] and [L, 6N] and results
   [L M, 2 Q_d] and [L, 2 Q_d], then n2 and c written ((4 + 8) L Q_d); a scan's split operand
   [L n, 6N], its products [L, n, Q_d] complex, the n2 and c it reads and four [L, Q_d] float32
@@ -124,6 +126,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import statistics
@@ -186,8 +189,9 @@ class Count:
         return Count(self.products * k, self.other * k, self.bytes * k, self.useful * k)
 
 
-def front_end_count(L: int, M: int, N: int, Q: int, J: int, split: bool) -> Count:
-    """The matched-filter front end with J pursuit picks on Q atoms (module docstring)."""
+def front_end_count(L: int, M: int, N: int, Q: int, J: int, split: bool, keep: bool = False) -> Count:
+    """The matched-filter front end with J pursuit picks on Q atoms (module docstring); ``keep``:
+    it also writes its measured dictionary (|phi|^2 and y^H phi, (4 + 8) L Q bytes) for the stage."""
     s = 3 if split else 1
     dico = 8 * L * N * Q * (M + 1 + J)
     small = 8 * L * M * N * (1 + 2 * J)
@@ -196,7 +200,7 @@ def front_end_count(L: int, M: int, N: int, Q: int, J: int, split: bool) -> Coun
     norms = 2 * F32 * L * M * (6 * N + 2 * Q) + 2 * F32 * L * Q
     first = 2 * (C64 + F32) * L * Q
     picks = J * (2 * C64 + 16 + 8 + 4) * L * Q
-    out = F32 * (J + L) * Q
+    out = F32 * (J + L) * Q + ((F32 + C64) * L * Q if keep else 0)
     return Count(s * dico + small, other, io + norms + first + picks + out, dico + small)
 
 
@@ -237,15 +241,20 @@ def eval_count(L: int, M: int, N: int, K: int, derivatives: bool, cuda: bool) ->
     """One evaluation of the stochastic likelihood on K slots (module docstring)."""
     inv = 8 * L * M ** 3 if cuda else 0
     chol = (8 / 3 + 4) * L * M ** 3
-    io = C64 * (L * M + M * N + L * N)
+    io = C64 * (L * M + L * M * N)  # y and the stacked maps G_l
     if not derivatives:
         prod = 8 * L * M * N * K + 8 * L * M * M * K + 8 * L * M * M + inv
-        return Count(prod, chol, io + 2 * C64 * (L * K * N + L * M * K + 3 * L * M * M), prod)
+        return Count(prod, chol, io + 2 * C64 * (L * M * K + 3 * L * M * M), prod)
     V = 4 * K
     prod = 8 * L * M * N * V + 8 * L * M * M * K + 8 * L * M * M + 8 * L * M * M * V + 2 * 8 * L * V * V * M + 8 * L * V * M + inv
-    other = chol + 4 * 8 * L * V * V
-    byt = io + 2 * C64 * (L * V * N + 2 * L * M * V + 3 * L * M * M + 2 * L * V * V)
+    other = chol + 2 * 8 * L * V * V
+    byt = io + 2 * C64 * (2 * L * M * V + 3 * L * M * M + 2 * L * V * V)
     return Count(prod, other, byt, prod)
+
+
+def maps_count(L: int, M: int, N: int) -> Count:
+    """The stacked maps G_l = H diag(c_l) of one ``ml`` call: H and the codes read, G written."""
+    return Count(0, 6 * L * M * N, C64 * (M * N + L * N + L * M * N), 0)
 
 
 def dictionary_count(L: int, M: int, N: int, Q: int, split: bool) -> Count:
@@ -450,8 +459,11 @@ def stage_calls(p: Pipeline, scenes, *, capture: bool = False):
     model, options = p.model, p.options
     grid = model.grid(scenes.device)
     cfg = model.cfg
+    reuse = inf.reuses_dictionary(p.stage_options, model)  # the stage reads the front end's measured dictionary
+    prepare = lambda: dataclasses.replace(  # noqa: E731
+        prepare_inputs(scenes.y, scenes.H, scenes.codes, scenes.snr_db, regularisation=options.regularisation), keep_dictionary=reuse)
     with torch.no_grad():
-        inputs = prepare_inputs(scenes.y, scenes.H, scenes.codes, scenes.snr_db, regularisation=options.regularisation)
+        inputs = prepare()
         feats = model.features(inputs, grid)
         with mock.patch.object(model, "features", lambda i, g: feats):
             pred = forward(model, inputs, options, inf.INFERENCE_AUTOCAST)
@@ -466,16 +478,16 @@ def stage_calls(p: Pipeline, scenes, *, capture: bool = False):
         k = inf.count_sources(pred, inputs, options, p.scenario, p.calibration)
         return inf.over_init(get_network(pred.kind).candidates(pred), k, inf.LEARNED_OVER)
 
-    stage = lambda: inf._likelihood_stage(scenes, start, None, p.stage_options)
+    stage = lambda: inf._likelihood_stage(scenes, start, None, p.stage_options, dictionary=feats[2])  # noqa: E731
 
     def end_to_end():
-        inp = prepare_inputs(scenes.y, scenes.H, scenes.codes, scenes.snr_db, regularisation=options.regularisation)
+        inp = prepare()
         pr = forward(model, inp, options, inf.INFERENCE_AUTOCAST)
         k = inf.count_sources(pr, inp, options, p.scenario, p.calibration)
         st = inf.over_init(get_network(pr.kind).candidates(pr), k, inf.LEARNED_OVER)
-        return inf._likelihood_stage(scenes, st, None, p.stage_options)
+        return inf._likelihood_stage(scenes, st, None, p.stage_options, dictionary=pr.dictionary)
 
-    out = {"front_end": lambda: matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=cfg.pursuit),
+    out = {"front_end": lambda: matched_filter_spectra(inputs.y, inputs.H, inputs.codes, grid, picks=cfg.pursuit, keep_dictionary=reuse),
            "network": network, "start": start_fn, "likelihood_stage": stage, "end_to_end": end_to_end}
     if not capture:
         return out, None, None
@@ -503,12 +515,13 @@ def analytic(p: Pipeline, batch: int, calls: Counter, n_first_scan: int, device)
     g = p.stage_options["grid_shape"]
     Qd = g[0] * g[1] * g[2]
     top = ml_module.MLOptions().top
-    fe = front_end_count(L, M, N, Qf, model.cfg.pursuit, cuda)
+    fe = front_end_count(L, M, N, Qf, model.cfg.pursuit, cuda, keep=inf.reuses_dictionary(p.stage_options, model))
     net = network_count(model, batch)
     ev, ev0 = eval_count(L, M, N, K, True, cuda), eval_count(L, M, N, K, False, cuda)
     dico = dictionary_count(L, M, N, Qd, cuda)
     scans = [scan_count(L, M, N, Qd, int(k[len("scan_n"):]), top, cuda) * c for k, c in calls.items() if k.startswith("scan_n")]
-    stage = ev * calls["eval_deriv"] + ev0 * calls["eval_plain"] + dico * calls["dictionary"] + sum(scans, Count())
+    stage = (ev * calls["eval_deriv"] + ev0 * calls["eval_plain"] + dico * calls["dictionary"] + sum(scans, Count())
+             + maps_count(L, M, N))
     return {"front_end": fe, "network": net, "start": None, "likelihood_stage": stage, "likelihood_eval": ev, "dictionary": dico,
             "scan": scan_count(L, M, N, Qd, n_first_scan, top, cuda) if n_first_scan is not None else None,
             "end_to_end": fe + net + stage}
@@ -655,6 +668,7 @@ def main(argv=None) -> dict:
            "shapes": {"L": sc.snapshots, "M": sc.m_bs, "N": sc.n_elements, "K_max": sc.k_max,
                       "Q_front_end": int(math.prod(p.model.shape)),
                       "Q_dictionary": int(math.prod(p.stage_options["grid_shape"])), "pursuit": p.model.cfg.pursuit,
+                      "dictionary_reused": inf.reuses_dictionary(p.stage_options, p.model),
                       "split_tf32": device.type == "cuda"},
            "peaks": None if peak is None else {"name": peak_name, **peak}, "latency_factor": LATENCY_FACTOR,
            "repeats": args.repeats, "warmup": args.warmup, "stages": stages}

@@ -89,7 +89,7 @@ def test_record_fields(record):
     assert record["batch"] == 3 and record["device"] == "cpu" and record["torch"] == torch.__version__
     assert record["peaks"]["name"] == "H100 SXM" and record["peaks"]["hbm_tbs"] == 3.35
     assert isinstance(record["commit"], str) and record["commit"]
-    assert record["shapes"] == {"L": 4, "M": 4, "N": 16, "K_max": 3, "Q_front_end": 128, "Q_dictionary": 24 * 12 * 12, "pursuit": 2,
+    assert record["shapes"] == {"L": 4, "M": 4, "N": 16, "K_max": 3, "Q_front_end": 128, "Q_dictionary": 24 * 12 * 12, "pursuit": 2, "dictionary_reused": False,
                                 "split_tf32": False}
     for name in ("front_end", "network", "start", "likelihood_stage", "likelihood_eval", "dictionary", "scan", "end_to_end"):
         r = record["stages"][name]
