@@ -195,11 +195,11 @@ def stochastic_eval(
     gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)  # blocks (b, b'_phi, b'_theta, b'_rho) -> parameters phi, theta, rho, log p
     coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
-    trC2 = torch.view_as_real(Cinv).square().sum((-1, -2, -3))  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
+    trC2 = torch.linalg.vector_norm(Cinv, dim=(-2, -1)).square().sum(-1)  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
     g_pos = coef * gl
     g_s = s2 * (trC - torch.view_as_real(z).square().sum((-1, -2))).sum(1)
     grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
-    F = stochastic_fisher(W, CV.mH @ CV, trC2.sum(1), p, s2, 3, log_params=True)
+    F = stochastic_fisher(W, CV[..., :K].mH @ CV, trC2, p, s2, 3, log_params=True)  # U: its first K rows suffice
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
     grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F
