@@ -51,7 +51,7 @@ the Cholesky factorisations and triangular solves, and estimates of the elementw
   the head), 2.19 GFLOP per scene for the shipped network (C = 31, w = 32, d = 2, Q_f = 3 456).
 * one likelihood evaluation with derivatives (:func:`risloc.estimators.ml_core.stochastic_eval`):
   the measured steering vectors and derivatives V_l = G_l [A, dA] (4K columns), 32 L M N K; C_l,
-  8 L M^2 K; C_l^-1 y_l, 8 L M^2; C^-1 V, 32 L M^2 K; W = V^H C^-1 V and V^H C^-2 V, 2 * 128 L K^2 M;
+  8 L M^2 K; C_l^-1 y_l, 8 L M^2; C^-1 V, 32 L M^2 K; W = V^H C^-1 V, 128 L K^2 M, and the first K rows of V^H C^-2 V, 32 L K^2 M;
   V^H z, 32 L K M; on CUDA the inverse's product Li^H Li, 8 L M^3; other: the Cholesky factor
   (8/3) L M^3 and the triangular inverse 4 L M^3 (CUDA; ``cholesky_inverse`` on the CPU, the
   same count taken) and the Fisher matrix's products, 2 * 8 L (4K)^2 (two of the four trace terms
@@ -82,7 +82,7 @@ the dictionary, shared by the batch, is not counted per scene):
 * likelihood pieces: their inputs (y, H, codes) and the products' operands and results, each
   written and read: an evaluation reads the stacked maps G_l = H diag(c_l) [L M, N] (made once per
   ``ml`` call: 8 (L M N) written, counted once in the stage) and writes and reads V, C^-1 V, C, its factor and
-  inverse, W and V^H C^-2 V; the dictionary's split operands [L M, 6N] and [L, 6N] and results
+  inverse, W and the first K rows of V^H C^-2 V; the dictionary's split operands [L M, 6N] and [L, 6N] and results
   [L M, 2 Q_d] and [L, 2 Q_d], then n2 and c written ((4 + 8) L Q_d); a scan's split operand
   [L n, 6N], its products [L, n, Q_d] complex, the n2 and c it reads and four [L, Q_d] float32
   gain arrays.
@@ -246,9 +246,9 @@ def eval_count(L: int, M: int, N: int, K: int, derivatives: bool, cuda: bool) ->
         prod = 8 * L * M * N * K + 8 * L * M * M * K + 8 * L * M * M + inv
         return Count(prod, chol, io + 2 * C64 * (L * M * K + 3 * L * M * M), prod)
     V = 4 * K
-    prod = 8 * L * M * N * V + 8 * L * M * M * K + 8 * L * M * M + 8 * L * M * M * V + 2 * 8 * L * V * V * M + 8 * L * V * M + inv
+    prod = 8 * L * M * N * V + 8 * L * M * M * K + 8 * L * M * M + 8 * L * M * M * V + 8 * L * V * V * M + 8 * L * K * V * M + 8 * L * V * M + inv
     other = chol + 2 * 8 * L * V * V
-    byt = io + 2 * C64 * (2 * L * M * V + 3 * L * M * M + 2 * L * V * V)
+    byt = io + 2 * C64 * (2 * L * M * V + 3 * L * M * M + L * V * V + L * K * V)
     return Count(prod, other, byt, prod)
 
 
