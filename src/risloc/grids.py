@@ -176,6 +176,13 @@ class Dictionary:
     shape: tuple[int, int, int]
 
 
+def abs2(z: Tensor) -> Tensor:
+    """|z|^2 elementwise for a complex tensor, as Re(z conj(z)): one complex product (on a CPU
+    several times faster than |z| squared, whose modulus goes through hypot), the same values to
+    float rounding. A real view of the product (stride 2)."""
+    return (z * z.conj()).real
+
+
 @dataclass
 class MeasuredDictionary:
     """The dictionary of the grid ``shape`` (:func:`dictionary`) measured through a batch of

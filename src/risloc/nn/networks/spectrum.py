@@ -65,7 +65,7 @@ from torch.nn import functional as Fn
 from ... import covariance as cv
 from ... import physics
 from ...cuda_graphs import cache_entry, register_cache
-from ...grids import MeasuredDictionary, atom_norms, back_project, dictionary, dictionary_product
+from ...grids import MeasuredDictionary, abs2, atom_norms, back_project, dictionary, dictionary_product
 from ...metrics import ANGLE_TOL as HIT_PHI, ANGLE_TOL as HIT_THETA, RANGE_TOL_REL as HIT_RANGE
 from ...scenario import Scenario
 from ...scenes import Estimates, Truth
@@ -215,7 +215,7 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
         floor = 1e-3 * n0  # atoms whose |P phi|^2 falls to this are explained: score 0
         ynorm = yb.abs().square().sum(-1)  # [b, L]
         total = ynorm.sum(1, keepdim=True).clamp(min=1e-30)  # [b, 1]
-        mf = tc.abs().square() / n0.clamp(min=1e-30)
+        mf = abs2(tc) / n0.clamp(min=1e-30)
         c_out[a : a + chunk] = mf / ynorm.unsqueeze(-1).clamp(min=1e-30)
         S = mf.sum(1) / total
         S_out[a : a + chunk, 0] = S
@@ -239,11 +239,10 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
             ey = (e.conj() * yb).sum(-1)  # e^H y, [b, L]
             # the updates of the docstring, in few passes over [b, L, Q]: conj(t) -= (e^H phi) conj(e^H y), n -= |e^H phi|^2
             tc = torch.addcmul(tc, z, ey.conj().unsqueeze(-1), value=-1)
-            za = z.abs()
-            n = torch.addcmul(n, za, za, value=-1).clamp_(min=0)
+            n = (n - abs2(z)).clamp_(min=0)
             left = (left - ey.abs().square()).clamp(min=0)
             res_out[a : a + chunk, j + 1] = left.sum(1) / total.squeeze(1)
-            S = (tc.abs().square_() / torch.where(n > floor, n, torch.inf)).sum(1) / total
+            S = (abs2(tc) / torch.where(n > floor, n, torch.inf)).sum(1) / total
             if j + 1 < n_s:
                 S_out[a : a + chunk, j + 1] = S
                 if coherent:
