@@ -179,7 +179,8 @@ class Dictionary:
 def abs2(z: Tensor) -> Tensor:
     """|z|^2 elementwise for a complex tensor, as Re(z conj(z)): one complex product (on a CPU
     several times faster than |z| squared, whose modulus goes through hypot), the same values to
-    float rounding. A real view of the product (stride 2)."""
+    float rounding. A real view of the product (stride 2). On the CPU the vectorised product rounds
+    by position in the vector, so the result of an element can depend on the batch around it."""
     return (z * z.conj()).real
 
 
