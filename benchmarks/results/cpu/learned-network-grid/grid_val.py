@@ -1,6 +1,6 @@
 """learned on validation scenes: the stage on its 21 x 11 x 12 dictionary (default) against the
 network's 24 x 12 x 12 (ml_options grid_shape). Run as `PYTHONPATH=src python grid_val.py SEED N [stochastic|dft]`;
-writes /tmp/w/gridval_<kind>_<seed>_<n>.json (copied here as val_<kind>_<seed>_<n>.json)."""
+writes val_<kind>_<seed>_<n>.json in the current folder (the files here)."""
 import sys, time, json, torch, risloc
 from risloc.metrics import score
 torch.set_num_threads(2)
@@ -17,4 +17,4 @@ for name, opt in (("default", {}), ("net_grid", {"ml_options": {"grid_shape": (2
     out[name] = dict(success=s.overall.success, success_10_20=hi.success, K_acc_10_20=hi.K_acc, K_acc=s.overall.K_acc, s=round(dt,1),
                      hits=getattr(hi, "n_success", None))
     print(name, out[name], flush=True)
-json.dump(out, open(f"/tmp/w/gridval_{signal}_{seed}_{n}.json", "w"))
+json.dump(out, open(f"val_{signal}_{seed}_{n}.json", "w"))

@@ -40,4 +40,4 @@ for p, a in variants:
     r = {"successes": round(s.overall.success * n), "successes_10_20": round(hi.success * n_hi), "counts_10_20": round(hi.K_acc * n_hi), "n_10_20": n_hi, "s": round(dt, 1)}
     out[f"prune{p}_relax{a}"] = r
     print(seed, kind, p, a, r, flush=True)
-json.dump(out, open(f"/tmp/w/steps_{kind}_{seed}_{n}.json", "w"), indent=1)
+json.dump(out, open(f"steps_{kind}_{seed}_{n}.json", "w"), indent=1)
