@@ -717,17 +717,15 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
                              f"{int(torch.nonzero(off)[0])} are not")
         codes = physics.realised_codes(codes, sc)  # the amplitude model only (no phase error, no failures)
     B, L, M = y.shape
-    if measured is not None:  # into the unit-power frame below: |phi|^2 / P_H, phi^H y / sqrt(P_y P_H)
-        ypow, hpow, _ = power_scales(y, H)
-        n2 = measured.norms.to(device=device, dtype=rd) / hpow.view(B, 1, 1)
-        c = measured.y_products.to(device=device, dtype=cd).conj() / torch.sqrt(ypow * hpow).to(cd).view(B, 1, 1)
-    y, H, empty = unit_power(y, H)  # scale invariance
+    scales = power_scales(y, H)
+    y, H, empty = unit_power(y, H, scales)  # scale invariance
     box = _box(sc, rd, device)
     prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts, G=maps(H, codes))
     dico = None
-    if measured is not None:
-        grid = grids.dictionary(sc, opts.grid_shape, device=device, dtype=cd)
-        dico = _Atoms(grid.D, H, codes, n2, c, (grid.phi, grid.theta, grid.rho))
+    if measured is not None:  # into the unit-power frame: |phi|^2 / P_H, phi^H y / sqrt(P_y P_H)
+        ypow, hpow, _ = scales
+        dico = _grid_atoms(prob, measured.norms.to(device=device, dtype=rd) / hpow.view(B, 1, 1),
+                           measured.y_products.to(device=device, dtype=cd).conj() / torch.sqrt(ypow * hpow).to(cd).view(B, 1, 1))
     K = k_max
     method = "ml" + ("" if init is None else "+init")
 
@@ -1048,12 +1046,18 @@ def _none_if_better(st: _State, nll: Tensor, k: Tensor, prob: _Problem) -> Tenso
 # ------------------------------------------------------------------------------------------
 
 
+def _grid_atoms(prob: _Problem, n2: Tensor | None = None, c: Tensor | None = None) -> _Atoms:
+    """The :class:`_Atoms` record of the grid ``opts.grid_shape`` with the given |phi_l|^2 and
+    phi_l^H y_l ``[B, L, Q]`` (in ``prob``'s unit-power frame; None: not yet measured)."""
+    grid = grids.dictionary(prob.scenario, prob.opts.grid_shape, device=prob.y.device, dtype=prob.y.dtype)
+    return _Atoms(grid.D, prob.H, prob.codes, n2, c, (grid.phi, grid.theta, grid.rho))
+
+
 def _measured_dictionary(prob: _Problem) -> _Atoms:
     """The dictionary on the grid ``opts.grid_shape`` as an :class:`_Atoms` record: |phi_l|^2
     (:func:`risloc.grids.atom_norms`) and phi_l^H y_l = conj(y_l^H Phi_l) ``[B, L, Q]``, no Phi."""
-    grid = grids.dictionary(prob.scenario, prob.opts.grid_shape, device=prob.y.device, dtype=prob.y.dtype)
-    dico = _Atoms(grid.D, prob.H, prob.codes, None, None, (grid.phi, grid.theta, grid.rho))
-    dico.n2 = grids.atom_norms(prob.H, prob.codes, grid.D)  # |phi_l|^2, [B, L, Q]
+    dico = _grid_atoms(prob)
+    dico.n2 = grids.atom_norms(prob.H, prob.codes, dico.D)  # |phi_l|^2, [B, L, Q]
     dico.c = dico.products(prob.y).conj().resolve_conj()  # phi_l^H y_l, [B, L, Q]
     return dico
 

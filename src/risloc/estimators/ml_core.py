@@ -52,12 +52,13 @@ def power_scales(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(empty, torch.ones_like(ypow), ypow), torch.where(hpow > 0, hpow, torch.ones_like(hpow)), empty
 
 
-def unit_power(y: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def unit_power(y: Tensor, H: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``y`` and ``H`` ``[B, ...]`` scaled per scene to unit mean power (the likelihood estimators'
     scale invariance: a global gain on y or H does not change the answer), and the mask ``[B]`` of
-    scenes whose y is all zero (left as they are)."""
+    scenes whose y is all zero (left as they are). ``scales``: :func:`power_scales` of ``y`` and
+    ``H`` where the caller has them."""
     B = y.shape[0]
-    ypow, hpow, empty = power_scales(y, H)
+    ypow, hpow, empty = power_scales(y, H) if scales is None else scales
     y = y / torch.sqrt(ypow).to(y.dtype).view(B, 1, 1)
     H = H / torch.sqrt(hpow).to(H.dtype).view(B, 1, 1)
     return y, H, empty

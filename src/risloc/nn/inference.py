@@ -603,7 +603,7 @@ def _refined(scenes: Scenes, checkpoint, beta, use_snr: bool, music_options, K: 
     inputs = lambda s: dataclasses.replace(_inputs(s, net_options, use_snr), keep_dictionary=reuse)  # noqa: E731
     if ("batch" in options or loaded.calibration.threshold > 0 or not graphable(len(scenes), scenes.device, loaded.model)
             or ml.init_path_reads(scenes.scenario, **options)):
-        return run((scenes, inputs(scenes) if reuse else None, K))
+        return run((scenes, inputs(scenes), K))
     s = dataclasses.replace(scenes, truth=None)  # what the stages read: the graph copies no truth
     key = ("learned", beta, use_snr, repr(music_options), over, repr(sorted(options.items())))
     return graphed(run, (s, inputs(s), K), key, owner=loaded.model)
