@@ -217,13 +217,18 @@ def dictionary(scenario: Scenario, shape: tuple[int, int, int], *, device=None, 
     return _cached(("dictionary", scenario.to_json(), shape, str(device), dtype), build)
 
 
+def maps(H: Tensor, codes: Tensor) -> Tensor:
+    """The stacked maps G_l = H diag(c_l) of every snapshot: H ``[B, M, N]``, codes ``[B, L, N]`` ->
+    ``[B, L M, N]`` (rows of G_1, then of G_2, ...)."""
+    B, L, N = codes.shape
+    return (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B, L * H.shape[1], N)
+
+
 def measure_dictionary(H: Tensor, codes: Tensor, D: Tensor) -> Tensor:
     """Per-scene dictionary ``Phi_l = G_l D``, ``G_l = H diag(c_l)``: H ``[B, M, N]``, codes ``[B, L, N]``,
-    D ``[N, Q]`` -> ``[B, L, M, Q]`` (one product of the stacked rows of every G_l with D)."""
+    D ``[N, Q]`` -> ``[B, L, M, Q]`` (one product of the stacked rows of every G_l, :func:`maps`, with D)."""
     B, L, N = codes.shape
-    M = H.shape[1]
-    G = (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B * L * M, N)  # rows of G_l stacked
-    return (G @ D).view(B, L, M, -1)
+    return (maps(H, codes).reshape(-1, N) @ D).view(B, L, H.shape[1], -1)
 
 
 def back_project(v: Tensor, H: Tensor, codes: Tensor) -> Tensor:

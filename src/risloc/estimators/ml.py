@@ -97,7 +97,7 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (coloured_floor, inverse, maps, measure, mismatch_floor, mismatch_level, power_scales, signal_energy,
+from .ml_core import (coloured_floor, inverse, measure, mismatch_floor, mismatch_level, power_scales, signal_energy,
                       solve, static_eval, stochastic_eval, unit_power)
 
 
@@ -253,7 +253,7 @@ class _Problem:
     (:func:`risloc.estimators.ml_core.mismatch_floor`) or a matrix F_l ``[B, L, M, M]``
     (:func:`risloc.estimators.ml_core.coloured_floor`); None: the plain likelihood."""
     G: Tensor | None = None
-    """The stacked maps G_l = H diag(c_l) ``[B, L M, N]`` (:func:`risloc.estimators.ml_core.maps`),
+    """The stacked maps G_l = H diag(c_l) ``[B, L M, N]`` (:func:`risloc.grids.maps`),
     made once for the many likelihood evaluations of a batch; None: each evaluation applies H and
     the codes itself (a problem repeated for many models, :meth:`repeat`)."""
 
@@ -720,7 +720,7 @@ def _run_batch(scenes: Scenes, k_max: int, model: str, init: Estimates | None, s
     scales = power_scales(y, H)
     y, H, empty = unit_power(y, H, scales)  # scale invariance
     box = _box(sc, rd, device)
-    prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts, G=maps(H, codes))
+    prob = _Problem(y, H, codes, sc, model == "static", box, snr_db, opts, G=grids.maps(H, codes))
     dico = None
     if measured is not None:  # into the unit-power frame: |phi|^2 / P_H, phi^H y / sqrt(P_y P_H)
         ypow, hpow, _ = scales

@@ -64,18 +64,11 @@ def unit_power(y: Tensor, H: Tensor, scales: tuple[Tensor, Tensor, Tensor] | Non
     return y, H, empty
 
 
-def maps(H: Tensor, codes: Tensor) -> Tensor:
-    """The stacked maps G_l = H diag(c_l) of every snapshot: H ``[B, M, N]``, codes ``[B, L, N]`` ->
-    ``[B, L M, N]`` (rows of G_1, then of G_2, ...), for :func:`measure` to reuse."""
-    B, L, N = codes.shape
-    return (H.unsqueeze(1) * codes.unsqueeze(2)).reshape(B, L * H.shape[1], N)
-
-
 def measure(H: Tensor, codes: Tensor, vectors: Tensor, G: Tensor | None = None) -> Tensor:
     """``G_l v`` for every snapshot: H ``[B, M, N]``, codes ``[B, L, N]``, vectors ``[B, P, N]`` -> ``[B, L, M, P]``.
 
     G_l = H diag(c_l); computed as H (c_l * v) with one batched matmul, or, where the caller has
-    the stacked maps ``G`` (:func:`maps`, e.g. once for many evaluations on the same scenes), as
+    the stacked maps ``G`` (:func:`risloc.grids.maps`, e.g. once for many evaluations on the same scenes), as
     G v with one batched matmul that writes no [B, L P, N] intermediate.
     """
     B, L, N = codes.shape
@@ -155,7 +148,7 @@ def stochastic_eval(
     variance f_l per snapshot ``[B, L]``, C_l = B_l P B_l^H + (sigma^2 + f_l) I (:func:`mismatch_floor`),
     or a matrix F_l ``[B, L, M, M]``, C_l = B_l P B_l^H + sigma^2 I + F_l (:func:`coloured_floor`); it is
     a constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
-    (dC/d log sigma^2 is still sigma^2 I). ``G``: the scenes' stacked maps (:func:`maps`), where
+    (dC/d log sigma^2 is still sigma^2 I). ``G``: the scenes' stacked maps (:func:`risloc.grids.maps`), where
     the caller keeps them.
     """
     B, K = phi.shape
@@ -231,7 +224,7 @@ def static_eval(
     Gauss-Newton (variable projection, Kaufman's approximation): J_i = P_perp dPsi/d eta_i g,
     gradient of RSS = -2 Re(J^H r), normal matrix 2 Re(J^H J); returned scaled to the NLL
     (times L M / RSS). Parameters [phi_1..K, theta_1..K, rho_1..K]. Also returns g ``[B, K]``.
-    ``G``: the scenes' stacked maps (:func:`maps`), where the caller keeps them.
+    ``G``: the scenes' stacked maps (:func:`risloc.grids.maps`), where the caller keeps them.
     """
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
