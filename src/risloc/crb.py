@@ -72,7 +72,7 @@ from .scenario import SIGNAL_MODELS, Scenario
 
 POSITION_PARAMS = ("phi", "theta", "r")
 
-__all__ = ["CRBResult", "crb", "crb_for_scenes", "fisher_information", "stochastic_fisher", "POSITION_PARAMS"]
+__all__ = ["CRBResult", "crb", "crb_for_scenes", "fisher_information", "stochastic_fisher", "stochastic_fisher_parts", "POSITION_PARAMS"]
 
 
 @dataclass
@@ -184,6 +184,36 @@ def stochastic_fisher(W: Tensor, U: Tensor, trC2: Tensor, p: Tensor, s2: Tensor,
         + Wr * Wbb.transpose(-1, -2).reshape(S, L, 1, K, 1, K)
     ).real.sum(1)  # [S, i, a, J, c]
     Fs = 2 * torch.diagonal(Ur, dim1=-3, dim2=-1).real.sum(1)  # [S, i, a]
+    return _parameter_fisher(Fl, Fs, trC2, p, s2, P, log_params)
+
+
+def stochastic_fisher_parts(Wr: Tensor, Wi: Tensor, Ur: Tensor, trC2: Tensor, p: Tensor, s2: Tensor, P: int, *,
+                            log_params: bool = False) -> Tensor:
+    """:func:`stochastic_fisher` in real arithmetic only, from the real and imaginary parts of ``W``
+    and the real part of the first K rows of ``U`` (all it reads of U): the form that ``ml``'s
+    compiled likelihood fuses (``torch.compile`` generates no code for complex operators). The
+    same terms, with Re(x y) = Re x Re y - Im x Im y; :func:`stochastic_fisher` keeps the complex
+    form, whose rounding gives a scene the same bound and ``ml`` the same answer at any batch size."""
+    S, L = Wr.shape[:2]
+    K = p.shape[-1]
+    n = P + 1
+    Wr6, Wi6 = Wr.view(S, L, n, K, n, K), Wi.view(S, L, n, K, n, K)  # blocks (b, b'_xi1, ..., b'_xiP) x (same)
+    A0r, A0i = Wr6[:, :, 0], Wi6[:, :, 0]  # [S, L, a, J, c]
+    # twice the real part of the first plus the third term of stochastic_fisher's four
+    first = (A0r.view(S, L, 1, K, n, K) * A0r.permute(0, 1, 3, 4, 2).reshape(S, L, n, K, 1, K)
+             - A0i.view(S, L, 1, K, n, K) * A0i.permute(0, 1, 3, 4, 2).reshape(S, L, n, K, 1, K))
+    third = (Wr6 * A0r[:, :, :, 0].transpose(-1, -2).reshape(S, L, 1, K, 1, K)
+             - Wi6 * A0i[:, :, :, 0].transpose(-1, -2).reshape(S, L, 1, K, 1, K))
+    Fl = 2 * (first + third).sum(1)  # [S, i, a, J, c]
+    Fs = 2 * torch.diagonal(Ur[..., :K, :].reshape(S, L, K, n, K), dim1=-3, dim2=-1).sum(1)  # [S, i, a]
+    return _parameter_fisher(Fl, Fs, trC2, p, s2, P, log_params)
+
+
+def _parameter_fisher(Fl: Tensor, Fs: Tensor, trC2: Tensor, p: Tensor, s2: Tensor, P: int, log_params: bool) -> Tensor:
+    """The Fisher matrix from its unscaled blocks: ``Fl`` ``[S, n, K, n, K]`` (the tr(C^-1 C_i C^-1 C_j)
+    terms of the blocks (b, b'_xi1, ..., b'_xiP) of sources a, c), ``Fs`` ``[S, n, K]`` (those against
+    sigma^2) and ``trC2`` ``[S]``, n = P + 1, scaled by the parameters' factors (see :func:`stochastic_fisher`)."""
+    S, n, K = Fs.shape
     # positions first, then the powers: blocks (b, b'_xi1, ..., b'_xiP) -> (xi_1, ..., xi_P, p), a roll
     # (not an index list, which would be copied from the host at every call)
     Fl = torch.roll(Fl, (-1, -1), dims=(1, 3)).reshape(S, n * K, n * K)

@@ -206,38 +206,63 @@ def steering_with_derivatives(
     if approximation not in ("exact", "fresnel"):
         raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
     phi, theta, x = _as_tensors(phi, theta, r_or_rho, dtype, device)
-    rd = phi.dtype
-    e, e2 = _element_geometry(scenario, rd, phi.device)  # [N, 3] (e_z = 0), |e_n|^2 [N]
+    e, e2 = _element_geometry(scenario, phi.dtype, phi.device)  # [N, 3] (e_z = 0), |e_n|^2 [N]
+    amp, phase, l_re, l_im = steering_parts(phi, theta, x, e, e2, 2 * math.pi / scenario.wavelength,
+                                            range_param=range_param, approximation=approximation)
+    a = torch.polar(amp, phase)
+    da = a * torch.complex(l_re, l_im)  # [3, ..., N]: a d log a / d(phi, theta, r or rho)
+    return a, da[0], da[1], da[2]
+
+
+def steering_parts(
+    phi: Tensor,
+    theta: Tensor,
+    r_or_rho: Tensor,
+    e: Tensor,
+    e2: Tensor,
+    k: float,
+    *,
+    range_param: RangeParam = "r",
+    approximation: Approximation = "exact",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The real quantities behind :func:`steering_with_derivatives`: ``a = amp exp(j phase)`` and
+    ``da/dxi = a (l_re + j l_im)`` for xi = (phi, theta, r or rho).
+
+    Inputs: real tensors of one shape ``[...]``, the element positions ``e`` ``[N, 3]`` (e_z = 0) and
+    their squared norms ``e2`` ``[N]``, the wavenumber ``k = 2 pi / lambda``. Returns ``amp`` and
+    ``phase`` ``[..., N]`` and ``l_re``, ``l_im`` ``[3, ..., N]`` (the formulas of
+    :func:`steering_with_derivatives`). Plain real arithmetic without caches or checks, so that a
+    compiled caller (``ml``'s ``compile`` option) can fuse it.
+    """
     ex, ey = e[:, 0], e[:, 1]
-    k = 2 * math.pi / scenario.wavelength
     angles = torch.stack([phi, theta])
     (sp, st), (cp, ct) = torch.sin(angles), torch.cos(angles)
-    r = (1.0 / x if range_param == "rho" else x).unsqueeze(-1)
+    r = (1.0 / r_or_rho if range_param == "rho" else r_or_rho).unsqueeze(-1)
     ue = (ct * sp).unsqueeze(-1) * ex + st.unsqueeze(-1) * ey  # u.e
     up_e = (ct * cp).unsqueeze(-1) * ex  # u_phi.e
     ut_e = ct.unsqueeze(-1) * ey - (st * sp).unsqueeze(-1) * ex  # u_theta.e
     u_xi_e = torch.stack([up_e, ut_e])  # [2, ..., N]: u_phi.e, u_theta.e
     if approximation == "exact":
         r2, rue2 = r * r, 2 * r * ue
-        d = torch.sqrt(torch.clamp(r2 - rue2 + e2, min=torch.finfo(rd).tiny))
+        d = torch.sqrt(torch.clamp(r2 - rue2 + e2, min=torch.finfo(phi.dtype).tiny))
         path = (e2 - rue2) / (d + r)
         amp = r / d
-        a = torch.polar(amp, -k * path)
         g = u_xi_e * amp  # -dd/dxi = r (u_xi.e) / d, xi in {phi, theta}
-        l_angles = torch.complex(g / d, k * g)
         q = (r - ue) / d  # dd/dr
         if range_param == "rho":  # d/drho = -r^2 d/dr: -r^2 (1/r - q/d) = r^2 q/d - r
-            lr = torch.complex(r2 * q / d - r, (k * r2) * (q - 1.0))
+            lr_re, lr_im = r2 * q / d - r, (k * r2) * (q - 1.0)
         else:
-            lr = torch.complex(1.0 / r - q / d, -k * (q - 1.0))
+            lr_re, lr_im = 1.0 / r - q / d, -k * (q - 1.0)
+        l_re = torch.cat([g / d, lr_re.unsqueeze(0)])
+        l_im = torch.cat([k * g, lr_im.unsqueeze(0)])
     else:
         path = -ue + (e2 - ue * ue) / (2 * r)
-        a = torch.polar(torch.ones_like(path), -k * path)
-        l_angles = torch.complex(torch.zeros_like(u_xi_e), u_xi_e * (k * (1 + ue / r)))
+        amp = torch.ones_like(path)
         half_e = (e2 - ue * ue) / 2
-        lr = torch.complex(torch.zeros_like(path), -k * half_e if range_param == "rho" else k * half_e / (r * r))
-    da = a * torch.cat([l_angles, lr.unsqueeze(0)])  # [3, ..., N]: a d log a / d(phi, theta, r or rho)
-    return a, da[0], da[1], da[2]
+        lr_im = -k * half_e if range_param == "rho" else k * half_e / (r * r)
+        l_re = torch.zeros((3,) + path.shape, dtype=path.dtype, device=path.device)
+        l_im = torch.cat([u_xi_e * (k * (1 + ue / r)), lr_im.unsqueeze(0)])
+    return amp, -k * path, l_re, l_im
 
 
 def far_field_steering(phi, theta, scenario: Scenario, *, dtype: torch.dtype = torch.complex64, device=None) -> Tensor:

@@ -152,6 +152,14 @@ class MLOptions:
     worth a new search; each re-search costs a dictionary scan and a refinement)."""
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
+    compile: bool = False
+    """Evaluate the stochastic likelihood with its real-arithmetic steps (steering vectors and their
+    derivatives; the gradient and Fisher matrix from the products) fused by ``torch.compile``
+    (:func:`risloc.estimators.ml_core.stochastic_eval`, ``compiled``): the same formulas in about a
+    third of the operators, so a few scenes at a time run up to 2 x faster per evaluation. The first
+    call in a process compiles (seconds to a minute: once per new batch shape and number of
+    sources; needs a C++ compiler on the CPU, Triton on CUDA) and answers differ from the eager
+    ones by float rounding; a failed compilation raises. Static likelihood: no effect."""
     mismatch: str | float = "none"
     """Model error of the known channel and codes (CSI error, RIS phase noise) in the stochastic
     likelihood, as a signal-dependent white floor f_l = e~ q_l added to sigma^2
@@ -196,6 +204,8 @@ class MLOptions:
             raise ValueError(f"ml: range_decision = {self.range_decision!r}: must be 'hit' or 'ml'")
         if self.relax_at != "last" and isinstance(self.relax_at, str):
             raise ValueError(f"ml: relax_at = {self.relax_at!r}: must be 'last' or a tuple of orders")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"ml: compile = {self.compile!r}: must be true or false")
         if self.dtype not in (torch.complex64, torch.complex128):
             raise ValueError(f"ml: dtype = {self.dtype}: must be torch.complex64 or torch.complex128")
         if isinstance(self.mismatch, str):
@@ -403,7 +413,7 @@ def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
         return nll, g, F, amp
     nll, g, F = stochastic_eval(
         state.phi, state.theta, state.rho, state.logp, state.logs, state.active, y, H, codes, sc, derivatives=derivatives,
-        floor=prob.floor, G=prob.G,
+        floor=prob.floor, G=prob.G, compiled=prob.opts.compile,
     )
     return nll, g, F, None
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import physics
-from ..crb import stochastic_fisher
+from ..crb import stochastic_fisher, stochastic_fisher_parts
 from ..scenario import Scenario
 
 
@@ -127,6 +127,7 @@ def stochastic_eval(
     derivatives: bool = True,
     floor: Tensor | None = None,
     G: Tensor | None = None,
+    compiled: bool = False,
 ):
     """Stochastic negative log-likelihood, its gradient and Fisher matrix (batched over scenes).
 
@@ -144,24 +145,34 @@ def stochastic_eval(
     with C_i = dC/d eta_i: p_k (b'_k b_k^H + b_k b'_k^H) for a position parameter,
     p_k b_k b_k^H for log p_k and sigma^2 I for log sigma^2.
 
+    Three steps: the measured steering vectors and their derivatives V = G [a, da/dphi, da/dtheta,
+    da/drho]; the complex linear algebra (C, its Cholesky factor, C^-1, z = C^-1 y, W = V^H C^-1 V,
+    w = V^H z, V^H C^-2 V); the NLL, gradient and Fisher matrix from those products (the formulas
+    in :func:`stochastic_assembly`), in complex arithmetic, whose rounding gives a scene the same
+    answer at any batch size.
+
     ``floor`` (optional): a known model-error covariance added to the noise, either a white
     variance f_l per snapshot ``[B, L]``, C_l = B_l P B_l^H + (sigma^2 + f_l) I (:func:`mismatch_floor`),
     or a matrix F_l ``[B, L, M, M]``, C_l = B_l P B_l^H + sigma^2 I + F_l (:func:`coloured_floor`); it is
     a constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
     (dC/d log sigma^2 is still sigma^2 I). ``G``: the scenes' stacked maps (:func:`risloc.grids.maps`), where
-    the caller keeps them.
+    the caller keeps them. ``compiled`` (with ``derivatives``; ``ml``'s ``compile`` option): the first
+    and last steps in real arithmetic (:func:`steering_vector_parts`, :func:`stochastic_assembly`)
+    through ``torch.compile``, the linear algebra as it is; the same formulas, rounded otherwise
+    (not promised bit-identical between batch sizes).
     """
     B, K = phi.shape
-    L, M = y.shape[1], y.shape[2]
     cd = y.dtype
-    a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
-    act = active.to(phi.dtype)
-    if derivatives:
-        V = measure(H, codes, torch.cat([a, da_p, da_t, da_r], dim=1), G)  # [B, L, M, 4K]
-        Bm = V[..., :K]
+    if compiled and derivatives:
+        e, e2 = physics._element_geometry(scenario, phi.dtype, phi.device)
+        Xr, Xi = _compile(steering_vector_parts)(phi, theta, rho, e, e2, 2 * math.pi / scenario.wavelength)
+        vectors = torch.complex(Xr, Xi)
     else:
-        Bm = measure(H, codes, a, G)
-    p = torch.exp(logp) * act  # [B, K]
+        a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
+        vectors = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
+    V = measure(H, codes, vectors, G)  # [B, L, M, 4K] (or [B, L, M, K])
+    Bm = V[..., :K]
+    p = torch.exp(logp) * active.to(phi.dtype)  # [B, K]
     s2 = torch.exp(logs)  # [B]
     coloured = floor is not None and floor.ndim == 4
     v = s2.view(B, 1) if floor is None or coloured else s2.view(B, 1) + floor  # white variance per snapshot, [B, 1 or L]
@@ -171,32 +182,85 @@ def stochastic_eval(
         C = C + floor.to(cd)
     Cinv, logdet, info = hermitian_solve_parts(C)
     z = (Cinv @ y.unsqueeze(-1)).squeeze(-1)  # [B, L, M]
-    quad = (y.conj() * z).real.sum(-1)  # [B, L]
-    nll = (logdet + quad).sum(-1)
-    nll = nll.masked_fill(info.ne(0).any(-1), float("inf"))
+    failed = info.ne(0).any(-1)
     if not derivatives:
-        return nll, None, None
-    # Every C_i (i < 4K) is c_i (v_x1 v_y1^H + v_x2 v_y2^H) with v's columns of V, so with
-    # W = V^H C^-1 V, U = V^H C^-2 V and w = V^H z (per snapshot):
-    #   tr(C^-1 v_x v_y^H) = W[y, x],  z^H v_x v_y^H z = conj(w_x) w_y,
-    #   tr(C^-1 v_a v_b^H C^-1 v_c v_d^H) = W[b, c] W[d, a],  tr(C^-1 I C^-1 v_x v_y^H) = U[y, x].
+        nll = (logdet + (y.conj() * z).real.sum(-1)).sum(-1)
+        return nll.masked_fill(failed, float("inf")), None, None
     CV = Cinv @ V  # [B, L, M, 4K]
     W = V.mH @ CV  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
-    A0 = W.view(B, L, 4, K, 4, K)[:, :, 0]  # [B, L, a, J, c]
-    wr = (V.mH @ z.unsqueeze(-1)).view(B, L, 4, K)
-    # gradient: C_i = c_i (v_i b_a^H + b_a v_i^H), tr(C^-1 v_x v_y^H) = W[y, x], z^H v_x v_y^H z = conj(w_x) w_y
+    w = V.mH @ z.unsqueeze(-1)  # [B, L, 4K, 1]
+    U = CV[..., :K].mH @ CV  # the first K rows of V^H C^-2 V (all the Fisher matrix reads)
+    if compiled:
+        r = torch.view_as_real
+        return _compile(stochastic_assembly)(r(y), r(z), logdet, failed, r(Cinv), r(W), r(w), U.real, p, s2, active)
+    # stochastic_assembly's formulas in complex arithmetic
+    nll = (logdet + (y.conj() * z).real.sum(-1)).sum(-1).masked_fill(failed, float("inf"))
+    A0 = W.view(B, -1, 4, K, 4, K)[:, :, 0]  # [B, L, a, J, c]
+    wr = w.view(B, -1, 4, K)
     gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1).real - (wr.conj() * wr[:, :, :1]).real).sum(1)  # [B, i, a]
-    gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)  # blocks (b, b'_phi, b'_theta, b'_rho) -> parameters phi, theta, rho, log p
-    coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
+    gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
     trC2 = torch.linalg.vector_norm(Cinv, dim=(-2, -1)).square().sum(-1)  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
-    g_pos = coef * gl
     g_s = s2 * (trC - torch.view_as_real(z).square().sum((-1, -2))).sum(1)
-    grad = torch.cat([g_pos, g_s.unsqueeze(-1)], dim=1)
-    F = stochastic_fisher(W, CV[..., :K].mH @ CV, trC2, p, s2, 3, log_params=True)  # U: its first K rows suffice
+    grad = torch.cat([torch.cat([p, p, p, 0.5 * p], dim=1) * gl, g_s.unsqueeze(-1)], dim=1)
+    F = stochastic_fisher(W, U, trC2, p, s2, 3, log_params=True)
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
-    grad, F = _mask_parameters(grad, F, mask)
-    return nll, grad, F
+    return (nll, *_mask_parameters(grad, F, mask))
+
+
+def steering_vector_parts(phi: Tensor, theta: Tensor, rho: Tensor, e: Tensor, e2: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """Real and imaginary parts of [a, da/dphi, da/dtheta, da/drho] ``[B, 4K, N]`` (K sources per
+    scene, columns in that order) from :func:`risloc.physics.steering_parts` (range parameter rho),
+    in real arithmetic: a = amp (cos + j sin)(phase), da = a (l_re + j l_im)."""
+    amp, phase, l_re, l_im = physics.steering_parts(phi, theta, rho, e, e2, k, range_param="rho")
+    ar, ai = amp * torch.cos(phase), amp * torch.sin(phase)
+    dr, di = ar * l_re - ai * l_im, ar * l_im + ai * l_re  # [3, B, K, N]
+    return torch.cat([ar, dr[0], dr[1], dr[2]], 1), torch.cat([ai, di[0], di[1], di[2]], 1)
+
+
+def stochastic_assembly(y: Tensor, z: Tensor, logdet: Tensor, failed: Tensor, Cinv: Tensor, W: Tensor, w: Tensor,
+                        U: Tensor, p: Tensor, s2: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The NLL, gradient and Fisher matrix of :func:`stochastic_eval` from its products, as real
+    views (``torch.view_as_real``, last axis (Re, Im)): ``y``, ``z = C^-1 y`` ``[B, L, M, 2]``,
+    ``Cinv`` ``[B, L, M, M, 2]``, ``W = V^H C^-1 V`` ``[B, L, 4K, 4K, 2]``, ``w = V^H z`` ``[B, L, 4K, 1, 2]``;
+    ``U`` the real part of the first K rows of V^H C^-2 V ``[B, L, K, 4K]``; ``logdet`` ``[B, L]``,
+    ``failed`` ``[B]`` (a Cholesky factorisation failed: NLL inf), ``p``, ``active`` ``[B, K]``, ``s2`` ``[B]``.
+
+    Every C_i (i < 4K) is c_i (v_x1 v_y1^H + v_x2 v_y2^H) with v's columns of V, so per snapshot
+    tr(C^-1 v_x v_y^H) = W[y, x] and z^H v_x v_y^H z = conj(w_x) w_y: the gradient of a position or
+    log-power parameter of source a is c_i 2 sum_l Re(W[b_a, v_i] - conj(w_i) w_b_a), that of log sigma^2
+    sigma^2 sum_l (tr C^-1 - |z|^2); the Fisher matrix is :func:`risloc.crb.stochastic_fisher_parts`
+    with tr C^-2 = |C^-1|_F^2 (Hermitian). Real arithmetic only (``torch.compile`` fuses it).
+    """
+    B, K = p.shape
+    L = logdet.shape[1]
+    nll = (logdet + (y * z).sum((-1, -2))).sum(-1)  # Re(y^H z) = Re y . Re z + Im y . Im z
+    nll = nll.masked_fill(failed, float("inf"))
+    Wr, Wi = W[..., 0], W[..., 1]
+    wr, wi = w[..., 0, 0].view(B, L, 4, K), w[..., 0, 1].view(B, L, 4, K)
+    A0 = Wr.view(B, L, 4, K, 4, K)[:, :, 0]  # [B, L, a, J, c]
+    gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1) - (wr * wr[:, :, :1] + wi * wi[:, :, :1])).sum(1)  # [B, i, a]
+    gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)  # blocks (b, b'_phi, b'_theta, b'_rho) -> parameters phi, theta, rho, log p
+    coef = torch.cat([p, p, p, 0.5 * p], dim=1)  # [B, 4K]
+    trC = torch.diagonal(Cinv[..., 0], dim1=-2, dim2=-1).sum(-1)  # [B, L]
+    trC2 = Cinv.square().sum((-1, -2, -3)).sum(-1)  # sum_l tr(C^-2) = |C^-1|_F^2
+    g_s = s2 * (trC - z.square().sum((-1, -2))).sum(1)
+    grad = torch.cat([coef * gl, g_s.unsqueeze(-1)], dim=1)
+    F = stochastic_fisher_parts(Wr, Wi, U, trC2, p, s2, 3, log_params=True)
+    mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
+    return (nll, *_mask_parameters(grad, F, mask))
+
+
+_COMPILED: dict = {}
+
+
+def _compile(fn):
+    """``fn`` through ``torch.compile`` (inductor; compiled at its first call for each new shape,
+    which takes seconds), once per function and process."""
+    c = _COMPILED.get(fn)
+    if c is None:
+        c = _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return c
 
 
 def static_eval(
