@@ -6,7 +6,9 @@
 
 ``learned:fixed`` is ``learned`` with the refinement steps alone (``over=0, grow=0, relax=0,
 prune=0``: no dictionary search, no pruning) and ``learned:network`` the network's own positions
-(``refine="music"``), so the rows split a one-scene call into its parts.
+(``refine="music"``), so the rows split a one-scene call into its parts; ``METHOD:compile`` is the
+method with ``ml``'s ``compile`` option (its likelihood's real-arithmetic steps through
+``torch.compile``; the warm-up call compiles).
 
 For each method, on one scene of the default scenario (``--seed``): the median wall time of
 ``--calls`` calls after one warm-up call, then one call under ``torch.profiler`` with the counts
@@ -40,6 +42,9 @@ from risloc.bench.run import one_scene_latency, sync_device
 VARIANTS = {
     "learned:fixed": ("learned", {"over": 0, "grow": 0, "relax": 0, "prune": 0}),
     "learned:network": ("learned", {"refine": "music"}),
+    "learned:compile": ("learned", {"ml_options": {"compile": True}}),
+    "learned+ml:compile": ("learned+ml", {"ml_options": {"compile": True}}),
+    "ml:compile": ("ml", {"compile": True}),
 }
 """Named variants of a method: (method, options)."""
 

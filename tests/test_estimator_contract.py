@@ -190,8 +190,13 @@ short likelihood stage that follows (3 and 8 Fisher-scoring steps with accept/re
 pruning and a gridded range decision) can amplify that beyond a hundredth of sqrt(CRB) on hard
 scenes (measured: learned+ml 0.03 sqrt(CRB) on the two sources 5 deg apart; learned within 0.01
 on these scenes, up to 0.2 on default scenes at 20-30 dB). ``ml``, ``ml-robust``, ``ml-joint``
-(which starts from ``ml-robust``'s answer): bit-identical at both batch sizes with the AVX-512
-kernels. With the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
+(which starts from ``ml-robust``'s answer): a dictionary scan's products with the atoms round
+differently at another batch size (MKL's product blocks by the number of rows), and the 25
+Fisher-scoring steps after the scan carry that on: with the AVX-512 kernels, the two sources 5 deg
+apart at 0.5 m with a known K one larger than theirs move by 0.012 sqrt(CRB) between batch 1 and
+batch 3 (AMD EPYC VM; bit-identical while the scans formed |.|^2 through PyTorch's complex
+modulus, whose rounding happened to absorb it; they now use real squares on the CPU,
+:func:`risloc.grids.sum_abs2`, up to 100 x faster there). With the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2``), when the atom norms were a complex matmul in chunks of 4 scenes,
 the two sources 5 deg apart at 0.5 m moved by 0.0124 sqrt(CRB) between batch 1 and batch 5; with
 the atom norms through oneDNN in chunks of 2 they stay bit-identical there, and with oneDNN on

@@ -173,3 +173,16 @@ def test_dictionary_product_on_tensor_cores_is_the_complex_product(shape):
     assert torch.equal(plain, w @ D)
     with pytest.raises(ValueError, match="complex64"):
         grids.dictionary_product(w, D, tensor_cores=True)
+
+
+def test_sum_abs2_is_the_summed_squared_modulus_and_rounds_a_scene_alike_at_any_batch():
+    """grids.sum_abs2 (the scans' |.|^2): sum over an axis of |z|^2 and |z|^2 elementwise against
+    complex128 moduli; on the CPU a scene's values are the same bits alone or in a batch."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.view_as_complex(torch.randn(5, 16, 4, 300, 2, generator=g))
+    ref = z.to(torch.complex128).abs().square()
+    assert torch.allclose(grids.sum_abs2(z, 2).double(), ref.sum(2), rtol=1e-6)
+    assert torch.allclose(grids.sum_abs2(z).double(), ref, rtol=1e-6)
+    for b in range(5):
+        assert torch.equal(grids.sum_abs2(z[b : b + 1], 2), grids.sum_abs2(z, 2)[b : b + 1])
+        assert torch.equal(grids.sum_abs2(z[b : b + 1]), grids.sum_abs2(z)[b : b + 1])

@@ -184,6 +184,26 @@ def abs2(z: Tensor) -> Tensor:
     return (z * z.conj()).real
 
 
+
+def sum_abs2(z: Tensor, dim: int | None = None) -> Tensor:
+    """|z|^2 of a complex tensor, summed over ``dim`` (None: elementwise). On CUDA one vector norm
+    (one kernel), or |z| squared. On the CPU PyTorch takes each complex modulus through hypot, and
+    its complex norm over a strided axis ran about 100 x slower (a one-scene scan's [1, 16, 5, 3 456]
+    products: 12 ms against 0.14 ms on a 2-core AMD EPYC); there Re(z)^2 + Im(z)^2 elementwise, then
+    the slices along ``dim`` added one by one (for the short axes it is used on): elementwise
+    operations round every element alike, so a scene's result does not depend on the batch around
+    it, which a vectorised reduction does not promise."""
+    if z.device.type == "cuda":
+        return z.abs().square() if dim is None else torch.linalg.vector_norm(z, dim=dim).square()
+    a = z.real.square() + z.imag.square()
+    if dim is None:
+        return a
+    out = a.select(dim, 0).clone()
+    for i in range(1, a.shape[dim]):
+        out += a.select(dim, i)
+    return out
+
+
 @dataclass
 class MeasuredDictionary:
     """The dictionary of the grid ``shape`` (:func:`dictionary`) measured through a batch of

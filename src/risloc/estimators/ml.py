@@ -607,9 +607,9 @@ def _add_stochastic(state: _State, k: int, dico: _Atoms, prob: _Problem, s2_grid
         Et = dico.products(Bt.conj())  # Lc^-1 B_l^H Phi_l, [B, L, n, Q]
         v = Bt @ y.unsqueeze(-1)  # Lc^-1 B_l^H y_l, [B, L, n, 1]
         s2v = s2.view(B, -1, 1)
-        quad = torch.linalg.vector_norm(Et, dim=2).square()  # |Lc^-1 B_l^H phi_lq|^2 = phi^H B S^-1 B^H phi
+        quad = grids.sum_abs2(Et, 2)  # |Lc^-1 B_l^H phi_lq|^2 = phi^H B S^-1 B^H phi
         alpha = ((n2 - quad) / s2v).clamp_min(1e-12 * n2 / s2v)
-        beta = (c - (Et.mH @ v).squeeze(-1)).abs().square() / s2v**2  # |phi_lq^H C_l^-1 y_l|^2 (Et^H v = conj(v^H Et))
+        beta = grids.sum_abs2(c - (Et.mH @ v).squeeze(-1)) / s2v**2  # |phi_lq^H C_l^-1 y_l|^2 (Et^H v = conj(v^H Et))
         del Et
         prox = _proxy_gain(alpha, beta)
         idx = torch.topk(-prox, min(top, Q), dim=1).indices
