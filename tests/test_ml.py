@@ -134,6 +134,24 @@ def test_compiled_likelihood_equals_the_eager_one():
     assert_same_positions(plain, fused, s, 0.1, range_cell=range_decision_cell(sc))
 
 
+def test_a_failed_compilation_says_what_the_compile_option_needs(monkeypatch):
+    from risloc.estimators import ml_core
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(ml_core, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    sc = Scenario(k_fixed=1)
+    s = simulate(sc, 1, seed=2)
+    t = s.truth
+    x = [torch.nan_to_num(v, 0.3) for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
+    with pytest.raises(RuntimeError, match="compile=True.*no C\\+\\+ compiler found.*without the compile option"):
+        stochastic_eval(*x, t.noise_var.log(), torch.isfinite(t.phi), s.y, s.H, s.codes, sc, compiled=True)
+
+
 @pytest.mark.parametrize("signal", ["stochastic", "static"])
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_high_snr_finds_sources(signal, K):

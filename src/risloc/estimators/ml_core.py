@@ -256,10 +256,21 @@ _COMPILED: dict = {}
 
 def _compile(fn):
     """``fn`` through ``torch.compile`` (inductor; compiled at its first call for each new shape,
-    which takes seconds), once per function and process."""
+    which takes seconds), once per function and process. A failure to compile or run it raises
+    with what the option needs."""
     c = _COMPILED.get(fn)
     if c is None:
-        c = _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+        compiled_fn = torch.compile(fn, fullgraph=True)
+
+        def c(*args):
+            try:
+                return compiled_fn(*args)
+            except Exception as exc:
+                raise RuntimeError(f"ml: compile=True: torch.compile of {fn.__name__} failed ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs a C++ compiler on the CPU "
+                                   "and Triton on CUDA. Run without the compile option.") from exc
+
+        _COMPILED[fn] = c
     return c
 
 
