@@ -184,7 +184,6 @@ def abs2(z: Tensor) -> Tensor:
     return (z * z.conj()).real
 
 
-
 def sum_abs2(z: Tensor, dim: int | None = None) -> Tensor:
     """|z|^2 of a complex tensor, summed over ``dim`` (None: elementwise). On CUDA one vector norm
     (one kernel), or |z| squared. On the CPU PyTorch takes each complex modulus through hypot, and
