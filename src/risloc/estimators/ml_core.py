@@ -257,10 +257,13 @@ _COMPILED: dict = {}
 def _compile(fn):
     """``fn`` through ``torch.compile`` (inductor; compiled at its first call for each new shape,
     which takes seconds), once per function and process. A failure to compile or run it raises
-    with what the option needs."""
+    with what the option needs. Inductor's FX graph cache is off for these functions: on the CPU
+    it served a graph compiled under the default kernels to a process started with
+    ``ATEN_CPU_CAPABILITY=avx2``, which then crashed (segmentation fault, torch 2.13); the compiled
+    kernels themselves are still cached on disk by their source."""
     c = _COMPILED.get(fn)
     if c is None:
-        compiled_fn = torch.compile(fn, fullgraph=True)
+        compiled_fn = torch.compile(fn, fullgraph=True, options={"fx_graph_cache": False})
 
         def c(*args):
             try:
