@@ -113,7 +113,7 @@ def _cxx_compiler() -> bool:
 @pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_likelihood_equals_the_eager_one():
     """``compiled=True`` (ml's ``compile`` option): the same NLL, gradient and Fisher matrix as the
-    eager evaluation in float64, masked slots and a white floor included; and ``ml``'s ``init`` path
+    eager evaluation in float64, masked slots and white and coloured floors included; and ``ml``'s ``init`` path
     with ``compile=True`` gives the same answers in float32 to well inside the hit window."""
     sc = Scenario(k_fixed=3, snr_db_min=10, snr_db_max=10)
     s = simulate(sc, 2, seed=1)
@@ -124,7 +124,10 @@ def test_compiled_likelihood_equals_the_eager_one():
     x = [torch.nan_to_num(v.double(), 0.3) for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
     ls = t.noise_var.double().log()
     floor = torch.full((2, sc.snapshots), 0.01, dtype=torch.float64)
-    for f in (None, floor):
+    M = y.shape[-1]
+    A = torch.randn(2, sc.snapshots, M, M, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))
+    coloured = 0.01 * (A @ A.mH) / M  # a Hermitian positive semi-definite floor per snapshot
+    for f in (None, floor, coloured):
         eager = stochastic_eval(*x, ls, act, y, H, c, sc, floor=f)
         fused = stochastic_eval(*x, ls, act, y, H, c, sc, floor=f, compiled=True)
         for a, b in zip(eager, fused):
