@@ -192,11 +192,13 @@ scenes (measured: learned+ml 0.03 sqrt(CRB) on the two sources 5 deg apart; lear
 on these scenes, up to 0.2 on default scenes at 20-30 dB). ``ml``, ``ml-robust``, ``ml-joint``
 (which starts from ``ml-robust``'s answer): a dictionary scan's products with the atoms round
 differently at another batch size (MKL's product blocks by the number of rows), and the 25
-Fisher-scoring steps after the scan carry that on: with the AVX-512 kernels, the two sources 5 deg
-apart at 0.5 m with a known K one larger than theirs move by 0.012 sqrt(CRB) between batch 1 and
-batch 3 (AMD EPYC VM; bit-identical while the scans formed |.|^2 through PyTorch's complex
-modulus, whose rounding happened to absorb it; they now use real squares on the CPU,
-:func:`risloc.grids.sum_abs2`, up to 100 x faster there). With the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
+Fisher-scoring steps after the scan carry that on or not, as the rounding of the steps around it
+falls: with the AVX-512 kernels, the two sources 5 deg apart at 0.5 m with a known K one larger
+than theirs were bit-identical while the scans formed |.|^2 through PyTorch's complex modulus,
+moved by 0.012 sqrt(CRB) between batch 1 and batch 3 once the scans used real squares on the CPU
+(:func:`risloc.grids.sum_abs2`, up to 100 x faster there), and are bit-identical again, with the
+AVX-512 and the AVX2 kernels, since the likelihood's tr C^-2 is the norm of C^-1's real view
+(AMD EPYC VM); the ceiling stays for other CPUs. With the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2``), when the atom norms were a complex matmul in chunks of 4 scenes,
 the two sources 5 deg apart at 0.5 m moved by 0.0124 sqrt(CRB) between batch 1 and batch 5; with
 the atom norms through oneDNN in chunks of 2 they stay bit-identical there, and with oneDNN on

@@ -186,3 +186,13 @@ def test_sum_abs2_is_the_summed_squared_modulus_and_rounds_a_scene_alike_at_any_
     for b in range(5):
         assert torch.equal(grids.sum_abs2(z[b : b + 1], 2), grids.sum_abs2(z, 2)[b : b + 1])
         assert torch.equal(grids.sum_abs2(z[b : b + 1]), grids.sum_abs2(z)[b : b + 1])
+    # over trailing axes (the Frobenius norms of the likelihood's C^-1 [B, L, M, M]): the same at any batch
+    C = torch.view_as_complex(torch.randn(37, 16, 16, 16, 2, generator=g))
+    C = C @ C.mH  # Hermitian, as C^-1
+    fro = grids.sum_abs2(C, (-2, -1))
+    assert torch.allclose(fro.double(), C.to(torch.complex128).abs().square().sum((-2, -1)), rtol=1e-6)
+    assert torch.allclose(grids.sum_abs2(C, (2, 3)), fro)
+    for a, b in ((0, 1), (3, 5), (5, 12), (12, 37)):
+        assert torch.equal(grids.sum_abs2(C[a:b], (-2, -1)), fro[a:b])
+    with pytest.raises(ValueError, match="trailing axes"):
+        grids.sum_abs2(C, (1, 2))

@@ -184,16 +184,26 @@ def abs2(z: Tensor) -> Tensor:
     return (z * z.conj()).real
 
 
-def sum_abs2(z: Tensor, dim: int | None = None) -> Tensor:
+def sum_abs2(z: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """|z|^2 of a complex tensor, summed over ``dim`` (None: elementwise). On CUDA one vector norm
     (one kernel), or |z| squared. On the CPU PyTorch takes each complex modulus through hypot, and
     its complex norm over a strided axis ran about 100 x slower (a one-scene scan's [1, 16, 5, 3 456]
     products: 12 ms against 0.14 ms on a 2-core AMD EPYC); there Re(z)^2 + Im(z)^2 elementwise, then
     the slices along ``dim`` added one by one (for the short axes it is used on): elementwise
     operations round every element alike, so a scene's result does not depend on the batch around
-    it, which a vectorised reduction does not promise."""
+    it, which a vectorised reduction does not promise.
+
+    ``dim`` a tuple of trailing axes (a Frobenius norm per matrix, e.g. the likelihood's
+    tr C^-2 = |C^-1|_F^2): on the CPU the vector norm of the real view over those axes and (Re, Im),
+    one reduction per output over its own contiguous elements (the same at any batch size, tested;
+    70 against 4 us for one scene's [1, 16, 16, 16] C^-1)."""
     if z.device.type == "cuda":
         return z.abs().square() if dim is None else torch.linalg.vector_norm(z, dim=dim).square()
+    if isinstance(dim, tuple):
+        axes = sorted(d % z.ndim for d in dim)
+        if axes != list(range(z.ndim - len(dim), z.ndim)):
+            raise ValueError(f"sum_abs2: a tuple dim must name the trailing axes, got {dim} for shape {tuple(z.shape)}")
+        return torch.linalg.vector_norm(torch.view_as_real(z), dim=(*axes, z.ndim)).square()
     a = z.real.square() + z.imag.square()
     if dim is None:
         return a

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import physics
+from .. import grids, physics
 from ..crb import stochastic_fisher, stochastic_fisher_parts
 from ..scenario import Scenario
 
@@ -200,7 +200,7 @@ def stochastic_eval(
     gl = 2 * (torch.diagonal(A0, dim1=-3, dim2=-1).real - (wr.conj() * wr[:, :, :1]).real).sum(1)  # [B, i, a]
     gl = torch.roll(gl, -1, dims=1).reshape(B, 4 * K)
     trC = torch.diagonal(Cinv, dim1=-2, dim2=-1).real.sum(-1)  # [B, L]
-    trC2 = torch.linalg.vector_norm(Cinv, dim=(-2, -1)).square().sum(-1)  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
+    trC2 = grids.sum_abs2(Cinv, dim=(-2, -1)).sum(-1)  # tr(C^-2) = |C^-1|_F^2 (Hermitian)
     g_s = s2 * (trC - torch.view_as_real(z).square().sum((-1, -2))).sum(1)
     grad = torch.cat([torch.cat([p, p, p, 0.5 * p], dim=1) * gl, g_s.unsqueeze(-1)], dim=1)
     F = stochastic_fisher(W, U, trC2, p, s2, 3, log_params=True)
