@@ -235,18 +235,19 @@ def matched_filter_spectra(y: Tensor, H: Tensor, codes: Tensor, grid: SpectrumGr
                 bvec = bvec - e * (e.conj() * bvec).sum(-1, keepdim=True)
             e = bvec / torch.linalg.vector_norm(bvec, dim=-1, keepdim=True).clamp(min=1e-30)
             basis.append(e)
-            z = dictionary_product(back_project(e, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # e^H phi, [b, L, Q]
             ey = (e.conj() * yb).sum(-1)  # e^H y, [b, L]
+            left = (left - ey.abs().square()).clamp(min=0)
+            res_out[a : a + chunk, j + 1] = left.sum(1) / total.squeeze(1)
+            if j + 1 >= n_s:  # the last pick's spectrum is not returned: its residual power is all it adds
+                break
+            z = dictionary_product(back_project(e, Hb, cb).conj(), D, tensor_cores=tensor_cores)  # e^H phi, [b, L, Q]
             # the updates of the docstring, in few passes over [b, L, Q]: conj(t) -= (e^H phi) conj(e^H y), n -= |e^H phi|^2
             tc = torch.addcmul(tc, z, ey.conj().unsqueeze(-1), value=-1)
             n = (n - abs2(z)).clamp_(min=0)
-            left = (left - ey.abs().square()).clamp(min=0)
-            res_out[a : a + chunk, j + 1] = left.sum(1) / total.squeeze(1)
             S = (abs2(tc) / torch.where(n > floor, n, torch.inf)).sum(1) / total
-            if j + 1 < n_s:
-                S_out[a : a + chunk, j + 1] = S
-                if coherent:
-                    C_out[a : a + chunk, j + 1] = coherent_spectrum(tc, n, floor_sum, total)
+            S_out[a : a + chunk, j + 1] = S
+            if coherent:
+                C_out[a : a + chunk, j + 1] = coherent_spectrum(tc, n, floor_sum, total)
     return Spectra(S_out, c_out, res_out, C_out, kept)
 
 
