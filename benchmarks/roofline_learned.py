@@ -35,10 +35,11 @@ Analytic FLOPs ("products": the matmul-type products that the counted check belo
 the Cholesky factorisations and triangular solves, and estimates of the elementwise passes):
 
 * front end: atom norms |phi_lq|^2 = |G_l d_q|^2 as one [L M, N] x [N, Q_f] complex product,
-  s 8 L M N Q_f; the matched filter of y and of every pick's basis vector, (1 + J) products
-  [L, N] x [N, Q_f], s 8 L N Q_f (1 + J); the back-projections G_l^H v and the picks' measured
-  vectors G_l d_q, 8 L M N (1 + 2 J). Products s 8 L N Q_f (M + 1 + J) + 8 L M N (1 + 2 J);
-  other ~ 4 L M Q_f (the norm's squares and sums) + (10 + 30 J) L Q_f (the spectra and the
+  s 8 L M N Q_f; the matched filter of y and of the basis vector of every pick but the last (whose
+  spectrum is not returned), J' = max(J - 1, 0), (1 + J') products [L, N] x [N, Q_f],
+  s 8 L N Q_f (1 + J'); the back-projections G_l^H v and the picks' measured vectors G_l d_q,
+  8 L M N (1 + J' + J). Products s 8 L N Q_f (M + 1 + J') + 8 L M N (1 + J' + J);
+  other ~ 4 L M Q_f (the norm's squares and sums) + (10 + 30 J') L Q_f (the spectra and the
   pursuit's updates).
 * network (w = width, d = depth, C = input channels, c_q cells at level q: c_0 = Q_f,
   c_1 = Q_f / 8, c_2 = Q_f / 64): every 3 x 3 x 3 convolution 2 * 27 C_in C_out c_out, every
@@ -193,13 +194,14 @@ def front_end_count(L: int, M: int, N: int, Q: int, J: int, split: bool, keep: b
     """The matched-filter front end with J pursuit picks on Q atoms (module docstring); ``keep``:
     it also writes its measured dictionary (|phi|^2 and y^H phi, (4 + 8) L Q bytes) for the stage."""
     s = 3 if split else 1
-    dico = 8 * L * N * Q * (M + 1 + J)
-    small = 8 * L * M * N * (1 + 2 * J)
-    other = 4 * L * M * Q + (10 + 30 * J) * L * Q
+    Jp = max(J - 1, 0)  # picks whose basis vector is matched with the dictionary (not the last)
+    dico = 8 * L * N * Q * (M + 1 + Jp)
+    small = 8 * L * M * N * (1 + Jp + J)
+    other = 4 * L * M * Q + (10 + 30 * Jp) * L * Q
     io = C64 * (L * M + M * N + L * N)
     norms = 2 * F32 * L * M * (6 * N + 2 * Q) + 2 * F32 * L * Q
     first = 2 * (C64 + F32) * L * Q
-    picks = J * (2 * C64 + 16 + 8 + 4) * L * Q
+    picks = Jp * (2 * C64 + 16 + 8 + 4) * L * Q
     out = F32 * (J + L) * Q + ((F32 + C64) * L * Q if keep else 0)
     return Count(s * dico + small, other, io + norms + first + picks + out, dico + small)
 
