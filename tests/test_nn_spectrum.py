@@ -284,6 +284,31 @@ def test_packaged_default_weights():
         assert ((t[on] >= lo - 1e-6) & (t[on] <= hi + 1e-6 * hi)).all(), (q, t[on])
 
 
+def test_small_batch_convolution_route_follows_the_weights():
+    """The spectrum network's CPU route for one to three scenes (oneDNN, channels-last, its weight
+    converted once and cached, risloc.nn.networks.spectrum._Conv3d) gives nn.Conv3d's output (float32
+    rounding), also after the weights change in place or are loaded anew, and with weights made
+    under inference mode; strided convolutions too."""
+    from risloc.nn.networks.spectrum import _Conv3d
+
+    g = torch.Generator().manual_seed(3)
+    for stride in (1, 2):
+        conv = _Conv3d(6, 8, 3, stride=stride, padding=1)
+        x = torch.randn(2, 6, 8, 4, 4, generator=g)
+        with torch.no_grad():
+            for _ in range(2):
+                ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+                assert torch.allclose(conv(x), ref, rtol=1e-4, atol=1e-5)
+                conv.weight.mul_(-0.5)  # in place: the cached copy must follow
+            conv.load_state_dict({"weight": torch.randn(8, 6, 3, 3, 3, generator=g), "bias": torch.zeros(8)})
+            ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            assert torch.allclose(conv(x), ref, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        conv = _Conv3d(6, 8, 3, padding=1)
+        x = torch.randn(1, 6, 8, 4, 4, generator=g)
+        assert torch.allclose(conv(x), torch.nn.functional.conv3d(x, conv.weight, conv.bias, 1, 1), rtol=1e-4, atol=1e-5)
+
+
 def test_one_scene_alone_gets_its_answer_in_a_batch():
     """A scene located alone (on the CPU the network's finer convolutions then run through oneDNN,
     risloc.nn.networks.spectrum._Conv3d) gets the detections it gets inside a batch of four (PyTorch's

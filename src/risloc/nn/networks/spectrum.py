@@ -286,9 +286,10 @@ class _Conv3d(nn.Conv3d):
         return super().forward(x)
 
     def _weight_cl(self) -> Tensor:
-        """The weight in the channels-last 3-D layout, cached until the weight changes (storage or version)."""
+        """The weight in the channels-last 3-D layout, cached until the weight changes (storage or
+        version; a weight made under ``torch.inference_mode`` has no version and cannot change in place)."""
         w = self.weight
-        key = (w.data_ptr(), w._version)
+        key = (w.data_ptr(), 0 if w.is_inference() else w._version)
         cached = getattr(self, "_cl_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, w.detach().contiguous(memory_format=torch.channels_last_3d))
