@@ -303,6 +303,10 @@ def test_small_batch_convolution_route_follows_the_weights():
             conv.load_state_dict({"weight": torch.randn(8, 6, 3, 3, 3, generator=g), "bias": torch.zeros(8)})
             ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
             assert torch.allclose(conv(x), ref, rtol=1e-4, atol=1e-5)
+            for _ in range(3):  # new parameters (whose storage may reuse a freed one's)
+                conv.weight = torch.nn.Parameter(torch.randn(8, 6, 3, 3, 3, generator=g))
+                ref = torch.nn.functional.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+                assert torch.allclose(conv(x), ref, rtol=1e-4, atol=1e-5)
     with torch.inference_mode():
         conv = _Conv3d(6, 8, 3, padding=1)
         x = torch.randn(1, 6, 8, 4, 4, generator=g)

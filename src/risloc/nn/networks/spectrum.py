@@ -286,15 +286,17 @@ class _Conv3d(nn.Conv3d):
         return super().forward(x)
 
     def _weight_cl(self) -> Tensor:
-        """The weight in the channels-last 3-D layout, cached until the weight changes (storage or
-        version; a weight made under ``torch.inference_mode`` has no version and cannot change in place)."""
+        """The weight in the channels-last 3-D layout, cached until the weight changes: another
+        tensor (the cache holds the one it converted, so its storage is not reused), or the same
+        one changed in place (its version; a weight made under ``torch.inference_mode`` has none
+        and cannot change in place)."""
         w = self.weight
-        key = (w.data_ptr(), 0 if w.is_inference() else w._version)
+        version = 0 if w.is_inference() else w._version
         cached = getattr(self, "_cl_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().contiguous(memory_format=torch.channels_last_3d))
+        if cached is None or cached[0] is not w or cached[1] != version:
+            cached = (w, version, w.detach().contiguous(memory_format=torch.channels_last_3d))
             self._cl_cache = cached
-        return cached[1]
+        return cached[2]
 
 
 class _ResBlock(nn.Module):
