@@ -138,20 +138,33 @@ def test_compiled_likelihood_equals_the_eager_one():
 
 
 def test_a_failed_compilation_says_what_the_compile_option_needs(monkeypatch):
+    """A compilation failure (torch._dynamo's exceptions, as inductor raises without a working C++
+    compiler) is reported with what the option needs; any other error of the call passes unchanged."""
+    from torch._dynamo.exc import TorchDynamoException
+
     from risloc.estimators import ml_core
 
-    def broken(fn, **kw):
-        def run(*a):
-            raise RuntimeError("no C++ compiler found")
-        return run
+    class CompileFailed(TorchDynamoException):
+        pass
 
-    monkeypatch.setattr(ml_core, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", broken)
+    def broken(error):
+        def compile(fn, **kw):
+            def run(*a):
+                raise error
+            return run
+        return compile
+
     sc = Scenario(k_fixed=1)
     s = simulate(sc, 1, seed=2)
     t = s.truth
     x = [torch.nan_to_num(v, 0.3) for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
-    with pytest.raises(RuntimeError, match="compile=True.*no C\\+\\+ compiler found.*without the compile option"):
+    monkeypatch.setattr(ml_core, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken(CompileFailed("InvalidCxxCompiler: No working C++ compiler found")))
+    with pytest.raises(RuntimeError, match="compile=True.*No working C\\+\\+ compiler found.*without the compile option"):
+        stochastic_eval(*x, t.noise_var.log(), torch.isfinite(t.phi), s.y, s.H, s.codes, sc, compiled=True)
+    monkeypatch.setattr(ml_core, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken(RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError, match="^CUDA out of memory$"):
         stochastic_eval(*x, t.noise_var.log(), torch.isfinite(t.phi), s.y, s.H, s.codes, sc, compiled=True)
 
 

@@ -256,8 +256,9 @@ _COMPILED: dict = {}
 
 def _compile(fn):
     """``fn`` through ``torch.compile`` (inductor; compiled at its first call for each new shape,
-    which takes seconds), once per function and process. A failure to compile or run it raises
-    with what the option needs. Inductor's FX graph cache is off for these functions: on the CPU
+    which takes seconds), once per function and process. A failure to compile it (an exception of
+    ``torch._dynamo``, e.g. no working C++ compiler) raises with what the option needs; any other
+    error of the call (e.g. out of memory) passes unchanged. Inductor's FX graph cache is off for these functions: on the CPU
     it served a graph compiled under the default kernels to a process started with
     ``ATEN_CPU_CAPABILITY=avx2``, which then crashed (segmentation fault, torch 2.13); the compiled
     kernels themselves are still cached on disk by their source."""
@@ -269,6 +270,10 @@ def _compile(fn):
             try:
                 return compiled_fn(*args)
             except Exception as exc:
+                from torch._dynamo.exc import TorchDynamoException
+
+                if not isinstance(exc, TorchDynamoException):
+                    raise
                 raise RuntimeError(f"ml: compile=True: torch.compile of {fn.__name__} failed ({type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs a C++ compiler on the CPU "
                                    "and Triton on CUDA. Run without the compile option.") from exc
