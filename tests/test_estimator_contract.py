@@ -196,9 +196,11 @@ Fisher-scoring steps after the scan carry that on or not, as the rounding of the
 falls: with the AVX-512 kernels, the two sources 5 deg apart at 0.5 m with a known K one larger
 than theirs were bit-identical while the scans formed |.|^2 through PyTorch's complex modulus,
 moved by 0.012 sqrt(CRB) between batch 1 and batch 3 once the scans used real squares on the CPU
-(:func:`risloc.grids.sum_abs2`, up to 100 x faster there), and are bit-identical again, with the
-AVX-512 and the AVX2 kernels, since the likelihood's tr C^-2 is the norm of C^-1's real view
-(AMD EPYC VM); the ceiling stays for other CPUs. With the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
+(:func:`risloc.grids.sum_abs2`, up to 100 x faster there), and are bit-identical again since the
+likelihood's tr C^-2 is the norm of C^-1's real view, with the AVX-512 kernels and with
+``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``; with oneDNN on AVX2 as well
+(``ONEDNN_MAX_CPU_ISA=AVX2``, the CI's second pass) the two sources 5 deg apart at 0.5 m then move by
+0.012 sqrt(CRB) between batch 1 and the default batch (AMD EPYC VM). Earlier, with the AVX2 kernels of PyTorch and MKL (``ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2``), when the atom norms were a complex matmul in chunks of 4 scenes,
 the two sources 5 deg apart at 0.5 m moved by 0.0124 sqrt(CRB) between batch 1 and batch 5; with
 the atom norms through oneDNN in chunks of 2 they stay bit-identical there, and with oneDNN on
