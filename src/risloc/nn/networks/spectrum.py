@@ -267,8 +267,10 @@ class _Conv3d(nn.Conv3d):
     scene. oneDNN's kernels are faster again in its native channels-last layout (activations
     [B, D, H, W, C]; the weight kept in that layout too, converted once per weight version): on one
     scene of the default network on a 2-core AMD EPYC VM the 17 convolutions take 4.7 ms against
-    6.0 ms for oneDNN on contiguous tensors and 6.7 ms when the coarsest 6 x 3 x 3 grid was left to
-    the reference kernel. The output stays channels-last, so the following normalisations and
+    5.9 ms for oneDNN on contiguous tensors, 6.6 ms with the coarsest 6 x 3 x 3 grid left to the
+    reference kernel (the route before) and 24 ms on the reference kernel alone
+    (``benchmarks/results/cpu/one-scene-channels-last-d30e017/conv_routes.py``). The output stays
+    channels-last, so the following normalisations and
     convolutions read it without a copy. From 4 scenes on, and with gradients, PyTorch's own choice
     is kept. The kernels agree to float32 rounding."""
 
