@@ -4,7 +4,7 @@ network's convolutions (``risloc.nn.networks.spectrum._Conv3d``).
     python benchmarks/bench_one_scene_cpu.py --threads 2 --repeats 3 --out one_scene_cpu.json
 
 For each repeat and each route (PyTorch's own kernel choice, i.e. ``_Conv3d.MIN_CELLS`` set out of
-reach, then oneDNN on the finer grids): the median of ``--calls`` timed calls (after one warm-up) of
+reach, then oneDNN in the channels-last layout on every grid, ``_Conv3d``'s route): the median of ``--calls`` timed calls (after one warm-up) of
 the network stage alone (its detections) and of ``risloc.locate(scene, "learned")`` on one scene of
 the default scenario. Writes the times (ms), the answers' agreement and the machine to ``--out``.
 """
