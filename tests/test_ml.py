@@ -137,6 +137,36 @@ def test_compiled_likelihood_equals_the_eager_one():
     assert_same_positions(plain, fused, s, 0.1, range_cell=range_decision_cell(sc))
 
 
+@pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_fisher_scoring_step_equals_the_eager_one():
+    """The compile option's Fisher-scoring bookkeeping (ml._lm_propose, ml._lm_accept through
+    torch.compile) gives the eager step, trial point and decisions in float64: kept and refused
+    trials, a Fisher matrix the solve cannot use (NaN: no step) and a non-finite trial NLL included."""
+    from risloc.estimators import ml as ml_module
+    from risloc.estimators.ml_core import _compile
+
+    g = torch.Generator().manual_seed(8)
+    B, P = 6, 9
+    A = torch.randn(B, P, P, generator=g, dtype=torch.float64)
+    F = A @ A.mT + 0.1 * torch.eye(P, dtype=torch.float64)
+    F[2, 0, 0] = float("nan")  # no usable step
+    grad = torch.randn(B, P, generator=g, dtype=torch.float64)
+    x = torch.randn(B, P, generator=g, dtype=torch.float64)
+    lam = torch.tensor([1e-2, 1e-7, 1.0, 1e3, 1e7, 0.3], dtype=torch.float64)
+    lo, hi = torch.full((P,), -0.5, dtype=torch.float64), torch.full((P,), 0.5, dtype=torch.float64)
+    xt = ml_module._lm_propose(F, grad, x, lam, lo, hi)
+    assert torch.allclose(_compile(ml_module._lm_propose)(F, grad, x, lam, lo, hi), xt, rtol=1e-12, atol=1e-12)
+    assert torch.equal(xt[2], x[2].clamp(-0.5, 0.5))  # that scene takes no step
+    nll = torch.randn(B, generator=g, dtype=torch.float64)
+    nll_t = nll + torch.tensor([-1.0, 1.0, -0.5, float("nan"), -2.0, float("inf")], dtype=torch.float64)
+    trial = (xt, nll_t, torch.randn(B, P, generator=g, dtype=torch.float64), F.flip(0))
+    eager = ml_module._lm_accept(*trial, x, nll, grad, F, lam)
+    fused = _compile(ml_module._lm_accept)(*trial, x, nll, grad, F, lam)
+    assert eager[0].tolist() == [True, False, True, False, True, False]
+    for a, b in zip(eager, fused):
+        assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, rtol=1e-12, atol=1e-300, equal_nan=True)
+
+
 def test_a_failed_compilation_says_what_the_compile_option_needs(monkeypatch):
     """A compilation failure (torch._dynamo's exceptions, as inductor raises without a working C++
     compiler) is reported with what the option needs; any other error of the call passes unchanged."""

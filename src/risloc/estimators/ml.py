@@ -97,8 +97,8 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (coloured_floor, inverse, measure, mismatch_floor, mismatch_level, power_scales, signal_energy,
-                      solve, static_eval, stochastic_eval, unit_power)
+from .ml_core import (_compile, coloured_floor, inverse, measure, mismatch_floor, mismatch_level, power_scales,
+                      signal_energy, solve, static_eval, stochastic_eval, unit_power)
 
 
 @dataclass(frozen=True)
@@ -156,10 +156,13 @@ class MLOptions:
     """Evaluate the stochastic likelihood with its real-arithmetic steps (steering vectors and their
     derivatives; the gradient and Fisher matrix from the products) fused by ``torch.compile``
     (:func:`risloc.estimators.ml_core.stochastic_eval`, ``compiled``): the same formulas in about a
-    third of the operators, so a few scenes at a time run up to 2 x faster per evaluation. The first
+    third of the operators, so a few scenes at a time run up to 2 x faster per evaluation; and the
+    bookkeeping of every Fisher-scoring step (the damped step and its decision, :func:`_lm_propose`,
+    :func:`_lm_accept`; both signal models) fused likewise. The first
     call in a process compiles (seconds to a minute: once per new batch shape and number of
     sources; needs a C++ compiler on the CPU, Triton on CUDA) and answers differ from the eager
-    ones by float rounding; a failed compilation raises. Static likelihood: no effect."""
+    ones by float rounding; a failed compilation raises. The static likelihood's evaluation is
+    not compiled."""
     mismatch: str | float = "none"
     """Model error of the known channel and codes (CSI error, RIS phase noise) in the stochastic
     likelihood, as a signal-dependent white floor f_l = e~ q_l added to sigma^2
@@ -463,23 +466,41 @@ def _refine_steps(state: _State, prob: _Problem, iterations: int):
     nll, g, F, amp = _evaluate(state, prob)
     x = state.vector(static)
     lam = torch.full_like(nll, 1e-2)
+    propose, accept = (_compile(_lm_propose), _compile(_lm_accept)) if prob.opts.compile else (_lm_propose, _lm_accept)
     for _ in range(iterations):
-        dF = torch.diagonal(F, dim1=-2, dim2=-1)
-        Ad = F + torch.diag_embed(lam.view(-1, 1) * dF + 1e-9 * (dF.mean(-1, keepdim=True) + 1e-12))
-        step = torch.nan_to_num(solve(Ad, g.unsqueeze(-1)).squeeze(-1), nan=0.0, posinf=0.0, neginf=0.0)
-        xt = torch.minimum(torch.maximum(x - step, lo_v), hi_v)  # projected on the box
+        xt = propose(F, g, x, lam, lo_v, hi_v)
         trial = _State.from_vector(xt, K, state, static)
         nll_t, g_t, F_t, amp_t = _evaluate(trial, prob)
-        ok = torch.isfinite(nll_t) & (nll_t < nll)
-        x = torch.where(ok.unsqueeze(-1), xt, x)
-        nll = torch.where(ok, nll_t, nll)
-        g = torch.where(ok.unsqueeze(-1), g_t, g)
-        F = torch.where(ok.view(-1, 1, 1), F_t, F)
+        ok, x, nll, g, F, lam = accept(xt, nll_t, g_t, F_t, x, nll, g, F, lam)
         if static:
             amp = torch.where(ok.unsqueeze(-1), amp_t, amp)
-        lam = torch.where(ok, lam / 3, lam * 5).clamp(1e-7, 1e7)
         state = _State.from_vector(x, K, state, static)
     return state, nll, amp, F
+
+
+def _lm_propose(F: Tensor, g: Tensor, x: Tensor, lam: Tensor, lo_v: Tensor, hi_v: Tensor) -> Tensor:
+    """The trial point of one step of :func:`_refine`: x - delta with (F + lambda diag(F)) delta = grad
+    (plus 1e-9 of F's mean diagonal), projected on the box [lo_v, hi_v]; a step that the solve
+    cannot give (singular: NaN) is no step. ``F`` ``[B, P, P]``, ``g``, ``x`` ``[B, P]``, ``lam`` ``[B]``."""
+    dF = torch.diagonal(F, dim1=-2, dim2=-1)
+    Ad = F + torch.diag_embed(lam.view(-1, 1) * dF + 1e-9 * (dF.mean(-1, keepdim=True) + 1e-12))
+    step = torch.nan_to_num(solve(Ad, g.unsqueeze(-1)).squeeze(-1), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.minimum(torch.maximum(x - step, lo_v), hi_v)
+
+
+def _lm_accept(xt: Tensor, nll_t: Tensor, g_t: Tensor, F_t: Tensor, x: Tensor, nll: Tensor, g: Tensor, F: Tensor,
+               lam: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One step's decision, per scene: the trial (point ``xt``, its NLL, gradient and Fisher matrix)
+    is kept where its NLL is finite and lower; lambda is divided by 3 after a kept step and
+    multiplied by 5 otherwise (within [1e-7, 1e7]). Returns (kept ``[B]``, x, NLL, gradient, Fisher
+    matrix, lambda)."""
+    ok = torch.isfinite(nll_t) & (nll_t < nll)
+    x = torch.where(ok.unsqueeze(-1), xt, x)
+    nll = torch.where(ok, nll_t, nll)
+    g = torch.where(ok.unsqueeze(-1), g_t, g)
+    F = torch.where(ok.view(-1, 1, 1), F_t, F)
+    lam = torch.where(ok, lam / 3, lam * 5).clamp(1e-7, 1e7)
+    return ok, x, nll, g, F, lam
 
 
 # ------------------------------------------------------------------------------------------
