@@ -97,7 +97,7 @@ def test_steering_vector_parts_are_the_steering_vectors_and_their_derivatives():
     g = torch.Generator().manual_seed(3)
     phi, theta = (torch.rand(4, 3, generator=g, dtype=torch.float64) - 0.5, (torch.rand(4, 3, generator=g, dtype=torch.float64) - 0.5) / 2)
     rho = 0.1 + 1.9 * torch.rand(4, 3, generator=g, dtype=torch.float64)
-    e, e2 = physics._element_geometry(sc, torch.float64, "cpu")
+    e, e2 = physics.element_geometry(sc, torch.float64, "cpu")
     Xr, Xi = steering_vector_parts(phi, theta, rho, e, e2, 2 * math.pi / sc.wavelength)
     ref = torch.cat(physics.steering_with_derivatives(phi, theta, rho, sc, range_param="rho", dtype=torch.complex128), dim=1)
     assert Xr.shape == (4, 12, sc.n_h * sc.n_v)

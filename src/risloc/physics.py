@@ -61,10 +61,11 @@ def element_positions(scenario: Scenario, *, dtype: torch.dtype = torch.float32,
 _GEOMETRY: dict = register_cache({})
 
 
-def _element_geometry(scenario: Scenario, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+def element_geometry(scenario: Scenario, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
     """(:func:`element_positions` ``[N, 3]``, their squared norms |e_n|^2 ``[N]``), cached per
-    array, dtype and device: every steering call of the likelihood's refinement needs them and
-    they would otherwise cost a dozen small operations (device kernels) each time."""
+    array, dtype and device: the ``e``, ``e2`` inputs of :func:`steering_parts` (every steering call
+    of the likelihood's refinement needs them and they would otherwise cost a dozen small
+    operations, device kernels, each time). The cached tensors are shared: do not modify them."""
     key = (scenario.n_h, scenario.n_v, scenario.spacing_h, scenario.spacing_v, dtype, str(device))
 
     def build():
@@ -142,7 +143,7 @@ def steering(
 def _path_difference(phi: Tensor, theta: Tensor, r: Tensor, scenario: Scenario, approximation: Approximation) -> tuple[Tensor, Tensor]:
     """Path difference ``d_n - r`` [m] and amplitude ``r / d_n`` (1 for Fresnel), each ``[..., N]``."""
     rd = phi.dtype
-    e, e2 = _element_geometry(scenario, rd, phi.device)  # [N, 3], |e_n|^2 [N]
+    e, e2 = element_geometry(scenario, rd, phi.device)  # [N, 3], |e_n|^2 [N]
     u = direction(phi, theta)  # [..., 3]
     ue = u @ e.T  # [..., N]
     rr = r.unsqueeze(-1)
@@ -206,7 +207,7 @@ def steering_with_derivatives(
     if approximation not in ("exact", "fresnel"):
         raise ValueError(f"approximation must be 'exact' or 'fresnel', not {approximation!r}")
     phi, theta, x = _as_tensors(phi, theta, r_or_rho, dtype, device)
-    e, e2 = _element_geometry(scenario, phi.dtype, phi.device)  # [N, 3] (e_z = 0), |e_n|^2 [N]
+    e, e2 = element_geometry(scenario, phi.dtype, phi.device)  # [N, 3] (e_z = 0), |e_n|^2 [N]
     amp, phase, l_re, l_im = steering_parts(phi, theta, x, e, e2, 2 * math.pi / scenario.wavelength,
                                             range_param=range_param, approximation=approximation)
     a = torch.polar(amp, phase)

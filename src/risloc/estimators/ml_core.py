@@ -164,7 +164,7 @@ def stochastic_eval(
     B, K = phi.shape
     cd = y.dtype
     if compiled and derivatives:
-        e, e2 = physics._element_geometry(scenario, phi.dtype, phi.device)
+        e, e2 = physics.element_geometry(scenario, phi.dtype, phi.device)
         Xr, Xi = _compile(steering_vector_parts)(phi, theta, rho, e, e2, 2 * math.pi / scenario.wavelength)
         vectors = torch.complex(Xr, Xi)
     else:
