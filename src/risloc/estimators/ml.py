@@ -153,13 +153,13 @@ class MLOptions:
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
     compile: bool = False
-    """Evaluate the stochastic likelihood with its real-arithmetic steps (steering vectors and their
-    derivatives; the gradient and Fisher matrix from the products) fused by ``torch.compile``
-    (:func:`risloc.estimators.ml_core.stochastic_eval`, ``compiled``): the same formulas in about a
-    third of the operators, so a few scenes at a time run up to 2 x faster per evaluation; and the
-    bookkeeping of every Fisher-scoring step (the damped step and its decision, :func:`_lm_propose`,
-    :func:`_lm_accept`; both signal models) fused likewise. The first
-    call in a process compiles (seconds to a minute: once per new batch shape and number of
+    """Evaluate the stochastic likelihood through ``torch.compile`` in real arithmetic
+    (:func:`risloc.estimators.ml_core.stochastic_eval_parts`, three compiled graphs: the
+    measured steering vectors and their derivatives with C; C^-1 and log det C by Gauss-Jordan
+    elimination; the products, gradient and Fisher matrix) instead of about 600 operators;
+    and the bookkeeping of every Fisher-scoring step (the damped step and its
+    decision, :func:`_lm_propose`, :func:`_lm_accept`; both signal models) fused likewise. The
+    first call in a process compiles (seconds to a minute: once per new batch shape and number of
     sources; needs a C++ compiler on the CPU, Triton on CUDA) and answers differ from the eager
     ones by float rounding; a failed compilation raises. The static likelihood's evaluation is
     not compiled."""

@@ -156,20 +156,22 @@ def stochastic_eval(
     or a matrix F_l ``[B, L, M, M]``, C_l = B_l P B_l^H + sigma^2 I + F_l (:func:`coloured_floor`); it is
     a constant of the parametrisation, so the gradient and Fisher formulas above are unchanged
     (dC/d log sigma^2 is still sigma^2 I). ``G``: the scenes' stacked maps (:func:`risloc.grids.maps`), where
-    the caller keeps them. ``compiled`` (with ``derivatives``; ``ml``'s ``compile`` option): the first
-    and last steps in real arithmetic (:func:`steering_vector_parts`, :func:`stochastic_assembly`)
-    through ``torch.compile``, the linear algebra as it is; the same formulas, rounded otherwise
-    (not promised bit-identical between batch sizes).
+    the caller keeps them. ``compiled`` (``ml``'s ``compile`` option): the whole evaluation in real
+    arithmetic (:func:`stochastic_eval_parts`) through ``torch.compile``; the same formulas,
+    C^-1 and log det C by Gauss-Jordan elimination instead of the Cholesky factor, rounded
+    otherwise (not promised bit-identical between batch sizes).
     """
     B, K = phi.shape
     cd = y.dtype
-    if compiled and derivatives:
+    if compiled:
         e, e2 = physics.element_geometry(scenario, phi.dtype, phi.device)
-        Xr, Xi = _compile(steering_vector_parts)(phi, theta, rho, e, e2, 2 * math.pi / scenario.wavelength)
-        vectors = torch.complex(Xr, Xi)
-    else:
-        a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
-        vectors = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
+        r = torch.view_as_real
+        f = None if floor is None else (r(floor.to(cd)) if floor.ndim == 4 else floor)
+        return stochastic_eval_parts(phi, theta, rho, logp, logs, active, r(y), r(H), r(codes.to(cd)),
+                                     None if G is None else r(G), e, e2, 2 * math.pi / scenario.wavelength, f, derivatives,
+                                     step=_compile)
+    a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
+    vectors = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
     V = measure(H, codes, vectors, G)  # [B, L, M, 4K] (or [B, L, M, K])
     Bm = V[..., :K]
     p = torch.exp(logp) * active.to(phi.dtype)  # [B, K]
@@ -190,9 +192,6 @@ def stochastic_eval(
     W = V.mH @ CV  # blocks (b, b'_phi, b'_theta, b'_rho) x (same)
     w = V.mH @ z.unsqueeze(-1)  # [B, L, 4K, 1]
     U = CV[..., :K].mH @ CV  # the first K rows of V^H C^-2 V (all the Fisher matrix reads)
-    if compiled:
-        r = torch.view_as_real
-        return _compile(stochastic_assembly)(r(y), r(z), logdet, failed, r(Cinv), r(W), r(w), U.real, p, s2, active)
     # stochastic_assembly's formulas in complex arithmetic
     nll = (logdet + (y.conj() * z).real.sum(-1)).sum(-1).masked_fill(failed, float("inf"))
     A0 = W.view(B, -1, 4, K, 4, K)[:, :, 0]  # [B, L, a, J, c]
@@ -249,6 +248,148 @@ def stochastic_assembly(y: Tensor, z: Tensor, logdet: Tensor, failed: Tensor, Ci
     F = stochastic_fisher_parts(Wr, Wi, U, trC2, p, s2, 3, log_params=True)
     mask = torch.cat([active, active, active, active, torch.ones_like(active[:, :1])], dim=1)  # [B, P]
     return (nll, *_mask_parameters(grad, F, mask))
+
+
+def _small_product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for small batched matrices as one broadcast product and sum, which ``torch.compile``
+    generates in place with its neighbours (a library call per product costs more than the
+    arithmetic of a 16 x 16 matrix; this form is meant for compiled callers only)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def _complex_product(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor, product=_small_product) -> tuple[Tensor, Tensor]:
+    """(ar + j ai)(br + j bi) = (ar br - ai bi) + j (ar bi + ai br), in real arithmetic."""
+    return product(ar, br) - product(ai, bi), product(ar, bi) + product(ai, br)
+
+
+def _times_vectors(A: Tensor, Xr: Tensor, Xi: Tensor) -> tuple[Tensor, Tensor]:
+    """(Re, Im) of A X^T ``[B, R, J]`` for a complex matrix A given as its real view ``[B, R, N, 2]``
+    and vectors X = Xr + j Xi ``[B, J, N]``, as ONE real product that reads A in place: A's rows
+    with Re and Im interleaved ``[B, R, 2N]`` times ``[[Xr, Xi], [-Xi, Xr]]`` interleaved alike
+    ``[B, 2N, 2J]`` (Re(a x) = Re a Re x - Im a Im x, Im(a x) = Re a Im x + Im a Re x)."""
+    B, R, N = A.shape[0], A.shape[1], A.shape[2]
+    J = Xr.shape[1]
+    X = torch.cat([torch.stack([Xr, -Xi], -1), torch.stack([Xi, Xr], -1)], 1).view(B, 2 * J, 2 * N)
+    V = A.reshape(B, R, 2 * N) @ X.transpose(-1, -2)
+    return V[..., :J], V[..., J:]
+
+
+def hermitian_inverse_parts(Cr: Tensor, Ci: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """C^-1 and log det C of Hermitian positive-definite C = Cr + j Ci ``[..., M, M]`` in real
+    arithmetic, by Gauss-Jordan elimination in place without pivoting (the sweep operator):
+    for k = 1..M with the pivot d_k = A_kk,
+
+        row k     <- A_k. / d_k            (column k of the identity kept in column k),
+        row i != k <- A_i. - A_ik A_k. / d_k,
+
+    after which A = C^-1; the pivots are the successive Schur complements, real and positive for
+    a positive-definite C, and log det C = sum_k log d_k. M unrolled steps of one rank-one update
+    each, for a compiled caller (``torch.compile`` fuses them; PyTorch's factorisations have no
+    compiled form and run one small matrix at a time on the CPU). Returns (Re C^-1, Im C^-1,
+    log det C ``[...]``, failed ``[...]``: a pivot was not positive, as where a Cholesky
+    factorisation fails; the other outputs are then finite but meaningless)."""
+    M = Cr.shape[-1]
+    col = torch.arange(M, device=Cr.device)
+    logdet = torch.zeros(Cr.shape[:-2], dtype=Cr.dtype, device=Cr.device)
+    failed = torch.zeros(Cr.shape[:-2], dtype=torch.bool, device=Cr.device)
+    Ar, Ai = Cr, Ci
+    for k in range(M):
+        d = Ar[..., k, k]
+        failed = failed | ~(d > 0)
+        d = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
+        logdet = logdet + torch.log(d.squeeze(-1))
+        is_k = col == k
+        rr = torch.where(is_k, 1.0, Ar[..., k, :]) / d  # the new row k, [..., M]
+        ri = torch.where(is_k, 0.0, Ai[..., k, :]) / d
+        fr = torch.where(is_k, 0.0, Ar[..., :, k]).unsqueeze(-1)  # the multipliers A_ik (i != k), [..., M, 1]
+        fi = torch.where(is_k, 0.0, Ai[..., :, k]).unsqueeze(-1)
+        rr, ri = rr.unsqueeze(-2), ri.unsqueeze(-2)
+        row_k = is_k.unsqueeze(-1)
+        Ar = torch.where(row_k, rr, torch.where(is_k, 0.0, Ar) - (fr * rr - fi * ri))
+        Ai = torch.where(row_k, ri, torch.where(is_k, 0.0, Ai) - (fr * ri + fi * rr))
+    return Ar, Ai, logdet, failed
+
+
+def stochastic_eval_parts(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor, logs: Tensor, active: Tensor,
+                          y: Tensor, H: Tensor, codes: Tensor, G: Tensor | None, e: Tensor, e2: Tensor, k: float,
+                          floor: Tensor | None = None, derivatives: bool = True, *, step=None):
+    """:func:`stochastic_eval` (the same arguments and outputs) in real arithmetic only, the form
+    that ``torch.compile`` generates code for (``ml``'s ``compile`` option; it generates none for
+    complex operators). ``y`` ``[B, L, M, 2]``, ``H`` ``[B, M, N, 2]``, ``codes`` ``[B, L, N, 2]`` and
+    the stacked maps ``G`` ``[B, L M, N, 2]`` (or None) as real views (last axis (Re, Im)); ``e``,
+    ``e2``: the element geometry (:func:`risloc.physics.element_geometry`), ``k = 2 pi / lambda``;
+    ``floor``: None, white ``[B, L]`` or a matrix as a real view ``[B, L, M, M, 2]``.
+
+    The same three steps, each a function: V and C (:func:`_measured_covariance`); C^-1 and
+    log det C (:func:`hermitian_inverse_parts`); the products and the NLL, gradient and Fisher
+    matrix (:func:`_likelihood_from_inverse`). ``step`` (e.g. ``_compile``) wraps each of them:
+    the compiled form is three graphs, because inductor fuses the elimination's sixteen updates
+    with the products that read its result into loops that run 3-5 x slower than the two apart
+    (measured at 64 scenes on the CPU; at one scene three graphs cost about 40 us more than one).
+    """
+    step = step or (lambda f: f)
+    Vr, Vi, Cr, Ci, p, s2 = step(_measured_covariance)(phi, theta, rho, logp, logs, active, y, H, codes, G, e, e2, k,
+                                                      floor, derivatives)
+    Qr, Qi, logdet, failed = step(hermitian_inverse_parts)(Cr, Ci)
+    return step(_likelihood_from_inverse)(Qr, Qi, logdet, failed, Vr, Vi, y, p, s2, active, derivatives)
+
+
+def _measured_covariance(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor, logs: Tensor, active: Tensor,
+                         y: Tensor, H: Tensor, codes: Tensor, G: Tensor | None, e: Tensor, e2: Tensor, k: float,
+                         floor: Tensor | None, derivatives: bool):
+    """Step 1 of :func:`stochastic_eval_parts`: V = G [a, da/dphi, da/dtheta, da/drho] (only a
+    without ``derivatives``) by :func:`steering_vector_parts` and one real product with G, or with
+    H after the codes where G is None (as :func:`measure`), and C = B P B^H + v I (+ F).
+    Returns (Re V, Im V ``[B, L, M, 4K or K]``, Re C, Im C ``[B, L, M, M]``, p ``[B, K]``, sigma^2 ``[B]``)."""
+    B, K = phi.shape
+    L, M = y.shape[1], y.shape[2]
+    if derivatives:
+        Xr, Xi = steering_vector_parts(phi, theta, rho, e, e2, k)  # [B, 4K, N]
+    else:
+        amp, phase, _, _ = physics.steering_parts(phi, theta, rho, e, e2, k, range_param="rho")
+        Xr, Xi = amp * torch.cos(phase), amp * torch.sin(phase)
+    if G is not None:
+        Vr, Vi = _times_vectors(G, Xr, Xi)
+        Vr, Vi = Vr.view(B, L, M, -1), Vi.view(B, L, M, -1)  # [B, L, M, 4K] (or K)
+    else:  # G_l x = H (c_l * x): the codes times the vectors [B, L, 4K, N], then one product with H
+        cr, ci = codes[..., 0].unsqueeze(2), codes[..., 1].unsqueeze(2)
+        Xr, Xi = Xr.unsqueeze(1), Xi.unsqueeze(1)
+        Vr, Vi = _times_vectors(H, (cr * Xr - ci * Xi).flatten(1, 2), (cr * Xi + ci * Xr).flatten(1, 2))
+        Vr, Vi = (Vr.view(B, M, L, -1).transpose(1, 2), Vi.view(B, M, L, -1).transpose(1, 2))  # [B, L, M, 4K]
+    p = torch.exp(logp) * active.to(phi.dtype)
+    s2 = torch.exp(logs)
+    Br, Bi = Vr[..., :K], Vi[..., :K]
+    pBr, pBi = Br * p.view(B, 1, 1, K), Bi * p.view(B, 1, 1, K)
+    Cr = _small_product(pBr, Br.transpose(-1, -2)) + _small_product(pBi, Bi.transpose(-1, -2))  # B P B^H
+    Ci = _small_product(pBi, Br.transpose(-1, -2)) - _small_product(pBr, Bi.transpose(-1, -2))
+    white = s2.view(B, 1) if floor is None or floor.ndim == 5 else s2.view(B, 1) + floor  # [B, 1 or L]
+    Cr = Cr + torch.eye(M, dtype=Cr.dtype, device=Cr.device) * white.view(B, -1, 1, 1)
+    if floor is not None and floor.ndim == 5:
+        Cr, Ci = Cr + floor[..., 0], Ci + floor[..., 1]
+    return Vr, Vi, Cr, Ci, p, s2
+
+
+def _likelihood_from_inverse(Qr: Tensor, Qi: Tensor, logdet: Tensor, failed: Tensor, Vr: Tensor, Vi: Tensor, y: Tensor,
+                             p: Tensor, s2: Tensor, active: Tensor, derivatives: bool):
+    """Step 3 of :func:`stochastic_eval_parts`: from C^-1 = Qr + j Qi, log det C and the failed
+    eliminations ``[B, L]``, the products z = C^-1 y, W = V^H C^-1 V, w = V^H z and the first K
+    rows of V^H C^-2 V as small real products, then the NLL (only, without ``derivatives``),
+    gradient and Fisher matrix by :func:`stochastic_assembly`."""
+    K = p.shape[1]
+    yr, yi = y[..., 0], y[..., 1]
+    failed = failed.any(-1)
+    zr, zi = _complex_product(Qr, Qi, yr.unsqueeze(-1), yi.unsqueeze(-1))
+    zr, zi = zr.squeeze(-1), zi.squeeze(-1)
+    if not derivatives:
+        nll = (logdet + (yr * zr + yi * zi).sum(-1)).sum(-1)
+        return nll.masked_fill(failed, float("inf")), None, None
+    CVr, CVi = _complex_product(Qr, Qi, Vr, Vi)  # C^-1 V
+    VrT, ViT = Vr.transpose(-1, -2), Vi.transpose(-1, -2)
+    W = torch.stack([_small_product(VrT, CVr) + _small_product(ViT, CVi), _small_product(VrT, CVi) - _small_product(ViT, CVr)], -1)
+    w = torch.stack([_small_product(VrT, zr.unsqueeze(-1)) + _small_product(ViT, zi.unsqueeze(-1)),
+                     _small_product(VrT, zi.unsqueeze(-1)) - _small_product(ViT, zr.unsqueeze(-1))], -1)
+    U = _small_product(CVr[..., :K].transpose(-1, -2), CVr) + _small_product(CVi[..., :K].transpose(-1, -2), CVi)
+    return stochastic_assembly(y, torch.stack([zr, zi], -1), logdet, failed, torch.stack([Qr, Qi], -1), W, w, U, p, s2, active)
 
 
 _COMPILED: dict = {}
