@@ -323,9 +323,9 @@ def stochastic_eval_parts(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor,
     The same three steps, each a function: V and C (:func:`_measured_covariance`); C^-1 and
     log det C (:func:`hermitian_inverse_parts`); the products and the NLL, gradient and Fisher
     matrix (:func:`_likelihood_from_inverse`). ``step`` (e.g. ``_compile``) wraps each of them:
-    the compiled form is three graphs, because inductor fuses the elimination's sixteen updates
-    with the products that read its result into loops that run 3-5 x slower than the two apart
-    (measured at 64 scenes on the CPU; at one scene three graphs cost about 40 us more than one).
+    the compiled form is three graphs, because inductor fused the elimination's updates with the
+    products that read its result into loops that ran several times slower than the two apart
+    (a trial at 64 scenes on a 2-core CPU; at one scene one graph was a little faster).
     """
     step = step or (lambda f: f)
     Vr, Vi, Cr, Ci, p, s2 = step(_measured_covariance)(phi, theta, rho, logp, logs, active, y, H, codes, G, e, e2, k,
