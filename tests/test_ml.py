@@ -162,6 +162,32 @@ def test_real_arithmetic_likelihood_equals_the_complex_one():
                     assert a is None or torch.allclose(a, b, rtol=1e-10, atol=1e-10 * a.abs().max())
 
 
+def test_real_arithmetic_static_likelihood_equals_the_complex_one():
+    """``ml_core.static_eval_parts`` (the compiled static likelihood's form, run here without
+    compilation) against ``static_eval`` in float64: NLL, gradient, normal matrix and amplitudes,
+    with and without derivatives and the stacked maps, with a source masked out."""
+    from risloc import physics
+    from risloc.estimators.ml_core import static_eval_parts
+
+    sc = Scenario(k_fixed=3, snr_db_min=15, snr_db_max=15, signal="static")
+    s = simulate(sc, 2, seed=2)
+    y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
+    t = s.truth
+    act = torch.isfinite(t.phi)
+    act[1, 2] = False
+    x = [torch.nan_to_num(v.double(), 0.3) + 0.01 for v in (t.phi, t.theta, 1 / t.r)]
+    e, e2 = physics.element_geometry(sc, torch.float64, "cpu")
+    r = torch.view_as_real
+    for derivatives in (True, False):
+        ref = static_eval(*x, act, y, H, c, sc, derivatives=derivatives)
+        for G in (None, maps(H, c)):
+            nll, grad, F, gr, gi = static_eval_parts(*x, act, r(y), r(H), r(c), None if G is None else r(G), e, e2,
+                                                     2 * math.pi / sc.wavelength, 1e-6, derivatives)
+            for a, b in zip(ref, (nll, grad, F, torch.complex(gr, gi))):
+                assert (a is None) == (b is None)
+                assert a is None or torch.allclose(a, b, rtol=1e-10, atol=1e-10 * a.abs().max())
+
+
 def _cxx_compiler() -> bool:
     import shutil
 
@@ -171,8 +197,9 @@ def _cxx_compiler() -> bool:
 @pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_likelihood_equals_the_eager_one():
     """``compiled=True`` (ml's ``compile`` option): the same NLL, gradient and Fisher matrix as the
-    eager evaluation in float64, masked slots and white and coloured floors included; and ``ml``'s ``init`` path
-    with ``compile=True`` gives the same answers in float32 to well inside the hit window."""
+    eager evaluation in float64, masked slots and white and coloured floors included, and the same
+    static likelihood; and ``ml``'s ``init`` path with ``compile=True`` gives the same answers in
+    float32 to well inside the hit window, for stochastic and static scenes."""
     sc = Scenario(k_fixed=3, snr_db_min=10, snr_db_max=10)
     s = simulate(sc, 2, seed=1)
     y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
@@ -194,6 +221,16 @@ def test_compiled_likelihood_equals_the_eager_one():
     plain = get("ml")(s, init=t, final_iterations=4)
     fused = get("ml")(s, init=t, final_iterations=4, compile=True)
     assert_same_positions(plain, fused, s, 0.1, range_cell=range_decision_cell(sc))
+    # the static likelihood, compiled likewise
+    x = x[:3]
+    eager = static_eval(*x, act, y, H, c, sc)
+    fused = static_eval(*x, act, y, H, c, sc, compiled=True)
+    for a, b in zip(eager, fused):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * a.abs().max())
+    st = simulate(dataclasses.replace(sc, signal="static"), 2, seed=1)
+    plain = get("ml")(st, init=st.truth, final_iterations=4)
+    fused = get("ml")(st, init=st.truth, final_iterations=4, compile=True)
+    assert_same_positions(plain, fused, st, 0.1, range_cell=range_decision_cell(sc))
 
 
 @pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")

@@ -153,16 +153,17 @@ class MLOptions:
     dtype: torch.dtype = torch.complex64
     """Working precision of the likelihood (complex64 or complex128)."""
     compile: bool = False
-    """Evaluate the stochastic likelihood through ``torch.compile`` in real arithmetic
-    (:func:`risloc.estimators.ml_core.stochastic_eval_parts`, three compiled graphs: the
-    measured steering vectors and their derivatives with C; C^-1 and log det C by Gauss-Jordan
-    elimination; the products, gradient and Fisher matrix) instead of about 600 operators;
-    and the bookkeeping of every Fisher-scoring step (the damped step and its
-    decision, :func:`_lm_propose`, :func:`_lm_accept`; both signal models) fused likewise. The
-    first call in a process compiles (seconds to a minute: once per new batch shape and number of
-    sources; needs a C++ compiler on the CPU, Triton on CUDA) and answers differ from the eager
-    ones by float rounding; a failed compilation raises. The static likelihood's evaluation is
-    not compiled."""
+    """Evaluate the likelihood through ``torch.compile`` in real arithmetic instead of about 600
+    operators per evaluation: the stochastic one as three compiled graphs
+    (:func:`risloc.estimators.ml_core.stochastic_eval_parts`: the measured steering vectors and
+    their derivatives with C; C^-1 and log det C by Gauss-Jordan elimination; the products,
+    gradient and Fisher matrix), the static one as two
+    (:func:`risloc.estimators.ml_core.static_eval_parts`); and the bookkeeping of every
+    Fisher-scoring step (the damped step and its decision, :func:`_lm_propose`,
+    :func:`_lm_accept`) fused likewise. The first call in a process compiles (seconds to a
+    minute: once per new batch shape and number of sources; needs a C++ compiler on the CPU,
+    Triton on CUDA) and answers differ from the eager ones by float rounding; a failed
+    compilation raises."""
     mismatch: str | float = "none"
     """Model error of the known channel and codes (CSI error, RIS phase noise) in the stochastic
     likelihood, as a signal-dependent white floor f_l = e~ q_l added to sigma^2
@@ -412,7 +413,7 @@ def _evaluate(state: _State, prob: _Problem, derivatives: bool = True):
     y, H, codes, sc = prob.y, prob.H, prob.codes, prob.scenario
     if prob.static:
         nll, g, F, amp = static_eval(state.phi, state.theta, state.rho, state.active, y, H, codes, sc, derivatives=derivatives,
-                                     G=prob.G)
+                                     G=prob.G, compiled=prob.opts.compile)
         return nll, g, F, amp
     nll, g, F = stochastic_eval(
         state.phi, state.theta, state.rho, state.logp, state.logs, state.active, y, H, codes, sc, derivatives=derivatives,

@@ -334,15 +334,13 @@ def stochastic_eval_parts(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor,
     return step(_likelihood_from_inverse)(Qr, Qi, logdet, failed, Vr, Vi, y, p, s2, active, derivatives)
 
 
-def _measured_covariance(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor, logs: Tensor, active: Tensor,
-                         y: Tensor, H: Tensor, codes: Tensor, G: Tensor | None, e: Tensor, e2: Tensor, k: float,
-                         floor: Tensor | None, derivatives: bool):
-    """Step 1 of :func:`stochastic_eval_parts`: V = G [a, da/dphi, da/dtheta, da/drho] (only a
-    without ``derivatives``) by :func:`steering_vector_parts` and one real product with G, or with
-    H after the codes where G is None (as :func:`measure`), and C = B P B^H + v I (+ F).
-    Returns (Re V, Im V ``[B, L, M, 4K or K]``, Re C, Im C ``[B, L, M, M]``, p ``[B, K]``, sigma^2 ``[B]``)."""
-    B, K = phi.shape
-    L, M = y.shape[1], y.shape[2]
+def measured_vector_parts(phi: Tensor, theta: Tensor, rho: Tensor, H: Tensor, codes: Tensor, G: Tensor | None, e: Tensor,
+                          e2: Tensor, k: float, derivatives: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`measure` of [a, da/dphi, da/dtheta, da/drho] (only a without ``derivatives``) in real
+    arithmetic: the vectors by :func:`steering_vector_parts`, then one real product with the
+    stacked maps G, or with H after the codes where G is None (real views as in
+    :func:`stochastic_eval_parts`). Returns (Re V, Im V) ``[B, L, M, 4K or K]``."""
+    B, L, M = codes.shape[0], codes.shape[1], H.shape[1]
     if derivatives:
         Xr, Xi = steering_vector_parts(phi, theta, rho, e, e2, k)  # [B, 4K, N]
     else:
@@ -350,12 +348,23 @@ def _measured_covariance(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor, 
         Xr, Xi = amp * torch.cos(phase), amp * torch.sin(phase)
     if G is not None:
         Vr, Vi = _times_vectors(G, Xr, Xi)
-        Vr, Vi = Vr.view(B, L, M, -1), Vi.view(B, L, M, -1)  # [B, L, M, 4K] (or K)
-    else:  # G_l x = H (c_l * x): the codes times the vectors [B, L, 4K, N], then one product with H
-        cr, ci = codes[..., 0].unsqueeze(2), codes[..., 1].unsqueeze(2)
-        Xr, Xi = Xr.unsqueeze(1), Xi.unsqueeze(1)
-        Vr, Vi = _times_vectors(H, (cr * Xr - ci * Xi).flatten(1, 2), (cr * Xi + ci * Xr).flatten(1, 2))
-        Vr, Vi = (Vr.view(B, M, L, -1).transpose(1, 2), Vi.view(B, M, L, -1).transpose(1, 2))  # [B, L, M, 4K]
+        return Vr.view(B, L, M, -1), Vi.view(B, L, M, -1)
+    # G_l x = H (c_l * x): the codes times the vectors [B, L, 4K, N], then one product with H
+    cr, ci = codes[..., 0].unsqueeze(2), codes[..., 1].unsqueeze(2)
+    Xr, Xi = Xr.unsqueeze(1), Xi.unsqueeze(1)
+    Vr, Vi = _times_vectors(H, (cr * Xr - ci * Xi).flatten(1, 2), (cr * Xi + ci * Xr).flatten(1, 2))
+    return Vr.view(B, M, L, -1).transpose(1, 2), Vi.view(B, M, L, -1).transpose(1, 2)
+
+
+def _measured_covariance(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor, logs: Tensor, active: Tensor,
+                         y: Tensor, H: Tensor, codes: Tensor, G: Tensor | None, e: Tensor, e2: Tensor, k: float,
+                         floor: Tensor | None, derivatives: bool):
+    """Step 1 of :func:`stochastic_eval_parts`: V (:func:`measured_vector_parts`) and
+    C = B P B^H + v I (+ F). Returns (Re V, Im V ``[B, L, M, 4K or K]``, Re C, Im C ``[B, L, M, M]``,
+    p ``[B, K]``, sigma^2 ``[B]``)."""
+    B, K = phi.shape
+    M = y.shape[2]
+    Vr, Vi = measured_vector_parts(phi, theta, rho, H, codes, G, e, e2, k, derivatives)
     p = torch.exp(logp) * active.to(phi.dtype)
     s2 = torch.exp(logs)
     Br, Bi = Vr[..., :K], Vi[..., :K]
@@ -436,6 +445,7 @@ def static_eval(
     derivatives: bool = True,
     ridge: float = 1e-6,
     G: Tensor | None = None,
+    compiled: bool = False,
 ):
     """Static (deterministic) model with the amplitudes and sigma^2 concentrated out.
 
@@ -449,10 +459,18 @@ def static_eval(
     gradient of RSS = -2 Re(J^H r), normal matrix 2 Re(J^H J); returned scaled to the NLL
     (times L M / RSS). Parameters [phi_1..K, theta_1..K, rho_1..K]. Also returns g ``[B, K]``.
     ``G``: the scenes' stacked maps (:func:`risloc.grids.maps`), where the caller keeps them.
+    ``compiled`` (``ml``'s ``compile`` option): the same in real arithmetic through ``torch.compile``
+    (:func:`static_eval_parts`), rounded otherwise.
     """
     B, K = phi.shape
     L, M = y.shape[1], y.shape[2]
     cd = y.dtype
+    if compiled:
+        e, e2 = physics.element_geometry(scenario, phi.dtype, phi.device)
+        r = torch.view_as_real
+        nll, grad, F, gr, gi = static_eval_parts(phi, theta, rho, active, r(y), r(H), r(codes.to(cd)), None if G is None else r(G),
+                                                 e, e2, 2 * math.pi / scenario.wavelength, ridge, derivatives, step=_compile)
+        return nll, grad, F, torch.complex(gr, gi)
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(cd).view(B, 1, K)
     vecs = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
@@ -479,6 +497,63 @@ def static_eval(
     mask = torch.cat([active, active, active], dim=1)
     grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F, g.squeeze(-1)
+
+
+def static_eval_parts(phi: Tensor, theta: Tensor, rho: Tensor, active: Tensor, y: Tensor, H: Tensor, codes: Tensor,
+                      G: Tensor | None, e: Tensor, e2: Tensor, k: float, ridge: float = 1e-6, derivatives: bool = True,
+                      *, step=None):
+    """:func:`static_eval` in real arithmetic only (``ml``'s ``compile`` option; the inputs as in
+    :func:`stochastic_eval_parts`). Two steps, each a function that ``step`` (e.g. ``_compile``)
+    wraps: V (:func:`measured_vector_parts`), then :func:`_static_from_vectors`. Returns (NLL,
+    gradient, normal matrix, Re g, Im g ``[B, K]``)."""
+    step = step or (lambda f: f)
+    Vr, Vi = step(measured_vector_parts)(phi, theta, rho, H, codes, G, e, e2, k, derivatives)
+    return step(_static_from_vectors)(Vr, Vi, y, active, ridge, derivatives)
+
+
+def _static_from_vectors(Vr: Tensor, Vi: Tensor, y: Tensor, active: Tensor, ridge: float, derivatives: bool):
+    """The variable projection of :func:`static_eval` from V = Vr + j Vi ``[B, L, M, 4K or K]``: the
+    Gram Psi^H Psi (+ ridge, + 1 on inactive slots) inverted by :func:`hermitian_inverse_parts`,
+    g = (Psi^H Psi)^-1 Psi^H y, RSS, and with ``derivatives`` J = P_perp [dPsi/d eta_i g], the
+    gradient and normal matrix, all in real arithmetic. A failed inversion gives a NaN NLL (the
+    complex form's singular solve)."""
+    B, L, M = y.shape[0], y.shape[1], y.shape[2]
+    K = active.shape[1]
+    LM = L * M
+    Vr, Vi = Vr.reshape(B, LM, -1), Vi.reshape(B, LM, -1)
+    act = active.to(Vr.dtype).view(B, 1, K)
+    Pr, Pi = Vr[..., :K] * act, Vi[..., :K] * act  # Psi
+    PrT, PiT = Pr.transpose(-1, -2), Pi.transpose(-1, -2)
+    yr, yi = y[..., 0].reshape(B, LM, 1), y[..., 1].reshape(B, LM, 1)
+    mm = torch.matmul
+    Gr, Gi = mm(PrT, Pr) + mm(PiT, Pi), mm(PrT, Pi) - mm(PiT, Pr)  # Psi^H Psi
+    scale = torch.diagonal(Gr, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # [B]
+    Gr = Gr + torch.diag_embed((1 - act.view(B, K)) + ridge * scale.view(B, 1))
+    Qr, Qi, _, failed = hermitian_inverse_parts(Gr, Gi)  # (Psi^H Psi)^-1
+    hr, hi = mm(PrT, yr) + mm(PiT, yi), mm(PrT, yi) - mm(PiT, yr)  # Psi^H y, [B, K, 1]
+    gr, gi = _complex_product(Qr, Qi, hr, hi)  # g
+    rr = yr - (mm(Pr, gr) - mm(Pi, gi))  # res = y - Psi g
+    ri = yi - (mm(Pr, gi) + mm(Pi, gr))
+    rss = (rr.square() + ri.square()).sum((-1, -2)).clamp_min(1e-30)
+    nll = (LM * torch.log(rss)).masked_fill(failed, float("nan"))
+    gr, gi = gr.squeeze(-1), gi.squeeze(-1)
+    if not derivatives:
+        return nll, None, None, gr, gi
+    gkr, gki = (gr * act.view(B, K)).view(B, 1, K), (gi * act.view(B, K)).view(B, 1, K)
+    Dr, Di = Vr[..., K : 4 * K].view(B, LM, 3, K), Vi[..., K : 4 * K].view(B, LM, 3, K)  # dPsi/d(phi, theta, rho)
+    Jr = (Dr * gkr.unsqueeze(2) - Di * gki.unsqueeze(2)).flatten(2)  # [B, LM, 3K]: columns (phi_1..K, theta_1..K, rho_1..K)
+    Ji = (Dr * gki.unsqueeze(2) + Di * gkr.unsqueeze(2)).flatten(2)
+    # project onto the orthogonal complement of span(Psi): J - Psi (Psi^H Psi)^-1 Psi^H J
+    Ar, Ai = mm(PrT, Jr) + mm(PiT, Ji), mm(PrT, Ji) - mm(PiT, Jr)
+    Sr, Si = _complex_product(Qr, Qi, Ar, Ai)
+    Jr, Ji = Jr - (mm(Pr, Sr) - mm(Pi, Si)), Ji - (mm(Pr, Si) + mm(Pi, Sr))
+    JrT, JiT = Jr.transpose(-1, -2), Ji.transpose(-1, -2)
+    w = (LM / rss).view(B, 1)
+    grad = -2 * (mm(JrT, rr) + mm(JiT, ri)).squeeze(-1) * w  # -2 Re(J^H res)
+    F = 2 * (mm(JrT, Jr) + mm(JiT, Ji)) * w.unsqueeze(-1)  # 2 Re(J^H J)
+    mask = torch.cat([active, active, active], dim=1)
+    grad, F = _mask_parameters(grad, F, mask)
+    return nll, grad, F, gr, gi
 
 
 def mismatch_level(csi_nmse_db: float | None = None, phase_noise_deg: float = 0.0) -> float:
