@@ -10,7 +10,8 @@ prune=0``: no dictionary search, no pruning) and ``learned:network`` the network
 method with ``ml``'s ``compile`` option (its likelihood's real-arithmetic steps through
 ``torch.compile``; the warm-up call compiles).
 
-For each method, on one scene of the default scenario (``--seed``): the median wall time of
+For each method, on one scene of the default scenario (``--seed``; ``--signal static`` for static
+signals): the median wall time of
 ``--calls`` calls after one warm-up call, then one call under ``torch.profiler`` with the counts
 that bound a one-scene call on a GPU: operators dispatched (``aten::`` calls), CUDA kernels
 launched, host reads of device values (``aten::item`` / ``aten::_local_scalar_dense``, each a wait
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--methods", default="ml,learned,learned+ml")
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--signal", choices=("stochastic", "static"), default="stochastic")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--graph-max-scenes", type=int, default=None,
                     help="risloc.cuda_graphs.GRAPH_MAX_SCENES for this run (0: everything eagerly)")
@@ -95,7 +97,7 @@ def main() -> None:
         from risloc import cuda_graphs as graphs
 
         graphs.GRAPH_MAX_SCENES = args.graph_max_scenes
-    scene = risloc.simulate(risloc.Scenario(), 1, seed=args.seed, device=args.device)
+    scene = risloc.simulate(risloc.Scenario(signal=args.signal), 1, seed=args.seed, device=args.device)
     out = {"calls": args.calls, "methods": {}, **stamp(seed=args.seed, device=args.device, config=vars(args))}
     for name in args.methods.split(","):
         method, options = VARIANTS.get(name, (name, {}))
