@@ -129,6 +129,20 @@ def test_hermitian_inverse_parts_is_the_inverse_and_log_determinant():
     assert hermitian_inverse_parts(C.real, C.imag)[3].tolist() == [False, False, True, False, False, False]
 
 
+def _likelihood_inputs(seed: int, snr_db: float, masked: tuple[int, int], shift: float = 0.0, signal: str = "stochastic"):
+    """Two scenes of three sources in float64 for the likelihood comparisons: (scenario, scenes,
+    y, H, codes, the active slots with slot ``masked`` off, [phi, theta, rho, log p] at the truth
+    (+ ``shift``), log sigma^2)."""
+    sc = Scenario(k_fixed=3, snr_db_min=snr_db, snr_db_max=snr_db, signal=signal)
+    s = simulate(sc, 2, seed=seed)
+    y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
+    t = s.truth
+    act = torch.isfinite(t.phi)
+    act[masked] = False
+    x = [torch.nan_to_num(v.double(), 0.3) + shift for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
+    return sc, s, y, H, c, act, x, t.noise_var.double().log()
+
+
 def test_real_arithmetic_likelihood_equals_the_complex_one():
     """``ml_core.stochastic_eval_parts`` (the compiled likelihood's form, run here without
     compilation) against ``stochastic_eval`` in float64: NLL, gradient and Fisher matrix with and
@@ -137,14 +151,7 @@ def test_real_arithmetic_likelihood_equals_the_complex_one():
     from risloc import physics
     from risloc.estimators.ml_core import stochastic_eval_parts
 
-    sc = Scenario(k_fixed=3, snr_db_min=15, snr_db_max=15)
-    s = simulate(sc, 2, seed=2)
-    y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
-    t = s.truth
-    act = torch.isfinite(t.phi)
-    act[1, 2] = False
-    x = [torch.nan_to_num(v.double(), 0.3) + 0.01 for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
-    ls = t.noise_var.double().log()
+    sc, _, y, H, c, act, x, ls = _likelihood_inputs(2, 15, (1, 2), 0.01)
     M = y.shape[-1]
     A = torch.randn(2, sc.snapshots, M, M, dtype=torch.complex128, generator=torch.Generator().manual_seed(6))
     floors = (None, torch.full((2, sc.snapshots), 0.02, dtype=torch.float64), 0.01 * (A @ A.mH) / M)
@@ -169,13 +176,8 @@ def test_real_arithmetic_static_likelihood_equals_the_complex_one():
     from risloc import physics
     from risloc.estimators.ml_core import static_eval_parts
 
-    sc = Scenario(k_fixed=3, snr_db_min=15, snr_db_max=15, signal="static")
-    s = simulate(sc, 2, seed=2)
-    y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
-    t = s.truth
-    act = torch.isfinite(t.phi)
-    act[1, 2] = False
-    x = [torch.nan_to_num(v.double(), 0.3) + 0.01 for v in (t.phi, t.theta, 1 / t.r)]
+    sc, _, y, H, c, act, x, _ = _likelihood_inputs(2, 15, (1, 2), 0.01, signal="static")
+    x = x[:3]
     e, e2 = physics.element_geometry(sc, torch.float64, "cpu")
     r = torch.view_as_real
     for derivatives in (True, False):
@@ -200,14 +202,8 @@ def test_compiled_likelihood_equals_the_eager_one():
     eager evaluation in float64, masked slots and white and coloured floors included, and the same
     static likelihood; and ``ml``'s ``init`` path with ``compile=True`` gives the same answers in
     float32 to well inside the hit window, for stochastic and static scenes."""
-    sc = Scenario(k_fixed=3, snr_db_min=10, snr_db_max=10)
-    s = simulate(sc, 2, seed=1)
-    y, H, c = (t.to(torch.complex128) for t in (s.y, s.H, s.codes))
+    sc, s, y, H, c, act, x, ls = _likelihood_inputs(1, 10, (0, 1))
     t = s.truth
-    act = torch.isfinite(t.phi)
-    act[0, 1] = False
-    x = [torch.nan_to_num(v.double(), 0.3) for v in (t.phi, t.theta, 1 / t.r, t.power.log())]
-    ls = t.noise_var.double().log()
     floor = torch.full((2, sc.snapshots), 0.01, dtype=torch.float64)
     M = y.shape[-1]
     A = torch.randn(2, sc.snapshots, M, M, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))

@@ -276,7 +276,7 @@ def _times_vectors(A: Tensor, Xr: Tensor, Xi: Tensor) -> tuple[Tensor, Tensor]:
 
 def hermitian_inverse_parts(Cr: Tensor, Ci: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """C^-1 and log det C of Hermitian positive-definite C = Cr + j Ci ``[..., M, M]`` in real
-    arithmetic, by Gauss-Jordan elimination in place without pivoting (the sweep operator):
+    arithmetic, by Gauss-Jordan elimination in place without pivoting:
     for k = 1..M with the pivot d_k = A_kk,
 
         row k     <- A_k. / d_k            (column k of the identity kept in column k),
