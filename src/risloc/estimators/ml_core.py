@@ -164,12 +164,9 @@ def stochastic_eval(
     B, K = phi.shape
     cd = y.dtype
     if compiled:
-        e, e2 = physics.element_geometry(scenario, phi.dtype, phi.device)
-        r = torch.view_as_real
-        f = None if floor is None else (r(floor.to(cd)) if floor.ndim == 4 else floor)
-        return stochastic_eval_parts(phi, theta, rho, logp, logs, active, r(y), r(H), r(codes.to(cd)),
-                                     None if G is None else r(G), e, e2, 2 * math.pi / scenario.wavelength, f, derivatives,
-                                     step=_compile)
+        f = None if floor is None else (torch.view_as_real(floor.to(cd)) if floor.ndim == 4 else floor)
+        return stochastic_eval_parts(phi, theta, rho, logp, logs, active, *_real_inputs(y, H, codes, G, scenario, phi),
+                                     f, derivatives, step=_compile)
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     vectors = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
     V = measure(H, codes, vectors, G)  # [B, L, M, 4K] (or [B, L, M, K])
@@ -250,6 +247,16 @@ def stochastic_assembly(y: Tensor, z: Tensor, logdet: Tensor, failed: Tensor, Ci
     return (nll, *_mask_parameters(grad, F, mask))
 
 
+def _real_inputs(y: Tensor, H: Tensor, codes: Tensor, G: Tensor | None, scenario: Scenario, like: Tensor) -> tuple:
+    """The arguments ``y, H, codes, G, e, e2, k`` of :func:`stochastic_eval_parts` and
+    :func:`static_eval_parts`: the measurements, channel, codes (in y's dtype) and maps (or None)
+    as real views, the element geometry in the dtype and on the device of ``like`` and
+    k = 2 pi / lambda."""
+    r = torch.view_as_real
+    e, e2 = physics.element_geometry(scenario, like.dtype, like.device)
+    return r(y), r(H), r(codes.to(y.dtype)), None if G is None else r(G), e, e2, 2 * math.pi / scenario.wavelength
+
+
 def _small_product(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for small batched matrices as one broadcast product and sum, which ``torch.compile``
     generates in place with its neighbours (a library call per product costs more than the
@@ -260,6 +267,13 @@ def _small_product(a: Tensor, b: Tensor) -> Tensor:
 def _complex_product(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor, product=_small_product) -> tuple[Tensor, Tensor]:
     """(ar + j ai)(br + j bi) = (ar br - ai bi) + j (ar bi + ai br), in real arithmetic."""
     return product(ar, br) - product(ai, bi), product(ar, bi) + product(ai, br)
+
+
+def _adjoint_product(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor, product=_small_product) -> tuple[Tensor, Tensor]:
+    """(ar + j ai)^H (br + j bi) = (ar^T br + ai^T bi) + j (ar^T bi - ai^T br), in real arithmetic
+    (^T: the last two axes swapped)."""
+    arT, aiT = ar.transpose(-1, -2), ai.transpose(-1, -2)
+    return product(arT, br) + product(aiT, bi), product(arT, bi) - product(aiT, br)
 
 
 def _times_vectors(A: Tensor, Xr: Tensor, Xi: Tensor) -> tuple[Tensor, Tensor]:
@@ -296,8 +310,9 @@ def hermitian_inverse_parts(Cr: Tensor, Ci: Tensor) -> tuple[Tensor, Tensor, Ten
     for k in range(M):
         d = Ar[..., k, k]
         failed = failed | ~(d > 0)
-        d = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
-        logdet = logdet + torch.log(d.squeeze(-1))
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        logdet = logdet + torch.log(d)
+        d = d.unsqueeze(-1)
         is_k = col == k
         rr = torch.where(is_k, 1.0, Ar[..., k, :]) / d  # the new row k, [..., M]
         ri = torch.where(is_k, 0.0, Ai[..., k, :]) / d
@@ -393,11 +408,9 @@ def _likelihood_from_inverse(Qr: Tensor, Qi: Tensor, logdet: Tensor, failed: Ten
         nll = (logdet + (yr * zr + yi * zi).sum(-1)).sum(-1)
         return nll.masked_fill(failed, float("inf")), None, None
     CVr, CVi = _complex_product(Qr, Qi, Vr, Vi)  # C^-1 V
-    VrT, ViT = Vr.transpose(-1, -2), Vi.transpose(-1, -2)
-    W = torch.stack([_small_product(VrT, CVr) + _small_product(ViT, CVi), _small_product(VrT, CVi) - _small_product(ViT, CVr)], -1)
-    w = torch.stack([_small_product(VrT, zr.unsqueeze(-1)) + _small_product(ViT, zi.unsqueeze(-1)),
-                     _small_product(VrT, zi.unsqueeze(-1)) - _small_product(ViT, zr.unsqueeze(-1))], -1)
-    U = _small_product(CVr[..., :K].transpose(-1, -2), CVr) + _small_product(CVi[..., :K].transpose(-1, -2), CVi)
+    W = torch.stack(_adjoint_product(Vr, Vi, CVr, CVi), -1)  # V^H C^-1 V
+    w = torch.stack(_adjoint_product(Vr, Vi, zr.unsqueeze(-1), zi.unsqueeze(-1)), -1)  # V^H z
+    U = _adjoint_product(CVr[..., :K], CVi[..., :K], CVr, CVi)[0]  # Re of the first K rows of V^H C^-2 V
     return stochastic_assembly(y, torch.stack([zr, zi], -1), logdet, failed, torch.stack([Qr, Qi], -1), W, w, U, p, s2, active)
 
 
@@ -466,10 +479,8 @@ def static_eval(
     L, M = y.shape[1], y.shape[2]
     cd = y.dtype
     if compiled:
-        e, e2 = physics.element_geometry(scenario, phi.dtype, phi.device)
-        r = torch.view_as_real
-        nll, grad, F, gr, gi = static_eval_parts(phi, theta, rho, active, r(y), r(H), r(codes.to(cd)), None if G is None else r(G),
-                                                 e, e2, 2 * math.pi / scenario.wavelength, ridge, derivatives, step=_compile)
+        nll, grad, F, gr, gi = static_eval_parts(phi, theta, rho, active, *_real_inputs(y, H, codes, G, scenario, phi),
+                                                 ridge, derivatives, step=_compile)
         return nll, grad, F, torch.complex(gr, gi)
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(cd).view(B, 1, K)
@@ -523,17 +534,16 @@ def _static_from_vectors(Vr: Tensor, Vi: Tensor, y: Tensor, active: Tensor, ridg
     Vr, Vi = Vr.reshape(B, LM, -1), Vi.reshape(B, LM, -1)
     act = active.to(Vr.dtype).view(B, 1, K)
     Pr, Pi = Vr[..., :K] * act, Vi[..., :K] * act  # Psi
-    PrT, PiT = Pr.transpose(-1, -2), Pi.transpose(-1, -2)
     yr, yi = y[..., 0].reshape(B, LM, 1), y[..., 1].reshape(B, LM, 1)
-    mm = torch.matmul
-    Gr, Gi = mm(PrT, Pr) + mm(PiT, Pi), mm(PrT, Pi) - mm(PiT, Pr)  # Psi^H Psi
+    mm = torch.matmul  # the products below run over the L M measurements: library products
+    Gr, Gi = _adjoint_product(Pr, Pi, Pr, Pi, mm)  # Psi^H Psi
     scale = torch.diagonal(Gr, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # [B]
     Gr = Gr + torch.diag_embed((1 - act.view(B, K)) + ridge * scale.view(B, 1))
     Qr, Qi, _, failed = hermitian_inverse_parts(Gr, Gi)  # (Psi^H Psi)^-1
-    hr, hi = mm(PrT, yr) + mm(PiT, yi), mm(PrT, yi) - mm(PiT, yr)  # Psi^H y, [B, K, 1]
+    hr, hi = _adjoint_product(Pr, Pi, yr, yi, mm)  # Psi^H y, [B, K, 1]
     gr, gi = _complex_product(Qr, Qi, hr, hi)  # g
-    rr = yr - (mm(Pr, gr) - mm(Pi, gi))  # res = y - Psi g
-    ri = yi - (mm(Pr, gi) + mm(Pi, gr))
+    fr, fi = _complex_product(Pr, Pi, gr, gi, mm)  # Psi g
+    rr, ri = yr - fr, yi - fi  # res = y - Psi g
     rss = (rr.square() + ri.square()).sum((-1, -2)).clamp_min(1e-30)
     nll = (LM * torch.log(rss)).masked_fill(failed, float("nan"))
     gr, gi = gr.squeeze(-1), gi.squeeze(-1)
@@ -544,13 +554,13 @@ def _static_from_vectors(Vr: Tensor, Vi: Tensor, y: Tensor, active: Tensor, ridg
     Jr = (Dr * gkr.unsqueeze(2) - Di * gki.unsqueeze(2)).flatten(2)  # [B, LM, 3K]: columns (phi_1..K, theta_1..K, rho_1..K)
     Ji = (Dr * gki.unsqueeze(2) + Di * gkr.unsqueeze(2)).flatten(2)
     # project onto the orthogonal complement of span(Psi): J - Psi (Psi^H Psi)^-1 Psi^H J
-    Ar, Ai = mm(PrT, Jr) + mm(PiT, Ji), mm(PrT, Ji) - mm(PiT, Jr)
-    Sr, Si = _complex_product(Qr, Qi, Ar, Ai)
-    Jr, Ji = Jr - (mm(Pr, Sr) - mm(Pi, Si)), Ji - (mm(Pr, Si) + mm(Pi, Sr))
-    JrT, JiT = Jr.transpose(-1, -2), Ji.transpose(-1, -2)
+    Ar, Ai = _adjoint_product(Pr, Pi, Jr, Ji, mm)  # Psi^H J
+    Sr, Si = _complex_product(Qr, Qi, Ar, Ai)  # (Psi^H Psi)^-1 Psi^H J
+    PSr, PSi = _complex_product(Pr, Pi, Sr, Si, mm)
+    Jr, Ji = Jr - PSr, Ji - PSi
     w = (LM / rss).view(B, 1)
-    grad = -2 * (mm(JrT, rr) + mm(JiT, ri)).squeeze(-1) * w  # -2 Re(J^H res)
-    F = 2 * (mm(JrT, Jr) + mm(JiT, Ji)) * w.unsqueeze(-1)  # 2 Re(J^H J)
+    grad = -2 * _adjoint_product(Jr, Ji, rr, ri, mm)[0].squeeze(-1) * w  # -2 Re(J^H res)
+    F = 2 * _adjoint_product(Jr, Ji, Jr, Ji, mm)[0] * w.unsqueeze(-1)  # 2 Re(J^H J)
     mask = torch.cat([active, active, active], dim=1)
     grad, F = _mask_parameters(grad, F, mask)
     return nll, grad, F, gr, gi
