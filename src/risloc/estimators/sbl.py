@@ -91,7 +91,7 @@ def sbl_gamma(
     cd = Phi.dtype
     rd = physics.real_dtype(cd)
     eye = torch.eye(M, dtype=cd, device=y.device)
-    col = torch.linalg.vector_norm(Phi, dim=2).square()  # [B, L, Q] = |phi_lq|^2
+    col = grids.sum_abs2(Phi, 2)  # [B, L, Q] = |phi_lq|^2
     # start: the model explains half of the power, spread evenly over the atoms
     gamma = (0.5 * M / col.mean(1).sum(-1).clamp(min=torch.finfo(rd).tiny)).view(B, 1).expand(B, Q).clone()
     s2 = torch.full((B,), 0.5, dtype=rd, device=y.device)
@@ -109,7 +109,7 @@ def sbl_gamma(
         Lc = torch.where(info.ne(0).view(B, L, 1, 1), eye * s2.view(B, 1, 1, 1).sqrt().to(cd), Lc)
         Wt = torch.linalg.solve_triangular(Lc, P, upper=False)  # [B, L, M, T]: Lc^-1 phi
         yt = torch.linalg.solve_triangular(Lc, yv, upper=False)  # [B, L, M, 1]
-        quad = torch.linalg.vector_norm(Wt, dim=2).square()  # [B, L, T] = phi^H Sigma^-1 phi
+        quad = grids.sum_abs2(Wt, 2)  # [B, L, T] = phi^H Sigma^-1 phi
         proj = (Wt.mH @ yt).squeeze(-1).abs().square()  # [B, L, T] = |phi^H Sigma^-1 y|^2
         u2 = torch.linalg.solve_triangular(Lc.mH, yt, upper=True).abs().square().sum((2, 3))  # [B, L] = |u_l|^2
         used = (gamma.unsqueeze(1) * quad).sum(-1)  # [B, L]
