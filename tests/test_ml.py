@@ -235,7 +235,7 @@ def test_compiled_fisher_scoring_step_equals_the_eager_one():
     torch.compile) gives the eager step, trial point and decisions in float64: kept and refused
     trials, a Fisher matrix the solve cannot use (NaN: no step) and a non-finite trial NLL included."""
     from risloc.estimators import ml as ml_module
-    from risloc.estimators.ml_core import _compile
+    from risloc.estimators.ml_core import compile_step
 
     g = torch.Generator().manual_seed(8)
     B, P = 6, 9
@@ -247,13 +247,13 @@ def test_compiled_fisher_scoring_step_equals_the_eager_one():
     lam = torch.tensor([1e-2, 1e-7, 1.0, 1e3, 1e7, 0.3], dtype=torch.float64)
     lo, hi = torch.full((P,), -0.5, dtype=torch.float64), torch.full((P,), 0.5, dtype=torch.float64)
     xt = ml_module._lm_propose(F, grad, x, lam, lo, hi)
-    assert torch.allclose(_compile(ml_module._lm_propose)(F, grad, x, lam, lo, hi), xt, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(compile_step(ml_module._lm_propose)(F, grad, x, lam, lo, hi), xt, rtol=1e-12, atol=1e-12)
     assert torch.equal(xt[2], x[2].clamp(-0.5, 0.5))  # that scene takes no step
     nll = torch.randn(B, generator=g, dtype=torch.float64)
     nll_t = nll + torch.tensor([-1.0, 1.0, -0.5, float("nan"), -2.0, float("inf")], dtype=torch.float64)
     trial = (xt, nll_t, torch.randn(B, P, generator=g, dtype=torch.float64), F.flip(0))
     eager = ml_module._lm_accept(*trial, x, nll, grad, F, lam)
-    fused = _compile(ml_module._lm_accept)(*trial, x, nll, grad, F, lam)
+    fused = compile_step(ml_module._lm_accept)(*trial, x, nll, grad, F, lam)
     assert eager[0].tolist() == [True, False, True, False, True, False]
     for a, b in zip(eager, fused):
         assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, rtol=1e-12, atol=1e-300, equal_nan=True)

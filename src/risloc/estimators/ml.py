@@ -97,7 +97,7 @@ from ..metrics import RANGE_TOL_REL
 from ..scenario import Scenario
 from ..scenes import Estimates, Scenes
 from . import register
-from .ml_core import (_compile, coloured_floor, inverse, measure, mismatch_floor, mismatch_level, power_scales,
+from .ml_core import (coloured_floor, compile_step, inverse, measure, mismatch_floor, mismatch_level, power_scales,
                       signal_energy, solve, static_eval, stochastic_eval, unit_power)
 
 
@@ -467,7 +467,7 @@ def _refine_steps(state: _State, prob: _Problem, iterations: int):
     nll, g, F, amp = _evaluate(state, prob)
     x = state.vector(static)
     lam = torch.full_like(nll, 1e-2)
-    propose, accept = (_compile(_lm_propose), _compile(_lm_accept)) if prob.opts.compile else (_lm_propose, _lm_accept)
+    propose, accept = (compile_step(_lm_propose), compile_step(_lm_accept)) if prob.opts.compile else (_lm_propose, _lm_accept)
     for _ in range(iterations):
         xt = propose(F, g, x, lam, lo_v, hi_v)
         trial = _State.from_vector(xt, K, state, static)

@@ -166,7 +166,7 @@ def stochastic_eval(
     if compiled:
         f = None if floor is None else (torch.view_as_real(floor.to(cd)) if floor.ndim == 4 else floor)
         return stochastic_eval_parts(phi, theta, rho, logp, logs, active, *_real_inputs(y, H, codes, G, scenario, phi),
-                                     f, derivatives, step=_compile)
+                                     f, derivatives, step=compile_step)
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     vectors = torch.cat([a, da_p, da_t, da_r], dim=1) if derivatives else a
     V = measure(H, codes, vectors, G)  # [B, L, M, 4K] (or [B, L, M, K])
@@ -337,7 +337,7 @@ def stochastic_eval_parts(phi: Tensor, theta: Tensor, rho: Tensor, logp: Tensor,
 
     The same three steps, each a function: V and C (:func:`_measured_covariance`); C^-1 and
     log det C (:func:`hermitian_inverse_parts`); the products and the NLL, gradient and Fisher
-    matrix (:func:`_likelihood_from_inverse`). ``step`` (e.g. ``_compile``) wraps each of them:
+    matrix (:func:`_likelihood_from_inverse`). ``step`` (e.g. :func:`compile_step`) wraps each of them:
     the compiled form is three graphs, because inductor fused the elimination's updates with the
     products that read its result into loops that ran several times slower than the two apart
     (a trial at 64 scenes on a 2-core CPU; at one scene one graph was a little faster).
@@ -417,7 +417,7 @@ def _likelihood_from_inverse(Qr: Tensor, Qi: Tensor, logdet: Tensor, failed: Ten
 _COMPILED: dict = {}
 
 
-def _compile(fn):
+def compile_step(fn):
     """``fn`` through ``torch.compile`` (inductor; compiled at its first call for each new shape,
     which takes seconds), once per function and process. A failure to compile it (an exception of
     ``torch._dynamo``, e.g. no working C++ compiler) raises with what the option needs; any other
@@ -480,7 +480,7 @@ def static_eval(
     cd = y.dtype
     if compiled:
         nll, grad, F, gr, gi = static_eval_parts(phi, theta, rho, active, *_real_inputs(y, H, codes, G, scenario, phi),
-                                                 ridge, derivatives, step=_compile)
+                                                 ridge, derivatives, step=compile_step)
         return nll, grad, F, torch.complex(gr, gi)
     a, da_p, da_t, da_r = physics.steering_with_derivatives(phi, theta, rho, scenario, range_param="rho", dtype=cd)
     act = active.to(cd).view(B, 1, K)
@@ -514,7 +514,7 @@ def static_eval_parts(phi: Tensor, theta: Tensor, rho: Tensor, active: Tensor, y
                       G: Tensor | None, e: Tensor, e2: Tensor, k: float, ridge: float = 1e-6, derivatives: bool = True,
                       *, step=None):
     """:func:`static_eval` in real arithmetic only (``ml``'s ``compile`` option; the inputs as in
-    :func:`stochastic_eval_parts`). Two steps, each a function that ``step`` (e.g. ``_compile``)
+    :func:`stochastic_eval_parts`). Two steps, each a function that ``step`` (e.g. :func:`compile_step`)
     wraps: V (:func:`measured_vector_parts`), then :func:`_static_from_vectors`. Returns (NLL,
     gradient, normal matrix, Re g, Im g ``[B, K]``)."""
     step = step or (lambda f: f)
