@@ -46,7 +46,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
         these = scenes if signal == "stochastic" else risloc.simulate(risloc.Scenario(signal="static"), 4, seed=5)
         f, c, _ = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
         counts = dict(**LEARNED_DEFAULTS, grid_shape=grid, relax_sources=relax_sources)
-        stage = dict(init_grow=grow, init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE)
+        stage = dict(init_grow=grow, init_relax=LEARNED_RELAX, init_prune=LEARNED_OVER + LEARNED_PRUNE[signal])
         start = over_init(c, f.K, LEARNED_OVER)
         on_grid = get("ml")(these, init=start, **counts, **stage)
         found = get("ml")(these, init=start, **counts, init_grow=0, init_relax=0, init_prune=0)  # the start, refined
@@ -56,7 +56,7 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
         for search, again in (("dictionary", on_grid), ("network", on_network), (None, on_grid)):
             learned = get("learned")(these, checkpoint=ckpt, music_options=music, **({} if search is None else {"search": search}))
             assert learned.method == network.method and torch.equal(learned.K, again.K), (signal, search)
-            assert bool(((learned.K >= f.K - LEARNED_PRUNE) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
+            assert bool(((learned.K >= f.K - LEARNED_PRUNE[signal]) & (learned.K <= f.K + LEARNED_OVER + grow)).all()), signal
             for name in ("phi", "theta", "r"):  # the stochastic stage reads the network's measured dictionary: float32 rounding
                 assert torch.allclose(getattr(learned, name), getattr(again, name), rtol=1e-4, atol=1e-5, equal_nan=True), \
                     (signal, search, name)

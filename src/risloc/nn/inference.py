@@ -437,7 +437,7 @@ LEARNED_CANDIDATES = 8
 
 LEARNED_OVER_DFT = 2
 """Extra detections of ``learned``'s start for scenes with ``dft`` codes (``over``; its pruning passes
-are ``over`` + :data:`LEARNED_PRUNE`, so three). With ``dft`` codes the network misses more
+are ``over`` + :data:`LEARNED_PRUNE` of stochastic signals, so three). With ``dft`` codes the network misses more
 sources (K_acc 0.970 on 1 000 validation scenes at 10-20 dB, ``ml`` 0.975-0.980 on 400); a second extra
 detection, moved by the RELAX re-search, finds some of them. 400 ``dft``-code scenes at 10-20 dB of
 each validation seed, 1000 and 2026 (the packaged default network, 2-core CPU,
@@ -506,21 +506,32 @@ scenes 0.755 / 0.963 / 0.030 and 0.782 / 0.965 / 0.025. Less: two growth steps 0
 two extra detections (``over=2``) 0.615 and 0.630, one growth with 8 refinement steps 0.713 or
 ``ml``'s 25 x 13 x 14 dictionary 0.710 (seed 1000)."""
 
-LEARNED_PRUNE = 1
-"""Pruning passes of ``learned`` beyond ``over`` (``ml``'s ``init_prune`` = over + prune): the
-source whose removal costs least likelihood is dropped where ``ml``'s penalised likelihood or
-power rule prefers one source fewer; it removes the extra detection of :data:`LEARNED_OVER`
-where it is not a source and corrects the K head's over-counts (see :data:`LEARNED_RELAX`)."""
+LEARNED_PRUNE = {"stochastic": 1, "static": 2}
+"""Pruning passes of ``learned`` beyond ``over`` (``ml``'s ``init_prune`` = over + prune), by the
+scenes' signal model (the option ``prune`` overrides it): the source whose removal costs least
+likelihood is dropped where ``ml``'s penalised likelihood or power rule prefers one source fewer;
+it removes the extra detection of :data:`LEARNED_OVER` where it is not a source and corrects the
+K head's over-counts (see :data:`LEARNED_RELAX`).
+
+Static signals: two, since the three growth steps (:data:`LEARNED_GROW`) can add as many sources.
+400 static-signal scenes of each validation seed, 1000 and 2026 (the packaged ``mixed`` network,
+one thread of a 2-core CPU, benchmarks/results/cpu/learned-ml-static/, the rule set before the
+run: adopt where success over -5-20 dB summed over the seeds is higher and at 10-20 dB not
+lower), success / K_acc over -5-20 dB: one pass 0.4925 / 0.765 and 0.5225 / 0.7825, two 0.4975 /
+0.7625 and 0.5225 / 0.7725; at 10-20 dB the same scores both ways (0.7575 / 0.9625 and 0.7875 / 0.9675).
+The second pass drops a few spurious sources at low SNR and a few true weak ones."""
 
 
 def stage_options(signal: str, *, over: int = LEARNED_OVER, grow: int | None = None, relax: int = LEARNED_RELAX,
-                  prune: int = LEARNED_PRUNE) -> dict:
+                  prune: int | None = None) -> dict:
     """The ``ml`` options of ``learned``'s likelihood stage (:func:`estimate`) for scenes of the
     signal model ``signal`` ("stochastic" or "static"): :data:`LEARNED_DEFAULTS`, the dictionary of
     :data:`LEARNED_GRID` and the RELAX sources of :data:`LEARNED_RELAX_SOURCES` of the signal model,
     ``grow`` greedy additions (default :data:`LEARNED_GROW` of the signal model), ``relax`` RELAX
-    cycles and ``over + prune`` pruning passes."""
+    cycles and ``over + prune`` pruning passes (``prune`` default :data:`LEARNED_PRUNE` of the
+    signal model)."""
     grow = LEARNED_GROW[signal] if grow is None else grow
+    prune = LEARNED_PRUNE[signal] if prune is None else prune
     return {**LEARNED_DEFAULTS, "grid_shape": LEARNED_GRID[signal], "relax_sources": LEARNED_RELAX_SOURCES[signal],
             "init_grow": grow, "init_relax": relax, "init_prune": over + prune}
 
@@ -622,7 +633,7 @@ def estimate(
     over: int | None = None,
     grow: int | None = None,
     relax: int = LEARNED_RELAX,
-    prune: int = LEARNED_PRUNE,
+    prune: int | None = None,
     ml_options: dict | None = None,
     search: str | None = None,
 ) -> Estimates:
@@ -645,7 +656,8 @@ def estimate(
     3. ``relax`` (default :data:`LEARNED_RELAX`) RELAX cycles on the weakest source (static
        signals: on every source, :data:`LEARNED_RELAX_SOURCES`): it is removed, searched again
        on the dictionary given the others, and the move is kept where the likelihood rises;
-    4. ``over + prune`` (``prune`` default :data:`LEARNED_PRUNE`) pruning passes: the source
+    4. ``over + prune`` (``prune`` default :data:`LEARNED_PRUNE` of the signal model: one for
+       stochastic signals, two for static ones) pruning passes: the source
        whose removal costs least is dropped where the penalised likelihood or the power rule
        prefers one fewer.
 
@@ -685,7 +697,8 @@ def estimate(
     if search not in (None, "network", "dictionary"):
         raise ValueError(f"learned: search = {search!r}: must be 'network' or 'dictionary'")
     over = default_over(scenes.scenario) if over is None else over
-    counts = _counts("learned", over=over, relax=relax, prune=prune, **({} if grow is None else {"grow": grow}))
+    counts = _counts("learned", over=over, relax=relax, **({} if grow is None else {"grow": grow}),
+                     **({} if prune is None else {"prune": prune}))
     K = known_k("learned", K, scenes)
     if refine == "music":
         return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
@@ -786,8 +799,13 @@ left for the pruning and RELAX steps to work on); ``learned`` 0.758 / 0.963 and 
 LEARNED_ML_RELAX = 1
 """RELAX re-search cycles of ``learned+ml`` after the growth (see :data:`LEARNED_ML_OVER`)."""
 
-LEARNED_ML_PRUNE = 1
-"""Pruning passes of ``learned+ml`` beyond ``over`` (see :data:`LEARNED_ML_OVER`)."""
+LEARNED_ML_PRUNE = {"stochastic": 1, "static": 2}
+"""Pruning passes of ``learned+ml`` beyond ``over``, by the scenes' signal model (the option
+``prune`` overrides it). Stochastic signals: one (see :data:`LEARNED_ML_OVER`). Static signals:
+two, after its three growth steps, by the rule and on the scenes of :data:`LEARNED_PRUNE`
+(benchmarks/results/cpu/learned-ml-static/), success / K_acc over -5-20 dB: one pass 0.490 /
+0.760 and 0.530 / 0.785, two 0.4925 / 0.7575 and 0.530 / 0.775; at 10-20 dB the same scores both
+ways (0.760 / 0.9575 and 0.790 / 0.970)."""
 
 
 @register("learned+ml")
@@ -803,7 +821,7 @@ def estimate_learned_ml(
     over: int = LEARNED_ML_OVER,
     grow: int | None = None,
     relax: int = LEARNED_ML_RELAX,
-    prune: int = LEARNED_ML_PRUNE,
+    prune: int | None = None,
 ) -> Estimates:
     """The network's detections, then ``ml``'s likelihood refinement, growth and pruning.
 
@@ -827,6 +845,7 @@ def estimate_learned_ml(
     strongest detections are refined without pruning and every scene gets exactly that K.
     """
     grow = LEARNED_ML_GROW[scenes.scenario.signal] if grow is None else grow
+    prune = LEARNED_ML_PRUNE[scenes.scenario.signal] if prune is None else prune
     counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
     K = known_k("learned+ml", K, scenes)
     options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
