@@ -11,7 +11,8 @@ from risloc.nn.train import train
 
 def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monkeypatch):
     from risloc.estimators import ml as ml_module
-    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GRID, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_OVER, LEARNED_OVER_DFT,
+    from risloc.nn.inference import (LEARNED_CANDIDATES, LEARNED_DEFAULTS, LEARNED_GRID, LEARNED_GROW, LEARNED_ML_DEFAULTS, LEARNED_ML_GROW,
+                                     LEARNED_ML_PRUNE, LEARNED_OVER, LEARNED_OVER_DFT,
                                      LEARNED_PRUNE, LEARNED_RELAX, LEARNED_RELAX_SOURCES, LEARNED_SEARCH, _learned, default_over,
                                      k_confidence, load_model, over_init, reuses_dictionary, run_model, second_look)
 
@@ -106,6 +107,15 @@ def test_learned_and_learned_ml_are_ml_refinements_of_the_network(tmp_path, monk
             assert torch.isfinite(got[s, : int(both.K[s])]).all()
     kept = get("learned+ml")(scenes, checkpoint=ckpt, music_options=music, ml_options={"iterations": 3}, over=0, grow=0, prune=0)
     assert torch.equal(kept.K, first.K)
+    # learned+ml's growth and pruning defaults follow the signal model (LEARNED_ML_GROW, LEARNED_ML_PRUNE)
+    assert (LEARNED_ML_GROW, LEARNED_ML_PRUNE) == ({"stochastic": 1, "static": 3}, {"stochastic": 1, "static": 2})
+    static = risloc.simulate(risloc.Scenario(signal="static"), 3, seed=6)
+    for these, grow, prune in ((scenes, 1, 1), (static, 3, 2)):
+        f, c, _ = _learned(these, ckpt, None, True, music, candidates=True, stage="detections")
+        default = get("learned+ml")(these, checkpoint=ckpt, music_options=music, ml_options={"iterations": 2})
+        ref = get("ml")(these, init=over_init(c, f.K, 1), **{**LEARNED_ML_DEFAULTS, "iterations": 2}, init_grow=grow, init_relax=1,
+                        init_prune=1 + prune)
+        assert torch.equal(default.K, ref.K) and torch.allclose(default.phi, ref.phi, equal_nan=True), these.scenario.signal
     with pytest.raises(ValueError, match="grow"):
         get("learned+ml")(scenes, checkpoint=ckpt, grow=-1)
     assert "learned+ml" in risloc.estimators.available()
