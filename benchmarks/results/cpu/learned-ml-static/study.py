@@ -16,7 +16,7 @@ K = scenes.truth.K
 variants = {"lml": ("learned+ml", {}),
             "lml_static": ("learned+ml", {"grow": 3, "ml_options": {"relax_sources": 0}}),
             "lml_prune2": ("learned+ml", {"prune": 2}), "learned": ("learned", {}),
-            "learned_prune2": ("learned", {"prune": 2}), "ml": ("ml", {})}
+            "learned_prune2": ("learned", {"prune": 2}), "learned_grow4": ("learned", {"grow": 4}), "ml": ("ml", {})}
 out = {}
 for name in sys.argv[4].split(","):
     method, opts = variants[name]
