@@ -31,6 +31,7 @@ from .checkpoint import PACKAGED_MODELS, file_sha256, load_checkpoint, named_che
 from .config import TrainConfig
 from .inputs import ModelInputs, Prediction, effective, forward, prepare_inputs
 from .networks import NetworkKind, build_model, get_network
+from .networks.spectrum import set_cpu_conv_precision
 
 BASE_WEIGHTS = PACKAGED_MODELS / "default.pt"
 """The packaged base network (the ``spectrum`` network trained on default-scenario scenes,
@@ -636,6 +637,7 @@ def estimate(
     prune: int | None = None,
     ml_options: dict | None = None,
     search: str | None = None,
+    conv_precision: str = "fp32",
 ) -> Estimates:
     """The learned estimator: the network's detections and calibrated K head, then (default) a
     short likelihood stage on the measurements that corrects their positions and their count.
@@ -685,6 +687,9 @@ def estimate(
     detections, refined and re-searched, with no growth or pruning; with ``refine="music"``
     missing ones come from its next detections by heat).
 
+    ``conv_precision``: the precision of the network's convolutions on the CPU, ``"fp32"`` (default),
+    ``"bf16"`` or ``"auto"`` (:func:`risloc.nn.networks.spectrum.set_cpu_conv_precision`).
+
     ``checkpoint``: a file written by ``risloc train``; ``None`` looks for the packaged default
     ``src/risloc/weights/mixed.pt`` (:data:`DEFAULT_WEIGHTS`). ``use_snr=False`` ignores the scenes' SNR labels
     (estimated from the data instead). One batch, on the scenes' device (the registry,
@@ -692,34 +697,35 @@ def estimate(
     of 1024 and on another device); the likelihood stage is ``ml``'s, on the same batch (a few
     scenes on CUDA: the network and the stage as one replayed CUDA graph, :func:`_refined`). Returns Estimates with ``method = "learned:<first 12 hex of the checkpoint's SHA-256>"``.
     """
-    if refine not in ("likelihood", "music"):
-        raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
-    if search not in (None, "network", "dictionary"):
-        raise ValueError(f"learned: search = {search!r}: must be 'network' or 'dictionary'")
-    over = default_over(scenes.scenario) if over is None else over
-    counts = _counts("learned", over=over, relax=relax, **({} if grow is None else {"grow": grow}),
-                     **({} if prune is None else {"prune": prune}))
-    K = known_k("learned", K, scenes)
-    if refine == "music":
-        return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
-    options = {**stage_options(scenes.scenario.signal, **counts), **(ml_options or {})}
-    if (search or LEARNED_SEARCH) != "network":
-        return _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
-    # the second look: the network again, on what its refined start leaves
-    first, init, _ = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
-    checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
-    loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
-    if type(get_network(loaded.config.model.kind)).candidates is NetworkKind.candidates:
-        raise ValueError(f"learned: search = 'network' needs a network with candidates (a 'spectrum' network); "
-                         f"this checkpoint holds a {loaded.config.model.kind!r} network: use search='dictionary'")
-    if (options.get("init_grow", 0) or options.get("init_relax", 0)) and len(scenes):  # steps that search
-        found = _likelihood_stage(scenes, init, K, {**options, "init_grow": 0, "init_relax": 0, "init_prune": 0})
-        atoms = second_look(loaded.model, scenes, found, LEARNED_CANDIDATES, options=net_options, use_snr=use_snr,
-                            autocast=INFERENCE_AUTOCAST)
-        init, options = found, {**options, "atoms": atoms}
-    est = _likelihood_stage(scenes, init, K, options)
-    est.method = first.method
-    return est
+    with set_cpu_conv_precision(conv_precision):
+        if refine not in ("likelihood", "music"):
+            raise ValueError(f"learned: refine = {refine!r}: must be 'likelihood' or 'music'")
+        if search not in (None, "network", "dictionary"):
+            raise ValueError(f"learned: search = {search!r}: must be 'network' or 'dictionary'")
+        over = default_over(scenes.scenario) if over is None else over
+        counts = _counts("learned", over=over, relax=relax, **({} if grow is None else {"grow": grow}),
+                         **({} if prune is None else {"prune": prune}))
+        K = known_k("learned", K, scenes)
+        if refine == "music":
+            return _learned(scenes, checkpoint, beta, use_snr, music_options, K=K, stage="music")[0]
+        options = {**stage_options(scenes.scenario.signal, **counts), **(ml_options or {})}
+        if (search or LEARNED_SEARCH) != "network":
+            return _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
+        # the second look: the network again, on what its refined start leaves
+        first, init, _ = _start(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"])
+        checkpoint = packaged_or_given("learned", checkpoint, DEFAULT_WEIGHTS, "train one with `risloc train`")
+        loaded, net_options, _ = prepare_checkpoint("learned", ("spectrum", "covariance"), checkpoint, scenes, beta, None)
+        if type(get_network(loaded.config.model.kind)).candidates is NetworkKind.candidates:
+            raise ValueError(f"learned: search = 'network' needs a network with candidates (a 'spectrum' network); "
+                             f"this checkpoint holds a {loaded.config.model.kind!r} network: use search='dictionary'")
+        if (options.get("init_grow", 0) or options.get("init_relax", 0)) and len(scenes):  # steps that search
+            found = _likelihood_stage(scenes, init, K, {**options, "init_grow": 0, "init_relax": 0, "init_prune": 0})
+            atoms = second_look(loaded.model, scenes, found, LEARNED_CANDIDATES, options=net_options, use_snr=use_snr,
+                                autocast=INFERENCE_AUTOCAST)
+            init, options = found, {**options, "atoms": atoms}
+        est = _likelihood_stage(scenes, init, K, options)
+        est.method = first.method
+        return est
 
 
 def _learned(scenes, checkpoint, beta, use_snr, music_options, *, candidates: bool = False, K: torch.Tensor | None = None,
@@ -822,6 +828,7 @@ def estimate_learned_ml(
     grow: int | None = None,
     relax: int = LEARNED_ML_RELAX,
     prune: int | None = None,
+    conv_precision: str = "fp32",
 ) -> Estimates:
     """The network's detections, then ``ml``'s likelihood refinement, growth and pruning.
 
@@ -843,13 +850,15 @@ def estimate_learned_ml(
 
     ``K`` (an int or a per-scene ``[S]`` tensor): the known number of sources; the network's K
     strongest detections are refined without pruning and every scene gets exactly that K.
+    ``conv_precision``: as for ``learned``.
     """
-    grow = LEARNED_ML_GROW[scenes.scenario.signal] if grow is None else grow
-    prune = LEARNED_ML_PRUNE[scenes.scenario.signal] if prune is None else prune
-    counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
-    K = known_k("learned+ml", K, scenes)
-    options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
-               "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
-    refined = _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
-    refined.method = refined.method.replace("learned:", "learned+ml:", 1)
-    return refined
+    with set_cpu_conv_precision(conv_precision):
+        grow = LEARNED_ML_GROW[scenes.scenario.signal] if grow is None else grow
+        prune = LEARNED_ML_PRUNE[scenes.scenario.signal] if prune is None else prune
+        counts = _counts("learned+ml", over=over, grow=grow, relax=relax, prune=prune)
+        K = known_k("learned+ml", K, scenes)
+        options = {**LEARNED_ML_DEFAULTS, "init_grow": counts["grow"], "init_relax": counts["relax"],
+                   "init_prune": counts["over"] + counts["prune"], **(ml_options or {})}
+        refined = _refined(scenes, checkpoint, beta, use_snr, music_options, K, counts["over"], options)
+        refined.method = refined.method.replace("learned:", "learned+ml:", 1)
+        return refined

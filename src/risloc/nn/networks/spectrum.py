@@ -56,6 +56,8 @@ the log powers; the K head's cross-entropy is the objective's ``k`` term.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -258,9 +260,63 @@ def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, ch), ch)
 
 
+CPU_CONV_PRECISIONS = ("auto", "bf16", "fp32")
+
+_cpu_conv_precision: ContextVar[str] = ContextVar("risloc_cpu_conv_precision", default="fp32")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and oneDNN may use it
+    (``ONEDNN_MAX_CPU_ISA`` can forbid it): where the setting ``"auto"`` of
+    :func:`set_cpu_conv_precision` takes bfloat16 convolutions."""
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_conv_precision() -> str:
+    """The precision that the spectrum network's 3-D convolutions take in CPU inference now:
+    ``"bf16"`` or ``"fp32"`` (the setting of :func:`set_cpu_conv_precision`, ``"auto"`` resolved)."""
+    setting = _cpu_conv_precision.get()
+    if setting == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return setting
+
+
+@contextmanager
+def set_cpu_conv_precision(precision: str):
+    """Within the block, the spectrum network's 3-D convolutions in CPU inference (no gradients)
+    run in ``precision``:
+
+    * ``"fp32"`` (the default): float32 throughout, as on CUDA;
+    * ``"bf16"``: oneDNN's bfloat16 convolution, inputs and weights rounded to bfloat16
+      (8 significant bits), products accumulated in float32, the output rounded to bfloat16 and
+      returned as float32 (the network is trained under bfloat16 autocast on CUDA);
+    * ``"auto"``: ``"bf16"`` where :func:`native_bf16`, else ``"fp32"``.
+
+    The front end's spectra, the normalisations, the heads and the likelihood stage stay float32
+    either way; training (gradients) and CUDA are not affected. ``learned`` and ``learned+ml``
+    take the setting as their option ``conv_precision``. Measured with ``learned`` on 400 + 400
+    scenes of each validation seed (1000, 2026) for default scenes, static signals and ``dft``
+    codes at 10...20 and -5...20 dB on a 2-core Xeon with AMX (docs/learned.md, "Roofline of one
+    scene on a 2-core CPU"), bfloat16 gave the same success in all but 4 of the 4 800 scenes (2
+    fewer in all) but 4 fewer right counts of the 800 static-signal scenes at 10...20 dB, so
+    float32 stays the default."""
+    if precision not in CPU_CONV_PRECISIONS:
+        raise ValueError(f"conv_precision = {precision!r}: must be one of {', '.join(CPU_CONV_PRECISIONS)}")
+    if precision == "bf16" and not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        raise ValueError("conv_precision = 'bf16': oneDNN has no bfloat16 convolution on this CPU (it needs AVX-512 and no "
+                         "ONEDNN_MAX_CPU_ISA below it): use 'fp32' or 'auto'")
+    token = _cpu_conv_precision.set(precision)
+    try:
+        yield
+    finally:
+        _cpu_conv_precision.reset(token)
+
+
 class _Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` (same weights, same state dict) whose CPU inference on one to three scenes
-    runs through oneDNN (``torch.mkldnn_convolution``) in the channels-last 3-D layout.
+    """``nn.Conv3d`` (same weights, same state dict) whose CPU inference runs through oneDNN
+    (``torch.mkldnn_convolution``) in the channels-last 3-D layout: in bfloat16 at every batch size
+    where :func:`cpu_conv_precision` says so, else in float32 on one to three scenes.
 
     For fewer than 4 scenes PyTorch's CPU dispatcher takes its reference im2col kernel
     (``slow_conv3d``); on the 24 x 12 x 12 grid that kernel is about 5x slower than oneDNN's on one
@@ -271,34 +327,43 @@ class _Conv3d(nn.Conv3d):
     reference kernel (the route before) and 24 ms on the reference kernel alone
     (``benchmarks/results/cpu/one-scene-channels-last-d30e017/conv_routes.py``). The output stays
     channels-last, so the following normalisations and
-    convolutions read it without a copy. From 4 scenes on, and with gradients, PyTorch's own choice
-    is kept. The kernels agree to float32 rounding."""
+    convolutions read it without a copy. In float32, from 4 scenes on, and with gradients,
+    PyTorch's own choice is kept; the float32 kernels agree to float32 rounding. In bfloat16
+    (every batch size, so that a scene alone gets the products it gets in a batch) the largest
+    convolution of one scene takes a quarter of its float32 time on a CPU with AMX."""
 
     MIN_CELLS = 0
-    """Output cells from which oneDNN is used for one to three scenes (0: every grid of the network;
-    ``benchmarks/bench_one_scene_cpu.py`` sets it out of reach to time PyTorch's own choice)."""
+    """Output cells from which oneDNN is used for one to three scenes in float32 (0: every grid of
+    the network; ``benchmarks/bench_one_scene_cpu.py`` sets it out of reach to time PyTorch's own
+    choice)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and x.shape[0] < 4 and not torch.is_grad_enabled() and x.dtype == torch.float32
-                and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
-                and x.shape[2] * x.shape[3] * x.shape[4] // (self.stride[0] * self.stride[1] * self.stride[2]) >= self.MIN_CELLS):
+        if (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == torch.float32
+                and self.padding_mode == "zeros" and torch.backends.mkldnn.is_available()):
             cl = torch.channels_last_3d
-            return torch.mkldnn_convolution(x.contiguous(memory_format=cl), self._weight_cl(), self.bias, self.padding, self.stride,
-                                            self.dilation, self.groups)
+            if cpu_conv_precision() == "bf16":
+                w, b = self._weight_cl(torch.bfloat16)
+                return torch.mkldnn_convolution(x.contiguous(memory_format=cl).to(torch.bfloat16), w, b, self.padding,
+                                                self.stride, self.dilation, self.groups).float()
+            if x.shape[0] < 4 and x.shape[2] * x.shape[3] * x.shape[4] // math.prod(self.stride) >= self.MIN_CELLS:
+                return torch.mkldnn_convolution(x.contiguous(memory_format=cl), self._weight_cl(torch.float32)[0], self.bias,
+                                                self.padding, self.stride, self.dilation, self.groups)
         return super().forward(x)
 
-    def _weight_cl(self) -> Tensor:
-        """The weight in the channels-last 3-D layout, cached until the weight changes: another
-        tensor (the cache holds the one it converted, so its storage is not reused), or the same
-        one changed in place (its version; a weight made under ``torch.inference_mode`` has none
-        and cannot change in place)."""
-        w = self.weight
-        version = 0 if w.is_inference() else w._version
-        cached = getattr(self, "_cl_cache", None)
-        if cached is None or cached[0] is not w or cached[1] != version:
-            cached = (w, version, w.detach().contiguous(memory_format=torch.channels_last_3d))
-            self._cl_cache = cached
-        return cached[2]
+    def _weight_cl(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The weight in the channels-last 3-D layout and the bias, in ``dtype``, cached until the
+        weights change: another tensor (the cache holds the ones it converted, so their storage is
+        not reused), or the same one changed in place (its version; a weight made under
+        ``torch.inference_mode`` has none and cannot change in place)."""
+        w, b = self.weight, self.bias
+        version = lambda t: 0 if t is None or t.is_inference() else t._version  # noqa: E731
+        caches = self.__dict__.setdefault("_cl_cache", {})
+        cached = caches.get(dtype)
+        if cached is None or cached[0] is not w or cached[1] is not b or cached[2] != (version(w), version(b)):
+            wc = w.detach().to(dtype).contiguous(memory_format=torch.channels_last_3d)
+            cached = (w, b, (version(w), version(b)), wc, None if b is None else b.detach().to(dtype))
+            caches[dtype] = cached
+        return cached[3], cached[4]
 
 
 class _ResBlock(nn.Module):
