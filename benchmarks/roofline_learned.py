@@ -600,7 +600,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the packaged model)")
+    ap.add_argument("--checkpoint", default=None, help="a checkpoint file or a packaged model's name, e.g. default (default: the packaged model)")
     ap.add_argument("--config", default=None, help="a training TOML: an untrained network of it instead of a checkpoint")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides of --config (scenario.*, model.*)")
     ap.add_argument("--repeats", type=int, default=5)

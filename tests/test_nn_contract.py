@@ -222,3 +222,12 @@ def test_a_bare_checkpoint_name_is_a_packaged_model():
     assert packaged_or_given("learned", "runs/a/weights.pt", DEFAULT_WEIGHTS, "") == "runs/a/weights.pt"
     with pytest.raises(ValueError, match="neither a file nor a packaged model.*'default'"):
         packaged_or_given("learned", "no_such_model", DEFAULT_WEIGHTS, "")
+
+
+def test_load_model_takes_a_packaged_models_name():
+    from risloc.nn.checkpoint import file_sha256
+    from risloc.nn.inference import BASE_WEIGHTS, load_model
+
+    assert load_model("default").sha256 == file_sha256(BASE_WEIGHTS)
+    with pytest.raises(ValueError, match="checkpoint 'no_such_model' is neither a file nor a packaged model"):
+        load_model("no_such_model")

@@ -73,7 +73,10 @@ class LoadedModel:
 
 
 def load_model(checkpoint: str | Path, *, device=None) -> LoadedModel:
-    """Build the network of a checkpoint with its EMA weights (or raw weights without EMA)."""
+    """Build the network of a checkpoint with its EMA weights (or raw weights without EMA).
+    ``checkpoint``: a file, or the bare name of a packaged model (``"mixed"``, ``"default"``:
+    :func:`risloc.nn.checkpoint.named_checkpoint`)."""
+    checkpoint = named_checkpoint(checkpoint, "checkpoint")
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_toml(state["config"])
     model = build_model(cfg.scenario, cfg.model)
