@@ -329,8 +329,9 @@ class _Conv3d(nn.Conv3d):
     channels-last, so the following normalisations and
     convolutions read it without a copy. In float32, from 4 scenes on, and with gradients,
     PyTorch's own choice is kept; the float32 kernels agree to float32 rounding. In bfloat16
-    (every batch size, so that a scene alone gets the products it gets in a batch) the largest
-    convolution of one scene takes a quarter of its float32 time on a CPU with AMX."""
+    (every batch size, so that a scene alone gets the products it gets in a batch) the network
+    stage of one scene took 18.4-20.3 instead of 24.5-25.6 ms on a 2-core Xeon with AMX
+    (``benchmarks/results/cpu/one-scene-bf16-558e1aa/``)."""
 
     MIN_CELLS = 0
     """Output cells from which oneDNN is used for one to three scenes in float32 (0: every grid of
