@@ -53,7 +53,7 @@ def main() -> None:
     scene = risloc.simulate(risloc.Scenario(), 1, seed=args.seed)
     many = risloc.simulate(risloc.Scenario(), args.batch, seed=args.seed + 1) if args.batch else None
     routes = {"pytorch": (10**12, "fp32"), "onednn": (spectrum._Conv3d.MIN_CELLS, "fp32")}
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if spectrum.onednn_bf16():
         routes["onednn-bf16"] = (spectrum._Conv3d.MIN_CELLS, "bf16")
     default_cells = spectrum._Conv3d.MIN_CELLS
     times = {name: {"network_ms": [], "learned_ms": [], **({"batch_scenes_per_s": []} if many else {})} for name in routes}

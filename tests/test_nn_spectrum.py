@@ -292,9 +292,9 @@ def test_cpu_convolution_route_follows_the_weights(precision):
     convolutions too. In float32 (one to three scenes) to float32 rounding; in bfloat16 (any batch)
     to bfloat16 rounding of nn.Conv3d on the bfloat16-rounded input, weight and bias (products of
     8-bit significands are exact in float32, the output is rounded to 8 bits: 2^-9 relative)."""
-    from risloc.nn.networks.spectrum import _Conv3d, set_cpu_conv_precision
+    from risloc.nn.networks.spectrum import _Conv3d, onednn_bf16, set_cpu_conv_precision
 
-    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16" and not onednn_bf16():
         pytest.skip("oneDNN has no bfloat16 convolution on this CPU (or ONEDNN_MAX_CPU_ISA forbids it)")
     r = (lambda t: t) if precision == "fp32" else (lambda t: t.to(torch.bfloat16).float())
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2.0**-8, atol=1e-5)
@@ -341,7 +341,7 @@ def test_cpu_convolution_precision_setting():
     with pytest.raises(ValueError, match="conv_precision = 'fp16'"):
         with spectrum.set_cpu_conv_precision("fp16"):
             pass
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not spectrum.onednn_bf16():
         with pytest.raises(ValueError, match="no bfloat16 convolution"):
             with spectrum.set_cpu_conv_precision("bf16"):
                 pass
@@ -371,7 +371,6 @@ def test_one_scene_alone_gets_its_answer_in_a_batch():
         assert torch.allclose(one.r[0, :k], batch.r[i, :k], atol=0, rtol=1e-4), i
 
 
-
 @pytest.mark.numerical
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("signal", ["stochastic", "static"])
@@ -382,7 +381,9 @@ def test_learned_alone_and_in_a_batch_agree(signal, precision):
     in r/r, tests/test_crb.py). In bfloat16 the network's detections of a scene alone and in a
     batch differ by its rounding (about 1e-4 rad); the likelihood stage takes both to the same
     optimum. Sources are paired nearest first."""
-    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    from risloc.nn.networks.spectrum import onednn_bf16
+
+    if precision == "bf16" and not onednn_bf16():
         pytest.skip("oneDNN has no bfloat16 convolution on this CPU (or ONEDNN_MAX_CPU_ISA forbids it)")
     scenes = risloc.simulate(dataclasses.replace(SC, signal=signal, snr_db_min=10.0, snr_db_max=20.0), 8, seed=27)
     batch = risloc.locate(scenes, "learned", conv_precision=precision)

@@ -265,12 +265,17 @@ CPU_CONV_PRECISIONS = ("auto", "bf16", "fp32")
 _cpu_conv_precision: ContextVar[str] = ContextVar("risloc_cpu_conv_precision", default="fp32")
 
 
+def onednn_bf16() -> bool:
+    """Whether oneDNN has a bfloat16 convolution on this CPU (it needs AVX-512; ``ONEDNN_MAX_CPU_ISA``
+    below it forbids it): where ``"bf16"`` of :func:`set_cpu_conv_precision` can run."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and oneDNN may use it
-    (``ONEDNN_MAX_CPU_ISA`` can forbid it): where the setting ``"auto"`` of
-    :func:`set_cpu_conv_precision` takes bfloat16 convolutions."""
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return bool(native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    (:func:`onednn_bf16`): where the setting ``"auto"`` of :func:`set_cpu_conv_precision` takes
+    bfloat16 convolutions."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() and onednn_bf16())
 
 
 def cpu_conv_precision() -> str:
@@ -303,7 +308,7 @@ def set_cpu_conv_precision(precision: str):
     float32 stays the default."""
     if precision not in CPU_CONV_PRECISIONS:
         raise ValueError(f"conv_precision = {precision!r}: must be one of {', '.join(CPU_CONV_PRECISIONS)}")
-    if precision == "bf16" and not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if precision == "bf16" and not onednn_bf16():
         raise ValueError("conv_precision = 'bf16': oneDNN has no bfloat16 convolution on this CPU (it needs AVX-512 and no "
                          "ONEDNN_MAX_CPU_ISA below it): use 'fp32' or 'auto'")
     token = _cpu_conv_precision.set(precision)
