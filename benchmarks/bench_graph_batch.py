@@ -1,7 +1,7 @@
 """Large CUDA batches as one replayed CUDA graph: scenes/s, answers and memory against eager batches.
 
     PYTHONPATH=src python3 benchmarks/bench_graph_batch.py OUT.json [--scenes 4096] [--batch 1024]
-        [--methods learned,learned+ml,ml] [--repeats 3]
+        [--methods learned,learned+ml,ml] [--repeats 3] [--compile]
 
 ``risloc.cuda_graphs`` replays a CUDA graph for batches of at most ``GRAPH_MAX_SCENES`` scenes
 (default 8: one-scene latency). This script sets that limit to ``--batch`` ("graph") or leaves it
@@ -12,6 +12,7 @@ its time is recorded as ``first_call_s``), then the two modes alternated ``--rep
 all scenes, each timed between two device synchronisations; the peak of
 ``torch.cuda.max_memory_allocated`` over the timed calls; and whether both modes give the same
 answers (K-hat per scene, the largest position difference, each mode's success at 10-20 dB).
+``--compile``: every method's likelihood steps run through ``ml``'s ``compile`` option.
 """
 import argparse
 import json
@@ -32,6 +33,7 @@ ap.add_argument("--scenes", type=int, default=4096)
 ap.add_argument("--batch", type=int, default=1024)
 ap.add_argument("--methods", default="learned,learned+ml,ml")
 ap.add_argument("--repeats", type=int, default=3)
+ap.add_argument("--compile", action="store_true", help="the likelihood steps through ml's compile option")
 args = ap.parse_args()
 dev = torch.device("cuda")
 seed = VALIDATION_SEEDS[0]
@@ -39,7 +41,13 @@ scenes = risloc.simulate(risloc.Scenario(), args.scenes, seed=seed, device=dev)
 default_limit = cuda_graphs.GRAPH_MAX_SCENES
 limits = {"eager": default_limit, "graph": args.batch}
 res = {"provenance": stamp(seed=seed, device=dev), "scenes": args.scenes, "batch": args.batch,
-       "default_graph_max_scenes": default_limit, "methods": {}}
+       "compile": args.compile, "default_graph_max_scenes": default_limit, "methods": {}}
+
+
+def options(method: str) -> dict:
+    if not args.compile:
+        return {}
+    return {"compile": True} if method == "ml" else {"ml_options": {"compile": True}}
 
 
 def run(method: str, mode: str, s):
@@ -47,7 +55,7 @@ def run(method: str, mode: str, s):
     try:
         torch.cuda.synchronize()
         t = time.perf_counter()
-        est = risloc.locate(s, method, batch=args.batch)
+        est = risloc.locate(s, method, batch=args.batch, **options(method))
         torch.cuda.synchronize()
         return est, time.perf_counter() - t
     finally:
