@@ -1,7 +1,7 @@
 """Large CUDA batches as one replayed CUDA graph: scenes/s, answers and memory against eager batches.
 
     PYTHONPATH=src python3 benchmarks/bench_graph_batch.py OUT.json [--scenes 4096] [--batch 1024]
-        [--methods learned,learned+ml,ml] [--repeats 3] [--compile]
+        [--methods learned,learned+ml,ml] [--repeats 3] [--compile] [--linalg cusolver]
 
 ``risloc.cuda_graphs`` replays a CUDA graph for batches of at most ``GRAPH_MAX_SCENES`` scenes
 (default 8: one-scene latency). This script sets that limit to ``--batch`` ("graph") or leaves it
@@ -12,7 +12,9 @@ its time is recorded as ``first_call_s``), then the two modes alternated ``--rep
 all scenes, each timed between two device synchronisations; the peak of
 ``torch.cuda.max_memory_allocated`` over the timed calls; and whether both modes give the same
 answers (K-hat per scene, the largest position difference, each mode's success at 10-20 dB).
-``--compile``: every method's likelihood steps run through ``ml``'s ``compile`` option.
+``--compile``: every method's likelihood steps run through ``ml``'s ``compile`` option;
+``--linalg``: the batched factorisations' library (``torch.backends.cuda.preferred_linalg_library``)
+in both modes.
 """
 import argparse
 import json
@@ -34,14 +36,17 @@ ap.add_argument("--batch", type=int, default=1024)
 ap.add_argument("--methods", default="learned,learned+ml,ml")
 ap.add_argument("--repeats", type=int, default=3)
 ap.add_argument("--compile", action="store_true", help="the likelihood steps through ml's compile option")
+ap.add_argument("--linalg", choices=("default", "cusolver", "magma"), default="default",
+                help="torch.backends.cuda.preferred_linalg_library for both modes")
 args = ap.parse_args()
 dev = torch.device("cuda")
+torch.backends.cuda.preferred_linalg_library(args.linalg)
 seed = VALIDATION_SEEDS[0]
 scenes = risloc.simulate(risloc.Scenario(), args.scenes, seed=seed, device=dev)
 default_limit = cuda_graphs.GRAPH_MAX_SCENES
 limits = {"eager": default_limit, "graph": args.batch}
 res = {"provenance": stamp(seed=seed, device=dev), "scenes": args.scenes, "batch": args.batch,
-       "compile": args.compile, "default_graph_max_scenes": default_limit, "methods": {}}
+       "compile": args.compile, "linalg": args.linalg, "default_graph_max_scenes": default_limit, "methods": {}}
 
 
 def options(method: str) -> dict:
