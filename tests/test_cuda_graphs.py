@@ -149,3 +149,21 @@ def test_graphed_answers_as_eager(method, options, captured, monkeypatch):
         for q in ("phi", "theta"):
             assert torch.allclose(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0), atol=1e-5, rtol=0), q
         assert torch.allclose(got.r.nan_to_num(9.0), want.r.nan_to_num(9.0), rtol=1e-4, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_batch_magma_would_take_is_captured(monkeypatch):
+    """32 scenes: torch's default sends the stage's batched solves (more than 16 matrices larger
+    than 16 x 16) to MAGMA, which cannot be captured; the registry's cuSOLVER setting
+    (risloc._devices.cuda_factorisations) lets the whole batch run as one graph, with eager's answers."""
+    scenes = risloc.simulate(risloc.Scenario(), 32, seed=6, device="cuda")
+    monkeypatch.setattr(graphs, "GRAPH_MAX_SCENES", 32)
+    graphs._GRAPHS.clear()
+    got = risloc.locate(scenes, "learned")
+    assert [k[2][0] for k in graphs._GRAPHS] == ["learned"]
+    monkeypatch.setattr(graphs, "GRAPH_MAX_SCENES", 0)
+    want = risloc.locate(scenes, "learned")
+    assert torch.equal(got.K, want.K)
+    for q in ("phi", "theta"):
+        assert torch.allclose(getattr(got, q).nan_to_num(9.0), getattr(want, q).nan_to_num(9.0), atol=1e-5, rtol=0), q
+    assert torch.backends.cuda.preferred_linalg_library() == torch._C._LinalgBackend.Default  # restored
