@@ -26,7 +26,7 @@ import risloc
 from risloc import cuda_graphs
 from risloc._files import atomic_write_text
 from risloc._provenance import stamp
-from risloc.metrics import score
+from risloc.metrics import agreement, score
 from risloc.seeds import VALIDATION_SEEDS
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,12 +82,8 @@ for method in args.methods.split(","):
                 row["peak_GiB"][mode] = max(row["peak_GiB"].get(mode, 0.0),
                                             round(torch.cuda.max_memory_allocated() / 2**30, 2))
                 answers[mode] = est
-        a, b = answers["eager"], answers["graph"]
-        both = torch.isfinite(a.phi) & torch.isfinite(b.phi)
-        row["same_K_fraction"] = float((a.K == b.K).float().mean())
-        row["max_position_difference"] = {
-            name: float((getattr(a, name) - getattr(b, name))[both].abs().max()) if both.any() else 0.0
-            for name in ("phi", "theta", "r")}
+        same = agreement(answers["eager"], answers["graph"])
+        row["same_K_fraction"], row["max_position_difference"] = same["same_K_fraction"], same["max_difference"]
         row["success_10_20_dB"] = {mode: round(float(score(scenes, est).subset(10, 20).overall.success), 4)
                                    for mode, est in answers.items()}
         row["graph_reserved_GiB"] = round(torch.cuda.memory_reserved() / 2**30, 2)

@@ -22,7 +22,7 @@ import torch
 import risloc
 from risloc._files import atomic_write_text
 from risloc._provenance import stamp
-from risloc.metrics import score
+from risloc.metrics import agreement, score
 from risloc.seeds import VALIDATION_SEEDS
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,12 +57,8 @@ for method in args.methods.split(","):
         for lib in libraries:
             answers[lib], dt = run(method, lib, scenes)
             row["scenes_per_s"][lib].append(round(args.scenes / dt))
-    a, b = answers["default"], answers["cusolver"]
-    both = torch.isfinite(a.phi) & torch.isfinite(b.phi)
-    row["same_K_fraction"] = float((a.K == b.K).float().mean())
-    row["max_position_difference"] = {
-        name: float((getattr(a, name) - getattr(b, name))[both].abs().max()) if both.any() else 0.0
-        for name in ("phi", "theta", "r")}
+    same = agreement(answers["default"], answers["cusolver"])
+    row["same_K_fraction"], row["max_position_difference"] = same["same_K_fraction"], same["max_difference"]
     row["success_10_20_dB"] = {lib: round(float(score(scenes, est).subset(10, 20).overall.success), 4)
                                for lib, est in answers.items()}
     res["methods"][method] = row

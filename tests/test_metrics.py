@@ -412,3 +412,18 @@ def test_cli_evaluate_refuses_mismatch_and_missing_truth(tmp_path, capsys):
     sp, ep, _, _ = _write_files(tmp_path / "b", truth=False)
     assert main(["evaluate", str(sp), str(ep)]) == 2
     assert "truth" in capsys.readouterr().err
+
+
+def test_agreement_of_two_estimates():
+    nan = float("nan")
+    a = Estimates(torch.tensor([2, 1]), torch.tensor([[0.1, 0.2], [0.3, nan]]), torch.tensor([[0.5, 0.6], [0.7, nan]]),
+                  torch.tensor([[3.0, 4.0], [5.0, nan]]))
+    b = Estimates(torch.tensor([2, 2]), torch.tensor([[0.1, 0.25], [0.3, 0.9]]), torch.tensor([[0.5, 0.6], [0.4, 0.1]]),
+                  torch.tensor([[3.0, 4.5], [5.0, 6.0]]))
+    got = metrics.agreement(a, b)
+    assert got["same_K_fraction"] == 0.5
+    # the slot finite in only one of them (scene 1, slot 1) is not compared
+    assert got["max_difference"] == pytest.approx({"phi": 0.05, "theta": 0.3, "r": 0.5})
+    assert metrics.agreement(a, a) == {"same_K_fraction": 1.0, "max_difference": {"phi": 0.0, "theta": 0.0, "r": 0.0}}
+    with pytest.raises(ValueError, match="2 against 1"):
+        metrics.agreement(a, b[0:1])

@@ -669,12 +669,27 @@ def evaluate(scenes, est, *, crb=None, bins_db: float = 5.0) -> Score:
     return score(scenes, est, crb=crb, bins_db=bins_db)
 
 
+def agreement(a, b) -> dict:
+    """How far two sets of estimates of the same scenes (Estimates ``a``, ``b``, e.g. one estimator
+    under two settings) are apart: the fraction of scenes with the same K-hat
+    (``"same_K_fraction"``) and, over the source slots finite in both, the largest absolute
+    difference of each coordinate (``"max_difference"``: phi and theta in radians, r in metres;
+    0 where no slot is finite in both). Slots are compared in order, unmatched."""
+    if len(a) != len(b):
+        raise ValueError(f"agreement: {len(a)} against {len(b)} scenes")
+    both = torch.isfinite(a.phi) & torch.isfinite(b.phi.to(a.phi.device))
+    diff = {q: (getattr(a, q) - getattr(b, q).to(a.phi.device))[both].abs() for q in ("phi", "theta", "r")}
+    return {"same_K_fraction": float((a.K == b.K.to(a.K.device)).float().mean()) if len(a) else 1.0,
+            "max_difference": {q: float(d.max()) if d.numel() else 0.0 for q, d in diff.items()}}
+
+
 __all__ = [
     "ANGLE_TOL",
     "RANGE_TOL_REL",
     "Matching",
     "Metrics",
     "Score",
+    "agreement",
     "crb_success_probability",
     "evaluate",
     "format_number",
