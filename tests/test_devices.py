@@ -98,3 +98,13 @@ def test_the_registry_runs_its_batches_inside_it(monkeypatch):
     finally:
         estimators._REGISTRY.pop("devices-test-toy"), estimators._INFO.pop("devices-test-toy")
     assert len(out) == 5 and entered == [torch.device("cpu")] and inside == [True, False]
+
+
+def test_a_process_without_a_standard_error_still_gets_the_setting(recorder, monkeypatch):
+    def no_descriptor(fd):
+        raise OSError("bad file descriptor")
+
+    monkeypatch.setattr(_devices.os, "dup", no_descriptor)
+    with _devices.cuda_factorisations(CUDA):
+        assert recorder.current == CUSOLVER
+    assert recorder.current == DEFAULT

@@ -69,12 +69,19 @@ _cusolver_set = False
 @contextlib.contextmanager
 def _without_stderr(active: bool = True) -> Iterator[None]:
     """The process's standard error (file descriptor 2, where torch's C++ warnings go) sent to
-    the null device for the body where ``active``."""
-    if not active:
+    the null device for the body where ``active`` (and where the process has a descriptor 2 to
+    redirect; where it has none, the body runs as it is)."""
+    saved = None
+    if active:
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
+            saved = None
+    if saved is None:
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
