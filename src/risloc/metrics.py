@@ -675,8 +675,9 @@ def agreement(a, b) -> dict:
     (``"same_K_fraction"``) and, over the source slots finite in both, the largest absolute
     difference of each coordinate (``"max_difference"``: phi and theta in radians, r in metres;
     0 where no slot is finite in both). Slots are compared in order, unmatched."""
-    if len(a) != len(b):
-        raise ValueError(f"agreement: {len(a)} against {len(b)} scenes")
+    if tuple(a.phi.shape) != tuple(b.phi.shape):
+        raise ValueError(f"agreement: estimates of shape {tuple(a.phi.shape)} against {tuple(b.phi.shape)} "
+                         "([scenes, source slots]; both must be answers for the same scenes and K_max)")
     both = torch.isfinite(a.phi) & torch.isfinite(b.phi.to(a.phi.device))
     diff = {q: (getattr(a, q) - getattr(b, q).to(a.phi.device))[both].abs() for q in ("phi", "theta", "r")}
     return {"same_K_fraction": float((a.K == b.K.to(a.K.device)).float().mean()) if len(a) else 1.0,
