@@ -37,8 +37,9 @@ def cuda_factorisations(device: torch.device) -> Iterator[None]:
     restored after (``torch.backends.cuda.preferred_linalg_library``); elsewhere nothing changes.
 
     By default torch sends batches of more than 16 matrices larger than 16 x 16 to MAGMA. The
-    estimators' answers are the same either way, but on one H100 ``learned``, ``learned+ml`` and
-    ``ml`` run 3-19 % more scenes/s in batches of 1 024-2 048 with cuSOLVER and cuBLAS
+    estimators' answers are the same either way, but on one H100 ``learned`` and ``learned+ml`` run
+    3-13 % more scenes/s in batches of 1 024-2 048 with cuSOLVER and cuBLAS, ``ml`` up to 19 % (one
+    of its three passes 2 % fewer)
     (benchmarks/results/h100/linalg-backend-db6f74f), and MAGMA's batched routines cannot be
     captured in a CUDA graph (:mod:`risloc.cuda_graphs`). The estimator registry runs every
     CUDA batch inside this (:meth:`risloc.estimators.Estimator.__call__`).
