@@ -14,16 +14,19 @@ all scenes, each timed between two device synchronisations; the peak of
 answers (K-hat per scene, the largest position difference, each mode's success at 10-20 dB).
 ``--compile``: every method's likelihood steps run through ``ml``'s ``compile`` option;
 ``--linalg``: the batched factorisations' library (``torch.backends.cuda.preferred_linalg_library``)
-in both modes.
+in both modes; the registry's own cuSOLVER setting (``risloc._devices.cuda_factorisations``, which
+replaces "default" by "cusolver" during every CUDA call) is turned off here, so that "default" is
+torch's own choice.
 """
 import argparse
+import contextlib
 import json
 import time
 
 import torch
 
 import risloc
-from risloc import cuda_graphs
+from risloc import cuda_graphs, estimators
 from risloc._files import atomic_write_text
 from risloc._provenance import stamp
 from risloc.metrics import agreement, score
@@ -39,6 +42,7 @@ ap.add_argument("--compile", action="store_true", help="the likelihood steps thr
 ap.add_argument("--linalg", choices=("default", "cusolver", "magma"), default="default",
                 help="torch.backends.cuda.preferred_linalg_library for both modes")
 args = ap.parse_args()
+estimators.cuda_factorisations = lambda device: contextlib.nullcontext()  # the library is --linalg
 dev = torch.device("cuda")
 torch.backends.cuda.preferred_linalg_library(args.linalg)
 seed = VALIDATION_SEEDS[0]
